@@ -1,0 +1,427 @@
+//! Reading and writing MAE checkpoints: the published `.pth` (`{"model": state_dict}`,
+//! parsed without executing anything), safetensors in the published key layout, and
+//! Hugging Face `ViTMAEForPreTraining` folders. Writes are atomic.
+
+use crate::bail;
+use crate::config::{ConfigPatch, MaeConfig, PRESETS};
+use crate::error::{Error, ErrorCode, Result};
+use crate::model::MaskedAutoencoder;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointFormat {
+    Safetensors,
+    Pth,
+    HuggingFace,
+}
+
+impl CheckpointFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointFormat::Safetensors => "safetensors",
+            CheckpointFormat::Pth => "pth",
+            CheckpointFormat::HuggingFace => "huggingface",
+        }
+    }
+}
+
+/// A checkpoint's tensors under published names, and the config it carries.
+pub struct StateDict {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub config: Option<ConfigPatch>,
+    pub format: CheckpointFormat,
+}
+
+/// What loading found, besides the model.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub format: CheckpointFormat,
+    /// True when the checkpoint held only the encoder and the decoder is freshly initialised.
+    pub fresh_decoder: bool,
+}
+
+fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::CheckpointCorrupt, format!("{} is not a readable checkpoint: {detail}", path.display()))
+}
+
+/// Reads every tensor of a checkpoint (as f32, on the CPU) under published names.
+pub fn read_state_dict(path: &Path) -> Result<StateDict> {
+    if !path.exists() {
+        bail!(CheckpointNotFound, "no checkpoint at {}", path.display());
+    }
+    if path.is_dir() {
+        return read_hugging_face(path);
+    }
+    let mut magic = [0u8; 2];
+    let is_zip = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .map(|_| &magic == b"PK")
+        .unwrap_or(false);
+    if is_zip {
+        read_pth(path)
+    } else {
+        let bytes = std::fs::read(path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display())))?;
+        let (tensors, metadata) = parse_safetensors(path, &bytes)?;
+        let config = match metadata.get("config") {
+            Some(json) => {
+                let value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(path, format!("metadata config is not JSON: {e}")))?;
+                Some(ConfigPatch::from_json(&value, false)?)
+            }
+            None => None,
+        };
+        Ok(StateDict { tensors, config, format: CheckpointFormat::Safetensors })
+    }
+}
+
+fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, e))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e))?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
+        tensors.insert(name, tensor.to_dtype(DType::F32)?);
+    }
+    Ok((tensors, metadata))
+}
+
+/// A PyTorch zip checkpoint. candle's unpickler interprets the pickle opcodes as
+/// data and never imports or calls anything named in the file.
+fn read_pth(path: &Path) -> Result<StateDict> {
+    let read = |key: Option<&str>| {
+        std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key))
+            .map_err(|_| corrupt(path, "the pickle could not be parsed"))?
+            .map_err(|e| corrupt(path, e))
+    };
+    // Published checkpoints wrap the state dict as {"model": ...}; also accept a bare one.
+    let tensors = match read(Some("model")) {
+        Ok(t) if !t.is_empty() => t,
+        _ => read(None)?,
+    };
+    if tensors.is_empty() {
+        return Err(corrupt(path, "it holds no tensors (expected {\"model\": state_dict} or a state dict)"));
+    }
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?)))
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    Ok(StateDict { tensors, config: None, format: CheckpointFormat::Pth })
+}
+
+fn read_hugging_face(dir: &Path) -> Result<StateDict> {
+    let config_path = dir.join("config.json");
+    let weights_path = dir.join("model.safetensors");
+    for p in [&config_path, &weights_path] {
+        if !p.exists() {
+            bail!(CheckpointNotFound, "{} is a folder but has no {} (expected a Hugging Face ViTMAE folder)", dir.display(), p.file_name().unwrap().to_string_lossy());
+        }
+    }
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", config_path.display())))?;
+    let hf: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(&config_path, e))?;
+    let config = hf_config(&hf)?;
+    let bytes = std::fs::read(&weights_path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", weights_path.display())))?;
+    let (hf_tensors, _) = parse_safetensors(&weights_path, &bytes)?;
+    Ok(StateDict { tensors: hf_to_published(hf_tensors)?, config: Some(config), format: CheckpointFormat::HuggingFace })
+}
+
+fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
+    let int = |k: &str| hf.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize);
+    if let Some(act) = hf.get("hidden_act").and_then(|v| v.as_str()) {
+        if act != "gelu" {
+            bail!(InvalidConfig, "Hugging Face config has hidden_act '{act}'; MAE uses exact GELU ('gelu')");
+        }
+    }
+    if hf.get("qkv_bias").and_then(|v| v.as_bool()) == Some(false) {
+        bail!(InvalidConfig, "Hugging Face config has qkv_bias false; MAE's attention has a qkv bias");
+    }
+    let hidden = int("hidden_size");
+    let mlp_ratio = match (int("intermediate_size"), hidden) {
+        (Some(i), Some(h)) if h > 0 => Some(i as f64 / h as f64),
+        _ => None,
+    };
+    if let (Some(di), Some(dh), Some(ratio)) = (int("decoder_intermediate_size"), int("decoder_hidden_size"), mlp_ratio) {
+        if (di as f64 - dh as f64 * ratio).abs() > 0.5 {
+            bail!(InvalidConfig, "Hugging Face config's decoder MLP ratio differs from the encoder's; MAE shares one mlp_ratio");
+        }
+    }
+    Ok(ConfigPatch {
+        img_size: int("image_size"),
+        patch_size: int("patch_size"),
+        in_chans: int("num_channels"),
+        embed_dim: hidden,
+        depth: int("num_hidden_layers"),
+        num_heads: int("num_attention_heads"),
+        decoder_embed_dim: int("decoder_hidden_size"),
+        decoder_depth: int("decoder_num_hidden_layers"),
+        decoder_num_heads: int("decoder_num_attention_heads"),
+        mlp_ratio,
+        norm_pix_loss: hf.get("norm_pix_loss").and_then(|v| v.as_bool()),
+        layer_norm_eps: hf.get("layer_norm_eps").and_then(|v| v.as_f64()),
+    })
+}
+
+/// The published name of a Hugging Face block parameter (after `layer.N.`).
+fn hf_block_suffix(rest: &str) -> Option<&'static str> {
+    Some(match rest {
+        "layernorm_before.weight" => "norm1.weight",
+        "layernorm_before.bias" => "norm1.bias",
+        "attention.output.dense.weight" => "attn.proj.weight",
+        "attention.output.dense.bias" => "attn.proj.bias",
+        "layernorm_after.weight" => "norm2.weight",
+        "layernorm_after.bias" => "norm2.bias",
+        "intermediate.dense.weight" => "mlp.fc1.weight",
+        "intermediate.dense.bias" => "mlp.fc1.bias",
+        "output.dense.weight" => "mlp.fc2.weight",
+        "output.dense.bias" => "mlp.fc2.bias",
+        _ => return None,
+    })
+}
+
+fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    // (published prefix, "weight"|"bias") -> [query, key, value]
+    let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for (name, tensor) in hf {
+        let key = name.strip_prefix("vit.").unwrap_or(&name);
+        let simple = match key {
+            "embeddings.cls_token" => Some("cls_token".to_string()),
+            "embeddings.position_embeddings" => Some("pos_embed".to_string()),
+            "embeddings.patch_embeddings.projection.weight" => Some("patch_embed.proj.weight".to_string()),
+            "embeddings.patch_embeddings.projection.bias" => Some("patch_embed.proj.bias".to_string()),
+            "layernorm.weight" => Some("norm.weight".to_string()),
+            "layernorm.bias" => Some("norm.bias".to_string()),
+            "decoder.mask_token" => Some("mask_token".to_string()),
+            "decoder.decoder_pos_embed" => Some("decoder_pos_embed".to_string()),
+            _ => ["decoder.decoder_embed.", "decoder.decoder_norm.", "decoder.decoder_pred."]
+                .iter()
+                .find_map(|p| key.strip_prefix(p).map(|rest| format!("{}.{rest}", &p["decoder.".len()..p.len() - 1]))),
+        };
+        if let Some(published) = simple {
+            out.insert(published, tensor);
+            continue;
+        }
+        let block = [("encoder.layer.", "blocks."), ("decoder.decoder_layers.", "decoder_blocks.")].iter().find_map(|(hf_prefix, prefix)| {
+            let rest = key.strip_prefix(hf_prefix)?;
+            let (index, rest) = rest.split_once('.')?;
+            index.parse::<usize>().ok()?;
+            Some((format!("{prefix}{index}"), rest.to_string()))
+        });
+        match block {
+            Some((block, rest)) => {
+                if let Some(suffix) = hf_block_suffix(&rest) {
+                    out.insert(format!("{block}.{suffix}"), tensor);
+                } else if let Some(part) = rest.strip_prefix("attention.attention.") {
+                    let (which, kind) = part.split_once('.').unwrap_or((part, ""));
+                    let slot = match which {
+                        "query" => 0,
+                        "key" => 1,
+                        "value" => 2,
+                        _ => {
+                            unknown.push(name.clone());
+                            continue;
+                        }
+                    };
+                    qkv.entry((block, kind.to_string())).or_default()[slot] = Some(tensor);
+                } else {
+                    unknown.push(name.clone());
+                }
+            }
+            None => unknown.push(name.clone()),
+        }
+    }
+    if !unknown.is_empty() {
+        bail!(CheckpointKeys, "Hugging Face checkpoint has unknown keys: {unknown:?}");
+    }
+    for ((block, kind), parts) in qkv {
+        match parts {
+            [Some(q), Some(k), Some(v)] => {
+                out.insert(format!("{block}.attn.qkv.{kind}"), Tensor::cat(&[q, k, v], 0)?);
+            }
+            _ => bail!(CheckpointKeys, "Hugging Face checkpoint lacks some of query/key/value {kind} for {block}"),
+        }
+    }
+    Ok(out)
+}
+
+fn is_decoder_key(name: &str) -> bool {
+    name == "mask_token" || name.starts_with("decoder_")
+}
+
+/// A config from tensor shapes alone. Head counts are not visible in shapes: they
+/// come from the preset with the same widths (all published models use 64-d
+/// heads in B/L, 80-d in H, and 16 decoder heads).
+fn infer_config(tensors: &BTreeMap<String, Tensor>) -> ConfigPatch {
+    let dim = |name: &str, i: usize| tensors.get(name).and_then(|t| t.dims().get(i).copied());
+    let count_blocks = |prefix: &str| {
+        tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+            .collect::<BTreeSet<_>>()
+            .len()
+    };
+    let embed_dim = dim("patch_embed.proj.weight", 0);
+    let patch_size = dim("patch_embed.proj.weight", 2);
+    let img_size = match (dim("pos_embed", 1), patch_size) {
+        (Some(l), Some(p)) => Some(((l.saturating_sub(1)) as f64).sqrt().round() as usize * p),
+        _ => None,
+    };
+    let decoder_embed_dim = dim("decoder_embed.weight", 0);
+    let mlp_ratio = match (dim("blocks.0.mlp.fc1.weight", 0), embed_dim) {
+        (Some(h), Some(d)) if d > 0 => Some(h as f64 / d as f64),
+        _ => None,
+    };
+    let depth = count_blocks("blocks.");
+    let decoder_depth = count_blocks("decoder_blocks.");
+    let encoder_preset = PRESETS.iter().map(|(_, c)| c).find(|c| Some(c.embed_dim) == embed_dim);
+    let decoder_preset = PRESETS.iter().map(|(_, c)| c).find(|c| Some(c.decoder_embed_dim) == decoder_embed_dim.or(encoder_preset.map(|e| e.decoder_embed_dim)));
+    ConfigPatch {
+        img_size,
+        patch_size,
+        in_chans: dim("patch_embed.proj.weight", 1),
+        embed_dim,
+        depth: (depth > 0).then_some(depth),
+        num_heads: encoder_preset.map(|c| c.num_heads),
+        decoder_embed_dim: decoder_embed_dim.or(encoder_preset.map(|c| c.decoder_embed_dim)),
+        decoder_depth: if decoder_depth > 0 { Some(decoder_depth) } else { encoder_preset.map(|c| c.decoder_depth) },
+        decoder_num_heads: decoder_preset.map(|c| c.decoder_num_heads),
+        mlp_ratio,
+        norm_pix_loss: None,
+        layer_norm_eps: None,
+    }
+}
+
+fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
+    ConfigPatch {
+        img_size: over.img_size.or(base.img_size),
+        patch_size: over.patch_size.or(base.patch_size),
+        in_chans: over.in_chans.or(base.in_chans),
+        embed_dim: over.embed_dim.or(base.embed_dim),
+        depth: over.depth.or(base.depth),
+        num_heads: over.num_heads.or(base.num_heads),
+        decoder_embed_dim: over.decoder_embed_dim.or(base.decoder_embed_dim),
+        decoder_depth: over.decoder_depth.or(base.decoder_depth),
+        decoder_num_heads: over.decoder_num_heads.or(base.decoder_num_heads),
+        mlp_ratio: over.mlp_ratio.or(base.mlp_ratio),
+        norm_pix_loss: over.norm_pix_loss.or(base.norm_pix_loss),
+        layer_norm_eps: over.layer_norm_eps.or(base.layer_norm_eps),
+    }
+}
+
+/// Loads a model. The config is, in increasing priority: what the shapes imply,
+/// the checkpoint's own config, and `explicit`; the tensors are then checked against it.
+pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, seed: u64) -> Result<(MaskedAutoencoder, LoadReport)> {
+    let state = read_state_dict(path)?;
+    let mut patch = infer_config(&state.tensors);
+    if let Some(c) = &state.config {
+        patch = merge(patch, c);
+    }
+    if let Some(c) = explicit {
+        patch = merge(patch, c);
+    }
+    let config = patch.complete().map_err(|e| {
+        Error::new(e.code, format!("cannot configure the model from {}: {}; pass the config explicitly", path.display(), e.message))
+    })?;
+    let mut model = MaskedAutoencoder::new(config, device, seed)?;
+    let fresh_decoder = assign(&mut model, state.tensors)?;
+    Ok((model, LoadReport { format: state.format, fresh_decoder }))
+}
+
+/// Copies checkpoint tensors into the model; returns whether the decoder was absent.
+fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) -> Result<bool> {
+    let expected: Vec<(String, Vec<usize>)> = model
+        .params()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .chain(model.buffers().iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())))
+        .collect();
+    let unknown: Vec<&String> = tensors.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
+    if !unknown.is_empty() {
+        bail!(CheckpointKeys, "checkpoint has keys that this MAE does not: {unknown:?}");
+    }
+    let has_decoder = tensors.keys().any(|k| is_decoder_key(k));
+    let missing: Vec<&String> = expected
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| !tensors.contains_key(*n) && (has_decoder || !is_decoder_key(n)) && !n.ends_with("pos_embed"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(CheckpointKeys, "checkpoint lacks keys: {missing:?}");
+    }
+    let mismatched: Vec<String> = expected
+        .iter()
+        .filter_map(|(n, shape)| {
+            let t = tensors.get(n)?;
+            (t.dims() != shape.as_slice()).then(|| format!("{n}: checkpoint {:?}, config {:?}", t.dims(), shape))
+        })
+        .collect();
+    if !mismatched.is_empty() {
+        bail!(CheckpointShape, "checkpoint shapes do not match the config: {}", mismatched.join("; "));
+    }
+    let device = model.device().clone();
+    for (name, var) in model.params() {
+        if let Some(t) = tensors.remove(name) {
+            var.set(&t.to_device(&device)?)?;
+        }
+    }
+    for name in ["pos_embed", "decoder_pos_embed"] {
+        if let Some(t) = tensors.remove(name) {
+            model.set_buffer(name, t)?;
+        }
+    }
+    Ok(!has_decoder)
+}
+
+/// Saves in the published key layout with the config in `__metadata__.config`.
+/// The file appears whole or not at all (written beside it, then renamed).
+pub fn save_model(model: &MaskedAutoencoder, path: &Path) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().to_device(&Device::Cpu))).map(|(n, t)| t.map(|t| (n, t))).collect::<candle_core::Result<_>>()?;
+    for (name, t) in model.buffers() {
+        tensors.push((name.to_string(), t.to_device(&Device::Cpu)?));
+    }
+    let metadata = HashMap::from([
+        ("config".to_string(), model.config.to_published_json().to_string()),
+        ("format".to_string(), "pt".to_string()),
+    ]);
+    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise checkpoint: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes to a temporary file in the same folder, syncs it, and renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("cannot write {}: {e}", path.display()));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+/// The config a checkpoint implies, for inspection without building the model.
+pub fn checkpoint_config(path: &Path) -> Result<MaeConfig> {
+    let state = read_state_dict(path)?;
+    let mut patch = infer_config(&state.tensors);
+    if let Some(c) = &state.config {
+        patch = merge(patch, c);
+    }
+    patch.complete()
+}

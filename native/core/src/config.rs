@@ -1,0 +1,275 @@
+//! Model configuration: the published `MaskedAutoencoderViT` arguments in camelCase.
+
+use crate::bail;
+use crate::error::Result;
+use serde::{Deserialize, Serialize};
+
+/// The arguments of the published `MaskedAutoencoderViT`, camelCased.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MaeConfig {
+    pub img_size: usize,
+    pub patch_size: usize,
+    pub in_chans: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub decoder_embed_dim: usize,
+    pub decoder_depth: usize,
+    pub decoder_num_heads: usize,
+    pub mlp_ratio: f64,
+    pub norm_pix_loss: bool,
+    pub layer_norm_eps: f64,
+}
+
+/// A partial configuration as found in JSON: either spelling of each name,
+/// unknown names rejected (user input) or ignored (checkpoint metadata).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigPatch {
+    #[serde(alias = "img_size")]
+    pub img_size: Option<usize>,
+    #[serde(alias = "patch_size")]
+    pub patch_size: Option<usize>,
+    #[serde(alias = "in_chans")]
+    pub in_chans: Option<usize>,
+    #[serde(alias = "embed_dim")]
+    pub embed_dim: Option<usize>,
+    pub depth: Option<usize>,
+    #[serde(alias = "num_heads")]
+    pub num_heads: Option<usize>,
+    #[serde(alias = "decoder_embed_dim")]
+    pub decoder_embed_dim: Option<usize>,
+    #[serde(alias = "decoder_depth")]
+    pub decoder_depth: Option<usize>,
+    #[serde(alias = "decoder_num_heads")]
+    pub decoder_num_heads: Option<usize>,
+    #[serde(alias = "mlp_ratio")]
+    pub mlp_ratio: Option<f64>,
+    #[serde(alias = "norm_pix_loss")]
+    pub norm_pix_loss: Option<bool>,
+    #[serde(alias = "layer_norm_eps")]
+    pub layer_norm_eps: Option<f64>,
+}
+
+const FIELDS: [&str; 12] = [
+    "imgSize", "patchSize", "inChans", "embedDim", "depth", "numHeads", "decoderEmbedDim",
+    "decoderDepth", "decoderNumHeads", "mlpRatio", "normPixLoss", "layerNormEps",
+];
+
+fn snake_case(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| if c.is_ascii_uppercase() { vec!['_', c.to_ascii_lowercase()] } else { vec![c] })
+        .collect()
+}
+
+impl ConfigPatch {
+    /// Parses a JSON object. With `strict`, names that are not config fields are an error.
+    pub fn from_json(value: &serde_json::Value, strict: bool) -> Result<Self> {
+        let Some(object) = value.as_object() else {
+            bail!(InvalidConfig, "config must be an object, got {value}");
+        };
+        if strict {
+            let unknown: Vec<&String> = object
+                .keys()
+                .filter(|k| !FIELDS.iter().any(|f| *f == k.as_str() || snake_case(f) == k.as_str()))
+                .collect();
+            if !unknown.is_empty() {
+                bail!(InvalidConfig, "unknown config field(s): {unknown:?}; known fields: {FIELDS:?}");
+            }
+        }
+        let known: serde_json::Map<String, serde_json::Value> = object
+            .iter()
+            .filter(|(k, _)| FIELDS.iter().any(|f| *f == k.as_str() || snake_case(f) == k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        serde_json::from_value(serde_json::Value::Object(known))
+            .map_err(|e| crate::error::Error::new(crate::error::ErrorCode::InvalidConfig, format!("invalid config: {e}")))
+    }
+
+    /// Fills the fields this patch sets into `base`.
+    pub fn apply_to(&self, base: &MaeConfig) -> MaeConfig {
+        MaeConfig {
+            img_size: self.img_size.unwrap_or(base.img_size),
+            patch_size: self.patch_size.unwrap_or(base.patch_size),
+            in_chans: self.in_chans.unwrap_or(base.in_chans),
+            embed_dim: self.embed_dim.unwrap_or(base.embed_dim),
+            depth: self.depth.unwrap_or(base.depth),
+            num_heads: self.num_heads.unwrap_or(base.num_heads),
+            decoder_embed_dim: self.decoder_embed_dim.unwrap_or(base.decoder_embed_dim),
+            decoder_depth: self.decoder_depth.unwrap_or(base.decoder_depth),
+            decoder_num_heads: self.decoder_num_heads.unwrap_or(base.decoder_num_heads),
+            mlp_ratio: self.mlp_ratio.unwrap_or(base.mlp_ratio),
+            norm_pix_loss: self.norm_pix_loss.unwrap_or(base.norm_pix_loss),
+            layer_norm_eps: self.layer_norm_eps.unwrap_or(base.layer_norm_eps),
+        }
+    }
+
+    /// The complete config this patch describes, with the published defaults
+    /// (`mlpRatio` 4, `normPixLoss` false, `layerNormEps` 1e-6) for the optional fields.
+    pub fn complete(&self) -> Result<MaeConfig> {
+        let missing: Vec<&str> = [
+            ("imgSize", self.img_size.is_none()),
+            ("patchSize", self.patch_size.is_none()),
+            ("inChans", self.in_chans.is_none()),
+            ("embedDim", self.embed_dim.is_none()),
+            ("depth", self.depth.is_none()),
+            ("numHeads", self.num_heads.is_none()),
+            ("decoderEmbedDim", self.decoder_embed_dim.is_none()),
+            ("decoderDepth", self.decoder_depth.is_none()),
+            ("decoderNumHeads", self.decoder_num_heads.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(name, absent)| absent.then_some(name))
+        .collect();
+        if !missing.is_empty() {
+            bail!(InvalidConfig, "config is missing field(s) {missing:?} (or name a preset)");
+        }
+        let defaults = MaeConfig { mlp_ratio: 4.0, norm_pix_loss: false, layer_norm_eps: 1e-6, ..PRESETS[0].1.clone() };
+        let config = self.apply_to(&defaults);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Named configurations: the paper's three, plus small ones that train on a CPU.
+pub const PRESETS: [(&str, MaeConfig); 7] = [
+    ("mae_vit_base_patch16", preset(224, 16, 3, 768, 12, 12, 512, 8, 16, false)),
+    ("mae_vit_large_patch16", preset(224, 16, 3, 1024, 24, 16, 512, 8, 16, false)),
+    ("mae_vit_huge_patch14", preset(224, 14, 3, 1280, 32, 16, 512, 8, 16, false)),
+    ("mae_vit_small_patch16", preset(224, 16, 3, 384, 12, 6, 256, 4, 8, false)),
+    ("mae_vit_tiny_patch16", preset(224, 16, 3, 192, 12, 3, 128, 4, 4, false)),
+    // The CPU benchmark's workload (64x64 images, patch 8).
+    ("mae_vit_tiny_patch8_64", preset(64, 8, 3, 192, 12, 3, 128, 4, 4, false)),
+    // Fashion-MNIST padded to 32x32, one channel, per-patch normalised targets.
+    ("mae_vit_fmnist_patch4_32", preset(32, 4, 1, 128, 6, 4, 64, 2, 4, true)),
+];
+
+#[allow(clippy::too_many_arguments)]
+const fn preset(
+    img_size: usize,
+    patch_size: usize,
+    in_chans: usize,
+    embed_dim: usize,
+    depth: usize,
+    num_heads: usize,
+    decoder_embed_dim: usize,
+    decoder_depth: usize,
+    decoder_num_heads: usize,
+    norm_pix_loss: bool,
+) -> MaeConfig {
+    MaeConfig {
+        img_size,
+        patch_size,
+        in_chans,
+        embed_dim,
+        depth,
+        num_heads,
+        decoder_embed_dim,
+        decoder_depth,
+        decoder_num_heads,
+        mlp_ratio: 4.0,
+        norm_pix_loss,
+        layer_norm_eps: 1e-6,
+    }
+}
+
+impl MaeConfig {
+    pub fn preset(name: &str) -> Result<MaeConfig> {
+        match PRESETS.iter().find(|(n, _)| *n == name) {
+            Some((_, config)) => Ok(config.clone()),
+            None => {
+                let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+                bail!(InvalidConfig, "unknown preset '{name}'; presets: {names:?}")
+            }
+        }
+    }
+
+    /// Patches per side.
+    pub fn grid_size(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+
+    /// Patches per image (`L`).
+    pub fn num_patches(&self) -> usize {
+        self.grid_size() * self.grid_size()
+    }
+
+    /// Values per patch in `pred` (`p*p*C`).
+    pub fn patch_dim(&self) -> usize {
+        self.patch_size * self.patch_size * self.in_chans
+    }
+
+    /// Hidden width of the encoder's MLPs, as timm computes it: `int(dim * mlp_ratio)`.
+    pub fn mlp_hidden(&self) -> usize {
+        (self.embed_dim as f64 * self.mlp_ratio) as usize
+    }
+
+    pub fn decoder_mlp_hidden(&self) -> usize {
+        (self.decoder_embed_dim as f64 * self.mlp_ratio) as usize
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("imgSize", self.img_size),
+            ("patchSize", self.patch_size),
+            ("inChans", self.in_chans),
+            ("embedDim", self.embed_dim),
+            ("depth", self.depth),
+            ("numHeads", self.num_heads),
+            ("decoderEmbedDim", self.decoder_embed_dim),
+            ("decoderDepth", self.decoder_depth),
+            ("decoderNumHeads", self.decoder_num_heads),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                bail!(InvalidConfig, "{name} must be positive");
+            }
+        }
+        if self.img_size % self.patch_size != 0 {
+            bail!(InvalidConfig, "imgSize {} is not a multiple of patchSize {}", self.img_size, self.patch_size);
+        }
+        if self.embed_dim % self.num_heads != 0 {
+            bail!(InvalidConfig, "embedDim {} is not divisible by numHeads {}", self.embed_dim, self.num_heads);
+        }
+        if self.decoder_embed_dim % self.decoder_num_heads != 0 {
+            bail!(
+                InvalidConfig,
+                "decoderEmbedDim {} is not divisible by decoderNumHeads {}",
+                self.decoder_embed_dim,
+                self.decoder_num_heads
+            );
+        }
+        // The 2-D sin-cos table splits each width in four (sin/cos of rows and columns).
+        for (name, dim) in [("embedDim", self.embed_dim), ("decoderEmbedDim", self.decoder_embed_dim)] {
+            if dim % 4 != 0 {
+                bail!(InvalidConfig, "{name} {dim} must be a multiple of 4 for the 2-D sin-cos position embedding");
+            }
+        }
+        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 || self.decoder_mlp_hidden() == 0 {
+            bail!(InvalidConfig, "mlpRatio must be a positive number, got {}", self.mlp_ratio);
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            bail!(InvalidConfig, "layerNormEps must be a positive number, got {}", self.layer_norm_eps);
+        }
+        Ok(())
+    }
+
+    /// The config as JSON with the published (snake_case) names, as checkpoints store it.
+    pub fn to_published_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "in_chans": self.in_chans,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "decoder_embed_dim": self.decoder_embed_dim,
+            "decoder_depth": self.decoder_depth,
+            "decoder_num_heads": self.decoder_num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "norm_pix_loss": self.norm_pix_loss,
+            "layer_norm_eps": self.layer_norm_eps,
+        })
+    }
+}

@@ -1,0 +1,85 @@
+//! One error type for the core. Every error carries a stable `code` that the
+//! binding forwards to JavaScript as `Error.code`.
+
+use std::fmt;
+
+/// Stable, machine-readable error codes (documented in the TypeScript facade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// An input tensor has the wrong rank, shape or length.
+    InvalidShape,
+    /// `maskRatio` is outside [0, 1) or does not suit the masking strategy.
+    InvalidMaskRatio,
+    /// Masking noise has the wrong shape or is not finite.
+    InvalidNoise,
+    /// A configuration value is missing, unknown or inconsistent.
+    InvalidConfig,
+    /// An option other than the above is invalid.
+    InvalidArgument,
+    /// The checkpoint path does not exist.
+    CheckpointNotFound,
+    /// The checkpoint cannot be parsed (corrupt, truncated or not a checkpoint).
+    CheckpointCorrupt,
+    /// The checkpoint has unknown keys or lacks required ones.
+    CheckpointKeys,
+    /// A checkpoint tensor's shape does not match the configuration.
+    CheckpointShape,
+    /// Reading or writing a file failed.
+    Io,
+    /// A bug: the computation failed where valid input cannot make it fail.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidShape => "E_SHAPE",
+            ErrorCode::InvalidMaskRatio => "E_MASK_RATIO",
+            ErrorCode::InvalidNoise => "E_NOISE",
+            ErrorCode::InvalidConfig => "E_CONFIG",
+            ErrorCode::InvalidArgument => "E_ARGUMENT",
+            ErrorCode::CheckpointNotFound => "E_CHECKPOINT_NOT_FOUND",
+            ErrorCode::CheckpointCorrupt => "E_CHECKPOINT_CORRUPT",
+            ErrorCode::CheckpointKeys => "E_CHECKPOINT_KEYS",
+            ErrorCode::CheckpointShape => "E_CHECKPOINT_SHAPE",
+            ErrorCode::Io => "E_IO",
+            ErrorCode::Internal => "E_INTERNAL",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error { code, message: message.into() }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::new(ErrorCode::Internal, format!("tensor operation failed: {e}"))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Shorthand for returning an error with a code and a formatted message.
+#[macro_export]
+macro_rules! bail {
+    ($code:ident, $($arg:tt)*) => {
+        return Err($crate::error::Error::new($crate::error::ErrorCode::$code, format!($($arg)*)))
+    };
+}

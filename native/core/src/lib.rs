@@ -1,0 +1,22 @@
+//! vit-mae-core: ViT-MAE ("Masked Autoencoders Are Scalable Vision Learners",
+//! He et al. 2021) on candle, numerically matching the published PyTorch code.
+//! Pure Rust; the Node binding lives in a crate of its own.
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod masking;
+pub mod model;
+pub mod nn;
+pub mod ops;
+pub mod params;
+pub mod pos_embed;
+
+pub use candle_core;
+pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
+pub use config::{ConfigPatch, MaeConfig, PRESETS};
+pub use device::DeviceSpec;
+pub use error::{Error, ErrorCode, Result};
+pub use masking::{MaskPlan, Masking};
+pub use model::{ForwardOutput, HostTensor, MaskOptions, MaskedAutoencoder};

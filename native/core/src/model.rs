@@ -1,0 +1,369 @@
+//! The masked autoencoder, following `models_mae.py` (facebookresearch/mae)
+//! name for name.
+
+use crate::bail;
+use crate::config::MaeConfig;
+use crate::error::Result;
+use crate::masking::{self, MaskPlan, Masking};
+use crate::nn::{Block, LayerNorm, Linear};
+use crate::params::{Init, ParamBuilder};
+use crate::pos_embed::sincos_2d_with_cls;
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::Mutex;
+
+/// A tensor in host memory, row-major: what crosses into and out of the core.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub data: Vec<f32>,
+    pub shape: Vec<usize>,
+}
+
+impl HostTensor {
+    pub fn new(data: Vec<f32>, shape: Vec<usize>) -> Result<Self> {
+        let expected: usize = shape.iter().product();
+        if data.len() != expected {
+            bail!(InvalidShape, "tensor data has {} values but shape {:?} needs {}", data.len(), shape, expected);
+        }
+        Ok(HostTensor { data, shape })
+    }
+
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let shape = t.dims().to_vec();
+        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(HostTensor { data, shape })
+    }
+
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_slice(&self.data, self.shape.as_slice(), device)?)
+    }
+}
+
+/// How to choose the removed patches for one forward pass.
+#[derive(Debug, Clone)]
+pub struct MaskOptions {
+    pub mask_ratio: f64,
+    pub masking: Masking,
+    /// `[N, L]` noise for random masking; drawn from the model's seeded RNG when absent.
+    pub noise: Option<HostTensor>,
+}
+
+impl Default for MaskOptions {
+    fn default() -> Self {
+        MaskOptions { mask_ratio: 0.75, masking: Masking::Random, noise: None }
+    }
+}
+
+/// What `forward` returns, as in the published `(loss, pred, mask)` plus the
+/// restore indices and the encoder's output.
+pub struct ForwardOutput {
+    /// Scalar.
+    pub loss: Tensor,
+    /// `[N, L, p*p*C]`.
+    pub pred: Tensor,
+    /// `[N, L]`, 1 where a patch was removed.
+    pub mask: Tensor,
+    /// `[N, L]`, position of each patch in the shuffled order.
+    pub ids_restore: Tensor,
+    /// `[N, 1 + len_keep, D]`, after the encoder's final norm.
+    pub latent: Tensor,
+}
+
+/// `PatchEmbed` as patchify + matmul: the same numbers as the published conv,
+/// without a gradient for the pixels.
+struct PatchEmbed {
+    weight: Tensor,
+    bias: Tensor,
+    patch_size: usize,
+}
+
+impl PatchEmbed {
+    fn new(p: &mut ParamBuilder, c: &MaeConfig) -> candle_core::Result<Self> {
+        let fan_in = c.in_chans * c.patch_size * c.patch_size;
+        // Published: xavier-uniform on the weight viewed as [D, C*p*p]; the bias keeps
+        // nn.Conv2d's default init.
+        let weight = p.param(
+            "patch_embed.proj.weight",
+            &[c.embed_dim, c.in_chans, c.patch_size, c.patch_size],
+            Init::XavierUniform { fan_in, fan_out: c.embed_dim },
+        )?;
+        let bias = p.param("patch_embed.proj.bias", &[c.embed_dim], Init::Uniform { bound: 1.0 / (fan_in as f64).sqrt() })?;
+        Ok(PatchEmbed { weight, bias, patch_size: c.patch_size })
+    }
+
+    /// `[N, C, H, W]` -> `[N, L, D]`.
+    fn forward(&self, imgs: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c, h, w) = imgs.dims4()?;
+        let p = self.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        // Each patch flattened in (c, i, j) order, matching the conv weight's layout.
+        let patches = imgs.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((n * gh * gw, c * p * p))?;
+        let weight = self.weight.reshape((self.weight.dim(0)?, c * p * p))?;
+        patches.matmul(&weight.t()?)?.broadcast_add(&self.bias)?.reshape((n, gh * gw, ()))
+    }
+}
+
+pub struct MaskedAutoencoder {
+    pub config: MaeConfig,
+    device: Device,
+    params: Vec<(String, Var)>,
+    /// Fixed (not trainable) tables, `[1, 1 + L, D]` and `[1, 1 + L, D_dec]`.
+    pos_embed: Tensor,
+    decoder_pos_embed: Tensor,
+    /// Drawn from when a forward pass is not given noise.
+    mask_rng: Mutex<ChaCha8Rng>,
+
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+
+    decoder_embed: Linear,
+    mask_token: Tensor,
+    decoder_blocks: Vec<Block>,
+    decoder_norm: LayerNorm,
+    decoder_pred: Linear,
+}
+
+impl MaskedAutoencoder {
+    /// A freshly initialised model. Everything random (weights, later masks)
+    /// derives from `seed`.
+    pub fn new(config: MaeConfig, device: &Device, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone());
+        let l = c.num_patches();
+
+        let patch_embed = PatchEmbed::new(&mut p, c)?;
+        let cls_token = p.param("cls_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })?;
+        let blocks = (0..c.depth)
+            .map(|i| Block::new(&mut p, &format!("blocks.{i}"), c.embed_dim, c.num_heads, c.mlp_hidden(), c.layer_norm_eps))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = LayerNorm::new(&mut p, "norm", c.embed_dim, c.layer_norm_eps)?;
+
+        let decoder_embed = Linear::new(&mut p, "decoder_embed", c.embed_dim, c.decoder_embed_dim)?;
+        let mask_token = p.param("mask_token", &[1, 1, c.decoder_embed_dim], Init::Normal { std: 0.02 })?;
+        let decoder_blocks = (0..c.decoder_depth)
+            .map(|i| {
+                let name = format!("decoder_blocks.{i}");
+                Block::new(&mut p, &name, c.decoder_embed_dim, c.decoder_num_heads, c.decoder_mlp_hidden(), c.layer_norm_eps)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let decoder_norm = LayerNorm::new(&mut p, "decoder_norm", c.decoder_embed_dim, c.layer_norm_eps)?;
+        let decoder_pred = Linear::new(&mut p, "decoder_pred", c.decoder_embed_dim, c.patch_dim())?;
+
+        let pos_embed = Tensor::from_vec(sincos_2d_with_cls(c.embed_dim, c.grid_size()), (1, l + 1, c.embed_dim), device)?;
+        let decoder_pos_embed =
+            Tensor::from_vec(sincos_2d_with_cls(c.decoder_embed_dim, c.grid_size()), (1, l + 1, c.decoder_embed_dim), device)?;
+        // A stream of its own, so masks do not depend on how many weights were drawn.
+        let mask_rng = Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x6d61_736b));
+
+        Ok(MaskedAutoencoder {
+            config,
+            device: device.clone(),
+            params: p.finish(),
+            pos_embed,
+            decoder_pos_embed,
+            mask_rng,
+            patch_embed,
+            cls_token,
+            blocks,
+            norm,
+            decoder_embed,
+            mask_token,
+            decoder_blocks,
+            decoder_norm,
+            decoder_pred,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Trainable parameters in the published order, by published name.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The fixed position-embedding tables, by published name.
+    pub fn buffers(&self) -> [(&'static str, &Tensor); 2] {
+        [("pos_embed", &self.pos_embed), ("decoder_pos_embed", &self.decoder_pos_embed)]
+    }
+
+    /// Replaces a fixed table (loaded checkpoints carry their own copy).
+    pub(crate) fn set_buffer(&mut self, name: &str, value: Tensor) -> Result<()> {
+        let slot = match name {
+            "pos_embed" => &mut self.pos_embed,
+            "decoder_pos_embed" => &mut self.decoder_pos_embed,
+            _ => bail!(Internal, "no buffer named {name}"),
+        };
+        if slot.dims() != value.dims() {
+            bail!(CheckpointShape, "{name}: checkpoint has shape {:?}, the config needs {:?}", value.dims(), slot.dims());
+        }
+        *slot = value.to_device(&self.device)?.to_dtype(DType::F32)?;
+        Ok(())
+    }
+
+    /// Checks that host images are `[N, C, H, W]` with the config's channels and size.
+    pub fn images_to_tensor(&self, imgs: &HostTensor) -> Result<Tensor> {
+        let c = &self.config;
+        let ok = imgs.shape.len() == 4
+            && imgs.shape[0] > 0
+            && imgs.shape[1] == c.in_chans
+            && imgs.shape[2] == c.img_size
+            && imgs.shape[3] == c.img_size;
+        if !ok {
+            bail!(
+                InvalidShape,
+                "images must have shape [N, {}, {}, {}] (N >= 1) for this model, got {:?}",
+                c.in_chans,
+                c.img_size,
+                c.img_size,
+                imgs.shape
+            );
+        }
+        HostTensor::new(imgs.data.clone(), imgs.shape.clone())?.to_tensor(&self.device)
+    }
+
+    /// The mask for a batch of `n` images.
+    pub fn mask_plan(&self, n: usize, options: &MaskOptions) -> Result<MaskPlan> {
+        masking::check_mask_ratio(options.mask_ratio)?;
+        let l = self.config.num_patches();
+        let mut rng = self.mask_rng.lock().unwrap_or_else(|e| e.into_inner());
+        match (options.masking, &options.noise) {
+            (Masking::Random, Some(noise)) => {
+                if noise.shape != [n, l] {
+                    bail!(InvalidNoise, "noise must have shape [{n}, {l}] (batch, patches), got {:?}", noise.shape);
+                }
+                let rows: Vec<Vec<f32>> = noise.data.chunks(l).map(<[f32]>::to_vec).collect();
+                masking::random_from_noise(&rows, options.mask_ratio)
+            }
+            (Masking::Random, None) => masking::random_from_noise(&masking::uniform_noise(&mut *rng, n, l), options.mask_ratio),
+            (_, Some(_)) => bail!(InvalidNoise, "noise applies only to random masking"),
+            (Masking::Block, None) => masking::block(&mut *rng, n, self.config.grid_size(), options.mask_ratio),
+            (Masking::Grid, None) => masking::grid(n, self.config.grid_size(), options.mask_ratio),
+        }
+    }
+
+    /// Encoder on the visible patches only: `[N, 1 + len_keep, D]`.
+    pub fn forward_encoder(&self, imgs: &Tensor, plan: &MaskPlan) -> Result<Tensor> {
+        let x = self.patch_embed.forward(imgs)?;
+        let (n, l, d) = x.dims3()?;
+        let x = x.broadcast_add(&self.pos_embed.narrow(1, 1, l)?)?;
+
+        let ids_keep: Vec<u32> = plan.ids_shuffle.iter().flat_map(|ids| ids[..plan.len_keep].iter().copied()).collect();
+        let ids_keep = Tensor::from_vec(ids_keep, (n, plan.len_keep, 1), &self.device)?.broadcast_as((n, plan.len_keep, d))?.contiguous()?;
+        let x = x.gather(&ids_keep, 1)?;
+
+        let cls_token = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((n, 1, d))?;
+        let mut x = Tensor::cat(&[&cls_token, &x], 1)?;
+        for blk in &self.blocks {
+            x = blk.forward(&x)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Decoder over all patches: `[N, L, p*p*C]`.
+    pub fn forward_decoder(&self, latent: &Tensor, plan: &MaskPlan) -> Result<Tensor> {
+        let x = self.decoder_embed.forward(latent)?;
+        let (n, _, d) = x.dims3()?;
+        let l = self.config.num_patches();
+
+        let visible = x.narrow(1, 1, plan.len_keep)?;
+        let x_ = if plan.len_keep < l {
+            let mask_tokens = self.mask_token.broadcast_as((n, l - plan.len_keep, d))?;
+            Tensor::cat(&[&visible, &mask_tokens], 1)?
+        } else {
+            visible
+        };
+        let ids_restore: Vec<u32> = plan.ids_restore().into_iter().flatten().collect();
+        let ids_restore = Tensor::from_vec(ids_restore, (n, l, 1), &self.device)?.broadcast_as((n, l, d))?.contiguous()?;
+        let x_ = x_.contiguous()?.gather(&ids_restore, 1)?;
+        let mut x = Tensor::cat(&[&x.narrow(1, 0, 1)?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
+
+        for blk in &self.decoder_blocks {
+            x = blk.forward(&x)?;
+        }
+        let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
+        Ok(x.narrow(1, 1, l)?)
+    }
+
+    /// `imgs` `[N, C, H, W]` -> `[N, L, p*p*C]`, each patch in (i, j, c) order.
+    pub fn patchify(&self, imgs: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = imgs.dims4()?;
+        let p = self.config.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        Ok(imgs.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 3, 5, 1))?.reshape((n, gh * gw, p * p * c))?)
+    }
+
+    /// The inverse of `patchify`: `[N, L, p*p*C]` -> `[N, C, H, W]`.
+    pub fn unpatchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, l, _) = x.dims3()?;
+        let (p, c) = (self.config.patch_size, self.config.in_chans);
+        let g = (l as f64).sqrt() as usize;
+        if g * g != l {
+            bail!(InvalidShape, "unpatchify needs a square number of patches, got {l}");
+        }
+        Ok(x.reshape((n, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((n, c, g * p, g * p))?)
+    }
+
+    /// Mean squared error on the removed patches only, against per-patch
+    /// normalised pixels when `normPixLoss` (unbiased variance, as published).
+    pub fn forward_loss(&self, imgs: &Tensor, pred: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mut target = self.patchify(imgs)?;
+        if self.config.norm_pix_loss {
+            let mean = target.mean_keepdim(D::Minus1)?;
+            let var = target.var_keepdim(D::Minus1)?;
+            target = target.broadcast_sub(&mean)?.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
+        }
+        let loss = (pred - target)?.sqr()?.mean(D::Minus1)?;
+        // Published: sum / mask.sum(). With nothing removed (ratio 0) both are 0
+        // and the loss is defined as 0 rather than NaN.
+        let removed = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
+        Ok(((loss * mask)?.sum_all()? / removed as f64)?)
+    }
+
+    /// The published `forward(imgs, mask_ratio)`.
+    pub fn forward(&self, imgs: &Tensor, options: &MaskOptions) -> Result<ForwardOutput> {
+        let n = imgs.dim(0)?;
+        let plan = self.mask_plan(n, options)?;
+        self.forward_with_plan(imgs, &plan)
+    }
+
+    pub fn forward_with_plan(&self, imgs: &Tensor, plan: &MaskPlan) -> Result<ForwardOutput> {
+        let n = imgs.dim(0)?;
+        let l = self.config.num_patches();
+        let latent = self.forward_encoder(imgs, plan)?;
+        let pred = self.forward_decoder(&latent, plan)?;
+        let mask = Tensor::from_vec(plan.mask().into_iter().flatten().collect::<Vec<f32>>(), (n, l), &self.device)?;
+        let loss = self.forward_loss(imgs, &pred, &mask)?;
+        let ids_restore: Vec<f32> = plan.ids_restore().into_iter().flatten().map(|i| i as f32).collect();
+        let ids_restore = Tensor::from_vec(ids_restore, (n, l), &self.device)?;
+        Ok(ForwardOutput { loss, pred, mask, ids_restore, latent })
+    }
+
+    /// The loss and the gradient of every trainable parameter, by published name.
+    pub fn loss_and_gradients(&self, imgs: &Tensor, options: &MaskOptions) -> Result<(f32, Vec<(String, Tensor)>)> {
+        let out = self.forward(imgs, options)?;
+        let grads = out.loss.backward()?;
+        let nothing_removed = out.mask.sum_all()?.to_scalar::<f32>()? == 0.0;
+        let mut gradients = Vec::with_capacity(self.params.len());
+        for (name, var) in &self.params {
+            let grad = match grads.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                // With nothing removed the loss is the constant 0 and only the
+                // (unused) mask token is cut off from it.
+                None if nothing_removed => var.zeros_like()?,
+                None => bail!(Internal, "parameter {name} received no gradient"),
+            };
+            gradients.push((name.clone(), grad));
+        }
+        Ok((out.loss.to_scalar::<f32>()?, gradients))
+    }
+}

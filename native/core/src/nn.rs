@@ -1,0 +1,114 @@
+//! The transformer's modules, mirroring timm's `Block`, `Attention` and `Mlp`
+//! as the published MAE uses them.
+
+use crate::ops;
+use crate::params::{Init, ParamBuilder};
+use candle_core::{Result, Tensor};
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// `nn.Linear(in_dim, out_dim)` with the MAE init: xavier-uniform weight, zero bias.
+    pub fn new(p: &mut ParamBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = p.param(&format!("{name}.weight"), &[out_dim, in_dim], Init::XavierUniform { fan_in: in_dim, fan_out: out_dim })?;
+        let bias = p.param(&format!("{name}.bias"), &[out_dim], Init::Zeros)?;
+        Ok(Linear { weight, bias })
+    }
+
+    /// `xs @ weight^T + bias` over the last dimension of a `[B, T, in]` input.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = xs.dims3()?;
+        let out = xs.reshape((b * t, c))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        out.reshape((b, t, ()))
+    }
+}
+
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: &mut ParamBuilder, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = p.param(&format!("{name}.weight"), &[dim], Init::Ones)?;
+        let bias = p.param(&format!("{name}.bias"), &[dim], Init::Zeros)?;
+        Ok(LayerNorm { weight, bias, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Multi-head self-attention with a fused, biased qkv projection.
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+}
+
+impl Attention {
+    pub fn new(p: &mut ParamBuilder, name: &str, dim: usize, num_heads: usize) -> Result<Self> {
+        Ok(Attention {
+            qkv: Linear::new(p, &format!("{name}.qkv"), dim, 3 * dim)?,
+            proj: Linear::new(p, &format!("{name}.proj"), dim, dim)?,
+            num_heads,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let head_dim = c / self.num_heads;
+        let qkv = self.qkv.forward(xs)?.reshape((b, n, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = (q.matmul(&k.t()?)? * (head_dim as f64).powf(-0.5))?;
+        let attn = ops::softmax_last_dim(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.proj.forward(&out)
+    }
+}
+
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(p: &mut ParamBuilder, name: &str, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Mlp { fc1: Linear::new(p, &format!("{name}.fc1"), dim, hidden)?, fc2: Linear::new(p, &format!("{name}.fc2"), hidden, dim)? })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&ops::gelu(&self.fc1.forward(xs)?)?)
+    }
+}
+
+/// A pre-norm transformer block: `x + attn(norm1(x))`, then `x + mlp(norm2(x))`.
+pub struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(p: &mut ParamBuilder, name: &str, dim: usize, num_heads: usize, mlp_hidden: usize, eps: f64) -> Result<Self> {
+        Ok(Block {
+            norm1: LayerNorm::new(p, &format!("{name}.norm1"), dim, eps)?,
+            attn: Attention::new(p, &format!("{name}.attn"), dim, num_heads)?,
+            norm2: LayerNorm::new(p, &format!("{name}.norm2"), dim, eps)?,
+            mlp: Mlp::new(p, &format!("{name}.mlp"), dim, mlp_hidden)?,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
+        &xs + self.mlp.forward(&self.norm2.forward(&xs)?)?
+    }
+}

@@ -1,0 +1,70 @@
+//! Trainable parameters, created in the published order with the published
+//! initialisation, and kept under their published names.
+
+use candle_core::{Device, Result, Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+/// How a parameter starts out (`_init_weights` of the published model).
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// `xavier_uniform_`: U(-a, a) with a = sqrt(6 / (fan_in + fan_out)).
+    XavierUniform { fan_in: usize, fan_out: usize },
+    /// `normal_(std=...)`.
+    Normal { std: f64 },
+    /// U(-bound, bound), PyTorch's default for a conv bias: bound = 1/sqrt(fan_in).
+    Uniform { bound: f64 },
+}
+
+impl Init {
+    fn values(self, rng: &mut ChaCha8Rng, len: usize) -> Vec<f32> {
+        match self {
+            Init::Zeros => vec![0.0; len],
+            Init::Ones => vec![1.0; len],
+            Init::XavierUniform { fan_in, fan_out } => {
+                let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect()
+            }
+            Init::Normal { std } => {
+                let normal = Normal::new(0.0, std).expect("std is positive");
+                (0..len).map(|_| normal.sample(rng) as f32).collect()
+            }
+            Init::Uniform { bound } => (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect(),
+        }
+    }
+}
+
+/// Creates parameters one by one and records them, in order, by name.
+pub struct ParamBuilder {
+    rng: ChaCha8Rng,
+    device: Device,
+    params: Vec<(String, Var)>,
+}
+
+impl ParamBuilder {
+    pub fn new(rng: ChaCha8Rng, device: Device) -> Self {
+        ParamBuilder { rng, device, params: Vec::new() }
+    }
+
+    /// A new trainable parameter; the returned tensor is the variable itself, so
+    /// gradients and in-place updates reach the module that holds it.
+    pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let len = shape.iter().product();
+        let values = init.values(&mut self.rng, len);
+        let var = Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?;
+        let tensor = var.as_tensor().clone();
+        self.params.push((name.to_string(), var));
+        Ok(tensor)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn finish(self) -> Vec<(String, Var)> {
+        self.params
+    }
+}
