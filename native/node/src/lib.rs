@@ -1,1 +1,339 @@
-pub fn x(){}
+//! The Node binding: a thin N-API layer over `vit-mae-core`. Heavy calls run as
+//! libuv tasks off the JS thread. Every error reaches JS as an `Error` whose
+//! message starts with its code (`E_...: `), which the TypeScript facade turns
+//! into `VitMaeError.code`; panics are caught here and never cross into Node.
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use vit_mae_core::{
+    checkpoint, ConfigPatch, DeviceSpec, ErrorCode, HostTensor, LoadReport, MaeConfig, MaskOptions, MaskedAutoencoder, Masking,
+};
+
+fn to_napi(e: vit_mae_core::Error) -> Error {
+    Error::new(Status::GenericFailure, e.to_string())
+}
+
+fn core_error(code: ErrorCode, message: impl Into<String>) -> Error {
+    to_napi(vit_mae_core::Error::new(code, message))
+}
+
+/// Runs `f`, turning a core error or a panic into a JS-bound error.
+fn guarded<T>(f: impl FnOnce() -> vit_mae_core::Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(to_napi),
+        Err(payload) => {
+            let detail = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(core_error(ErrorCode::Internal, format!("internal error (please report): {detail}")))
+        }
+    }
+}
+
+fn parse_config(json: &str, strict: bool) -> vit_mae_core::Result<ConfigPatch> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| vit_mae_core::Error::new(ErrorCode::InvalidConfig, format!("config is not valid JSON: {e}")))?;
+    ConfigPatch::from_json(&value, strict)
+}
+
+fn host_tensor(data: &[f32], shape: &[u32]) -> vit_mae_core::Result<HostTensor> {
+    HostTensor::new(data.to_vec(), shape.iter().map(|&d| d as usize).collect())
+}
+
+fn seed_of(seed: i64) -> vit_mae_core::Result<u64> {
+    u64::try_from(seed).map_err(|_| vit_mae_core::Error::new(ErrorCode::InvalidArgument, format!("seed must be a non-negative integer, got {seed}")))
+}
+
+/// A tensor crossing the boundary: row-major data and its shape.
+#[napi(object)]
+pub struct NativeTensor {
+    pub data: Float32Array,
+    pub shape: Vec<u32>,
+}
+
+impl NativeTensor {
+    fn from_host(t: HostTensor) -> Self {
+        NativeTensor { data: Float32Array::new(t.data), shape: t.shape.into_iter().map(|d| d as u32).collect() }
+    }
+}
+
+#[napi(object)]
+pub struct NativeNamedTensor {
+    pub name: String,
+    pub data: Float32Array,
+    pub shape: Vec<u32>,
+}
+
+#[napi(object)]
+pub struct NativeMaskOptions {
+    pub mask_ratio: f64,
+    /// 'random' | 'block' | 'grid'
+    pub masking: String,
+    pub noise: Option<Float32Array>,
+    pub noise_shape: Option<Vec<u32>>,
+}
+
+impl NativeMaskOptions {
+    fn to_core(&self) -> vit_mae_core::Result<MaskOptions> {
+        let noise = match (&self.noise, &self.noise_shape) {
+            (Some(data), Some(shape)) => Some(host_tensor(data, shape)?),
+            (None, None) => None,
+            _ => return Err(vit_mae_core::Error::new(ErrorCode::InvalidNoise, "noise needs both data and shape")),
+        };
+        Ok(MaskOptions { mask_ratio: self.mask_ratio, masking: Masking::parse(&self.masking)?, noise })
+    }
+}
+
+#[napi(object)]
+pub struct NativeForwardOutput {
+    pub loss: f64,
+    pub pred: NativeTensor,
+    pub mask: NativeTensor,
+    pub ids_restore: NativeTensor,
+    pub latent: NativeTensor,
+}
+
+#[napi(object)]
+pub struct NativeLossAndGradients {
+    pub loss: f64,
+    /// In the published parameter order.
+    pub gradients: Vec<NativeNamedTensor>,
+}
+
+type Shared = Arc<RwLock<MaskedAutoencoder>>;
+
+/// A masked autoencoder living in Rust memory.
+#[napi]
+pub struct NativeMae {
+    model: Shared,
+    fresh_decoder: bool,
+    checkpoint_format: Option<String>,
+}
+
+#[napi]
+impl NativeMae {
+    /// A freshly initialised model from a JSON config (complete, or a preset name
+    /// plus overrides) and a seed.
+    #[napi(factory)]
+    pub fn create(preset: Option<String>, config_json: Option<String>, seed: i64, device: String) -> Result<NativeMae> {
+        guarded(|| {
+            let patch = match &config_json {
+                Some(json) => parse_config(json, true)?,
+                None => ConfigPatch::default(),
+            };
+            let config = match &preset {
+                Some(name) => {
+                    let config = patch.apply_to(&MaeConfig::preset(name)?);
+                    config.validate()?;
+                    config
+                }
+                None => patch.complete()?,
+            };
+            let device = DeviceSpec::parse(&device)?.resolve()?;
+            let model = MaskedAutoencoder::new(config, &device, seed_of(seed)?)?;
+            Ok(NativeMae { model: Arc::new(RwLock::new(model)), fresh_decoder: false, checkpoint_format: None })
+        })
+    }
+
+    /// Loads a checkpoint (`.pth`, `.safetensors` or a Hugging Face folder).
+    #[napi(ts_return_type = "Promise<NativeMae>")]
+    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String) -> AsyncTask<LoadTask> {
+        AsyncTask::new(LoadTask { path: PathBuf::from(path), config_json, seed, device })
+    }
+
+    /// The config as camelCase JSON.
+    #[napi(getter)]
+    pub fn config_json(&self) -> Result<String> {
+        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
+        serde_json::to_string(&model.config).map_err(|e| core_error(ErrorCode::Internal, e.to_string()))
+    }
+
+    #[napi(getter)]
+    pub fn parameter_count(&self) -> Result<f64> {
+        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
+        Ok(model.parameter_count() as f64)
+    }
+
+    #[napi(getter)]
+    pub fn fresh_decoder(&self) -> bool {
+        self.fresh_decoder
+    }
+
+    #[napi(getter)]
+    pub fn checkpoint_format(&self) -> Option<String> {
+        self.checkpoint_format.clone()
+    }
+
+    #[napi(getter)]
+    pub fn device(&self) -> Result<String> {
+        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
+        Ok(vit_mae_core::device::device_name(model.device()))
+    }
+
+    /// Published names and shapes of the trainable parameters.
+    #[napi]
+    pub fn parameter_shapes(&self) -> Result<Vec<NativeNamedShape>> {
+        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
+        Ok(model
+            .params()
+            .iter()
+            .map(|(name, var)| NativeNamedShape { name: name.clone(), shape: var.dims().iter().map(|&d| d as u32).collect() })
+            .collect())
+    }
+
+    #[napi(ts_return_type = "Promise<NativeForwardOutput>")]
+    pub fn forward(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<ForwardTask>> {
+        let input = guarded(|| Ok((host_tensor(&images, &shape)?, options.to_core()?)))?;
+        Ok(AsyncTask::new(ForwardTask { model: self.model.clone(), images: input.0, options: input.1 }))
+    }
+
+    #[napi(ts_return_type = "Promise<NativeLossAndGradients>")]
+    pub fn loss_and_gradients(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<GradientsTask>> {
+        let input = guarded(|| Ok((host_tensor(&images, &shape)?, options.to_core()?)))?;
+        Ok(AsyncTask::new(GradientsTask { model: self.model.clone(), images: input.0, options: input.1 }))
+    }
+
+    /// Writes safetensors in the published layout, atomically.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn save(&self, path: String) -> AsyncTask<SaveTask> {
+        AsyncTask::new(SaveTask { model: self.model.clone(), path: PathBuf::from(path) })
+    }
+}
+
+#[napi(object)]
+pub struct NativeNamedShape {
+    pub name: String,
+    pub shape: Vec<u32>,
+}
+
+/// The names of the built-in presets with their configs as camelCase JSON.
+#[napi]
+pub fn presets() -> Vec<Vec<String>> {
+    vit_mae_core::PRESETS
+        .iter()
+        .map(|(name, config)| vec![name.to_string(), serde_json::to_string(config).unwrap_or_default()])
+        .collect()
+}
+
+fn read_model(model: &Shared) -> vit_mae_core::Result<std::sync::RwLockReadGuard<'_, MaskedAutoencoder>> {
+    model.read().map_err(|_| vit_mae_core::Error::new(ErrorCode::Internal, "model lock poisoned by an earlier failure"))
+}
+
+pub struct LoadTask {
+    path: PathBuf,
+    config_json: Option<String>,
+    seed: i64,
+    device: String,
+}
+
+impl Task for LoadTask {
+    type Output = (MaskedAutoencoder, LoadReport);
+    type JsValue = NativeMae;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        guarded(|| {
+            let explicit = self.config_json.as_deref().map(|json| parse_config(json, true)).transpose()?;
+            let device = DeviceSpec::parse(&self.device)?.resolve()?;
+            checkpoint::load_model(&self.path, explicit.as_ref(), &device, seed_of(self.seed)?)
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, (model, report): Self::Output) -> Result<NativeMae> {
+        Ok(NativeMae {
+            model: Arc::new(RwLock::new(model)),
+            fresh_decoder: report.fresh_decoder,
+            checkpoint_format: Some(report.format.as_str().to_string()),
+        })
+    }
+}
+
+pub struct ForwardTask {
+    model: Shared,
+    images: HostTensor,
+    options: MaskOptions,
+}
+
+impl Task for ForwardTask {
+    type Output = (f64, [HostTensor; 4]);
+    type JsValue = NativeForwardOutput;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        guarded(|| {
+            let model = read_model(&self.model)?;
+            let imgs = model.images_to_tensor(&self.images)?;
+            let out = model.forward(&imgs, &self.options)?;
+            let loss = out.loss.to_scalar::<f32>()? as f64;
+            Ok((
+                loss,
+                [
+                    HostTensor::from_tensor(&out.pred)?,
+                    HostTensor::from_tensor(&out.mask)?,
+                    HostTensor::from_tensor(&out.ids_restore)?,
+                    HostTensor::from_tensor(&out.latent)?,
+                ],
+            ))
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, (loss, [pred, mask, ids_restore, latent]): Self::Output) -> Result<NativeForwardOutput> {
+        Ok(NativeForwardOutput {
+            loss,
+            pred: NativeTensor::from_host(pred),
+            mask: NativeTensor::from_host(mask),
+            ids_restore: NativeTensor::from_host(ids_restore),
+            latent: NativeTensor::from_host(latent),
+        })
+    }
+}
+
+pub struct GradientsTask {
+    model: Shared,
+    images: HostTensor,
+    options: MaskOptions,
+}
+
+impl Task for GradientsTask {
+    type Output = (f64, Vec<(String, HostTensor)>);
+    type JsValue = NativeLossAndGradients;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        guarded(|| {
+            let model = read_model(&self.model)?;
+            let imgs = model.images_to_tensor(&self.images)?;
+            let (loss, grads) = model.loss_and_gradients(&imgs, &self.options)?;
+            let grads = grads.into_iter().map(|(n, g)| Ok((n, HostTensor::from_tensor(&g)?))).collect::<vit_mae_core::Result<_>>()?;
+            Ok((loss as f64, grads))
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, (loss, grads): Self::Output) -> Result<NativeLossAndGradients> {
+        let gradients = grads
+            .into_iter()
+            .map(|(name, t)| NativeNamedTensor { name, data: Float32Array::new(t.data), shape: t.shape.into_iter().map(|d| d as u32).collect() })
+            .collect();
+        Ok(NativeLossAndGradients { loss, gradients })
+    }
+}
+
+pub struct SaveTask {
+    model: Shared,
+    path: PathBuf,
+}
+
+impl Task for SaveTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> Result<()> {
+        guarded(|| checkpoint::save_model(&*read_model(&self.model)?, &self.path))
+    }
+
+    fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+// Test helpers: the reference fixtures and a minimal safetensors reader/writer.
+import { readFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Tensor } from '../ts/index.js';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+
+/** `../shared/fixtures` beside the repository, or VIT_MAE_FIXTURES. */
+export const FIXTURES = process.env.VIT_MAE_FIXTURES ?? resolve(root, '../shared/fixtures');
+
+export function fixture(name: string): string {
+  return join(FIXTURES, name);
+}
+
+export interface SafetensorsFile {
+  tensors: Record<string, Tensor>;
+  /** Integer tensors, as numbers. */
+  ints: Record<string, { data: number[]; shape: number[] }>;
+  metadata: Record<string, string>;
+}
+
+export function readSafetensors(path: string): SafetensorsFile {
+  const bytes = readFileSync(path);
+  const headerLength = Number(bytes.readBigUInt64LE(0));
+  const header = JSON.parse(bytes.subarray(8, 8 + headerLength).toString('utf8')) as Record<string, any>;
+  const body = bytes.subarray(8 + headerLength);
+  const out: SafetensorsFile = { tensors: {}, ints: {}, metadata: header.__metadata__ ?? {} };
+  for (const [name, info] of Object.entries(header)) {
+    if (name === '__metadata__') continue;
+    const [start, end] = info.data_offsets as [number, number];
+    const raw = body.subarray(start, end);
+    const copy = raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength);
+    if (info.dtype === 'F32') out.tensors[name] = { data: new Float32Array(copy), shape: info.shape };
+    else if (info.dtype === 'I64') out.ints[name] = { data: Array.from(new BigInt64Array(copy), Number), shape: info.shape };
+    else throw new Error(`unsupported dtype ${info.dtype} in test helper`);
+  }
+  return out;
+}
+
+export function writeSafetensors(tensors: Record<string, Tensor>, metadata?: Record<string, string>): Buffer {
+  const header: Record<string, unknown> = {};
+  if (metadata) header.__metadata__ = metadata;
+  let offset = 0;
+  for (const [name, t] of Object.entries(tensors)) {
+    header[name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
+    offset += t.data.byteLength;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - (json.length % 8)) % 8);
+  const head = Buffer.alloc(8);
+  head.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+  const parts = Object.values(tensors).map((t) => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+  return Buffer.concat([head, Buffer.from(json), ...parts]);
+}
+
+/** Deterministic pseudo-random values (mulberry32) for test inputs. */
+export function randomTensor(shape: number[], seed = 1): Tensor {
+  let a = seed >>> 0;
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const size = shape.reduce((x, y) => x * y, 1);
+  return { data: Float32Array.from({ length: size }, () => next() * 2 - 1), shape };
+}
+
+/** Largest elementwise |a - b| relative to max(tol, tol * |b|) ... returns the worst offender. */
+export function worstMismatch(got: Float32Array, want: Float32Array, tolerance: (want: number) => number): string | null {
+  if (got.length !== want.length) return `length ${got.length} != ${want.length}`;
+  for (let i = 0; i < got.length; i++) {
+    if (!(Math.abs(got[i] - want[i]) <= tolerance(want[i]))) return `[${i}] got ${got[i]}, want ${want[i]}`;
+  }
+  return null;
+}

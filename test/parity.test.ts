@@ -1,0 +1,62 @@
+// Parity with the independent PyTorch reference (../shared/fixtures): every MAE
+// case in all three checkpoint formats, outputs within 1e-4 and every gradient
+// within 1e-3 of its tensor's largest magnitude.
+import { describe, expect, it } from 'vitest';
+import { MaskedAutoencoder, type MaeConfig } from '../ts/index.js';
+import { fixture, readSafetensors, worstMismatch } from './helpers.js';
+
+const CASES = ['mae-tiny', 'mae-tiny-normpix'];
+const FORMATS = [
+  { name: 'safetensors', path: (c: string) => `${c}.weights.safetensors` },
+  { name: 'pth', path: (c: string) => `${c}.pth` },
+  { name: 'huggingface', path: (c: string) => `${c}.hf` },
+] as const;
+
+const output = (want: number) => Math.max(1e-4, 1e-4 * Math.abs(want));
+
+describe.each(CASES)('%s', (caseName) => {
+  const reference = readSafetensors(fixture(`${caseName}.case.safetensors`));
+  // The fixture's config in the published (snake_case) spelling, plus its mask ratio.
+  const { mask_ratio: maskRatio, ...published } = JSON.parse(reference.metadata.config) as Record<string, number>;
+  const { imgs, noise } = reference.tensors;
+
+  describe.each(FORMATS)('loaded from $name', (format) => {
+    // A .pth holds only the state dict: its shapes do not tell these tiny models'
+    // head counts, so that format gets the config explicitly.
+    const load = () =>
+      MaskedAutoencoder.load(fixture(format.path(caseName)), {
+        config: format.name === 'pth' ? (published as unknown as Partial<MaeConfig>) : undefined,
+      });
+
+    it('forward matches loss, pred, mask and latent', async () => {
+      const mae = await load();
+      expect(mae.checkpointFormat).toBe(format.name);
+      expect(mae.freshDecoder).toBe(false);
+      const out = await mae.forward(imgs, { maskRatio, noise });
+      expect(Math.abs(out.loss - reference.tensors.loss.data[0])).toBeLessThanOrEqual(output(reference.tensors.loss.data[0]));
+      for (const key of ['pred', 'mask', 'latent'] as const) {
+        expect(out[key].shape, key).toEqual(reference.tensors[key].shape);
+        expect(worstMismatch(out[key].data, reference.tensors[key].data, output), key).toBeNull();
+      }
+    });
+
+    it('gives every trainable parameter its reference gradient', async () => {
+      const mae = await load();
+      const { loss, gradients } = await mae.lossAndGradients(imgs, { maskRatio, noise });
+      expect(Math.abs(loss - reference.tensors.loss.data[0])).toBeLessThanOrEqual(output(reference.tensors.loss.data[0]));
+
+      const trainable = Object.keys(mae.parameterShapes());
+      const expected = Object.keys(reference.tensors).filter((k) => k.startsWith('grad.')).map((k) => k.slice(5));
+      expect(trainable.sort()).toEqual(expected.sort());
+      expect(Object.keys(gradients).sort(), 'a trainable parameter received no gradient').toEqual(trainable.sort());
+
+      for (const name of trainable) {
+        const want = reference.tensors[`grad.${name}`];
+        const scale = want.data.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+        expect(scale, `${name}: reference gradient is zero`).toBeGreaterThan(0);
+        expect(gradients[name].shape, name).toEqual(want.shape);
+        expect(worstMismatch(gradients[name].data, want.data, () => 1e-3 * scale), name).toBeNull();
+      }
+    });
+  });
+});

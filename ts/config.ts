@@ -1,0 +1,50 @@
+/**
+ * A model's architecture: the arguments of the published `MaskedAutoencoderViT`,
+ * camelCased. Checkpoint metadata may use either spelling.
+ */
+export interface MaeConfig {
+  /** Input image side, in pixels (images are square). */
+  imgSize: number;
+  /** Patch side, in pixels; `imgSize` must be a multiple of it. */
+  patchSize: number;
+  /** Image channels. */
+  inChans: number;
+  /** Encoder width. */
+  embedDim: number;
+  /** Encoder blocks. */
+  depth: number;
+  /** Encoder attention heads. */
+  numHeads: number;
+  /** Decoder width. */
+  decoderEmbedDim: number;
+  /** Decoder blocks. */
+  decoderDepth: number;
+  /** Decoder attention heads. */
+  decoderNumHeads: number;
+  /** MLP hidden width as a multiple of the block width (published: 4). */
+  mlpRatio: number;
+  /** Whether the loss targets per-patch normalised pixels. */
+  normPixLoss: boolean;
+  /** LayerNorm epsilon (published: 1e-6). */
+  layerNormEps: number;
+}
+
+/**
+ * Built-in configurations: the paper's three (`mae_vit_base_patch16`,
+ * `mae_vit_large_patch16`, `mae_vit_huge_patch14`, all with a 512-d, 8-block,
+ * 16-head decoder) and smaller ones that train on a CPU.
+ */
+export type PresetName =
+  | 'mae_vit_base_patch16'
+  | 'mae_vit_large_patch16'
+  | 'mae_vit_huge_patch14'
+  | 'mae_vit_small_patch16'
+  | 'mae_vit_tiny_patch16'
+  | 'mae_vit_tiny_patch8_64'
+  | 'mae_vit_fmnist_patch4_32';
+
+/**
+ * Where a model computes: `'cpu'`, `'cuda'` (the first GPU), `'cuda:N'`, or
+ * `'auto'` (a GPU when one works, else the CPU).
+ */
+export type Device = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;

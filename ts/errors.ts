@@ -1,0 +1,41 @@
+/**
+ * What went wrong, as a stable machine-readable code:
+ *
+ * - `E_SHAPE`: an input tensor has the wrong rank, shape or length for the model.
+ * - `E_MASK_RATIO`: `maskRatio` is outside [0, 1), or does not suit the masking strategy.
+ * - `E_NOISE`: masking noise has the wrong shape, is not finite, or was given for non-random masking.
+ * - `E_CONFIG`: a model configuration is incomplete, unknown or inconsistent.
+ * - `E_ARGUMENT`: another argument is invalid (seed, device, masking name, path).
+ * - `E_CHECKPOINT_NOT_FOUND`: no checkpoint at the path.
+ * - `E_CHECKPOINT_CORRUPT`: the file is not a readable checkpoint (corrupt, truncated, another format).
+ * - `E_CHECKPOINT_KEYS`: the checkpoint has unknown keys or lacks required ones (the message lists them).
+ * - `E_CHECKPOINT_SHAPE`: a checkpoint tensor's shape contradicts the configuration.
+ * - `E_IO`: reading or writing a file failed.
+ * - `E_NATIVE_LOAD`: the native addon could not be loaded.
+ * - `E_INTERNAL`: a bug in vit-mae; please report it.
+ */
+export type ErrorCode =
+  | 'E_SHAPE'
+  | 'E_MASK_RATIO'
+  | 'E_NOISE'
+  | 'E_CONFIG'
+  | 'E_ARGUMENT'
+  | 'E_CHECKPOINT_NOT_FOUND'
+  | 'E_CHECKPOINT_CORRUPT'
+  | 'E_CHECKPOINT_KEYS'
+  | 'E_CHECKPOINT_SHAPE'
+  | 'E_IO'
+  | 'E_NATIVE_LOAD'
+  | 'E_INTERNAL';
+
+/** The error every vit-mae call throws or rejects with. */
+export class VitMaeError extends Error {
+  /** Which kind of problem this is; stable across versions. */
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'VitMaeError';
+    this.code = code;
+  }
+}

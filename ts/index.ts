@@ -1,0 +1,254 @@
+/**
+ * vit-mae: masked autoencoders (ViT-MAE, He et al. 2021) for Node, on a Rust core
+ * that matches the published PyTorch code.
+ *
+ * @packageDocumentation
+ */
+import type { MaeConfig, PresetName, Device } from './config.js';
+import { VitMaeError } from './errors.js';
+import { binding, call, callSync, type Binding } from './native.js';
+import { checkTensor, type Tensor } from './tensor.js';
+
+export type { MaeConfig, PresetName, Device } from './config.js';
+export { VitMaeError, type ErrorCode } from './errors.js';
+export type { Tensor } from './tensor.js';
+
+/**
+ * How the removed patches are chosen (the strategies of the paper's Table 1f):
+ * `'random'` (published; argsort of per-sample noise), `'block'` (BEiT-style
+ * blocks) or `'grid'` (keep one patch of every 2x2; ratio fixed at 0.75).
+ */
+export type MaskingStrategy = 'random' | 'block' | 'grid';
+
+/** Options for a forward pass. */
+export interface ForwardOptions {
+  /** Fraction of patches removed, in [0, 1). Default 0.75. */
+  maskRatio?: number;
+  /**
+   * Per-sample noise `[N, L]` for random masking: the patches with the smallest
+   * noise stay visible. Without it, noise comes from the model's seeded RNG.
+   */
+  noise?: Tensor;
+  /** Masking strategy. Default `'random'`. */
+  masking?: MaskingStrategy;
+}
+
+/** What a forward pass returns: the published `(loss, pred, mask)` and more. */
+export interface ForwardOutput {
+  /** Mean squared error over the removed patches (0 when nothing is removed). */
+  loss: number;
+  /** Predicted patches `[N, L, p*p*C]`, each in (row, column, channel) order. */
+  pred: Tensor;
+  /** `[N, L]`: 1 where a patch was removed, 0 where it was visible. */
+  mask: Tensor;
+  /** `[N, L]`: each patch's position in the shuffled order (integers). */
+  idsRestore: Tensor;
+  /** Encoder output after its final norm `[N, 1 + visible, embedDim]` (cls token first). */
+  latent: Tensor;
+}
+
+/** The loss and the gradient of every trainable parameter. */
+export interface LossAndGradients {
+  /** The same loss `forward` returns. */
+  loss: number;
+  /**
+   * Gradients keyed by published parameter name (`blocks.0.attn.qkv.weight`, ...),
+   * in the published order. The fixed position embeddings have none.
+   */
+  gradients: Record<string, Tensor>;
+}
+
+/** Options for {@link MaskedAutoencoder.create}. */
+export interface CreateOptions {
+  /** A built-in configuration to start from. */
+  preset?: PresetName;
+  /** A full config, or, with `preset`, the fields that differ from it. */
+  config?: Partial<MaeConfig>;
+  /** Seed for the initial weights and for masks drawn without explicit noise. Default 0. */
+  seed?: number;
+  /** Where to compute. Default `'cpu'`. */
+  device?: Device;
+}
+
+/** Options for {@link MaskedAutoencoder.load}. */
+export interface LoadOptions {
+  /**
+   * Config fields to use instead of what the checkpoint holds or implies. Needed
+   * for `.pth` files whose head counts are not those of a preset (a state dict's
+   * shapes do not tell them). The checkpoint's shapes are checked against it.
+   */
+  config?: Partial<MaeConfig>;
+  /** Seed for a freshly initialised decoder and for masks. Default 0. */
+  seed?: number;
+  /** Where to compute. Default `'cpu'`. */
+  device?: Device;
+}
+
+const MASKINGS: readonly MaskingStrategy[] = ['random', 'block', 'grid'];
+
+function checkSeed(seed: unknown): number {
+  if (seed === undefined) return 0;
+  if (typeof seed !== 'number' || !Number.isSafeInteger(seed) || seed < 0) {
+    throw new VitMaeError('E_ARGUMENT', `seed must be a non-negative integer, got ${String(seed)}`);
+  }
+  return seed;
+}
+
+function checkDevice(device: unknown): string {
+  if (device === undefined) return 'cpu';
+  if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);
+  return device;
+}
+
+function configJson(config: unknown): string | undefined {
+  if (config === undefined) return undefined;
+  if (typeof config !== 'object' || config === null || Array.isArray(config)) {
+    throw new VitMaeError('E_CONFIG', 'config must be an object of MaeConfig fields');
+  }
+  return JSON.stringify(config);
+}
+
+function checkPath(path: unknown): string {
+  if (typeof path !== 'string' || path.length === 0) {
+    throw new VitMaeError('E_ARGUMENT', 'path must be a non-empty string');
+  }
+  return path;
+}
+
+function maskOptions(options: ForwardOptions = {}): Binding.NativeMaskOptions {
+  const { maskRatio = 0.75, masking = 'random', noise } = options;
+  if (typeof maskRatio !== 'number' || !Number.isFinite(maskRatio)) {
+    throw new VitMaeError('E_MASK_RATIO', `maskRatio must be a number in [0, 1), got ${String(maskRatio)}`);
+  }
+  if (!MASKINGS.includes(masking)) {
+    throw new VitMaeError('E_ARGUMENT', `masking must be one of ${MASKINGS.join(', ')}, got ${String(masking)}`);
+  }
+  if (noise === undefined) return { maskRatio, masking };
+  checkTensor(noise, 'noise', 'E_NOISE');
+  return { maskRatio, masking, noise: noise.data, noiseShape: noise.shape };
+}
+
+function fromNative(t: Binding.NativeTensor): Tensor {
+  return { data: t.data, shape: t.shape };
+}
+
+/**
+ * A ViT masked autoencoder: encoder on the visible patches, light decoder,
+ * MSE on the removed patches, as `models_mae.py`.
+ *
+ * ```ts
+ * const mae = MaskedAutoencoder.create({ preset: 'mae_vit_base_patch16', seed: 0 });
+ * const out = await mae.forward(images, { maskRatio: 0.75 });
+ * ```
+ */
+export class MaskedAutoencoder {
+  readonly #native: Binding.NativeMae;
+  readonly #config: Readonly<MaeConfig>;
+
+  private constructor(native: Binding.NativeMae) {
+    this.#native = native;
+    this.#config = Object.freeze(JSON.parse(native.configJson) as MaeConfig);
+  }
+
+  /**
+   * A freshly initialised model, as published: xavier-uniform linear layers and
+   * patch embedding, normal(0.02) cls and mask tokens, fixed 2-D sin-cos position
+   * embeddings. Runs synchronously (allocating the weights).
+   */
+  static create(options: CreateOptions = {}): MaskedAutoencoder {
+    const { preset, config, seed, device } = options;
+    if (preset === undefined && config === undefined) {
+      throw new VitMaeError('E_CONFIG', 'create needs a preset, a config, or both');
+    }
+    if (preset !== undefined && typeof preset !== 'string') {
+      throw new VitMaeError('E_CONFIG', 'preset must be a preset name');
+    }
+    const native = callSync(() => binding.NativeMae.create(preset, configJson(config), checkSeed(seed), checkDevice(device)));
+    return new MaskedAutoencoder(native);
+  }
+
+  /**
+   * Loads a checkpoint: a published `.pth` (`{"model": state_dict}`, read without
+   * running any code from it), a `.safetensors` file in the published key layout
+   * (config from `__metadata__.config` when present), or a Hugging Face
+   * `ViTMAEForPreTraining` folder. An encoder-only checkpoint loads with a freshly
+   * initialised decoder and {@link MaskedAutoencoder.freshDecoder} set.
+   */
+  static async load(path: string, options: LoadOptions = {}): Promise<MaskedAutoencoder> {
+    const { config, seed, device } = options;
+    const checkedPath = checkPath(path);
+    const native = await call(() => binding.NativeMae.load(checkedPath, configJson(config), checkSeed(seed), checkDevice(device)));
+    return new MaskedAutoencoder(native);
+  }
+
+  /** The names of the built-in presets with their configs. */
+  static presets(): Record<PresetName, MaeConfig> {
+    return Object.fromEntries(binding.presets().map(([name, json]) => [name, JSON.parse(json)])) as Record<PresetName, MaeConfig>;
+  }
+
+  /** The model's configuration. */
+  get config(): Readonly<MaeConfig> {
+    return this.#config;
+  }
+
+  /** The number of trainable values (position embeddings excluded, as they are fixed). */
+  get parameterCount(): number {
+    return this.#native.parameterCount;
+  }
+
+  /** True when the model was loaded from an encoder-only checkpoint and its decoder is freshly initialised. */
+  get freshDecoder(): boolean {
+    return this.#native.freshDecoder;
+  }
+
+  /** The format the model was loaded from (`'pth'`, `'safetensors'`, `'huggingface'`), or null if created. */
+  get checkpointFormat(): 'pth' | 'safetensors' | 'huggingface' | null {
+    return this.#native.checkpointFormat as 'pth' | 'safetensors' | 'huggingface' | null;
+  }
+
+  /** Where the model computes (`'cpu'`, `'cuda:0'`, ...). */
+  get device(): string {
+    return this.#native.device;
+  }
+
+  /** Published names and shapes of the trainable parameters, in order. */
+  parameterShapes(): Record<string, number[]> {
+    return Object.fromEntries(this.#native.parameterShapes().map(({ name, shape }) => [name, shape]));
+  }
+
+  /**
+   * The published forward pass on normalised images `[N, inChans, imgSize, imgSize]`.
+   * Runs off the JS thread.
+   */
+  async forward(images: Tensor, options?: ForwardOptions): Promise<ForwardOutput> {
+    checkTensor(images, 'images', 'E_SHAPE');
+    const mask = maskOptions(options);
+    const out = await call(() => this.#native.forward(images.data, images.shape, mask));
+    return {
+      loss: out.loss,
+      pred: fromNative(out.pred),
+      mask: fromNative(out.mask),
+      idsRestore: fromNative(out.idsRestore),
+      latent: fromNative(out.latent),
+    };
+  }
+
+  /** The loss of a forward pass and the gradient of every trainable parameter. Runs off the JS thread. */
+  async lossAndGradients(images: Tensor, options?: ForwardOptions): Promise<LossAndGradients> {
+    checkTensor(images, 'images', 'E_SHAPE');
+    const mask = maskOptions(options);
+    const out = await call(() => this.#native.lossAndGradients(images.data, images.shape, mask));
+    const gradients: Record<string, Tensor> = {};
+    for (const g of out.gradients) gradients[g.name] = { data: g.data, shape: g.shape };
+    return { loss: out.loss, gradients };
+  }
+
+  /**
+   * Saves the model as safetensors in the published key layout with the config in
+   * `__metadata__.config`. The write is atomic: the file is complete or untouched.
+   */
+  async save(path: string): Promise<void> {
+    const checkedPath = checkPath(path);
+    await call(() => this.#native.save(checkedPath));
+  }
+}
