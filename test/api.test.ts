@@ -1,0 +1,164 @@
+// The facade's behaviour: creation, presets, forward outputs, masking, save/load.
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { MaskedAutoencoder, type MaeConfig } from '../ts/index.js';
+import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
+
+const SMALL: MaeConfig = {
+  imgSize: 32,
+  patchSize: 8,
+  inChans: 3,
+  embedDim: 32,
+  depth: 2,
+  numHeads: 2,
+  decoderEmbedDim: 16,
+  decoderDepth: 1,
+  decoderNumHeads: 2,
+  mlpRatio: 4,
+  normPixLoss: false,
+  layerNormEps: 1e-6,
+};
+const L = 16;
+const dir = mkdtempSync(join(tmpdir(), 'vit-mae-api-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+describe('MaskedAutoencoder.create', () => {
+  it('builds the published base model from its preset', () => {
+    const mae = MaskedAutoencoder.create({ preset: 'mae_vit_base_patch16', seed: 0 });
+    expect(mae.config).toMatchObject({ imgSize: 224, patchSize: 16, embedDim: 768, depth: 12, numHeads: 12, decoderEmbedDim: 512, decoderDepth: 8, decoderNumHeads: 16 });
+    // 111,907,840 values in the published state dict, less the fixed position
+    // embeddings (197 x 768 and 197 x 512).
+    expect(mae.parameterCount).toBe(111_907_840 - 197 * 768 - 197 * 512);
+    expect(mae.device).toBe('cpu');
+    expect(mae.checkpointFormat).toBeNull();
+  });
+
+  it('takes a full config, or a preset with overrides', () => {
+    expect(MaskedAutoencoder.create({ config: SMALL }).config).toEqual(SMALL);
+    const patched = MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', config: { normPixLoss: true, depth: 2 } });
+    expect(patched.config).toMatchObject({ embedDim: 192, depth: 2, normPixLoss: true });
+  });
+
+  it('lists the presets with their configs', () => {
+    const presets = MaskedAutoencoder.presets();
+    expect(presets.mae_vit_huge_patch14).toMatchObject({ patchSize: 14, embedDim: 1280, depth: 32, numHeads: 16, decoderEmbedDim: 512 });
+    expect(presets.mae_vit_large_patch16).toMatchObject({ embedDim: 1024, depth: 24, numHeads: 16 });
+  });
+
+  it('initialises as published and is reproducible by seed', () => {
+    const a = MaskedAutoencoder.create({ config: SMALL, seed: 7 });
+    const b = MaskedAutoencoder.create({ config: SMALL, seed: 7 });
+    const c = MaskedAutoencoder.create({ config: SMALL, seed: 8 });
+    const shapes = a.parameterShapes();
+    expect(shapes['patch_embed.proj.weight']).toEqual([32, 3, 8, 8]);
+    expect(shapes['blocks.1.attn.qkv.weight']).toEqual([96, 32]);
+    expect(shapes).not.toHaveProperty('pos_embed');
+    return Promise.all([a, b, c].map((m) => m.forward(randomTensor([1, 3, 32, 32]), { noise: randomTensor([1, L], 3) }))).then(([oa, ob, oc]) => {
+      expect(oa.pred.data).toEqual(ob.pred.data);
+      expect(oa.pred.data).not.toEqual(oc.pred.data);
+    });
+  });
+});
+
+describe('forward', () => {
+  const mae = MaskedAutoencoder.create({ config: SMALL, seed: 1 });
+  const images = randomTensor([3, 3, 32, 32]);
+
+  it('returns loss, pred, mask, idsRestore and latent with the published shapes', async () => {
+    const out = await mae.forward(images, { maskRatio: 0.75 });
+    expect(Number.isFinite(out.loss)).toBe(true);
+    expect(out.pred.shape).toEqual([3, L, 8 * 8 * 3]);
+    expect(out.mask.shape).toEqual([3, L]);
+    expect(out.idsRestore.shape).toEqual([3, L]);
+    expect(out.latent.shape).toEqual([3, 1 + 4, 32]);
+    for (let n = 0; n < 3; n++) {
+      const mask = out.mask.data.subarray(n * L, (n + 1) * L);
+      const restore = Array.from(out.idsRestore.data.subarray(n * L, (n + 1) * L));
+      expect(mask.reduce((a, b) => a + b, 0)).toBe(12);
+      expect([...restore].sort((x, y) => x - y)).toEqual([...Array(L).keys()]);
+      // A patch is removed exactly when its shuffled position is past the kept ones.
+      restore.forEach((pos, l) => expect(mask[l]).toBe(pos >= 4 ? 1 : 0));
+    }
+  });
+
+  it('keeps the patches with the smallest noise', async () => {
+    const noise = randomTensor([3, L], 11);
+    const out = await mae.forward(images, { maskRatio: 0.5, noise });
+    for (let n = 0; n < 3; n++) {
+      const row = Array.from(noise.data.subarray(n * L, (n + 1) * L));
+      const threshold = [...row].sort((a, b) => a - b)[7];
+      row.forEach((v, l) => expect(out.mask.data[n * L + l]).toBe(v <= threshold ? 0 : 1));
+    }
+  });
+
+  it('draws masks from the seeded RNG when no noise is given', async () => {
+    const first = MaskedAutoencoder.create({ config: SMALL, seed: 5 });
+    const again = MaskedAutoencoder.create({ config: SMALL, seed: 5 });
+    const [a, b] = await Promise.all([first.forward(images), again.forward(images)]);
+    expect(a.mask.data).toEqual(b.mask.data);
+    const next = await first.forward(images);
+    expect(next.mask.data).not.toEqual(a.mask.data);
+  });
+
+  it('supports block and grid masking', async () => {
+    const grid = await mae.forward(images, { masking: 'grid' });
+    const kept = [0, 2, 8, 10]; // even row and even column of the 4x4 grid
+    for (let l = 0; l < L; l++) expect(grid.mask.data[l]).toBe(kept.includes(l) ? 0 : 1);
+    const block = await mae.forward(images, { masking: 'block', maskRatio: 0.5 });
+    for (let n = 0; n < 3; n++) expect(block.mask.data.subarray(n * L, (n + 1) * L).reduce((a, b) => a + b, 0)).toBe(8);
+  });
+
+  it('with mask ratio 0 sees every patch and has zero loss', async () => {
+    const out = await mae.forward(images, { maskRatio: 0 });
+    expect(out.latent.shape).toEqual([3, 1 + L, 32]);
+    expect(out.loss).toBe(0);
+  });
+
+  it('does not block the event loop', async () => {
+    const base = MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16' });
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 1);
+    await base.lossAndGradients(randomTensor([2, 3, 224, 224]));
+    clearInterval(timer);
+    expect(ticks).toBeGreaterThan(5);
+  });
+});
+
+describe('save and load', () => {
+  it('round-trips bit-identically with the config in the metadata', async () => {
+    const mae = MaskedAutoencoder.create({ config: { ...SMALL, normPixLoss: true }, seed: 3 });
+    const path = join(dir, 'model.safetensors');
+    await mae.save(path);
+    expect(readdirSync(dir).filter((f) => f.includes('tmp'))).toEqual([]);
+    const file = readSafetensors(path);
+    expect(JSON.parse(file.metadata.config)).toMatchObject({ embed_dim: 32, norm_pix_loss: true, decoder_num_heads: 2 });
+    expect(Object.keys(file.tensors)).toContain('blocks.1.mlp.fc2.bias');
+    expect(Object.keys(file.tensors)).toContain('decoder_pos_embed');
+
+    const loaded = await MaskedAutoencoder.load(path);
+    expect(loaded.config).toEqual(mae.config);
+    expect(loaded.checkpointFormat).toBe('safetensors');
+    const again = join(dir, 'again.safetensors');
+    await loaded.save(again);
+    expect(readFileSync(again).equals(readFileSync(path))).toBe(true);
+  });
+
+  it('loads an encoder-only checkpoint with a fresh decoder, flagged', async () => {
+    const full = readSafetensors(fixture('mae-tiny.weights.safetensors'));
+    const encoder = Object.fromEntries(
+      Object.entries(full.tensors).filter(([k]) => !k.startsWith('decoder') && k !== 'mask_token'),
+    );
+    const path = join(dir, 'encoder.safetensors');
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(path, writeSafetensors(encoder, full.metadata));
+    const mae = await MaskedAutoencoder.load(path);
+    expect(mae.freshDecoder).toBe(true);
+    const reference = readSafetensors(fixture('mae-tiny.case.safetensors'));
+    const out = await mae.forward(reference.tensors.imgs, { noise: reference.tensors.noise });
+    // The encoder is the checkpoint's, so its output matches the reference.
+    const want = reference.tensors.latent.data;
+    expect(out.latent.data.every((v, i) => Math.abs(v - want[i]) <= 1e-4)).toBe(true);
+  });
+});

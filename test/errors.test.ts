@@ -1,0 +1,145 @@
+// Bad input rejects with a VitMaeError carrying a code and a message naming the
+// problem; the process keeps running.
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { MaskedAutoencoder, VitMaeError, type ErrorCode, type MaeConfig } from '../ts/index.js';
+import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'vit-mae-errors-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+async function rejection(promise: Promise<unknown> | (() => unknown)): Promise<VitMaeError> {
+  try {
+    await (typeof promise === 'function' ? promise() : promise);
+  } catch (error) {
+    expect(error).toBeInstanceOf(VitMaeError);
+    expect(error).toBeInstanceOf(Error);
+    return error as VitMaeError;
+  }
+  throw new Error('expected a rejection');
+}
+
+async function expectCode(promise: Promise<unknown> | (() => unknown), code: ErrorCode, message: RegExp): Promise<void> {
+  const error = await rejection(promise);
+  expect(error.code).toBe(code);
+  expect(error.message).toMatch(message);
+}
+
+const tiny = readSafetensors(fixture('mae-tiny.weights.safetensors'));
+const mae = await MaskedAutoencoder.load(fixture('mae-tiny.weights.safetensors'));
+const images = randomTensor([2, 3, 32, 32]);
+
+function writeCheckpoint(name: string, tensors: Record<string, { data: Float32Array; shape: number[] }>): string {
+  const path = join(dir, name);
+  writeFileSync(path, writeSafetensors(tensors, tiny.metadata));
+  return path;
+}
+
+describe('inputs', () => {
+  it('rejects images of the wrong rank, channels or size', async () => {
+    await expectCode(mae.forward(randomTensor([3, 32, 32])), 'E_SHAPE', /\[N, 3, 32, 32\].*\[3, 32, 32\]/);
+    await expectCode(mae.forward(randomTensor([1, 1, 32, 32])), 'E_SHAPE', /\[1, 1, 32, 32\]/);
+    await expectCode(mae.forward(randomTensor([1, 3, 64, 64])), 'E_SHAPE', /\[1, 3, 64, 64\]/);
+    await expectCode(mae.lossAndGradients(randomTensor([1, 3, 16, 16])), 'E_SHAPE', /images must have shape/);
+  });
+
+  it('rejects malformed tensors', async () => {
+    await expectCode(mae.forward({ data: new Float32Array(5), shape: [2, 3, 32, 32] }), 'E_SHAPE', /5 values/);
+    await expectCode(mae.forward({ data: [1, 2] as unknown as Float32Array, shape: [2] }), 'E_SHAPE', /Float32Array/);
+    await expectCode(mae.forward({ data: new Float32Array(2), shape: [2, -1] }), 'E_SHAPE', /invalid shape/);
+  });
+
+  it('rejects noise of the wrong shape or with non-random masking', async () => {
+    await expectCode(mae.forward(images, { noise: randomTensor([2, 63]) }), 'E_NOISE', /\[2, 64\].*\[2, 63\]/);
+    await expectCode(mae.forward(images, { noise: randomTensor([1, 64]) }), 'E_NOISE', /\[2, 64\]/);
+    await expectCode(mae.forward(images, { noise: { data: new Float32Array(128).fill(NaN), shape: [2, 64] } }), 'E_NOISE', /finite/);
+    await expectCode(mae.forward(images, { noise: randomTensor([2, 64]), masking: 'block' }), 'E_NOISE', /random masking/);
+  });
+
+  it('rejects mask ratios outside [0, 1)', async () => {
+    for (const maskRatio of [1, 1.5, -0.1, Number.NaN]) {
+      await expectCode(mae.forward(images, { maskRatio }), 'E_MASK_RATIO', /maskRatio/);
+    }
+    await expectCode(mae.forward(images, { maskRatio: 0.5, masking: 'grid' }), 'E_MASK_RATIO', /grid.*0\.75/);
+  });
+
+  it('rejects unknown masking, seeds and devices', async () => {
+    await expectCode(mae.forward(images, { masking: 'stripes' as never }), 'E_ARGUMENT', /masking/);
+    await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', seed: -1 }), 'E_ARGUMENT', /seed/);
+    await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', device: 'tpu' as never }), 'E_ARGUMENT', /device 'tpu'/);
+  });
+});
+
+describe('configs', () => {
+  it('rejects unknown presets and fields, incomplete and inconsistent configs', async () => {
+    await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_giant' as never }), 'E_CONFIG', /unknown preset 'mae_vit_giant'/);
+    await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', config: { depht: 3 } as never }), 'E_CONFIG', /depht/);
+    await expectCode(() => MaskedAutoencoder.create({ config: { imgSize: 32 } }), 'E_CONFIG', /missing.*patchSize/);
+    await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', config: { numHeads: 5 } }), 'E_CONFIG', /not divisible by numHeads 5/);
+    await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', config: { patchSize: 15 } }), 'E_CONFIG', /multiple of patchSize/);
+    await expectCode(() => MaskedAutoencoder.create({}), 'E_CONFIG', /preset, a config/);
+  });
+});
+
+describe('checkpoints', () => {
+  it('rejects a missing path, file or Hugging Face folder part', async () => {
+    await expectCode(MaskedAutoencoder.load(join(dir, 'nope.safetensors')), 'E_CHECKPOINT_NOT_FOUND', /nope\.safetensors/);
+    const hf = join(dir, 'hf-no-config');
+    mkdirSync(hf);
+    copyFileSync(fixture('mae-tiny.hf/model.safetensors'), join(hf, 'model.safetensors'));
+    await expectCode(MaskedAutoencoder.load(hf), 'E_CHECKPOINT_NOT_FOUND', /config\.json/);
+  });
+
+  it('rejects corrupt and truncated files of each format', async () => {
+    for (const name of ['mae-tiny.weights.safetensors', 'mae-tiny.pth', 'mae-tiny.hf/model.safetensors']) {
+      const bytes = readFileSync(fixture(name));
+      const truncated = join(dir, `truncated-${name.replace('/', '-')}`);
+      writeFileSync(truncated, bytes.subarray(0, bytes.length >> 1));
+      if (name.startsWith('mae-tiny.hf')) {
+        const folder = join(dir, 'hf-truncated');
+        mkdirSync(folder);
+        copyFileSync(truncated, join(folder, 'model.safetensors'));
+        copyFileSync(fixture('mae-tiny.hf/config.json'), join(folder, 'config.json'));
+        await expectCode(MaskedAutoencoder.load(folder), 'E_CHECKPOINT_CORRUPT', /model\.safetensors/);
+      } else {
+        await expectCode(MaskedAutoencoder.load(truncated), 'E_CHECKPOINT_CORRUPT', /not a readable checkpoint/);
+      }
+    }
+    const garbage = join(dir, 'garbage.pth');
+    writeFileSync(garbage, Buffer.from('PK\u0003\u0004 this is not really a zip file at all'));
+    await expectCode(MaskedAutoencoder.load(garbage), 'E_CHECKPOINT_CORRUPT', /garbage\.pth/);
+    const text = join(dir, 'notes.safetensors');
+    writeFileSync(text, 'hello');
+    await expectCode(MaskedAutoencoder.load(text), 'E_CHECKPOINT_CORRUPT', /notes\.safetensors/);
+  });
+
+  it('lists unknown and missing keys', async () => {
+    const extra = writeCheckpoint('extra.safetensors', { ...tiny.tensors, 'head.weight': randomTensor([10, 48]) });
+    await expectCode(MaskedAutoencoder.load(extra), 'E_CHECKPOINT_KEYS', /head\.weight/);
+    const { 'blocks.1.norm2.bias': _dropped, 'decoder_pred.bias': _alsoDropped, ...rest } = tiny.tensors;
+    const missing = writeCheckpoint('missing.safetensors', rest);
+    await expectCode(MaskedAutoencoder.load(missing), 'E_CHECKPOINT_KEYS', /blocks\.1\.norm2\.bias.*decoder_pred\.bias/);
+  });
+
+  it('checks the checkpoint against an explicit config', async () => {
+    const path = fixture('mae-tiny.weights.safetensors');
+    await expectCode(MaskedAutoencoder.load(path, { config: { embedDim: 96, numHeads: 3 } }), 'E_CHECKPOINT_SHAPE', /cls_token: checkpoint \[1, 1, 48\], config \[1, 1, 96\]/);
+    await expectCode(MaskedAutoencoder.load(path, { config: { depth: 3 } }), 'E_CHECKPOINT_KEYS', /blocks\.2\./);
+    const config: Partial<MaeConfig> = { numHeads: 3, decoderNumHeads: 4 };
+    await expectCode(MaskedAutoencoder.load(fixture('mae-tiny.pth')), 'E_CONFIG', /numHeads.*pass the config/);
+    expect((await MaskedAutoencoder.load(fixture('mae-tiny.pth'), { config })).config.numHeads).toBe(3);
+  });
+
+  it('rejects an unwritable save path', async () => {
+    await expectCode(mae.save(join(dir, 'no-such-folder', 'model.safetensors')), 'E_IO', /no-such-folder/);
+  });
+});
+
+describe('after all those errors', () => {
+  it('the model still works', async () => {
+    const out = await mae.forward(images);
+    expect(Number.isFinite(out.loss)).toBe(true);
+  });
+});
