@@ -91,24 +91,44 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tens
 /// A PyTorch zip checkpoint. candle's unpickler interprets the pickle opcodes as
 /// data and never imports or calls anything named in the file.
 fn read_pth(path: &Path) -> Result<StateDict> {
-    let read = |key: Option<&str>| {
-        std::panic::catch_unwind(|| candle_core::pickle::read_all_with_key(path, key))
+    let open = |key: Option<&str>| {
+        std::panic::catch_unwind(|| candle_core::pickle::PthTensors::new(path, key))
             .map_err(|_| corrupt(path, "the pickle could not be parsed"))?
             .map_err(|e| corrupt(path, e))
     };
     // Published checkpoints wrap the state dict as {"model": ...}; also accept a bare one.
-    let tensors = match read(Some("model")) {
-        Ok(t) if !t.is_empty() => t,
-        _ => read(None)?,
+    let pth = match open(Some("model")) {
+        Ok(p) if !p.tensor_infos().is_empty() => p,
+        _ => open(None)?,
     };
-    if tensors.is_empty() {
+    if pth.tensor_infos().is_empty() {
         return Err(corrupt(path, "it holds no tensors (expected {\"model\": state_dict} or a state dict)"));
     }
-    let tensors = tensors
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?)))
-        .collect::<Result<BTreeMap<_, _>>>()?;
+    check_pth_storage_sizes(path, &pth)?;
+    let mut tensors = BTreeMap::new();
+    for name in pth.tensor_infos().keys() {
+        let tensor = std::panic::catch_unwind(|| pth.get(name))
+            .map_err(|_| corrupt(path, format!("tensor {name} could not be read")))?
+            .map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?
+            .ok_or_else(|| corrupt(path, format!("tensor {name} is missing its data")))?;
+        tensors.insert(name.clone(), tensor.to_dtype(DType::F32)?);
+    }
     Ok(StateDict { tensors, config: None, format: CheckpointFormat::Pth })
+}
+
+/// Each tensor's declared extent must fit in its storage record, so that a
+/// corrupt shape is an error rather than a huge allocation.
+fn check_pth_storage_sizes(path: &Path, pth: &candle_core::pickle::PthTensors) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display())))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| corrupt(path, e))?;
+    for (name, info) in pth.tensor_infos() {
+        let needed = (info.layout.start_offset() + info.layout.shape().elem_count()) as u64 * info.dtype.size_in_bytes() as u64;
+        let available = zip.by_name(&info.path).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?.size();
+        if needed > available {
+            return Err(corrupt(path, format!("tensor {name} needs {needed} bytes but its storage has {available}")));
+        }
+    }
+    Ok(())
 }
 
 fn read_hugging_face(dir: &Path) -> Result<StateDict> {

@@ -76,6 +76,9 @@ pub fn check_mask_ratio(mask_ratio: f64) -> Result<()> {
 pub fn random_from_noise(noise: &[Vec<f32>], mask_ratio: f64) -> Result<MaskPlan> {
     check_mask_ratio(mask_ratio)?;
     let num_patches = noise.first().map_or(0, Vec::len);
+    if noise.iter().any(|row| row.len() != num_patches) {
+        bail!(InvalidNoise, "noise rows must all have the same length");
+    }
     if noise.iter().flatten().any(|v| !v.is_finite()) {
         bail!(InvalidNoise, "noise must be finite");
     }
@@ -97,7 +100,7 @@ pub fn uniform_noise(rng: &mut impl Rng, batch: usize, num_patches: usize) -> Ve
 
 /// Keeps the top-left patch of every 2x2 cell; the ratio is 0.75 by construction.
 pub fn grid(batch: usize, grid_size: usize, mask_ratio: f64) -> Result<MaskPlan> {
-    if (mask_ratio - 0.75).abs() > 1e-9 {
+    if !((mask_ratio - 0.75).abs() <= 1e-9) {
         bail!(InvalidMaskRatio, "grid masking keeps one patch of every 2x2, so maskRatio must be 0.75, got {mask_ratio}");
     }
     if grid_size % 2 != 0 {

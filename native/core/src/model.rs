@@ -228,7 +228,7 @@ impl MaskedAutoencoder {
                 imgs.shape
             );
         }
-        HostTensor::new(imgs.data.clone(), imgs.shape.clone())?.to_tensor(&self.device)
+        imgs.to_tensor(&self.device)
     }
 
     /// The mask for a batch of `n` images.

@@ -1,0 +1,415 @@
+//! Saving and loading checkpoints: round trips, encoder-only checkpoints and the
+//! error codes for every way a checkpoint can be wrong. Fixtures come from
+//! `../shared/fixtures` (override with VIT_MAE_FIXTURES).
+
+use candle_core::{Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use vit_mae_core::checkpoint::CheckpointFormat;
+use vit_mae_core::{load_model, save_model, ConfigPatch, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
+
+fn fixtures() -> PathBuf {
+    match std::env::var("VIT_MAE_FIXTURES") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+    }
+}
+
+/// A fresh folder under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "vit-mae-core-checkpoints-{label}-{}-{nanos}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// A fixture's tensors and its `__metadata__`.
+fn read_fixture(name: &str) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
+    let path = fixtures().join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap().into_iter().collect();
+    (tensors, metadata)
+}
+
+fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: Option<HashMap<String, String>>) {
+    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn load_err(path: &Path, explicit: Option<&ConfigPatch>) -> vit_mae_core::Error {
+    match load_model(path, explicit, &Device::Cpu, 0) {
+        Ok(_) => panic!("loading {} should fail", path.display()),
+        Err(e) => e,
+    }
+}
+
+fn is_decoder_key(name: &str) -> bool {
+    name == "mask_token" || name.starts_with("decoder_")
+}
+
+fn round_trip_config() -> MaeConfig {
+    // Widths and ratios that no preset has, so nothing can be guessed from presets.
+    MaeConfig {
+        img_size: 24,
+        patch_size: 4,
+        in_chans: 2,
+        embed_dim: 20,
+        depth: 2,
+        num_heads: 5,
+        decoder_embed_dim: 12,
+        decoder_depth: 1,
+        decoder_num_heads: 3,
+        mlp_ratio: 3.0,
+        norm_pix_loss: true,
+        layer_norm_eps: 1e-5,
+    }
+}
+
+// ---------------------------------------------------------------- round trip
+
+#[test]
+fn save_load_round_trip_is_bit_exact() {
+    let dir = TempDir::new("roundtrip");
+    let config = round_trip_config();
+    let model = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 77).unwrap();
+    let path = dir.path("model.safetensors");
+    save_model(&model, &path).unwrap();
+    assert_eq!(dir.entries(), vec!["model.safetensors".to_string()], "a temporary file was left behind");
+
+    // A different seed for the loaded model, so equal weights come from the file.
+    let (loaded, report) = load_model(&path, None, &Device::Cpu, 12345).unwrap();
+    assert_eq!(report.format, CheckpointFormat::Safetensors);
+    assert!(!report.fresh_decoder);
+    assert_eq!(loaded.config, config);
+    assert_eq!(loaded.params().len(), model.params().len());
+    for ((na, va), (nb, vb)) in model.params().iter().zip(loaded.params()) {
+        assert_eq!(na, nb);
+        assert_eq!(va.dims(), vb.dims(), "{na}");
+        assert_eq!(bits(va.as_tensor()), bits(vb.as_tensor()), "{na} differs after the round trip");
+    }
+    for ((na, ta), (nb, tb)) in model.buffers().iter().zip(loaded.buffers().iter()) {
+        assert_eq!(na, nb);
+        assert_eq!(bits(ta), bits(tb), "{na} differs after the round trip");
+    }
+    // Sanity: a model from another seed does differ, so the comparison above means something.
+    let other = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 12345).unwrap();
+    assert_ne!(bits(other.params()[0].1.as_tensor()), bits(model.params()[0].1.as_tensor()));
+
+    // Same outputs for the same input and noise.
+    let l = config.num_patches();
+    let imgs = Tensor::rand(0f32, 1.0, (2, config.in_chans, config.img_size, config.img_size), &Device::Cpu).unwrap();
+    let noise: Vec<f32> = (0..2 * l).map(|i| ((i * 37 % 101) as f32) / 101.0).collect();
+    let options =
+        MaskOptions { mask_ratio: 0.75, masking: Masking::Random, noise: Some(HostTensor::new(noise, vec![2, l]).unwrap()) };
+    let a = model.forward(&imgs, &options).unwrap().loss.to_scalar::<f32>().unwrap();
+    let b = loaded.forward(&imgs, &options).unwrap().loss.to_scalar::<f32>().unwrap();
+    assert_eq!(a.to_bits(), b.to_bits());
+
+    // The file's metadata holds the config as JSON.
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = header.metadata().clone().expect("saved file has __metadata__");
+    let json: serde_json::Value = serde_json::from_str(&metadata["config"]).expect("metadata config is JSON");
+    assert_eq!(json["embed_dim"], 20);
+    assert_eq!(json["num_heads"], 5);
+    assert_eq!(json["decoder_num_heads"], 3);
+    assert_eq!(json["norm_pix_loss"], true);
+    assert_eq!(ConfigPatch::from_json(&json, true).unwrap().complete().unwrap(), config);
+
+    // Every parameter and both tables are in the file under their published names.
+    let stored = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    assert_eq!(stored.len(), model.params().len() + 2);
+    assert!(stored.contains_key("pos_embed") && stored.contains_key("decoder_pos_embed"));
+    assert!(stored.contains_key("blocks.1.attn.qkv.weight") && stored.contains_key("decoder_pred.bias"));
+}
+
+#[test]
+fn save_overwrites_and_leaves_no_temporary_file() {
+    let dir = TempDir::new("overwrite");
+    let path = dir.path("m.safetensors");
+    let config = round_trip_config();
+    let first = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 1).unwrap();
+    let second = MaskedAutoencoder::new(config, &Device::Cpu, 2).unwrap();
+    save_model(&first, &path).unwrap();
+    save_model(&second, &path).unwrap();
+    assert_eq!(dir.entries(), vec!["m.safetensors".to_string()]);
+    let (loaded, _) = load_model(&path, None, &Device::Cpu, 0).unwrap();
+    for ((n, a), (_, b)) in second.params().iter().zip(loaded.params()) {
+        assert_eq!(bits(a.as_tensor()), bits(b.as_tensor()), "{n}: the second save did not replace the first");
+    }
+}
+
+#[test]
+fn save_into_missing_folder_is_an_io_error() {
+    let dir = TempDir::new("nofolder");
+    let model = MaskedAutoencoder::new(round_trip_config(), &Device::Cpu, 0).unwrap();
+    let e = save_model(&model, &dir.path("absent/model.safetensors")).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Io);
+    assert_eq!(dir.entries(), Vec::<String>::new(), "a failed save left files behind");
+}
+
+// ---------------------------------------------------------------- encoder only
+
+#[test]
+fn encoder_only_checkpoint_gets_a_fresh_decoder() {
+    let dir = TempDir::new("encoder");
+    let (tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+    let encoder: BTreeMap<String, Tensor> = tensors.iter().filter(|(k, _)| !is_decoder_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert!(encoder.len() < tensors.len() && encoder.contains_key("blocks.0.attn.qkv.weight"));
+    let path = dir.path("encoder.safetensors");
+    write_safetensors(&path, &encoder, Some(metadata));
+
+    let (model, report) = load_model(&path, None, &Device::Cpu, 0).unwrap();
+    assert!(report.fresh_decoder, "an encoder-only checkpoint must report a fresh decoder");
+    assert_eq!(model.config.embed_dim, 48);
+    assert_eq!(model.config.decoder_embed_dim, 32);
+    let mut checked = 0;
+    for (name, var) in model.params() {
+        if let Some(want) = encoder.get(name) {
+            assert_eq!(bits(var.as_tensor()), bits(want), "{name}");
+            checked += 1;
+        } else {
+            assert!(is_decoder_key(name), "{name} is not a decoder parameter but was not in the checkpoint");
+        }
+    }
+    assert_eq!(checked, encoder.len() - 1, "every encoder parameter (all but pos_embed) loaded");
+    assert_eq!(bits(model.buffers()[0].1), bits(&encoder["pos_embed"]));
+    // The fresh decoder is not the fixture's.
+    let fresh = &model.params().iter().find(|(n, _)| n == "decoder_pred.weight").unwrap().1;
+    assert_ne!(bits(fresh.as_tensor()), bits(&tensors["decoder_pred.weight"]));
+    // And the model runs.
+    let imgs = Tensor::rand(0f32, 1.0, (1, 3, 32, 32), &Device::Cpu).unwrap();
+    let out = model.forward(&imgs, &MaskOptions::default()).unwrap();
+    assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
+}
+
+#[test]
+fn full_fixture_loads_bit_exact() {
+    let (tensors, _) = read_fixture("mae-tiny.weights.safetensors");
+    let (model, report) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, 0).unwrap();
+    assert!(!report.fresh_decoder);
+    for (name, var) in model.params() {
+        assert_eq!(bits(var.as_tensor()), bits(&tensors[name]), "{name}");
+    }
+    for (name, t) in model.buffers() {
+        assert_eq!(bits(t), bits(&tensors[name]), "{name}");
+    }
+}
+
+// ---------------------------------------------------------------- errors
+
+#[test]
+fn missing_file_is_not_found() {
+    let dir = TempDir::new("missing");
+    for name in ["nothing.safetensors", "nothing.pth", "nothing.hf"] {
+        let e = load_err(&dir.path(name), None);
+        assert_eq!(e.code, ErrorCode::CheckpointNotFound, "{name}: {e}");
+    }
+}
+
+#[test]
+fn truncated_files_are_corrupt() {
+    let dir = TempDir::new("truncated");
+    for fixture in ["mae-tiny.weights.safetensors", "mae-tiny.pth", "mae-tiny-normpix.weights.safetensors", "mae-tiny-normpix.pth"] {
+        let bytes = std::fs::read(fixtures().join(fixture)).unwrap();
+        for (label, cut) in [("half", bytes.len() / 2), ("minus-one", bytes.len() - 1), ("ten", 10), ("one", 1)] {
+            let path = dir.path(&format!("{label}-{fixture}"));
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let e = load_err(&path, None);
+            assert_eq!(e.code, ErrorCode::CheckpointCorrupt, "{fixture} cut to {cut} bytes: {e}");
+        }
+    }
+}
+
+#[test]
+fn garbage_and_empty_files_are_corrupt() {
+    let dir = TempDir::new("garbage");
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let garbage: Vec<u8> = (0..4096)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    let mut zip_like = b"PK\x03\x04".to_vec();
+    zip_like.extend_from_slice(&garbage);
+    // A header length that points past the end, then JSON that is not a header.
+    let mut bad_header = 20u64.to_le_bytes().to_vec();
+    bad_header.extend_from_slice(b"{\"a\": 1}            ");
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("garbage.safetensors", garbage.clone()),
+        ("garbage.pth", zip_like),
+        ("empty.safetensors", Vec::new()),
+        ("text.safetensors", b"this is not a checkpoint\n".to_vec()),
+        ("header.safetensors", bad_header),
+    ];
+    for (name, bytes) in cases {
+        let path = dir.path(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = load_err(&path, None);
+        assert_eq!(e.code, ErrorCode::CheckpointCorrupt, "{name}: {e}");
+    }
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let dir = TempDir::new("unknown");
+    let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+    tensors.insert("head.weight".to_string(), Tensor::zeros((10, 48), candle_core::DType::F32, &Device::Cpu).unwrap());
+    let path = dir.path("extra.safetensors");
+    write_safetensors(&path, &tensors, Some(metadata));
+    let e = load_err(&path, None);
+    assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
+    assert!(e.message.contains("head.weight"), "the message should name the key: {}", e.message);
+}
+
+#[test]
+fn missing_encoder_key_is_named() {
+    let dir = TempDir::new("missingkey");
+    for key in ["blocks.1.mlp.fc2.bias", "norm.weight", "patch_embed.proj.bias", "cls_token"] {
+        let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+        assert!(tensors.remove(key).is_some());
+        let path = dir.path(&format!("without-{key}.safetensors"));
+        write_safetensors(&path, &tensors, Some(metadata));
+        let e = load_err(&path, None);
+        assert_eq!(e.code, ErrorCode::CheckpointKeys, "without {key}: {e}");
+        assert!(e.message.contains(key), "the message should name {key}: {}", e.message);
+    }
+}
+
+#[test]
+fn missing_decoder_key_with_other_decoder_keys_is_named() {
+    // Part of a decoder is not an encoder-only checkpoint.
+    let dir = TempDir::new("missingdec");
+    let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+    tensors.remove("decoder_blocks.1.attn.qkv.weight");
+    let path = dir.path("partial-decoder.safetensors");
+    write_safetensors(&path, &tensors, Some(metadata));
+    let e = load_err(&path, None);
+    assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
+    assert!(e.message.contains("decoder_blocks.1.attn.qkv.weight"), "{}", e.message);
+}
+
+#[test]
+fn explicit_config_contradicting_shapes() {
+    let fixture = fixtures().join("mae-tiny.weights.safetensors");
+    // One block more than the checkpoint has: its keys are missing.
+    let deeper = ConfigPatch { depth: Some(3), ..Default::default() };
+    let e = load_err(&fixture, Some(&deeper));
+    assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
+    assert!(e.message.contains("blocks.2."), "{}", e.message);
+    // One block fewer: the checkpoint has keys the model does not.
+    let shallower = ConfigPatch { depth: Some(1), ..Default::default() };
+    let e = load_err(&fixture, Some(&shallower));
+    assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
+    assert!(e.message.contains("blocks.1."), "{}", e.message);
+    // Another width (with a head count it divides): shapes differ.
+    let wider = ConfigPatch { embed_dim: Some(64), num_heads: Some(4), ..Default::default() };
+    let e = load_err(&fixture, Some(&wider));
+    assert_eq!(e.code, ErrorCode::CheckpointShape, "{e}");
+    // A width the checkpoint's head count does not divide: a config error, not a panic.
+    let bad = ConfigPatch { embed_dim: Some(64), ..Default::default() };
+    let e = load_err(&fixture, Some(&bad));
+    assert_eq!(e.code, ErrorCode::InvalidConfig, "{e}");
+    // Another image size: the stored position table no longer fits.
+    let bigger = ConfigPatch { img_size: Some(64), ..Default::default() };
+    let e = load_err(&fixture, Some(&bigger));
+    assert_eq!(e.code, ErrorCode::CheckpointShape, "{e}");
+    assert!(e.message.contains("pos_embed"), "{}", e.message);
+    // The same applies to the .pth with an otherwise complete explicit config.
+    let case_config = ConfigPatch {
+        img_size: Some(32),
+        patch_size: Some(4),
+        in_chans: Some(3),
+        embed_dim: Some(48),
+        depth: Some(3),
+        num_heads: Some(3),
+        decoder_embed_dim: Some(32),
+        decoder_depth: Some(2),
+        decoder_num_heads: Some(4),
+        ..Default::default()
+    };
+    let e = load_err(&fixtures().join("mae-tiny.pth"), Some(&case_config));
+    assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
+}
+
+#[test]
+fn hugging_face_folder_without_config_is_not_found() {
+    let dir = TempDir::new("hf");
+    let folder = dir.path("model.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("mae-tiny.hf/model.safetensors"), folder.join("model.safetensors")).unwrap();
+    let e = load_err(&folder, None);
+    assert_eq!(e.code, ErrorCode::CheckpointNotFound, "{e}");
+    assert!(e.message.contains("config.json"), "{}", e.message);
+
+    // And without the weights.
+    let folder = dir.path("config-only.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("mae-tiny.hf/config.json"), folder.join("config.json")).unwrap();
+    let e = load_err(&folder, None);
+    assert_eq!(e.code, ErrorCode::CheckpointNotFound, "{e}");
+    assert!(e.message.contains("model.safetensors"), "{}", e.message);
+
+    // A config.json that is not JSON.
+    let folder = dir.path("bad-config.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("mae-tiny.hf/model.safetensors"), folder.join("model.safetensors")).unwrap();
+    std::fs::write(folder.join("config.json"), b"{ not json").unwrap();
+    let e = load_err(&folder, None);
+    assert_eq!(e.code, ErrorCode::CheckpointCorrupt, "{e}");
+}
+
+#[test]
+fn pth_without_config_needs_head_counts() {
+    for name in ["mae-tiny.pth", "mae-tiny-normpix.pth"] {
+        let e = load_err(&fixtures().join(name), None);
+        assert_eq!(e.code, ErrorCode::InvalidConfig, "{name}: {e}");
+        assert!(e.message.contains("numHeads"), "{name}: the message should mention numHeads: {}", e.message);
+    }
+    // With only the head counts given, the rest comes from the shapes.
+    let heads = ConfigPatch { num_heads: Some(3), decoder_num_heads: Some(4), ..Default::default() };
+    let (model, report) = load_model(&fixtures().join("mae-tiny.pth"), Some(&heads), &Device::Cpu, 0).unwrap();
+    assert_eq!(report.format, CheckpointFormat::Pth);
+    assert!(!report.fresh_decoder);
+    let c = &model.config;
+    assert_eq!(
+        (c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.decoder_embed_dim, c.decoder_depth, c.mlp_ratio),
+        (32, 4, 3, 48, 2, 32, 2, 4.0)
+    );
+}
