@@ -402,10 +402,9 @@ pub fn save_model(model: &MaskedAutoencoder, path: &Path) -> Result<()> {
     for (name, t) in model.buffers() {
         tensors.push((name.to_string(), t.to_device(&Device::Cpu)?));
     }
-    let metadata = HashMap::from([
-        ("config".to_string(), model.config.to_published_json().to_string()),
-        ("format".to_string(), "pt".to_string()),
-    ]);
+    // A single metadata entry: safetensors writes a map's entries in hash order,
+    // and the same model should always give the same bytes.
+    let metadata = HashMap::from([("config".to_string(), model.config.to_published_json().to_string())]);
     let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
         .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise checkpoint: {e}")))?;
     write_atomic(path, &bytes)

@@ -22,11 +22,17 @@ pub struct HostTensor {
 
 impl HostTensor {
     pub fn new(data: Vec<f32>, shape: Vec<usize>) -> Result<Self> {
-        let expected: usize = shape.iter().product();
-        if data.len() != expected {
-            bail!(InvalidShape, "tensor data has {} values but shape {:?} needs {}", data.len(), shape, expected);
+        let t = HostTensor { data, shape };
+        t.check_len()?;
+        Ok(t)
+    }
+
+    fn check_len(&self) -> Result<()> {
+        let expected: usize = self.shape.iter().product();
+        if self.data.len() != expected {
+            bail!(InvalidShape, "tensor data has {} values but shape {:?} needs {}", self.data.len(), self.shape, expected);
         }
-        Ok(HostTensor { data, shape })
+        Ok(())
     }
 
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
@@ -36,6 +42,7 @@ impl HostTensor {
     }
 
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        self.check_len()?;
         Ok(Tensor::from_slice(&self.data, self.shape.as_slice(), device)?)
     }
 }
