@@ -1,5 +1,7 @@
 // Test helpers: the reference fixtures and a minimal safetensors reader/writer.
 import { readFileSync } from 'node:fs';
+import zlib from 'node:zlib';
+import { expect } from 'vitest';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Tensor } from '../ts/index.js';
@@ -75,4 +77,35 @@ export function worstMismatch(got: Float32Array, want: Float32Array, tolerance: 
     if (!(Math.abs(got[i] - want[i]) <= tolerance(want[i]))) return `[${i}] got ${got[i]}, want ${want[i]}`;
   }
   return null;
+}
+
+/** A minimal 8-bit grayscale PNG, for image-folder tests. */
+export function encodePng(width: number, height: number, pixel: (x: number, y: number) => number): Buffer {
+  const chunk = (type: string, data: Buffer) => {
+    const length = Buffer.alloc(4);
+    length.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(type, 'ascii'), data]);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(zlib.crc32(body));
+    return Buffer.concat([length, body, crc]);
+  };
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(width, 0);
+  header.writeUInt32BE(height, 4);
+  header.writeUInt8(8, 8); // bit depth
+  header.writeUInt8(0, 9); // grayscale
+  const rows = Buffer.alloc((width + 1) * height);
+  for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) rows[y * (width + 1) + 1 + x] = pixel(x, y);
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk('IHDR', header),
+    chunk('IDAT', zlib.deflateSync(rows)),
+    chunk('IEND', Buffer.alloc(0)),
+  ]);
+}
+
+/** Width and height from a PNG's IHDR. */
+export function pngSize(png: Buffer): { width: number; height: number } {
+  expect(png.subarray(1, 4).toString('ascii')).toBe('PNG');
+  return { width: png.readUInt32BE(16), height: png.readUInt32BE(20) };
 }

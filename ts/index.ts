@@ -8,10 +8,31 @@ import type { MaeConfig, PresetName, Device } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
+import { datasetSpec, loaderSpec, normalisation, type AugmentOptions, type DatasetSource } from './data.js';
+import { TrainingRun, type PretrainOptions } from './train.js';
 
 export type { MaeConfig, PresetName, Device } from './config.js';
 export { VitMaeError, type ErrorCode } from './errors.js';
 export type { Tensor } from './tensor.js';
+export {
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  FASHION_MNIST_MEAN,
+  FASHION_MNIST_STD,
+  type DatasetSource,
+  type AugmentOptions,
+  type LoaderOptions,
+} from './data.js';
+export {
+  TrainingRun,
+  type PretrainOptions,
+  type TrainingEvent,
+  type StepEvent,
+  type CheckpointEvent,
+  type SkippedEvent,
+  type EpochEndEvent,
+  type TrainingSummary,
+} from './train.js';
 
 /**
  * How the removed patches are chosen (the strategies of the paper's Table 1f):
@@ -56,6 +77,20 @@ export interface LossAndGradients {
    * in the published order. The fixed position embeddings have none.
    */
   gradients: Record<string, Tensor>;
+}
+
+/** The published visualisation of a forward pass, all `[N, C, H, W]` in the images' normalised space. */
+export interface Reconstruction {
+  /** The loss of the forward pass. */
+  loss: number;
+  /** `[N, L]`: 1 where a patch was removed. */
+  mask: Tensor;
+  /** The input with the removed patches zeroed. */
+  masked: Tensor;
+  /** The prediction in pixel space (for `normPixLoss` models, mapped back with each patch's own mean and std). */
+  reconstruction: Tensor;
+  /** The visible patches pasted onto the prediction. */
+  pasted: Tensor;
 }
 
 /** Options for {@link MaskedAutoencoder.create}. */
@@ -130,6 +165,31 @@ function maskOptions(options: ForwardOptions = {}): Binding.NativeMaskOptions {
 
 function fromNative(t: Binding.NativeTensor): Tensor {
   return { data: t.data, shape: t.shape };
+}
+
+/**
+ * Loads `count` images of a dataset (from index `start`, a multiple of `count`),
+ * resized to the model's input and normalised: ready for `forward` or `reconstruct`.
+ */
+export async function loadImages(
+  source: DatasetSource,
+  options: { imgSize: number; inChans: number; count: number; start?: number; augment?: AugmentOptions },
+): Promise<Tensor> {
+  const { imgSize, inChans, count, start = 0, augment = {} } = options;
+  const loader = loaderSpec(inChans, 0, { batchSize: count, workers: 1, prefetch: 1, skipCorrupt: false }, { hflip: false, randomResizedCrop: false, ...augment }, false);
+  return fromNative(await call(() => binding.loadImages(datasetSpec(source), loader, imgSize, inChans, start, count)));
+}
+
+/**
+ * Writes a PNG grid of a reconstruction, one row per image: masked |
+ * reconstruction | reconstruction + visible | original. `mean` and `std` map
+ * the normalised pixels back (defaults as {@link AugmentOptions}).
+ */
+export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals: Tensor, options: { mean?: number[]; std?: number[] } = {}): Promise<void> {
+  checkTensor(originals, 'originals', 'E_SHAPE');
+  const { mean, std } = normalisation(originals.shape[1], options);
+  const checkedPath = checkPath(path);
+  await call(() => binding.writeReconstructionGrid(checkedPath, reconstruction.masked, reconstruction.reconstruction, reconstruction.pasted, originals, mean, std));
 }
 
 /**
@@ -241,6 +301,56 @@ export class MaskedAutoencoder {
     const gradients: Record<string, Tensor> = {};
     for (const g of out.gradients) gradients[g.name] = { data: g.data, shape: g.shape };
     return { loss: out.loss, gradients };
+  }
+
+  /**
+   * Reconstructs images as the paper's Figure 2: the masked input, the
+   * reconstruction, and the reconstruction with the visible patches pasted back.
+   */
+  async reconstruct(images: Tensor, options?: ForwardOptions): Promise<Reconstruction> {
+    checkTensor(images, 'images', 'E_SHAPE');
+    const mask = maskOptions(options);
+    const r = await call(() => this.#native.reconstruct(images.data, images.shape, mask));
+    return { loss: r.loss, mask: fromNative(r.mask), masked: fromNative(r.masked), reconstruction: fromNative(r.reconstruction), pasted: fromNative(r.pasted) };
+  }
+
+  /**
+   * Pre-trains the model in place (the published recipe by default), on a native
+   * thread. Iterate the returned run for progress events; await `run.result`
+   * for the summary.
+   *
+   * ```ts
+   * const run = mae.pretrain({ data: { kind: 'folder', path: 'images/' }, epochs: 10, checkpointDir: 'ckpt' });
+   * for await (const e of run) if (e.type === 'step') console.log(e.step, e.loss);
+   * const summary = await run.result;
+   * ```
+   */
+  pretrain(options: PretrainOptions): TrainingRun {
+    if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'pretrain needs an options object');
+    const { data, augment = {}, signal, onProgress, resume, betas = [0.9, 0.95], ...rest } = options;
+    const seed = checkSeed(rest.seed);
+    const config = {
+      epochs: rest.epochs,
+      accumIter: rest.accumIter,
+      blr: rest.blr,
+      lr: rest.lr,
+      minLr: rest.minLr,
+      warmupEpochs: rest.warmupEpochs,
+      weightDecay: rest.weightDecay,
+      beta1: betas[0],
+      beta2: betas[1],
+      clipGrad: rest.clipGrad,
+      maskRatio: rest.maskRatio,
+      masking: rest.masking,
+      seed,
+      maxSteps: rest.maxSteps,
+      checkpointDir: rest.checkpointDir,
+      checkpointEvery: rest.checkpointEvery,
+      keepLast: rest.keepLast,
+    };
+    const loader = loaderSpec(this.#config.inChans, seed, rest, augment, true);
+    const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, JSON.stringify(config), resume));
+    return new TrainingRun(native, onProgress, signal);
   }
 
   /**

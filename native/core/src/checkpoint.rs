@@ -33,6 +33,8 @@ pub struct StateDict {
     pub tensors: BTreeMap<String, Tensor>,
     pub config: Option<ConfigPatch>,
     pub format: CheckpointFormat,
+    /// safetensors `__metadata__` (training checkpoints keep their state here).
+    pub metadata: HashMap<String, String>,
 }
 
 /// What loading found, besides the model.
@@ -72,7 +74,7 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
             }
             None => None,
         };
-        Ok(StateDict { tensors, config, format: CheckpointFormat::Safetensors })
+        Ok(StateDict { tensors, config, format: CheckpointFormat::Safetensors, metadata })
     }
 }
 
@@ -113,7 +115,7 @@ fn read_pth(path: &Path) -> Result<StateDict> {
             .ok_or_else(|| corrupt(path, format!("tensor {name} is missing its data")))?;
         tensors.insert(name.clone(), tensor.to_dtype(DType::F32)?);
     }
-    Ok(StateDict { tensors, config: None, format: CheckpointFormat::Pth })
+    Ok(StateDict { tensors, config: None, format: CheckpointFormat::Pth, metadata: HashMap::new() })
 }
 
 /// Each tensor's declared extent must fit in its storage record, so that a
@@ -144,7 +146,7 @@ fn read_hugging_face(dir: &Path) -> Result<StateDict> {
     let config = hf_config(&hf)?;
     let bytes = std::fs::read(&weights_path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", weights_path.display())))?;
     let (hf_tensors, _) = parse_safetensors(&weights_path, &bytes)?;
-    Ok(StateDict { tensors: hf_to_published(hf_tensors)?, config: Some(config), format: CheckpointFormat::HuggingFace })
+    Ok(StateDict { tensors: hf_to_published(hf_tensors)?, config: Some(config), format: CheckpointFormat::HuggingFace, metadata: HashMap::new() })
 }
 
 fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
@@ -267,6 +269,9 @@ fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
     Ok(out)
 }
 
+/// Key prefix of optimizer state in training checkpoints (`optim.exp_avg.<param>`).
+pub const OPTIMIZER_PREFIX: &str = "optim.";
+
 fn is_decoder_key(name: &str) -> bool {
     name == "mask_token" || name.starts_with("decoder_")
 }
@@ -346,7 +351,9 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
         Error::new(e.code, format!("cannot configure the model from {}: {}; pass the config explicitly", path.display(), e.message))
     })?;
     let mut model = MaskedAutoencoder::new(config, device, seed)?;
-    let fresh_decoder = assign(&mut model, state.tensors)?;
+    // A training checkpoint also holds optimizer moments; a model load leaves them.
+    let tensors = state.tensors.into_iter().filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX)).collect();
+    let fresh_decoder = assign(&mut model, tensors)?;
     Ok((model, LoadReport { format: state.format, fresh_decoder }))
 }
 
@@ -398,13 +405,24 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
 /// Saves in the published key layout with the config in `__metadata__.config`.
 /// The file appears whole or not at all (written beside it, then renamed).
 pub fn save_model(model: &MaskedAutoencoder, path: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().to_device(&Device::Cpu))).map(|(n, t)| t.map(|t| (n, t))).collect::<candle_core::Result<_>>()?;
+    save_with(model, Vec::new(), HashMap::new(), path)
+}
+
+/// `save_model` plus extra tensors and metadata entries (training state).
+pub fn save_with(model: &MaskedAutoencoder, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let mut tensors = Vec::new();
+    for (name, var) in model.params() {
+        tensors.push((name.clone(), var.as_tensor().to_device(&Device::Cpu)?));
+    }
     for (name, t) in model.buffers() {
         tensors.push((name.to_string(), t.to_device(&Device::Cpu)?));
     }
-    // A single metadata entry: safetensors writes a map's entries in hash order,
-    // and the same model should always give the same bytes.
-    let metadata = HashMap::from([("config".to_string(), model.config.to_published_json().to_string())]);
+    for (name, t) in extra {
+        tensors.push((name, t.to_device(&Device::Cpu)?));
+    }
+    // safetensors writes metadata in hash-map order: a plain model save has this one
+    // entry, so the same model always gives the same bytes.
+    metadata.insert("config".to_string(), model.config.to_published_json().to_string());
     let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
         .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise checkpoint: {e}")))?;
     write_atomic(path, &bytes)

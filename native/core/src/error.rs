@@ -26,6 +26,8 @@ pub enum ErrorCode {
     CheckpointShape,
     /// Reading or writing a file failed.
     Io,
+    /// Training produced a NaN or infinite loss.
+    NonFiniteLoss,
     /// A bug: the computation failed where valid input cannot make it fail.
     Internal,
 }
@@ -43,6 +45,7 @@ impl ErrorCode {
             ErrorCode::CheckpointKeys => "E_CHECKPOINT_KEYS",
             ErrorCode::CheckpointShape => "E_CHECKPOINT_SHAPE",
             ErrorCode::Io => "E_IO",
+            ErrorCode::NonFiniteLoss => "E_NON_FINITE_LOSS",
             ErrorCode::Internal => "E_INTERNAL",
         }
     }

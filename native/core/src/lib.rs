@@ -4,14 +4,18 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod masking;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod optim;
 pub mod params;
 pub mod pos_embed;
+pub mod train;
+pub mod visualize;
 
 pub use candle_core;
 pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
@@ -19,4 +23,4 @@ pub use config::{ConfigPatch, MaeConfig, PRESETS};
 pub use device::DeviceSpec;
 pub use error::{Error, ErrorCode, Result};
 pub use masking::{MaskPlan, Masking};
-pub use model::{ForwardOutput, HostTensor, MaskOptions, MaskedAutoencoder};
+pub use model::{ForwardOutput, HostTensor, MaskOptions, MaskedAutoencoder, Reconstruction};

@@ -358,6 +358,11 @@ impl MaskedAutoencoder {
     /// The loss and the gradient of every trainable parameter, by published name.
     pub fn loss_and_gradients(&self, imgs: &Tensor, options: &MaskOptions) -> Result<(f32, Vec<(String, Tensor)>)> {
         let out = self.forward(imgs, options)?;
+        Ok((out.loss.to_scalar::<f32>()?, self.gradients(&out)?))
+    }
+
+    /// Backpropagates a forward pass's loss to every trainable parameter.
+    pub fn gradients(&self, out: &ForwardOutput) -> Result<Vec<(String, Tensor)>> {
         let grads = out.loss.backward()?;
         let nothing_removed = out.mask.sum_all()?.to_scalar::<f32>()? == 0.0;
         let mut gradients = Vec::with_capacity(self.params.len());
@@ -371,6 +376,41 @@ impl MaskedAutoencoder {
             };
             gradients.push((name.clone(), grad));
         }
-        Ok((out.loss.to_scalar::<f32>()?, gradients))
+        Ok(gradients)
+    }
+}
+
+/// The published visualisation of a forward pass, all `[N, C, H, W]` in the
+/// images' (normalised) space.
+pub struct Reconstruction {
+    pub loss: f32,
+    /// `[N, L]`, 1 where a patch was removed.
+    pub mask: Tensor,
+    /// The input with removed patches zeroed: `x * (1 - mask)`.
+    pub masked: Tensor,
+    /// The decoder's prediction in pixel space (norm-pix predictions mapped back
+    /// with each patch's own mean and standard deviation).
+    pub reconstruction: Tensor,
+    /// The visible patches pasted onto the prediction: `x * (1 - mask) + y * mask`.
+    pub pasted: Tensor,
+}
+
+impl MaskedAutoencoder {
+    pub fn reconstruct(&self, imgs: &Tensor, options: &MaskOptions) -> Result<Reconstruction> {
+        let out = self.forward(imgs, options)?;
+        let mut pred = out.pred.detach();
+        if self.config.norm_pix_loss {
+            let target = self.patchify(imgs)?;
+            let mean = target.mean_keepdim(D::Minus1)?;
+            let std = (target.var_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
+            pred = pred.broadcast_mul(&std)?.broadcast_add(&mean)?;
+        }
+        let reconstruction = self.unpatchify(&pred)?;
+        let (n, l) = out.mask.dims2()?;
+        let mask = self.unpatchify(&out.mask.unsqueeze(2)?.broadcast_as((n, l, self.config.patch_dim()))?.contiguous()?)?;
+        let visible = (1.0 - &mask)?;
+        let masked = (imgs * &visible)?;
+        let pasted = (&masked + (&reconstruction * &mask)?)?;
+        Ok(Reconstruction { loss: out.loss.to_scalar::<f32>()?, mask: out.mask, masked, reconstruction, pasted })
     }
 }

@@ -3,6 +3,8 @@
 //! message starts with its code (`E_...: `), which the TypeScript facade turns
 //! into `VitMaeError.code`; panics are caught here and never cross into Node.
 
+mod training;
+
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,7 +14,7 @@ use vit_mae_core::{
     checkpoint, ConfigPatch, DeviceSpec, ErrorCode, HostTensor, LoadReport, MaeConfig, MaskOptions, MaskedAutoencoder, Masking,
 };
 
-fn to_napi(e: vit_mae_core::Error) -> Error {
+pub(crate) fn to_napi(e: vit_mae_core::Error) -> Error {
     Error::new(Status::GenericFailure, e.to_string())
 }
 
@@ -21,7 +23,7 @@ fn core_error(code: ErrorCode, message: impl Into<String>) -> Error {
 }
 
 /// Runs `f`, turning a core error or a panic into a JS-bound error.
-fn guarded<T>(f: impl FnOnce() -> vit_mae_core::Result<T>) -> Result<T> {
+pub(crate) fn guarded<T>(f: impl FnOnce() -> vit_mae_core::Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result.map_err(to_napi),
         Err(payload) => {
@@ -41,7 +43,7 @@ fn parse_config(json: &str, strict: bool) -> vit_mae_core::Result<ConfigPatch> {
     ConfigPatch::from_json(&value, strict)
 }
 
-fn host_tensor(data: &[f32], shape: &[u32]) -> vit_mae_core::Result<HostTensor> {
+pub(crate) fn host_tensor(data: &[f32], shape: &[u32]) -> vit_mae_core::Result<HostTensor> {
     HostTensor::new(data.to_vec(), shape.iter().map(|&d| d as usize).collect())
 }
 
@@ -57,7 +59,7 @@ pub struct NativeTensor {
 }
 
 impl NativeTensor {
-    fn from_host(t: HostTensor) -> Self {
+    pub(crate) fn from_host(t: HostTensor) -> Self {
         NativeTensor { data: Float32Array::new(t.data), shape: t.shape.into_iter().map(|d| d as u32).collect() }
     }
 }
@@ -79,7 +81,7 @@ pub struct NativeMaskOptions {
 }
 
 impl NativeMaskOptions {
-    fn to_core(&self) -> vit_mae_core::Result<MaskOptions> {
+    pub(crate) fn to_core(&self) -> vit_mae_core::Result<MaskOptions> {
         let noise = match (&self.noise, &self.noise_shape) {
             (Some(data), Some(shape)) => Some(host_tensor(data, shape)?),
             (None, None) => None,
@@ -105,12 +107,12 @@ pub struct NativeLossAndGradients {
     pub gradients: Vec<NativeNamedTensor>,
 }
 
-type Shared = Arc<RwLock<MaskedAutoencoder>>;
+pub(crate) type Shared = Arc<RwLock<MaskedAutoencoder>>;
 
 /// A masked autoencoder living in Rust memory.
 #[napi]
 pub struct NativeMae {
-    model: Shared,
+    pub(crate) model: Shared,
     fresh_decoder: bool,
     checkpoint_format: Option<String>,
 }
@@ -220,7 +222,7 @@ pub fn presets() -> Vec<Vec<String>> {
         .collect()
 }
 
-fn read_model(model: &Shared) -> vit_mae_core::Result<std::sync::RwLockReadGuard<'_, MaskedAutoencoder>> {
+pub(crate) fn read_model(model: &Shared) -> vit_mae_core::Result<std::sync::RwLockReadGuard<'_, MaskedAutoencoder>> {
     model.read().map_err(|_| vit_mae_core::Error::new(ErrorCode::Internal, "model lock poisoned by an earlier failure"))
 }
 

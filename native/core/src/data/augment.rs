@@ -1,0 +1,382 @@
+//! The published MAE pre-training augmentation (`RandomResizedCrop(img_size, scale=(0.2,
+//! 1.0), interpolation=3)`, `RandomHorizontalFlip()`, `ToTensor()`, `Normalize(mean,
+//! std)`) with torchvision's semantics, on f32 pixels.
+
+use super::{below, uniform01, Dataset, RawImage};
+use crate::bail;
+use crate::error::Result;
+use rand::Rng;
+use std::borrow::Cow;
+
+/// ImageNet's per-channel mean (RGB), as used by the published pre-training.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet's per-channel standard deviation (RGB).
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// Fashion-MNIST's pixel mean (training set, pixels in [0, 1]).
+pub const FASHION_MNIST_MEAN: [f32; 1] = [0.2860];
+/// Fashion-MNIST's pixel standard deviation.
+pub const FASHION_MNIST_STD: [f32; 1] = [0.3530];
+
+/// The Keys cubic-convolution parameter of torch's bicubic interpolation.
+const CUBIC_A: f64 = -0.75;
+
+/// How one image becomes one model input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Augment {
+    /// Output side.
+    pub img_size: usize,
+    /// Output channels: 1 or 3. Grayscale input is replicated to RGB; RGB input becomes
+    /// gray by ITU-R 601-2 luma (`0.299 R + 0.587 G + 0.114 B`, as PIL's `convert("L")`).
+    pub channels: usize,
+    /// Zero-pad (background 0, before normalisation) centred to this side before
+    /// cropping, e.g. 28 -> 32 (odd margins put the extra pixel bottom/right).
+    pub pad_to: Option<usize>,
+    /// `RandomResizedCrop(img_size, scale, ratio, bicubic)` when true; when false the
+    /// (padded) image's central square is resized to `img_size` with bicubic (if its size
+    /// differs), for evaluation and reconstruction.
+    pub random_resized_crop: bool,
+    /// Range of the crop's area as a fraction of the image's; published (0.2, 1.0).
+    pub scale: (f64, f64),
+    /// Range of the crop's aspect ratio (width / height), drawn log-uniformly; (3/4, 4/3).
+    pub ratio: (f64, f64),
+    /// `RandomHorizontalFlip(p=0.5)`, after the crop.
+    pub hflip: bool,
+    /// Per output channel.
+    pub mean: Vec<f32>,
+    /// Per output channel.
+    pub std: Vec<f32>,
+}
+
+/// A crop rectangle in pixels, as torchvision's `get_params` returns it (`i, j, h, w`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CropBox {
+    pub top: usize,
+    pub left: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Augment {
+    /// The published pre-training transform: random resized crop with scale (0.2, 1.0)
+    /// and ratio (3/4, 4/3), horizontal flip, no padding; as many channels as `mean` has.
+    pub fn pretrain(img_size: usize, mean: Vec<f32>, std: Vec<f32>) -> Augment {
+        Augment {
+            img_size,
+            channels: mean.len(),
+            pad_to: None,
+            random_resized_crop: true,
+            scale: (0.2, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+            hflip: true,
+            mean,
+            std,
+        }
+    }
+
+    /// The same transform without randomness (no crop, no flip): what evaluation and
+    /// reconstruction of a model trained with `self` should see.
+    pub fn evaluation(&self) -> Augment {
+        Augment { random_resized_crop: false, hflip: false, ..self.clone() }
+    }
+
+    /// Checks the settings; `apply` does too, and the loader calls it up front so that a
+    /// bad setting fails before any thread starts.
+    pub fn validate(&self) -> Result<()> {
+        if self.img_size == 0 {
+            bail!(InvalidArgument, "augmentation imgSize must be at least 1");
+        }
+        if self.channels != 1 && self.channels != 3 {
+            bail!(InvalidArgument, "augmentation channels must be 1 or 3, not {}", self.channels);
+        }
+        if self.mean.len() != self.channels || self.std.len() != self.channels {
+            bail!(
+                InvalidArgument,
+                "augmentation mean and std need {} values each (one per channel), got {} and {}",
+                self.channels,
+                self.mean.len(),
+                self.std.len()
+            );
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) || self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            bail!(
+                InvalidArgument,
+                "augmentation mean must be finite and std finite and positive: {:?} / {:?}",
+                self.mean,
+                self.std
+            );
+        }
+        if self.pad_to == Some(0) {
+            bail!(InvalidArgument, "augmentation padTo must be at least 1");
+        }
+        let (s0, s1) = self.scale;
+        if !(s0.is_finite() && s1.is_finite() && 0.0 < s0 && s0 <= s1) {
+            bail!(InvalidArgument, "augmentation scale must satisfy 0 < min <= max, got ({s0}, {s1})");
+        }
+        let (r0, r1) = self.ratio;
+        if !(r0.is_finite() && r1.is_finite() && 0.0 < r0 && r0 <= r1) {
+            bail!(InvalidArgument, "augmentation ratio must satisfy 0 < min <= max, got ({r0}, {r1})");
+        }
+        Ok(())
+    }
+
+    /// Returns `[channels, img_size, img_size]`, normalised `(x - mean) / std`. Draws
+    /// from `rng` in torchvision's order: the crop's parameters, then the flip's coin.
+    pub fn apply(&self, image: &RawImage, rng: &mut impl Rng) -> Result<Vec<f32>> {
+        self.validate()?;
+        image.check()?;
+        // Gray -> RGB is replicated only at the end: the crop, resize and flip of three
+        // equal planes are three equal planes, so this is exact and a third of the work.
+        let replicate = image.channels == 1 && self.channels == 3;
+        let mut work = if replicate { Cow::Borrowed(image) } else { convert_channels(image, self.channels)? };
+        if let Some(side) = self.pad_to {
+            if work.height > side || work.width > side {
+                bail!(InvalidArgument, "image of {}x{} is larger than padTo {side}", work.height, work.width);
+            }
+            if work.height != side || work.width != side {
+                work = Cow::Owned(pad_centered(&work, side));
+            }
+        }
+        let region = if self.random_resized_crop {
+            random_resized_crop_params(work.height, work.width, self.scale, self.ratio, rng)
+        } else {
+            let side = work.height.min(work.width);
+            CropBox { top: (work.height - side) / 2, left: (work.width - side) / 2, height: side, width: side }
+        };
+        let size = self.img_size;
+        let mut pixels = resize_region(&work, region, size, size);
+        if self.hflip && uniform01(rng) < 0.5 {
+            for row in pixels.chunks_exact_mut(size) {
+                row.reverse();
+            }
+        }
+        let plane = size * size;
+        let mut out = Vec::with_capacity(self.channels * plane);
+        for c in 0..self.channels {
+            let source = if replicate { 0 } else { c };
+            let (mean, std) = (self.mean[c], self.std[c]);
+            out.extend(pixels[source * plane..(source + 1) * plane].iter().map(|&x| (x - mean) / std));
+        }
+        Ok(out)
+    }
+}
+
+/// `image` with `channels` channels: unchanged, gray replicated to RGB, or RGB reduced to
+/// luma. Other combinations have no agreed meaning and fail with `InvalidShape`.
+fn convert_channels(image: &RawImage, channels: usize) -> Result<Cow<'_, RawImage>> {
+    let plane = image.height * image.width;
+    let data = match (image.channels, channels) {
+        (from, to) if from == to => return Ok(Cow::Borrowed(image)),
+        (1, 3) => image.data.repeat(3),
+        (3, 1) => {
+            let (r, rest) = image.data.split_at(plane);
+            let (g, b) = rest.split_at(plane);
+            r.iter().zip(g).zip(b).map(|((&r, &g), &b)| r * 0.299 + g * 0.587 + b * 0.114).collect()
+        }
+        (from, to) => bail!(InvalidShape, "cannot convert an image with {from} channels to {to}"),
+    };
+    Ok(Cow::Owned(RawImage { channels, height: image.height, width: image.width, data }))
+}
+
+/// Zero border around `image` to make it `side` x `side`; `side` is at least its size.
+fn pad_centered(image: &RawImage, side: usize) -> RawImage {
+    let (h, w) = (image.height, image.width);
+    let (top, left) = ((side - h) / 2, (side - w) / 2);
+    let mut data = vec![0f32; image.channels * side * side];
+    for c in 0..image.channels {
+        for y in 0..h {
+            let src = &image.data[(c * h + y) * w..][..w];
+            data[(c * side + top + y) * side + left..][..w].copy_from_slice(src);
+        }
+    }
+    RawImage { channels: image.channels, height: side, width: side, data }
+}
+
+/// torchvision's `RandomResizedCrop.get_params`, draw for draw: up to 10 attempts at an
+/// area fraction uniform in `scale` and a log-uniform aspect ratio in `ratio`, sides
+/// rounded half-to-even as Python's `round`, accepted when they fit, placed uniformly;
+/// otherwise the central crop with the ratio clamped into `ratio`.
+pub fn random_resized_crop_params(
+    height: usize,
+    width: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl Rng,
+) -> CropBox {
+    let area = (height * width) as f64;
+    let (log_r0, log_r1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target_area = area * (scale.0 + (scale.1 - scale.0) * uniform01(rng));
+        let aspect_ratio = (log_r0 + (log_r1 - log_r0) * uniform01(rng)).exp();
+        // Saturating float-to-int casts: an absurd scale just fails the fit test.
+        let w = (target_area * aspect_ratio).sqrt().round_ties_even() as usize;
+        let h = (target_area / aspect_ratio).sqrt().round_ties_even() as usize;
+        if 0 < w && w <= width && 0 < h && h <= height {
+            let top = below(rng, (height - h + 1) as u64) as usize;
+            let left = below(rng, (width - w + 1) as u64) as usize;
+            return CropBox { top, left, height: h, width: w };
+        }
+    }
+    let in_ratio = width as f64 / height as f64;
+    let (h, w) = if in_ratio < ratio.0 {
+        ((width as f64 / ratio.0).round_ties_even() as usize, width)
+    } else if in_ratio > ratio.1 {
+        (height, (height as f64 * ratio.1).round_ties_even() as usize)
+    } else {
+        (height, width)
+    };
+    // torchvision would crop nothing for an extreme ratio range; one pixel is the least.
+    let (h, w) = (h.clamp(1, height), w.clamp(1, width));
+    CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
+}
+
+/// Bicubic resize of the whole image to `out_height` x `out_width` (see `resize_region`).
+pub fn resize_bicubic(image: &RawImage, out_height: usize, out_width: usize) -> Result<RawImage> {
+    image.check()?;
+    if out_height == 0 || out_width == 0 {
+        bail!(InvalidArgument, "cannot resize to {out_height}x{out_width}");
+    }
+    let full = CropBox { top: 0, left: 0, height: image.height, width: image.width };
+    let data = resize_region(image, full, out_height, out_width);
+    Ok(RawImage { channels: image.channels, height: out_height, width: out_width, data })
+}
+
+/// The four source pixels (absolute indices) and weights of one output pixel along one axis.
+struct Taps {
+    index: [usize; 4],
+    weight: [f64; 4],
+}
+
+/// torch's `upsample_bicubic2d` (align_corners=False, no antialias) along one axis of
+/// the span `start..start + len`: source coordinate `(o + 0.5) * len / out - 0.5`,
+/// taps clamped to the span's border, as if the span had been cropped out first.
+fn axis_taps(start: usize, len: usize, out: usize) -> Vec<Taps> {
+    let scale = len as f64 / out as f64;
+    (0..out)
+        .map(|o| {
+            let src = (o as f64 + 0.5) * scale - 0.5;
+            let floor = src.floor();
+            let t = src - floor;
+            let weight = [cubic_far(t + 1.0), cubic_near(t), cubic_near(1.0 - t), cubic_far(2.0 - t)];
+            let index =
+                std::array::from_fn(|k| start + (floor as i64 - 1 + k as i64).clamp(0, len as i64 - 1) as usize);
+            Taps { index, weight }
+        })
+        .collect()
+}
+
+/// Keys' kernel for |x| <= 1.
+fn cubic_near(x: f64) -> f64 {
+    ((CUBIC_A + 2.0) * x - (CUBIC_A + 3.0)) * x * x + 1.0
+}
+
+/// Keys' kernel for 1 < |x| < 2.
+fn cubic_far(x: f64) -> f64 {
+    ((CUBIC_A * x - 5.0 * CUBIC_A) * x + 8.0 * CUBIC_A) * x - 4.0 * CUBIC_A
+}
+
+/// `region` of `image` resized to `out_h` x `out_w`, planar. Separable, accumulated in
+/// f64 (so a constant image stays exactly constant), then clamped to [0, 1] as PIL's
+/// 8-bit result is: bicubic overshoots at edges. A region already of the output size is
+/// copied, which is what the interpolation gives there anyway.
+fn resize_region(image: &RawImage, region: CropBox, out_h: usize, out_w: usize) -> Vec<f32> {
+    let (height, width) = (image.height, image.width);
+    let mut out = Vec::with_capacity(image.channels * out_h * out_w);
+    if region.height == out_h && region.width == out_w {
+        for c in 0..image.channels {
+            for y in region.top..region.top + out_h {
+                out.extend_from_slice(&image.data[(c * height + y) * width + region.left..][..out_w]);
+            }
+        }
+        return out;
+    }
+    let xs = axis_taps(region.left, region.width, out_w);
+    let ys = axis_taps(region.top, region.height, out_h);
+    // Horizontal pass over the region's rows, then vertical pass over its result.
+    let mut rows = vec![0f64; region.height * out_w];
+    for c in 0..image.channels {
+        for r in 0..region.height {
+            let src = &image.data[(c * height + region.top + r) * width..][..width];
+            for (dst, tap) in rows[r * out_w..(r + 1) * out_w].iter_mut().zip(&xs) {
+                *dst = (0..4).fold(0.0, |acc, k| acc + tap.weight[k] * f64::from(src[tap.index[k]]));
+            }
+        }
+        for tap in &ys {
+            for x in 0..out_w {
+                let v = (0..4).fold(0.0, |acc, k| acc + tap.weight[k] * rows[(tap.index[k] - region.top) * out_w + x]);
+                out.push((v as f32).clamp(0.0, 1.0));
+            }
+        }
+    }
+    out
+}
+
+/// Per-channel mean and standard deviation (population, over all pixels) of up to
+/// `max_items` items spread evenly over `dataset`, for choosing `mean` / `std`. The
+/// first item fixes the channel count; later items are converted to it as `apply` would.
+pub fn dataset_statistics(dataset: &dyn Dataset, max_items: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let len = dataset.len();
+    if max_items == 0 || len == 0 {
+        bail!(InvalidArgument, "statistics need at least one item (dataset has {len}, maxItems is {max_items})");
+    }
+    let n = max_items.min(len);
+    let mut channels = 0;
+    let (mut sum, mut sum_sq, mut count) = (Vec::new(), Vec::new(), 0u64);
+    for i in 0..n {
+        let index = (i as u128 * len as u128 / n as u128) as usize;
+        let image = dataset.get(index)?;
+        image.check()?;
+        if i == 0 {
+            channels = image.channels;
+            sum = vec![0f64; channels];
+            sum_sq = vec![0f64; channels];
+        }
+        let image = convert_channels(&image, channels)?;
+        let plane = image.height * image.width;
+        for (c, values) in image.data.chunks_exact(plane).enumerate() {
+            for &v in values {
+                let v = f64::from(v);
+                sum[c] += v;
+                sum_sq[c] += v * v;
+            }
+        }
+        count += plane as u64;
+    }
+    let count = count as f64;
+    let mean: Vec<f64> = sum.iter().map(|s| s / count).collect();
+    let std = sum_sq.iter().zip(&mean).map(|(sq, m)| ((sq / count - m * m).max(0.0)).sqrt() as f32).collect();
+    Ok((mean.iter().map(|&m| m as f32).collect(), std))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_weights_sum_to_one() {
+        for t in [0.0, 0.1, 0.25, 0.5, 0.9] {
+            let sum = cubic_far(t + 1.0) + cubic_near(t) + cubic_near(1.0 - t) + cubic_far(2.0 - t);
+            assert!((sum - 1.0).abs() < 1e-12, "t = {t}: {sum}");
+        }
+        // Interpolating: the centre tap alone at integer positions.
+        assert_eq!((cubic_near(0.0), cubic_near(1.0), cubic_far(2.0)), (1.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn luma_uses_itu_601_weights() {
+        let rgb = RawImage { channels: 3, height: 1, width: 1, data: vec![1.0, 0.0, 0.0] };
+        assert_eq!(convert_channels(&rgb, 1).unwrap().data, vec![0.299]);
+        let gray = RawImage { channels: 1, height: 1, width: 2, data: vec![0.25, 0.5] };
+        assert_eq!(convert_channels(&gray, 3).unwrap().data, vec![0.25, 0.5, 0.25, 0.5, 0.25, 0.5]);
+        let two = RawImage { channels: 2, height: 1, width: 1, data: vec![0.0, 0.0] };
+        assert!(convert_channels(&two, 3).is_err());
+    }
+
+    #[test]
+    fn fallback_crop_is_central_with_clamped_ratio() {
+        // No crop with a ratio in [3/4, 4/3] and most of a 1x100 strip's area fits in
+        // it, so the fallback applies: full height, width round(1 * 4/3) = 1, centred.
+        let mut rng = super::super::stream_rng(0, 0, 0, 0);
+        let crop = random_resized_crop_params(1, 100, (0.99, 1.0), (3.0 / 4.0, 4.0 / 3.0), &mut rng);
+        assert_eq!(crop, CropBox { top: 0, left: 49, height: 1, width: 1 });
+    }
+}

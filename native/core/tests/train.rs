@@ -1,0 +1,871 @@
+//! Pre-training: the learning-rate schedule, the weight-decay groups, AdamW and
+//! gradient clipping against hand-computed values, and whole training runs on a
+//! tiny in-memory dataset (loss goes down, runs are reproducible, resuming is
+//! exact, checkpoints rotate and load, cancelling and non-finite losses behave).
+//! Expected values are computed in the tests from the published formulas
+//! (`util/lr_sched.py`, `torch.optim.AdamW`, `clip_grad_norm_`), never copied
+//! from a run of the code under test.
+
+use candle_core::{Device, Tensor, Var};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, RawImage};
+use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
+use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent, TrainSummary};
+use vit_mae_core::{load_model, ErrorCode, MaeConfig, MaskedAutoencoder};
+
+// ---------------------------------------------------------------- helpers
+
+/// A fresh folder under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "vit-mae-core-train-{label}-{}-{nanos}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// SplitMix64: the test's own generator, independent of the crate's.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+const SIDE: usize = 16;
+const CHANNELS: usize = 3;
+const BATCH: usize = 8;
+
+/// img 16, patch 4 (4x4 grid), embed 16, depth 1, 2 heads; decoder 8 / 1 / 2.
+fn tiny_config() -> MaeConfig {
+    MaeConfig {
+        img_size: SIDE,
+        patch_size: 4,
+        in_chans: CHANNELS,
+        embed_dim: 16,
+        depth: 1,
+        num_heads: 2,
+        decoder_embed_dim: 8,
+        decoder_depth: 1,
+        decoder_num_heads: 2,
+        mlp_ratio: 4.0,
+        norm_pix_loss: false,
+        layer_norm_eps: 1e-6,
+    }
+}
+
+fn tiny_model(seed: u64) -> MaskedAutoencoder {
+    MaskedAutoencoder::new(tiny_config(), &Device::Cpu, seed).expect("valid config")
+}
+
+/// `n` random 3x16x16 images in [0, 1]: a random smooth ramp per image and channel
+/// plus a little noise, so that visible patches say something about removed ones.
+fn image_data(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix(seed);
+    let mut data = Vec::with_capacity(n * CHANNELS * SIDE * SIDE);
+    for _ in 0..n {
+        let (gx, gy) = (rng.unit() - 0.5, rng.unit() - 0.5);
+        for _ in 0..CHANNELS {
+            let base = 0.2 + 0.6 * rng.unit();
+            for y in 0..SIDE {
+                for x in 0..SIDE {
+                    let ramp = gx * (x as f64 / (SIDE - 1) as f64 - 0.5) + gy * (y as f64 / (SIDE - 1) as f64 - 0.5);
+                    let v = base + ramp + 0.05 * (rng.unit() - 0.5);
+                    data.push(v.clamp(0.0, 1.0) as f32);
+                }
+            }
+        }
+    }
+    data
+}
+
+fn dataset(n: usize, seed: u64) -> InMemoryDataset {
+    InMemoryDataset::new(image_data(n, seed), [n, CHANNELS, SIDE, SIDE], None).unwrap()
+}
+
+/// `InMemoryDataset` rejects values outside [0, 1] (NaN included), so images with a
+/// NaN pixel come from this wrapper: item `i` gets a NaN when `poisoned[i]`.
+struct Poisoned {
+    inner: InMemoryDataset,
+    poisoned: Vec<bool>,
+}
+
+impl Dataset for Poisoned {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn get(&self, index: usize) -> vit_mae_core::Result<RawImage> {
+        let mut image = self.inner.get(index)?;
+        if self.poisoned[index] {
+            let at = (index * 37) % image.data.len();
+            image.data[at] = f32::NAN;
+        }
+        Ok(image)
+    }
+
+    fn label(&self, _index: usize) -> Option<i64> {
+        None
+    }
+
+    fn classes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn describe(&self) -> String {
+        format!("poisoned {}", self.inner.describe())
+    }
+}
+
+/// No crop, no flip, mean/std 0.5: the loader's only randomness is the epoch order.
+fn augment() -> Augment {
+    Augment {
+        img_size: SIDE,
+        channels: CHANNELS,
+        pad_to: None,
+        random_resized_crop: false,
+        scale: (0.2, 1.0),
+        ratio: (3.0 / 4.0, 4.0 / 3.0),
+        hflip: false,
+        mean: vec![0.5; CHANNELS],
+        std: vec![0.5; CHANNELS],
+    }
+}
+
+fn loader_with(data: Arc<dyn Dataset>, seed: u64, shuffle: bool) -> Loader {
+    let options = LoaderOptions { batch_size: BATCH, seed, shuffle, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+    Loader::new(data, augment(), options).unwrap()
+}
+
+fn loader(n_images: usize) -> Loader {
+    loader_with(Arc::new(dataset(n_images, 1234)), 5, true)
+}
+
+/// A short run with a warm-up so the rate changes from step to step.
+fn base_config() -> PretrainConfig {
+    PretrainConfig {
+        epochs: 10,
+        lr: Some(2e-3),
+        min_lr: 1e-5,
+        warmup_epochs: 1.0,
+        seed: 3,
+        ..PretrainConfig::default()
+    }
+}
+
+fn run(
+    model: &MaskedAutoencoder,
+    loader: &Loader,
+    config: &PretrainConfig,
+    resume: Option<&Path>,
+) -> vit_mae_core::Result<(TrainSummary, Vec<TrainEvent>)> {
+    let mut events = Vec::new();
+    let cancel = AtomicBool::new(false);
+    let summary = pretrain(model, loader, config, resume, &mut |e| events.push(e), &cancel)?;
+    Ok((summary, events))
+}
+
+/// Every parameter's f32 bit patterns, by name.
+fn param_bits(model: &MaskedAutoencoder) -> Vec<(String, Vec<u32>)> {
+    model
+        .params()
+        .iter()
+        .map(|(name, var)| {
+            let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (name.clone(), values.iter().map(|v| v.to_bits()).collect())
+        })
+        .collect()
+}
+
+fn assert_same_weights(a: &MaskedAutoencoder, b: &MaskedAutoencoder, what: &str) {
+    let (a, b) = (param_bits(a), param_bits(b));
+    assert_eq!(a.len(), b.len(), "{what}: parameter counts differ");
+    for ((name_a, bits_a), (name_b, bits_b)) in a.iter().zip(&b) {
+        assert_eq!(name_a, name_b, "{what}: parameter order differs");
+        let differing = bits_a.iter().zip(bits_b).filter(|(x, y)| x != y).count();
+        assert_eq!(differing, 0, "{what}: {name_a} differs in {differing} of {} values", bits_a.len());
+    }
+}
+
+fn step_events(events: &[TrainEvent]) -> Vec<(usize, u64, u64, f64, f64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step { epoch, step, total_steps, loss, lr, .. } => Some((*epoch, *step, *total_steps, *loss, *lr)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn checkpoint_file(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!("checkpoint-{step:08}.safetensors"))
+}
+
+/// Whether `message` mentions "step {n}" with no further digit after it.
+fn names_step(message: &str, n: u64) -> bool {
+    let needle = format!("step {n}");
+    message.match_indices(&needle).any(|(at, _)| !message[at + needle.len()..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// `util/lr_sched.py`, written out here.
+fn published_lr(lr: f64, min_lr: f64, warmup: f64, epochs: f64, epoch: f64) -> f64 {
+    if epoch < warmup {
+        lr * epoch / warmup
+    } else {
+        min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * (epoch - warmup) / (epochs - warmup)).cos())
+    }
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs()) + 1e-300
+}
+
+// ---------------------------------------------------------------- schedule
+
+#[test]
+fn lr_schedule_matches_published_formula() {
+    let cases = [(1e-3, 1e-5, 5.0, 40.0), (2.4e-3, 0.0, 40.0, 400.0), (1.5e-4, 1e-6, 0.5, 3.0)];
+    for (lr, min_lr, warmup, epochs) in cases {
+        let s = LrSchedule { lr, min_lr, warmup_epochs: warmup, epochs };
+        let mid = (warmup + epochs) / 2.0;
+        let points = [0.0, warmup / 2.0, warmup * 0.999, warmup, warmup + 0.37, mid, epochs - 0.01, epochs];
+        for epoch in points {
+            let want = published_lr(lr, min_lr, warmup, epochs, epoch);
+            let got = s.at(epoch);
+            assert!(close(got, want, 1e-12), "{s:?} at {epoch}: got {got}, want {want}");
+        }
+        // Landmarks of the formula, independently of it.
+        assert_eq!(s.at(0.0), 0.0);
+        assert!(close(s.at(warmup / 2.0), lr / 2.0, 1e-12));
+        assert!(close(s.at(warmup), lr, 1e-12), "the peak is reached at the end of warm-up");
+        assert!(close(s.at(mid), (lr + min_lr) / 2.0, 1e-12), "half-way through the cosine");
+        assert!((s.at(epochs) - min_lr).abs() <= 1e-12 * lr, "the end is min_lr: {}", s.at(epochs));
+        // Monotone: up during warm-up, down after.
+        let ramp: Vec<f64> = (0..=20).map(|k| s.at(warmup * k as f64 / 20.0)).collect();
+        assert!(ramp.windows(2).all(|w| w[0] < w[1]), "warm-up rises");
+        let decay: Vec<f64> = (0..=20).map(|k| s.at(warmup + (epochs - warmup) * k as f64 / 20.0)).collect();
+        assert!(decay.windows(2).all(|w| w[0] >= w[1]), "cosine falls");
+    }
+    // No warm-up: the peak at epoch 0.
+    let s = LrSchedule { lr: 1e-3, min_lr: 0.0, warmup_epochs: 0.0, epochs: 10.0 };
+    assert!(close(s.at(0.0), 1e-3, 1e-12));
+    assert!(close(s.at(5.0), 5e-4, 1e-12));
+}
+
+#[test]
+fn peak_lr_scales_blr_by_effective_batch() {
+    let c = PretrainConfig::default();
+    assert_eq!(c.blr, 1.5e-4, "published blr");
+    assert!(close(c.peak_lr(64), 1.5e-4 * 64.0 / 256.0, 1e-15));
+    assert!(close(c.peak_lr(256), 1.5e-4, 1e-15));
+    let c = PretrainConfig { blr: 1e-3, accum_iter: 4, ..PretrainConfig::default() };
+    assert!(close(c.peak_lr(32), 1e-3 * 32.0 * 4.0 / 256.0, 1e-15));
+    let c = PretrainConfig { blr: 1e-3, accum_iter: 4, lr: Some(7e-4), ..PretrainConfig::default() };
+    assert_eq!(c.peak_lr(32), 7e-4, "an absolute lr overrides blr");
+    assert_eq!(c.peak_lr(4096), 7e-4);
+}
+
+// ---------------------------------------------------------------- weight decay groups
+
+#[test]
+fn weight_decay_groups_follow_timm() {
+    let config = MaeConfig { depth: 2, ..tiny_config() };
+    let model = MaskedAutoencoder::new(config, &Device::Cpu, 0).unwrap();
+    let optimizer = AdamW::new(model.params(), AdamWConfig::default()).unwrap();
+    let (decay, no_decay) = optimizer.groups();
+
+    let mut want_decay = Vec::new();
+    let mut want_no_decay = Vec::new();
+    for (name, var) in model.params() {
+        if var.dims().len() <= 1 || name.ends_with(".bias") {
+            want_no_decay.push(name.as_str());
+        } else {
+            want_decay.push(name.as_str());
+        }
+    }
+    assert_eq!(decay, want_decay);
+    assert_eq!(no_decay, want_no_decay);
+
+    let decay: BTreeSet<&str> = decay.into_iter().collect();
+    let no_decay: BTreeSet<&str> = no_decay.into_iter().collect();
+    assert!(decay.is_disjoint(&no_decay));
+    assert_eq!(decay.len() + no_decay.len(), model.params().len());
+
+    for name in ["cls_token", "mask_token", "patch_embed.proj.weight", "decoder_embed.weight", "decoder_pred.weight"] {
+        assert!(decay.contains(name), "{name} must decay");
+    }
+    for (prefix, blocks) in [("blocks", 2), ("decoder_blocks", 1)] {
+        for i in 0..blocks {
+            for linear in ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] {
+                assert!(decay.contains(format!("{prefix}.{i}.{linear}.weight").as_str()), "{prefix}.{i}.{linear}.weight must decay");
+                assert!(no_decay.contains(format!("{prefix}.{i}.{linear}.bias").as_str()), "{prefix}.{i}.{linear}.bias must not");
+            }
+            for norm in ["norm1", "norm2"] {
+                for kind in ["weight", "bias"] {
+                    assert!(no_decay.contains(format!("{prefix}.{i}.{norm}.{kind}").as_str()), "{prefix}.{i}.{norm}.{kind} must not decay");
+                }
+            }
+        }
+    }
+    for name in ["norm.weight", "norm.bias", "decoder_norm.weight", "decoder_norm.bias", "patch_embed.proj.bias", "decoder_embed.bias", "decoder_pred.bias"] {
+        assert!(no_decay.contains(name), "{name} must not decay");
+    }
+    assert!(decay.iter().all(|n| !n.ends_with(".bias")));
+    // Counts from the architecture: 2 tokens + patch weight + 4 linears a block + 2 decoder linears.
+    assert_eq!(decay.len(), 3 + 4 * 2 + 2 + 4);
+    assert_eq!(no_decay.len(), 7 + 8 * (2 + 1));
+
+    assert!(!decays("x.bias", &[4, 4]), "a 2-D bias is exempt by name");
+    assert!(!decays("x.weight", &[4]), "1-D is exempt");
+    assert!(!decays("scalar", &[]), "0-D is exempt");
+    assert!(decays("cls_token", &[1, 1, 16]));
+    assert!(decays("x.weight", &[4, 4]));
+}
+
+// ---------------------------------------------------------------- AdamW
+
+/// `torch.optim.AdamW`'s update of one element sequence, in f64.
+struct RefAdamW {
+    p: Vec<f64>,
+    m: Vec<f64>,
+    v: Vec<f64>,
+    t: i32,
+}
+
+impl RefAdamW {
+    fn new(p: &[f64]) -> Self {
+        RefAdamW { p: p.to_vec(), m: vec![0.0; p.len()], v: vec![0.0; p.len()], t: 0 }
+    }
+
+    fn step(&mut self, g: &[f64], lr: f64, b1: f64, b2: f64, eps: f64, wd: f64) {
+        self.t += 1;
+        let bc1 = 1.0 - b1.powi(self.t);
+        let bc2 = 1.0 - b2.powi(self.t);
+        for i in 0..self.p.len() {
+            self.p[i] *= 1.0 - lr * wd;
+            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g[i];
+            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g[i] * g[i];
+            let denom = self.v[i].sqrt() / bc2.sqrt() + eps;
+            self.p[i] -= lr / bc1 * self.m[i] / denom;
+        }
+    }
+}
+
+fn var(values: &[f64], shape: &[usize]) -> Var {
+    let data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn tensor(values: &[f64], shape: &[usize]) -> Tensor {
+    let data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+}
+
+#[test]
+fn adamw_matches_hand_computed_torch_update() {
+    // Values exactly representable in f32, so the reference starts from the same numbers.
+    let p0 = [0.75, -1.25, 2.0, -0.5, 1.5, 0.875];
+    // Includes a zero gradient (only decay moves it) and one small enough that eps
+    // matters (eps is added after the square root).
+    let g1 = [0.125, -0.25, 0.5, 0.0, 1e-8, -2.0];
+    let g2 = [-0.0625, -0.375, 0.25, 0.5, 1e-8, 1.0];
+    let (lr1, lr2) = (0.1, 0.05);
+    let config = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.05 };
+    let shape = [2, 3];
+
+    // Decays (2-D, not a bias); exempt by name (2-D "x.bias"); exempt by rank (1-D).
+    let w = var(&p0, &shape);
+    let b = var(&p0, &shape);
+    let n = var(&p0, &[6]);
+    let params = vec![("x.weight".to_string(), w.clone()), ("x.bias".to_string(), b.clone()), ("norm.weight".to_string(), n.clone())];
+    let mut optimizer = AdamW::new(&params, config).unwrap();
+    let (decay, no_decay) = optimizer.groups();
+    assert_eq!(decay, vec!["x.weight"]);
+    assert_eq!(no_decay, vec!["x.bias", "norm.weight"]);
+
+    let mut want_w = RefAdamW::new(&p0);
+    let mut want_b = RefAdamW::new(&p0);
+    for (g, lr) in [(&g1, lr1), (&g2, lr2)] {
+        let grads = vec![tensor(g, &shape), tensor(g, &shape), tensor(g, &[6])];
+        optimizer.step(&grads, lr).unwrap();
+        want_w.step(g, lr, 0.9, 0.95, 1e-8, 0.05);
+        want_b.step(g, lr, 0.9, 0.95, 1e-8, 0.0);
+    }
+    assert_eq!(optimizer.step, 2);
+
+    for (label, got, want) in [
+        ("x.weight", host(w.as_tensor()), &want_w),
+        ("x.bias", host(b.as_tensor()), &want_b),
+        ("norm.weight", host(n.as_tensor()), &want_b),
+    ] {
+        for i in 0..p0.len() {
+            assert!(
+                close(got[i], want.p[i], 1e-6),
+                "{label}[{i}]: got {}, torch AdamW gives {} (start {}, grads {}, {})",
+                got[i],
+                want.p[i],
+                p0[i],
+                g1[i],
+                g2[i]
+            );
+        }
+    }
+    // The weight really was decayed and the others not: the two references differ by
+    // far more than the tolerance.
+    for i in 0..p0.len() {
+        assert!((want_w.p[i] - want_b.p[i]).abs() > 1e-4);
+    }
+
+    // The moments, as a checkpoint would save them.
+    for (name, m, v) in optimizer.state() {
+        let (m, v) = (host(m), host(v));
+        for i in 0..p0.len() {
+            assert!(close(m[i], want_w.m[i], 1e-5) || (m[i] - want_w.m[i]).abs() < 1e-12, "{name} exp_avg[{i}]: {} vs {}", m[i], want_w.m[i]);
+            assert!(close(v[i], want_w.v[i], 1e-5) || (v[i] - want_w.v[i]).abs() < 1e-20, "{name} exp_avg_sq[{i}]: {} vs {}", v[i], want_w.v[i]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- clipping
+
+fn sum_of_squares(grads: &[Tensor]) -> f64 {
+    grads.iter().flat_map(host).map(|x| x * x).sum()
+}
+
+#[test]
+fn clip_grad_norm_scales_to_max_norm() {
+    let a: Vec<f64> = (0..12).map(|i| (i as f64 - 5.5) * 0.3).collect();
+    let b = [3.0, -4.0, 0.5, 0.0, 2.25];
+    let original = vec![tensor(&a, &[3, 4]), tensor(&b, &[5])];
+    let norm = sum_of_squares(&original).sqrt();
+
+    // Above: clipped to max_norm, direction kept.
+    let max_norm = norm / 3.0;
+    let mut grads = original.clone();
+    let returned = clip_grad_norm(&mut grads, max_norm).unwrap();
+    assert!(close(returned, norm, 1e-6), "returned {returned}, norm {norm}");
+    let after = sum_of_squares(&grads).sqrt();
+    assert!((after - max_norm).abs() <= 1e-4, "norm after clipping {after}, max {max_norm}");
+    let factor = max_norm / norm;
+    for (g, o) in grads.iter().zip(&original) {
+        for (x, y) in host(g).iter().zip(host(o)) {
+            assert!((x - y * factor).abs() <= 1e-6 * (1.0 + y.abs()), "{x} is not {y} * {factor}");
+        }
+        assert_eq!(g.dims(), o.dims());
+    }
+
+    // Below: untouched, bit for bit.
+    let mut grads = original.clone();
+    let returned = clip_grad_norm(&mut grads, norm * 2.0).unwrap();
+    assert!(close(returned, norm, 1e-6));
+    for (g, o) in grads.iter().zip(&original) {
+        let (g, o) = (host(g), host(o));
+        assert!(g.iter().zip(&o).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
+
+// ---------------------------------------------------------------- training runs
+
+#[test]
+fn loss_decreases() {
+    let loader = loader(32);
+    let model = tiny_model(11);
+    let config = PretrainConfig { lr: Some(5e-3), warmup_epochs: 0.5, epochs: 100, max_steps: Some(30), ..base_config() };
+    let (summary, events) = run(&model, &loader, &config, None).unwrap();
+    assert_eq!(summary.steps, 30);
+    assert!(!summary.aborted);
+    let losses: Vec<f64> = step_events(&events).iter().map(|s| s.3).collect();
+    assert_eq!(losses.len(), 30);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    let first = losses[..3].iter().sum::<f64>() / 3.0;
+    let last = losses[27..].iter().sum::<f64>() / 3.0;
+    assert!(last < 0.9 * first, "loss did not decrease: first three {:?}, last three {:?}", &losses[..3], &losses[27..]);
+    assert_eq!(summary.final_loss, losses[29]);
+}
+
+#[test]
+fn runs_are_reproducible_and_mask_seed_matters() {
+    let loader = loader(32);
+    let config = PretrainConfig { max_steps: Some(10), ..base_config() };
+    let a = tiny_model(21);
+    let b = tiny_model(21);
+    let initial = param_bits(&a);
+    let (sa, ea) = run(&a, &loader, &config, None).unwrap();
+    let (sb, eb) = run(&b, &loader, &config, None).unwrap();
+    assert_eq!(sa.steps, 10);
+    assert_eq!(sb.steps, 10);
+    assert_ne!(param_bits(&a), initial, "training changed nothing");
+    assert_same_weights(&a, &b, "same seeds");
+    let losses = |e: &[TrainEvent]| step_events(e).iter().map(|s| s.3.to_bits()).collect::<Vec<_>>();
+    assert_eq!(losses(&ea), losses(&eb));
+
+    let c = tiny_model(21);
+    let (sc, _) = run(&c, &loader, &PretrainConfig { seed: config.seed + 1, ..config.clone() }, None).unwrap();
+    assert_eq!(sc.steps, 10);
+    assert_ne!(param_bits(&c), param_bits(&a), "another mask seed gave the same weights");
+
+    // And another loader seed (data order) too.
+    let d = tiny_model(21);
+    let other_order = loader_with(Arc::new(dataset(32, 1234)), 6, true);
+    run(&d, &other_order, &config, None).unwrap();
+    assert_ne!(param_bits(&d), param_bits(&a), "another data order gave the same weights");
+}
+
+/// Straight for `2n` steps vs `n` steps, then a fresh model resumed to `2n`.
+fn check_exact_resume(n_images: usize, accum_iter: usize, n: u64, clip_grad: Option<f64>) {
+    let what = format!("{n_images} images, accum {accum_iter}, resume at {n}");
+    let loader = loader(n_images);
+    let straight_dir = TempDir::new("straight");
+    let split_dir = TempDir::new("split");
+    let config = PretrainConfig { accum_iter, clip_grad, epochs: 6, ..base_config() };
+
+    let straight = tiny_model(31);
+    let (s, straight_events) =
+        run(&straight, &loader, &PretrainConfig { max_steps: Some(2 * n), checkpoint_dir: Some(straight_dir.path().into()), ..config.clone() }, None)
+            .unwrap();
+    assert_eq!(s.steps, 2 * n, "{what}");
+
+    let first = tiny_model(31);
+    let split = PretrainConfig { max_steps: Some(n), checkpoint_dir: Some(split_dir.path().into()), ..config.clone() };
+    let (s, _) = run(&first, &loader, &split, None).unwrap();
+    assert_eq!(s.steps, n, "{what}");
+    assert_eq!(s.last_checkpoint.as_deref(), Some(checkpoint_file(split_dir.path(), n).as_path()), "{what}");
+    assert_ne!(param_bits(&first), param_bits(&straight), "{what}: the second half changed nothing");
+
+    let resumed = tiny_model(31);
+    let rest = PretrainConfig { max_steps: Some(2 * n), ..split };
+    let (s, resumed_events) = run(&resumed, &loader, &rest, Some(split_dir.path())).unwrap();
+    assert_eq!(s.steps, 2 * n, "{what}");
+    assert_same_weights(&resumed, &straight, &what);
+
+    // The resumed steps saw the same losses and rates as the straight run's.
+    let tail: Vec<_> = step_events(&straight_events).into_iter().filter(|e| e.1 > n).collect();
+    let resumed_steps = step_events(&resumed_events);
+    assert_eq!(resumed_steps.len(), tail.len(), "{what}");
+    for (a, b) in resumed_steps.iter().zip(&tail) {
+        assert_eq!((a.0, a.1, a.2), (b.0, b.1, b.2), "{what}");
+        assert_eq!(a.3.to_bits(), b.3.to_bits(), "{what}: loss at step {}", a.1);
+        assert_eq!(a.4.to_bits(), b.4.to_bits(), "{what}: lr at step {}", a.1);
+    }
+    // Both runs end with the same checkpoint bytes' weights.
+    let (a, _) = load_model(&checkpoint_file(straight_dir.path(), 2 * n), None, &Device::Cpu, 0).unwrap();
+    let (b, _) = load_model(&checkpoint_file(split_dir.path(), 2 * n), None, &Device::Cpu, 0).unwrap();
+    assert_same_weights(&a, &b, &what);
+}
+
+#[test]
+fn resume_is_exact_mid_epoch() {
+    // 40 images, batch 8: 5 batches an epoch; 3 is mid-epoch and 6 crosses the boundary.
+    check_exact_resume(40, 1, 3, None);
+}
+
+#[test]
+fn resume_is_exact_at_epoch_boundary() {
+    check_exact_resume(40, 1, 5, None);
+}
+
+#[test]
+fn resume_is_exact_with_accumulation_and_clipping() {
+    // 5 batches, accum 2: 2 steps an epoch (the fifth batch is left over); step 3 is
+    // mid-epoch 1, after its first two micro-batches.
+    check_exact_resume(40, 2, 3, Some(0.5));
+}
+
+#[test]
+fn checkpoints_rotate_and_load_as_models() {
+    let loader = loader(32);
+    let dir = TempDir::new("rotate");
+    let model = tiny_model(41);
+    let config = PretrainConfig { max_steps: Some(7), checkpoint_every: 1, keep_last: 3, checkpoint_dir: Some(dir.path().into()), ..base_config() };
+    let (summary, events) = run(&model, &loader, &config, None).unwrap();
+    assert_eq!(summary.steps, 7);
+
+    let names = dir.entries();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for name in &names {
+        let digits = name.strip_prefix("checkpoint-").and_then(|r| r.strip_suffix(".safetensors"));
+        assert!(digits.is_some_and(|d| d.len() == 8 && d.bytes().all(|c| c.is_ascii_digit())), "unexpected file {name}");
+    }
+    let want: Vec<String> = (5..=7).map(|s| format!("checkpoint-{s:08}.safetensors")).collect();
+    assert_eq!(names, want, "the three most recent are kept");
+    assert_eq!(list_checkpoints(dir.path()), (5..=7).map(|s| checkpoint_file(dir.path(), s)).collect::<Vec<_>>());
+    assert_eq!(summary.last_checkpoint, Some(checkpoint_file(dir.path(), 7)));
+    let written: Vec<u64> = events.iter().filter_map(|e| if let TrainEvent::Checkpoint { step, .. } = e { Some(*step) } else { None }).collect();
+    assert_eq!(written, (1..=7).collect::<Vec<_>>());
+
+    // A training checkpoint is also a model: the optimizer state is left aside.
+    let (loaded, report) = load_model(&checkpoint_file(dir.path(), 7), None, &Device::Cpu, 999).unwrap();
+    assert!(!report.fresh_decoder);
+    assert_eq!(loaded.config, tiny_config());
+    assert_same_weights(&loaded, &model, "checkpoint vs trained model");
+    // And an older one is not the final model.
+    let (older, _) = load_model(&checkpoint_file(dir.path(), 6), None, &Device::Cpu, 999).unwrap();
+    assert_ne!(param_bits(&older), param_bits(&model));
+}
+
+#[test]
+fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
+    let loader = loader(32); // 4 batches an epoch
+    let dir = TempDir::new("abort");
+    let config = PretrainConfig { max_steps: Some(8), checkpoint_dir: Some(dir.path().into()), ..base_config() };
+
+    let model = tiny_model(51);
+    let cancel = AtomicBool::new(false);
+    let mut steps = Vec::new();
+    let mut checkpoints = Vec::new();
+    let summary = pretrain(
+        &model,
+        &loader,
+        &config,
+        None,
+        &mut |e| match e {
+            TrainEvent::Step { step, .. } => {
+                steps.push(step);
+                if step == 3 {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            }
+            TrainEvent::Checkpoint { step, path } => checkpoints.push((step, path)),
+            _ => {}
+        },
+        &cancel,
+    )
+    .unwrap();
+    assert!(summary.aborted);
+    assert_eq!(summary.steps, 3);
+    assert_eq!(steps, vec![1, 2, 3], "no step after the cancel");
+    let ckpt = checkpoint_file(dir.path(), 3);
+    assert!(ckpt.is_file());
+    assert_eq!(checkpoints, vec![(3, ckpt.clone())]);
+    assert_eq!(summary.last_checkpoint, Some(ckpt.clone()));
+    let (saved, _) = load_model(&ckpt, None, &Device::Cpu, 0).unwrap();
+    assert_same_weights(&saved, &model, "abort checkpoint vs model");
+
+    // Resuming the aborted run finishes exactly as a run that was never stopped.
+    let resumed = tiny_model(51);
+    let (s, _) = run(&resumed, &loader, &config, Some(&ckpt)).unwrap();
+    assert_eq!(s.steps, 8);
+    assert!(!s.aborted);
+    let straight = tiny_model(51);
+    run(&straight, &loader, &PretrainConfig { checkpoint_dir: None, ..config.clone() }, None).unwrap();
+    assert_same_weights(&resumed, &straight, "aborted + resumed vs straight");
+
+    // A cancel that arrives with the last step does not make a finished run "aborted".
+    let last = tiny_model(51);
+    let cancel = AtomicBool::new(false);
+    let short = PretrainConfig { max_steps: Some(3), checkpoint_dir: None, ..config };
+    let summary = pretrain(
+        &last,
+        &loader,
+        &short,
+        None,
+        &mut |e| {
+            if let TrainEvent::Step { step: 3, .. } = e {
+                cancel.store(true, Ordering::SeqCst)
+            }
+        },
+        &cancel,
+    )
+    .unwrap();
+    assert_eq!(summary.steps, 3);
+    assert!(!summary.aborted);
+}
+
+#[test]
+fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
+    let n = 32;
+    let poisoned = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> {
+        Arc::new(Poisoned { inner: dataset(n, 77), poisoned: (0..n).map(which).collect() })
+    };
+
+    // Every image has a NaN: step 1 fails, and there is no checkpoint to name.
+    let dir = TempDir::new("nan-fresh");
+    let model = tiny_model(61);
+    let config = PretrainConfig { max_steps: Some(5), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..base_config() };
+    let err = run(&model, &loader_with(poisoned(&|_| true), 5, true), &config, None).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
+    assert!(names_step(&err.message, 1), "message should name step 1: {}", err.message);
+    assert!(!err.message.contains(".safetensors"), "no checkpoint exists: {}", err.message);
+    assert!(dir.entries().is_empty(), "nothing may be written: {:?}", dir.entries());
+
+    // Only the second batch (in dataset order) is bad: step 1 trains and is saved,
+    // step 2 fails and names that checkpoint.
+    let dir = TempDir::new("nan-second");
+    let model = tiny_model(61);
+    let config = PretrainConfig { checkpoint_dir: Some(dir.path().into()), ..config };
+    let err = run(&model, &loader_with(poisoned(&|i| (BATCH..2 * BATCH).contains(&i)), 5, false), &config, None).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
+    assert!(names_step(&err.message, 2), "message should name step 2: {}", err.message);
+    let first = checkpoint_file(dir.path(), 1);
+    assert!(err.message.contains(&first.display().to_string()), "message should name {}: {}", first.display(), err.message);
+    assert_eq!(dir.entries(), vec!["checkpoint-00000001.safetensors".to_string()]);
+
+    // Resuming a good checkpoint onto bad data: the error names the next step and the
+    // checkpoint, and the checkpoint folder is left exactly as it was.
+    let dir = TempDir::new("nan-resume");
+    let good = tiny_model(61);
+    let config = PretrainConfig { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..config };
+    run(&good, &loader_with(Arc::new(dataset(n, 77)), 5, true), &config, None).unwrap();
+    let saved = checkpoint_file(dir.path(), 2);
+    let before_names = dir.entries();
+    let before_bytes = std::fs::read(&saved).unwrap();
+
+    let resumed = tiny_model(61);
+    let more = PretrainConfig { max_steps: Some(6), ..config };
+    let err = run(&resumed, &loader_with(poisoned(&|_| true), 5, true), &more, Some(dir.path())).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
+    assert!(names_step(&err.message, 3), "message should name step 3: {}", err.message);
+    assert!(err.message.contains(&saved.display().to_string()), "message should name {}: {}", saved.display(), err.message);
+    assert_eq!(dir.entries(), before_names, "no checkpoint may be written or removed");
+    assert_eq!(std::fs::read(&saved).unwrap(), before_bytes, "the last good checkpoint must be intact");
+    // The failed step left the weights as they were restored.
+    assert_same_weights(&resumed, &good, "weights after the failed step");
+}
+
+/// Checks one run's events against what its settings imply.
+fn check_events(n_images: usize, accum_iter: usize, epochs: usize, max_steps: Option<u64>, checkpoint_every: u64) {
+    let what = format!("{n_images} images, accum {accum_iter}, {epochs} epochs, max {max_steps:?}, every {checkpoint_every}");
+    let loader = loader(n_images);
+    let dir = TempDir::new("events");
+    let config = PretrainConfig {
+        accum_iter,
+        epochs,
+        max_steps,
+        checkpoint_every,
+        keep_last: 2,
+        lr: None,
+        blr: 1e-3,
+        min_lr: 1e-6,
+        warmup_epochs: 1.0,
+        checkpoint_dir: Some(dir.path().into()),
+        ..base_config()
+    };
+    let batches = n_images / BATCH;
+    let steps_per_epoch = (batches / accum_iter) as u64;
+    let total = (steps_per_epoch * epochs as u64).min(max_steps.unwrap_or(u64::MAX));
+    let peak = 1e-3 * (BATCH * accum_iter) as f64 / 256.0;
+
+    let model = tiny_model(71);
+    let cancel = AtomicBool::new(false);
+    let mut events = Vec::new();
+    let summary = pretrain(
+        &model,
+        &loader,
+        &config,
+        None,
+        &mut |e| {
+            if let TrainEvent::Checkpoint { path, .. } = &e {
+                assert!(path.is_file(), "checkpoint event names a missing file {}", path.display());
+            }
+            events.push(e);
+        },
+        &cancel,
+    )
+    .unwrap();
+
+    let steps = step_events(&events);
+    assert_eq!(steps.len() as u64, total, "{what}");
+    for (k, &(epoch, step, total_steps, loss, lr)) in steps.iter().enumerate() {
+        assert_eq!(step, k as u64 + 1, "{what}: steps count up by one");
+        assert_eq!(total_steps, total, "{what}");
+        assert!(loss.is_finite() && loss > 0.0, "{what}: loss {loss}");
+        let e = (step - 1) / steps_per_epoch;
+        assert_eq!(epoch as u64, e, "{what}: epoch of step {step}");
+        // The rate is set at the step's first micro-batch: epoch + batch / batches.
+        let first_batch = ((step - 1) % steps_per_epoch) as usize * accum_iter;
+        let want = published_lr(peak, 1e-6, 1.0, epochs as f64, e as f64 + first_batch as f64 / batches as f64);
+        assert!(lr.is_finite() && close(lr, want, 1e-9), "{what}: lr at step {step} is {lr}, want {want}");
+    }
+
+    let completed = (total / steps_per_epoch) as usize;
+    let epoch_ends: Vec<(usize, f64)> =
+        events.iter().filter_map(|e| if let TrainEvent::EpochEnd { epoch, mean_loss } = e { Some((*epoch, *mean_loss)) } else { None }).collect();
+    assert_eq!(epoch_ends.iter().map(|e| e.0).collect::<Vec<_>>(), (0..completed).collect::<Vec<_>>(), "{what}: one EpochEnd per completed epoch");
+    for &(epoch, mean_loss) in &epoch_ends {
+        let losses: Vec<f64> = steps.iter().filter(|s| s.0 == epoch).map(|s| s.3).collect();
+        assert_eq!(losses.len() as u64, steps_per_epoch);
+        let want = losses.iter().sum::<f64>() / losses.len() as f64;
+        assert!(close(mean_loss, want, 1e-12), "{what}: epoch {epoch} mean {mean_loss}, want {want}");
+    }
+    // Each EpochEnd follows the epoch's last step.
+    for (i, e) in events.iter().enumerate() {
+        if let TrainEvent::EpochEnd { epoch, .. } = e {
+            let previous = events[..i].iter().rev().find_map(|e| if let TrainEvent::Step { step, .. } = e { Some(*step) } else { None });
+            assert_eq!(previous, Some((*epoch as u64 + 1) * steps_per_epoch), "{what}");
+        }
+    }
+
+    // Checkpoints every `checkpoint_every` steps and at the end, named by step.
+    let mut want_ckpt: Vec<u64> = (1..=total).filter(|s| checkpoint_every > 0 && s % checkpoint_every == 0).collect();
+    if want_ckpt.last() != Some(&total) {
+        want_ckpt.push(total);
+    }
+    let ckpts: Vec<(u64, PathBuf)> =
+        events.iter().filter_map(|e| if let TrainEvent::Checkpoint { step, path } = e { Some((*step, path.clone())) } else { None }).collect();
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), want_ckpt, "{what}");
+    for (step, path) in &ckpts {
+        assert_eq!(path, &checkpoint_file(dir.path(), *step), "{what}");
+    }
+    let kept: Vec<PathBuf> = want_ckpt.iter().rev().take(2).rev().map(|&s| checkpoint_file(dir.path(), s)).collect();
+    assert_eq!(list_checkpoints(dir.path()), kept, "{what}");
+
+    assert_eq!(summary.steps, total, "{what}");
+    assert_eq!(summary.epochs_completed, completed, "{what}");
+    assert_eq!(summary.images_seen, total * (accum_iter * BATCH) as u64, "{what}");
+    assert_eq!(summary.final_loss.to_bits(), steps.last().unwrap().3.to_bits(), "{what}");
+    assert_eq!(summary.last_checkpoint, Some(checkpoint_file(dir.path(), total)), "{what}");
+    assert!(!summary.aborted);
+    assert_eq!(summary.skipped_images, 0);
+}
+
+#[test]
+fn events_describe_the_run() {
+    // 5 batches, accum 2: 2 steps an epoch, 3 epochs, all of them.
+    check_events(40, 2, 3, None, 2);
+    // Stopped by max_steps mid-epoch 2.
+    check_events(40, 2, 3, Some(5), 2);
+    // No accumulation, 4 batches an epoch, stopped mid-epoch 1; checkpoints only at the end.
+    check_events(32, 1, 3, Some(6), 0);
+}

@@ -1,0 +1,389 @@
+//! Pre-training and reconstruction for the binding. Training runs on a thread of
+//! its own; JS pulls its events one at a time with `nextEvent()` (a libuv task
+//! that waits on a channel), so nothing blocks the event loop.
+
+use crate::{guarded, host_tensor, read_model, NativeMae, NativeMaskOptions, NativeTensor, Shared};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use vit_mae_core::data::{Augment, Dataset, IdxDataset, ImageFolder, InMemoryDataset, Loader, LoaderOptions};
+use vit_mae_core::train::{self, PretrainConfig, TrainEvent, TrainSummary};
+use vit_mae_core::{ErrorCode, HostTensor};
+
+/// Where images come from: `folder` (path), `idx` (path, labelsPath) or `memory` (data, shape, labels).
+#[napi(object)]
+pub struct NativeDatasetSpec {
+    pub kind: String,
+    pub path: Option<String>,
+    pub labels_path: Option<String>,
+    pub data: Option<Float32Array>,
+    pub shape: Option<Vec<u32>>,
+    pub labels: Option<Vec<i64>>,
+}
+
+/// Batching and augmentation.
+#[napi(object)]
+pub struct NativeLoaderOptions {
+    pub batch_size: u32,
+    pub seed: i64,
+    pub shuffle: bool,
+    pub workers: u32,
+    pub prefetch: u32,
+    pub skip_corrupt: bool,
+    pub random_resized_crop: bool,
+    pub scale: Vec<f64>,
+    pub ratio: Vec<f64>,
+    pub hflip: bool,
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+    pub pad_to: Option<u32>,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> vit_mae_core::Error {
+    vit_mae_core::Error::new(code, message)
+}
+
+pub(crate) fn open_dataset(spec: &NativeDatasetSpec) -> vit_mae_core::Result<Arc<dyn Dataset>> {
+    let path = || spec.path.as_deref().map(Path::new).ok_or_else(|| err(ErrorCode::InvalidArgument, format!("a '{}' dataset needs a path", spec.kind)));
+    Ok(match spec.kind.as_str() {
+        "folder" => Arc::new(ImageFolder::open(path()?)?),
+        "idx" => Arc::new(IdxDataset::open(path()?, spec.labels_path.as_deref().map(Path::new))?),
+        "memory" => {
+            let (Some(data), Some(shape)) = (&spec.data, &spec.shape) else {
+                return Err(err(ErrorCode::InvalidArgument, "an in-memory dataset needs data and shape"));
+            };
+            let t = host_tensor(data, shape)?;
+            let [n, c, h, w] = t.shape[..] else {
+                return Err(err(ErrorCode::InvalidShape, format!("in-memory images must be [N, C, H, W], got {:?}", t.shape)));
+            };
+            Arc::new(InMemoryDataset::new(t.data, [n, c, h, w], spec.labels.clone())?)
+        }
+        other => return Err(err(ErrorCode::InvalidArgument, format!("unknown dataset kind '{other}': expected folder, idx or memory"))),
+    })
+}
+
+pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, img_size: usize, channels: usize) -> vit_mae_core::Result<Loader> {
+    let pair = |v: &[f64], name: &str| match v {
+        [a, b] => Ok((*a, *b)),
+        _ => Err(err(ErrorCode::InvalidArgument, format!("{name} must be [min, max]"))),
+    };
+    let augment = Augment {
+        img_size,
+        channels,
+        pad_to: o.pad_to.map(|p| p as usize),
+        random_resized_crop: o.random_resized_crop,
+        scale: pair(&o.scale, "scale")?,
+        ratio: pair(&o.ratio, "ratio")?,
+        hflip: o.hflip,
+        mean: o.mean.iter().map(|&v| v as f32).collect(),
+        std: o.std.iter().map(|&v| v as f32).collect(),
+    };
+    let seed = u64::try_from(o.seed).map_err(|_| err(ErrorCode::InvalidArgument, "seed must be non-negative"))?;
+    let options = LoaderOptions {
+        batch_size: o.batch_size as usize,
+        seed,
+        shuffle: o.shuffle,
+        drop_last: true,
+        workers: o.workers as usize,
+        prefetch: o.prefetch as usize,
+        skip_corrupt: o.skip_corrupt,
+    };
+    Loader::new(dataset, augment, options)
+}
+
+/// One training event, flattened: `kind` says which fields are set.
+#[napi(object)]
+pub struct NativeTrainEvent {
+    /// 'step' | 'checkpoint' | 'skipped' | 'epochEnd' | 'done'
+    pub kind: String,
+    pub epoch: Option<u32>,
+    pub step: Option<f64>,
+    pub total_steps: Option<f64>,
+    pub loss: Option<f64>,
+    pub lr: Option<f64>,
+    pub images_per_sec: Option<f64>,
+    pub eta_seconds: Option<f64>,
+    pub path: Option<String>,
+    pub count: Option<u32>,
+    pub message: Option<String>,
+    pub summary: Option<NativeTrainSummary>,
+}
+
+#[napi(object)]
+#[derive(Clone)]
+pub struct NativeTrainSummary {
+    pub steps: f64,
+    pub epochs_completed: u32,
+    pub final_loss: f64,
+    pub images_seen: f64,
+    pub seconds: f64,
+    pub aborted: bool,
+    pub last_checkpoint: Option<String>,
+    pub skipped_images: u32,
+}
+
+enum Message {
+    Event(TrainEvent),
+    Done(vit_mae_core::Result<TrainSummary>),
+}
+
+fn blank(kind: &str) -> NativeTrainEvent {
+    NativeTrainEvent {
+        kind: kind.to_string(),
+        epoch: None,
+        step: None,
+        total_steps: None,
+        loss: None,
+        lr: None,
+        images_per_sec: None,
+        eta_seconds: None,
+        path: None,
+        count: None,
+        message: None,
+        summary: None,
+    }
+}
+
+fn to_native(event: TrainEvent) -> NativeTrainEvent {
+    match event {
+        TrainEvent::Step { epoch, step, total_steps, loss, lr, images_per_sec, eta_seconds } => NativeTrainEvent {
+            epoch: Some(epoch as u32),
+            step: Some(step as f64),
+            total_steps: Some(total_steps as f64),
+            loss: Some(loss),
+            lr: Some(lr),
+            images_per_sec: Some(images_per_sec),
+            eta_seconds: Some(eta_seconds),
+            ..blank("step")
+        },
+        TrainEvent::Checkpoint { step, path } => NativeTrainEvent { step: Some(step as f64), path: Some(path.display().to_string()), ..blank("checkpoint") },
+        TrainEvent::Skipped { step, count, first } => NativeTrainEvent { step: Some(step as f64), count: Some(count as u32), message: Some(first), ..blank("skipped") },
+        TrainEvent::EpochEnd { epoch, mean_loss } => NativeTrainEvent { epoch: Some(epoch as u32), loss: Some(mean_loss), ..blank("epochEnd") },
+    }
+}
+
+/// A pre-training run in progress.
+#[napi]
+pub struct NativeTrainingRun {
+    events: Arc<Mutex<Receiver<Message>>>,
+    cancel: Arc<AtomicBool>,
+}
+
+#[napi]
+impl NativeTrainingRun {
+    /// The next event; the last one has kind 'done' (or the promise rejects with the run's error).
+    #[napi(ts_return_type = "Promise<NativeTrainEvent>")]
+    pub fn next_event(&self) -> AsyncTask<NextEventTask> {
+        AsyncTask::new(NextEventTask { events: self.events.clone() })
+    }
+
+    /// Stops after the current step, writing a checkpoint of where it stopped.
+    #[napi]
+    pub fn abort(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+}
+
+pub struct NextEventTask {
+    events: Arc<Mutex<Receiver<Message>>>,
+}
+
+impl Task for NextEventTask {
+    type Output = NativeTrainEvent;
+    type JsValue = NativeTrainEvent;
+
+    fn compute(&mut self) -> Result<NativeTrainEvent> {
+        guarded(|| {
+            let events = self.events.lock().map_err(|_| err(ErrorCode::Internal, "event channel poisoned"))?;
+            match events.recv() {
+                Ok(Message::Event(e)) => Ok(to_native(e)),
+                Ok(Message::Done(Ok(s))) => Ok(NativeTrainEvent {
+                    summary: Some(NativeTrainSummary {
+                        steps: s.steps as f64,
+                        epochs_completed: s.epochs_completed as u32,
+                        final_loss: s.final_loss,
+                        images_seen: s.images_seen as f64,
+                        seconds: s.seconds,
+                        aborted: s.aborted,
+                        last_checkpoint: s.last_checkpoint.map(|p| p.display().to_string()),
+                        skipped_images: s.skipped_images as u32,
+                    }),
+                    ..blank("done")
+                }),
+                Ok(Message::Done(Err(e))) => Err(e),
+                Err(_) => Err(err(ErrorCode::InvalidArgument, "the training run has already finished")),
+            }
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, output: NativeTrainEvent) -> Result<NativeTrainEvent> {
+        Ok(output)
+    }
+}
+
+#[napi]
+impl NativeMae {
+    /// Starts pre-training on a thread of its own.
+    #[napi]
+    pub fn pretrain(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, config_json: String, resume: Option<String>) -> Result<NativeTrainingRun> {
+        let model = self.model.clone();
+        let (config, loader) = guarded(|| {
+            let config: PretrainConfig = serde_json::from_str(&config_json).map_err(|e| err(ErrorCode::InvalidArgument, format!("invalid training options: {e}")))?;
+            config.validate()?;
+            let c = read_model(&model)?.config.clone();
+            let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
+            Ok((config, loader))
+        })?;
+        let (tx, rx) = channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        std::thread::Builder::new()
+            .name("vit-mae-train".into())
+            .spawn(move || {
+                let events = tx.clone();
+                let result = guarded_core(|| {
+                    let model = read_model(&model)?;
+                    let mut on_event = |e: TrainEvent| {
+                        let _ = events.send(Message::Event(e));
+                    };
+                    train::pretrain(&model, &loader, &config, resume.as_deref().map(PathBuf::from).as_deref(), &mut on_event, &stop)
+                });
+                let _ = tx.send(Message::Done(result));
+            })
+            .map_err(|e| crate::to_napi(err(ErrorCode::Internal, format!("cannot start the training thread: {e}"))))?;
+        Ok(NativeTrainingRun { events: Arc::new(Mutex::new(rx)), cancel })
+    }
+
+    /// The published visualisation: masked input, reconstruction, reconstruction with the visible patches.
+    #[napi(ts_return_type = "Promise<NativeReconstruction>")]
+    pub fn reconstruct(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<ReconstructTask>> {
+        let input = guarded(|| Ok((host_tensor(&images, &shape)?, options.to_core()?)))?;
+        Ok(AsyncTask::new(ReconstructTask { model: self.model.clone(), images: input.0, options: input.1 }))
+    }
+}
+
+/// `guarded` for code that stays in Rust: a panic becomes an internal error.
+fn guarded_core<T>(f: impl FnOnce() -> vit_mae_core::Result<T>) -> vit_mae_core::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| Err(err(ErrorCode::Internal, "internal error in the training thread (please report)")))
+}
+
+#[napi(object)]
+pub struct NativeReconstruction {
+    pub loss: f64,
+    pub mask: NativeTensor,
+    pub masked: NativeTensor,
+    pub reconstruction: NativeTensor,
+    pub pasted: NativeTensor,
+}
+
+pub struct ReconstructTask {
+    model: Shared,
+    images: HostTensor,
+    options: vit_mae_core::MaskOptions,
+}
+
+impl Task for ReconstructTask {
+    type Output = (f64, [HostTensor; 4]);
+    type JsValue = NativeReconstruction;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        guarded(|| {
+            let model = read_model(&self.model)?;
+            let imgs = model.images_to_tensor(&self.images)?;
+            let r = model.reconstruct(&imgs, &self.options)?;
+            Ok((
+                r.loss as f64,
+                [HostTensor::from_tensor(&r.mask)?, HostTensor::from_tensor(&r.masked)?, HostTensor::from_tensor(&r.reconstruction)?, HostTensor::from_tensor(&r.pasted)?],
+            ))
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, (loss, [mask, masked, reconstruction, pasted]): Self::Output) -> Result<NativeReconstruction> {
+        Ok(NativeReconstruction {
+            loss,
+            mask: NativeTensor::from_host(mask),
+            masked: NativeTensor::from_host(masked),
+            reconstruction: NativeTensor::from_host(reconstruction),
+            pasted: NativeTensor::from_host(pasted),
+        })
+    }
+}
+
+/// Loads `count` images starting at `start` (in dataset order), augmented and normalised as `loader` says.
+#[napi(ts_return_type = "Promise<NativeTensor>")]
+pub fn load_images(dataset: NativeDatasetSpec, loader: NativeLoaderOptions, img_size: u32, channels: u32, start: u32, count: u32) -> Result<AsyncTask<LoadImagesTask>> {
+    let dataset = guarded(|| open_dataset(&dataset))?;
+    let loader = guarded(|| {
+        let mut o = loader;
+        o.batch_size = count.max(1);
+        o.shuffle = false;
+        make_loader(dataset, &o, img_size as usize, channels as usize)
+    })?;
+    Ok(AsyncTask::new(LoadImagesTask { loader, start: start as usize, count: count as usize }))
+}
+
+pub struct LoadImagesTask {
+    loader: Loader,
+    start: usize,
+    count: usize,
+}
+
+impl Task for LoadImagesTask {
+    type Output = HostTensor;
+    type JsValue = NativeTensor;
+
+    fn compute(&mut self) -> Result<HostTensor> {
+        guarded(|| {
+            if self.count == 0 || self.start % self.count != 0 {
+                return Err(err(ErrorCode::InvalidArgument, "start must be a multiple of count, and count positive"));
+            }
+            match self.loader.epoch(0, self.start / self.count).next() {
+                Some(batch) => {
+                    let batch = batch?;
+                    HostTensor::new(batch.images, batch.shape.to_vec())
+                }
+                None => Err(err(ErrorCode::InvalidArgument, format!("the dataset has fewer than {} images", self.start + self.count))),
+            }
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, output: HostTensor) -> Result<NativeTensor> {
+        Ok(NativeTensor::from_host(output))
+    }
+}
+
+/// Writes the reconstruction PNG grid (masked | reconstruction | pasted | original rows).
+#[napi(ts_return_type = "Promise<void>")]
+pub fn write_reconstruction_grid(path: String, masked: NativeTensor, reconstruction: NativeTensor, pasted: NativeTensor, originals: NativeTensor, mean: Vec<f64>, std: Vec<f64>) -> Result<AsyncTask<GridTask>> {
+    let tensors = guarded(|| {
+        Ok([&masked, &reconstruction, &pasted, &originals].map(|t| host_tensor(&t.data, &t.shape)).into_iter().collect::<vit_mae_core::Result<Vec<_>>>()?)
+    })?;
+    Ok(AsyncTask::new(GridTask { path: PathBuf::from(path), tensors, mean: mean.iter().map(|&v| v as f32).collect(), std: std.iter().map(|&v| v as f32).collect() }))
+}
+
+pub struct GridTask {
+    path: PathBuf,
+    tensors: Vec<HostTensor>,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+impl Task for GridTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> Result<()> {
+        guarded(|| {
+            let device = vit_mae_core::candle_core::Device::Cpu;
+            let t = self.tensors.iter().map(|t| t.to_tensor(&device)).collect::<vit_mae_core::Result<Vec<_>>>()?;
+            vit_mae_core::visualize::write_reconstruction_grid(&self.path, [&t[0], &t[1], &t[2], &t[3]], &self.mean, &self.std)
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+// Pre-training through the facade: events, abort, resume, corrupt images, NaN, reconstruction.
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { MaskedAutoencoder, VitMaeError, writeReconstructionGrid, type MaeConfig, type TrainingEvent } from '../ts/index.js';
+import { encodePng, pngSize, randomTensor } from './helpers.js';
+
+const TINY: MaeConfig = {
+  imgSize: 16,
+  patchSize: 4,
+  inChans: 1,
+  embedDim: 16,
+  depth: 1,
+  numHeads: 2,
+  decoderEmbedDim: 8,
+  decoderDepth: 1,
+  decoderNumHeads: 2,
+  mlpRatio: 4,
+  normPixLoss: true,
+  layerNormEps: 1e-6,
+};
+const dir = mkdtempSync(join(tmpdir(), 'vit-mae-train-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+/** 32 smooth images in [0, 1]. */
+function images(n = 32): { data: Float32Array; shape: number[] } {
+  const t = randomTensor([n, 1, 16, 16], 9);
+  t.data.forEach((v, i) => (t.data[i] = 0.5 + 0.25 * v + 0.2 * Math.sin((i % 16) / 3)));
+  return t;
+}
+
+const base = { augment: { randomResizedCrop: false, hflip: false, mean: [0.5], std: [0.25] }, batchSize: 8, workers: 1, epochs: 4, warmupEpochs: 1, lr: 5e-3 };
+
+describe('pretrain', () => {
+  it('reports steps through the iterator and the callback, and lowers the loss', async () => {
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 1 });
+    const seen: TrainingEvent[] = [];
+    const run = mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, onProgress: (e) => seen.push(e) });
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 1);
+    const iterated: TrainingEvent[] = [];
+    for await (const e of run) iterated.push(e);
+    clearInterval(timer);
+    const summary = await run.result;
+    expect(iterated).toEqual(seen);
+    const steps = iterated.filter((e) => e.type === 'step');
+    expect(steps.map((e) => e.step)).toEqual([...Array(16).keys()].map((i) => i + 1));
+    expect(steps.every((e) => e.totalSteps === 16 && Number.isFinite(e.loss) && e.lr >= 0 && e.imagesPerSec > 0)).toBe(true);
+    expect(iterated.filter((e) => e.type === 'epochEnd').map((e) => e.epoch)).toEqual([0, 1, 2, 3]);
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    expect(mean(steps.slice(-4).map((e) => e.loss))).toBeLessThan(mean(steps.slice(0, 4).map((e) => e.loss)));
+    expect(summary).toMatchObject({ steps: 16, epochsCompleted: 4, aborted: false, imagesSeen: 128, skippedImages: 0, lastCheckpoint: null });
+    expect(ticks).toBeGreaterThan(0);
+  });
+
+  it('stops on an AbortSignal after the current step, leaving a checkpoint it resumes from', async () => {
+    const checkpointDir = join(dir, 'abort');
+    const straightDir = join(dir, 'straight');
+    const data = { kind: 'memory', images: images() } as const;
+    const straight = MaskedAutoencoder.create({ config: TINY, seed: 2 });
+    await straight.pretrain({ ...base, data, maxSteps: 6, checkpointDir: straightDir }).result;
+
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 2 });
+    const controller = new AbortController();
+    const run = mae.pretrain({ ...base, data, maxSteps: 6, checkpointDir, signal: controller.signal, onProgress: (e) => e.type === 'step' && e.step === 3 && controller.abort() });
+    const summary = await run.result;
+    // The abort reaches the training thread while it may already be in the next step.
+    expect(summary.aborted).toBe(true);
+    expect(summary.steps).toBeGreaterThanOrEqual(3);
+    expect(summary.steps).toBeLessThan(6);
+    expect(summary.lastCheckpoint).toBe(join(checkpointDir, `checkpoint-${String(summary.steps).padStart(8, '0')}.safetensors`));
+    expect(existsSync(summary.lastCheckpoint!)).toBe(true);
+
+    const resumed = MaskedAutoencoder.create({ config: TINY, seed: 2 });
+    const rest = await resumed.pretrain({ ...base, data, maxSteps: 6, checkpointDir, resume: checkpointDir }).result;
+    expect(rest.steps).toBe(6);
+    await resumed.save(join(dir, 'resumed.safetensors'));
+    await straight.save(join(dir, 'straight.safetensors'));
+    expect(readFileSync(join(dir, 'resumed.safetensors')).equals(readFileSync(join(dir, 'straight.safetensors')))).toBe(true);
+  });
+
+  it('skips unreadable images with a counted warning, or fails on them', async () => {
+    const folder = join(dir, 'folder');
+    for (const cls of ['a', 'b']) {
+      mkdirSync(join(folder, cls), { recursive: true });
+      for (let i = 0; i < 8; i++) writeFileSync(join(folder, cls, `${i}.png`), encodePng(20, 20, (x, y) => (x * 7 + y * 3 + i * 11) % 256));
+    }
+    writeFileSync(join(folder, 'a', 'broken.png'), Buffer.from('not a png at all'));
+    const mae = MaskedAutoencoder.create({ config: TINY });
+    const data = { kind: 'folder', path: folder } as const;
+    const run = mae.pretrain({ ...base, data, epochs: 1, warmupEpochs: 0, augment: { mean: [0.5], std: [0.25] } });
+    const skipped = [];
+    for await (const e of run) if (e.type === 'skipped') skipped.push(e);
+    expect(skipped).toHaveLength(1);
+    expect(skipped[0].message).toMatch(/broken\.png/);
+    expect((await run.result).skippedImages).toBe(1);
+
+    const strict = mae.pretrain({ ...base, data, epochs: 1, warmupEpochs: 0, skipCorrupt: false, augment: { mean: [0.5], std: [0.25] } });
+    await expect(strict.result).rejects.toMatchObject({ code: 'E_IO', message: expect.stringMatching(/broken\.png/) });
+  });
+
+  it('stops with E_NON_FINITE_LOSS naming the step, keeping the last good checkpoint', async () => {
+    const checkpointDir = join(dir, 'diverged');
+    const mae = MaskedAutoencoder.create({ config: TINY });
+    // An absurd learning rate from the first step blows the weights up at once.
+    const run = mae.pretrain({ ...base, lr: 1e30, warmupEpochs: 0, checkpointDir, checkpointEvery: 1, data: { kind: 'memory', images: images() } });
+    const error = await run.result.catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(VitMaeError);
+    expect(error).toMatchObject({ code: 'E_NON_FINITE_LOSS', message: expect.stringMatching(/at step 2\b.*checkpoint-00000001\.safetensors/) });
+    expect(existsSync(join(checkpointDir, 'checkpoint-00000001.safetensors'))).toBe(true);
+    expect(existsSync(join(checkpointDir, 'checkpoint-00000002.safetensors'))).toBe(false);
+  });
+
+  it('rejects bad options with clear errors', async () => {
+    const mae = MaskedAutoencoder.create({ config: TINY });
+    const data = { kind: 'memory', images: images() } as const;
+    expect(() => mae.pretrain({ ...base, data, batchSize: 0 })).toThrow(/batchSize/);
+    expect(() => mae.pretrain({ ...base, data, maskRatio: 1 })).toThrow(expect.objectContaining({ code: 'E_MASK_RATIO' }));
+    expect(() => mae.pretrain({ ...base, data: { kind: 'folder', path: join(dir, 'nope') } })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT' }));
+    expect(() => mae.pretrain({ ...base, data, augment: { mean: [0.5, 0.5] } })).toThrow(/mean and std/);
+  });
+});
+
+describe('reconstruct', () => {
+  it('returns masked, reconstruction and pasted images consistent with the mask', async () => {
+    const mae = MaskedAutoencoder.create({ config: { ...TINY, normPixLoss: false }, seed: 4 });
+    const x = randomTensor([2, 1, 16, 16], 5);
+    const r = await mae.reconstruct(x, { maskRatio: 0.5 });
+    for (const t of [r.masked, r.reconstruction, r.pasted]) expect(t.shape).toEqual([2, 1, 16, 16]);
+    for (let n = 0; n < 2; n++)
+      for (let py = 0; py < 4; py++)
+        for (let px = 0; px < 4; px++) {
+          const removed = r.mask.data[n * 16 + py * 4 + px] === 1;
+          const i = n * 256 + (py * 4 + 1) * 16 + px * 4 + 2; // a pixel inside the patch
+          expect(r.masked.data[i] + 0).toBe(removed ? 0 : x.data[i]);
+          expect(r.pasted.data[i]).toBeCloseTo(removed ? r.reconstruction.data[i] : x.data[i], 6);
+        }
+    const png = join(dir, 'grid.png');
+    await writeReconstructionGrid(png, r, x, { mean: [0.5], std: [0.25] });
+    // 4 columns and 2 rows of 128-pixel cells (16 px enlarged 8x) with 2-pixel gaps.
+    expect(pngSize(readFileSync(png))).toEqual({ width: 4 * 128 + 5 * 2, height: 2 * 128 + 3 * 2 });
+  });
+});

@@ -1,0 +1,223 @@
+#!/usr/bin/env node
+// The `vit-mae` command line: pretrain, reconstruct, info.
+// Exit codes: 0 success, 1 failure (a VitMaeError; its code is printed), 2 bad usage,
+// 130 stopped by SIGINT/SIGTERM after writing a checkpoint.
+import { mkdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import cliProgress from 'cli-progress';
+import {
+  MaskedAutoencoder,
+  VitMaeError,
+  loadImages,
+  writeReconstructionGrid,
+  type DatasetSource,
+  type MaeConfig,
+  type MaskingStrategy,
+  type PresetName,
+} from './index.js';
+
+const EXIT_FAILURE = 1;
+const EXIT_USAGE = 2;
+const EXIT_INTERRUPTED = 130;
+
+function number(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n)) throw new InvalidArgumentError(`'${value}' is not a number`);
+  return n;
+}
+
+function integer(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`'${value}' is not a non-negative integer`);
+  return n;
+}
+
+function json(value: string): Partial<MaeConfig> {
+  try {
+    return JSON.parse(value) as Partial<MaeConfig>;
+  } catch {
+    throw new InvalidArgumentError('--config must be a JSON object');
+  }
+}
+
+/** A dataset from a path: a folder of images, or an IDX file (optionally with labels). */
+function dataset(path: string, labels?: string): DatasetSource {
+  return /idx\d-ubyte(\.gz)?$/.test(path) ? { kind: 'idx', path, labelsPath: labels } : { kind: 'folder', path };
+}
+
+interface Output {
+  json: boolean;
+}
+
+function emit(out: Output, record: Record<string, unknown>, text?: string): void {
+  if (out.json) process.stdout.write(`${JSON.stringify(record)}\n`);
+  else if (text !== undefined) process.stderr.write(`${text}\n`);
+}
+
+async function reconstructionPng(mae: MaskedAutoencoder, source: DatasetSource, path: string, opts: { count: number; maskRatio: number; masking: MaskingStrategy; seed: number; padTo?: number }): Promise<number> {
+  const { imgSize, inChans } = mae.config;
+  const images = await loadImages(source, { imgSize, inChans, count: opts.count, augment: { padTo: opts.padTo } });
+  const n = images.shape[0];
+  const L = (imgSize / mae.config.patchSize) ** 2;
+  // Noise from a fixed generator, so the same checkpoint always shows the same masks.
+  let state = opts.seed + 1;
+  const noise = { data: Float32Array.from({ length: n * L }, () => ((state = (state * 1103515245 + 12345) % 2147483648) / 2147483648)), shape: [n, L] };
+  const rec = await mae.reconstruct(images, { maskRatio: opts.maskRatio, masking: opts.masking, noise: opts.masking === 'random' ? noise : undefined });
+  mkdirSync(dirname(path), { recursive: true });
+  await writeReconstructionGrid(path, rec, images);
+  return rec.loss;
+}
+
+const program = new Command()
+  .name('vit-mae')
+  .description('Masked autoencoders (ViT-MAE): pre-train, reconstruct, inspect checkpoints.')
+  .showHelpAfterError()
+  .exitOverride();
+
+program
+  .command('pretrain')
+  .description('pre-train an MAE on a folder of images or an IDX file, with checkpoints and a reconstruction PNG at the end')
+  .requiredOption('--data <path>', 'image folder (class sub-folders allowed) or IDX file (.gz or plain)')
+  .option('--out <dir>', 'run folder: checkpoints, final model and reconstruction.png', 'runs/pretrain')
+  .addOption(new Option('--preset <name>', 'model preset').default('mae_vit_base_patch16'))
+  .option('--config <json>', 'model config fields (override the preset)', json)
+  .option('--init <checkpoint>', 'start from these weights instead of a fresh model')
+  .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
+  .option('--epochs <n>', 'epochs', integer, 400)
+  .option('--batch-size <n>', 'images per step', integer, 64)
+  .option('--accum-iter <n>', 'micro-batches per optimizer step', integer, 1)
+  .option('--blr <lr>', 'base learning rate (lr = blr * batch / 256)', number, 1.5e-4)
+  .option('--lr <lr>', 'absolute learning rate (overrides --blr)', number)
+  .option('--min-lr <lr>', 'final learning rate', number, 0)
+  .option('--warmup-epochs <n>', 'warm-up epochs', number, 40)
+  .option('--weight-decay <wd>', 'AdamW weight decay', number, 0.05)
+  .option('--clip-grad <norm>', 'clip the global gradient norm', number)
+  .option('--mask-ratio <r>', 'fraction of patches removed', number, 0.75)
+  .addOption(new Option('--masking <kind>', 'masking strategy').choices(['random', 'block', 'grid']).default('random'))
+  .option('--seed <n>', 'seed for weights, data order, augmentation, masks', integer, 0)
+  .option('--max-steps <n>', 'stop after this many steps', integer)
+  .option('--checkpoint-every <n>', 'checkpoint every n steps (and at the end)', integer, 0)
+  .option('--keep-last <n>', 'checkpoints to keep', integer, 3)
+  .option('--pad-to <n>', 'zero-pad images to this side first (e.g. 32 for 28x28 Fashion-MNIST)', integer)
+  .option('--no-crop', 'resize instead of RandomResizedCrop')
+  .option('--no-flip', 'no horizontal flips')
+  .option('--workers <n>', 'data threads', integer, 2)
+  .option('--json', 'print one JSON object per event on stdout')
+  .action(async (o) => {
+    const out: Output = { json: Boolean(o.json) };
+    const checkpointDir = join(o.out, 'checkpoints');
+    const mae = o.init
+      ? await MaskedAutoencoder.load(o.init, { config: o.config, seed: o.seed })
+      : MaskedAutoencoder.create({ preset: o.preset as PresetName, config: o.config, seed: o.seed });
+    const source = dataset(o.data);
+    const controller = new AbortController();
+    const stop = () => {
+      emit(out, { type: 'interrupt' }, '\nstopping after this step and writing a checkpoint...');
+      controller.abort();
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+    const run = mae.pretrain({
+      data: source,
+      augment: { padTo: o.padTo, randomResizedCrop: o.crop, hflip: o.flip },
+      epochs: o.epochs,
+      batchSize: o.batchSize,
+      accumIter: o.accumIter,
+      blr: o.blr,
+      lr: o.lr,
+      minLr: o.minLr,
+      warmupEpochs: o.warmupEpochs,
+      weightDecay: o.weightDecay,
+      clipGrad: o.clipGrad,
+      maskRatio: o.maskRatio,
+      masking: o.masking as MaskingStrategy,
+      seed: o.seed,
+      maxSteps: o.maxSteps,
+      workers: o.workers,
+      checkpointDir,
+      checkpointEvery: o.checkpointEvery,
+      keepLast: o.keepLast,
+      resume: o.resume === true ? checkpointDir : o.resume,
+      signal: controller.signal,
+    });
+    const bar = !out.json && process.stderr.isTTY
+      ? new cliProgress.SingleBar({ format: 'step {value}/{total} [{bar}] epoch {epoch} loss {loss} lr {lr} {ips} img/s eta {etaText}', stream: process.stderr }, cliProgress.Presets.shades_classic)
+      : null;
+    for await (const e of run) {
+      emit(out, { ...e });
+      if (e.type === 'step') {
+        const fields = { epoch: e.epoch, loss: e.loss.toFixed(4), lr: e.lr.toExponential(2), ips: e.imagesPerSec.toFixed(1), etaText: `${Math.round(e.etaSeconds)}s` };
+        if (bar) {
+          if (e.step === 1 || !bar.getTotal()) bar.start(e.totalSteps, e.step, fields);
+          bar.update(e.step, fields);
+        } else if (!out.json && (e.step % 10 === 0 || e.step === e.totalSteps)) {
+          process.stderr.write(`step ${e.step}/${e.totalSteps} epoch ${e.epoch} loss ${fields.loss} lr ${fields.lr} ${fields.ips} img/s eta ${fields.etaText}\n`);
+        }
+      } else if (e.type === 'skipped') {
+        process.stderr.write(`warning: skipped ${e.count} unreadable image(s): ${e.message}\n`);
+      }
+    }
+    bar?.stop();
+    const summary = await run.result;
+    const modelPath = join(o.out, 'model.safetensors');
+    await mae.save(modelPath);
+    const png = join(o.out, 'reconstruction.png');
+    const reconstructionLoss = await reconstructionPng(mae, source, png, { count: 8, maskRatio: o.maskRatio, masking: o.masking, seed: o.seed, padTo: o.padTo });
+    emit(out, { type: 'summary', ...summary, model: modelPath, reconstruction: png, reconstructionLoss },
+      `${summary.aborted ? 'stopped' : 'done'}: ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.imagesSeen} images in ${summary.seconds.toFixed(1)} s` +
+      `${summary.skippedImages ? `, ${summary.skippedImages} unreadable images skipped` : ''}\nmodel: ${modelPath}\nreconstruction: ${png}`);
+    if (summary.aborted) process.exitCode = EXIT_INTERRUPTED;
+  });
+
+program
+  .command('reconstruct')
+  .description('write a PNG grid (masked | reconstruction | reconstruction + visible | original) for images of a dataset')
+  .argument('<checkpoint>', 'model: .safetensors, .pth or a Hugging Face folder')
+  .requiredOption('--data <path>', 'image folder or IDX file')
+  .option('--out <png>', 'output PNG', 'reconstruction.png')
+  .option('--count <n>', 'images (rows)', integer, 8)
+  .option('--mask-ratio <r>', 'fraction of patches removed', number, 0.75)
+  .addOption(new Option('--masking <kind>', 'masking strategy').choices(['random', 'block', 'grid']).default('random'))
+  .option('--seed <n>', 'seed for the masks', integer, 0)
+  .option('--pad-to <n>', 'zero-pad images to this side first', integer)
+  .option('--config <json>', 'model config fields the checkpoint does not tell', json)
+  .option('--json', 'print the result as JSON on stdout')
+  .action(async (checkpoint: string, o) => {
+    const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config });
+    const loss = await reconstructionPng(mae, dataset(o.data), o.out, { count: o.count, maskRatio: o.maskRatio, masking: o.masking, seed: o.seed, padTo: o.padTo });
+    emit({ json: Boolean(o.json) }, { type: 'reconstruction', path: o.out, loss }, `wrote ${o.out} (loss ${loss.toFixed(4)})`);
+  });
+
+program
+  .command('info')
+  .description('what a checkpoint holds: format, config, parameter count')
+  .argument('<checkpoint>', 'model: .safetensors, .pth or a Hugging Face folder')
+  .option('--config <json>', 'model config fields the checkpoint does not tell', json)
+  .option('--json', 'print as JSON on stdout')
+  .action(async (checkpoint: string, o) => {
+    const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config });
+    const info = { path: checkpoint, format: mae.checkpointFormat, parameterCount: mae.parameterCount, freshDecoder: mae.freshDecoder, config: mae.config };
+    if (o.json) process.stdout.write(`${JSON.stringify(info)}\n`);
+    else {
+      process.stdout.write(`${checkpoint}\n  format: ${info.format}\n  parameters: ${info.parameterCount.toLocaleString()}\n`);
+      if (info.freshDecoder) process.stdout.write('  decoder: not in the checkpoint (encoder only)\n');
+      for (const [k, v] of Object.entries(info.config)) process.stdout.write(`  ${k}: ${v}\n`);
+    }
+  });
+
+try {
+  await program.parseAsync();
+} catch (error) {
+  const e = error as { code?: string; exitCode?: number; message?: string };
+  if (error instanceof VitMaeError) {
+    process.stderr.write(`error [${error.code}]: ${error.message}\n`);
+    process.exitCode = EXIT_FAILURE;
+  } else if (typeof e.code === 'string' && e.code.startsWith('commander.')) {
+    // commander has printed the problem (or the help/version) already.
+    process.exitCode = e.code === 'commander.helpDisplayed' || e.code === 'commander.help' || e.code === 'commander.version' ? 0 : EXIT_USAGE;
+  } else {
+    process.stderr.write(`error: ${e.message ?? String(error)}\n`);
+    process.exitCode = EXIT_FAILURE;
+  }
+}

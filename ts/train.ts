@@ -1,0 +1,190 @@
+import type { MaskingStrategy } from './index.js';
+import type { AugmentOptions, DatasetSource, LoaderOptions } from './data.js';
+import { VitMaeError } from './errors.js';
+import { rethrow, type Binding } from './native.js';
+
+/** Options for {@link MaskedAutoencoder.pretrain}; defaults follow `main_pretrain.py`. */
+export interface PretrainOptions extends LoaderOptions {
+  /** The training images. */
+  data: DatasetSource;
+  /** Augmentation and normalisation. */
+  augment?: AugmentOptions;
+  /** Epochs (sets the schedule's length). Default 400. */
+  epochs?: number;
+  /** Micro-batches per optimizer step. Default 1. */
+  accumIter?: number;
+  /** Base learning rate; `lr = blr * batchSize * accumIter / 256`. Default 1.5e-4. */
+  blr?: number;
+  /** Absolute learning rate (overrides `blr`). */
+  lr?: number;
+  /** Final learning rate of the cosine. Default 0. */
+  minLr?: number;
+  /** Linear warm-up epochs. Default 40 (fractions allowed). */
+  warmupEpochs?: number;
+  /** AdamW weight decay (not applied to 1-D parameters and biases). Default 0.05. */
+  weightDecay?: number;
+  /** AdamW betas. Default [0.9, 0.95]. */
+  betas?: [number, number];
+  /** Clip the global gradient norm to this value. Default: no clipping. */
+  clipGrad?: number;
+  /** Fraction of patches removed. Default 0.75. */
+  maskRatio?: number;
+  /** Masking strategy. Default 'random'. */
+  masking?: MaskingStrategy;
+  /** Seeds data order, augmentation and masks. Default 0. */
+  seed?: number;
+  /** Stop after this many optimizer steps in total. */
+  maxSteps?: number;
+  /** Folder for checkpoints (model, optimizer, position); none without it. */
+  checkpointDir?: string;
+  /** Write a checkpoint every this many steps (and always at the end). Default 0: only at the end. */
+  checkpointEvery?: number;
+  /** Checkpoints to keep. Default 3. */
+  keepLast?: number;
+  /** Continue from a training checkpoint file, or the newest one in a folder. */
+  resume?: string;
+  /** Stops the run after the current step, leaving a checkpoint. */
+  signal?: AbortSignal;
+  /** Called with every event. */
+  onProgress?: (event: TrainingEvent) => void;
+}
+
+/** A step finished. */
+export interface StepEvent {
+  type: 'step';
+  epoch: number;
+  /** Optimizer steps taken so far. */
+  step: number;
+  totalSteps: number;
+  /** Mean loss of the step's micro-batches. */
+  loss: number;
+  lr: number;
+  imagesPerSec: number;
+  etaSeconds: number;
+}
+
+/** A checkpoint was written. */
+export interface CheckpointEvent {
+  type: 'checkpoint';
+  step: number;
+  path: string;
+}
+
+/** Unreadable images were left out of a batch. */
+export interface SkippedEvent {
+  type: 'skipped';
+  step: number;
+  count: number;
+  /** What was wrong with the first of them. */
+  message: string;
+}
+
+/** An epoch finished. */
+export interface EpochEndEvent {
+  type: 'epochEnd';
+  epoch: number;
+  meanLoss: number;
+}
+
+/** What a training run reports. */
+export type TrainingEvent = StepEvent | CheckpointEvent | SkippedEvent | EpochEndEvent;
+
+/** How a run ended. */
+export interface TrainingSummary {
+  steps: number;
+  epochsCompleted: number;
+  /** Loss of the last step (NaN if none ran). */
+  finalLoss: number;
+  imagesSeen: number;
+  seconds: number;
+  /** True when stopped by the AbortSignal. */
+  aborted: boolean;
+  lastCheckpoint: string | null;
+  /** Unreadable images skipped. */
+  skippedImages: number;
+}
+
+function toEvent(e: Binding.NativeTrainEvent): TrainingEvent {
+  switch (e.kind) {
+    case 'step':
+      return { type: 'step', epoch: e.epoch!, step: e.step!, totalSteps: e.totalSteps!, loss: e.loss!, lr: e.lr!, imagesPerSec: e.imagesPerSec!, etaSeconds: e.etaSeconds! };
+    case 'checkpoint':
+      return { type: 'checkpoint', step: e.step!, path: e.path! };
+    case 'skipped':
+      return { type: 'skipped', step: e.step!, count: e.count!, message: e.message! };
+    case 'epochEnd':
+      return { type: 'epochEnd', epoch: e.epoch!, meanLoss: e.loss! };
+    default:
+      throw new VitMaeError('E_INTERNAL', `unknown training event ${e.kind}`);
+  }
+}
+
+/**
+ * A pre-training run in progress: iterate it for events, and await
+ * {@link TrainingRun.result} for the summary. Training runs on a native thread;
+ * the event loop stays free.
+ */
+export class TrainingRun implements AsyncIterable<TrainingEvent> {
+  /** Resolves with the summary when the run ends; rejects with a VitMaeError if it fails. */
+  readonly result: Promise<TrainingSummary>;
+  readonly #native: Binding.NativeTrainingRun;
+  readonly #buffered: TrainingEvent[] = [];
+  #wake: (() => void) | null = null;
+  #ended = false;
+
+  /** @internal */
+  constructor(native: Binding.NativeTrainingRun, onProgress?: (event: TrainingEvent) => void, signal?: AbortSignal) {
+    this.#native = native;
+    const abort = () => native.abort();
+    if (signal?.aborted) abort();
+    signal?.addEventListener('abort', abort, { once: true });
+    this.result = this.#pump(onProgress).finally(() => {
+      signal?.removeEventListener('abort', abort);
+      this.#ended = true;
+      this.#wake?.();
+    });
+    // The iterator reports failures through `result`; don't also warn about an unhandled rejection.
+    this.result.catch(() => {});
+  }
+
+  async #pump(onProgress?: (event: TrainingEvent) => void): Promise<TrainingSummary> {
+    for (;;) {
+      let next: Binding.NativeTrainEvent;
+      try {
+        next = await this.#native.nextEvent();
+      } catch (error) {
+        rethrow(error);
+      }
+      if (next.kind === 'done') {
+        const s = next.summary!;
+        return { ...s, lastCheckpoint: s.lastCheckpoint ?? null };
+      }
+      const event = toEvent(next);
+      onProgress?.(event);
+      this.#buffered.push(event);
+      this.#wake?.();
+    }
+  }
+
+  /** Stops after the current step, leaving a checkpoint of where it stopped. */
+  abort(): void {
+    this.#native.abort();
+  }
+
+  /** The run's events in order; ends when the run does, throwing its error if it failed. */
+  async *[Symbol.asyncIterator](): AsyncIterator<TrainingEvent> {
+    for (;;) {
+      const event = this.#buffered.shift();
+      if (event) {
+        yield event;
+        continue;
+      }
+      if (this.#ended) {
+        await this.result;
+        return;
+      }
+      await new Promise<void>((resolve) => (this.#wake = resolve));
+      this.#wake = null;
+    }
+  }
+}
