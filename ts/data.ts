@@ -9,10 +9,35 @@ import { checkTensor, type Tensor } from './tensor.js';
  * - `{ kind: 'idx', path, labelsPath? }`: the IDX format of MNIST and Fashion-MNIST (gzip or plain).
  * - `{ kind: 'memory', images, labels? }`: images `[N, C, H, W]` with values in [0, 1].
  */
-export type DatasetSource =
-  | { kind: 'folder'; path: string }
-  | { kind: 'idx'; path: string; labelsPath?: string }
-  | { kind: 'memory'; images: Tensor; labels?: ArrayLike<number> };
+export type DatasetSource = FolderSource | IdxSource | MemorySource;
+
+/** A folder of images, searched recursively; `class/xxx.jpg` sub-folders give labels. */
+export interface FolderSource {
+  /** Which kind of source this is. */
+  kind: 'folder';
+  /** The folder. */
+  path: string;
+}
+
+/** Images in the IDX format of MNIST and Fashion-MNIST (gzip or plain). */
+export interface IdxSource {
+  /** Which kind of source this is. */
+  kind: 'idx';
+  /** The images file (`*-images-idx3-ubyte[.gz]`). */
+  path: string;
+  /** The labels file (`*-labels-idx1-ubyte[.gz]`), if any. */
+  labelsPath?: string;
+}
+
+/** Images already in memory. */
+export interface MemorySource {
+  /** Which kind of source this is. */
+  kind: 'memory';
+  /** `[N, C, H, W]` with values in [0, 1]. */
+  images: Tensor;
+  /** One class index per image, if labelled. */
+  labels?: ArrayLike<number>;
+}
 
 /** Augmentation and normalisation; defaults are the published pre-training ones. */
 export interface AugmentOptions {

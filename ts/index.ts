@@ -20,6 +20,9 @@ export {
   FASHION_MNIST_MEAN,
   FASHION_MNIST_STD,
   type DatasetSource,
+  type FolderSource,
+  type IdxSource,
+  type MemorySource,
   type AugmentOptions,
   type LoaderOptions,
 } from './data.js';

@@ -51,29 +51,41 @@ export interface PretrainOptions extends LoaderOptions {
 
 /** A step finished. */
 export interface StepEvent {
+  /** Which event this is. */
   type: 'step';
+  /** The epoch the step belongs to (from 0). */
   epoch: number;
   /** Optimizer steps taken so far. */
   step: number;
+  /** Steps the run will take in all. */
   totalSteps: number;
   /** Mean loss of the step's micro-batches. */
   loss: number;
+  /** The learning rate the step used. */
   lr: number;
+  /** Training throughput of this run so far. */
   imagesPerSec: number;
+  /** Estimated seconds to the end of the run. */
   etaSeconds: number;
 }
 
 /** A checkpoint was written. */
 export interface CheckpointEvent {
+  /** Which event this is. */
   type: 'checkpoint';
+  /** Steps taken when it was written. */
   step: number;
+  /** The checkpoint file. */
   path: string;
 }
 
 /** Unreadable images were left out of a batch. */
 export interface SkippedEvent {
+  /** Which event this is. */
   type: 'skipped';
+  /** Steps taken when they were met. */
   step: number;
+  /** How many were left out. */
   count: number;
   /** What was wrong with the first of them. */
   message: string;
@@ -81,8 +93,11 @@ export interface SkippedEvent {
 
 /** An epoch finished. */
 export interface EpochEndEvent {
+  /** Which event this is. */
   type: 'epochEnd';
+  /** The epoch that ended (from 0). */
   epoch: number;
+  /** Mean step loss over the epoch. */
   meanLoss: number;
 }
 
@@ -91,14 +106,19 @@ export type TrainingEvent = StepEvent | CheckpointEvent | SkippedEvent | EpochEn
 
 /** How a run ended. */
 export interface TrainingSummary {
+  /** Optimizer steps taken in all (including before a resume). */
   steps: number;
+  /** Epochs finished. */
   epochsCompleted: number;
   /** Loss of the last step (NaN if none ran). */
   finalLoss: number;
+  /** Images trained on in all. */
   imagesSeen: number;
+  /** Wall-clock seconds of this run. */
   seconds: number;
   /** True when stopped by the AbortSignal. */
   aborted: boolean;
+  /** The newest checkpoint written or resumed from, if any. */
   lastCheckpoint: string | null;
   /** Unreadable images skipped. */
   skippedImages: number;
@@ -132,7 +152,7 @@ export class TrainingRun implements AsyncIterable<TrainingEvent> {
   #wake: (() => void) | null = null;
   #ended = false;
 
-  /** @internal */
+  /** @internal Created by {@link MaskedAutoencoder.pretrain}. */
   constructor(native: Binding.NativeTrainingRun, onProgress?: (event: TrainingEvent) => void, signal?: AbortSignal) {
     this.#native = native;
     const abort = () => native.abort();
