@@ -17,8 +17,9 @@ pub const FASHION_MNIST_MEAN: [f32; 1] = [0.2860];
 /// Fashion-MNIST's pixel standard deviation.
 pub const FASHION_MNIST_STD: [f32; 1] = [0.3530];
 
-/// The Keys cubic-convolution parameter of torch's bicubic interpolation.
-const CUBIC_A: f64 = -0.75;
+/// The Keys cubic-convolution parameter. The published pipeline resizes PIL images,
+/// and PIL's bicubic uses -0.5 (torch's tensor bicubic uses -0.75).
+const CUBIC_A: f64 = -0.5;
 
 /// How one image becomes one model input.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,9 +51,13 @@ pub struct Augment {
 /// A crop rectangle in pixels, as torchvision's `get_params` returns it (`i, j, h, w`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CropBox {
+    /// First row.
     pub top: usize,
+    /// First column.
     pub left: usize,
+    /// Rows, at least 1.
     pub height: usize,
+    /// Columns, at least 1.
     pub width: usize,
 }
 
@@ -246,7 +251,8 @@ struct Taps {
     weight: [f64; 4],
 }
 
-/// torch's `upsample_bicubic2d` (align_corners=False, no antialias) along one axis of
+/// Bicubic taps with pixel-centre alignment (align_corners=False, no antialias; PIL's
+/// kernel parameter, see `CUBIC_A`) along one axis of
 /// the span `start..start + len`: source coordinate `(o + 0.5) * len / out - 0.5`,
 /// taps clamped to the span's border, as if the span had been cropped out first.
 fn axis_taps(start: usize, len: usize, out: usize) -> Vec<Taps> {

@@ -29,7 +29,9 @@ use rand_chacha::ChaCha8Rng;
 pub struct RawImage {
     /// 1 (grayscale) or 3 (RGB) for decoded files; any count for in-memory data.
     pub channels: usize,
+    /// Rows.
     pub height: usize,
+    /// Columns.
     pub width: usize,
     /// `[channels, height, width]`, row-major.
     pub data: Vec<f32>,
