@@ -144,12 +144,14 @@ program
     const bar = !out.json && process.stderr.isTTY
       ? new cliProgress.SingleBar({ format: 'step {value}/{total} [{bar}] epoch {epoch} loss {loss} lr {lr} {ips} img/s eta {etaText}', stream: process.stderr }, cliProgress.Presets.shades_classic)
       : null;
+    let barStarted = false;
     for await (const e of run) {
       emit(out, { ...e });
       if (e.type === 'step') {
         const fields = { epoch: e.epoch, loss: e.loss.toFixed(4), lr: e.lr.toExponential(2), ips: e.imagesPerSec.toFixed(1), etaText: `${Math.round(e.etaSeconds)}s` };
         if (bar) {
-          if (e.step === 1 || !bar.getTotal()) bar.start(e.totalSteps, e.step, fields);
+          if (!barStarted) bar.start(e.totalSteps, e.step, fields);
+          barStarted = true;
           bar.update(e.step, fields);
         } else if (!out.json && (e.step % 10 === 0 || e.step === e.totalSteps)) {
           process.stderr.write(`step ${e.step}/${e.totalSteps} epoch ${e.epoch} loss ${fields.loss} lr ${fields.lr} ${fields.ips} img/s eta ${fields.etaText}\n`);
