@@ -288,6 +288,15 @@ pub fn pretrain(
     }
     // As published, micro-batches left over after an epoch's last full step are not used.
     let used_batches = steps_per_epoch * config.accum_iter;
+    if state.batch_in_epoch >= used_batches || state.batch_in_epoch % config.accum_iter != 0 {
+        bail!(
+            InvalidArgument,
+            "the checkpoint stopped at batch {} of epoch {}, which this loader ({used_batches} usable batches an epoch, accumIter {}) cannot continue from: resume with the same data, batch size and accumIter",
+            state.batch_in_epoch,
+            state.epoch,
+            config.accum_iter
+        );
+    }
     let total_steps = (steps_per_epoch as u64 * config.epochs as u64).min(config.max_steps.unwrap_or(u64::MAX));
     let schedule = LrSchedule { lr: config.peak_lr(loader.batch_size()), min_lr: config.min_lr, warmup_epochs: config.warmup_epochs, epochs: config.epochs as f64 };
 
