@@ -146,7 +146,8 @@ pub const PRESETS: [(&str, MaeConfig); 7] = [
 ];
 
 #[allow(clippy::too_many_arguments)]
-const fn preset(
+/// A config with the published `mlpRatio` 4 and `layerNormEps` 1e-6.
+pub const fn preset(
     img_size: usize,
     patch_size: usize,
     in_chans: usize,

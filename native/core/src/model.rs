@@ -240,9 +240,14 @@ impl MaskedAutoencoder {
 
     /// The mask for a batch of `n` images.
     pub fn mask_plan(&self, n: usize, options: &MaskOptions) -> Result<MaskPlan> {
+        let mut rng = self.mask_rng.lock().unwrap_or_else(|e| e.into_inner());
+        self.mask_plan_with(&mut *rng, n, options)
+    }
+
+    /// The mask for a batch of `n` images, drawing any randomness from `rng`.
+    pub fn mask_plan_with(&self, rng: &mut impl rand::Rng, n: usize, options: &MaskOptions) -> Result<MaskPlan> {
         masking::check_mask_ratio(options.mask_ratio)?;
         let l = self.config.num_patches();
-        let mut rng = self.mask_rng.lock().unwrap_or_else(|e| e.into_inner());
         match (options.masking, &options.noise) {
             (Masking::Random, Some(noise)) => {
                 if noise.shape != [n, l] {
@@ -251,9 +256,9 @@ impl MaskedAutoencoder {
                 let rows: Vec<Vec<f32>> = noise.data.chunks(l).map(<[f32]>::to_vec).collect();
                 masking::random_from_noise(&rows, options.mask_ratio)
             }
-            (Masking::Random, None) => masking::random_from_noise(&masking::uniform_noise(&mut *rng, n, l), options.mask_ratio),
+            (Masking::Random, None) => masking::random_from_noise(&masking::uniform_noise(rng, n, l), options.mask_ratio),
             (_, Some(_)) => bail!(InvalidNoise, "noise applies only to random masking"),
-            (Masking::Block, None) => masking::block(&mut *rng, n, self.config.grid_size(), options.mask_ratio),
+            (Masking::Block, None) => masking::block(rng, n, self.config.grid_size(), options.mask_ratio),
             (Masking::Grid, None) => masking::grid(n, self.config.grid_size(), options.mask_ratio),
         }
     }

@@ -7,7 +7,7 @@ use crate::checkpoint::{self, OPTIMIZER_PREFIX};
 use crate::data::Loader;
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, Masking};
-use crate::model::MaskedAutoencoder;
+use crate::model::{MaskOptions, MaskedAutoencoder};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use candle_core::Tensor;
 use rand::SeedableRng;
@@ -168,12 +168,7 @@ pub struct TrainSummary {
 fn step_plan(config: &PretrainConfig, model: &MaskedAutoencoder, n: usize, step: u64, micro: usize) -> Result<MaskPlan> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x6d61_736b);
     rng.set_stream(step * 1024 + micro as u64);
-    let grid = model.config.grid_size();
-    match config.masking {
-        Masking::Random => masking::random_from_noise(&masking::uniform_noise(&mut rng, n, grid * grid), config.mask_ratio),
-        Masking::Block => masking::block(&mut rng, n, grid, config.mask_ratio),
-        Masking::Grid => masking::grid(n, grid, config.mask_ratio),
-    }
+    model.mask_plan_with(&mut rng, n, &MaskOptions { mask_ratio: config.mask_ratio, masking: config.masking, noise: None })
 }
 
 fn checkpoint_name(step: u64) -> String {

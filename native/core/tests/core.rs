@@ -13,34 +13,7 @@ use vit_mae_core::{ConfigPatch, ErrorCode, HostTensor, MaeConfig, MaskOptions, M
 
 // ---------------------------------------------------------------- helpers
 
-#[allow(clippy::too_many_arguments)]
-fn config(
-    img_size: usize,
-    patch_size: usize,
-    in_chans: usize,
-    embed_dim: usize,
-    depth: usize,
-    num_heads: usize,
-    decoder_embed_dim: usize,
-    decoder_depth: usize,
-    decoder_num_heads: usize,
-    norm_pix_loss: bool,
-) -> MaeConfig {
-    MaeConfig {
-        img_size,
-        patch_size,
-        in_chans,
-        embed_dim,
-        depth,
-        num_heads,
-        decoder_embed_dim,
-        decoder_depth,
-        decoder_num_heads,
-        mlp_ratio: 4.0,
-        norm_pix_loss,
-        layer_norm_eps: 1e-6,
-    }
-}
+use vit_mae_core::config::preset as config;
 
 /// 32x32 RGB, patch 4 (8x8 grid), two thin blocks each side.
 fn small_config() -> MaeConfig {
