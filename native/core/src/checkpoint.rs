@@ -409,20 +409,19 @@ pub fn save_model(model: &MaskedAutoencoder, path: &Path) -> Result<()> {
 }
 
 /// `save_model` plus extra tensors and metadata entries (training state).
-pub fn save_with(model: &MaskedAutoencoder, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-    let mut tensors = Vec::new();
-    for (name, var) in model.params() {
-        tensors.push((name.clone(), var.as_tensor().to_device(&Device::Cpu)?));
-    }
-    for (name, t) in model.buffers() {
-        tensors.push((name.to_string(), t.to_device(&Device::Cpu)?));
-    }
-    for (name, t) in extra {
-        tensors.push((name, t.to_device(&Device::Cpu)?));
-    }
+pub fn save_with(model: &MaskedAutoencoder, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    tensors.extend(model.buffers().iter().map(|(n, t)| (n.to_string(), (*t).clone())));
+    tensors.extend(extra);
+    save_tensors(tensors, model.config.to_published_json(), metadata, path)
+}
+
+/// Writes named tensors as safetensors with `config` in `__metadata__.config`, atomically.
+pub fn save_tensors(tensors: Vec<(String, Tensor)>, config: serde_json::Value, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let tensors = tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<Vec<_>>>()?;
     // safetensors writes metadata in hash-map order: a plain model save has this one
     // entry, so the same model always gives the same bytes.
-    metadata.insert("config".to_string(), model.config.to_published_json().to_string());
+    metadata.insert("config".to_string(), config.to_string());
     let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
         .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise checkpoint: {e}")))?;
     write_atomic(path, &bytes)

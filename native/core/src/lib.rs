@@ -3,11 +3,14 @@
 //! Pure Rust; the Node binding lives in a crate of its own.
 
 pub mod checkpoint;
+pub mod classifier;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod finetune;
 pub mod masking;
+pub mod mixup;
 pub mod model;
 pub mod nn;
 pub mod ops;
@@ -23,4 +26,5 @@ pub use config::{ConfigPatch, MaeConfig, PRESETS};
 pub use device::DeviceSpec;
 pub use error::{Error, ErrorCode, Result};
 pub use masking::{MaskPlan, Masking};
-pub use model::{ForwardOutput, HostTensor, MaskOptions, MaskedAutoencoder, Reconstruction};
+pub use classifier::{ClassifierConfig, VitClassifier};
+pub use model::{ForwardOutput, HostTensor, MaskOptions, MaskedAutoencoder, Pool, Reconstruction};

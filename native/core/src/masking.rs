@@ -37,6 +37,11 @@ pub struct MaskPlan {
 }
 
 impl MaskPlan {
+    /// Every patch visible, in order: the encoder over whole images.
+    pub fn keep_all(n: usize, l: usize) -> Self {
+        MaskPlan { ids_shuffle: vec![(0..l as u32).collect(); n], len_keep: l }
+    }
+
     /// `ids_restore[n][l]` is where patch `l` sits in the shuffled order.
     pub fn ids_restore(&self) -> Vec<Vec<u32>> {
         self.ids_shuffle

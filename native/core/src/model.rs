@@ -79,28 +79,28 @@ pub struct ForwardOutput {
 
 /// `PatchEmbed` as patchify + matmul: the same numbers as the published conv,
 /// without a gradient for the pixels.
-struct PatchEmbed {
+pub(crate) struct PatchEmbed {
     weight: Tensor,
     bias: Tensor,
     patch_size: usize,
 }
 
 impl PatchEmbed {
-    fn new(p: &mut ParamBuilder, c: &MaeConfig) -> candle_core::Result<Self> {
-        let fan_in = c.in_chans * c.patch_size * c.patch_size;
+    pub(crate) fn new(p: &mut ParamBuilder, in_chans: usize, patch_size: usize, embed_dim: usize) -> candle_core::Result<Self> {
+        let fan_in = in_chans * patch_size * patch_size;
         // Published: xavier-uniform on the weight viewed as [D, C*p*p]; the bias keeps
         // nn.Conv2d's default init.
         let weight = p.param(
             "patch_embed.proj.weight",
-            &[c.embed_dim, c.in_chans, c.patch_size, c.patch_size],
-            Init::XavierUniform { fan_in, fan_out: c.embed_dim },
+            &[embed_dim, in_chans, patch_size, patch_size],
+            Init::XavierUniform { fan_in, fan_out: embed_dim },
         )?;
-        let bias = p.param("patch_embed.proj.bias", &[c.embed_dim], Init::Uniform { bound: 1.0 / (fan_in as f64).sqrt() })?;
-        Ok(PatchEmbed { weight, bias, patch_size: c.patch_size })
+        let bias = p.param("patch_embed.proj.bias", &[embed_dim], Init::Uniform { bound: 1.0 / (fan_in as f64).sqrt() })?;
+        Ok(PatchEmbed { weight, bias, patch_size })
     }
 
     /// `[N, C, H, W]` -> `[N, L, D]`.
-    fn forward(&self, imgs: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, imgs: &Tensor) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = imgs.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
@@ -142,7 +142,7 @@ impl MaskedAutoencoder {
         let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone());
         let l = c.num_patches();
 
-        let patch_embed = PatchEmbed::new(&mut p, c)?;
+        let patch_embed = PatchEmbed::new(&mut p, c.in_chans, c.patch_size, c.embed_dim)?;
         let cls_token = p.param("cls_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })?;
         let blocks = (0..c.depth)
             .map(|i| Block::new(&mut p, &format!("blocks.{i}"), c.embed_dim, c.num_heads, c.mlp_hidden(), c.layer_norm_eps))
@@ -382,6 +382,44 @@ impl MaskedAutoencoder {
             gradients.push((name.clone(), grad));
         }
         Ok(gradients)
+    }
+}
+
+/// How token features become one vector per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Mean of the patch tokens (the cls token left out), as published global pooling.
+    Mean,
+    /// The cls token.
+    Cls,
+}
+
+impl Pool {
+    pub fn parse(name: &str) -> Result<Pool> {
+        match name {
+            "mean" => Ok(Pool::Mean),
+            "cls" => Ok(Pool::Cls),
+            other => bail!(InvalidArgument, "pool must be 'mean' or 'cls', got '{other}'"),
+        }
+    }
+
+    /// `[N, 1 + L, D]` tokens (cls first) -> `[N, D]`.
+    pub fn apply(self, tokens: &Tensor) -> Result<Tensor> {
+        let l = tokens.dim(1)? - 1;
+        Ok(match self {
+            Pool::Mean => tokens.narrow(1, 1, l)?.mean(1)?,
+            Pool::Cls => tokens.narrow(1, 0, 1)?.squeeze(1)?,
+        })
+    }
+}
+
+impl MaskedAutoencoder {
+    /// Features of whole images `[N, D]`: the encoder over every patch, after its
+    /// final norm, pooled. No gradient is kept.
+    pub fn embed(&self, imgs: &Tensor, pool: Pool) -> Result<Tensor> {
+        let n = imgs.dim(0)?;
+        let latent = self.forward_encoder(imgs, &MaskPlan::keep_all(n, self.config.num_patches()))?;
+        pool.apply(&latent.detach())
     }
 }
 

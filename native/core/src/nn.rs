@@ -13,13 +13,21 @@ pub struct Linear {
 impl Linear {
     /// `nn.Linear(in_dim, out_dim)` with the MAE init: xavier-uniform weight, zero bias.
     pub fn new(p: &mut ParamBuilder, name: &str, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = p.param(&format!("{name}.weight"), &[out_dim, in_dim], Init::XavierUniform { fan_in: in_dim, fan_out: out_dim })?;
+        Self::with_init(p, name, in_dim, out_dim, Init::XavierUniform { fan_in: in_dim, fan_out: out_dim })
+    }
+
+    /// A linear layer whose weight starts as `weight_init` (the bias at zero).
+    pub fn with_init(p: &mut ParamBuilder, name: &str, in_dim: usize, out_dim: usize, weight_init: Init) -> Result<Self> {
+        let weight = p.param(&format!("{name}.weight"), &[out_dim, in_dim], weight_init)?;
         let bias = p.param(&format!("{name}.bias"), &[out_dim], Init::Zeros)?;
         Ok(Linear { weight, bias })
     }
 
-    /// `xs @ weight^T + bias` over the last dimension of a `[B, T, in]` input.
+    /// `xs @ weight^T + bias` over the last dimension of a `[B, T, in]` or `[B, in]` input.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.rank() == 2 {
+            return xs.matmul(&self.weight.t()?)?.broadcast_add(&self.bias);
+        }
         let (b, t, c) = xs.dims3()?;
         let out = xs.reshape((b * t, c))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
         out.reshape((b, t, ()))
@@ -108,7 +116,42 @@ impl Block {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.norm1.forward(xs)?)?)?;
-        &xs + self.mlp.forward(&self.norm2.forward(&xs)?)?
+        self.forward_dropping(xs, None)
+    }
+
+    /// The forward pass with stochastic depth (timm's `DropPath`): each residual
+    /// branch is multiplied per sample by its `[N, 1, 1]` scale (0, or 1 / keep_prob).
+    pub fn forward_dropping(&self, xs: &Tensor, scales: Option<&DropPathScales>) -> Result<Tensor> {
+        let attn = self.attn.forward(&self.norm1.forward(xs)?)?;
+        let attn = match scales {
+            Some(s) => attn.broadcast_mul(&s.attn)?,
+            None => attn,
+        };
+        let xs = (xs + attn)?;
+        let mlp = self.mlp.forward(&self.norm2.forward(&xs)?)?;
+        let mlp = match scales {
+            Some(s) => mlp.broadcast_mul(&s.mlp)?,
+            None => mlp,
+        };
+        &xs + mlp
+    }
+}
+
+/// Per-sample scales of a block's two residual branches under stochastic depth.
+pub struct DropPathScales {
+    pub attn: Tensor,
+    pub mlp: Tensor,
+}
+
+impl DropPathScales {
+    /// timm's `drop_path`: each sample keeps a branch with probability `1 - rate`, and
+    /// kept branches are scaled by `1 / (1 - rate)` so the expectation is unchanged.
+    pub fn draw(rng: &mut impl rand::Rng, n: usize, rate: f64, device: &candle_core::Device) -> Result<Self> {
+        let keep = 1.0 - rate;
+        let mut draw = || -> Result<Tensor> {
+            let values: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+            Tensor::from_vec(values, (n, 1, 1), device)
+        };
+        Ok(DropPathScales { attn: draw()?, mlp: draw()? })
     }
 }

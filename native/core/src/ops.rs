@@ -21,6 +21,13 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
+/// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`, the max
+/// detached as in `softmax_last_dim`.
+pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let shifted = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?.detach())?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
 /// GELU with the exact erf, as `nn.GELU()`.
 pub fn gelu(xs: &Tensor) -> Result<Tensor> {
     xs.gelu_erf()

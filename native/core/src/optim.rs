@@ -1,7 +1,59 @@
-//! AdamW and the learning-rate schedule of the published pre-training recipe.
+//! The optimizers of the published recipes (AdamW for pre-training and
+//! fine-tuning, LARS for linear probing), their parameter groups, and the
+//! learning-rate schedule.
 
 use crate::error::Result;
 use candle_core::{Tensor, Var};
+use std::collections::BTreeMap;
+
+/// What the training loop needs of an optimizer.
+pub trait Optimizer: Send {
+    /// One update with `grads` given in parameter order, at base learning rate `lr`.
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()>;
+    /// Updates taken (restored on resume).
+    fn steps_taken(&self) -> u64;
+    fn set_steps_taken(&mut self, steps: u64);
+    /// Buffers by key (`<kind>.<param>`), for checkpoints.
+    fn state(&self) -> Vec<(String, Tensor)>;
+    /// Restores every buffer from `tensors` (keyed as `state` gives them).
+    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
+}
+
+/// How one parameter is optimised: whether weight decay applies, and the factor on
+/// the learning rate (layer-wise decay).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParamGroup {
+    pub decays: bool,
+    pub lr_scale: f64,
+}
+
+/// The groups of `util/lr_decay.py`'s `param_groups_lrd` for a ViT of `depth` blocks:
+/// layer 0 is the patch embedding, cls token and position embedding, block `i` is
+/// layer `i + 1`, everything after is layer `depth + 1`; the scale is
+/// `layer_decay^(depth + 1 - layer)`. 1-D parameters, `cls_token` and `pos_embed` do
+/// not decay (`no_weight_decay()` of timm's ViT).
+pub fn layer_decay_groups(params: &[(String, Var)], depth: usize, layer_decay: f64) -> Vec<ParamGroup> {
+    let num_layers = depth + 1;
+    params
+        .iter()
+        .map(|(name, var)| {
+            let name = name.as_str();
+            let layer = if name == "cls_token" || name == "pos_embed" || name.starts_with("patch_embed") {
+                0
+            } else if let Some(rest) = name.strip_prefix("blocks.") {
+                rest.split('.').next().and_then(|i| i.parse::<usize>().ok()).map_or(num_layers, |i| i + 1)
+            } else {
+                num_layers
+            };
+            let decays = !(var.rank() == 1 || name == "cls_token" || name == "pos_embed");
+            ParamGroup { decays, lr_scale: layer_decay.powi((num_layers - layer) as i32) }
+        })
+        .collect()
+}
+
+fn missing_state(kind: &str, name: &str) -> crate::error::Error {
+    crate::error::Error::new(crate::error::ErrorCode::CheckpointKeys, format!("checkpoint lacks the optimizer state {kind} of {name}"))
+}
 
 /// Whether a parameter is exempt from weight decay: 1-D parameters (norms,
 /// biases) and anything named `*.bias`, as timm's `add_weight_decay` (used by
@@ -38,23 +90,25 @@ pub struct AdamW {
 struct Slot {
     name: String,
     var: Var,
-    decays: bool,
+    group: ParamGroup,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
 
 impl AdamW {
+    /// The pre-training groups: decay as `decays` says, one learning rate.
     pub fn new(params: &[(String, Var)], config: AdamWConfig) -> Result<Self> {
+        let groups = params.iter().map(|(name, var)| ParamGroup { decays: decays(name, var.dims()), lr_scale: 1.0 }).collect();
+        Self::with_groups(params, groups, config)
+    }
+
+    /// One group per parameter, in the same order.
+    pub fn with_groups(params: &[(String, Var)], groups: Vec<ParamGroup>, config: AdamWConfig) -> Result<Self> {
         let slots = params
             .iter()
-            .map(|(name, var)| {
-                Ok(Slot {
-                    name: name.clone(),
-                    var: var.clone(),
-                    decays: decays(name, var.dims()),
-                    exp_avg: var.zeros_like()?,
-                    exp_avg_sq: var.zeros_like()?,
-                })
+            .zip(groups)
+            .map(|((name, var), group)| {
+                Ok(Slot { name: name.clone(), var: var.clone(), group, exp_avg: var.zeros_like()?, exp_avg_sq: var.zeros_like()? })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { config, slots, step: 0 })
@@ -62,8 +116,8 @@ impl AdamW {
 
     /// Names of the parameters in the decay and no-decay groups.
     pub fn groups(&self) -> (Vec<&str>, Vec<&str>) {
-        let decay = self.slots.iter().filter(|s| s.decays).map(|s| s.name.as_str()).collect();
-        let no_decay = self.slots.iter().filter(|s| !s.decays).map(|s| s.name.as_str()).collect();
+        let decay = self.slots.iter().filter(|s| s.group.decays).map(|s| s.name.as_str()).collect();
+        let no_decay = self.slots.iter().filter(|s| !s.group.decays).map(|s| s.name.as_str()).collect();
         (decay, no_decay)
     }
 
@@ -73,10 +127,11 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
         let bias_correction2 = 1.0 - beta2.powi(self.step as i32);
-        let step_size = lr / bias_correction1;
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
+            let lr = lr * slot.group.lr_scale;
+            let step_size = lr / bias_correction1;
             let mut param = slot.var.as_tensor().clone();
-            if slot.decays && weight_decay != 0.0 {
+            if slot.group.decays && weight_decay != 0.0 {
                 param = (param * (1.0 - lr * weight_decay))?;
             }
             slot.exp_avg = ((&slot.exp_avg * beta1)? + (grad * (1.0 - beta1))?)?;
@@ -104,6 +159,96 @@ impl AdamW {
         let device = slot.var.device().clone();
         slot.exp_avg = exp_avg.to_device(&device)?;
         slot.exp_avg_sq = exp_avg_sq.to_device(&device)?;
+        Ok(())
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        AdamW::step(self, grads, lr)
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    fn set_steps_taken(&mut self, steps: u64) {
+        self.step = steps;
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        AdamW::state(self).flat_map(|(name, m, v)| [(format!("exp_avg.{name}"), m.clone()), (format!("exp_avg_sq.{name}"), v.clone())]).collect()
+    }
+
+    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        let names: Vec<String> = self.slots.iter().map(|s| s.name.clone()).collect();
+        for name in names {
+            let get = |kind: &str| tensors.get(&format!("{kind}.{name}")).cloned().ok_or_else(|| missing_state(kind, &name));
+            self.set_state(&name, get("exp_avg")?, get("exp_avg_sq")?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `util/lars.py`: SGD with momentum whose update of each matrix is scaled by the
+/// trust ratio `trust_coefficient * |w| / |g + wd * w|`; 1-D parameters get neither
+/// weight decay nor the ratio.
+pub struct Lars {
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub trust_coefficient: f64,
+    slots: Vec<(String, Var, Tensor)>,
+    steps: u64,
+}
+
+impl Lars {
+    /// The published linear-probe settings: momentum 0.9, trust coefficient 0.001.
+    pub fn new(params: &[(String, Var)], weight_decay: f64) -> Result<Self> {
+        let slots = params.iter().map(|(n, v)| Ok((n.clone(), v.clone(), v.zeros_like()?))).collect::<Result<Vec<_>>>()?;
+        Ok(Lars { weight_decay, momentum: 0.9, trust_coefficient: 0.001, slots, steps: 0 })
+    }
+}
+
+impl Optimizer for Lars {
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.steps += 1;
+        for ((_, var, mu), grad) in self.slots.iter_mut().zip(grads) {
+            let param = var.as_tensor();
+            let mut dp = grad.clone();
+            if param.rank() > 1 {
+                dp = (dp + (param * self.weight_decay)?)?;
+                let param_norm = param.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+                let update_norm = dp.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+                if param_norm > 0.0 && update_norm > 0.0 {
+                    dp = (dp * (self.trust_coefficient * param_norm / update_norm))?;
+                }
+            }
+            *mu = ((&*mu * self.momentum)? + dp)?;
+            var.set(&(param - (&*mu * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.steps
+    }
+
+    fn set_steps_taken(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.slots.iter().map(|(name, _, mu)| (format!("momentum.{name}"), mu.clone())).collect()
+    }
+
+    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, var, mu) in &mut self.slots {
+            let t = tensors.get(&format!("momentum.{name}")).ok_or_else(|| missing_state("momentum", name))?;
+            if t.dims() != var.dims() {
+                crate::bail!(CheckpointShape, "optimizer state for {name} has the wrong shape");
+            }
+            *mu = t.to_device(var.device())?;
+        }
         Ok(())
     }
 }

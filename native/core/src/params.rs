@@ -17,6 +17,8 @@ pub enum Init {
     Normal { std: f64 },
     /// U(-bound, bound), PyTorch's default for a conv bias: bound = 1/sqrt(fan_in).
     Uniform { bound: f64 },
+    /// timm's `trunc_normal_(std=...)`: normal, redrawn outside the absolute bounds [-2, 2].
+    TruncNormal { std: f64 },
 }
 
 impl Init {
@@ -33,6 +35,17 @@ impl Init {
                 (0..len).map(|_| normal.sample(rng) as f32).collect()
             }
             Init::Uniform { bound } => (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect(),
+            Init::TruncNormal { std } => {
+                let normal = Normal::new(0.0, std).expect("std is positive");
+                (0..len)
+                    .map(|_| loop {
+                        let v: f64 = normal.sample(rng);
+                        if (-2.0..=2.0).contains(&v) {
+                            break v as f32;
+                        }
+                    })
+                    .collect()
+            }
         }
     }
 }

@@ -4,11 +4,11 @@
 
 use crate::bail;
 use crate::checkpoint::{self, OPTIMIZER_PREFIX};
-use crate::data::Loader;
+use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, Masking};
 use crate::model::{MaskOptions, MaskedAutoencoder};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -148,6 +148,8 @@ pub enum TrainEvent {
     /// Unreadable images left out of a batch.
     Skipped { step: u64, count: usize, first: String },
     EpochEnd { epoch: usize, mean_loss: f64 },
+    /// Accuracy on the evaluation set after an epoch (fine-tuning).
+    Eval { epoch: usize, top1: f64, top5: f64, loss: f64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -191,22 +193,66 @@ pub fn list_checkpoints(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-fn save_checkpoint(model: &MaskedAutoencoder, optimizer: &AdamW, state: &TrainState, config: &PretrainConfig) -> Result<Option<PathBuf>> {
+/// The parts of a recipe the training loop itself uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoopConfig {
+    pub epochs: usize,
+    pub accum_iter: usize,
+    /// Peak learning rate (before the schedule and any per-parameter scale).
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub clip_grad: Option<f64>,
+    pub max_steps: Option<u64>,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    pub keep_last: usize,
+}
+
+impl PretrainConfig {
+    fn loop_config(&self, batch_size: usize) -> LoopConfig {
+        LoopConfig {
+            epochs: self.epochs,
+            accum_iter: self.accum_iter,
+            lr: self.peak_lr(batch_size),
+            min_lr: self.min_lr,
+            warmup_epochs: self.warmup_epochs,
+            clip_grad: self.clip_grad,
+            max_steps: self.max_steps,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            checkpoint_every: self.checkpoint_every,
+            keep_last: self.keep_last,
+        }
+    }
+}
+
+/// What the training loop trains: pre-training or one of the fine-tuning protocols.
+pub(crate) trait Task {
+    /// Loss and gradients (of the trained parameters, in the optimizer's order) of one
+    /// micro-batch of `[n, C, H, W]` images. `step` and `micro` key its randomness.
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize) -> Result<(f64, Vec<Tensor>)>;
+    fn optimizer(&mut self) -> &mut dyn Optimizer;
+    /// Writes the model with `extra` tensors and `metadata` (plus the recipe) to `path`.
+    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()>;
+    /// Copies a training checkpoint's weights into the model.
+    fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()>;
+    /// Called when an epoch ends (evaluation, for fine-tuning).
+    fn epoch_end(&mut self, _epoch: usize, _on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn save_checkpoint(task: &mut dyn Task, state: &TrainState, config: &LoopConfig) -> Result<Option<PathBuf>> {
     let Some(dir) = &config.checkpoint_dir else { return Ok(None) };
     std::fs::create_dir_all(dir).map_err(|e| Error::new(ErrorCode::Io, format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join(checkpoint_name(state.step));
-    let mut extra = Vec::new();
-    for (name, m, v) in optimizer.state() {
-        extra.push((format!("{OPTIMIZER_PREFIX}exp_avg.{name}"), m.clone()));
-        extra.push((format!("{OPTIMIZER_PREFIX}exp_avg_sq.{name}"), v.clone()));
-    }
-    let json = |v: serde_json::Result<String>| v.map_err(|e| Error::new(ErrorCode::Internal, e.to_string()));
+    let optimizer = task.optimizer();
+    let extra = optimizer.state().into_iter().map(|(k, t)| (format!("{OPTIMIZER_PREFIX}{k}"), t)).collect();
     let metadata = HashMap::from([
-        ("train_state".to_string(), json(serde_json::to_string(state))?),
-        ("pretrain_config".to_string(), json(serde_json::to_string(config))?),
-        ("optimizer_step".to_string(), optimizer.step.to_string()),
+        ("train_state".to_string(), serde_json::to_string(state).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?),
+        ("optimizer_step".to_string(), optimizer.steps_taken().to_string()),
     ]);
-    checkpoint::save_with(model, extra, metadata, &path)?;
+    task.save(extra, metadata, &path)?;
     let existing = list_checkpoints(dir);
     for old in existing.iter().take(existing.len().saturating_sub(config.keep_last)) {
         let _ = std::fs::remove_file(old);
@@ -214,9 +260,9 @@ fn save_checkpoint(model: &MaskedAutoencoder, optimizer: &AdamW, state: &TrainSt
     Ok(Some(path))
 }
 
-/// Restores weights, optimizer moments and position from a checkpoint file, or
-/// from the newest checkpoint in a folder.
-pub fn restore(model: &MaskedAutoencoder, optimizer: &mut AdamW, from: &Path) -> Result<(TrainState, PathBuf)> {
+/// Restores weights, optimizer state and position from a checkpoint file, or from
+/// the newest checkpoint in a folder.
+fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
     let path = if from.is_dir() {
         match list_checkpoints(from).pop() {
             Some(p) => p,
@@ -231,26 +277,11 @@ pub fn restore(model: &MaskedAutoencoder, optimizer: &mut AdamW, from: &Path) ->
     };
     let train_state: TrainState = serde_json::from_str(train_state).map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: bad train_state: {e}", path.display())))?;
     let optimizer_step: u64 = state.metadata.get("optimizer_step").and_then(|s| s.parse().ok()).unwrap_or(train_state.step);
-    if let Some(patch) = &state.config {
-        if patch.apply_to(&model.config) != model.config {
-            bail!(InvalidConfig, "{} was written by a model with another config", path.display());
-        }
-    }
-    let device = model.device().clone();
-    for (name, var) in model.params() {
-        let t = state.tensors.get(name).ok_or_else(|| Error::new(ErrorCode::CheckpointKeys, format!("{} lacks {name}", path.display())))?;
-        if t.dims() != var.dims() {
-            bail!(CheckpointShape, "{name}: checkpoint {:?}, model {:?}", t.dims(), var.dims());
-        }
-        var.set(&t.to_device(&device)?)?;
-        let moment = |kind: &str| {
-            state.tensors.get(&format!("{OPTIMIZER_PREFIX}{kind}.{name}")).cloned().ok_or_else(|| {
-                Error::new(ErrorCode::CheckpointKeys, format!("{} lacks the optimizer state {kind} of {name}", path.display()))
-            })
-        };
-        optimizer.set_state(name, moment("exp_avg")?, moment("exp_avg_sq")?)?;
-    }
-    optimizer.step = optimizer_step;
+    task.restore_weights(&state, &path)?;
+    let optimizer_state = state.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix(OPTIMIZER_PREFIX)?.to_string(), t.clone()))).collect();
+    let optimizer = task.optimizer();
+    optimizer.load_state(&optimizer_state).map_err(|e| Error::new(e.code, format!("{}: {}", path.display(), e.message)))?;
+    optimizer.set_steps_taken(optimizer_step);
     Ok((train_state, path))
 }
 
@@ -267,11 +298,75 @@ pub fn pretrain(
 ) -> Result<TrainSummary> {
     config.validate()?;
     let adamw = AdamWConfig { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
-    let mut optimizer = AdamW::new(model.params(), adamw)?;
+    let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)? };
+    run(&mut task, loader, &config.loop_config(loader.batch_size()), resume, on_event, cancel)
+}
+
+struct Pretraining<'a> {
+    model: &'a MaskedAutoencoder,
+    config: &'a PretrainConfig,
+    optimizer: AdamW,
+}
+
+impl Task for Pretraining<'_> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize) -> Result<(f64, Vec<Tensor>)> {
+        let imgs = Tensor::from_vec(batch.images, batch.shape.as_slice(), self.model.device())?;
+        let plan = step_plan(self.config, self.model, batch.shape[0], step, micro)?;
+        let out = self.model.forward_with_plan(&imgs, &plan)?;
+        let loss = out.loss.to_scalar::<f32>()? as f64;
+        if !loss.is_finite() {
+            return Ok((loss, Vec::new()));
+        }
+        Ok((loss, self.model.gradients(&out)?.into_iter().map(|(_, g)| g).collect()))
+    }
+
+    fn optimizer(&mut self) -> &mut dyn Optimizer {
+        &mut self.optimizer
+    }
+
+    fn save(&mut self, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        let recipe = serde_json::to_string(self.config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+        metadata.insert("pretrain_config".to_string(), recipe);
+        checkpoint::save_with(self.model, extra, metadata, path)
+    }
+
+    fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
+        if let Some(patch) = &state.config {
+            if patch.apply_to(&self.model.config) != self.model.config {
+                bail!(InvalidConfig, "{} was written by a model with another config", path.display());
+            }
+        }
+        copy_params(self.model.params(), &state.tensors, path)
+    }
+}
+
+/// Sets each parameter from the tensor of the same name.
+pub(crate) fn copy_params(params: &[(String, candle_core::Var)], tensors: &std::collections::BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    for (name, var) in params {
+        let t = tensors.get(name).ok_or_else(|| Error::new(ErrorCode::CheckpointKeys, format!("{} lacks {name}", path.display())))?;
+        if t.dims() != var.dims() {
+            bail!(CheckpointShape, "{name}: checkpoint {:?}, model {:?}", t.dims(), var.dims());
+        }
+        var.set(&t.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// The training loop shared by every recipe: per-iteration warm-up + cosine learning
+/// rate, gradient accumulation, optional clipping, events, cancellation, and
+/// checkpoints that resume exactly.
+pub(crate) fn run(
+    task: &mut dyn Task,
+    loader: &Loader,
+    config: &LoopConfig,
+    resume: Option<&Path>,
+    on_event: &mut dyn FnMut(TrainEvent),
+    cancel: &AtomicBool,
+) -> Result<TrainSummary> {
     let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0 };
     let mut last_checkpoint = None;
     if let Some(from) = resume {
-        let (restored, path) = restore(model, &mut optimizer, from)?;
+        let (restored, path) = restore(task, from)?;
         state = restored;
         last_checkpoint = Some(path);
     }
@@ -293,7 +388,7 @@ pub fn pretrain(
         );
     }
     let total_steps = (steps_per_epoch as u64 * config.epochs as u64).min(config.max_steps.unwrap_or(u64::MAX));
-    let schedule = LrSchedule { lr: config.peak_lr(loader.batch_size()), min_lr: config.min_lr, warmup_epochs: config.warmup_epochs, epochs: config.epochs as f64 };
+    let schedule = LrSchedule { lr: config.lr, min_lr: config.min_lr, warmup_epochs: config.warmup_epochs, epochs: config.epochs as f64 };
 
     let started = Instant::now();
     let start_step = state.step;
@@ -321,14 +416,18 @@ pub fn pretrain(
             }
             let n = batch.shape[0];
             if n > 0 {
-                let imgs = Tensor::from_vec(batch.images, batch.shape.as_slice(), model.device())?;
-                let plan = step_plan(config, model, n, state.step, i % config.accum_iter)?;
-                let grads = micro_batch_gradients(model, &imgs, &plan, config.accum_iter, &state, last_checkpoint.as_deref())?;
+                let (loss, grads) = task.micro_batch(batch, state.step, i % config.accum_iter)?;
+                if !loss.is_finite() {
+                    let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p: &Path| format!("the last good checkpoint is {}", p.display()));
+                    bail!(NonFiniteLoss, "loss is {loss} at step {} (epoch {}); training stopped and {kept}", state.step + 1, state.epoch);
+                }
+                let scale = 1.0 / config.accum_iter as f64;
+                let grads = grads.into_iter().map(|g| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
                 accumulated = Some(match accumulated {
-                    Some(acc) => acc.iter().zip(&grads.1).map(|(a, g)| a + g).collect::<candle_core::Result<Vec<_>>>()?,
-                    None => grads.1,
+                    Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<candle_core::Result<Vec<_>>>()?,
+                    None => grads,
                 });
-                step_losses.push(grads.0);
+                step_losses.push(loss);
                 state.images_seen += n as u64;
                 images_this_run += n as u64;
             }
@@ -339,7 +438,7 @@ pub fn pretrain(
                 if let Some(max_norm) = config.clip_grad {
                     clip_grad_norm(&mut grads, max_norm)?;
                 }
-                optimizer.step(&grads, lr)?;
+                task.optimizer().step(&grads, lr)?;
             }
             state.step += 1;
             final_loss = mean(&step_losses);
@@ -360,13 +459,14 @@ pub fn pretrain(
             let epoch_done = state.batch_in_epoch == used_batches;
             if epoch_done {
                 on_event(TrainEvent::EpochEnd { epoch: state.epoch, mean_loss: mean(&epoch_losses) });
+                task.epoch_end(state.epoch, on_event)?;
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
             }
             let finished = state.step >= total_steps || state.epoch >= config.epochs;
             aborted = cancel.load(Ordering::SeqCst) && !finished;
             if finished || aborted || (config.checkpoint_every > 0 && state.step % config.checkpoint_every == 0) {
-                if let Some(path) = save_checkpoint(model, &optimizer, &state, config)? {
+                if let Some(path) = save_checkpoint(task, &state, config)? {
                     on_event(TrainEvent::Checkpoint { step: state.step, path: path.clone() });
                     last_checkpoint = Some(path);
                 }
@@ -390,27 +490,6 @@ pub fn pretrain(
         last_checkpoint,
         skipped_images,
     })
-}
-
-/// Loss and gradients (scaled by `1 / accum_iter`) of one micro-batch.
-fn micro_batch_gradients(
-    model: &MaskedAutoencoder,
-    imgs: &Tensor,
-    plan: &MaskPlan,
-    accum_iter: usize,
-    state: &TrainState,
-    last_checkpoint: Option<&Path>,
-) -> Result<(f64, Vec<Tensor>)> {
-    let out = model.forward_with_plan(imgs, plan)?;
-    let loss = out.loss.to_scalar::<f32>()? as f64;
-    if !loss.is_finite() {
-        let kept = last_checkpoint.map_or("no checkpoint had been written".to_string(), |p| format!("the last good checkpoint is {}", p.display()));
-        bail!(NonFiniteLoss, "loss is {loss} at step {} (epoch {}); training stopped and {kept}", state.step + 1, state.epoch);
-    }
-    let grads = model.gradients(&out)?;
-    let scale = 1.0 / accum_iter as f64;
-    let grads = grads.into_iter().map(|(_, g)| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
-    Ok((loss, grads))
 }
 
 fn mean(xs: &[f64]) -> f64 {

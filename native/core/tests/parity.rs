@@ -4,6 +4,7 @@
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use vit_mae_core::classifier::load_classifier;
 use vit_mae_core::{load_model, ConfigPatch, HostTensor, MaskOptions, Masking};
 
 fn fixtures() -> PathBuf {
@@ -128,4 +129,40 @@ fn sincos_table_matches_the_published_one() {
             assert_close(key, table, &stored[key], 1e-6);
         }
     }
+}
+
+/// A classifier case: logits, the label-smoothed loss and every gradient.
+fn check_classifier_case(name: &str, checkpoint: &str) {
+    let path = fixtures().join(format!("{name}.case.safetensors"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["config"]).unwrap();
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    // `.pth` holds no config and a 48-wide encoder is no preset: give the head count.
+    let explicit = checkpoint.ends_with(".pth").then(|| serde_json::json!({ "numHeads": config["num_heads"] }));
+    let (classifier, _) = load_classifier(&fixtures().join(checkpoint), explicit.as_ref(), &Device::Cpu, 0).unwrap();
+    assert_eq!(classifier.config.global_pool, config["global_pool"].as_bool().unwrap());
+    let imgs = &tensors["imgs"];
+    assert_close("logits", &classifier.forward(imgs).unwrap(), &tensors["logits"], 1e-4);
+
+    let labels: Vec<i64> = tensors["labels"].to_vec1::<i64>().unwrap();
+    let smoothing = config["smoothing"].as_f64().unwrap();
+    let (loss, grads) = classifier.loss_and_gradients(imgs, &labels, smoothing).unwrap();
+    assert!((loss - values(&tensors["loss"])[0]).abs() <= 1e-4, "loss {loss}");
+    let expected: Vec<&String> = tensors.keys().filter(|k| k.starts_with("grad.")).collect();
+    assert_eq!(grads.len(), expected.len(), "one gradient per trainable parameter");
+    for (param, grad) in &grads {
+        let want = tensors.get(&format!("grad.{param}")).unwrap_or_else(|| panic!("no fixture gradient for {param}"));
+        assert_grad_close(param, grad, want, 1e-3);
+    }
+}
+
+#[test]
+fn vit_cls_tiny_safetensors() {
+    check_classifier_case("vit-cls-tiny", "vit-cls-tiny.weights.safetensors");
+}
+
+#[test]
+fn vit_cls_tiny_pth() {
+    check_classifier_case("vit-cls-tiny", "vit-cls-tiny.pth");
 }

@@ -255,14 +255,14 @@ struct Taps {
 /// kernel parameter, see `CUBIC_A`) along one axis of
 /// the span `start..start + len`: source coordinate `(o + 0.5) * len / out - 0.5`,
 /// taps clamped to the span's border, as if the span had been cropped out first.
-fn axis_taps(start: usize, len: usize, out: usize) -> Vec<Taps> {
+fn axis_taps(start: usize, len: usize, out: usize, a: f64) -> Vec<Taps> {
     let scale = len as f64 / out as f64;
     (0..out)
         .map(|o| {
             let src = (o as f64 + 0.5) * scale - 0.5;
             let floor = src.floor();
             let t = src - floor;
-            let weight = [cubic_far(t + 1.0), cubic_near(t), cubic_near(1.0 - t), cubic_far(2.0 - t)];
+            let weight = [cubic_far(t + 1.0, a), cubic_near(t, a), cubic_near(1.0 - t, a), cubic_far(2.0 - t, a)];
             let index =
                 std::array::from_fn(|k| start + (floor as i64 - 1 + k as i64).clamp(0, len as i64 - 1) as usize);
             Taps { index, weight }
@@ -271,13 +271,13 @@ fn axis_taps(start: usize, len: usize, out: usize) -> Vec<Taps> {
 }
 
 /// Keys' kernel for |x| <= 1.
-fn cubic_near(x: f64) -> f64 {
-    ((CUBIC_A + 2.0) * x - (CUBIC_A + 3.0)) * x * x + 1.0
+fn cubic_near(x: f64, a: f64) -> f64 {
+    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
 }
 
 /// Keys' kernel for 1 < |x| < 2.
-fn cubic_far(x: f64) -> f64 {
-    ((CUBIC_A * x - 5.0 * CUBIC_A) * x + 8.0 * CUBIC_A) * x - 4.0 * CUBIC_A
+fn cubic_far(x: f64, a: f64) -> f64 {
+    ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
 }
 
 /// `region` of `image` resized to `out_h` x `out_w`, planar. Separable, accumulated in
@@ -295,8 +295,8 @@ fn resize_region(image: &RawImage, region: CropBox, out_h: usize, out_w: usize) 
         }
         return out;
     }
-    let xs = axis_taps(region.left, region.width, out_w);
-    let ys = axis_taps(region.top, region.height, out_h);
+    let xs = axis_taps(region.left, region.width, out_w, CUBIC_A);
+    let ys = axis_taps(region.top, region.height, out_h, CUBIC_A);
     // Horizontal pass over the region's rows, then vertical pass over its result.
     let mut rows = vec![0f64; region.height * out_w];
     for c in 0..image.channels {
@@ -310,6 +310,31 @@ fn resize_region(image: &RawImage, region: CropBox, out_h: usize, out_w: usize) 
             for x in 0..out_w {
                 let v = (0..4).fold(0.0, |acc, k| acc + tap.weight[k] * rows[(tap.index[k] - region.top) * out_w + x]);
                 out.push((v as f32).clamp(0.0, 1.0));
+            }
+        }
+    }
+    out
+}
+
+/// `torch.nn.functional.interpolate(mode='bicubic', align_corners=False)` of `[C, H, W]`
+/// planes: PyTorch's kernel (A = -0.75), borders clamped, values not clipped. The
+/// published fine-tuning resizes position embeddings this way.
+pub fn interpolate_bicubic_torch(planes: &[f32], channels: usize, height: usize, width: usize, out_h: usize, out_w: usize) -> Vec<f32> {
+    const TORCH_CUBIC_A: f64 = -0.75;
+    let xs = axis_taps(0, width, out_w, TORCH_CUBIC_A);
+    let ys = axis_taps(0, height, out_h, TORCH_CUBIC_A);
+    let mut out = Vec::with_capacity(channels * out_h * out_w);
+    let mut rows = vec![0f64; height * out_w];
+    for c in 0..channels {
+        let plane = &planes[c * height * width..][..height * width];
+        for r in 0..height {
+            for (dst, tap) in rows[r * out_w..(r + 1) * out_w].iter_mut().zip(&xs) {
+                *dst = (0..4).fold(0.0, |acc, k| acc + tap.weight[k] * f64::from(plane[r * width + tap.index[k]]));
+            }
+        }
+        for tap in &ys {
+            for x in 0..out_w {
+                out.push((0..4).fold(0.0, |acc, k| acc + tap.weight[k] * rows[tap.index[k] * out_w + x]) as f32);
             }
         }
     }
@@ -360,11 +385,11 @@ mod tests {
     #[test]
     fn kernel_weights_sum_to_one() {
         for t in [0.0, 0.1, 0.25, 0.5, 0.9] {
-            let sum = cubic_far(t + 1.0) + cubic_near(t) + cubic_near(1.0 - t) + cubic_far(2.0 - t);
+            let sum = cubic_far(t + 1.0, CUBIC_A) + cubic_near(t, CUBIC_A) + cubic_near(1.0 - t, CUBIC_A) + cubic_far(2.0 - t, CUBIC_A);
             assert!((sum - 1.0).abs() < 1e-12, "t = {t}: {sum}");
         }
         // Interpolating: the centre tap alone at integer positions.
-        assert_eq!((cubic_near(0.0), cubic_near(1.0), cubic_far(2.0)), (1.0, 0.0, 0.0));
+        assert_eq!((cubic_near(0.0, CUBIC_A), cubic_near(1.0, CUBIC_A), cubic_far(2.0, CUBIC_A)), (1.0, 0.0, 0.0));
     }
 
     #[test]

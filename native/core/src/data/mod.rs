@@ -12,7 +12,7 @@ mod idx;
 mod loader;
 
 pub use augment::{
-    dataset_statistics, random_resized_crop_params, resize_bicubic, Augment, CropBox, FASHION_MNIST_MEAN,
+    dataset_statistics, interpolate_bicubic_torch, random_resized_crop_params, resize_bicubic, Augment, CropBox, FASHION_MNIST_MEAN,
     FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD,
 };
 pub use dataset::{ImageFolder, InMemoryDataset, IMAGE_EXTENSIONS};

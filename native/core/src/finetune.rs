@@ -1,0 +1,408 @@
+//! The paper's three protocols on a pre-trained encoder, as `main_finetune.py` and
+//! `main_linprobe.py`: full fine-tuning (AdamW, layer-wise lr decay, drop path,
+//! label smoothing, mixup/cutmix), linear probing (frozen encoder, BatchNorm +
+//! linear head, LARS) and partial fine-tuning (the last k blocks); plus evaluation
+//! and embeddings of a whole dataset.
+
+use crate::bail;
+use crate::checkpoint::StateDict;
+use crate::classifier::{save_classifier, soft_targets, ForwardMode, Trainable, VitClassifier};
+use crate::data::{Batch, Loader};
+use crate::error::{Error, ErrorCode, Result};
+use crate::mixup::MixupConfig;
+use crate::model::{MaskedAutoencoder, Pool};
+use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer};
+use crate::train::{self, LoopConfig, Task, TrainEvent, TrainSummary};
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Protocol {
+    /// Every parameter trains (AdamW with layer-wise lr decay).
+    Finetune,
+    /// The head's linear layer trains on frozen features (LARS).
+    Linprobe,
+    /// The last `partialBlocks` blocks, the final norm and the head train (AdamW).
+    Partial,
+}
+
+/// A fine-tuning recipe. `FinetuneConfig::defaults(protocol)` gives the published
+/// arguments of `main_finetune.py` or `main_linprobe.py`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FinetuneConfig {
+    pub protocol: Protocol,
+    /// Blocks trained by the partial protocol.
+    pub partial_blocks: usize,
+    pub epochs: usize,
+    pub accum_iter: usize,
+    /// Base learning rate: `lr = blr * effective_batch / 256`.
+    pub blr: f64,
+    pub lr: Option<f64>,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub weight_decay: f64,
+    /// Layer-wise learning-rate decay (AdamW protocols).
+    pub layer_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub clip_grad: Option<f64>,
+    /// Stochastic depth rate of the last block.
+    pub drop_path: f64,
+    /// Label smoothing.
+    pub smoothing: f64,
+    /// Mixup alpha (0: off).
+    pub mixup: f64,
+    /// CutMix alpha (0: off).
+    pub cutmix: f64,
+    pub mixup_prob: f64,
+    pub mixup_switch_prob: f64,
+    /// Seeds drop path and mixing (the data order has the loader's seed).
+    pub seed: u64,
+    pub max_steps: Option<u64>,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    pub keep_last: usize,
+}
+
+impl FinetuneConfig {
+    pub fn defaults(protocol: Protocol) -> Self {
+        let finetune = FinetuneConfig {
+            protocol,
+            partial_blocks: 0,
+            epochs: 50,
+            accum_iter: 1,
+            blr: 5e-4,
+            lr: None,
+            min_lr: 1e-6,
+            warmup_epochs: 5.0,
+            weight_decay: 0.05,
+            layer_decay: 0.75,
+            beta1: 0.9,
+            beta2: 0.999,
+            clip_grad: None,
+            drop_path: 0.1,
+            smoothing: 0.1,
+            mixup: 0.0,
+            cutmix: 0.0,
+            mixup_prob: 1.0,
+            mixup_switch_prob: 0.5,
+            seed: 0,
+            max_steps: None,
+            checkpoint_dir: None,
+            checkpoint_every: 0,
+            keep_last: 3,
+        };
+        match protocol {
+            Protocol::Finetune => finetune,
+            // Partial fine-tuning follows the fine-tuning recipe without layer decay
+            // (the paper's Figure 9 does not give one).
+            Protocol::Partial => FinetuneConfig { layer_decay: 1.0, ..finetune },
+            Protocol::Linprobe => FinetuneConfig {
+                epochs: 90,
+                blr: 0.1,
+                min_lr: 0.0,
+                warmup_epochs: 10.0,
+                weight_decay: 0.0,
+                layer_decay: 1.0,
+                drop_path: 0.0,
+                smoothing: 0.0,
+                ..finetune
+            },
+        }
+    }
+
+    /// The protocol's defaults with the fields of a JSON object (camelCase) on top;
+    /// `protocol` must be among them.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self> {
+        let invalid = |m: String| Error::new(ErrorCode::InvalidArgument, m);
+        let protocol: Protocol = value
+            .get("protocol")
+            .cloned()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| invalid(format!("protocol must be 'finetune', 'linprobe' or 'partial': {e}")))?
+            .ok_or_else(|| invalid("fine-tuning options need a protocol".to_string()))?;
+        let mut merged = serde_json::to_value(Self::defaults(protocol)).map_err(|e| invalid(e.to_string()))?;
+        if let (Some(base), Some(over)) = (merged.as_object_mut(), value.as_object()) {
+            for (k, v) in over {
+                if !v.is_null() {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let config: FinetuneConfig = serde_json::from_value(merged).map_err(|e| invalid(format!("invalid fine-tuning options: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 || self.accum_iter == 0 {
+            bail!(InvalidArgument, "epochs and accumIter must be positive");
+        }
+        for (name, v) in [("blr", Some(self.blr)), ("lr", self.lr), ("minLr", Some(self.min_lr)), ("weightDecay", Some(self.weight_decay))] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v >= 0.0) {
+                    bail!(InvalidArgument, "{name} must be a non-negative number, got {v}");
+                }
+            }
+        }
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs as f64) {
+            bail!(InvalidArgument, "warmupEpochs must be in [0, epochs), got {}", self.warmup_epochs);
+        }
+        if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
+            bail!(InvalidArgument, "layerDecay must be in (0, 1], got {}", self.layer_decay);
+        }
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                bail!(InvalidArgument, "{name} must be in [0, 1), got {beta}");
+            }
+        }
+        if !(0.0..1.0).contains(&self.drop_path) {
+            bail!(InvalidArgument, "dropPath must be in [0, 1), got {}", self.drop_path);
+        }
+        if let Some(c) = self.clip_grad {
+            if !(c.is_finite() && c > 0.0) {
+                bail!(InvalidArgument, "clipGrad must be positive, got {c}");
+            }
+        }
+        if self.keep_last == 0 {
+            bail!(InvalidArgument, "keepLast must be at least 1");
+        }
+        self.mixup_config(1).validate()
+    }
+
+    pub fn trainable(&self) -> Trainable {
+        match self.protocol {
+            Protocol::Finetune => Trainable::All,
+            Protocol::Linprobe => Trainable::Head,
+            Protocol::Partial => Trainable::LastBlocks(self.partial_blocks),
+        }
+    }
+
+    fn mixup_config(&self, num_classes: usize) -> MixupConfig {
+        MixupConfig {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+            label_smoothing: self.smoothing,
+            num_classes,
+        }
+    }
+
+    fn loop_config(&self, batch_size: usize) -> LoopConfig {
+        LoopConfig {
+            epochs: self.epochs,
+            accum_iter: self.accum_iter,
+            lr: self.lr.unwrap_or(self.blr * (batch_size * self.accum_iter) as f64 / 256.0),
+            min_lr: self.min_lr,
+            warmup_epochs: self.warmup_epochs,
+            clip_grad: self.clip_grad,
+            max_steps: self.max_steps,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            checkpoint_every: self.checkpoint_every,
+            keep_last: self.keep_last,
+        }
+    }
+}
+
+/// The optimizer a protocol uses over `classifier`'s trained parameters.
+pub fn optimizer_for(classifier: &VitClassifier, config: &FinetuneConfig) -> Result<Box<dyn Optimizer>> {
+    let params = classifier.trainable_params(config.trainable())?;
+    Ok(match config.protocol {
+        Protocol::Linprobe => Box::new(Lars::new(&params, config.weight_decay)?),
+        Protocol::Finetune | Protocol::Partial => {
+            let groups = layer_decay_groups(&params, classifier.config.depth, config.layer_decay);
+            let adamw = AdamWConfig { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
+            Box::new(AdamW::with_groups(&params, groups, adamw)?)
+        }
+    })
+}
+
+struct Finetuning<'a> {
+    classifier: &'a VitClassifier,
+    config: &'a FinetuneConfig,
+    trained: Vec<(String, candle_core::Var)>,
+    optimizer: Box<dyn Optimizer>,
+    eval_loader: Option<&'a Loader>,
+}
+
+impl Task for Finetuning<'_> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize) -> Result<(f64, Vec<Tensor>)> {
+        let c = self.classifier;
+        let [n, ..] = batch.shape;
+        if batch.labels.len() != n {
+            bail!(InvalidArgument, "fine-tuning needs labelled data: the dataset gives no labels");
+        }
+        c.check_labels(&batch.labels, n)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0x6674);
+        rng.set_stream(step * 1024 + micro as u64);
+        let k = c.config.num_classes;
+        let mixup = self.config.mixup_config(k);
+        let mut images = batch.images;
+        let targets = if mixup.enabled() {
+            mixup.mix(&mut images, batch.shape, &batch.labels, &mut rng)?.0
+        } else {
+            soft_targets(&batch.labels, k, self.config.smoothing)
+        };
+        let imgs = Tensor::from_vec(images, batch.shape.as_slice(), c.device())?;
+        let targets = Tensor::from_vec(targets, (n, k), c.device())?;
+        let mut mode = ForwardMode { train: Some((&mut rng, self.config.drop_path)), trainable: self.config.trainable() };
+        let loss = c.loss(&c.forward_mode(&imgs, &mut mode)?, &targets)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Ok((value, Vec::new()));
+        }
+        let grads = loss.backward()?;
+        let grads = self
+            .trained
+            .iter()
+            .map(|(name, var)| grads.get(var.as_tensor()).cloned().ok_or_else(|| Error::new(ErrorCode::Internal, format!("parameter {name} received no gradient"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((value, grads))
+    }
+
+    fn optimizer(&mut self) -> &mut dyn Optimizer {
+        self.optimizer.as_mut()
+    }
+
+    fn save(&mut self, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        let recipe = serde_json::to_string(self.config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+        metadata.insert("finetune_config".to_string(), recipe);
+        save_classifier(self.classifier, extra, metadata, path)
+    }
+
+    fn restore_weights(&mut self, state: &StateDict, path: &Path) -> Result<()> {
+        if let Some(json) = state.metadata.get("config") {
+            let value: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: {e}", path.display())))?;
+            let saved = crate::classifier::ClassifierConfig::from_fields(crate::classifier::config_fields(&value, false)?)?;
+            if saved != self.classifier.config {
+                bail!(InvalidConfig, "{} was written by a classifier with another config", path.display());
+            }
+        }
+        let model_tensors = state.tensors.iter().filter(|(k, _)| !k.starts_with(crate::checkpoint::OPTIMIZER_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        self.classifier.assign(&model_tensors)
+    }
+
+    fn epoch_end(&mut self, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        if let Some(loader) = self.eval_loader {
+            let e = evaluate(self.classifier, loader)?;
+            on_event(TrainEvent::Eval { epoch, top1: e.top1, top5: e.top5, loss: e.loss });
+        }
+        Ok(())
+    }
+}
+
+/// Trains `classifier` in place by `config`'s protocol on `loader`'s labelled batches,
+/// evaluating on `eval_loader` after every epoch. Events, cancellation and
+/// checkpoints as `train::pretrain`.
+pub fn finetune(
+    classifier: &VitClassifier,
+    loader: &Loader,
+    eval_loader: Option<&Loader>,
+    config: &FinetuneConfig,
+    resume: Option<&Path>,
+    on_event: &mut dyn FnMut(TrainEvent),
+    cancel: &AtomicBool,
+) -> Result<TrainSummary> {
+    config.validate()?;
+    let trained = classifier.trainable_params(config.trainable())?;
+    let optimizer = optimizer_for(classifier, config)?;
+    let mut task = Finetuning { classifier, config, trained, optimizer, eval_loader };
+    train::run(&mut task, loader, &config.loop_config(loader.batch_size()), resume, on_event, cancel)
+}
+
+/// Accuracy of a classifier on a labelled dataset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Fraction of images whose label is the most likely class.
+    pub top1: f64,
+    /// Fraction whose label is among the five most likely (all classes if fewer).
+    pub top5: f64,
+    /// Mean cross-entropy (no smoothing).
+    pub loss: f64,
+    pub count: usize,
+}
+
+/// Evaluates every batch of `loader`'s first epoch (give it `shuffle: false` and no
+/// `drop_last` to see the whole dataset once).
+pub fn evaluate(classifier: &VitClassifier, loader: &Loader) -> Result<Evaluation> {
+    let k = classifier.config.num_classes;
+    let (mut top1, mut top5, mut loss_sum, mut count) = (0usize, 0usize, 0f64, 0usize);
+    for batch in loader.epoch(0, 0) {
+        let batch = batch?;
+        let n = batch.shape[0];
+        if n == 0 {
+            continue;
+        }
+        if batch.labels.len() != n {
+            bail!(InvalidArgument, "evaluation needs labelled data: the dataset gives no labels");
+        }
+        classifier.check_labels(&batch.labels, n)?;
+        let imgs = Tensor::from_vec(batch.images, batch.shape.as_slice(), classifier.device())?;
+        let logits = classifier.forward(&imgs)?.detach();
+        let targets = Tensor::from_vec(soft_targets(&batch.labels, k, 0.0), (n, k), classifier.device())?;
+        loss_sum += classifier.loss(&logits, &targets)?.to_scalar::<f32>()? as f64 * n as f64;
+        for (row, &label) in logits.to_vec2::<f32>()?.iter().zip(&batch.labels) {
+            let own = row[label as usize];
+            // Rank of the label: classes scoring higher (ties broken by index, as topk).
+            let rank = row.iter().enumerate().filter(|&(j, &v)| v > own || (v == own && (j as i64) < label)).count();
+            top1 += usize::from(rank == 0);
+            top5 += usize::from(rank < 5);
+        }
+        count += n;
+    }
+    if count == 0 {
+        bail!(InvalidArgument, "the evaluation dataset gave no images");
+    }
+    Ok(Evaluation { top1: top1 as f64 / count as f64, top5: top5 as f64 / count as f64, loss: loss_sum / count as f64, count })
+}
+
+/// What can embed images: a pre-trained MAE (pooled encoder output) or a classifier
+/// (the features its head sees).
+pub enum Embedder<'a> {
+    Mae(&'a MaskedAutoencoder, Pool),
+    Classifier(&'a VitClassifier),
+}
+
+/// Features of a whole dataset, in loader order.
+pub struct Embeddings {
+    /// `[N, D]`, row-major.
+    pub features: Vec<f32>,
+    pub dim: usize,
+    /// Empty when the dataset is unlabelled.
+    pub labels: Vec<i64>,
+    pub indices: Vec<usize>,
+}
+
+/// Embeds every image of `loader`'s first epoch, batch by batch, calling `progress`
+/// with the images done so far; stops early (with what it has) when `cancel` is set.
+pub fn embed_dataset(embedder: &Embedder, loader: &Loader, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Embeddings> {
+    let mut out = Embeddings { features: Vec::new(), dim: 0, labels: Vec::new(), indices: Vec::new() };
+    for batch in loader.epoch(0, 0) {
+        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        let batch = batch?;
+        if batch.shape[0] == 0 {
+            continue;
+        }
+        let features = match embedder {
+            Embedder::Mae(m, pool) => m.embed(&Tensor::from_vec(batch.images, batch.shape.as_slice(), m.device())?, *pool)?,
+            Embedder::Classifier(c) => c.embed(&Tensor::from_vec(batch.images, batch.shape.as_slice(), c.device())?)?,
+        };
+        out.dim = features.dim(1)?;
+        out.features.extend(features.flatten_all()?.to_vec1::<f32>()?);
+        out.labels.extend(batch.labels);
+        out.indices.extend(batch.indices);
+        progress(out.indices.len());
+    }
+    Ok(out)
+}
