@@ -1,12 +1,13 @@
 // The `vit-mae` command line end to end (runs the built dist/cli.js), on the
 // shipped Fashion-MNIST subset with a tiny model.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, describe, expect, it } from 'vitest';
-import { fixture, pngSize, readSafetensors } from './helpers.js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { MaskedAutoencoder, VitClassifier, type MaeConfig } from '../ts/index.js';
+import { encodeIdxImages, encodeIdxLabels, fixture, pngSize, readSafetensors, writeImageFolder } from './helpers.js';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const cli = join(root, 'dist', 'cli.js');
@@ -103,5 +104,141 @@ describe('vit-mae CLI', () => {
     const b = readSafetensors(join(killed, 'model.safetensors')).tensors;
     expect(Object.keys(b).sort()).toEqual(Object.keys(a).sort());
     for (const name of Object.keys(a)) expect(Buffer.from(b[name].data.buffer).equals(Buffer.from(a[name].data.buffer)), name).toBe(true);
+  });
+});
+
+describe('vit-mae CLI: fine-tuning, evaluation and embeddings', () => {
+  const mae = join(dir, 'tiny-mae.safetensors');
+  const images = join(dir, 'labelled'); // a/000.png ... b/002.png: 6 images, 2 classes
+  const idxImages = join(dir, 'tiny-images-idx3-ubyte');
+  const idxLabels = join(dir, 'tiny-labels-idx1-ubyte');
+  const IDX_LABELS = [0, 1, 2, 0, 1, 2, 0, 1];
+
+  beforeAll(async () => {
+    const model = MaskedAutoencoder.create({ preset: 'mae_vit_fmnist_patch4_32', config: JSON.parse(TINY) as Partial<MaeConfig>, seed: 0 });
+    await model.save(mae);
+    writeImageFolder(images, ['a', 'b'], 3);
+    writeFileSync(idxImages, encodeIdxImages(IDX_LABELS.length, 16, 16, (i, x, y) => (IDX_LABELS[i] * 80 + x * 5 + y * 3 + i) % 256));
+    writeFileSync(idxLabels, encodeIdxLabels(IDX_LABELS));
+  });
+
+  const train = (command: 'finetune' | 'linprobe', out: string, extra: string[] = []) =>
+    run([cli, command, mae, '--data', images, '--num-classes', '2', '--epochs', '1', '--warmup-epochs', '0', '--batch-size', '2', '--max-steps', '2', '--workers', '1', '--out', out, '--json', ...extra]);
+
+  // A default warm-up longer than the run is allowed: the rate rises throughout.
+  it('finetune and linprobe run a short job with the default warm-up', () => {
+    for (const command of ['finetune', 'linprobe']) {
+      const out = join(dir, `default-warmup-${command}`);
+      const result = run([cli, command, mae, '--data', images, '--num-classes', '2', '--epochs', '1', '--batch-size', '2', '--max-steps', '2', '--workers', '1', '--out', out, '--json']);
+      expect(result.status, `${command}: ${result.stderr}`).toBe(0);
+      expect(existsSync(join(out, 'model.safetensors'))).toBe(true);
+    }
+  });
+
+  it('lists the new commands in the help', () => {
+    const top = run([cli, '--help']);
+    for (const command of ['finetune', 'linprobe', 'eval', 'embed']) {
+      expect(top.stdout).toContain(command);
+      const help = run([cli, command, '--help']);
+      expect(help.status, command).toBe(0);
+      expect(help.stdout).toMatch(/Usage: vit-mae/);
+    }
+  });
+
+  it('finetune writes the model and prints JSON steps and a summary; with --eval-data the summary has an evaluation', async () => {
+    const out = join(dir, 'finetune');
+    const result = train('finetune', out);
+    expect(result.status, result.stderr).toBe(0);
+    const events = jsonLines(result.stdout);
+    expect(events.filter((e) => e.type === 'step').map((e) => e.step)).toEqual([1, 2]);
+    const summary = events.at(-1)!;
+    expect(summary).toMatchObject({ type: 'summary', steps: 2, aborted: false, model: join(out, 'model.safetensors') });
+    expect(summary.evaluation).toBeUndefined();
+    expect(existsSync(join(out, 'model.safetensors'))).toBe(true);
+    const clf = await VitClassifier.load(join(out, 'model.safetensors'));
+    expect(clf.config).toMatchObject({ numClasses: 2, globalPool: true, headBatchNorm: false, imgSize: 16, inChans: 1 });
+
+    const withEval = join(dir, 'finetune-eval');
+    const evaluated = train('finetune', withEval, ['--eval-data', images]);
+    expect(evaluated.status, evaluated.stderr).toBe(0);
+    const last = jsonLines(evaluated.stdout).at(-1)!;
+    expect(last.type).toBe('summary');
+    expect(last.evaluation).toMatchObject({ count: 6 });
+    expect(last.evaluation.top1).toBeGreaterThanOrEqual(0);
+    expect(last.evaluation.top1).toBeLessThanOrEqual(1);
+    expect(last.evaluation.top5).toBe(1); // two classes
+
+    // eval of the written model agrees with the run's own evaluation.
+    const e = run([cli, 'eval', join(withEval, 'model.safetensors'), '--data', images, '--workers', '1', '--json']);
+    expect(e.status, e.stderr).toBe(0);
+    const evaluation = JSON.parse(e.stdout);
+    expect(evaluation).toMatchObject({ type: 'evaluation', count: 6, top1: last.evaluation.top1, top5: 1 });
+    expect(Number.isFinite(evaluation.loss)).toBe(true);
+  });
+
+  it('linprobe writes a BatchNorm + linear head model; eval and embed read IDX files with labels', async () => {
+    const out = join(dir, 'linprobe');
+    const result = run([cli, 'linprobe', mae, '--data', idxImages, '--labels', idxLabels, '--eval-data', idxImages, '--eval-labels', idxLabels,
+      '--num-classes', '3', '--epochs', '1', '--warmup-epochs', '0', '--batch-size', '2', '--max-steps', '2', '--workers', '1', '--out', out, '--json']);
+    expect(result.status, result.stderr).toBe(0);
+    const summary = jsonLines(result.stdout).at(-1)!;
+    expect(summary).toMatchObject({ type: 'summary', steps: 2, evaluation: { count: IDX_LABELS.length } });
+    const model = join(out, 'model.safetensors');
+    const tensors = Object.keys(readSafetensors(model).tensors);
+    expect(tensors).toEqual(expect.arrayContaining(['head.0.running_mean', 'head.1.weight', 'norm.weight']));
+    expect((await VitClassifier.load(model)).config).toMatchObject({ numClasses: 3, headBatchNorm: true, globalPool: false });
+
+    const e = run([cli, 'eval', model, '--data', idxImages, '--labels', idxLabels, '--workers', '1', '--json']);
+    expect(e.status, e.stderr).toBe(0);
+    const evaluation = JSON.parse(e.stdout);
+    expect(evaluation).toMatchObject({ type: 'evaluation', count: IDX_LABELS.length, top1: summary.evaluation.top1, top5: 1 });
+
+    const file = join(dir, 'idx-embeddings.safetensors');
+    const embed = run([cli, 'embed', model, '--data', idxImages, '--labels', idxLabels, '--out', file, '--workers', '1', '--json']);
+    expect(embed.status, embed.stderr).toBe(0);
+    expect(JSON.parse(embed.stdout)).toMatchObject({ type: 'embeddings', path: file, count: IDX_LABELS.length, dim: 16, labelled: true });
+    const written = readSafetensors(file);
+    expect(written.tensors.embeddings.shape).toEqual([IDX_LABELS.length, 16]);
+    expect(written.ints.labels.data).toEqual(IDX_LABELS);
+    expect(written.ints.indices.data).toEqual([...IDX_LABELS.keys()]);
+  });
+
+  it('embed writes the embeddings of a classifier or an MAE', async () => {
+    const clf = await VitClassifier.fromPretrained(mae, { numClasses: 2 });
+    const clfPath = join(dir, 'embed-classifier.safetensors');
+    await clf.save(clfPath);
+    for (const [checkpoint, name] of [[clfPath, 'classifier'], [mae, 'mae']]) {
+      const file = join(dir, `${name}-embeddings.safetensors`);
+      const result = run([cli, 'embed', checkpoint, '--data', images, '--out', file, '--batch-size', '4', '--workers', '1', '--json']);
+      expect(result.status, `${name}: ${result.stderr}`).toBe(0);
+      expect(JSON.parse(result.stdout), name).toMatchObject({ type: 'embeddings', path: file, count: 6, dim: 16, labelled: true });
+      const written = readSafetensors(file);
+      expect(written.tensors.embeddings.shape, name).toEqual([6, 16]);
+      expect(written.ints.indices.data, name).toEqual([0, 1, 2, 3, 4, 5]);
+      expect([...written.ints.labels.data].sort(), name).toEqual([0, 0, 0, 1, 1, 1]);
+    }
+    // The MAE's cls pooling gives other features than its mean pooling.
+    const cls = join(dir, 'mae-cls-embeddings.safetensors');
+    expect(run([cli, 'embed', mae, '--data', images, '--out', cls, '--pool', 'cls', '--workers', '1', '--json']).status).toBe(0);
+    expect(readSafetensors(cls).tensors.embeddings.data).not.toEqual(readSafetensors(join(dir, 'mae-embeddings.safetensors')).tensors.embeddings.data);
+  });
+
+  it('exits 1 with E_CHECKPOINT_KEYS when eval gets an MAE, and 2 on bad usage', () => {
+    const notClassifier = run([cli, 'eval', mae, '--data', images, '--json']);
+    expect(notClassifier.status).toBe(1);
+    expect(notClassifier.stderr).toMatch(/E_CHECKPOINT_KEYS/);
+    expect(notClassifier.stdout).toBe('');
+
+    for (const command of ['finetune', 'linprobe']) {
+      const missing = run([cli, command, mae, '--data', images, '--out', join(dir, 'never')]);
+      expect(missing.status, command).toBe(2);
+      expect(missing.stderr, command).toMatch(/--num-classes/);
+    }
+    expect(existsSync(join(dir, 'never'))).toBe(false);
+    expect(run([cli, 'eval', mae]).status).toBe(2); // --data is required
+    expect(run([cli, 'finetune', mae, '--data', images, '--num-classes', 'two']).status).toBe(2);
+    const missingModel = run([cli, 'eval', join(dir, 'missing.safetensors'), '--data', images]);
+    expect(missingModel.status).toBe(1);
+    expect(missingModel.stderr).toMatch(/E_CHECKPOINT_NOT_FOUND/);
   });
 });

@@ -1,5 +1,5 @@
 // Test helpers: the reference fixtures and a minimal safetensors reader/writer.
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import zlib from 'node:zlib';
 import { expect } from 'vitest';
 import { dirname, join, resolve } from 'node:path';
@@ -108,4 +108,36 @@ export function encodePng(width: number, height: number, pixel: (x: number, y: n
 export function pngSize(png: Buffer): { width: number; height: number } {
   expect(png.subarray(1, 4).toString('ascii')).toBe('PNG');
   return { width: png.readUInt32BE(16), height: png.readUInt32BE(20) };
+}
+
+/** A folder of labelled grayscale PNGs: `root/<class>/<i>.png`, `perClass` images per class, distinct per class. */
+export function writeImageFolder(root: string, classes: string[], perClass: number, size = 20): void {
+  classes.forEach((cls, c) => {
+    mkdirSync(join(root, cls), { recursive: true });
+    for (let i = 0; i < perClass; i++) {
+      // Class 0 bright on the left, class 1 on the right, ...: learnable, and every image differs.
+      const png = encodePng(size, size, (x, y) => (Math.floor((x * classes.length) / size) === c ? 200 : 40) + ((x * 3 + y * 5 + i * 7) % 40));
+      writeFileSync(join(root, cls, `${String(i).padStart(3, '0')}.png`), png);
+    }
+  });
+}
+
+/** An IDX3 images file (`[n, rows, cols]` unsigned bytes, uncompressed). */
+export function encodeIdxImages(n: number, rows: number, cols: number, pixel: (i: number, x: number, y: number) => number): Buffer {
+  const head = Buffer.alloc(16);
+  head.writeUInt32BE(0x00000803, 0);
+  head.writeUInt32BE(n, 4);
+  head.writeUInt32BE(rows, 8);
+  head.writeUInt32BE(cols, 12);
+  const body = Buffer.alloc(n * rows * cols);
+  for (let i = 0; i < n; i++) for (let y = 0; y < rows; y++) for (let x = 0; x < cols; x++) body[(i * rows + y) * cols + x] = pixel(i, x, y);
+  return Buffer.concat([head, body]);
+}
+
+/** An IDX1 labels file (unsigned bytes, uncompressed). */
+export function encodeIdxLabels(labels: number[]): Buffer {
+  const head = Buffer.alloc(8);
+  head.writeUInt32BE(0x00000801, 0);
+  head.writeUInt32BE(labels.length, 4);
+  return Buffer.concat([head, Buffer.from(labels)]);
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// The `vit-mae` command line: pretrain, reconstruct, info.
+// The `vit-mae` command line: pretrain, finetune, linprobe, eval, embed, reconstruct, info.
 // Exit codes: 0 success, 1 failure (a VitMaeError; its code is printed), 2 bad usage,
 // 130 stopped by SIGINT/SIGTERM after writing a checkpoint.
 import { mkdirSync } from 'node:fs';
@@ -8,7 +8,11 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import cliProgress from 'cli-progress';
 import {
   MaskedAutoencoder,
+  VitClassifier,
   VitMaeError,
+  type TrainingRun,
+  type TrainingSummary,
+  type Protocol,
   loadImages,
   writeReconstructionGrid,
   type DatasetSource,
@@ -41,6 +45,65 @@ function json(value: string): Partial<MaeConfig> {
   }
 }
 
+/** Prints a run's events (a progress bar on a TTY) and returns its summary. */
+async function follow(run: TrainingRun, out: Output): Promise<TrainingSummary> {
+  const bar = !out.json && process.stderr.isTTY
+    ? new cliProgress.SingleBar({ format: 'step {value}/{total} [{bar}] epoch {epoch} loss {loss} lr {lr} {ips} img/s eta {etaText}', stream: process.stderr }, cliProgress.Presets.shades_classic)
+    : null;
+  let barStarted = false;
+  for await (const e of run) {
+    emit(out, { ...e });
+    if (e.type === 'step') {
+      const fields = { epoch: e.epoch, loss: e.loss.toFixed(4), lr: e.lr.toExponential(2), ips: e.imagesPerSec.toFixed(1), etaText: `${Math.round(e.etaSeconds)}s` };
+      if (bar) {
+        if (!barStarted) bar.start(e.totalSteps, e.step, fields);
+        barStarted = true;
+        bar.update(e.step, fields);
+      } else if (!out.json && (e.step % 10 === 0 || e.step === e.totalSteps)) {
+        process.stderr.write(`step ${e.step}/${e.totalSteps} epoch ${e.epoch} loss ${fields.loss} lr ${fields.lr} ${fields.ips} img/s eta ${fields.etaText}\n`);
+      }
+    } else if (e.type === 'skipped') {
+      process.stderr.write(`warning: skipped ${e.count} unreadable image(s): ${e.message}\n`);
+    } else if (e.type === 'eval' && !out.json) {
+      const line = `epoch ${e.epoch}: test top-1 ${(100 * e.top1).toFixed(2)}% top-5 ${(100 * e.top5).toFixed(2)}% loss ${e.loss.toFixed(4)}`;
+      if (bar) {
+        bar.stop();
+        barStarted = false;
+      }
+      process.stderr.write(`${line}\n`);
+    }
+  }
+  bar?.stop();
+  return run.result;
+}
+
+/** Stops `controller` on SIGINT/SIGTERM (training then writes a checkpoint). */
+function abortOnSignal(out: Output, what: string): AbortController {
+  const controller = new AbortController();
+  const stop = () => {
+    emit(out, { type: 'interrupt' }, `\n${what}`);
+    controller.abort();
+  };
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  return controller;
+}
+
+/** A progress bar (TTY only) for a pass over a dataset. */
+function passProgress(out: Output): { onProgress: (done: number, total: number) => void; stop: () => void } {
+  const bar = !out.json && process.stderr.isTTY ? new cliProgress.SingleBar({ format: 'images {value}/{total} [{bar}]', stream: process.stderr }, cliProgress.Presets.shades_classic) : null;
+  let started = false;
+  return {
+    onProgress: (done, total) => {
+      if (!bar) return;
+      if (!started) bar.start(total, done);
+      started = true;
+      bar.update(done);
+    },
+    stop: () => bar?.stop(),
+  };
+}
+
 /** A dataset from a path: a folder of images, or an IDX file (optionally with labels). */
 function dataset(path: string, labels?: string): DatasetSource {
   return /idx\d-ubyte(\.gz)?$/.test(path) ? { kind: 'idx', path, labelsPath: labels } : { kind: 'folder', path };
@@ -71,7 +134,7 @@ async function reconstructionPng(mae: MaskedAutoencoder, source: DatasetSource, 
 
 const program = new Command()
   .name('vit-mae')
-  .description('Masked autoencoders (ViT-MAE): pre-train, reconstruct, inspect checkpoints.')
+  .description('Masked autoencoders (ViT-MAE): pre-train, fine-tune, linear-probe, evaluate, embed, reconstruct, inspect checkpoints.')
   .showHelpAfterError()
   .exitOverride();
 
@@ -111,13 +174,7 @@ program
       ? await MaskedAutoencoder.load(o.init, { config: o.config, seed: o.seed })
       : MaskedAutoencoder.create({ preset: o.preset as PresetName, config: o.config, seed: o.seed });
     const source = dataset(o.data);
-    const controller = new AbortController();
-    const stop = () => {
-      emit(out, { type: 'interrupt' }, '\nstopping after this step and writing a checkpoint...');
-      controller.abort();
-    };
-    process.once('SIGINT', stop);
-    process.once('SIGTERM', stop);
+    const controller = abortOnSignal(out, 'stopping after this step and writing a checkpoint...');
     const run = mae.pretrain({
       data: source,
       augment: { padTo: o.padTo, randomResizedCrop: o.crop, hflip: o.flip },
@@ -141,27 +198,7 @@ program
       resume: o.resume === true ? checkpointDir : o.resume,
       signal: controller.signal,
     });
-    const bar = !out.json && process.stderr.isTTY
-      ? new cliProgress.SingleBar({ format: 'step {value}/{total} [{bar}] epoch {epoch} loss {loss} lr {lr} {ips} img/s eta {etaText}', stream: process.stderr }, cliProgress.Presets.shades_classic)
-      : null;
-    let barStarted = false;
-    for await (const e of run) {
-      emit(out, { ...e });
-      if (e.type === 'step') {
-        const fields = { epoch: e.epoch, loss: e.loss.toFixed(4), lr: e.lr.toExponential(2), ips: e.imagesPerSec.toFixed(1), etaText: `${Math.round(e.etaSeconds)}s` };
-        if (bar) {
-          if (!barStarted) bar.start(e.totalSteps, e.step, fields);
-          barStarted = true;
-          bar.update(e.step, fields);
-        } else if (!out.json && (e.step % 10 === 0 || e.step === e.totalSteps)) {
-          process.stderr.write(`step ${e.step}/${e.totalSteps} epoch ${e.epoch} loss ${fields.loss} lr ${fields.lr} ${fields.ips} img/s eta ${fields.etaText}\n`);
-        }
-      } else if (e.type === 'skipped') {
-        process.stderr.write(`warning: skipped ${e.count} unreadable image(s): ${e.message}\n`);
-      }
-    }
-    bar?.stop();
-    const summary = await run.result;
+    const summary = await follow(run, out);
     const modelPath = join(o.out, 'model.safetensors');
     await mae.save(modelPath);
     const png = join(o.out, 'reconstruction.png');
@@ -170,6 +207,164 @@ program
       `${summary.aborted ? 'stopped' : 'done'}: ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.imagesSeen} images in ${summary.seconds.toFixed(1)} s` +
       `${summary.skippedImages ? `, ${summary.skippedImages} unreadable images skipped` : ''}\nmodel: ${modelPath}\nreconstruction: ${png}`);
     if (summary.aborted) process.exitCode = EXIT_INTERRUPTED;
+  });
+
+/** The recipe defaults of a protocol (`main_finetune.py` / `main_linprobe.py`), for the help text. */
+const PROTOCOL_DEFAULTS = {
+  finetune: { epochs: 50, blr: 1e-3, minLr: 1e-6, warmupEpochs: 5, weightDecay: 0.05, layerDecay: 0.75, dropPath: 0.1, smoothing: 0.1 },
+  linprobe: { epochs: 90, blr: 0.1, minLr: 0, warmupEpochs: 10, weightDecay: 0, layerDecay: 1, dropPath: 0, smoothing: 0 },
+} as const;
+
+function trainingCommand(name: 'finetune' | 'linprobe', description: string): Command {
+  const d = PROTOCOL_DEFAULTS[name];
+  const command = program
+    .command(name)
+    .description(description)
+    .argument('<pretrained>', 'pre-trained MAE (.safetensors, .pth, Hugging Face folder); with --resume, ignored in favour of the checkpoint')
+    .requiredOption('--data <path>', 'labelled training images: class sub-folders, or an IDX images file with --labels')
+    .option('--labels <path>', 'IDX labels file for --data')
+    .option('--eval-data <path>', 'labelled images to evaluate on after every epoch')
+    .option('--eval-labels <path>', 'IDX labels file for --eval-data')
+    .requiredOption('--num-classes <n>', 'classes', integer)
+    .option('--out <dir>', 'run folder: checkpoints and the final model', `runs/${name}`)
+    .option('--config <json>', 'MAE config fields the checkpoint does not tell', json)
+    .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
+    .option('--epochs <n>', 'epochs', integer, d.epochs)
+    .option('--batch-size <n>', 'images per step', integer, 64)
+    .option('--accum-iter <n>', 'micro-batches per optimizer step', integer, 1)
+    .option('--blr <lr>', 'base learning rate (lr = blr * batch / 256)', number, d.blr)
+    .option('--lr <lr>', 'absolute learning rate (overrides --blr)', number)
+    .option('--min-lr <lr>', 'final learning rate', number, d.minLr)
+    .option('--warmup-epochs <n>', 'warm-up epochs', number, d.warmupEpochs)
+    .option('--weight-decay <wd>', 'weight decay', number, d.weightDecay)
+    .option('--clip-grad <norm>', 'clip the global gradient norm', number)
+    .option('--seed <n>', 'seed for the head, data order, augmentation, drop path, mixing', integer, 0)
+    .option('--max-steps <n>', 'stop after this many steps', integer)
+    .option('--checkpoint-every <n>', 'checkpoint every n steps (and at the end)', integer, 0)
+    .option('--keep-last <n>', 'checkpoints to keep', integer, 3)
+    .option('--pad-to <n>', 'zero-pad images to this side first (e.g. 32 for 28x28 Fashion-MNIST)', integer)
+    .option('--no-crop', 'resize instead of RandomResizedCrop')
+    .option('--crop-scale <min>', 'smallest RandomResizedCrop area', number, 0.08)
+    .option('--no-flip', 'no horizontal flips')
+    .option('--workers <n>', 'data threads', integer, 2)
+    .option('--json', 'print one JSON object per event on stdout');
+  if (name === 'finetune') {
+    command
+      .option('--partial-blocks <k>', 'partial fine-tuning: train only the last k blocks (and the norm and head)', integer)
+      .option('--layer-decay <d>', 'layer-wise lr decay', number, d.layerDecay)
+      .option('--drop-path <rate>', 'stochastic depth rate', number, d.dropPath)
+      .option('--smoothing <s>', 'label smoothing', number, d.smoothing)
+      .option('--mixup <alpha>', 'mixup alpha (0: off)', number, 0)
+      .option('--cutmix <alpha>', 'cutmix alpha (0: off)', number, 0)
+      .option('--mixup-prob <p>', 'probability a batch is mixed', number, 1)
+      .option('--mixup-switch-prob <p>', 'probability of cutmix when both are on', number, 0.5)
+      .option('--cls-token', 'classify from the cls token (after norm) instead of global pooling');
+  } else {
+    command.option('--global-pool', 'probe the mean of the patch tokens instead of the cls token');
+  }
+  return command.action(async (pretrained: string, o) => {
+    const out: Output = { json: Boolean(o.json) };
+    const checkpointDir = join(o.out, 'checkpoints');
+    const protocol: Protocol = name === 'linprobe' ? 'linprobe' : o.partialBlocks !== undefined ? 'partial' : 'finetune';
+    const globalPool = name === 'linprobe' ? Boolean(o.globalPool) : !o.clsToken;
+    const clf = await VitClassifier.fromPretrained(pretrained, { numClasses: o.numClasses, globalPool, headBatchNorm: name === 'linprobe', config: o.config, seed: o.seed });
+    const controller = abortOnSignal(out, 'stopping after this step and writing a checkpoint...');
+    const augment = { padTo: o.padTo, randomResizedCrop: o.crop, scale: [o.cropScale, 1] as [number, number], hflip: o.flip };
+    const evalData = o.evalData === undefined ? undefined : dataset(o.evalData, o.evalLabels);
+    const run = clf.finetune({
+      data: dataset(o.data, o.labels),
+      evalData,
+      augment,
+      protocol,
+      partialBlocks: o.partialBlocks,
+      epochs: o.epochs,
+      batchSize: o.batchSize,
+      accumIter: o.accumIter,
+      blr: o.blr,
+      lr: o.lr,
+      minLr: o.minLr,
+      warmupEpochs: o.warmupEpochs,
+      weightDecay: o.weightDecay,
+      layerDecay: o.layerDecay,
+      clipGrad: o.clipGrad,
+      dropPath: o.dropPath,
+      labelSmoothing: o.smoothing,
+      mixup: o.mixup,
+      cutmix: o.cutmix,
+      mixupProb: o.mixupProb,
+      mixupSwitchProb: o.mixupSwitchProb,
+      seed: o.seed,
+      maxSteps: o.maxSteps,
+      workers: o.workers,
+      checkpointDir,
+      checkpointEvery: o.checkpointEvery,
+      keepLast: o.keepLast,
+      resume: o.resume === true ? checkpointDir : o.resume,
+      signal: controller.signal,
+    });
+    const summary = await follow(run, out);
+    const modelPath = join(o.out, 'model.safetensors');
+    await clf.save(modelPath);
+    const evaluation = evalData === undefined ? undefined : await clf.evaluate(evalData, { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo } });
+    const accuracy = evaluation ? `\ntest: top-1 ${(100 * evaluation.top1).toFixed(2)}%, top-5 ${(100 * evaluation.top5).toFixed(2)}% on ${evaluation.count} images` : '';
+    emit(out, { type: 'summary', ...summary, model: modelPath, evaluation },
+      `${summary.aborted ? 'stopped' : 'done'}: ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.imagesSeen} images in ${summary.seconds.toFixed(1)} s${accuracy}\nmodel: ${modelPath}`);
+    if (summary.aborted) process.exitCode = EXIT_INTERRUPTED;
+  });
+}
+
+trainingCommand('finetune', 'fine-tune a classifier on a pre-trained encoder (all blocks, or the last k with --partial-blocks)');
+trainingCommand('linprobe', 'linear probing: a BatchNorm + linear head on the frozen pre-trained encoder, trained with LARS');
+
+program
+  .command('eval')
+  .description('top-1/top-5 accuracy of a classifier checkpoint on labelled images')
+  .argument('<checkpoint>', 'classifier: .safetensors or .pth (published fine-tuning or linear-probe layout)')
+  .requiredOption('--data <path>', 'labelled images: class sub-folders, or an IDX images file with --labels')
+  .option('--labels <path>', 'IDX labels file for --data')
+  .option('--batch-size <n>', 'images per batch', integer, 64)
+  .option('--pad-to <n>', 'zero-pad images to this side first', integer)
+  .option('--workers <n>', 'data threads', integer, 2)
+  .option('--config <json>', 'classifier config fields the checkpoint does not tell', json)
+  .option('--json', 'print the result as JSON on stdout')
+  .action(async (checkpoint: string, o) => {
+    const out: Output = { json: Boolean(o.json) };
+    const clf = await VitClassifier.load(checkpoint, { config: o.config });
+    const controller = abortOnSignal(out, 'stopping...');
+    const progress = passProgress(out);
+    const e = await clf.evaluate(dataset(o.data, o.labels), { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, signal: controller.signal, onProgress: progress.onProgress }).finally(progress.stop);
+    emit(out, { type: 'evaluation', path: checkpoint, ...e }, `top-1 ${(100 * e.top1).toFixed(2)}%  top-5 ${(100 * e.top5).toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.count} images)`);
+  });
+
+program
+  .command('embed')
+  .description('write the embeddings of a dataset (safetensors: embeddings [N, D], indices, labels) from a classifier or MAE checkpoint')
+  .argument('<checkpoint>', 'a classifier (its head input) or an MAE (pooled encoder output)')
+  .requiredOption('--data <path>', 'image folder or IDX file')
+  .option('--labels <path>', 'IDX labels file for --data (stored with the embeddings)')
+  .option('--out <file>', 'output file', 'embeddings.safetensors')
+  .addOption(new Option('--pool <kind>', 'MAE pooling: mean of the patch tokens or the cls token').choices(['mean', 'cls']).default('mean'))
+  .option('--batch-size <n>', 'images per batch', integer, 64)
+  .option('--pad-to <n>', 'zero-pad images to this side first', integer)
+  .option('--workers <n>', 'data threads', integer, 2)
+  .option('--config <json>', 'config fields the checkpoint does not tell', json)
+  .option('--json', 'print the result as JSON on stdout')
+  .action(async (checkpoint: string, o) => {
+    const out: Output = { json: Boolean(o.json) };
+    const controller = abortOnSignal(out, 'stopping...');
+    const progress = passProgress(out);
+    const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, output: o.out, signal: controller.signal, onProgress: progress.onProgress };
+    const source = dataset(o.data, o.labels);
+    // A checkpoint with a classification head embeds as a classifier, any other as an MAE.
+    const model = await VitClassifier.load(checkpoint, { config: o.config }).catch(async (error: unknown) => {
+      if (error instanceof VitMaeError && error.code === 'E_CHECKPOINT_KEYS' && /no classification head/.test(error.message)) {
+        return MaskedAutoencoder.load(checkpoint, { config: o.config as Partial<MaeConfig> });
+      }
+      throw error;
+    });
+    const e = await (model instanceof VitClassifier ? model.embedDataset(source, options) : model.embedDataset(source, { ...options, pool: o.pool })).finally(progress.stop);
+    const [n, dim] = e.features.shape;
+    emit(out, { type: 'embeddings', path: o.out, count: n, dim, labelled: e.labels !== null }, `wrote ${o.out}: ${n} embeddings of ${dim} values`);
   });
 
 program

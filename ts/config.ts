@@ -48,3 +48,35 @@ export type PresetName =
  * `'auto'` (a GPU when one works, else the CPU).
  */
 export type Device = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
+
+/**
+ * A classifier's architecture: the arguments of the published `VisionTransformer`
+ * (`models_vit.py`), camelCased, plus the linear probe's BatchNorm head.
+ */
+export interface ClassifierConfig {
+  /** Input image side, in pixels. */
+  imgSize: number;
+  /** Patch side, in pixels. */
+  patchSize: number;
+  /** Image channels. */
+  inChans: number;
+  /** Encoder width. */
+  embedDim: number;
+  /** Encoder blocks. */
+  depth: number;
+  /** Attention heads. */
+  numHeads: number;
+  /** MLP hidden width as a multiple of the width (published: 4). */
+  mlpRatio: number;
+  /** LayerNorm epsilon (published: 1e-6). */
+  layerNormEps: number;
+  /** Classes the head predicts. */
+  numClasses: number;
+  /**
+   * Mean of the patch tokens, then `fc_norm` (published fine-tuning; the model has no
+   * final `norm`); false: the cls token after `norm`.
+   */
+  globalPool: boolean;
+  /** A `BatchNorm1d(affine=False, eps=1e-6)` before the head, as the published linear probe (keys `head.0.*`, `head.1.*`). */
+  headBatchNorm: boolean;
+}

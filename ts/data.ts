@@ -126,3 +126,8 @@ export function loaderSpec(channels: number, seed: number, loader: LoaderOptions
     ...normalisation(channels, augment),
   };
 }
+
+/** Loader options for one ordered pass over a dataset (evaluation, embedding): no shuffling, no augmentation, every image. */
+export function passSpec(channels: number, loader: LoaderOptions, augment: AugmentOptions = {}): Binding.NativeLoaderOptions {
+  return { ...loaderSpec(channels, 0, loader, { ...augment, randomResizedCrop: false, hflip: false }, false), dropLast: false, skipCorrupt: loader.skipCorrupt ?? false };
+}

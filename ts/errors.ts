@@ -11,6 +11,8 @@
  * - `E_CHECKPOINT_KEYS`: the checkpoint has unknown keys or lacks required ones (the message lists them).
  * - `E_CHECKPOINT_SHAPE`: a checkpoint tensor's shape contradicts the configuration.
  * - `E_IO`: reading or writing a file failed.
+ * - `E_NON_FINITE_LOSS`: training produced a NaN or infinite loss and stopped (the message names the last good checkpoint).
+ * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal.
  * - `E_NATIVE_LOAD`: the native addon could not be loaded.
  * - `E_INTERNAL`: a bug in vit-mae; please report it.
  */
@@ -25,6 +27,8 @@ export type ErrorCode =
   | 'E_CHECKPOINT_KEYS'
   | 'E_CHECKPOINT_SHAPE'
   | 'E_IO'
+  | 'E_NON_FINITE_LOSS'
+  | 'E_ABORTED'
   | 'E_NATIVE_LOAD'
   | 'E_INTERNAL';
 

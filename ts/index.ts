@@ -6,12 +6,24 @@
  */
 import type { MaeConfig, PresetName, Device } from './config.js';
 import { VitMaeError } from './errors.js';
-import { binding, call, callSync, type Binding } from './native.js';
+import { binding, call, callSync, maeNatives, type Binding } from './native.js';
+import { checkDevice, checkNotAborted, checkPath, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
+import { runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
-import { datasetSpec, loaderSpec, normalisation, type AugmentOptions, type DatasetSource } from './data.js';
+import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
 
-export type { MaeConfig, PresetName, Device } from './config.js';
+export type { MaeConfig, ClassifierConfig, PresetName, Device } from './config.js';
+export type { Embeddings, PassOptions } from './common.js';
+export {
+  VitClassifier,
+  type FromPretrainedOptions,
+  type ClassifierLoadOptions,
+  type Prediction,
+  type Evaluation,
+  type Protocol,
+  type FinetuneOptions,
+} from './classifier.js';
 export { VitMaeError, type ErrorCode } from './errors.js';
 export type { Tensor } from './tensor.js';
 export {
@@ -34,6 +46,7 @@ export {
   type CheckpointEvent,
   type SkippedEvent,
   type EpochEndEvent,
+  type EvalEvent,
   type TrainingSummary,
 } from './train.js';
 
@@ -124,35 +137,6 @@ export interface LoadOptions {
 
 const MASKINGS: readonly MaskingStrategy[] = ['random', 'block', 'grid'];
 
-function checkSeed(seed: unknown): number {
-  if (seed === undefined) return 0;
-  if (typeof seed !== 'number' || !Number.isSafeInteger(seed) || seed < 0) {
-    throw new VitMaeError('E_ARGUMENT', `seed must be a non-negative integer, got ${String(seed)}`);
-  }
-  return seed;
-}
-
-function checkDevice(device: unknown): string {
-  if (device === undefined) return 'cpu';
-  if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);
-  return device;
-}
-
-function configJson(config: unknown): string | undefined {
-  if (config === undefined) return undefined;
-  if (typeof config !== 'object' || config === null || Array.isArray(config)) {
-    throw new VitMaeError('E_CONFIG', 'config must be an object of MaeConfig fields');
-  }
-  return JSON.stringify(config);
-}
-
-function checkPath(path: unknown): string {
-  if (typeof path !== 'string' || path.length === 0) {
-    throw new VitMaeError('E_ARGUMENT', 'path must be a non-empty string');
-  }
-  return path;
-}
-
 function maskOptions(options: ForwardOptions = {}): Binding.NativeMaskOptions {
   const { maskRatio = 0.75, masking = 'random', noise } = options;
   if (typeof maskRatio !== 'number' || !Number.isFinite(maskRatio)) {
@@ -164,10 +148,6 @@ function maskOptions(options: ForwardOptions = {}): Binding.NativeMaskOptions {
   if (noise === undefined) return { maskRatio, masking };
   checkTensor(noise, 'noise', 'E_NOISE');
   return { maskRatio, masking, noise: noise.data, noiseShape: noise.shape };
-}
-
-function fromNative(t: Binding.NativeTensor): Tensor {
-  return { data: t.data, shape: t.shape };
 }
 
 /**
@@ -210,6 +190,7 @@ export class MaskedAutoencoder {
 
   private constructor(native: Binding.NativeMae) {
     this.#native = native;
+    maeNatives.set(this, native);
     this.#config = Object.freeze(JSON.parse(native.configJson) as MaeConfig);
   }
 
@@ -354,6 +335,28 @@ export class MaskedAutoencoder {
     const loader = loaderSpec(this.#config.inChans, seed, rest, augment, true);
     const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, JSON.stringify(config), resume));
     return new TrainingRun(native, onProgress, signal);
+  }
+
+  /**
+   * Features `[N, embedDim]` of whole images: the encoder over every patch (no
+   * masking), after its final norm, pooled as the mean of the patch tokens (default)
+   * or the cls token.
+   */
+  async embed(images: Tensor, options: { pool?: 'mean' | 'cls' } = {}): Promise<Tensor> {
+    checkTensor(images, 'images', 'E_SHAPE');
+    const pool = options.pool ?? 'mean';
+    return fromNative(await call(() => this.#native.embed(images.data, images.shape, pool)));
+  }
+
+  /** The features (as {@link MaskedAutoencoder.embed}) of every image of a dataset, optionally written to `output` as safetensors. */
+  async embedDataset(data: DatasetSource, options: PassOptions & { pool?: 'mean' | 'cls'; output?: string } = {}): Promise<Embeddings> {
+    checkNotAborted(options.signal, 'embedding');
+    const output = options.output === undefined ? undefined : checkPath(options.output);
+    const spec = passSpec(this.#config.inChans, options, options.augment);
+    const job = callSync(() => this.#native.embedDataset(datasetSpec(data), spec, options.pool ?? 'mean', output));
+    await runJob(job, options.signal, (e) => options.onProgress?.(e.count!, e.totalSteps!));
+    const e = job.takeEmbeddings()!;
+    return { features: fromNative(e.features), labels: e.labels ? Int32Array.from(e.labels) : null, indices: Uint32Array.from(e.indices) };
   }
 
   /**

@@ -20,6 +20,9 @@ function loadBinding(): typeof Binding {
 
 export const binding = loadBinding();
 
+/** The native model behind each MaskedAutoencoder, for building classifiers on it. */
+export const maeNatives = new WeakMap<object, Binding.NativeMae>();
+
 const CODED = /^(E_[A-Z_]+): ([\s\S]*)$/;
 
 /** Rethrows a native error as a VitMaeError with its code. */

@@ -1,7 +1,7 @@
 import type { MaskingStrategy } from './index.js';
 import type { AugmentOptions, DatasetSource, LoaderOptions } from './data.js';
 import { VitMaeError } from './errors.js';
-import { rethrow, type Binding } from './native.js';
+import { call, type Binding } from './native.js';
 
 /** Options for {@link MaskedAutoencoder.pretrain}; defaults follow `main_pretrain.py`. */
 export interface PretrainOptions extends LoaderOptions {
@@ -101,8 +101,22 @@ export interface EpochEndEvent {
   meanLoss: number;
 }
 
+/** Accuracy on the evaluation set after an epoch (fine-tuning with `evalData`). */
+export interface EvalEvent {
+  /** Which event this is. */
+  type: 'eval';
+  /** The epoch that ended (from 0). */
+  epoch: number;
+  /** Fraction of images whose label is the top prediction. */
+  top1: number;
+  /** Fraction whose label is among the five top predictions. */
+  top5: number;
+  /** Mean cross-entropy (no smoothing). */
+  loss: number;
+}
+
 /** What a training run reports. */
-export type TrainingEvent = StepEvent | CheckpointEvent | SkippedEvent | EpochEndEvent;
+export type TrainingEvent = StepEvent | CheckpointEvent | SkippedEvent | EpochEndEvent | EvalEvent;
 
 /** How a run ended. */
 export interface TrainingSummary {
@@ -134,56 +148,68 @@ function toEvent(e: Binding.NativeTrainEvent): TrainingEvent {
       return { type: 'skipped', step: e.step!, count: e.count!, message: e.message! };
     case 'epochEnd':
       return { type: 'epochEnd', epoch: e.epoch!, meanLoss: e.loss! };
+    case 'eval':
+      return { type: 'eval', epoch: e.epoch!, top1: e.top1!, top5: e.top5!, loss: e.loss! };
     default:
       throw new VitMaeError('E_INTERNAL', `unknown training event ${e.kind}`);
   }
 }
 
 /**
- * A pre-training run in progress: iterate it for events, and await
- * {@link TrainingRun.result} for the summary. Training runs on a native thread;
- * the event loop stays free.
+ * Pulls a native job's events until it finishes, forwarding each to `onEvent`;
+ * `signal` aborts it. Resolves with the final ('done') event.
+ */
+export async function runJob(
+  job: Binding.NativeJob,
+  signal: AbortSignal | undefined,
+  onEvent: (event: Binding.NativeTrainEvent) => void,
+): Promise<Binding.NativeTrainEvent> {
+  const abort = () => job.abort();
+  if (signal?.aborted) abort();
+  signal?.addEventListener('abort', abort, { once: true });
+  try {
+    for (;;) {
+      const event = await call(() => job.nextEvent());
+      if (event.kind === 'done') return event;
+      onEvent(event);
+    }
+  } finally {
+    signal?.removeEventListener('abort', abort);
+  }
+}
+
+/**
+ * A training run in progress (pre-training or fine-tuning): iterate it for events,
+ * and await {@link TrainingRun.result} for the summary. Training runs on a native
+ * thread; the event loop stays free.
  */
 export class TrainingRun implements AsyncIterable<TrainingEvent> {
   /** Resolves with the summary when the run ends; rejects with a VitMaeError if it fails. */
   readonly result: Promise<TrainingSummary>;
-  readonly #native: Binding.NativeTrainingRun;
+  readonly #native: Binding.NativeJob;
   readonly #buffered: TrainingEvent[] = [];
   #wake: (() => void) | null = null;
   #ended = false;
 
-  /** @internal Created by {@link MaskedAutoencoder.pretrain}. */
-  constructor(native: Binding.NativeTrainingRun, onProgress?: (event: TrainingEvent) => void, signal?: AbortSignal) {
+  /** @internal Created by `pretrain` and `finetune`. */
+  constructor(native: Binding.NativeJob, onProgress?: (event: TrainingEvent) => void, signal?: AbortSignal) {
     this.#native = native;
-    const abort = () => native.abort();
-    if (signal?.aborted) abort();
-    signal?.addEventListener('abort', abort, { once: true });
-    this.result = this.#pump(onProgress).finally(() => {
-      signal?.removeEventListener('abort', abort);
-      this.#ended = true;
-      this.#wake?.();
-    });
-    // The iterator reports failures through `result`; don't also warn about an unhandled rejection.
-    this.result.catch(() => {});
-  }
-
-  async #pump(onProgress?: (event: TrainingEvent) => void): Promise<TrainingSummary> {
-    for (;;) {
-      let next: Binding.NativeTrainEvent;
-      try {
-        next = await this.#native.nextEvent();
-      } catch (error) {
-        rethrow(error);
-      }
-      if (next.kind === 'done') {
-        const s = next.summary!;
-        return { ...s, lastCheckpoint: s.lastCheckpoint ?? null };
-      }
+    this.result = runJob(native, signal, (next) => {
       const event = toEvent(next);
       onProgress?.(event);
       this.#buffered.push(event);
       this.#wake?.();
-    }
+    })
+      .then((done) => {
+        const s = done.summary!;
+        return { ...s, lastCheckpoint: s.lastCheckpoint ?? null };
+      })
+      .finally(() => {
+        this.#ended = true;
+        this.#wake?.();
+      });
+    // The iterator reports failures through `result`; don't also warn about an unhandled rejection.
+    this.result.catch(() => {});
   }
 
   /** Stops after the current step, leaving a checkpoint of where it stopped. */

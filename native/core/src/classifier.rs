@@ -386,8 +386,9 @@ impl VitClassifier {
             }
             x = match &mut mode.train {
                 Some((rng, rate)) if *rate > 0.0 => {
-                    // Stochastic depth rises linearly from 0 at the first block to `rate` at the last.
-                    let block_rate = if depth > 1 { *rate * i as f64 / (depth - 1) as f64 } else { *rate };
+                    // Stochastic depth rises linearly from 0 at the first block to `rate` at the
+                    // last (`torch.linspace(0, rate, depth)`: a single block gets 0).
+                    let block_rate = if depth > 1 { *rate * i as f64 / (depth - 1) as f64 } else { 0.0 };
                     let scales = DropPathScales::draw(*rng, n, block_rate, &self.device)?;
                     blk.forward_dropping(&x, Some(&scales))?
                 }
@@ -467,7 +468,7 @@ impl VitClassifier {
         }
         let k = self.config.num_classes as i64;
         if let Some(bad) = labels.iter().find(|&&y| y < 0 || y >= k) {
-            bail!(InvalidArgument, "label {bad} is outside 0..{k} (numClasses {k})");
+            bail!(InvalidArgument, "label {bad} is not a class index: labels must be in [0, {k}) for numClasses {k}");
         }
         Ok(())
     }
@@ -635,7 +636,13 @@ pub fn load_classifier(path: &Path, explicit: Option<&serde_json::Value>, device
     let config = ClassifierConfig::from_fields(fields)
         .map_err(|e| Error::new(e.code, format!("cannot configure the classifier from {}: {}; pass the config explicitly", path.display(), e.message)))?;
     let classifier = VitClassifier::new(config, device, seed)?;
-    let tensors = std::mem::take(&mut state.tensors);
+    let mut tensors = std::mem::take(&mut state.tensors);
+    // At another resolution than the checkpoint's, the position embedding is resized as published.
+    if let Some(pos_embed) = tensors.get_mut("pos_embed") {
+        if pos_embed.rank() == 3 && pos_embed.dim(2)? == classifier.config.embed_dim {
+            *pos_embed = resize_pos_embed(pos_embed, classifier.config.grid_size())?;
+        }
+    }
     let (model_tensors, other): (BTreeMap<_, _>, BTreeMap<_, _>) =
         tensors.into_iter().partition(|(k, _)| !k.starts_with(checkpoint::OPTIMIZER_PREFIX));
     let known: Vec<String> = classifier.params.iter().map(|(n, _)| n.clone()).chain(classifier.buffers()?.into_iter().map(|(n, _)| n)).collect();

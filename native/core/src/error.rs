@@ -28,6 +28,8 @@ pub enum ErrorCode {
     Io,
     /// Training produced a NaN or infinite loss.
     NonFiniteLoss,
+    /// The work was cancelled before it finished.
+    Aborted,
     /// A bug: the computation failed where valid input cannot make it fail.
     Internal,
 }
@@ -46,6 +48,7 @@ impl ErrorCode {
             ErrorCode::CheckpointShape => "E_CHECKPOINT_SHAPE",
             ErrorCode::Io => "E_IO",
             ErrorCode::NonFiniteLoss => "E_NON_FINITE_LOSS",
+            ErrorCode::Aborted => "E_ABORTED",
             ErrorCode::Internal => "E_INTERNAL",
         }
     }

@@ -78,7 +78,7 @@ impl FinetuneConfig {
             partial_blocks: 0,
             epochs: 50,
             accum_iter: 1,
-            blr: 5e-4,
+            blr: 1e-3,
             lr: None,
             min_lr: 1e-6,
             warmup_epochs: 5.0,
@@ -153,8 +153,10 @@ impl FinetuneConfig {
                 }
             }
         }
-        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs as f64) {
-            bail!(InvalidArgument, "warmupEpochs must be in [0, epochs), got {}", self.warmup_epochs);
+        // A warm-up as long as the run or longer is allowed: the rate then rises
+        // linearly throughout, as the published schedule gives.
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            bail!(InvalidArgument, "warmupEpochs must be a non-negative number, got {}", self.warmup_epochs);
         }
         if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             bail!(InvalidArgument, "layerDecay must be in (0, 1], got {}", self.layer_decay);
@@ -293,7 +295,7 @@ impl Task for Finetuning<'_> {
 
     fn epoch_end(&mut self, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         if let Some(loader) = self.eval_loader {
-            let e = evaluate(self.classifier, loader)?;
+            let e = evaluate(self.classifier, loader, &mut |_| {}, &AtomicBool::new(false))?;
             on_event(TrainEvent::Eval { epoch, top1: e.top1, top5: e.top5, loss: e.loss });
         }
         Ok(())
@@ -332,11 +334,13 @@ pub struct Evaluation {
 }
 
 /// Evaluates every batch of `loader`'s first epoch (give it `shuffle: false` and no
-/// `drop_last` to see the whole dataset once).
-pub fn evaluate(classifier: &VitClassifier, loader: &Loader) -> Result<Evaluation> {
+/// `drop_last` to see the whole dataset once), calling `progress` with the images
+/// done so far. Fails with `Aborted` when `cancel` is set.
+pub fn evaluate(classifier: &VitClassifier, loader: &Loader, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Evaluation> {
     let k = classifier.config.num_classes;
     let (mut top1, mut top5, mut loss_sum, mut count) = (0usize, 0usize, 0f64, 0usize);
     for batch in loader.epoch(0, 0) {
+        check_cancel(cancel, "evaluation")?;
         let batch = batch?;
         let n = batch.shape[0];
         if n == 0 {
@@ -358,6 +362,7 @@ pub fn evaluate(classifier: &VitClassifier, loader: &Loader) -> Result<Evaluatio
             top5 += usize::from(rank < 5);
         }
         count += n;
+        progress(count);
     }
     if count == 0 {
         bail!(InvalidArgument, "the evaluation dataset gave no images");
@@ -383,13 +388,11 @@ pub struct Embeddings {
 }
 
 /// Embeds every image of `loader`'s first epoch, batch by batch, calling `progress`
-/// with the images done so far; stops early (with what it has) when `cancel` is set.
+/// with the images done so far. Fails with `Aborted` when `cancel` is set.
 pub fn embed_dataset(embedder: &Embedder, loader: &Loader, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Embeddings> {
     let mut out = Embeddings { features: Vec::new(), dim: 0, labels: Vec::new(), indices: Vec::new() };
     for batch in loader.epoch(0, 0) {
-        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
-            break;
-        }
+        check_cancel(cancel, "embedding")?;
         let batch = batch?;
         if batch.shape[0] == 0 {
             continue;
@@ -405,4 +408,30 @@ pub fn embed_dataset(embedder: &Embedder, loader: &Loader, progress: &mut dyn Fn
         progress(out.indices.len());
     }
     Ok(out)
+}
+
+fn check_cancel(cancel: &AtomicBool, what: &str) -> Result<()> {
+    if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!(Aborted, "{what} was aborted");
+    }
+    Ok(())
+}
+
+impl Embeddings {
+    /// Writes `embeddings` `[N, D]` (f32), `indices` `[N]` and, when labelled, `labels`
+    /// `[N]` (both i64) as safetensors, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let n = self.indices.len();
+        let device = candle_core::Device::Cpu;
+        let mut tensors = vec![
+            ("embeddings".to_string(), Tensor::from_slice(&self.features, (n, self.dim), &device)?),
+            ("indices".to_string(), Tensor::from_vec(self.indices.iter().map(|&i| i as i64).collect::<Vec<_>>(), n, &device)?),
+        ];
+        if !self.labels.is_empty() {
+            tensors.push(("labels".to_string(), Tensor::from_slice(&self.labels, n, &device)?));
+        }
+        let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
+            .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise embeddings: {e}")))?;
+        crate::checkpoint::write_atomic(path, &bytes)
+    }
 }

@@ -103,8 +103,10 @@ impl PretrainConfig {
                 }
             }
         }
-        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs as f64) {
-            bail!(InvalidArgument, "warmupEpochs must be in [0, epochs), got {}", self.warmup_epochs);
+        // A warm-up as long as the run or longer is allowed: the rate then rises
+        // linearly throughout, as the published schedule gives.
+        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
+            bail!(InvalidArgument, "warmupEpochs must be a non-negative number, got {}", self.warmup_epochs);
         }
         for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {

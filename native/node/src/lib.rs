@@ -3,6 +3,7 @@
 //! message starts with its code (`E_...: `), which the TypeScript facade turns
 //! into `VitMaeError.code`; panics are caught here and never cross into Node.
 
+mod classifier;
 mod training;
 
 use napi::bindgen_prelude::*;
@@ -47,7 +48,7 @@ pub(crate) fn host_tensor(data: &[f32], shape: &[u32]) -> vit_mae_core::Result<H
     HostTensor::new(data.to_vec(), shape.iter().map(|&d| d as usize).collect())
 }
 
-fn seed_of(seed: i64) -> vit_mae_core::Result<u64> {
+pub(crate) fn seed_of(seed: i64) -> vit_mae_core::Result<u64> {
     u64::try_from(seed).map_err(|_| vit_mae_core::Error::new(ErrorCode::InvalidArgument, format!("seed must be a non-negative integer, got {seed}")))
 }
 
@@ -200,6 +201,13 @@ impl NativeMae {
         Ok(AsyncTask::new(GradientsTask { model: self.model.clone(), images: input.0, options: input.1 }))
     }
 
+    /// Features `[N, D]` of whole images: the encoder over every patch, pooled ('mean' | 'cls').
+    #[napi(ts_return_type = "Promise<NativeTensor>")]
+    pub fn embed(&self, images: Float32Array, shape: Vec<u32>, pool: String) -> Result<AsyncTask<EmbedTask>> {
+        let input = guarded(|| Ok((host_tensor(&images, &shape)?, vit_mae_core::Pool::parse(&pool)?)))?;
+        Ok(AsyncTask::new(EmbedTask { model: self.model.clone(), images: input.0, pool: input.1 }))
+    }
+
     /// Writes safetensors in the published layout, atomically.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn save(&self, path: String) -> AsyncTask<SaveTask> {
@@ -337,5 +345,28 @@ impl Task for SaveTask {
 
     fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
         Ok(())
+    }
+}
+
+pub struct EmbedTask {
+    model: Shared,
+    images: HostTensor,
+    pool: vit_mae_core::Pool,
+}
+
+impl Task for EmbedTask {
+    type Output = HostTensor;
+    type JsValue = NativeTensor;
+
+    fn compute(&mut self) -> Result<HostTensor> {
+        guarded(|| {
+            let model = read_model(&self.model)?;
+            let imgs = model.images_to_tensor(&self.images)?;
+            HostTensor::from_tensor(&model.embed(&imgs, self.pool)?)
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, output: HostTensor) -> Result<NativeTensor> {
+        Ok(NativeTensor::from_host(output))
     }
 }

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use vit_mae_core::data::{Augment, Dataset, IdxDataset, ImageFolder, InMemoryDataset, Loader, LoaderOptions};
+use vit_mae_core::finetune::{embed_dataset, Embedder, Embeddings};
+use vit_mae_core::Pool;
 use vit_mae_core::train::{self, PretrainConfig, TrainEvent, TrainSummary};
 use vit_mae_core::{ErrorCode, HostTensor};
 
@@ -33,6 +35,8 @@ pub struct NativeLoaderOptions {
     pub workers: u32,
     pub prefetch: u32,
     pub skip_corrupt: bool,
+    /// Leave out an epoch's last incomplete batch (training); default true.
+    pub drop_last: Option<bool>,
     pub random_resized_crop: bool,
     pub scale: Vec<f64>,
     pub ratio: Vec<f64>,
@@ -86,7 +90,7 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
         batch_size: o.batch_size as usize,
         seed,
         shuffle: o.shuffle,
-        drop_last: true,
+        drop_last: o.drop_last.unwrap_or(true),
         workers: o.workers as usize,
         prefetch: o.prefetch as usize,
         skip_corrupt: o.skip_corrupt,
@@ -97,7 +101,7 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
 /// One training event, flattened: `kind` says which fields are set.
 #[napi(object)]
 pub struct NativeTrainEvent {
-    /// 'step' | 'checkpoint' | 'skipped' | 'epochEnd' | 'done'
+    /// 'step' | 'checkpoint' | 'skipped' | 'epochEnd' | 'eval' | 'progress' | 'done'
     pub kind: String,
     pub epoch: Option<u32>,
     pub step: Option<f64>,
@@ -109,7 +113,21 @@ pub struct NativeTrainEvent {
     pub path: Option<String>,
     pub count: Option<u32>,
     pub message: Option<String>,
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+    /// With kind 'done' of a training run.
     pub summary: Option<NativeTrainSummary>,
+    /// With kind 'done' of an evaluation.
+    pub evaluation: Option<NativeEvaluation>,
+}
+
+#[napi(object)]
+#[derive(Clone)]
+pub struct NativeEvaluation {
+    pub top1: f64,
+    pub top5: f64,
+    pub loss: f64,
+    pub count: u32,
 }
 
 #[napi(object)]
@@ -126,8 +144,8 @@ pub struct NativeTrainSummary {
 }
 
 enum Message {
-    Event(TrainEvent),
-    Done(vit_mae_core::Result<TrainSummary>),
+    Event(NativeTrainEvent),
+    Done(vit_mae_core::Result<NativeTrainEvent>),
 }
 
 fn blank(kind: &str) -> NativeTrainEvent {
@@ -143,11 +161,39 @@ fn blank(kind: &str) -> NativeTrainEvent {
         path: None,
         count: None,
         message: None,
+        top1: None,
+        top5: None,
         summary: None,
+        evaluation: None,
     }
 }
 
-fn to_native(event: TrainEvent) -> NativeTrainEvent {
+/// A count of images done, for evaluation and embedding jobs.
+pub(crate) fn progress_event(done: usize, total: usize) -> NativeTrainEvent {
+    NativeTrainEvent { count: Some(done as u32), total_steps: Some(total as f64), ..blank("progress") }
+}
+
+pub(crate) fn done_event(summary: TrainSummary) -> NativeTrainEvent {
+    NativeTrainEvent {
+        summary: Some(NativeTrainSummary {
+            steps: summary.steps as f64,
+            epochs_completed: summary.epochs_completed as u32,
+            final_loss: summary.final_loss,
+            images_seen: summary.images_seen as f64,
+            seconds: summary.seconds,
+            aborted: summary.aborted,
+            last_checkpoint: summary.last_checkpoint.map(|p| p.display().to_string()),
+            skipped_images: summary.skipped_images as u32,
+        }),
+        ..blank("done")
+    }
+}
+
+pub(crate) fn evaluation_event(e: vit_mae_core::finetune::Evaluation) -> NativeTrainEvent {
+    NativeTrainEvent { evaluation: Some(NativeEvaluation { top1: e.top1, top5: e.top5, loss: e.loss, count: e.count as u32 }), ..blank("done") }
+}
+
+pub(crate) fn to_native(event: TrainEvent) -> NativeTrainEvent {
     match event {
         TrainEvent::Step { epoch, step, total_steps, loss, lr, images_per_sec, eta_seconds } => NativeTrainEvent {
             epoch: Some(epoch as u32),
@@ -162,29 +208,77 @@ fn to_native(event: TrainEvent) -> NativeTrainEvent {
         TrainEvent::Checkpoint { step, path } => NativeTrainEvent { step: Some(step as f64), path: Some(path.display().to_string()), ..blank("checkpoint") },
         TrainEvent::Skipped { step, count, first } => NativeTrainEvent { step: Some(step as f64), count: Some(count as u32), message: Some(first), ..blank("skipped") },
         TrainEvent::EpochEnd { epoch, mean_loss } => NativeTrainEvent { epoch: Some(epoch as u32), loss: Some(mean_loss), ..blank("epochEnd") },
+        TrainEvent::Eval { epoch, top1, top5, loss } => {
+            NativeTrainEvent { epoch: Some(epoch as u32), top1: Some(top1), top5: Some(top5), loss: Some(loss), ..blank("eval") }
+        }
     }
 }
 
-/// A pre-training run in progress.
+/// Long work on a thread of its own (training, evaluation, embedding): JS pulls
+/// its events with `nextEvent()` and may `abort()` it.
 #[napi]
-pub struct NativeTrainingRun {
+pub struct NativeJob {
     events: Arc<Mutex<Receiver<Message>>>,
     cancel: Arc<AtomicBool>,
+    output: Arc<Mutex<Option<Embeddings>>>,
 }
 
 #[napi]
-impl NativeTrainingRun {
-    /// The next event; the last one has kind 'done' (or the promise rejects with the run's error).
+impl NativeJob {
+    /// The next event; the last one has kind 'done' (or the promise rejects with the job's error).
     #[napi(ts_return_type = "Promise<NativeTrainEvent>")]
     pub fn next_event(&self) -> AsyncTask<NextEventTask> {
         AsyncTask::new(NextEventTask { events: self.events.clone() })
     }
 
-    /// Stops after the current step, writing a checkpoint of where it stopped.
+    /// Asks the job to stop: training stops after the current step and writes a
+    /// checkpoint; evaluation and embedding fail with E_ABORTED.
     #[napi]
     pub fn abort(&self) {
         self.cancel.store(true, Ordering::SeqCst);
     }
+
+    /// The embeddings of a finished embedding job (once).
+    #[napi]
+    pub fn take_embeddings(&self) -> Option<NativeEmbeddings> {
+        let embeddings = self.output.lock().ok()?.take()?;
+        let n = embeddings.indices.len() as u32;
+        Some(NativeEmbeddings {
+            features: NativeTensor { data: Float32Array::new(embeddings.features), shape: vec![n, embeddings.dim as u32] },
+            labels: (!embeddings.labels.is_empty()).then(|| embeddings.labels.iter().map(|&l| l as i32).collect()),
+            indices: embeddings.indices.iter().map(|&i| i as u32).collect(),
+        })
+    }
+}
+
+#[napi(object)]
+pub struct NativeEmbeddings {
+    pub features: NativeTensor,
+    pub labels: Option<Vec<i32>>,
+    pub indices: Vec<u32>,
+}
+
+/// Runs `work` on a named thread, forwarding its events; a panic becomes an internal error.
+pub(crate) fn spawn_job(
+    name: &str,
+    output: Arc<Mutex<Option<Embeddings>>>,
+    work: impl FnOnce(&mut dyn FnMut(NativeTrainEvent), &AtomicBool) -> vit_mae_core::Result<NativeTrainEvent> + Send + 'static,
+) -> Result<NativeJob> {
+    let (tx, rx) = channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let stop = cancel.clone();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let events = tx.clone();
+            let mut on_event = |e: NativeTrainEvent| {
+                let _ = events.send(Message::Event(e));
+            };
+            let result = guarded_core(|| work(&mut on_event, &stop));
+            let _ = tx.send(Message::Done(result));
+        })
+        .map_err(|e| crate::to_napi(err(ErrorCode::Internal, format!("cannot start a worker thread: {e}"))))?;
+    Ok(NativeJob { events: Arc::new(Mutex::new(rx)), cancel, output })
 }
 
 pub struct NextEventTask {
@@ -199,22 +293,9 @@ impl Task for NextEventTask {
         guarded(|| {
             let events = self.events.lock().map_err(|_| err(ErrorCode::Internal, "event channel poisoned"))?;
             match events.recv() {
-                Ok(Message::Event(e)) => Ok(to_native(e)),
-                Ok(Message::Done(Ok(s))) => Ok(NativeTrainEvent {
-                    summary: Some(NativeTrainSummary {
-                        steps: s.steps as f64,
-                        epochs_completed: s.epochs_completed as u32,
-                        final_loss: s.final_loss,
-                        images_seen: s.images_seen as f64,
-                        seconds: s.seconds,
-                        aborted: s.aborted,
-                        last_checkpoint: s.last_checkpoint.map(|p| p.display().to_string()),
-                        skipped_images: s.skipped_images as u32,
-                    }),
-                    ..blank("done")
-                }),
-                Ok(Message::Done(Err(e))) => Err(e),
-                Err(_) => Err(err(ErrorCode::InvalidArgument, "the training run has already finished")),
+                Ok(Message::Event(e)) => Ok(e),
+                Ok(Message::Done(result)) => result,
+                Err(_) => Err(err(ErrorCode::InvalidArgument, "the job has already finished")),
             }
         })
     }
@@ -228,7 +309,7 @@ impl Task for NextEventTask {
 impl NativeMae {
     /// Starts pre-training on a thread of its own.
     #[napi]
-    pub fn pretrain(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, config_json: String, resume: Option<String>) -> Result<NativeTrainingRun> {
+    pub fn pretrain(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, config_json: String, resume: Option<String>) -> Result<NativeJob> {
         let model = self.model.clone();
         let (config, loader) = guarded(|| {
             let config: PretrainConfig = serde_json::from_str(&config_json).map_err(|e| err(ErrorCode::InvalidArgument, format!("invalid training options: {e}")))?;
@@ -237,24 +318,29 @@ impl NativeMae {
             let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
             Ok((config, loader))
         })?;
-        let (tx, rx) = channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let stop = cancel.clone();
-        std::thread::Builder::new()
-            .name("vit-mae-train".into())
-            .spawn(move || {
-                let events = tx.clone();
-                let result = guarded_core(|| {
-                    let model = read_model(&model)?;
-                    let mut on_event = |e: TrainEvent| {
-                        let _ = events.send(Message::Event(e));
-                    };
-                    train::pretrain(&model, &loader, &config, resume.as_deref().map(PathBuf::from).as_deref(), &mut on_event, &stop)
-                });
-                let _ = tx.send(Message::Done(result));
-            })
-            .map_err(|e| crate::to_napi(err(ErrorCode::Internal, format!("cannot start the training thread: {e}"))))?;
-        Ok(NativeTrainingRun { events: Arc::new(Mutex::new(rx)), cancel })
+        spawn_job("vit-mae-train", Arc::default(), move |on_event, cancel| {
+            let model = read_model(&model)?;
+            let resume = resume.as_deref().map(PathBuf::from);
+            let summary = train::pretrain(&model, &loader, &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            Ok(done_event(summary))
+        })
+    }
+
+    /// Embeds a whole dataset with the encoder (pooled 'mean' or 'cls'); writes the
+    /// embeddings to `output` (safetensors) when given.
+    #[napi]
+    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, pool: String, output: Option<String>) -> Result<NativeJob> {
+        let model = self.model.clone();
+        let (loader, pool) = guarded(|| {
+            let c = read_model(&model)?.config.clone();
+            Ok((make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?, Pool::parse(&pool)?))
+        })?;
+        let slot: Arc<Mutex<Option<Embeddings>>> = Arc::default();
+        let result = slot.clone();
+        spawn_job("vit-mae-embed", slot, move |on_event, cancel| {
+            let model = read_model(&model)?;
+            embed_job(&Embedder::Mae(&model, pool), &loader, output, &result, on_event, cancel)
+        })
     }
 
     /// The published visualisation: masked input, reconstruction, reconstruction with the visible patches.
@@ -386,4 +472,24 @@ impl Task for GridTask {
     fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
         Ok(())
     }
+}
+
+/// Embeds `loader`'s images, reporting progress, then keeps the result for
+/// `takeEmbeddings()` and writes it to `output` if given.
+pub(crate) fn embed_job(
+    embedder: &Embedder,
+    loader: &Loader,
+    output: Option<String>,
+    result: &Mutex<Option<Embeddings>>,
+    on_event: &mut dyn FnMut(NativeTrainEvent),
+    cancel: &AtomicBool,
+) -> vit_mae_core::Result<NativeTrainEvent> {
+    let total = loader.images_per_epoch();
+    let embeddings = embed_dataset(embedder, loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
+    if let Some(path) = output {
+        embeddings.save(Path::new(&path))?;
+    }
+    let count = embeddings.indices.len();
+    *result.lock().map_err(|_| err(ErrorCode::Internal, "result slot poisoned"))? = Some(embeddings);
+    Ok(NativeTrainEvent { count: Some(count as u32), ..blank("done") })
 }

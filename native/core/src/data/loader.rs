@@ -106,6 +106,15 @@ impl Loader {
         }
     }
 
+    /// Items an epoch yields (fewer than the dataset holds under `drop_last`).
+    pub fn images_per_epoch(&self) -> usize {
+        if self.options.drop_last {
+            self.batches_per_epoch() * self.options.batch_size
+        } else {
+            self.dataset.len()
+        }
+    }
+
     /// Items per (full) batch.
     pub fn batch_size(&self) -> usize {
         self.options.batch_size

@@ -1,0 +1,314 @@
+//! The classifier for the binding: built from a pre-trained MAE or loaded, used for
+//! prediction, embedding and evaluation, and trained by the fine-tuning protocols.
+
+use crate::training::{done_event, embed_job, evaluation_event, make_loader, open_dataset, progress_event, spawn_job, to_native, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
+use crate::{guarded, host_tensor, read_model, seed_of, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use vit_mae_core::classifier::{config_fields, load_classifier, save_classifier, ClassifierConfig, VitClassifier};
+use vit_mae_core::finetune::{evaluate, finetune, Embedder, FinetuneConfig};
+use vit_mae_core::{DeviceSpec, ErrorCode, HostTensor};
+
+type SharedClassifier = Arc<RwLock<VitClassifier>>;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> vit_mae_core::Error {
+    vit_mae_core::Error::new(code, message)
+}
+
+fn read(c: &SharedClassifier) -> vit_mae_core::Result<std::sync::RwLockReadGuard<'_, VitClassifier>> {
+    c.read().map_err(|_| err(ErrorCode::Internal, "classifier lock poisoned by an earlier failure"))
+}
+
+fn parse_json(json: &str, what: &str) -> vit_mae_core::Result<serde_json::Value> {
+    serde_json::from_str(json).map_err(|e| err(ErrorCode::InvalidArgument, format!("{what} is not valid JSON: {e}")))
+}
+
+/// A ViT classifier living in Rust memory.
+#[napi]
+pub struct NativeClassifier {
+    model: SharedClassifier,
+    checkpoint_format: Option<String>,
+}
+
+#[napi]
+impl NativeClassifier {
+    /// A classifier on `mae`'s encoder. `options_json`: numClasses, globalPool,
+    /// headBatchNorm, imgSize (all but numClasses optional).
+    #[napi(factory)]
+    pub fn from_mae(mae: &NativeMae, options_json: String, seed: i64) -> Result<NativeClassifier> {
+        guarded(|| {
+            let mae = read_model(&mae.model)?;
+            let mut fields = serde_json::to_value(ClassifierConfig::from_encoder(&mae.config, 0, true, false))
+                .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            fields.extend(config_fields(&parse_json(&options_json, "classifier options")?, true)?);
+            let config = ClassifierConfig::from_fields(fields)?;
+            let classifier = VitClassifier::from_encoder(&mae, config, seed_of(seed)?)?;
+            Ok(NativeClassifier { model: Arc::new(RwLock::new(classifier)), checkpoint_format: None })
+        })
+    }
+
+    /// A freshly initialised classifier (training from scratch) from a complete config.
+    #[napi(factory)]
+    pub fn create(config_json: String, seed: i64, device: String) -> Result<NativeClassifier> {
+        guarded(|| {
+            let config = ClassifierConfig::from_fields(config_fields(&parse_json(&config_json, "config")?, true)?)?;
+            let device = DeviceSpec::parse(&device)?.resolve()?;
+            Ok(NativeClassifier { model: Arc::new(RwLock::new(VitClassifier::new(config, &device, seed_of(seed)?)?)), checkpoint_format: None })
+        })
+    }
+
+    /// Loads a classifier checkpoint (`.pth` or safetensors).
+    #[napi(ts_return_type = "Promise<NativeClassifier>")]
+    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String) -> AsyncTask<LoadClassifierTask> {
+        AsyncTask::new(LoadClassifierTask { path: PathBuf::from(path), config_json, seed, device })
+    }
+
+    /// The config as camelCase JSON.
+    #[napi(getter)]
+    pub fn config_json(&self) -> Result<String> {
+        guarded(|| serde_json::to_string(&read(&self.model)?.config).map_err(|e| err(ErrorCode::Internal, e.to_string())))
+    }
+
+    #[napi(getter)]
+    pub fn parameter_count(&self) -> Result<f64> {
+        guarded(|| Ok(read(&self.model)?.parameter_count() as f64))
+    }
+
+    #[napi(getter)]
+    pub fn checkpoint_format(&self) -> Option<String> {
+        self.checkpoint_format.clone()
+    }
+
+    #[napi(getter)]
+    pub fn device(&self) -> Result<String> {
+        guarded(|| Ok(vit_mae_core::device::device_name(read(&self.model)?.device())))
+    }
+
+    #[napi]
+    pub fn parameter_shapes(&self) -> Result<Vec<NativeNamedShape>> {
+        guarded(|| {
+            Ok(read(&self.model)?
+                .params()
+                .iter()
+                .map(|(name, var)| NativeNamedShape { name: name.clone(), shape: var.dims().iter().map(|&d| d as u32).collect() })
+                .collect())
+        })
+    }
+
+    /// `kind`: 'logits' | 'embed' | 'predict' | 'gradients'.
+    fn task(&self, kind: Compute, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+        let images = guarded(|| host_tensor(&images, &shape))?;
+        Ok(AsyncTask::new(ClassifierTask { model: self.model.clone(), images, kind }))
+    }
+
+    /// Logits `[N, numClasses]` (evaluation mode).
+    #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
+    pub fn forward(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+        self.task(Compute::Logits, images, shape)
+    }
+
+    /// Features `[N, D]`: what the head sees.
+    #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
+    pub fn embed(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+        self.task(Compute::Embed, images, shape)
+    }
+
+    /// Probabilities and the top classes.
+    #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
+    pub fn predict(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+        self.task(Compute::Predict, images, shape)
+    }
+
+    /// The label-smoothed cross-entropy and every parameter's gradient.
+    #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
+    pub fn loss_and_gradients(&self, images: Float32Array, shape: Vec<u32>, labels: Vec<i64>, smoothing: f64) -> Result<AsyncTask<ClassifierTask>> {
+        self.task(Compute::Gradients { labels, smoothing }, images, shape)
+    }
+
+    /// Top-1/top-5 accuracy on a labelled dataset.
+    #[napi]
+    pub fn evaluate(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions) -> Result<NativeJob> {
+        let model = self.model.clone();
+        let loader = guarded(|| {
+            let c = read(&model)?.config.clone();
+            make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)
+        })?;
+        spawn_job("vit-mae-eval", Arc::default(), move |on_event, cancel| {
+            let total = loader.images_per_epoch();
+            let e = evaluate(&*read(&model)?, &loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
+            Ok(evaluation_event(e))
+        })
+    }
+
+    /// Embeds a whole dataset; writes the embeddings to `output` when given.
+    #[napi]
+    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, output: Option<String>) -> Result<NativeJob> {
+        let model = self.model.clone();
+        let loader = guarded(|| {
+            let c = read(&model)?.config.clone();
+            make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)
+        })?;
+        let slot: Arc<std::sync::Mutex<Option<vit_mae_core::finetune::Embeddings>>> = Arc::default();
+        let result = slot.clone();
+        spawn_job("vit-mae-embed", slot, move |on_event, cancel| {
+            let model = read(&model)?;
+            embed_job(&Embedder::Classifier(&model), &loader, output, &result, on_event, cancel)
+        })
+    }
+
+    /// Trains by a protocol (`config_json` holds `protocol` and the recipe), evaluating
+    /// on the evaluation set after every epoch when one is given.
+    #[napi]
+    pub fn finetune(
+        &self,
+        dataset: NativeDatasetSpec,
+        loader: NativeLoaderOptions,
+        eval_dataset: Option<NativeDatasetSpec>,
+        eval_loader: Option<NativeLoaderOptions>,
+        config_json: String,
+        resume: Option<String>,
+    ) -> Result<NativeJob> {
+        let model = self.model.clone();
+        let (config, loader, eval_loader) = guarded(|| {
+            let config = FinetuneConfig::from_json(&parse_json(&config_json, "fine-tuning options")?)?;
+            let c = read(&model)?.config.clone();
+            let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
+            let eval_loader = match (&eval_dataset, &eval_loader) {
+                (Some(d), Some(o)) => Some(make_loader(open_dataset(d)?, o, c.img_size, c.in_chans)?),
+                _ => None,
+            };
+            Ok((config, loader, eval_loader))
+        })?;
+        spawn_job("vit-mae-finetune", Arc::default(), move |on_event, cancel| {
+            let model = read(&model)?;
+            let resume = resume.as_deref().map(PathBuf::from);
+            let summary = finetune(&model, &loader, eval_loader.as_ref(), &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            Ok(done_event(summary))
+        })
+    }
+
+    /// Writes safetensors in the published layout, atomically.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn save(&self, path: String) -> AsyncTask<SaveClassifierTask> {
+        AsyncTask::new(SaveClassifierTask { model: self.model.clone(), path: PathBuf::from(path) })
+    }
+}
+
+pub struct LoadClassifierTask {
+    path: PathBuf,
+    config_json: Option<String>,
+    seed: i64,
+    device: String,
+}
+
+impl Task for LoadClassifierTask {
+    type Output = (VitClassifier, String);
+    type JsValue = NativeClassifier;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        guarded(|| {
+            let explicit = self.config_json.as_deref().map(|j| parse_json(j, "config")).transpose()?;
+            let device = DeviceSpec::parse(&self.device)?.resolve()?;
+            let (classifier, state) = load_classifier(&self.path, explicit.as_ref(), &device, seed_of(self.seed)?)?;
+            Ok((classifier, state.format.as_str().to_string()))
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, (classifier, format): Self::Output) -> Result<NativeClassifier> {
+        Ok(NativeClassifier { model: Arc::new(RwLock::new(classifier)), checkpoint_format: Some(format) })
+    }
+}
+
+pub enum Compute {
+    Logits,
+    Embed,
+    Predict,
+    Gradients { labels: Vec<i64>, smoothing: f64 },
+}
+
+/// One of the classifier's per-batch computations; fields are set by kind.
+#[napi(object)]
+pub struct NativeClassifierOutput {
+    pub tensor: Option<NativeTensor>,
+    pub top: Option<Vec<Vec<u32>>>,
+    pub loss: Option<f64>,
+    pub gradients: Option<Vec<NativeNamedTensor>>,
+}
+
+pub struct ClassifierTask {
+    model: SharedClassifier,
+    images: HostTensor,
+    kind: Compute,
+}
+
+pub struct ClassifierResult {
+    tensor: Option<HostTensor>,
+    top: Option<Vec<Vec<u32>>>,
+    loss: Option<f64>,
+    gradients: Option<Vec<(String, HostTensor)>>,
+}
+
+impl Task for ClassifierTask {
+    type Output = ClassifierResult;
+    type JsValue = NativeClassifierOutput;
+
+    fn compute(&mut self) -> Result<ClassifierResult> {
+        guarded(|| {
+            let model = read(&self.model)?;
+            let imgs = model.images_to_tensor(&self.images)?;
+            let none = ClassifierResult { tensor: None, top: None, loss: None, gradients: None };
+            Ok(match &self.kind {
+                Compute::Logits => ClassifierResult { tensor: Some(HostTensor::from_tensor(&model.forward(&imgs)?.detach())?), ..none },
+                Compute::Embed => ClassifierResult { tensor: Some(HostTensor::from_tensor(&model.embed(&imgs)?)?), ..none },
+                Compute::Predict => {
+                    let p = model.predict(&imgs)?;
+                    ClassifierResult { tensor: Some(HostTensor::from_tensor(&p.probabilities)?), top: Some(p.top), ..none }
+                }
+                Compute::Gradients { labels, smoothing } => {
+                    if !(0.0..1.0).contains(smoothing) {
+                        return Err(err(ErrorCode::InvalidArgument, format!("labelSmoothing must be in [0, 1), got {smoothing}")));
+                    }
+                    let (loss, grads) = model.loss_and_gradients(&imgs, labels, *smoothing)?;
+                    let grads = grads.into_iter().map(|(n, g)| Ok((n, HostTensor::from_tensor(&g)?))).collect::<vit_mae_core::Result<_>>()?;
+                    ClassifierResult { loss: Some(loss as f64), gradients: Some(grads), ..none }
+                }
+            })
+        })
+    }
+
+    fn resolve(&mut self, _env: Env, r: ClassifierResult) -> Result<NativeClassifierOutput> {
+        Ok(NativeClassifierOutput {
+            tensor: r.tensor.map(NativeTensor::from_host),
+            top: r.top,
+            loss: r.loss,
+            gradients: r.gradients.map(|g| {
+                g.into_iter()
+                    .map(|(name, t)| NativeNamedTensor { name, data: Float32Array::new(t.data), shape: t.shape.into_iter().map(|d| d as u32).collect() })
+                    .collect()
+            }),
+        })
+    }
+}
+
+pub struct SaveClassifierTask {
+    model: SharedClassifier,
+    path: PathBuf,
+}
+
+impl Task for SaveClassifierTask {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> Result<()> {
+        guarded(|| save_classifier(&*read(&self.model)?, Vec::new(), Default::default(), &self.path))
+    }
+
+    fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
+        Ok(())
+    }
+}

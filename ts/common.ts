@@ -1,0 +1,63 @@
+// Argument checks and types shared by the model classes.
+import { VitMaeError } from './errors.js';
+import type { Binding } from './native.js';
+import type { Tensor } from './tensor.js';
+import type { AugmentOptions, LoaderOptions } from './data.js';
+
+/** Options for one ordered pass over a dataset (evaluation, embedding): no shuffling or augmentation. */
+export interface PassOptions extends LoaderOptions {
+  /** Padding and normalisation, as in training. */
+  augment?: Pick<AugmentOptions, 'padTo' | 'mean' | 'std'>;
+  /** Cancels the pass; the promise rejects with `E_ABORTED`. */
+  signal?: AbortSignal;
+  /** Called after every batch with the images done and the total. */
+  onProgress?: (done: number, total: number) => void;
+}
+
+/** The features of a dataset, in dataset order. */
+export interface Embeddings {
+  /** `[N, D]`. */
+  features: Tensor;
+  /** The class of each image, or null for an unlabelled dataset. */
+  labels: Int32Array | null;
+  /** The dataset index of each row. */
+  indices: Uint32Array;
+}
+
+export function checkSeed(seed: unknown): number {
+  if (seed === undefined) return 0;
+  if (typeof seed !== 'number' || !Number.isSafeInteger(seed) || seed < 0) {
+    throw new VitMaeError('E_ARGUMENT', `seed must be a non-negative integer, got ${String(seed)}`);
+  }
+  return seed;
+}
+
+export function checkDevice(device: unknown): string {
+  if (device === undefined) return 'cpu';
+  if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);
+  return device;
+}
+
+export function configJson(config: unknown): string | undefined {
+  if (config === undefined) return undefined;
+  if (typeof config !== 'object' || config === null || Array.isArray(config)) {
+    throw new VitMaeError('E_CONFIG', 'config must be an object of config fields');
+  }
+  return JSON.stringify(config);
+}
+
+export function checkPath(path: unknown): string {
+  if (typeof path !== 'string' || path.length === 0) {
+    throw new VitMaeError('E_ARGUMENT', 'path must be a non-empty string');
+  }
+  return path;
+}
+
+export function fromNative(t: Binding.NativeTensor): Tensor {
+  return { data: t.data, shape: t.shape };
+}
+
+/** Rejects a pass whose signal is already aborted before any work starts. */
+export function checkNotAborted(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted) throw new VitMaeError('E_ABORTED', `${what} was aborted before it started`);
+}
