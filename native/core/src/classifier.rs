@@ -454,7 +454,7 @@ impl VitClassifier {
 
     /// Class probabilities and the top classes, in evaluation mode.
     pub fn predict(&self, imgs: &Tensor) -> Result<Prediction> {
-        let probabilities = ops::softmax_last_dim(&self.forward(imgs)?.detach())?;
+        let probabilities = ops::softmax_last_dim(&self.forward(imgs)?.detach(), 1.0)?;
         let k = self.config.num_classes.min(5);
         let rows = probabilities.to_vec2::<f32>()?;
         let top = rows.iter().map(|row| top_k(row, k)).collect();

@@ -20,6 +20,10 @@ pub mod pos_embed;
 pub mod train;
 pub mod visualize;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub use candle_core;
 pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
 pub use config::{ConfigPatch, MaeConfig, PRESETS};

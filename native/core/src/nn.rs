@@ -25,12 +25,20 @@ impl Linear {
 
     /// `xs @ weight^T + bias` over the last dimension of a `[B, T, in]` or `[B, in]` input.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.matmul(xs)?.broadcast_add(&self.bias)
+    }
+
+    /// `xs @ weight^T`, the bias left for a fused op to add.
+    pub fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.rank() == 2 {
-            return xs.matmul(&self.weight.t()?)?.broadcast_add(&self.bias);
+            return xs.matmul(&self.weight.t()?);
         }
         let (b, t, c) = xs.dims3()?;
-        let out = xs.reshape((b * t, c))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        out.reshape((b, t, ()))
+        xs.reshape((b * t, c))?.matmul(&self.weight.t()?)?.reshape((b, t, ()))
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
     }
 }
 
@@ -75,8 +83,7 @@ impl Attention {
         let q = qkv.get(0)?.contiguous()?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
-        let attn = (q.matmul(&k.t()?)? * (head_dim as f64).powf(-0.5))?;
-        let attn = ops::softmax_last_dim(&attn)?;
+        let attn = ops::softmax_last_dim(&q.matmul(&k.t()?)?, (head_dim as f64).powf(-0.5))?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.proj.forward(&out)
     }
@@ -93,7 +100,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&ops::gelu(&self.fc1.forward(xs)?)?)
+        self.fc2.forward(&ops::bias_gelu(&self.fc1.matmul(xs)?, self.fc1.bias())?)
     }
 }
 

@@ -1,11 +1,18 @@
 //! Differentiable building blocks. candle's fused `softmax_last_dim` and
-//! `layer_norm` have no backward pass, so these are written from primitive ops
-//! whose gradients candle knows.
+//! `layer_norm` have no backward pass, and composing them from primitive ops
+//! allocates a tensor per step (and more in the backward pass). On the CPU these
+//! are single fused kernels with hand-written backward passes, in the manner of
+//! llm.c; on other devices they fall back to the composed forms, whose gradients
+//! candle derives.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
 
 /// LayerNorm over the last dimension (biased variance, as torch).
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+        return xs.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps: eps as f32 });
+    }
     let mean = xs.mean_keepdim(D::Minus1)?;
     let centered = xs.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -13,9 +20,13 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// Softmax over the last dimension; the max is subtracted for stability and
-/// carries no gradient (softmax is invariant to it).
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+/// `softmax(scale * xs)` over the last dimension; the max is subtracted for
+/// stability (softmax is invariant to it).
+pub fn softmax_last_dim(xs: &Tensor, scale: f64) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+        return xs.contiguous()?.apply_op1(SoftmaxOp { scale: scale as f32 });
+    }
+    let xs = (xs * scale)?;
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let exp = xs.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
@@ -28,7 +39,239 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// GELU with the exact erf, as `nn.GELU()`.
-pub fn gelu(xs: &Tensor) -> Result<Tensor> {
-    xs.gelu_erf()
+/// `gelu(xs + bias)` with the exact erf, as `nn.GELU()` after a biased linear layer.
+pub fn bias_gelu(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+        return xs.contiguous()?.apply_op2(bias, BiasGeluOp);
+    }
+    xs.broadcast_add(bias)?.gelu_erf()
+}
+
+/// The f32 values of a contiguous CPU tensor.
+fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("fused ops take f32 tensors") };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused ops take contiguous tensors"),
+    }
+}
+
+/// Runs `f` on the f32 values of a CPU tensor (made contiguous first).
+fn with_values<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(cpu_slice(cpu, layout)?),
+        _ => candle_core::bail!("fused CPU op given a tensor on another device"),
+    }
+}
+
+fn from_vec(values: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(values, shape.clone(), like.device())
+}
+
+/// Rows per parallel task: enough work to be worth a thread hop.
+fn rows_per_task(dim: usize) -> usize {
+    (16384 / dim.max(1)).max(1)
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Mean and 1/std of one row.
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "vit-mae-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * rows_per_task(d)).zip(x.par_chunks(d * rows_per_task(d))).for_each(|(ys, xs)| {
+            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+                let (mean, rstd) = row_stats(xr, self.eps);
+                for i in 0..d {
+                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let (dx, dw, db) = with_values(x, |x| {
+            with_values(w, |w| {
+                with_values(grad, |g| {
+                    let chunk = d * rows_per_task(d);
+                    let mut dx = vec![0f32; x.len()];
+                    // Per-task partial sums of dw and db, added up after.
+                    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+                        .par_chunks_mut(chunk)
+                        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                        .map(|(dxs, (xs, gs))| {
+                            let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                            for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                                let (mean, rstd) = row_stats(xr, self.eps);
+                                // dx = rstd * (wg - mean(wg) - xhat * mean(wg * xhat))
+                                let (mut mean_wg, mut mean_wg_xhat) = (0f32, 0f32);
+                                for i in 0..d {
+                                    let xhat = (xr[i] - mean) * rstd;
+                                    let wg = w[i] * gr[i];
+                                    mean_wg += wg;
+                                    mean_wg_xhat += wg * xhat;
+                                    dw[i] += gr[i] * xhat;
+                                    db[i] += gr[i];
+                                }
+                                mean_wg /= d as f32;
+                                mean_wg_xhat /= d as f32;
+                                for i in 0..d {
+                                    let xhat = (xr[i] - mean) * rstd;
+                                    dxr[i] = rstd * (w[i] * gr[i] - mean_wg - xhat * mean_wg_xhat);
+                                }
+                            }
+                            (dw, db)
+                        })
+                        .collect();
+                    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                    for (pw, pb) in partials {
+                        for i in 0..d {
+                            dw[i] += pw[i];
+                            db[i] += pb[i];
+                        }
+                    }
+                    Ok((dx, dw, db))
+                })
+            })
+        })?;
+        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?), Some(from_vec(db, w.shape(), w)?)))
+    }
+}
+
+struct SoftmaxOp {
+    scale: f32,
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "vit-mae-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(storage, layout)?;
+        let d = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        let chunk = d * rows_per_task(d);
+        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| {
+            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+                let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+                let mut sum = 0f32;
+                for (y, &x) in yr.iter_mut().zip(xr) {
+                    *y = (x * self.scale - max).exp();
+                    sum += *y;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|y| *y *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.dims().last().copied().unwrap_or(1).max(1);
+        let dx = with_values(res, |y| {
+            with_values(grad, |g| {
+                let mut dx = vec![0f32; y.len()];
+                let chunk = d * rows_per_task(d);
+                dx.par_chunks_mut(chunk).zip(y.par_chunks(chunk).zip(g.par_chunks(chunk))).for_each(|(dxs, (ys, gs))| {
+                    for ((dxr, yr), gr) in dxs.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
+                        // dx = scale * y * (g - sum(g * y))
+                        let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+                        for i in 0..d {
+                            dxr[i] = self.scale * yr[i] * (gr[i] - dot);
+                        }
+                    }
+                });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(from_vec(dx, arg.shape(), arg)?))
+    }
+}
+
+struct BiasGeluOp;
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1 / sqrt(2 pi)
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2))
+}
+
+/// d/dx gelu(x) = Phi(x) + x phi(x)
+fn gelu_grad(x: f32) -> f32 {
+    0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
+impl CustomOp2 for BiasGeluOp {
+    fn name(&self) -> &'static str {
+        "vit-mae-bias-gelu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
+        let d = b.len();
+        let mut y = vec![0f32; x.len()];
+        let chunk = d * rows_per_task(d);
+        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| {
+            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
+                for i in 0..d {
+                    yr[i] = gelu(xr[i] + b[i]);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = b.elem_count();
+        let (dx, db) = with_values(x, |x| {
+            with_values(b, |b| {
+                with_values(grad, |g| {
+                    let chunk = d * rows_per_task(d);
+                    let mut dx = vec![0f32; x.len()];
+                    let partials: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(chunk)
+                        .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                        .map(|(dxs, (xs, gs))| {
+                            let mut db = vec![0f32; d];
+                            for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
+                                for i in 0..d {
+                                    dxr[i] = gr[i] * gelu_grad(xr[i] + b[i]);
+                                    db[i] += dxr[i];
+                                }
+                            }
+                            db
+                        })
+                        .collect();
+                    let mut db = vec![0f32; d];
+                    for p in partials {
+                        db.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+                    }
+                    Ok((dx, db))
+                })
+            })
+        })?;
+        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(db, b.shape(), b)?)))
+    }
 }
