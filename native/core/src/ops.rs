@@ -39,12 +39,145 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
+/// `xs + bias` over the last dimension (a linear layer's bias), with a backward pass
+/// that sums the bias gradient row by row instead of candle's strided reduction.
+pub fn add_bias(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+        return xs.contiguous()?.apply_op2(bias, BiasAddOp);
+    }
+    xs.broadcast_add(bias)
+}
+
 /// `gelu(xs + bias)` with the exact erf, as `nn.GELU()` after a biased linear layer.
 pub fn bias_gelu(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
         return xs.contiguous()?.apply_op2(bias, BiasGeluOp);
     }
     xs.broadcast_add(bias)?.gelu_erf()
+}
+
+/// Whether this CPU has AVX2 and FMA. The shipped binary targets baseline x86-64;
+/// the kernels below are compiled a second time for AVX2+FMA and picked at run time.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// Defines `$name` calling `$generic` through an AVX2+FMA build of it when the CPU
+/// has those, else the baseline build.
+macro_rules! dispatch {
+    ($(#[$meta:meta])* fn $name:ident / $avx2:ident = $generic:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) $(-> $ret)? {
+            $generic($($arg),*)
+        }
+
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU supports the features the function was compiled for.
+                return unsafe { $avx2($($arg),*) };
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+/// `e^x` in f32 (relative error below 2e-7) in plain arithmetic that vectorises:
+/// x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    // ln 2 split in two so that n * ln2 is exact enough.
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), vectorisable.
+#[inline(always)]
+fn fast_erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * fast_exp(-a * a);
+    y.copysign(x)
+}
+
+/// Softmax of `scale * x` for each row of `d` values.
+#[inline(always)]
+fn softmax_rows_generic(x: &[f32], y: &mut [f32], d: usize, scale: f32) {
+    for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
+        let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }) * scale;
+        for (y, &x) in yr.iter_mut().zip(xr) {
+            *y = fast_exp(x * scale - max);
+        }
+        let inv = 1.0 / yr.iter().sum::<f32>();
+        yr.iter_mut().for_each(|y| *y *= inv);
+    }
+}
+
+dispatch!(fn softmax_rows / softmax_rows_avx2 = softmax_rows_generic(x: &[f32], y: &mut [f32], d: usize, scale: f32));
+
+/// `y = gelu(x + b)` for each row of `b.len()` values.
+#[inline(always)]
+fn bias_gelu_rows_generic(x: &[f32], b: &[f32], y: &mut [f32]) {
+    for (yr, xr) in y.chunks_mut(b.len()).zip(x.chunks(b.len())) {
+        for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
+            let v = x + b;
+            *y = 0.5 * v * (1.0 + fast_erf(v * FRAC_1_SQRT_2));
+        }
+    }
+}
+
+dispatch!(fn bias_gelu_rows / bias_gelu_rows_avx2 = bias_gelu_rows_generic(x: &[f32], b: &[f32], y: &mut [f32]));
+
+/// `dx = g * gelu'(x + b)` for each row, adding `dx` into `db`.
+#[inline(always)]
+fn bias_gelu_grad_rows_generic(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]) {
+    let d = b.len();
+    for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+        for i in 0..d {
+            let v = xr[i] + b[i];
+            // gelu'(v) = Phi(v) + v phi(v)
+            let grad = 0.5 * (1.0 + fast_erf(v * FRAC_1_SQRT_2)) + v * FRAC_1_SQRT_2PI * fast_exp(-0.5 * v * v);
+            dxr[i] = gr[i] * grad;
+            db[i] += dxr[i];
+        }
+    }
+}
+
+dispatch!(fn bias_gelu_grad_rows / bias_gelu_grad_rows_avx2 = bias_gelu_grad_rows_generic(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]));
+
+/// Adds every row of `g` (rows of `acc.len()` values) into `acc`.
+#[inline(always)]
+fn sum_rows_generic(g: &[f32], acc: &mut [f32]) {
+    for row in g.chunks(acc.len()) {
+        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+    }
+}
+
+dispatch!(fn sum_rows / sum_rows_avx2 = sum_rows_generic(g: &[f32], acc: &mut [f32]));
+
+/// The sum of the rows of `g` (each `d` wide), in parallel partial sums.
+fn column_sums(g: &[f32], d: usize) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = g
+        .par_chunks(d * rows_per_task(d))
+        .map(|rows| {
+            let mut acc = vec![0f32; d];
+            sum_rows(rows, &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; d];
+    for p in partials {
+        total.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
+    total
 }
 
 /// The f32 values of a contiguous CPU tensor.
@@ -171,18 +304,7 @@ impl CustomOp1 for SoftmaxOp {
         let d = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0f32; x.len()];
         let chunk = d * rows_per_task(d);
-        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| {
-            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
-                let mut sum = 0f32;
-                for (y, &x) in yr.iter_mut().zip(xr) {
-                    *y = (x * self.scale - max).exp();
-                    sum += *y;
-                }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|y| *y *= inv);
-            }
-        });
+        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| softmax_rows(xs, ys, d, self.scale));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
@@ -214,15 +336,6 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2 pi)
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2))
-}
-
-/// d/dx gelu(x) = Phi(x) + x phi(x)
-fn gelu_grad(x: f32) -> f32 {
-    0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp()
-}
-
 impl CustomOp2 for BiasGeluOp {
     fn name(&self) -> &'static str {
         "vit-mae-bias-gelu"
@@ -233,13 +346,7 @@ impl CustomOp2 for BiasGeluOp {
         let d = b.len();
         let mut y = vec![0f32; x.len()];
         let chunk = d * rows_per_task(d);
-        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| {
-            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                for i in 0..d {
-                    yr[i] = gelu(xr[i] + b[i]);
-                }
-            }
-        });
+        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| bias_gelu_rows(xs, b, ys));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -255,12 +362,7 @@ impl CustomOp2 for BiasGeluOp {
                         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
                         .map(|(dxs, (xs, gs))| {
                             let mut db = vec![0f32; d];
-                            for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                                for i in 0..d {
-                                    dxr[i] = gr[i] * gelu_grad(xr[i] + b[i]);
-                                    db[i] += dxr[i];
-                                }
-                            }
+                            bias_gelu_grad_rows(xs, b, gs, dxs, &mut db);
                             db
                         })
                         .collect();
@@ -273,5 +375,31 @@ impl CustomOp2 for BiasGeluOp {
             })
         })?;
         Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(db, b.shape(), b)?)))
+    }
+}
+
+struct BiasAddOp;
+
+impl CustomOp2 for BiasAddOp {
+    fn name(&self) -> &'static str {
+        "vit-mae-bias-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
+        let d = b.len();
+        let mut y = x.to_vec();
+        y.par_chunks_mut(d * rows_per_task(d)).for_each(|ys| {
+            for row in ys.chunks_mut(d) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = b.elem_count();
+        let db = with_values(grad, |g| Ok(column_sums(g, d)))?;
+        Ok((Some(grad.clone()), Some(from_vec(db, b.shape(), b)?)))
     }
 }

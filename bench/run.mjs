@@ -1,0 +1,65 @@
+// `npm run bench`: vit-mae (release build) and the PyTorch eager reference on the same
+// workloads, side by side in one command with the same thread count, then a table of
+// images/s, achieved GFLOP/s, peak RSS and the ratios, appended to bench/RESULTS.md.
+//
+// PyTorch is used when `python3 -c "import torch"` works, or from the interpreter in
+// VIT_MAE_PYTHON. BENCH_WORKLOADS (default "tiny,base") and BENCH_STEPS override the runs.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { appendFileSync, existsSync, readFileSync } from 'node:fs';
+import { availableParallelism, cpus } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+const binary = join(root, 'target', 'release', 'examples', 'bench');
+const threads = availableParallelism();
+const workloads = (process.env.BENCH_WORKLOADS ?? 'tiny,base').split(',');
+const steps = { tiny: 3, base: 2, fmnist: 3 };
+const python = process.env.VIT_MAE_PYTHON ?? 'python3';
+
+function runJson(command, args) {
+  const result = spawnSync(command, args, { cwd: root, encoding: 'utf8', env: { ...process.env, RAYON_NUM_THREADS: String(threads) } });
+  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} failed:\n${result.stderr}`);
+  return JSON.parse(result.stdout.trim().split('\n').pop());
+}
+
+const hasTorch = spawnSync(python, ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
+const gemm = runJson(binary, ['gemm']).gflops;
+const rows = [];
+for (const workload of workloads) {
+  const n = String(process.env.BENCH_STEPS ?? steps[workload] ?? 3);
+  process.stderr.write(`${workload}: vit-mae...\n`);
+  const ours = runJson(binary, [workload, n]);
+  let ref = null;
+  if (hasTorch) {
+    process.stderr.write(`${workload}: PyTorch...\n`);
+    ref = runJson(python, [join('bench', 'reference.py'), workload, n, String(threads)]);
+  }
+  for (const mode of ['train', 'embed', 'reconstruct']) {
+    const gflops = (ours[mode] * ours[`${mode}_gflop_per_image`]).toFixed(1);
+    rows.push({
+      workload: `${workload} (batch ${ours.batch})`,
+      mode,
+      ours: ours[mode].toFixed(1),
+      torch: ref ? ref[mode].toFixed(1) : 'n/a',
+      ratio: ref ? `${(ours[mode] / ref[mode]).toFixed(2)}x` : 'n/a',
+      gflops,
+      rss: mode === 'train' ? `${ours.peak_rss_mb.toFixed(0)} / ${ref ? ref.peak_rss_mb.toFixed(0) : 'n/a'}` : '',
+    });
+  }
+  if (ref) rows.torchVersion = ref.torch;
+}
+
+const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).trim();
+const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: root, encoding: 'utf8' }).trim() ? ' (uncommitted changes)' : '';
+const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${threads} threads`;
+const header = '| workload | mode | vit-mae img/s | PyTorch img/s | ratio | vit-mae GFLOP/s | peak RSS MB (vit-mae / PyTorch) |\n|---|---|---|---|---|---|---|';
+const table = [header, ...rows.map((r) => `| ${r.workload} | ${r.mode} | ${r.ours} | ${r.torch} | ${r.ratio} | ${r.gflops} | ${r.rss} |`)].join('\n');
+const section = `\n## ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC, commit ${commit}${dirty}\n\n${machine}; single-GEMM peak (1024^3 f32 matmul): ${gemm.toFixed(1)} GFLOP/s; ` +
+  `PyTorch: ${hasTorch ? rows.torchVersion : 'not installed'}.\n\n${table}\n`;
+process.stdout.write(section);
+const results = join(root, 'bench', 'RESULTS.md');
+if (!existsSync(results) || !readFileSync(results, 'utf8').trim()) {
+  appendFileSync(results, '# Benchmark results\n\nAppended by `npm run bench`: vit-mae beside PyTorch eager on the same machine, same threads, same workloads (see bench/reference.py). GFLOP/s counts the model\'s matmul FLOPs (training = 3x the forward pass).\n');
+}
+appendFileSync(results, section);
