@@ -77,15 +77,7 @@ impl Attention {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, c) = xs.dims3()?;
-        let head_dim = c / self.num_heads;
-        let qkv = self.qkv.forward(xs)?.reshape((b, n, 3, self.num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = ops::softmax_last_dim(&q.matmul(&k.t()?)?, (head_dim as f64).powf(-0.5))?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.proj.forward(&out)
+        self.proj.forward(&ops::attention(&self.qkv.forward(xs)?, self.num_heads)?)
     }
 }
 

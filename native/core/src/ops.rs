@@ -32,6 +32,25 @@ pub fn softmax_last_dim(xs: &Tensor, scale: f64) -> Result<Tensor> {
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
+/// Multi-head self-attention core, `softmax(q k^T / sqrt(d)) v` per head, from the
+/// fused projection `qkv` `[B, N, 3C]` (q, k, v each `[H, C/H]` per token, as timm
+/// lays them out) to `[B, N, C]` with the heads side by side. On the CPU one fused
+/// op over every (image, head), its backward recomputing the attention weights
+/// rather than storing them.
+pub fn attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
+    let (b, n, c3) = qkv.dims3()?;
+    let c = c3 / 3;
+    let head_dim = c / num_heads;
+    let scale = (head_dim as f64).powf(-0.5);
+    if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
+        return qkv.contiguous()?.apply_op1(AttentionOp { num_heads, scale: scale as f32 });
+    }
+    let qkv = qkv.reshape((b, n, 3, num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
+    let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+    let weights = softmax_last_dim(&q.matmul(&k.t()?)?, scale)?;
+    weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
+}
+
 /// Log-softmax over the last dimension: `x - max - log(sum(exp(x - max)))`, the max
 /// detached as in `softmax_last_dim`.
 pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
@@ -401,5 +420,118 @@ impl CustomOp2 for BiasAddOp {
         let d = b.elem_count();
         let db = with_values(grad, |g| Ok(column_sums(g, d)))?;
         Ok((Some(grad.clone()), Some(from_vec(db, b.shape(), b)?)))
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) = beta * lhs (m x k) rhs (k x n)`, single-threaded
+/// (the callers parallelise over heads). Strides are in elements.
+///
+/// # Safety
+/// Every pointer must be valid for the extents its strides and sizes reach.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, beta: f32) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, beta, false, false, false, gemm::Parallelism::None);
+}
+
+/// A pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+struct AttentionOp {
+    num_heads: usize,
+    scale: f32,
+}
+
+impl AttentionOp {
+    /// The attention weights `p` (`n x n`) of image `b`, head `h`.
+    ///
+    /// # Safety
+    /// `qkv` holds `[B, n, 3C]` with `b` in range.
+    unsafe fn weights(&self, qkv: &[f32], n: usize, c: usize, b: usize, h: usize, scores: &mut [f32], p: &mut [f32]) {
+        let hd = c / self.num_heads;
+        let base = qkv.as_ptr().add(b * n * 3 * c + h * hd);
+        // scores = scale * q k^T: q rows of stride 3C; k^T read through k's strides.
+        small_gemm(n, n, hd, scores.as_mut_ptr(), n, base, 3 * c, 1, base.add(c), 1, 3 * c, self.scale);
+        softmax_rows(scores, p, n, 1.0);
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "vit-mae-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = cpu_slice(storage, layout)?;
+        let (b, n, c3) = layout.shape().dims3()?;
+        let (c, heads) = (c3 / 3, self.num_heads);
+        let hd = c / heads;
+        let mut out = vec![0f32; b * n * c];
+        let dst = SharedMut(out.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each_init(
+            || (vec![0f32; n * n], vec![0f32; n * n]),
+            |(scores, p), task| {
+                let (bi, h) = (task / heads, task % heads);
+                let dst = dst;
+                // SAFETY: every (image, head) reads its own q/k/v columns and writes its
+                // own `hd` columns of `out`; the extents follow from the shape.
+                unsafe {
+                    self.weights(qkv, n, c, bi, h, scores, p);
+                    let v = qkv.as_ptr().add(bi * n * 3 * c + 2 * c + h * hd);
+                    small_gemm(n, hd, n, dst.0.add(bi * n * c + h * hd), c, p.as_ptr(), n, 1, v, 3 * c, 1, 1.0);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, n, c3) = arg.dims3()?;
+        let (c, heads) = (c3 / 3, self.num_heads);
+        let hd = c / heads;
+        let dqkv = with_values(arg, |qkv| {
+            with_values(res, |out| {
+                with_values(grad, |dout| {
+                    let mut dqkv = vec![0f32; qkv.len()];
+                    let dst = SharedMut(dqkv.as_mut_ptr());
+                    (0..b * heads).into_par_iter().for_each_init(
+                        || (vec![0f32; n * n], vec![0f32; n * n], vec![0f32; n * n]),
+                        |(scores, p, dp), task| {
+                            let (bi, h) = (task / heads, task % heads);
+                            let dst = dst;
+                            // SAFETY: as in the forward pass; each task writes its own
+                            // q, k and v columns of `dqkv`.
+                            unsafe {
+                                self.weights(qkv, n, c, bi, h, scores, p);
+                                let base = qkv.as_ptr().add(bi * n * 3 * c + h * hd);
+                                let (q, k, v) = (base, base.add(c), base.add(2 * c));
+                                let dbase = dst.0.add(bi * n * 3 * c + h * hd);
+                                let d_o = dout.as_ptr().add(bi * n * c + h * hd);
+                                // dv = p^T do
+                                small_gemm(n, hd, n, dbase.add(2 * c), 3 * c, p.as_ptr(), 1, n, d_o, c, 1, 1.0);
+                                // dp = do v^T
+                                small_gemm(n, n, hd, dp.as_mut_ptr(), n, d_o, c, 1, v, 1, 3 * c, 1.0);
+                                // ds = p * (dp - rowsum(do * o)) * scale, into `scores`
+                                for i in 0..n {
+                                    let o_row = &out[bi * n * c + i * c + h * hd..][..hd];
+                                    let do_row = &dout[bi * n * c + i * c + h * hd..][..hd];
+                                    let dot: f32 = o_row.iter().zip(do_row).map(|(a, b)| a * b).sum();
+                                    for j in 0..n {
+                                        scores[i * n + j] = p[i * n + j] * (dp[i * n + j] - dot) * self.scale;
+                                    }
+                                }
+                                // dq = ds k, dk = ds^T q
+                                small_gemm(n, hd, n, dbase, 3 * c, scores.as_ptr(), n, 1, k, 3 * c, 1, 1.0);
+                                small_gemm(n, hd, n, dbase.add(c), 3 * c, scores.as_ptr(), 1, n, q, 3 * c, 1, 1.0);
+                            }
+                        },
+                    );
+                    Ok(dqkv)
+                })
+            })
+        })?;
+        Ok(Some(from_vec(dqkv, arg.shape(), arg)?))
     }
 }
