@@ -30,11 +30,7 @@ impl Linear {
 
     /// `xs @ weight^T`, the bias left for a fused op to add.
     pub fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
-        if xs.rank() == 2 {
-            return xs.matmul(&self.weight.t()?);
-        }
-        let (b, t, c) = xs.dims3()?;
-        xs.reshape((b * t, c))?.matmul(&self.weight.t()?)?.reshape((b, t, ()))
+        ops::matmul_wt(xs, &self.weight)
     }
 
     pub fn bias(&self) -> &Tensor {

@@ -58,6 +58,20 @@ pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
+/// `xs @ weight^T` for `xs` `[..., K]` and `weight` `[N, K]` (a linear layer without
+/// its bias). On the CPU one op whose backward gives `dx = g w` and `dw = g^T x`
+/// straight from GEMMs, without the transposed copies and strided accumulation of
+/// candle's matmul backward.
+pub fn matmul_wt(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+        return xs.contiguous()?.apply_op2(weight, MatmulWtOp);
+    }
+    let k = xs.dim(D::Minus1)?;
+    let mut out_shape = xs.dims().to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = weight.dim(0)?;
+    xs.reshape(((), k))?.matmul(&weight.t()?)?.reshape(out_shape)
+}
+
 /// `xs + bias` over the last dimension (a linear layer's bias), with a backward pass
 /// that sums the bias gradient row by row instead of candle's strided reduction.
 pub fn add_bias(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -533,5 +547,58 @@ impl CustomOp1 for AttentionOp {
             })
         })?;
         Ok(Some(from_vec(dqkv, arg.shape(), arg)?))
+    }
+}
+
+/// gemm's parallelism for one large product: every thread.
+fn all_threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+struct MatmulWtOp;
+
+impl CustomOp2 for MatmulWtOp {
+    fn name(&self) -> &'static str {
+        "vit-mae-matmul-wt"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
+        let (n, k) = l2.shape().dims2()?;
+        if l1.shape().dims().last() != Some(&k) {
+            candle_core::bail!("matmul_wt: input {:?} does not end in {k}", l1.shape());
+        }
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
+        unsafe {
+            gemm::gemm(m, n, k, y.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, all_threads());
+        }
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let (dx, dw) = with_values(x, |xs| {
+            with_values(w, |ws| {
+                with_values(grad, |g| {
+                    let m = xs.len() / k;
+                    let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
+                    // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; dx = g w,
+                    // dw = g^T x (g read through transposed strides).
+                    unsafe {
+                        gemm::gemm(m, k, n, dx.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), 1, n as isize, ws.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, all_threads());
+                        gemm::gemm(n, k, m, dw.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), n as isize, 1, xs.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, all_threads());
+                    }
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?)))
     }
 }
