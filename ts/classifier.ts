@@ -2,8 +2,8 @@ import type { ClassifierConfig, Device } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
-import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource, type LoaderOptions } from './data.js';
-import { runJob, TrainingRun, type TrainingEvent } from './train.js';
+import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
+import { runJob, TrainingRun, type RecipeOptions } from './train.js';
 import { checkDevice, checkNotAborted, checkPath, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
@@ -64,9 +64,7 @@ export type Protocol = 'finetune' | 'linprobe' | 'partial';
  * Options for {@link VitClassifier.finetune}. Defaults are those of
  * `main_finetune.py` (or `main_linprobe.py` for `protocol: 'linprobe'`).
  */
-export interface FinetuneOptions extends LoaderOptions {
-  /** The labelled training images. */
-  data: DatasetSource;
+export interface FinetuneOptions extends RecipeOptions {
   /** Labelled images to evaluate on after every epoch ('eval' events). */
   evalData?: DatasetSource;
   /**
@@ -81,12 +79,8 @@ export interface FinetuneOptions extends LoaderOptions {
   partialBlocks?: number;
   /** Default 50 (linprobe 90). */
   epochs?: number;
-  /** Micro-batches per optimizer step. Default 1. */
-  accumIter?: number;
   /** Base learning rate, `lr = blr * batchSize * accumIter / 256`. Default 1e-3 (linprobe 0.1; the published ViT-B recipe uses 5e-4 with layer decay 0.65). */
   blr?: number;
-  /** Absolute learning rate (overrides `blr`). */
-  lr?: number;
   /** Final learning rate of the cosine. Default 1e-6 (linprobe 0). */
   minLr?: number;
   /** Linear warm-up epochs. Default 5 (linprobe 10). */
@@ -97,8 +91,6 @@ export interface FinetuneOptions extends LoaderOptions {
   layerDecay?: number;
   /** AdamW betas. Default [0.9, 0.999]. */
   betas?: [number, number];
-  /** Clip the global gradient norm. Default: no clipping. */
-  clipGrad?: number;
   /** Stochastic depth rate of the last block (linear in depth). Default 0.1 (linprobe 0). */
   dropPath?: number;
   /** Label smoothing. Default 0.1 (linprobe 0). */
@@ -111,22 +103,6 @@ export interface FinetuneOptions extends LoaderOptions {
   mixupProb?: number;
   /** With both on, the probability of CutMix. Default 0.5. */
   mixupSwitchProb?: number;
-  /** Seeds data order, augmentation, drop path and mixing. Default 0. */
-  seed?: number;
-  /** Stop after this many optimizer steps in total. */
-  maxSteps?: number;
-  /** Folder for checkpoints; none without it. */
-  checkpointDir?: string;
-  /** Write a checkpoint every this many steps (and always at the end). Default 0: only at the end. */
-  checkpointEvery?: number;
-  /** Checkpoints to keep. Default 3. */
-  keepLast?: number;
-  /** Continue from a training checkpoint file, or the newest one in a folder. */
-  resume?: string;
-  /** Stops the run after the current step, leaving a checkpoint. */
-  signal?: AbortSignal;
-  /** Called with every event. */
-  onProgress?: (event: TrainingEvent) => void;
 }
 
 const PROTOCOLS: readonly Protocol[] = ['finetune', 'linprobe', 'partial'];

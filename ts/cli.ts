@@ -132,41 +132,82 @@ async function reconstructionPng(mae: MaskedAutoencoder, source: DatasetSource, 
   return rec.loss;
 }
 
+/** The recipe defaults a training command shows in its help. */
+interface RecipeDefaults {
+  out: string;
+  epochs: number;
+  blr: number;
+  minLr: number;
+  warmupEpochs: number;
+  weightDecay: number;
+}
+
+/** The options every training command has. */
+function addRecipeOptions(command: Command, d: RecipeDefaults): Command {
+  return command
+    .option('--out <dir>', 'run folder: checkpoints and the final model', d.out)
+    .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
+    .option('--epochs <n>', 'epochs', integer, d.epochs)
+    .option('--batch-size <n>', 'images per step', integer, 64)
+    .option('--accum-iter <n>', 'micro-batches per optimizer step', integer, 1)
+    .option('--blr <lr>', 'base learning rate (lr = blr * batch / 256)', number, d.blr)
+    .option('--lr <lr>', 'absolute learning rate (overrides --blr)', number)
+    .option('--min-lr <lr>', 'final learning rate', number, d.minLr)
+    .option('--warmup-epochs <n>', 'warm-up epochs', number, d.warmupEpochs)
+    .option('--weight-decay <wd>', 'weight decay', number, d.weightDecay)
+    .option('--clip-grad <norm>', 'clip the global gradient norm', number)
+    .option('--seed <n>', 'seed for weights, data order, augmentation and the recipe\'s randomness', integer, 0)
+    .option('--max-steps <n>', 'stop after this many steps', integer)
+    .option('--checkpoint-every <n>', 'checkpoint every n steps (and at the end)', integer, 0)
+    .option('--keep-last <n>', 'checkpoints to keep', integer, 3)
+    .option('--pad-to <n>', 'zero-pad images to this side first (e.g. 32 for 28x28 Fashion-MNIST)', integer)
+    .option('--no-crop', 'resize instead of RandomResizedCrop')
+    .option('--no-flip', 'no horizontal flips')
+    .option('--workers <n>', 'data threads', integer, 2)
+    .option('--json', 'print one JSON object per event on stdout');
+}
+
+/** The run options every training command passes on, from its parsed options. */
+function recipeOptions(o: Record<string, unknown>, checkpointDir: string, signal: AbortSignal) {
+  return {
+    epochs: o.epochs as number,
+    batchSize: o.batchSize as number,
+    accumIter: o.accumIter as number,
+    blr: o.blr as number,
+    lr: o.lr as number | undefined,
+    minLr: o.minLr as number,
+    warmupEpochs: o.warmupEpochs as number,
+    weightDecay: o.weightDecay as number,
+    clipGrad: o.clipGrad as number | undefined,
+    seed: o.seed as number,
+    maxSteps: o.maxSteps as number | undefined,
+    workers: o.workers as number,
+    checkpointDir,
+    checkpointEvery: o.checkpointEvery as number,
+    keepLast: o.keepLast as number,
+    resume: o.resume === true ? checkpointDir : (o.resume as string | undefined),
+    signal,
+  };
+}
+
 const program = new Command()
   .name('vit-mae')
   .description('Masked autoencoders (ViT-MAE): pre-train, fine-tune, linear-probe, evaluate, embed, reconstruct, inspect checkpoints.')
   .showHelpAfterError()
   .exitOverride();
 
-program
-  .command('pretrain')
-  .description('pre-train an MAE on a folder of images or an IDX file, with checkpoints and a reconstruction PNG at the end')
-  .requiredOption('--data <path>', 'image folder (class sub-folders allowed) or IDX file (.gz or plain)')
-  .option('--out <dir>', 'run folder: checkpoints, final model and reconstruction.png', 'runs/pretrain')
-  .addOption(new Option('--preset <name>', 'model preset').default('mae_vit_base_patch16'))
-  .option('--config <json>', 'model config fields (override the preset)', json)
-  .option('--init <checkpoint>', 'start from these weights instead of a fresh model')
-  .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
-  .option('--epochs <n>', 'epochs', integer, 400)
-  .option('--batch-size <n>', 'images per step', integer, 64)
-  .option('--accum-iter <n>', 'micro-batches per optimizer step', integer, 1)
-  .option('--blr <lr>', 'base learning rate (lr = blr * batch / 256)', number, 1.5e-4)
-  .option('--lr <lr>', 'absolute learning rate (overrides --blr)', number)
-  .option('--min-lr <lr>', 'final learning rate', number, 0)
-  .option('--warmup-epochs <n>', 'warm-up epochs', number, 40)
-  .option('--weight-decay <wd>', 'AdamW weight decay', number, 0.05)
-  .option('--clip-grad <norm>', 'clip the global gradient norm', number)
-  .option('--mask-ratio <r>', 'fraction of patches removed', number, 0.75)
-  .addOption(new Option('--masking <kind>', 'masking strategy').choices(['random', 'block', 'grid']).default('random'))
-  .option('--seed <n>', 'seed for weights, data order, augmentation, masks', integer, 0)
-  .option('--max-steps <n>', 'stop after this many steps', integer)
-  .option('--checkpoint-every <n>', 'checkpoint every n steps (and at the end)', integer, 0)
-  .option('--keep-last <n>', 'checkpoints to keep', integer, 3)
-  .option('--pad-to <n>', 'zero-pad images to this side first (e.g. 32 for 28x28 Fashion-MNIST)', integer)
-  .option('--no-crop', 'resize instead of RandomResizedCrop')
-  .option('--no-flip', 'no horizontal flips')
-  .option('--workers <n>', 'data threads', integer, 2)
-  .option('--json', 'print one JSON object per event on stdout')
+addRecipeOptions(
+  program
+    .command('pretrain')
+    .description('pre-train an MAE on a folder of images or an IDX file, with checkpoints and a reconstruction PNG at the end')
+    .requiredOption('--data <path>', 'image folder (class sub-folders allowed) or IDX file (.gz or plain)')
+    .addOption(new Option('--preset <name>', 'model preset').default('mae_vit_base_patch16'))
+    .option('--config <json>', 'model config fields (override the preset)', json)
+    .option('--init <checkpoint>', 'start from these weights instead of a fresh model')
+    .option('--mask-ratio <r>', 'fraction of patches removed', number, 0.75)
+    .addOption(new Option('--masking <kind>', 'masking strategy').choices(['random', 'block', 'grid']).default('random')),
+  { out: 'runs/pretrain', epochs: 400, blr: 1.5e-4, minLr: 0, warmupEpochs: 40, weightDecay: 0.05 },
+)
   .action(async (o) => {
     const out: Output = { json: Boolean(o.json) };
     const checkpointDir = join(o.out, 'checkpoints');
@@ -176,27 +217,11 @@ program
     const source = dataset(o.data);
     const controller = abortOnSignal(out, 'stopping after this step and writing a checkpoint...');
     const run = mae.pretrain({
+      ...recipeOptions(o, checkpointDir, controller.signal),
       data: source,
       augment: { padTo: o.padTo, randomResizedCrop: o.crop, hflip: o.flip },
-      epochs: o.epochs,
-      batchSize: o.batchSize,
-      accumIter: o.accumIter,
-      blr: o.blr,
-      lr: o.lr,
-      minLr: o.minLr,
-      warmupEpochs: o.warmupEpochs,
-      weightDecay: o.weightDecay,
-      clipGrad: o.clipGrad,
       maskRatio: o.maskRatio,
       masking: o.masking as MaskingStrategy,
-      seed: o.seed,
-      maxSteps: o.maxSteps,
-      workers: o.workers,
-      checkpointDir,
-      checkpointEvery: o.checkpointEvery,
-      keepLast: o.keepLast,
-      resume: o.resume === true ? checkpointDir : o.resume,
-      signal: controller.signal,
     });
     const summary = await follow(run, out);
     const modelPath = join(o.out, 'model.safetensors');
@@ -211,49 +236,32 @@ program
 
 /** The recipe defaults of a protocol (`main_finetune.py` / `main_linprobe.py`), for the help text. */
 const PROTOCOL_DEFAULTS = {
-  finetune: { epochs: 50, blr: 1e-3, minLr: 1e-6, warmupEpochs: 5, weightDecay: 0.05, layerDecay: 0.75, dropPath: 0.1, smoothing: 0.1 },
-  linprobe: { epochs: 90, blr: 0.1, minLr: 0, warmupEpochs: 10, weightDecay: 0, layerDecay: 1, dropPath: 0, smoothing: 0 },
+  finetune: { epochs: 50, blr: 1e-3, minLr: 1e-6, warmupEpochs: 5, weightDecay: 0.05 },
+  linprobe: { epochs: 90, blr: 0.1, minLr: 0, warmupEpochs: 10, weightDecay: 0 },
 } as const;
 
 function trainingCommand(name: 'finetune' | 'linprobe', description: string): Command {
   const d = PROTOCOL_DEFAULTS[name];
-  const command = program
-    .command(name)
-    .description(description)
-    .argument('<pretrained>', 'pre-trained MAE (.safetensors, .pth, Hugging Face folder); with --resume, ignored in favour of the checkpoint')
-    .requiredOption('--data <path>', 'labelled training images: class sub-folders, or an IDX images file with --labels')
-    .option('--labels <path>', 'IDX labels file for --data')
-    .option('--eval-data <path>', 'labelled images to evaluate on after every epoch')
-    .option('--eval-labels <path>', 'IDX labels file for --eval-data')
-    .requiredOption('--num-classes <n>', 'classes', integer)
-    .option('--out <dir>', 'run folder: checkpoints and the final model', `runs/${name}`)
-    .option('--config <json>', 'MAE config fields the checkpoint does not tell', json)
-    .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
-    .option('--epochs <n>', 'epochs', integer, d.epochs)
-    .option('--batch-size <n>', 'images per step', integer, 64)
-    .option('--accum-iter <n>', 'micro-batches per optimizer step', integer, 1)
-    .option('--blr <lr>', 'base learning rate (lr = blr * batch / 256)', number, d.blr)
-    .option('--lr <lr>', 'absolute learning rate (overrides --blr)', number)
-    .option('--min-lr <lr>', 'final learning rate', number, d.minLr)
-    .option('--warmup-epochs <n>', 'warm-up epochs', number, d.warmupEpochs)
-    .option('--weight-decay <wd>', 'weight decay', number, d.weightDecay)
-    .option('--clip-grad <norm>', 'clip the global gradient norm', number)
-    .option('--seed <n>', 'seed for the head, data order, augmentation, drop path, mixing', integer, 0)
-    .option('--max-steps <n>', 'stop after this many steps', integer)
-    .option('--checkpoint-every <n>', 'checkpoint every n steps (and at the end)', integer, 0)
-    .option('--keep-last <n>', 'checkpoints to keep', integer, 3)
-    .option('--pad-to <n>', 'zero-pad images to this side first (e.g. 32 for 28x28 Fashion-MNIST)', integer)
-    .option('--no-crop', 'resize instead of RandomResizedCrop')
-    .option('--crop-scale <min>', 'smallest RandomResizedCrop area', number, 0.08)
-    .option('--no-flip', 'no horizontal flips')
-    .option('--workers <n>', 'data threads', integer, 2)
-    .option('--json', 'print one JSON object per event on stdout');
+  const command = addRecipeOptions(
+    program
+      .command(name)
+      .description(description)
+      .argument('<pretrained>', 'pre-trained MAE (.safetensors, .pth, Hugging Face folder); with --resume, ignored in favour of the checkpoint')
+      .requiredOption('--data <path>', 'labelled training images: class sub-folders, or an IDX images file with --labels')
+      .option('--labels <path>', 'IDX labels file for --data')
+      .option('--eval-data <path>', 'labelled images to evaluate on after every epoch')
+      .option('--eval-labels <path>', 'IDX labels file for --eval-data')
+      .requiredOption('--num-classes <n>', 'classes', integer)
+      .option('--config <json>', 'MAE config fields the checkpoint does not tell', json)
+      .option('--crop-scale <min>', 'smallest RandomResizedCrop area', number, 0.08),
+    { out: `runs/${name}`, ...d },
+  );
   if (name === 'finetune') {
     command
       .option('--partial-blocks <k>', 'partial fine-tuning: train only the last k blocks (and the norm and head)', integer)
-      .option('--layer-decay <d>', 'layer-wise lr decay', number, d.layerDecay)
-      .option('--drop-path <rate>', 'stochastic depth rate', number, d.dropPath)
-      .option('--smoothing <s>', 'label smoothing', number, d.smoothing)
+      .option('--layer-decay <d>', 'layer-wise lr decay', number, 0.75)
+      .option('--drop-path <rate>', 'stochastic depth rate', number, 0.1)
+      .option('--smoothing <s>', 'label smoothing', number, 0.1)
       .option('--mixup <alpha>', 'mixup alpha (0: off)', number, 0)
       .option('--cutmix <alpha>', 'cutmix alpha (0: off)', number, 0)
       .option('--mixup-prob <p>', 'probability a batch is mixed', number, 1)
@@ -272,35 +280,19 @@ function trainingCommand(name: 'finetune' | 'linprobe', description: string): Co
     const augment = { padTo: o.padTo, randomResizedCrop: o.crop, scale: [o.cropScale, 1] as [number, number], hflip: o.flip };
     const evalData = o.evalData === undefined ? undefined : dataset(o.evalData, o.evalLabels);
     const run = clf.finetune({
+      ...recipeOptions(o, checkpointDir, controller.signal),
       data: dataset(o.data, o.labels),
       evalData,
       augment,
       protocol,
       partialBlocks: o.partialBlocks,
-      epochs: o.epochs,
-      batchSize: o.batchSize,
-      accumIter: o.accumIter,
-      blr: o.blr,
-      lr: o.lr,
-      minLr: o.minLr,
-      warmupEpochs: o.warmupEpochs,
-      weightDecay: o.weightDecay,
       layerDecay: o.layerDecay,
-      clipGrad: o.clipGrad,
       dropPath: o.dropPath,
       labelSmoothing: o.smoothing,
       mixup: o.mixup,
       cutmix: o.cutmix,
       mixupProb: o.mixupProb,
       mixupSwitchProb: o.mixupSwitchProb,
-      seed: o.seed,
-      maxSteps: o.maxSteps,
-      workers: o.workers,
-      checkpointDir,
-      checkpointEvery: o.checkpointEvery,
-      keepLast: o.keepLast,
-      resume: o.resume === true ? checkpointDir : o.resume,
-      signal: controller.signal,
     });
     const summary = await follow(run, out);
     const modelPath = join(o.out, 'model.safetensors');

@@ -1,8 +1,5 @@
-/**
- * A model's architecture: the arguments of the published `MaskedAutoencoderViT`,
- * camelCased. Checkpoint metadata may use either spelling.
- */
-export interface MaeConfig {
+/** The settings of a ViT encoder, shared by {@link MaeConfig} and {@link ClassifierConfig}. */
+export interface EncoderConfig {
   /** Input image side, in pixels (images are square). */
   imgSize: number;
   /** Patch side, in pixels; `imgSize` must be a multiple of it. */
@@ -15,18 +12,25 @@ export interface MaeConfig {
   depth: number;
   /** Encoder attention heads. */
   numHeads: number;
+  /** MLP hidden width as a multiple of the block width (published: 4). */
+  mlpRatio: number;
+  /** LayerNorm epsilon (published: 1e-6). */
+  layerNormEps: number;
+}
+
+/**
+ * A model's architecture: the arguments of the published `MaskedAutoencoderViT`,
+ * camelCased. Checkpoint metadata may use either spelling.
+ */
+export interface MaeConfig extends EncoderConfig {
   /** Decoder width. */
   decoderEmbedDim: number;
   /** Decoder blocks. */
   decoderDepth: number;
   /** Decoder attention heads. */
   decoderNumHeads: number;
-  /** MLP hidden width as a multiple of the block width (published: 4). */
-  mlpRatio: number;
   /** Whether the loss targets per-patch normalised pixels. */
   normPixLoss: boolean;
-  /** LayerNorm epsilon (published: 1e-6). */
-  layerNormEps: number;
 }
 
 /**
@@ -53,23 +57,7 @@ export type Device = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
  * A classifier's architecture: the arguments of the published `VisionTransformer`
  * (`models_vit.py`), camelCased, plus the linear probe's BatchNorm head.
  */
-export interface ClassifierConfig {
-  /** Input image side, in pixels. */
-  imgSize: number;
-  /** Patch side, in pixels. */
-  patchSize: number;
-  /** Image channels. */
-  inChans: number;
-  /** Encoder width. */
-  embedDim: number;
-  /** Encoder blocks. */
-  depth: number;
-  /** Attention heads. */
-  numHeads: number;
-  /** MLP hidden width as a multiple of the width (published: 4). */
-  mlpRatio: number;
-  /** LayerNorm epsilon (published: 1e-6). */
-  layerNormEps: number;
+export interface ClassifierConfig extends EncoderConfig {
   /** Classes the head predicts. */
   numClasses: number;
   /**

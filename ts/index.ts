@@ -13,7 +13,7 @@ import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
 
-export type { MaeConfig, ClassifierConfig, PresetName, Device } from './config.js';
+export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device } from './config.js';
 export type { Embeddings, PassOptions } from './common.js';
 export {
   VitClassifier,
@@ -41,6 +41,7 @@ export {
 export {
   TrainingRun,
   type PretrainOptions,
+  type RecipeOptions,
   type TrainingEvent,
   type StepEvent,
   type CheckpointEvent,

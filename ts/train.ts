@@ -3,35 +3,17 @@ import type { AugmentOptions, DatasetSource, LoaderOptions } from './data.js';
 import { VitMaeError } from './errors.js';
 import { call, type Binding } from './native.js';
 
-/** Options for {@link MaskedAutoencoder.pretrain}; defaults follow `main_pretrain.py`. */
-export interface PretrainOptions extends LoaderOptions {
-  /** The training images. */
+/** What every training recipe (pre-training, fine-tuning) takes besides its own settings. */
+export interface RecipeOptions extends LoaderOptions {
+  /** The training images (labelled, for fine-tuning). */
   data: DatasetSource;
-  /** Augmentation and normalisation. */
-  augment?: AugmentOptions;
-  /** Epochs (sets the schedule's length). Default 400. */
-  epochs?: number;
   /** Micro-batches per optimizer step. Default 1. */
   accumIter?: number;
-  /** Base learning rate; `lr = blr * batchSize * accumIter / 256`. Default 1.5e-4. */
-  blr?: number;
   /** Absolute learning rate (overrides `blr`). */
   lr?: number;
-  /** Final learning rate of the cosine. Default 0. */
-  minLr?: number;
-  /** Linear warm-up epochs. Default 40 (fractions allowed). */
-  warmupEpochs?: number;
-  /** AdamW weight decay (not applied to 1-D parameters and biases). Default 0.05. */
-  weightDecay?: number;
-  /** AdamW betas. Default [0.9, 0.95]. */
-  betas?: [number, number];
   /** Clip the global gradient norm to this value. Default: no clipping. */
   clipGrad?: number;
-  /** Fraction of patches removed. Default 0.75. */
-  maskRatio?: number;
-  /** Masking strategy. Default 'random'. */
-  masking?: MaskingStrategy;
-  /** Seeds data order, augmentation and masks. Default 0. */
+  /** Seeds data order, augmentation and the recipe's randomness (masks, drop path, mixing). Default 0. */
   seed?: number;
   /** Stop after this many optimizer steps in total. */
   maxSteps?: number;
@@ -47,6 +29,28 @@ export interface PretrainOptions extends LoaderOptions {
   signal?: AbortSignal;
   /** Called with every event. */
   onProgress?: (event: TrainingEvent) => void;
+}
+
+/** Options for {@link MaskedAutoencoder.pretrain}; defaults follow `main_pretrain.py`. */
+export interface PretrainOptions extends RecipeOptions {
+  /** Augmentation and normalisation. */
+  augment?: AugmentOptions;
+  /** Epochs (sets the schedule's length). Default 400. */
+  epochs?: number;
+  /** Base learning rate; `lr = blr * batchSize * accumIter / 256`. Default 1.5e-4. */
+  blr?: number;
+  /** Final learning rate of the cosine. Default 0. */
+  minLr?: number;
+  /** Linear warm-up epochs. Default 40 (fractions allowed). */
+  warmupEpochs?: number;
+  /** AdamW weight decay (not applied to 1-D parameters and biases). Default 0.05. */
+  weightDecay?: number;
+  /** AdamW betas. Default [0.9, 0.95]. */
+  betas?: [number, number];
+  /** Fraction of patches removed. Default 0.75. */
+  maskRatio?: number;
+  /** Masking strategy. Default 'random'. */
+  masking?: MaskingStrategy;
 }
 
 /** A step finished. */

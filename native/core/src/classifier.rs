@@ -3,7 +3,7 @@
 
 use crate::bail;
 use crate::checkpoint::{self, StateDict};
-use crate::config::{MaeConfig, PRESETS};
+use crate::config::{check_encoder, MaeConfig, PRESETS};
 use crate::data::interpolate_bicubic_torch;
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{MaskedAutoencoder, PatchEmbed, Pool};
@@ -140,7 +140,7 @@ impl ClassifierConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        for (name, value) in [
+        let positive = [
             ("imgSize", self.img_size),
             ("patchSize", self.patch_size),
             ("inChans", self.in_chans),
@@ -148,22 +148,11 @@ impl ClassifierConfig {
             ("depth", self.depth),
             ("numHeads", self.num_heads),
             ("numClasses", self.num_classes),
-        ] {
-            if value == 0 {
-                bail!(InvalidConfig, "{name} must be positive");
-            }
-        }
-        if self.img_size % self.patch_size != 0 {
-            bail!(InvalidConfig, "imgSize {} is not a multiple of patchSize {}", self.img_size, self.patch_size);
-        }
-        if self.embed_dim % self.num_heads != 0 {
-            bail!(InvalidConfig, "embedDim {} is not divisible by numHeads {}", self.embed_dim, self.num_heads);
-        }
-        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {
-            bail!(InvalidConfig, "mlpRatio must be a positive number, got {}", self.mlp_ratio);
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            bail!(InvalidConfig, "layerNormEps must be a positive number, got {}", self.layer_norm_eps);
+        ];
+        check_encoder(&positive, self.img_size, self.patch_size, self.embed_dim, self.num_heads, self.mlp_ratio, self.layer_norm_eps)?;
+        // A fresh classifier starts its position embedding from the 2-D sin-cos table.
+        if self.embed_dim % 4 != 0 {
+            bail!(InvalidConfig, "embedDim {} must be a multiple of 4 for the 2-D sin-cos position embedding", self.embed_dim);
         }
         Ok(())
     }

@@ -222,17 +222,7 @@ impl MaeConfig {
             ("decoderDepth", self.decoder_depth),
             ("decoderNumHeads", self.decoder_num_heads),
         ];
-        for (name, value) in positive {
-            if value == 0 {
-                bail!(InvalidConfig, "{name} must be positive");
-            }
-        }
-        if self.img_size % self.patch_size != 0 {
-            bail!(InvalidConfig, "imgSize {} is not a multiple of patchSize {}", self.img_size, self.patch_size);
-        }
-        if self.embed_dim % self.num_heads != 0 {
-            bail!(InvalidConfig, "embedDim {} is not divisible by numHeads {}", self.embed_dim, self.num_heads);
-        }
+        check_encoder(&positive, self.img_size, self.patch_size, self.embed_dim, self.num_heads, self.mlp_ratio, self.layer_norm_eps)?;
         if self.decoder_embed_dim % self.decoder_num_heads != 0 {
             bail!(
                 InvalidConfig,
@@ -241,17 +231,14 @@ impl MaeConfig {
                 self.decoder_num_heads
             );
         }
+        if self.decoder_mlp_hidden() == 0 {
+            bail!(InvalidConfig, "mlpRatio must be a positive number, got {}", self.mlp_ratio);
+        }
         // The 2-D sin-cos table splits each width in four (sin/cos of rows and columns).
         for (name, dim) in [("embedDim", self.embed_dim), ("decoderEmbedDim", self.decoder_embed_dim)] {
             if dim % 4 != 0 {
                 bail!(InvalidConfig, "{name} {dim} must be a multiple of 4 for the 2-D sin-cos position embedding");
             }
-        }
-        if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 || self.decoder_mlp_hidden() == 0 {
-            bail!(InvalidConfig, "mlpRatio must be a positive number, got {}", self.mlp_ratio);
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            bail!(InvalidConfig, "layerNormEps must be a positive number, got {}", self.layer_norm_eps);
         }
         Ok(())
     }
@@ -273,4 +260,34 @@ impl MaeConfig {
             "layer_norm_eps": self.layer_norm_eps,
         })
     }
+}
+
+/// The checks an encoder's settings must pass, shared by the MAE and classifier
+/// configs: every `positive` field above zero, whole patches, whole heads, a positive
+/// MLP ratio and LayerNorm epsilon.
+pub(crate) fn check_encoder(
+    positive: &[(&str, usize)],
+    img_size: usize,
+    patch_size: usize,
+    embed_dim: usize,
+    num_heads: usize,
+    mlp_ratio: f64,
+    layer_norm_eps: f64,
+) -> Result<()> {
+    if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        bail!(InvalidConfig, "{name} must be positive");
+    }
+    if img_size % patch_size != 0 {
+        bail!(InvalidConfig, "imgSize {img_size} is not a multiple of patchSize {patch_size}");
+    }
+    if embed_dim % num_heads != 0 {
+        bail!(InvalidConfig, "embedDim {embed_dim} is not divisible by numHeads {num_heads}");
+    }
+    if !(mlp_ratio.is_finite() && mlp_ratio > 0.0) || (embed_dim as f64 * mlp_ratio) as usize == 0 {
+        bail!(InvalidConfig, "mlpRatio must be a positive number, got {mlp_ratio}");
+    }
+    if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
+        bail!(InvalidConfig, "layerNormEps must be a positive number, got {layer_norm_eps}");
+    }
+    Ok(())
 }

@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::mixup::MixupConfig;
 use crate::model::{MaskedAutoencoder, Pool};
 use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer};
-use crate::train::{self, LoopConfig, Task, TrainEvent, TrainSummary};
+use crate::train::{self, LoopConfig, RecipeChecks, Task, TrainEvent, TrainSummary};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -143,39 +143,21 @@ impl FinetuneConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.accum_iter == 0 {
-            bail!(InvalidArgument, "epochs and accumIter must be positive");
+        RecipeChecks {
+            epochs: self.epochs,
+            accum_iter: self.accum_iter,
+            rates: [("blr", Some(self.blr)), ("lr", self.lr), ("minLr", Some(self.min_lr)), ("weightDecay", Some(self.weight_decay))],
+            warmup_epochs: self.warmup_epochs,
+            betas: (self.beta1, self.beta2),
+            clip_grad: self.clip_grad,
+            keep_last: self.keep_last,
         }
-        for (name, v) in [("blr", Some(self.blr)), ("lr", self.lr), ("minLr", Some(self.min_lr)), ("weightDecay", Some(self.weight_decay))] {
-            if let Some(v) = v {
-                if !(v.is_finite() && v >= 0.0) {
-                    bail!(InvalidArgument, "{name} must be a non-negative number, got {v}");
-                }
-            }
-        }
-        // A warm-up as long as the run or longer is allowed: the rate then rises
-        // linearly throughout, as the published schedule gives.
-        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
-            bail!(InvalidArgument, "warmupEpochs must be a non-negative number, got {}", self.warmup_epochs);
-        }
+        .check()?;
         if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             bail!(InvalidArgument, "layerDecay must be in (0, 1], got {}", self.layer_decay);
         }
-        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&beta) {
-                bail!(InvalidArgument, "{name} must be in [0, 1), got {beta}");
-            }
-        }
         if !(0.0..1.0).contains(&self.drop_path) {
             bail!(InvalidArgument, "dropPath must be in [0, 1), got {}", self.drop_path);
-        }
-        if let Some(c) = self.clip_grad {
-            if !(c.is_finite() && c > 0.0) {
-                bail!(InvalidArgument, "clipGrad must be positive, got {c}");
-            }
-        }
-        if self.keep_last == 0 {
-            bail!(InvalidArgument, "keepLast must be at least 1");
         }
         self.mixup_config(1).validate()
     }

@@ -89,14 +89,24 @@ mod masking_name {
     }
 }
 
-impl PretrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        masking::check_mask_ratio(self.mask_ratio)?;
+/// The settings every recipe has, for the checks they share.
+pub(crate) struct RecipeChecks {
+    pub epochs: usize,
+    pub accum_iter: usize,
+    /// blr, lr, minLr, weightDecay
+    pub rates: [(&'static str, Option<f64>); 4],
+    pub warmup_epochs: f64,
+    pub betas: (f64, f64),
+    pub clip_grad: Option<f64>,
+    pub keep_last: usize,
+}
+
+impl RecipeChecks {
+    pub fn check(&self) -> Result<()> {
         if self.epochs == 0 || self.accum_iter == 0 {
             bail!(InvalidArgument, "epochs and accumIter must be positive");
         }
-        let rates = [("blr", Some(self.blr)), ("lr", self.lr), ("minLr", Some(self.min_lr)), ("weightDecay", Some(self.weight_decay))];
-        for (name, value) in rates {
+        for (name, value) in self.rates {
             if let Some(v) = value {
                 if !(v.is_finite() && v >= 0.0) {
                     bail!(InvalidArgument, "{name} must be a non-negative number, got {v}");
@@ -108,7 +118,7 @@ impl PretrainConfig {
         if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
             bail!(InvalidArgument, "warmupEpochs must be a non-negative number, got {}", self.warmup_epochs);
         }
-        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+        for (name, beta) in [("beta1", self.betas.0), ("beta2", self.betas.1)] {
             if !(0.0..1.0).contains(&beta) {
                 bail!(InvalidArgument, "{name} must be in [0, 1), got {beta}");
             }
@@ -122,6 +132,22 @@ impl PretrainConfig {
             bail!(InvalidArgument, "keepLast must be at least 1");
         }
         Ok(())
+    }
+}
+
+impl PretrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        masking::check_mask_ratio(self.mask_ratio)?;
+        RecipeChecks {
+            epochs: self.epochs,
+            accum_iter: self.accum_iter,
+            rates: [("blr", Some(self.blr)), ("lr", self.lr), ("minLr", Some(self.min_lr)), ("weightDecay", Some(self.weight_decay))],
+            warmup_epochs: self.warmup_epochs,
+            betas: (self.beta1, self.beta2),
+            clip_grad: self.clip_grad,
+            keep_last: self.keep_last,
+        }
+        .check()
     }
 
     /// The peak learning rate for a per-step batch of `batch_size`.

@@ -2,57 +2,14 @@
 //! error codes for every way a checkpoint can be wrong. Fixtures come from
 //! `../shared/fixtures` (override with VIT_MAE_FIXTURES).
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::{bits, fixtures, TempDir};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use vit_mae_core::checkpoint::CheckpointFormat;
 use vit_mae_core::{load_model, save_model, ConfigPatch, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
-
-fn fixtures() -> PathBuf {
-    match std::env::var("VIT_MAE_FIXTURES") {
-        Ok(dir) => PathBuf::from(dir),
-        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
-    }
-}
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "vit-mae-core-checkpoints-{label}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-}
 
 /// A fixture's tensors and its `__metadata__`.
 fn read_fixture(name: &str) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
@@ -105,7 +62,7 @@ fn save_load_round_trip_is_bit_exact() {
     let dir = TempDir::new("roundtrip");
     let config = round_trip_config();
     let model = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 77).unwrap();
-    let path = dir.path("model.safetensors");
+    let path = dir.join("model.safetensors");
     save_model(&model, &path).unwrap();
     assert_eq!(dir.entries(), vec!["model.safetensors".to_string()], "a temporary file was left behind");
 
@@ -159,7 +116,7 @@ fn save_load_round_trip_is_bit_exact() {
 #[test]
 fn save_overwrites_and_leaves_no_temporary_file() {
     let dir = TempDir::new("overwrite");
-    let path = dir.path("m.safetensors");
+    let path = dir.join("m.safetensors");
     let config = round_trip_config();
     let first = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 1).unwrap();
     let second = MaskedAutoencoder::new(config, &Device::Cpu, 2).unwrap();
@@ -176,7 +133,7 @@ fn save_overwrites_and_leaves_no_temporary_file() {
 fn save_into_missing_folder_is_an_io_error() {
     let dir = TempDir::new("nofolder");
     let model = MaskedAutoencoder::new(round_trip_config(), &Device::Cpu, 0).unwrap();
-    let e = save_model(&model, &dir.path("absent/model.safetensors")).unwrap_err();
+    let e = save_model(&model, &dir.join("absent/model.safetensors")).unwrap_err();
     assert_eq!(e.code, ErrorCode::Io);
     assert_eq!(dir.entries(), Vec::<String>::new(), "a failed save left files behind");
 }
@@ -189,7 +146,7 @@ fn encoder_only_checkpoint_gets_a_fresh_decoder() {
     let (tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
     let encoder: BTreeMap<String, Tensor> = tensors.iter().filter(|(k, _)| !is_decoder_key(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
     assert!(encoder.len() < tensors.len() && encoder.contains_key("blocks.0.attn.qkv.weight"));
-    let path = dir.path("encoder.safetensors");
+    let path = dir.join("encoder.safetensors");
     write_safetensors(&path, &encoder, Some(metadata));
 
     let (model, report) = load_model(&path, None, &Device::Cpu, 0).unwrap();
@@ -235,7 +192,7 @@ fn full_fixture_loads_bit_exact() {
 fn missing_file_is_not_found() {
     let dir = TempDir::new("missing");
     for name in ["nothing.safetensors", "nothing.pth", "nothing.hf"] {
-        let e = load_err(&dir.path(name), None);
+        let e = load_err(&dir.join(name), None);
         assert_eq!(e.code, ErrorCode::CheckpointNotFound, "{name}: {e}");
     }
 }
@@ -246,7 +203,7 @@ fn truncated_files_are_corrupt() {
     for fixture in ["mae-tiny.weights.safetensors", "mae-tiny.pth", "mae-tiny-normpix.weights.safetensors", "mae-tiny-normpix.pth"] {
         let bytes = std::fs::read(fixtures().join(fixture)).unwrap();
         for (label, cut) in [("half", bytes.len() / 2), ("minus-one", bytes.len() - 1), ("ten", 10), ("one", 1)] {
-            let path = dir.path(&format!("{label}-{fixture}"));
+            let path = dir.join(&format!("{label}-{fixture}"));
             std::fs::write(&path, &bytes[..cut]).unwrap();
             let e = load_err(&path, None);
             assert_eq!(e.code, ErrorCode::CheckpointCorrupt, "{fixture} cut to {cut} bytes: {e}");
@@ -279,7 +236,7 @@ fn garbage_and_empty_files_are_corrupt() {
         ("header.safetensors", bad_header),
     ];
     for (name, bytes) in cases {
-        let path = dir.path(name);
+        let path = dir.join(name);
         std::fs::write(&path, &bytes).unwrap();
         let e = load_err(&path, None);
         assert_eq!(e.code, ErrorCode::CheckpointCorrupt, "{name}: {e}");
@@ -291,7 +248,7 @@ fn unknown_key_is_named() {
     let dir = TempDir::new("unknown");
     let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
     tensors.insert("head.weight".to_string(), Tensor::zeros((10, 48), candle_core::DType::F32, &Device::Cpu).unwrap());
-    let path = dir.path("extra.safetensors");
+    let path = dir.join("extra.safetensors");
     write_safetensors(&path, &tensors, Some(metadata));
     let e = load_err(&path, None);
     assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
@@ -304,7 +261,7 @@ fn missing_encoder_key_is_named() {
     for key in ["blocks.1.mlp.fc2.bias", "norm.weight", "patch_embed.proj.bias", "cls_token"] {
         let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
         assert!(tensors.remove(key).is_some());
-        let path = dir.path(&format!("without-{key}.safetensors"));
+        let path = dir.join(&format!("without-{key}.safetensors"));
         write_safetensors(&path, &tensors, Some(metadata));
         let e = load_err(&path, None);
         assert_eq!(e.code, ErrorCode::CheckpointKeys, "without {key}: {e}");
@@ -318,7 +275,7 @@ fn missing_decoder_key_with_other_decoder_keys_is_named() {
     let dir = TempDir::new("missingdec");
     let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
     tensors.remove("decoder_blocks.1.attn.qkv.weight");
-    let path = dir.path("partial-decoder.safetensors");
+    let path = dir.join("partial-decoder.safetensors");
     write_safetensors(&path, &tensors, Some(metadata));
     let e = load_err(&path, None);
     assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
@@ -371,7 +328,7 @@ fn explicit_config_contradicting_shapes() {
 #[test]
 fn hugging_face_folder_without_config_is_not_found() {
     let dir = TempDir::new("hf");
-    let folder = dir.path("model.hf");
+    let folder = dir.join("model.hf");
     std::fs::create_dir(&folder).unwrap();
     std::fs::copy(fixtures().join("mae-tiny.hf/model.safetensors"), folder.join("model.safetensors")).unwrap();
     let e = load_err(&folder, None);
@@ -379,7 +336,7 @@ fn hugging_face_folder_without_config_is_not_found() {
     assert!(e.message.contains("config.json"), "{}", e.message);
 
     // And without the weights.
-    let folder = dir.path("config-only.hf");
+    let folder = dir.join("config-only.hf");
     std::fs::create_dir(&folder).unwrap();
     std::fs::copy(fixtures().join("mae-tiny.hf/config.json"), folder.join("config.json")).unwrap();
     let e = load_err(&folder, None);
@@ -387,7 +344,7 @@ fn hugging_face_folder_without_config_is_not_found() {
     assert!(e.message.contains("model.safetensors"), "{}", e.message);
 
     // A config.json that is not JSON.
-    let folder = dir.path("bad-config.hf");
+    let folder = dir.join("bad-config.hf");
     std::fs::create_dir(&folder).unwrap();
     std::fs::copy(fixtures().join("mae-tiny.hf/model.safetensors"), folder.join("model.safetensors")).unwrap();
     std::fs::write(folder.join("config.json"), b"{ not json").unwrap();

@@ -1,6 +1,9 @@
 //! The data pipeline: datasets (IDX, image folders, in memory), the augmentation's
 //! invariants, and the loader's determinism, error handling and shutdown.
 
+mod common;
+
+use common::{plain_augment, TempDir};
 use flate2::read::GzDecoder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -14,37 +17,6 @@ use vit_mae_core::data::{
     InMemoryDataset, Loader, LoaderOptions, RawImage, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
 };
 use vit_mae_core::{ErrorCode, Result};
-
-/// A fresh folder under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let unique = format!("vit-mae-data-{}-{}-{name}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let path = std::env::temp_dir().join(unique);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// Writes `bytes` at `relative`, creating folders on the way.
-    fn write(&self, relative: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.0.join(relative);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn fashion(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist").join(name)
@@ -82,18 +54,9 @@ fn random_images(n: usize, c: usize, h: usize, w: usize, seed: u64) -> Vec<f32> 
     (0..n * c * h * w).map(|_| rng.random::<f32>()).collect()
 }
 
+/// No crop, no flip, no padding, mean 0 and std 1 (no normalisation).
 fn plain(img_size: usize, channels: usize) -> Augment {
-    Augment {
-        img_size,
-        channels,
-        pad_to: None,
-        random_resized_crop: false,
-        scale: (0.2, 1.0),
-        ratio: (3.0 / 4.0, 4.0 / 3.0),
-        hflip: false,
-        mean: vec![0.0; channels],
-        std: vec![1.0; channels],
-    }
+    plain_augment(img_size, channels, 0.0, 1.0)
 }
 
 fn collect(loader: &Loader, epoch: usize, start: usize) -> Vec<Batch> {

@@ -8,13 +8,16 @@
 //! `torch.nn.BatchNorm1d`, `torch.nn.functional.interpolate(mode='bicubic')`), never
 //! copied from a run of the code under test.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
+use common::{bits, host, plain_augment, SplitMix, TempDir};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vit_mae_core::classifier::{load_classifier, resize_pos_embed, save_classifier, ClassifierConfig, ForwardMode, Trainable, VitClassifier};
 use vit_mae_core::data::{Augment, InMemoryDataset, Loader, LoaderOptions};
@@ -26,55 +29,6 @@ use vit_mae_core::train::{list_checkpoints, TrainEvent, TrainSummary};
 use vit_mae_core::{save_model, ErrorCode, MaeConfig, MaskedAutoencoder, Pool};
 
 // ---------------------------------------------------------------- helpers
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "vit-mae-core-finetune-{label}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// SplitMix64: the test's own generator, independent of the crate's.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn values(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
-        (0..n).map(|_| (lo + (hi - lo) * self.unit()) as f32).collect()
-    }
-}
 
 const SIDE: usize = 8;
 const CHANNELS: usize = 3;
@@ -120,14 +74,6 @@ fn mae_config(depth: usize) -> MaeConfig {
     }
 }
 
-fn host(t: &Tensor) -> Vec<f64> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
-}
-
 fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
     Tensor::from_vec(values.to_vec(), shape, &Device::Cpu).unwrap()
 }
@@ -167,17 +113,7 @@ fn smoothed(label: i64, k: usize, s: f64) -> Vec<f64> {
 
 /// No crop, no flip, mean/std 0.5: a pixel `v` becomes `2v - 1`.
 fn augment() -> Augment {
-    Augment {
-        img_size: SIDE,
-        channels: CHANNELS,
-        pad_to: None,
-        random_resized_crop: false,
-        scale: (0.2, 1.0),
-        ratio: (3.0 / 4.0, 4.0 / 3.0),
-        hflip: false,
-        mean: vec![0.5; CHANNELS],
-        std: vec![0.5; CHANNELS],
-    }
+    plain_augment(SIDE, CHANNELS, 0.5, 0.5)
 }
 
 fn loader(data: InMemoryDataset, batch_size: usize, shuffle: bool, drop_last: bool, seed: u64) -> Loader {

@@ -1,18 +1,13 @@
 //! Parity with the PyTorch reference fixtures in `../shared/fixtures`
 //! (override with VIT_MAE_FIXTURES): every MAE case, in all three checkpoint formats.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::fixtures;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use vit_mae_core::classifier::load_classifier;
 use vit_mae_core::{load_model, ConfigPatch, HostTensor, MaskOptions, Masking};
-
-fn fixtures() -> PathBuf {
-    match std::env::var("VIT_MAE_FIXTURES") {
-        Ok(dir) => PathBuf::from(dir),
-        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
-    }
-}
 
 struct Case {
     tensors: HashMap<String, Tensor>,

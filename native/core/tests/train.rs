@@ -6,10 +6,13 @@
 //! (`util/lr_sched.py`, `torch.optim.AdamW`, `clip_grad_norm_`), never copied
 //! from a run of the code under test.
 
+mod common;
+
 use candle_core::{Device, Tensor, Var};
+use common::{host, plain_augment, SplitMix, TempDir};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, RawImage};
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
@@ -17,58 +20,6 @@ use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent
 use vit_mae_core::{load_model, read_state_dict, ErrorCode, MaeConfig, MaskPlan, MaskedAutoencoder, Masking};
 
 // ---------------------------------------------------------------- helpers
-
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "vit-mae-core-train-{label}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// SplitMix64: the test's own generator, independent of the crate's.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 const SIDE: usize = 16;
 const CHANNELS: usize = 3;
@@ -157,17 +108,7 @@ impl Dataset for Poisoned {
 
 /// No crop, no flip, mean/std 0.5: the loader's only randomness is the epoch order.
 fn augment() -> Augment {
-    Augment {
-        img_size: SIDE,
-        channels: CHANNELS,
-        pad_to: None,
-        random_resized_crop: false,
-        scale: (0.2, 1.0),
-        ratio: (3.0 / 4.0, 4.0 / 3.0),
-        hflip: false,
-        mean: vec![0.5; CHANNELS],
-        std: vec![0.5; CHANNELS],
-    }
+    plain_augment(SIDE, CHANNELS, 0.5, 0.5)
 }
 
 fn loader_with(data: Arc<dyn Dataset>, seed: u64, shuffle: bool) -> Loader {
@@ -397,10 +338,6 @@ fn var(values: &[f64], shape: &[usize]) -> Var {
 fn tensor(values: &[f64], shape: &[usize]) -> Tensor {
     let data: Vec<f32> = values.iter().map(|&v| v as f32).collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-}
-
-fn host(t: &Tensor) -> Vec<f64> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
 }
 
 #[test]

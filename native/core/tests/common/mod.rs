@@ -1,0 +1,120 @@
+//! Helpers shared by the integration tests: temporary folders, the tests' own random
+//! generator, the fixture folder and a few small tensor and augmentation helpers.
+//! Each test binary compiles this module and uses only part of it.
+
+#![allow(dead_code)]
+
+use candle_core::Tensor;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use vit_mae_core::data::Augment;
+
+/// The PyTorch reference fixtures: `$VIT_MAE_FIXTURES` when set, else `../shared/fixtures`
+/// beside the repository.
+pub fn fixtures() -> PathBuf {
+    match std::env::var("VIT_MAE_FIXTURES") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
+    }
+}
+
+/// A fresh folder under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A new empty folder whose name holds the test binary, `label`, the process id,
+    /// the time and a per-process counter, so no two tests (or runs) share one.
+    pub fn new(label: &str) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "vit-mae-core-{}-{label}-{}-{nanos}-{}",
+            env!("CARGO_CRATE_NAME"),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// The folder itself.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// `name` inside the folder (not created).
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The names of the folder's entries, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// Writes `bytes` at `relative`, creating folders on the way.
+    pub fn write(&self, relative: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.0.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// SplitMix64: the test's own generator, independent of the crate's.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// `n` values uniform in [lo, hi), as f32.
+    pub fn values(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+        (0..n).map(|_| (lo + (hi - lo) * self.unit()) as f32).collect()
+    }
+}
+
+/// An f32 tensor's bit patterns, flattened.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+/// An f32 tensor's values as f64, flattened.
+pub fn host(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+}
+
+/// No padding, no crop (the central square, resized if needed), no flip; `mean` and
+/// `std` the same in every channel.
+pub fn plain_augment(img_size: usize, channels: usize, mean: f32, std: f32) -> Augment {
+    Augment {
+        img_size,
+        channels,
+        pad_to: None,
+        random_resized_crop: false,
+        scale: (0.2, 1.0),
+        ratio: (3.0 / 4.0, 4.0 / 3.0),
+        hflip: false,
+        mean: vec![mean; channels],
+        std: vec![std; channels],
+    }
+}
