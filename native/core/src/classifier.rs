@@ -3,7 +3,7 @@
 
 use crate::bail;
 use crate::checkpoint::{self, StateDict};
-use crate::config::{check_encoder, MaeConfig, PRESETS};
+use crate::config::{check_encoder, snake_case, MaeConfig, PRESETS};
 use crate::data::interpolate_bicubic_torch;
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{MaskedAutoencoder, PatchEmbed, Pool};
@@ -65,10 +65,6 @@ const FIELDS: [&str; 11] = [
     "imgSize", "patchSize", "inChans", "embedDim", "depth", "numHeads", "mlpRatio", "layerNormEps", "numClasses", "globalPool",
     "headBatchNorm",
 ];
-
-fn snake_case(name: &str) -> String {
-    name.chars().flat_map(|c| if c.is_ascii_uppercase() { vec!['_', c.to_ascii_lowercase()] } else { vec![c] }).collect()
-}
 
 fn canonical(key: &str) -> Option<&'static str> {
     FIELDS.iter().copied().find(|f| *f == key || snake_case(f) == key)

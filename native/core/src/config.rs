@@ -57,7 +57,8 @@ const FIELDS: [&str; 12] = [
     "decoderDepth", "decoderNumHeads", "mlpRatio", "normPixLoss", "layerNormEps",
 ];
 
-fn snake_case(name: &str) -> String {
+/// `imgSize` -> `img_size`: the published spelling of a camelCase field name.
+pub(crate) fn snake_case(name: &str) -> String {
     name.chars()
         .flat_map(|c| if c.is_ascii_uppercase() { vec!['_', c.to_ascii_lowercase()] } else { vec![c] })
         .collect()

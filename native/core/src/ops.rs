@@ -438,14 +438,34 @@ impl CustomOp2 for BiasAddOp {
     }
 }
 
-/// `dst (m x n, row stride dst_rs) = beta * lhs (m x k) rhs (k x n)`, single-threaded
-/// (the callers parallelise over heads). Strides are in elements.
+/// `dst (m x n, row stride dst_rs) = lhs (m x k) rhs (k x n) * beta`, with gemm's
+/// `parallelism`. Strides are in elements.
 ///
 /// # Safety
 /// Every pointer must be valid for the extents its strides and sizes reach.
 #[allow(clippy::too_many_arguments)]
+unsafe fn gemm_f32(
+    parallelism: gemm::Parallelism,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) {
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, beta, false, false, false, parallelism);
+}
+
+/// `gemm_f32` on one thread: the attention op parallelises over (image, head).
+#[allow(clippy::too_many_arguments)]
 unsafe fn small_gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, beta: f32) {
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, beta, false, false, false, gemm::Parallelism::None);
+    gemm_f32(gemm::Parallelism::None, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta);
 }
 
 /// A pointer shared by tasks that write disjoint parts of one buffer.
@@ -576,7 +596,7 @@ impl CustomOp2 for MatmulWtOp {
         let mut y = vec![0f32; m * n];
         // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
         unsafe {
-            gemm::gemm(m, n, k, y.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, all_threads());
+            gemm_f32(all_threads(), m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0);
         }
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
@@ -593,8 +613,8 @@ impl CustomOp2 for MatmulWtOp {
                     // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; dx = g w,
                     // dw = g^T x (g read through transposed strides).
                     unsafe {
-                        gemm::gemm(m, k, n, dx.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), 1, n as isize, ws.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, all_threads());
-                        gemm::gemm(n, k, m, dw.as_mut_ptr(), 1, k as isize, false, g.as_ptr(), n as isize, 1, xs.as_ptr(), 1, k as isize, 0.0, 1.0, false, false, false, all_threads());
+                        gemm_f32(all_threads(), m, k, n, dx.as_mut_ptr(), k, g.as_ptr(), n, 1, ws.as_ptr(), k, 1, 1.0);
+                        gemm_f32(all_threads(), n, k, m, dw.as_mut_ptr(), k, g.as_ptr(), 1, n, xs.as_ptr(), k, 1, 1.0);
                     }
                     Ok((dx, dw))
                 })
