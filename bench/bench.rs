@@ -1,24 +1,31 @@
 //! vit-mae's side of `npm run bench` (release build): one workload of
 //! `bench/reference.py`, timed the same way after one warm-up step. Prints one JSON line:
-//! images/s for a pre-training step (forward, backward, AdamW), for embedding (the
+//! images/s (median step) for a pre-training step (forward, backward, AdamW), for embedding (the
 //! encoder over every patch) and for reconstruction (a masked forward pass), the
 //! model's matmul FLOPs per image, and the peak RSS of the process.
 //!
-//!   cargo run --release -p vit-mae-core --example bench -- <tiny|base|fmnist|gemm> [steps]
+//!   cargo run --release -p vit-mae-core --example bench -- <tiny|base|fmnist|gemm> [steps] [modes]
+//!
+//! `modes` (default `train,embed,reconstruct`) picks what runs, e.g. `train` alone
+//! under a profiler; the others are then reported as null.
 
 use std::time::Instant;
 use vit_mae_core::candle_core::{Device, Tensor};
 use vit_mae_core::optim::{AdamW, AdamWConfig};
 use vit_mae_core::{MaeConfig, MaskOptions, MaskedAutoencoder, Pool};
 
-/// Images per second of `steps` calls of `f` after one warm-up call.
+/// Images per second of the median of `steps` timed calls of `f` after one warm-up call
+/// (the median, because this shared machine has noisy neighbours).
 fn rate(steps: usize, batch: usize, mut f: impl FnMut() -> vit_mae_core::Result<()>) -> vit_mae_core::Result<f64> {
     f()?;
-    let start = Instant::now();
+    let mut seconds = Vec::with_capacity(steps);
     for _ in 0..steps {
+        let start = Instant::now();
         f()?;
+        seconds.push(start.elapsed().as_secs_f64());
     }
-    Ok((batch * steps) as f64 / start.elapsed().as_secs_f64())
+    seconds.sort_by(f64::total_cmp);
+    Ok(batch as f64 / seconds[steps / 2])
 }
 
 /// Matmul FLOPs (multiply-adds count 2) of one transformer block over `t` tokens of width `d`.
@@ -64,6 +71,8 @@ fn main() -> vit_mae_core::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let workload = args.first().map(String::as_str).unwrap_or("tiny");
     let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let modes = args.get(2).map_or("train,embed,reconstruct", String::as_str);
+    let runs = |mode: &str| modes.split(',').any(|m| m == mode);
     let (config, batch) = match workload {
         "gemm" => {
             println!("{}", serde_json::json!({ "workload": "gemm", "gflops": gemm_peak()? }));
@@ -80,13 +89,17 @@ fn main() -> vit_mae_core::Result<()> {
     let options = MaskOptions::default();
     let mut optimizer = AdamW::new(model.params(), AdamWConfig::default())?;
 
-    let train = rate(steps, batch, || {
-        let out = model.forward(&imgs, &options)?;
-        let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
-        optimizer.step(&grads, 1e-4)
-    })?;
-    let embed = rate(steps, batch, || model.embed(&imgs, Pool::Mean).map(drop))?;
-    let reconstruct = rate(steps, batch, || model.reconstruct(&imgs, &options).map(drop))?;
+    let train = if runs("train") {
+        Some(rate(steps, batch, || {
+            let out = model.forward(&imgs, &options)?;
+            let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
+            optimizer.step(&grads, 1e-4)
+        })?)
+    } else {
+        None
+    };
+    let embed = if runs("embed") { Some(rate(steps, batch, || model.embed(&imgs, Pool::Mean).map(drop))?) } else { None };
+    let reconstruct = if runs("reconstruct") { Some(rate(steps, batch, || model.reconstruct(&imgs, &options).map(drop))?) } else { None };
     let (masked, full) = forward_flops(&config, options.mask_ratio);
     println!(
         "{}",

@@ -1,7 +1,9 @@
 """PyTorch eager reference for `npm run bench`: the published MAE (models_mae.py,
 timm blocks) and the same workloads as bench/bench.rs, timed the same way.
 
-    python bench/reference.py <tiny|base|fmnist> <steps> <threads>
+    python bench/reference.py <tiny|base|fmnist|gemm> <steps> <threads> [modes]
+
+`modes` (default `train,embed,reconstruct`) picks what runs; the others are null.
 
 Prints one JSON line: images/s for a pre-training step (forward, backward, AdamW),
 for embedding (encoder over every patch) and for reconstruction (forward with
@@ -118,16 +120,35 @@ class MAE(nn.Module):
 
 
 def rate(fn, steps, batch):
-    fn()  # warm-up
-    start = time.perf_counter()
+    """Images/s of the median of `steps` timed calls after one warm-up call."""
+    fn()
+    seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         fn()
-    return batch * steps / (time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
+    return batch / sorted(seconds)[steps // 2]
+
+
+def gemm_peak():
+    """GFLOP/s of the best of five 1024^3 f32 matmuls (PyTorch's BLAS), as bench.rs."""
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def main():
     name, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
+    if name == "gemm":
+        print(json.dumps({"workload": "gemm", "gflops": gemm_peak()}))
+        return
+    modes = (sys.argv[4] if len(sys.argv) > 4 else "train,embed,reconstruct").split(",")
     torch.manual_seed(0)
     *arch, batch = WORKLOADS[name]
     model = MAE(*arch)
@@ -155,9 +176,9 @@ def main():
         "workload": name,
         "threads": threads,
         "torch": torch.__version__,
-        "train": rate(train_step, steps, batch),
-        "embed": rate(embed, steps, batch),
-        "reconstruct": rate(reconstruct, steps, batch),
+        "train": rate(train_step, steps, batch) if "train" in modes else None,
+        "embed": rate(embed, steps, batch) if "embed" in modes else None,
+        "reconstruct": rate(reconstruct, steps, batch) if "reconstruct" in modes else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print(json.dumps(result))

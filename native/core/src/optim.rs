@@ -3,7 +3,8 @@
 //! learning-rate schedule.
 
 use crate::error::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// What the training loop needs of an optimizer.
@@ -13,7 +14,8 @@ pub trait Optimizer: Send {
     /// Updates taken (restored on resume).
     fn steps_taken(&self) -> u64;
     fn set_steps_taken(&mut self, steps: u64);
-    /// Buffers by key (`<kind>.<param>`), for checkpoints.
+    /// Buffers by key (`<kind>.<param>`), for checkpoints. These are the live
+    /// buffers, which the next step may update in place: write them out before it.
     fn state(&self) -> Vec<(String, Tensor)>;
     /// Restores every buffer from `tensors` (keyed as `state` gives them).
     fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
@@ -121,7 +123,9 @@ impl AdamW {
         (decay, no_decay)
     }
 
-    /// One update with `grads` given in parameter order.
+    /// One update with `grads` given in parameter order. On the CPU the moments and
+    /// the parameter are updated in place, three passes over memory and no
+    /// allocation; elsewhere the same arithmetic as composed tensor ops.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
@@ -129,16 +133,25 @@ impl AdamW {
         let bias_correction2 = 1.0 - beta2.powi(self.step as i32);
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
             let lr = lr * slot.group.lr_scale;
-            let step_size = lr / bias_correction1;
-            let mut param = slot.var.as_tensor().clone();
-            if slot.group.decays && weight_decay != 0.0 {
-                param = (param * (1.0 - lr * weight_decay))?;
+            let update = ParamUpdate {
+                decay_factor: if slot.group.decays { 1.0 - lr * weight_decay } else { 1.0 } as f32,
+                step_size: (lr / bias_correction1) as f32,
+                bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+                eps: eps as f32,
+            };
+            let param = slot.var.as_tensor();
+            if param.device().is_cpu() && param.dtype() == DType::F32 {
+                let grad = grad.contiguous()?;
+                slot.exp_avg.inplace_op2(&grad, &MomentUpdate { beta: beta1 as f32, square: false })?;
+                slot.exp_avg_sq.inplace_op2(&grad, &MomentUpdate { beta: beta2 as f32, square: true })?;
+                param.inplace_op3(&slot.exp_avg, &slot.exp_avg_sq, &update)?;
+                continue;
             }
             slot.exp_avg = ((&slot.exp_avg * beta1)? + (grad * (1.0 - beta1))?)?;
             slot.exp_avg_sq = ((&slot.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let denom = ((slot.exp_avg_sq.sqrt()? / bias_correction2.sqrt())? + eps)?;
-            let update = (slot.exp_avg.div(&denom)? * step_size)?;
-            slot.var.set(&(param - update)?)?;
+            let step = (slot.exp_avg.div(&denom)? * update.step_size as f64)?;
+            slot.var.set(&((param * update.decay_factor as f64)? - step)?)?;
         }
         Ok(())
     }
@@ -157,8 +170,9 @@ impl AdamW {
             crate::bail!(CheckpointShape, "optimizer state for {name} has the wrong shape");
         }
         let device = slot.var.device().clone();
-        slot.exp_avg = exp_avg.to_device(&device)?;
-        slot.exp_avg_sq = exp_avg_sq.to_device(&device)?;
+        // Copies: the CPU update writes into these buffers in place.
+        slot.exp_avg = exp_avg.to_device(&device)?.copy()?;
+        slot.exp_avg_sq = exp_avg_sq.to_device(&device)?.copy()?;
         Ok(())
     }
 }
@@ -186,6 +200,77 @@ impl Optimizer for AdamW {
             let get = |kind: &str| tensors.get(&format!("{kind}.{name}")).cloned().ok_or_else(|| missing_state(kind, &name));
             self.set_state(&name, get("exp_avg")?, get("exp_avg_sq")?)?;
         }
+        Ok(())
+    }
+}
+
+/// Elements per parallel chunk of the in-place updates.
+const CHUNK: usize = 1 << 14;
+
+/// The contiguous f32 elements of a CPU storage.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => candle_core::bail!("{op}: expects contiguous f32 tensors"),
+    }
+}
+
+fn f32_slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("{op}: expects contiguous f32 tensors"),
+    }
+}
+
+/// An Adam moment in place: `m = beta * m + (1 - beta) * g` (`g * g` when `square`).
+struct MomentUpdate {
+    beta: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adam-moment"
+    }
+
+    fn cpu_fwd(&self, moment: &mut CpuStorage, moment_l: &Layout, grad: &CpuStorage, grad_l: &Layout) -> candle_core::Result<()> {
+        let (moment, grad) = (f32_slice_mut(moment, moment_l, self.name())?, f32_slice(grad, grad_l, self.name())?);
+        let (beta, rest) = (self.beta, 1.0 - self.beta);
+        moment.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).for_each(|(m, g)| {
+            if self.square {
+                m.iter_mut().zip(g).for_each(|(m, &g)| *m = *m * beta + g * g * rest);
+            } else {
+                m.iter_mut().zip(g).for_each(|(m, &g)| *m = *m * beta + g * rest);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `torch.optim.AdamW`'s parameter update in place:
+/// `p = p * decay_factor - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)`.
+#[derive(Clone, Copy)]
+struct ParamUpdate {
+    decay_factor: f32,
+    step_size: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(&self, param: &mut CpuStorage, param_l: &Layout, m: &CpuStorage, m_l: &Layout, v: &CpuStorage, v_l: &Layout) -> candle_core::Result<()> {
+        let param = f32_slice_mut(param, param_l, self.name())?;
+        let (m, v) = (f32_slice(m, m_l, self.name())?, f32_slice(v, v_l, self.name())?);
+        let ParamUpdate { decay_factor, step_size, bias_correction2_sqrt, eps } = *self;
+        param.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
+            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                *p = *p * decay_factor - step_size * (m / (v.sqrt() / bias_correction2_sqrt + eps));
+            }
+        });
         Ok(())
     }
 }
