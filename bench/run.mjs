@@ -61,7 +61,7 @@ const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${threads} threads`;
 const header = '| workload | mode | vit-mae img/s | PyTorch img/s | ratio | ceiling | GFLOP/s (vit-mae / PyTorch) | peak RSS MB (vit-mae / PyTorch) |\n|---|---|---|---|---|---|---|---|';
 const table = [header, ...rows.map((r) => `| ${r.workload} | ${r.mode} | ${r.ours} | ${r.torch} | ${r.ratio} | ${r.ceiling} | ${r.gflops} | ${r.rss} |`)].join('\n');
 const section = `\n## ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC, commit ${commit}${dirty}\n\n${machine}; ` +
-  `single-GEMM peak (best 1024^3 f32 matmul): ${gemm.toFixed(1)} GFLOP/s (vit-mae's gemm crate), ${torchGemm ? torchGemm.toFixed(1) : 'n/a'} GFLOP/s (PyTorch's BLAS); ` +
+  `single-GEMM peak (best 1024^3 f32 matmul): ${gemm.toFixed(1)} GFLOP/s (vit-mae's GEMM), ${torchGemm ? torchGemm.toFixed(1) : 'n/a'} GFLOP/s (PyTorch's BLAS); ` +
   `PyTorch: ${hasTorch ? rows.torchVersion : 'not installed'}. Images/s are of the median step. ` +
   `Ceiling: the highest ratio to PyTorch possible were the whole step GEMMs at the faster peak.\n\n${table}\n`;
 process.stdout.write(section);

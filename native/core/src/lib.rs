@@ -17,6 +17,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod pos_embed;
+mod sgemm;
 pub mod train;
 pub mod visualize;
 

@@ -6,6 +6,7 @@
 //! candle derives.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use crate::sgemm::{sgemm, Threads};
 use rayon::prelude::*;
 
 /// LayerNorm over the last dimension (biased variance, as torch).
@@ -438,39 +439,9 @@ impl CustomOp2 for BiasAddOp {
     }
 }
 
-/// `dst (m x n, row stride dst_rs) = lhs (m x k) rhs (k x n) * beta`, with gemm's
-/// `parallelism`. Strides are in elements.
-///
-/// # Safety
-/// Every pointer must be valid for the extents its strides and sizes reach.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_f32(
-    parallelism: gemm::Parallelism,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    beta: f32,
-) {
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, beta, false, false, false, parallelism);
-}
-
-/// `gemm_f32` on one thread: the attention op parallelises over (image, head).
-#[allow(clippy::too_many_arguments)]
-unsafe fn small_gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, beta: f32) {
-    gemm_f32(gemm::Parallelism::None, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta);
-}
-
 /// A pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
@@ -488,7 +459,7 @@ impl AttentionOp {
         let hd = c / self.num_heads;
         let base = qkv.as_ptr().add(b * n * 3 * c + h * hd);
         // scores = scale * q k^T: q rows of stride 3C; k^T read through k's strides.
-        small_gemm(n, n, hd, scores.as_mut_ptr(), n, base, 3 * c, 1, base.add(c), 1, 3 * c, self.scale);
+        sgemm(Threads::One, n, n, hd, scores.as_mut_ptr(), n, base, 3 * c, 1, base.add(c), 1, 3 * c, self.scale);
         softmax_rows(scores, p, n, 1.0);
     }
 }
@@ -515,7 +486,7 @@ impl CustomOp1 for AttentionOp {
                 unsafe {
                     self.weights(qkv, n, c, bi, h, scores, p);
                     let v = qkv.as_ptr().add(bi * n * 3 * c + 2 * c + h * hd);
-                    small_gemm(n, hd, n, dst.0.add(bi * n * c + h * hd), c, p.as_ptr(), n, 1, v, 3 * c, 1, 1.0);
+                    sgemm(Threads::One, n, hd, n, dst.0.add(bi * n * c + h * hd), c, p.as_ptr(), n, 1, v, 3 * c, 1, 1.0);
                 }
             },
         );
@@ -545,9 +516,9 @@ impl CustomOp1 for AttentionOp {
                                 let dbase = dst.0.add(bi * n * 3 * c + h * hd);
                                 let d_o = dout.as_ptr().add(bi * n * c + h * hd);
                                 // dv = p^T do
-                                small_gemm(n, hd, n, dbase.add(2 * c), 3 * c, p.as_ptr(), 1, n, d_o, c, 1, 1.0);
+                                sgemm(Threads::One, n, hd, n, dbase.add(2 * c), 3 * c, p.as_ptr(), 1, n, d_o, c, 1, 1.0);
                                 // dp = do v^T
-                                small_gemm(n, n, hd, dp.as_mut_ptr(), n, d_o, c, 1, v, 1, 3 * c, 1.0);
+                                sgemm(Threads::One, n, n, hd, dp.as_mut_ptr(), n, d_o, c, 1, v, 1, 3 * c, 1.0);
                                 // ds = p * (dp - rowsum(do * o)) * scale, into `scores`
                                 for i in 0..n {
                                     let o_row = &out[bi * n * c + i * c + h * hd..][..hd];
@@ -558,8 +529,8 @@ impl CustomOp1 for AttentionOp {
                                     }
                                 }
                                 // dq = ds k, dk = ds^T q
-                                small_gemm(n, hd, n, dbase, 3 * c, scores.as_ptr(), n, 1, k, 3 * c, 1, 1.0);
-                                small_gemm(n, hd, n, dbase.add(c), 3 * c, scores.as_ptr(), 1, n, q, 3 * c, 1, 1.0);
+                                sgemm(Threads::One, n, hd, n, dbase, 3 * c, scores.as_ptr(), n, 1, k, 3 * c, 1, 1.0);
+                                sgemm(Threads::One, n, hd, n, dbase.add(c), 3 * c, scores.as_ptr(), 1, n, q, 3 * c, 1, 1.0);
                             }
                         },
                     );
@@ -568,14 +539,6 @@ impl CustomOp1 for AttentionOp {
             })
         })?;
         Ok(Some(from_vec(dqkv, arg.shape(), arg)?))
-    }
-}
-
-/// gemm's parallelism for one large product: every thread.
-fn all_threads() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
     }
 }
 
@@ -596,7 +559,7 @@ impl CustomOp2 for MatmulWtOp {
         let mut y = vec![0f32; m * n];
         // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
         unsafe {
-            gemm_f32(all_threads(), m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0);
+            sgemm(Threads::All, m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0);
         }
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
@@ -613,8 +576,8 @@ impl CustomOp2 for MatmulWtOp {
                     // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; dx = g w,
                     // dw = g^T x (g read through transposed strides).
                     unsafe {
-                        gemm_f32(all_threads(), m, k, n, dx.as_mut_ptr(), k, g.as_ptr(), n, 1, ws.as_ptr(), k, 1, 1.0);
-                        gemm_f32(all_threads(), n, k, m, dw.as_mut_ptr(), k, g.as_ptr(), 1, n, xs.as_ptr(), k, 1, 1.0);
+                        sgemm(Threads::All, m, k, n, dx.as_mut_ptr(), k, g.as_ptr(), n, 1, ws.as_ptr(), k, 1, 1.0);
+                        sgemm(Threads::All, n, k, m, dw.as_mut_ptr(), k, g.as_ptr(), 1, n, xs.as_ptr(), k, 1, 1.0);
                     }
                     Ok((dx, dw))
                 })
