@@ -25,7 +25,7 @@ impl Linear {
 
     /// `xs @ weight^T + bias` over the last dimension of a `[B, T, in]` or `[B, in]` input.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        ops::add_bias(&self.matmul(xs)?, &self.bias)
+        ops::linear(xs, &self.weight, &self.bias)
     }
 
     /// `xs @ weight^T`, the bias left for a fused op to add.

@@ -73,13 +73,14 @@ pub fn matmul_wt(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     xs.reshape(((), k))?.matmul(&weight.t()?)?.reshape(out_shape)
 }
 
-/// `xs + bias` over the last dimension (a linear layer's bias), with a backward pass
-/// that sums the bias gradient row by row instead of candle's strided reduction.
-pub fn add_bias(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// `xs @ weight^T + bias`, a linear layer, as one op: the bias is added in the GEMM's
+/// output and its gradient summed row by row, with no separate node (and gradient
+/// buffer) for the bias add.
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
-        return xs.contiguous()?.apply_op2(bias, BiasAddOp);
+        return xs.contiguous()?.apply_op3(weight, bias, LinearOp);
     }
-    xs.broadcast_add(bias)
+    matmul_wt(xs, weight)?.broadcast_add(bias)
 }
 
 /// `gelu(xs + bias)` with the exact erf, as `nn.GELU()` after a biased linear layer.
@@ -413,32 +414,6 @@ impl CustomOp2 for BiasGeluOp {
     }
 }
 
-struct BiasAddOp;
-
-impl CustomOp2 for BiasAddOp {
-    fn name(&self) -> &'static str {
-        "vit-mae-bias-add"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
-        let d = b.len();
-        let mut y = x.to_vec();
-        y.par_chunks_mut(d * rows_per_task(d)).for_each(|ys| {
-            for row in ys.chunks_mut(d) {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = b.elem_count();
-        let db = with_values(grad, |g| Ok(column_sums(g, d)))?;
-        Ok((Some(grad.clone()), Some(from_vec(db, b.shape(), b)?)))
-    }
-}
-
 /// A pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
@@ -542,6 +517,40 @@ impl CustomOp1 for AttentionOp {
     }
 }
 
+/// `x @ w^T` for contiguous `x` (`m x k`, `m = x.len() / k`) and `w` (`n x k`).
+fn matmul_wt_values(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let m = x.len() / k;
+    let mut y = vec![0f32; m * n];
+    // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
+    unsafe { sgemm(Threads::All, m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0) };
+    y
+}
+
+/// The gradients of `x @ w^T` given `g` (`m x n`): `dx = g w` and `dw = g^T x`.
+fn matmul_wt_grads(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+    let m = x.len() / k;
+    let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
+    // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; g^T is read through
+    // transposed strides.
+    unsafe {
+        sgemm(Threads::All, m, k, n, dx.as_mut_ptr(), k, g.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0);
+        sgemm(Threads::All, n, k, m, dw.as_mut_ptr(), k, g.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0);
+    }
+    (dx, dw)
+}
+
+/// The output shape of `x @ w^T`: `x`'s with the last dimension `n`, after checking
+/// that it is `w`'s `k`.
+fn matmul_wt_shape(x: &Layout, w: &Layout) -> Result<(usize, usize, Shape)> {
+    let (n, k) = w.shape().dims2()?;
+    if x.shape().dims().last() != Some(&k) {
+        candle_core::bail!("linear: input {:?} does not end in {k}", x.shape());
+    }
+    let mut dims = x.shape().dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = n;
+    Ok((n, k, Shape::from(dims)))
+}
+
 struct MatmulWtOp;
 
 impl CustomOp2 for MatmulWtOp {
@@ -550,40 +559,50 @@ impl CustomOp2 for MatmulWtOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
-        let (n, k) = l2.shape().dims2()?;
-        if l1.shape().dims().last() != Some(&k) {
-            candle_core::bail!("matmul_wt: input {:?} does not end in {k}", l1.shape());
-        }
-        let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
-        // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
-        unsafe {
-            sgemm(Threads::All, m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0);
-        }
-        let mut dims = l1.shape().dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        let (n, k, shape) = matmul_wt_shape(l1, l2)?;
+        Ok((CpuStorage::F32(matmul_wt_values(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, n, k)), shape))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
-        let (dx, dw) = with_values(x, |xs| {
+        let (dx, dw) = with_values(x, |xs| with_values(w, |ws| with_values(grad, |g| Ok(matmul_wt_grads(xs, ws, g, n, k)))))?;
+        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?)))
+    }
+}
+
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "vit-mae-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k, shape) = matmul_wt_shape(l1, l2)?;
+        let b = cpu_slice(s3, l3)?;
+        if b.len() != n {
+            candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
+        }
+        let mut y = matmul_wt_values(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, n, k);
+        y.par_chunks_mut(n * rows_per_task(n)).for_each(|ys| {
+            for row in ys.chunks_mut(n) {
+                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+            }
+        });
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = w.dims2()?;
+        let (dx, dw, db) = with_values(x, |xs| {
             with_values(w, |ws| {
                 with_values(grad, |g| {
-                    let m = xs.len() / k;
-                    let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
-                    // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; dx = g w,
-                    // dw = g^T x (g read through transposed strides).
-                    unsafe {
-                        sgemm(Threads::All, m, k, n, dx.as_mut_ptr(), k, g.as_ptr(), n, 1, ws.as_ptr(), k, 1, 1.0);
-                        sgemm(Threads::All, n, k, m, dw.as_mut_ptr(), k, g.as_ptr(), 1, n, xs.as_ptr(), k, 1, 1.0);
-                    }
-                    Ok((dx, dw))
+                    let (dx, dw) = matmul_wt_grads(xs, ws, g, n, k);
+                    Ok((dx, dw, column_sums(g, n)))
                 })
             })
         })?;
-        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?)))
+        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?), Some(from_vec(db, b.shape(), b)?)))
     }
 }
 
@@ -648,7 +667,7 @@ mod tests {
         let qkv = var(&[2, 5, 36], 4)?;
         let cases: Vec<(&str, Tensor, Tensor)> = vec![
             ("matmul_wt", matmul_wt(&x, &w)?, x.reshape((10, 12))?.matmul(&w.t()?)?.reshape((2, 5, 12))?),
-            ("add_bias", add_bias(&x, &b)?, x.broadcast_add(&b)?),
+            ("linear", linear(&x, &w, &b)?, x.reshape((10, 12))?.matmul(&w.t()?)?.reshape((2, 5, 12))?.broadcast_add(&b)?),
             ("bias_gelu", bias_gelu(&x, &b)?, x.broadcast_add(&b)?.gelu_erf()?),
             ("layer_norm", layer_norm(&x, &w.narrow(0, 0, 1)?.squeeze(0)?, &b, 1e-6)?, {
                 let mean = x.mean_keepdim(D::Minus1)?;
