@@ -41,14 +41,15 @@ for (const workload of workloads) {
     ref = runJson(python, [join('bench', 'reference.py'), workload, n, String(threads)]);
   }
   for (const mode of ['train', 'embed', 'reconstruct']) {
-    const gflops = (ours[mode] * ours[`${mode}_gflop_per_image`]).toFixed(1);
+    const gflopPerImage = ours[`${mode}_gflop_per_image`];
     rows.push({
       workload: `${workload} (batch ${ours.batch})`,
       mode,
       ours: ours[mode].toFixed(1),
       torch: ref ? ref[mode].toFixed(1) : 'n/a',
       ratio: ref ? `${(ours[mode] / ref[mode]).toFixed(2)}x` : 'n/a',
-      gflops,
+      ceiling: ref ? `${(peak / (ref[mode] * gflopPerImage)).toFixed(2)}x` : 'n/a',
+      gflops: `${(ours[mode] * gflopPerImage).toFixed(1)} / ${ref ? (ref[mode] * gflopPerImage).toFixed(1) : 'n/a'}`,
       rss: mode === 'train' ? `${ours.peak_rss_mb.toFixed(0)} / ${ref ? ref.peak_rss_mb.toFixed(0) : 'n/a'}` : '',
     });
   }

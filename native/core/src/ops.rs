@@ -6,7 +6,7 @@
 //! candle derives.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
-use crate::sgemm::{sgemm, Threads};
+use crate::sgemm::{sgemm, written_by, Threads};
 use rayon::prelude::*;
 
 /// LayerNorm over the last dimension (biased variance, as torch).
@@ -137,11 +137,16 @@ fn fast_exp(x: f32) -> f32 {
 /// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), vectorisable.
 #[inline(always)]
 fn fast_erf(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    erf_given_exp(x, fast_exp(-x * x))
+}
+
+/// erf(x) as [`fast_erf`] computes it, given `exp_neg_x2 = e^(-x^2)`, which GELU's
+/// derivative needs as well.
+#[inline(always)]
+fn erf_given_exp(x: f32, exp_neg_x2: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * fast_exp(-a * a);
-    y.copysign(x)
+    (1.0 - poly * exp_neg_x2).copysign(x)
 }
 
 /// Softmax of `scale * x` for each row of `d` values.
@@ -177,12 +182,13 @@ dispatch!(fn bias_gelu_rows / bias_gelu_rows_avx2 = bias_gelu_rows_generic(x: &[
 fn bias_gelu_grad_rows_generic(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]) {
     let d = b.len();
     for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-        for i in 0..d {
-            let v = xr[i] + b[i];
-            // gelu'(v) = Phi(v) + v phi(v)
-            let grad = 0.5 * (1.0 + fast_erf(v * FRAC_1_SQRT_2)) + v * FRAC_1_SQRT_2PI * fast_exp(-0.5 * v * v);
-            dxr[i] = gr[i] * grad;
-            db[i] += dxr[i];
+        for ((((dx, &x), &g), &b), db) in dxr.iter_mut().zip(xr).zip(gr).zip(b).zip(db.iter_mut()) {
+            let v = x + b;
+            let z = v * FRAC_1_SQRT_2;
+            // gelu'(v) = Phi(v) + v phi(v); phi and erf share e^(-v^2 / 2).
+            let gauss = fast_exp(-z * z);
+            *dx = g * (0.5 * (1.0 + erf_given_exp(z, gauss)) + v * FRAC_1_SQRT_2PI * gauss);
+            *db += *dx;
         }
     }
 }
@@ -449,22 +455,25 @@ impl CustomOp1 for AttentionOp {
         let (b, n, c3) = layout.shape().dims3()?;
         let (c, heads) = (c3 / 3, self.num_heads);
         let hd = c / heads;
-        let mut out = vec![0f32; b * n * c];
-        let dst = SharedMut(out.as_mut_ptr());
-        (0..b * heads).into_par_iter().for_each_init(
-            || (vec![0f32; n * n], vec![0f32; n * n]),
-            |(scores, p), task| {
-                let (bi, h) = (task / heads, task % heads);
-                let dst = dst;
-                // SAFETY: every (image, head) reads its own q/k/v columns and writes its
-                // own `hd` columns of `out`; the extents follow from the shape.
-                unsafe {
-                    self.weights(qkv, n, c, bi, h, scores, p);
-                    let v = qkv.as_ptr().add(bi * n * 3 * c + 2 * c + h * hd);
-                    sgemm(Threads::One, n, hd, n, dst.0.add(bi * n * c + h * hd), c, p.as_ptr(), n, 1, v, 3 * c, 1, 1.0);
-                }
-            },
-        );
+        let attend = |out: *mut f32| {
+            let dst = SharedMut(out);
+            (0..b * heads).into_par_iter().for_each_init(
+                || (vec![0f32; n * n], vec![0f32; n * n]),
+                |(scores, p), task| {
+                    let (bi, h) = (task / heads, task % heads);
+                    let dst = dst;
+                    // SAFETY: every (image, head) reads its own q/k/v columns and writes its
+                    // own `hd` columns of `out`; the extents follow from the shape.
+                    unsafe {
+                        self.weights(qkv, n, c, bi, h, scores, p);
+                        let v = qkv.as_ptr().add(bi * n * 3 * c + 2 * c + h * hd);
+                        sgemm(Threads::One, n, hd, n, dst.0.add(bi * n * c + h * hd), c, p.as_ptr(), n, 1, v, 3 * c, 1, 1.0);
+                    }
+                },
+            );
+        };
+        // SAFETY: the (image, head) tasks together write every column of every row.
+        let out = unsafe { written_by(b * n * c, attend) };
         Ok((CpuStorage::F32(out), Shape::from((b, n, c))))
     }
 
@@ -475,40 +484,44 @@ impl CustomOp1 for AttentionOp {
         let dqkv = with_values(arg, |qkv| {
             with_values(res, |out| {
                 with_values(grad, |dout| {
-                    let mut dqkv = vec![0f32; qkv.len()];
-                    let dst = SharedMut(dqkv.as_mut_ptr());
-                    (0..b * heads).into_par_iter().for_each_init(
-                        || (vec![0f32; n * n], vec![0f32; n * n], vec![0f32; n * n]),
-                        |(scores, p, dp), task| {
-                            let (bi, h) = (task / heads, task % heads);
-                            let dst = dst;
-                            // SAFETY: as in the forward pass; each task writes its own
-                            // q, k and v columns of `dqkv`.
-                            unsafe {
-                                self.weights(qkv, n, c, bi, h, scores, p);
-                                let base = qkv.as_ptr().add(bi * n * 3 * c + h * hd);
-                                let (q, k, v) = (base, base.add(c), base.add(2 * c));
-                                let dbase = dst.0.add(bi * n * 3 * c + h * hd);
-                                let d_o = dout.as_ptr().add(bi * n * c + h * hd);
-                                // dv = p^T do
-                                sgemm(Threads::One, n, hd, n, dbase.add(2 * c), 3 * c, p.as_ptr(), 1, n, d_o, c, 1, 1.0);
-                                // dp = do v^T
-                                sgemm(Threads::One, n, n, hd, dp.as_mut_ptr(), n, d_o, c, 1, v, 1, 3 * c, 1.0);
-                                // ds = p * (dp - rowsum(do * o)) * scale, into `scores`
-                                for i in 0..n {
-                                    let o_row = &out[bi * n * c + i * c + h * hd..][..hd];
-                                    let do_row = &dout[bi * n * c + i * c + h * hd..][..hd];
-                                    let dot: f32 = o_row.iter().zip(do_row).map(|(a, b)| a * b).sum();
-                                    for j in 0..n {
-                                        scores[i * n + j] = p[i * n + j] * (dp[i * n + j] - dot) * self.scale;
+                    let backprop = |dqkv: *mut f32| {
+                        let dst = SharedMut(dqkv);
+                        (0..b * heads).into_par_iter().for_each_init(
+                            || (vec![0f32; n * n], vec![0f32; n * n], vec![0f32; n * n]),
+                            |(scores, p, dp), task| {
+                                let (bi, h) = (task / heads, task % heads);
+                                let dst = dst;
+                                // SAFETY: as in the forward pass; each task writes its own
+                                // q, k and v columns of `dqkv`.
+                                unsafe {
+                                    self.weights(qkv, n, c, bi, h, scores, p);
+                                    let base = qkv.as_ptr().add(bi * n * 3 * c + h * hd);
+                                    let (q, k, v) = (base, base.add(c), base.add(2 * c));
+                                    let dbase = dst.0.add(bi * n * 3 * c + h * hd);
+                                    let d_o = dout.as_ptr().add(bi * n * c + h * hd);
+                                    // dv = p^T do
+                                    sgemm(Threads::One, n, hd, n, dbase.add(2 * c), 3 * c, p.as_ptr(), 1, n, d_o, c, 1, 1.0);
+                                    // dp = do v^T
+                                    sgemm(Threads::One, n, n, hd, dp.as_mut_ptr(), n, d_o, c, 1, v, 1, 3 * c, 1.0);
+                                    // ds = p * (dp - rowsum(do * o)) * scale, into `scores`
+                                    for i in 0..n {
+                                        let o_row = &out[bi * n * c + i * c + h * hd..][..hd];
+                                        let do_row = &dout[bi * n * c + i * c + h * hd..][..hd];
+                                        let dot: f32 = o_row.iter().zip(do_row).map(|(a, b)| a * b).sum();
+                                        for j in 0..n {
+                                            scores[i * n + j] = p[i * n + j] * (dp[i * n + j] - dot) * self.scale;
+                                        }
                                     }
+                                    // dq = ds k, dk = ds^T q
+                                    sgemm(Threads::One, n, hd, n, dbase, 3 * c, scores.as_ptr(), n, 1, k, 3 * c, 1, 1.0);
+                                    sgemm(Threads::One, n, hd, n, dbase.add(c), 3 * c, scores.as_ptr(), 1, n, q, 3 * c, 1, 1.0);
                                 }
-                                // dq = ds k, dk = ds^T q
-                                sgemm(Threads::One, n, hd, n, dbase, 3 * c, scores.as_ptr(), n, 1, k, 3 * c, 1, 1.0);
-                                sgemm(Threads::One, n, hd, n, dbase.add(c), 3 * c, scores.as_ptr(), 1, n, q, 3 * c, 1, 1.0);
-                            }
-                        },
-                    );
+                            },
+                        );
+                    };
+                    // SAFETY: the (image, head) tasks together write every q, k and v
+                    // column of every row.
+                    let dqkv = unsafe { written_by(qkv.len(), backprop) };
                     Ok(dqkv)
                 })
             })
@@ -520,23 +533,20 @@ impl CustomOp1 for AttentionOp {
 /// `x @ w^T` for contiguous `x` (`m x k`, `m = x.len() / k`) and `w` (`n x k`).
 fn matmul_wt_values(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let m = x.len() / k;
-    let mut y = vec![0f32; m * n];
     // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
-    unsafe { sgemm(Threads::All, m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0) };
-    y
+    unsafe { written_by(m * n, |y| sgemm(Threads::All, m, n, k, y, n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0)) }
 }
 
 /// The gradients of `x @ w^T` given `g` (`m x n`): `dx = g w` and `dw = g^T x`.
 fn matmul_wt_grads(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
     let m = x.len() / k;
-    let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
     // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; g^T is read through
     // transposed strides.
     unsafe {
-        sgemm(Threads::All, m, k, n, dx.as_mut_ptr(), k, g.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0);
-        sgemm(Threads::All, n, k, m, dw.as_mut_ptr(), k, g.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0);
+        let dx = written_by(m * k, |dx| sgemm(Threads::All, m, k, n, dx, k, g.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0));
+        let dw = written_by(n * k, |dw| sgemm(Threads::All, n, k, m, dw, k, g.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0));
+        (dx, dw)
     }
-    (dx, dw)
 }
 
 /// The output shape of `x @ w^T`: `x`'s with the last dimension `n`, after checking

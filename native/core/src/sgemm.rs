@@ -21,6 +21,18 @@ pub(crate) enum Threads {
     All,
 }
 
+/// A buffer of `len` values for products to overwrite, without the zeroing that
+/// `vec![0.0; len]` costs (allocations reuse memory, so every zeroing is a memset).
+///
+/// # Safety
+/// `write` must initialise all `len` values through the pointer it gets.
+pub(crate) unsafe fn written_by(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut buf = Vec::with_capacity(len);
+    write(buf.as_mut_ptr());
+    buf.set_len(len);
+    buf
+}
+
 /// `dst (m x n, row stride dst_rs, unit column stride) = scale * lhs (m x k) rhs (k x n)`.
 /// Strides are in elements; `dst` is overwritten, never read.
 ///
