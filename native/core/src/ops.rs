@@ -440,7 +440,7 @@ impl AttentionOp {
         let hd = c / self.num_heads;
         let base = qkv.as_ptr().add(b * n * 3 * c + h * hd);
         // scores = scale * q k^T: q rows of stride 3C; k^T read through k's strides.
-        sgemm(Threads::One, n, n, hd, scores.as_mut_ptr(), n, base, 3 * c, 1, base.add(c), 1, 3 * c, self.scale);
+        sgemm(Threads::One, n, n, hd, scores.as_mut_ptr(), n, base, 3 * c, 1, base.add(c), 1, 3 * c, self.scale, false);
         softmax_rows(scores, p, n, 1.0);
     }
 }
@@ -467,7 +467,7 @@ impl CustomOp1 for AttentionOp {
                     unsafe {
                         self.weights(qkv, n, c, bi, h, scores, p);
                         let v = qkv.as_ptr().add(bi * n * 3 * c + 2 * c + h * hd);
-                        sgemm(Threads::One, n, hd, n, dst.0.add(bi * n * c + h * hd), c, p.as_ptr(), n, 1, v, 3 * c, 1, 1.0);
+                        sgemm(Threads::One, n, hd, n, dst.0.add(bi * n * c + h * hd), c, p.as_ptr(), n, 1, v, 3 * c, 1, 1.0, false);
                     }
                 },
             );
@@ -500,9 +500,9 @@ impl CustomOp1 for AttentionOp {
                                     let dbase = dst.0.add(bi * n * 3 * c + h * hd);
                                     let d_o = dout.as_ptr().add(bi * n * c + h * hd);
                                     // dv = p^T do
-                                    sgemm(Threads::One, n, hd, n, dbase.add(2 * c), 3 * c, p.as_ptr(), 1, n, d_o, c, 1, 1.0);
+                                    sgemm(Threads::One, n, hd, n, dbase.add(2 * c), 3 * c, p.as_ptr(), 1, n, d_o, c, 1, 1.0, false);
                                     // dp = do v^T
-                                    sgemm(Threads::One, n, n, hd, dp.as_mut_ptr(), n, d_o, c, 1, v, 1, 3 * c, 1.0);
+                                    sgemm(Threads::One, n, n, hd, dp.as_mut_ptr(), n, d_o, c, 1, v, 1, 3 * c, 1.0, false);
                                     // ds = p * (dp - rowsum(do * o)) * scale, into `scores`
                                     for i in 0..n {
                                         let o_row = &out[bi * n * c + i * c + h * hd..][..hd];
@@ -513,8 +513,8 @@ impl CustomOp1 for AttentionOp {
                                         }
                                     }
                                     // dq = ds k, dk = ds^T q
-                                    sgemm(Threads::One, n, hd, n, dbase, 3 * c, scores.as_ptr(), n, 1, k, 3 * c, 1, 1.0);
-                                    sgemm(Threads::One, n, hd, n, dbase.add(c), 3 * c, scores.as_ptr(), 1, n, q, 3 * c, 1, 1.0);
+                                    sgemm(Threads::One, n, hd, n, dbase, 3 * c, scores.as_ptr(), n, 1, k, 3 * c, 1, 1.0, false);
+                                    sgemm(Threads::One, n, hd, n, dbase.add(c), 3 * c, scores.as_ptr(), 1, n, q, 3 * c, 1, 1.0, false);
                                 }
                             },
                         );
@@ -534,7 +534,7 @@ impl CustomOp1 for AttentionOp {
 fn matmul_wt_values(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let m = x.len() / k;
     // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
-    unsafe { written_by(m * n, |y| sgemm(Threads::All, m, n, k, y, n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0)) }
+    unsafe { written_by(m * n, |y| sgemm(Threads::All, m, n, k, y, n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, false)) }
 }
 
 /// The gradients of `x @ w^T` given `g` (`m x n`): `dx = g w` and `dw = g^T x`.
@@ -543,8 +543,8 @@ fn matmul_wt_grads(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<
     // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; g^T is read through
     // transposed strides.
     unsafe {
-        let dx = written_by(m * k, |dx| sgemm(Threads::All, m, k, n, dx, k, g.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0));
-        let dw = written_by(n * k, |dw| sgemm(Threads::All, n, k, m, dw, k, g.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0));
+        let dx = written_by(m * k, |dx| sgemm(Threads::All, m, k, n, dx, k, g.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0, false));
+        let dw = written_by(n * k, |dw| sgemm(Threads::All, n, k, m, dw, k, g.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0, false));
         (dx, dw)
     }
 }
@@ -593,13 +593,22 @@ impl CustomOp3 for LinearOp {
         if b.len() != n {
             candle_core::bail!("linear: bias of {} for {n} outputs", b.len());
         }
-        let mut y = matmul_wt_values(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, n, k);
-        y.par_chunks_mut(n * rows_per_task(n)).for_each(|ys| {
-            for row in ys.chunks_mut(n) {
-                row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
-            }
-        });
-        Ok((CpuStorage::F32(y), shape))
+        let x = cpu_slice(s1, l1)?;
+        let (w, m) = (cpu_slice(s2, l2)?, x.len() / k);
+        // The bias rows first, the product added onto them: no separate pass for either
+        // the bias or BLAS's zeroing of the output.
+        let biased_product = |y: *mut f32| {
+            let rows = SharedMut(y);
+            (0..m).into_par_iter().with_min_len(rows_per_task(n)).for_each(|i| {
+                let rows = rows;
+                // SAFETY: row i of the m x n output.
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), rows.0.add(i * n), n) };
+            });
+            // SAFETY: x is m x k, w is n x k (read as its transpose), y is m x n, all contiguous.
+            unsafe { sgemm(Threads::All, m, n, k, y, n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, true) };
+        };
+        // SAFETY: the bias rows initialise all m x n values.
+        Ok((CpuStorage::F32(unsafe { written_by(m * n, biased_product) }), shape))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {

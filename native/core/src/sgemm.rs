@@ -33,8 +33,9 @@ pub(crate) unsafe fn written_by(len: usize, write: impl FnOnce(*mut f32)) -> Vec
     buf
 }
 
-/// `dst (m x n, row stride dst_rs, unit column stride) = scale * lhs (m x k) rhs (k x n)`.
-/// Strides are in elements; `dst` is overwritten, never read.
+/// `dst (m x n, row stride dst_rs, unit column stride) = scale * lhs (m x k) rhs (k x n)`,
+/// or `dst += ...` when `accumulate`. Strides are in elements; without `accumulate`
+/// `dst` is overwritten, never read.
 ///
 /// # Safety
 /// Every pointer must be valid for the extents its strides and sizes reach, and `dst`
@@ -54,6 +55,7 @@ pub(crate) unsafe fn sgemm(
     rhs_rs: usize,
     rhs_cs: usize,
     scale: f32,
+    accumulate: bool,
 ) {
     #[cfg(openblas)]
     if let (Threads::All, Some(plan)) = (threads, openblas::Plan::new(m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs, dst_rs)) {
@@ -62,7 +64,7 @@ pub(crate) unsafe fn sgemm(
             Threads::All => rayon::current_num_threads().min(m / openblas::MIN_ROWS_PER_PART).max(1),
         };
         if parts == 1 {
-            plan.run(m, scale, lhs, rhs, dst);
+            plan.run(m, scale, accumulate, lhs, rhs, dst);
         } else {
             let (lhs, rhs, dst) = (SharedMut(lhs as *mut f32), SharedMut(rhs as *mut f32), SharedMut(dst));
             let rows = m.div_ceil(parts);
@@ -71,14 +73,14 @@ pub(crate) unsafe fn sgemm(
                     s.spawn(move |_| {
                         let (lhs, rhs, dst) = (lhs, rhs, dst);
                         // SAFETY: row block `start..` of lhs and dst; the blocks are disjoint.
-                        unsafe { plan.run(rows.min(m - start), scale, lhs.0.add(start * lhs_rs), rhs.0, dst.0.add(start * dst_rs)) };
+                        unsafe { plan.run(rows.min(m - start), scale, accumulate, lhs.0.add(start * lhs_rs), rhs.0, dst.0.add(start * dst_rs)) };
                     });
                 }
             });
         }
         return;
     }
-    gemm_crate(threads, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, scale);
+    gemm_crate(threads, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, scale, accumulate);
 }
 
 /// The same product through the gemm crate, which takes any strides.
@@ -100,12 +102,13 @@ unsafe fn gemm_crate(
     rhs_rs: usize,
     rhs_cs: usize,
     scale: f32,
+    accumulate: bool,
 ) {
     let parallelism = match (threads, rayon::current_num_threads()) {
         (Threads::One, _) | (_, 1) => gemm::Parallelism::None,
         (Threads::All, n) => gemm::Parallelism::Rayon(n),
     };
-    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, false, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, 0.0, scale, false, false, false, parallelism);
+    gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, if accumulate { 1.0 } else { 0.0 }, scale, false, false, false, parallelism);
 }
 
 #[cfg(openblas)]
@@ -172,14 +175,14 @@ mod openblas {
 
         /// # Safety
         /// As [`super::sgemm`], for `m` rows (at most the planned count).
-        pub unsafe fn run(&self, m: usize, scale: f32, lhs: *const f32, rhs: *const f32, dst: *mut f32) {
+        pub unsafe fn run(&self, m: usize, scale: f32, accumulate: bool, lhs: *const f32, rhs: *const f32, dst: *mut f32) {
             static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
             // SAFETY: sets OpenBLAS's thread count; its own pool stays idle from then on.
             SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
             if m == 0 || self.n == 0 {
                 return;
             }
-            cblas_sgemm(ROW_MAJOR, self.trans_a, self.trans_b, m as c_int, self.n, self.k, scale, lhs, self.lda, rhs, self.ldb, 0.0, dst, self.ldc);
+            cblas_sgemm(ROW_MAJOR, self.trans_a, self.trans_b, m as c_int, self.n, self.k, scale, lhs, self.lda, rhs, self.ldb, if accumulate { 1.0 } else { 0.0 }, dst, self.ldc);
         }
     }
 }
@@ -210,15 +213,20 @@ mod tests {
             // row-major and transposed views of each operand
             let lhs_t: Vec<f32> = (0..k * m).map(|i| lhs[(i % m) * k + i / m]).collect();
             let rhs_t: Vec<f32> = (0..n * k).map(|i| rhs[(i % k) * n + i / k]).collect();
-            let want = naive(m, n, k, &lhs, k, 1, &rhs, n, 1, 0.5);
+            let product = naive(m, n, k, &lhs, k, 1, &rhs, n, 1, 0.5);
+            let start = values(m * n, 3);
             for threads in [Threads::One, Threads::All] {
                 for (a, a_rs, a_cs) in [(&lhs, k, 1), (&lhs_t, 1, m)] {
                     for (b, b_rs, b_cs) in [(&rhs, n, 1), (&rhs_t, 1, k)] {
-                        let mut got = vec![f32::NAN; m * n];
-                        // SAFETY: the strides describe the buffers above.
-                        unsafe { sgemm(threads, m, n, k, got.as_mut_ptr(), n, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, 0.5) };
-                        for (g, w) in got.iter().zip(&want) {
-                            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}x{n}x{k} {threads:?} strides ({a_rs},{a_cs}) ({b_rs},{b_cs}): {g} vs {w}");
+                        for accumulate in [false, true] {
+                            // Overwriting must not read the output: it starts as NaN.
+                            let mut got = if accumulate { start.clone() } else { vec![f32::NAN; m * n] };
+                            // SAFETY: the strides describe the buffers above.
+                            unsafe { sgemm(threads, m, n, k, got.as_mut_ptr(), n, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, 0.5, accumulate) };
+                            for ((g, p), s) in got.iter().zip(&product).zip(&start) {
+                                let w = if accumulate { p + s } else { *p };
+                                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}x{n}x{k} {threads:?} accumulate {accumulate} strides ({a_rs},{a_cs}) ({b_rs},{b_cs}): {g} vs {w}");
+                            }
                         }
                     }
                 }
@@ -236,7 +244,7 @@ mod tests {
         (0..64).into_par_iter().for_each(|_| {
             let mut got = vec![0f32; m * n];
             // SAFETY: contiguous row-major operands.
-            unsafe { sgemm(Threads::All, m, n, k, got.as_mut_ptr(), n, lhs.as_ptr(), k, 1, rhs.as_ptr(), n, 1, 1.0) };
+            unsafe { sgemm(Threads::All, m, n, k, got.as_mut_ptr(), n, lhs.as_ptr(), k, 1, rhs.as_ptr(), n, 1, 1.0, false) };
             assert_eq!(got, want);
         });
     }
