@@ -59,10 +59,7 @@ pub(crate) unsafe fn sgemm(
 ) {
     #[cfg(openblas)]
     if let (Threads::All, Some(plan)) = (threads, openblas::Plan::new(m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs, dst_rs)) {
-        let parts = match threads {
-            Threads::One => 1,
-            Threads::All => rayon::current_num_threads().min(m / openblas::MIN_ROWS_PER_PART).max(1),
-        };
+        let parts = rayon::current_num_threads().min(m / openblas::MIN_ROWS_PER_PART).max(1);
         if parts == 1 {
             plan.run(m, scale, accumulate, lhs, rhs, dst);
         } else {
@@ -80,30 +77,7 @@ pub(crate) unsafe fn sgemm(
         }
         return;
     }
-    gemm_crate(threads, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, scale, accumulate);
-}
-
-/// The same product through the gemm crate, which takes any strides.
-///
-/// # Safety
-/// As [`sgemm`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_crate(
-    threads: Threads,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    scale: f32,
-    accumulate: bool,
-) {
+    // The gemm crate, which takes any strides.
     let parallelism = match (threads, rayon::current_num_threads()) {
         (Threads::One, _) | (_, 1) => gemm::Parallelism::None,
         (Threads::All, n) => gemm::Parallelism::Rayon(n),
@@ -118,8 +92,8 @@ mod openblas {
     const ROW_MAJOR: c_int = 101;
     const NO_TRANS: c_int = 111;
     const TRANS: c_int = 112;
-    /// Fewer rows than this per part cost more in packing the right-hand side again
-    /// than a second thread gains.
+    /// Row blocks are at least this tall, so that each block's own packing of the
+    /// right-hand side stays small beside its product.
     pub const MIN_ROWS_PER_PART: usize = 64;
 
     extern "C" {
