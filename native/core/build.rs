@@ -33,7 +33,7 @@ fn main() {
         }
         None => println!(
             "cargo:warning=no static OpenBLAS found (install libopenblas-pthread-dev or set OPENBLAS_STATIC_DIR): \
-             GEMMs use the gemm crate, which trains about 10-20% slower"
+             GEMMs use the gemm crate, which trains about 7-13% slower"
         ),
     }
 }
