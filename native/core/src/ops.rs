@@ -223,10 +223,19 @@ fn column_sums(g: &[f32], d: usize) -> Vec<f32> {
 }
 
 /// The f32 values of a contiguous CPU tensor.
-fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("fused ops take f32 tensors") };
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused ops take contiguous tensors"),
+    }
+}
+
+/// [`cpu_slice`] for an in-place op's output.
+pub(crate) fn cpu_slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("fused ops take f32 tensors") };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
         None => candle_core::bail!("fused ops take contiguous tensors"),
     }
 }

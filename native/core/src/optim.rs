@@ -3,6 +3,7 @@
 //! learning-rate schedule.
 
 use crate::error::Result;
+use crate::ops::{cpu_slice, cpu_slice_mut};
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -207,21 +208,6 @@ impl Optimizer for AdamW {
 /// Elements per parallel chunk of the in-place updates.
 const CHUNK: usize = 1 << 14;
 
-/// The contiguous f32 elements of a CPU storage.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => candle_core::bail!("{op}: expects contiguous f32 tensors"),
-    }
-}
-
-fn f32_slice_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("{op}: expects contiguous f32 tensors"),
-    }
-}
-
 /// An Adam moment in place: `m = beta * m + (1 - beta) * g` (`g * g` when `square`).
 struct MomentUpdate {
     beta: f32,
@@ -234,7 +220,7 @@ impl InplaceOp2 for MomentUpdate {
     }
 
     fn cpu_fwd(&self, moment: &mut CpuStorage, moment_l: &Layout, grad: &CpuStorage, grad_l: &Layout) -> candle_core::Result<()> {
-        let (moment, grad) = (f32_slice_mut(moment, moment_l, self.name())?, f32_slice(grad, grad_l, self.name())?);
+        let (moment, grad) = (cpu_slice_mut(moment, moment_l)?, cpu_slice(grad, grad_l)?);
         let (beta, rest) = (self.beta, 1.0 - self.beta);
         moment.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).for_each(|(m, g)| {
             if self.square {
@@ -263,8 +249,8 @@ impl InplaceOp3 for ParamUpdate {
     }
 
     fn cpu_fwd(&self, param: &mut CpuStorage, param_l: &Layout, m: &CpuStorage, m_l: &Layout, v: &CpuStorage, v_l: &Layout) -> candle_core::Result<()> {
-        let param = f32_slice_mut(param, param_l, self.name())?;
-        let (m, v) = (f32_slice(m, m_l, self.name())?, f32_slice(v, v_l, self.name())?);
+        let param = cpu_slice_mut(param, param_l)?;
+        let (m, v) = (cpu_slice(m, m_l)?, cpu_slice(v, v_l)?);
         let ParamUpdate { decay_factor, step_size, bias_correction2_sqrt, eps } = *self;
         param.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((p, m), v)| {
             for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
