@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, type MaeConfig } from '../ts/index.js';
+import { MaskedAutoencoder, setAllowTf32, type MaeConfig } from '../ts/index.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
 
 const SMALL: MaeConfig = {
@@ -160,5 +160,44 @@ describe('save and load', () => {
     // The encoder is the checkpoint's, so its output matches the reference.
     const want = reference.tensors.latent.data;
     expect(out.latent.data.every((v, i) => Math.abs(v - want[i]) <= 1e-4)).toBe(true);
+  });
+});
+
+describe('precision', () => {
+  it('computes in bf16 on f32 weights, giving f32 gradients close to f32 ones', async () => {
+    const images = randomTensor([2, 3, 32, 32]);
+    const noise = randomTensor([2, L], 5);
+    const f32 = MaskedAutoencoder.create({ config: SMALL, seed: 3 });
+    const bf16 = MaskedAutoencoder.create({ config: SMALL, seed: 3, precision: 'bf16' });
+    expect(f32.precision).toBe('f32');
+    expect(bf16.precision).toBe('bf16');
+    const [a, b] = await Promise.all([f32, bf16].map((m) => m.lossAndGradients(images, { noise })));
+    expect(b.loss).not.toBe(a.loss);
+    expect(Math.abs(b.loss - a.loss)).toBeLessThan(0.01 * a.loss);
+    const name = 'blocks.0.mlp.fc1.weight';
+    const [ga, gb] = [a.gradients[name].data, b.gradients[name].data];
+    expect(gb).toBeInstanceOf(Float32Array);
+    const scale = ga.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+    const worst = ga.reduce((m, v, i) => Math.max(m, Math.abs(v - gb[i])), 0);
+    expect(worst).toBeGreaterThan(0);
+    expect(worst).toBeLessThan(0.02 * scale);
+  });
+
+  it('loads a checkpoint in bf16', async () => {
+    const mae = await MaskedAutoencoder.load(fixture('mae-tiny.weights.safetensors'), { precision: 'bf16' });
+    expect(mae.precision).toBe('bf16');
+  });
+
+  it('takes the TF32 switch (no effect on the CPU)', async () => {
+    const mae = MaskedAutoencoder.create({ config: SMALL, seed: 3 });
+    const images = randomTensor([1, 3, 32, 32]);
+    const noise = randomTensor([1, L], 5);
+    const before = await mae.forward(images, { noise });
+    setAllowTf32(true);
+    try {
+      expect((await mae.forward(images, { noise })).loss).toBe(before.loss);
+    } finally {
+      setAllowTf32(false);
+    }
   });
 });

@@ -163,6 +163,7 @@ describe('VitClassifier.fromPretrained', () => {
     expect(clf.config).toEqual({ imgSize: 16, patchSize: 4, inChans: 3, embedDim: D, depth: 2, numHeads: 2, mlpRatio: 4, layerNormEps: 1e-6, numClasses: 3, globalPool: true, headBatchNorm: false });
     expect(clf.checkpointFormat).toBeNull();
     expect(clf.device).toBe('cpu');
+    expect(clf.precision).toBe('f32');
     const shapes = clf.parameterShapes();
     expect(shapes['fc_norm.weight']).toEqual([D]);
     expect(shapes['fc_norm.bias']).toEqual([D]);

@@ -4,7 +4,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, VitMaeError, type ErrorCode, type MaeConfig } from '../ts/index.js';
+import { MaskedAutoencoder, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig } from '../ts/index.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'vit-mae-errors-'));
@@ -69,6 +69,12 @@ describe('inputs', () => {
     await expectCode(mae.forward(images, { masking: 'stripes' as never }), 'E_ARGUMENT', /masking/);
     await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', seed: -1 }), 'E_ARGUMENT', /seed/);
     await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', device: 'tpu' as never }), 'E_ARGUMENT', /device 'tpu'/);
+  });
+
+  it('rejects unknown precisions and a non-boolean TF32 switch', async () => {
+    await expectCode(() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', precision: 'fp16' as never }), 'E_ARGUMENT', /precision must be 'f32' or 'bf16', got "fp16"/);
+    await expectCode(MaskedAutoencoder.load(fixture('mae-tiny.weights.safetensors'), { precision: 'tf32' as never }), 'E_ARGUMENT', /precision/);
+    await expectCode(() => setAllowTf32('yes' as never), 'E_ARGUMENT', /boolean/);
   });
 });
 

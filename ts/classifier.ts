@@ -1,10 +1,10 @@
-import type { ClassifierConfig, Device } from './config.js';
+import type { ClassifierConfig, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { runJob, TrainingRun, type RecipeOptions } from './train.js';
-import { checkDevice, checkNotAborted, checkPath, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
+import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
 /** Options for {@link VitClassifier.fromPretrained}. */
@@ -21,8 +21,10 @@ export interface FromPretrainedOptions {
   seed?: number;
   /** With a checkpoint path: config fields the checkpoint does not tell (as {@link LoadOptions}). */
   config?: LoadOptions['config'];
-  /** With a checkpoint path: where to compute. Default `'cpu'`. */
+  /** With a checkpoint path: where to compute. Default `'auto'`. (A model passed in keeps its own.) */
   device?: Device;
+  /** With a checkpoint path: what to compute in. Default `'f32'`. (A model passed in keeps its own.) */
+  precision?: Precision;
 }
 
 /** Options for {@link VitClassifier.load}. */
@@ -31,8 +33,10 @@ export interface ClassifierLoadOptions {
   config?: Partial<ClassifierConfig>;
   /** Seed (unused by a complete checkpoint; kept for symmetry with `create`). Default 0. */
   seed?: number;
-  /** Where to compute. Default `'cpu'`. */
+  /** Where to compute. Default `'auto'`: a working GPU, else the CPU. */
   device?: Device;
+  /** What to compute in. Default `'f32'`. */
+  precision?: Precision;
 }
 
 /** What {@link VitClassifier.predict} returns. */
@@ -143,11 +147,11 @@ export class VitClassifier {
    */
   static async fromPretrained(mae: MaskedAutoencoder | string, options: FromPretrainedOptions): Promise<VitClassifier> {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'fromPretrained needs options with numClasses');
-    const { numClasses, globalPool, headBatchNorm, imgSize, seed, config, device } = options;
+    const { numClasses, globalPool, headBatchNorm, imgSize, seed, config, device, precision } = options;
     if (!Number.isInteger(numClasses) || numClasses < 1) throw new VitMaeError('E_CONFIG', `numClasses must be a positive integer, got ${String(numClasses)}`);
     const native =
       typeof mae === 'string'
-        ? await call(() => binding.NativeMae.load(checkPath(mae), configJson(config), checkSeed(seed), checkDevice(device)))
+        ? await call(() => binding.NativeMae.load(checkPath(mae), configJson(config), checkSeed(seed), checkDevice(device), checkPrecision(precision)))
         : maeNatives.get(mae);
     if (!native) throw new VitMaeError('E_ARGUMENT', 'fromPretrained needs a MaskedAutoencoder or a checkpoint path');
     const head = JSON.stringify({ numClasses, globalPool, headBatchNorm, imgSize });
@@ -158,9 +162,9 @@ export class VitClassifier {
    * A freshly initialised classifier, to train from scratch (the MAE initialisation,
    * with the sin-cos table as the start of the learned position embedding).
    */
-  static create(config: Partial<ClassifierConfig>, options: { seed?: number; device?: Device } = {}): VitClassifier {
+  static create(config: Partial<ClassifierConfig>, options: { seed?: number; device?: Device; precision?: Precision } = {}): VitClassifier {
     if (typeof config !== 'object' || config === null) throw new VitMaeError('E_CONFIG', 'create needs a ClassifierConfig');
-    return new VitClassifier(callSync(() => binding.NativeClassifier.create(JSON.stringify(config), checkSeed(options.seed), checkDevice(options.device))));
+    return new VitClassifier(callSync(() => binding.NativeClassifier.create(JSON.stringify(config), checkSeed(options.seed), checkDevice(options.device), checkPrecision(options.precision))));
   }
 
   /**
@@ -171,7 +175,7 @@ export class VitClassifier {
   static async load(path: string, options: ClassifierLoadOptions = {}): Promise<VitClassifier> {
     const checkedPath = checkPath(path);
     const config = options.config === undefined ? undefined : JSON.stringify(options.config);
-    return new VitClassifier(await call(() => binding.NativeClassifier.load(checkedPath, config, checkSeed(options.seed), checkDevice(options.device))));
+    return new VitClassifier(await call(() => binding.NativeClassifier.load(checkedPath, config, checkSeed(options.seed), checkDevice(options.device), checkPrecision(options.precision))));
   }
 
   /** The classifier's configuration. */
@@ -187,6 +191,11 @@ export class VitClassifier {
   /** Where the classifier computes (`'cpu'`, `'cuda:0'`, ...). */
   get device(): string {
     return this.#native.device;
+  }
+
+  /** What the classifier computes in. */
+  get precision(): Precision {
+    return this.#native.precision as Precision;
   }
 
   /** The format it was loaded from (`'pth'`, `'safetensors'`), or null if built here. */

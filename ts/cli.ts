@@ -14,7 +14,10 @@ import {
   type TrainingSummary,
   type Protocol,
   loadImages,
+  setAllowTf32,
   writeReconstructionGrid,
+  type Device,
+  type Precision,
   type DatasetSource,
   type MaeConfig,
   type MaskingStrategy,
@@ -142,9 +145,23 @@ interface RecipeDefaults {
   weightDecay: number;
 }
 
+/** Where and in what a command computes: `--device`, `--precision`, `--tf32`. */
+function addComputeOptions(command: Command): Command {
+  return command
+    .option('--device <device>', "'auto' (a working GPU, else the CPU), 'cpu', 'cuda' or 'cuda:N'", 'auto')
+    .addOption(new Option('--precision <p>', 'f32, or bf16 mixed precision (for GPUs)').choices(['f32', 'bf16']).default('f32'))
+    .option('--tf32', 'let f32 matrix products on CUDA use TF32 tensor cores');
+}
+
+/** The compute options as load/create options; applies `--tf32`. */
+function computeOptions(o: Record<string, unknown>): { device: Device; precision: Precision } {
+  if (o.tf32 === true) setAllowTf32(true);
+  return { device: o.device as Device, precision: o.precision as Precision };
+}
+
 /** The options every training command has. */
 function addRecipeOptions(command: Command, d: RecipeDefaults): Command {
-  return command
+  return addComputeOptions(command)
     .option('--out <dir>', 'run folder: checkpoints and the final model', d.out)
     .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
     .option('--epochs <n>', 'epochs', integer, d.epochs)
@@ -212,8 +229,8 @@ addRecipeOptions(
     const out: Output = { json: Boolean(o.json) };
     const checkpointDir = join(o.out, 'checkpoints');
     const mae = o.init
-      ? await MaskedAutoencoder.load(o.init, { config: o.config, seed: o.seed })
-      : MaskedAutoencoder.create({ preset: o.preset as PresetName, config: o.config, seed: o.seed });
+      ? await MaskedAutoencoder.load(o.init, { config: o.config, seed: o.seed, ...computeOptions(o) })
+      : MaskedAutoencoder.create({ preset: o.preset as PresetName, config: o.config, seed: o.seed, ...computeOptions(o) });
     const source = dataset(o.data);
     const controller = abortOnSignal(out, 'stopping after this step and writing a checkpoint...');
     const run = mae.pretrain({
@@ -275,7 +292,7 @@ function trainingCommand(name: 'finetune' | 'linprobe', description: string): Co
     const checkpointDir = join(o.out, 'checkpoints');
     const protocol: Protocol = name === 'linprobe' ? 'linprobe' : o.partialBlocks !== undefined ? 'partial' : 'finetune';
     const globalPool = name === 'linprobe' ? Boolean(o.globalPool) : !o.clsToken;
-    const clf = await VitClassifier.fromPretrained(pretrained, { numClasses: o.numClasses, globalPool, headBatchNorm: name === 'linprobe', config: o.config, seed: o.seed });
+    const clf = await VitClassifier.fromPretrained(pretrained, { numClasses: o.numClasses, globalPool, headBatchNorm: name === 'linprobe', config: o.config, seed: o.seed, ...computeOptions(o) });
     const controller = abortOnSignal(out, 'stopping after this step and writing a checkpoint...');
     const augment = { padTo: o.padTo, randomResizedCrop: o.crop, scale: [o.cropScale, 1] as [number, number], hflip: o.flip };
     const evalData = o.evalData === undefined ? undefined : dataset(o.evalData, o.evalLabels);
@@ -328,8 +345,8 @@ program
     emit(out, { type: 'evaluation', path: checkpoint, ...e }, `top-1 ${(100 * e.top1).toFixed(2)}%  top-5 ${(100 * e.top5).toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.count} images)`);
   });
 
-program
-  .command('embed')
+addComputeOptions(program
+  .command('embed'))
   .description('write the embeddings of a dataset (safetensors: embeddings [N, D], indices, labels) from a classifier or MAE checkpoint')
   .argument('<checkpoint>', 'a classifier (its head input) or an MAE (pooled encoder output)')
   .requiredOption('--data <path>', 'image folder or IDX file')
@@ -348,9 +365,10 @@ program
     const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, output: o.out, signal: controller.signal, onProgress: progress.onProgress };
     const source = dataset(o.data, o.labels);
     // A checkpoint with a classification head embeds as a classifier, any other as an MAE.
-    const model = await VitClassifier.load(checkpoint, { config: o.config }).catch(async (error: unknown) => {
+    const compute = computeOptions(o);
+    const model = await VitClassifier.load(checkpoint, { config: o.config, ...compute }).catch(async (error: unknown) => {
       if (error instanceof VitMaeError && error.code === 'E_CHECKPOINT_KEYS' && /no classification head/.test(error.message)) {
-        return MaskedAutoencoder.load(checkpoint, { config: o.config as Partial<MaeConfig> });
+        return MaskedAutoencoder.load(checkpoint, { config: o.config as Partial<MaeConfig>, ...compute });
       }
       throw error;
     });
@@ -359,8 +377,8 @@ program
     emit(out, { type: 'embeddings', path: o.out, count: n, dim, labelled: e.labels !== null }, `wrote ${o.out}: ${n} embeddings of ${dim} values`);
   });
 
-program
-  .command('reconstruct')
+addComputeOptions(program
+  .command('reconstruct'))
   .description('write a PNG grid (masked | reconstruction | reconstruction + visible | original) for images of a dataset')
   .argument('<checkpoint>', 'model: .safetensors, .pth or a Hugging Face folder')
   .requiredOption('--data <path>', 'image folder or IDX file')
@@ -373,7 +391,7 @@ program
   .option('--config <json>', 'model config fields the checkpoint does not tell', json)
   .option('--json', 'print the result as JSON on stdout')
   .action(async (checkpoint: string, o) => {
-    const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config });
+    const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config, ...computeOptions(o) });
     const loss = await reconstructionPng(mae, dataset(o.data), o.out, { count: o.count, maskRatio: o.maskRatio, masking: o.masking, seed: o.seed, padTo: o.padTo });
     emit({ json: Boolean(o.json) }, { type: 'reconstruction', path: o.out, loss }, `wrote ${o.out} (loss ${loss.toFixed(4)})`);
   });

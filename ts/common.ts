@@ -33,9 +33,17 @@ export function checkSeed(seed: unknown): number {
 }
 
 export function checkDevice(device: unknown): string {
-  if (device === undefined) return 'cpu';
+  if (device === undefined) return 'auto';
   if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);
   return device;
+}
+
+export function checkPrecision(precision: unknown): string {
+  if (precision === undefined) return 'f32';
+  if (precision !== 'f32' && precision !== 'bf16') {
+    throw new VitMaeError('E_ARGUMENT', `precision must be 'f32' or 'bf16', got ${JSON.stringify(precision)}`);
+  }
+  return precision;
 }
 
 export function configJson(config: unknown): string | undefined {

@@ -54,6 +54,15 @@ export type PresetName =
 export type Device = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
 
 /**
+ * The arithmetic a model computes in. Weights, gradients and optimizer state are f32
+ * either way. `'bf16'` is mixed precision as PyTorch's bf16 autocast: linear layers
+ * and attention's products run in bf16 (the GPU's fast path), while the residual
+ * stream, LayerNorm, softmax and the loss stay f32. On the CPU bf16 is slower than
+ * f32; use it on CUDA.
+ */
+export type Precision = 'f32' | 'bf16';
+
+/**
  * A classifier's architecture: the arguments of the published `VisionTransformer`
  * (`models_vit.py`), camelCased, plus the linear probe's BatchNorm head.
  */

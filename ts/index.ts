@@ -4,16 +4,16 @@
  *
  * @packageDocumentation
  */
-import type { MaeConfig, PresetName, Device } from './config.js';
+import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { checkDevice, checkNotAborted, checkPath, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
+import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
 import { runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
 
-export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device } from './config.js';
+export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision } from './config.js';
 export type { Embeddings, PassOptions } from './common.js';
 export {
   VitClassifier,
@@ -25,6 +25,7 @@ export {
   type FinetuneOptions,
 } from './classifier.js';
 export { VitMaeError, type ErrorCode } from './errors.js';
+export { nativeBackend, type NativeBackend } from './native.js';
 export type { Tensor } from './tensor.js';
 export {
   IMAGENET_MEAN,
@@ -118,8 +119,10 @@ export interface CreateOptions {
   config?: Partial<MaeConfig>;
   /** Seed for the initial weights and for masks drawn without explicit noise. Default 0. */
   seed?: number;
-  /** Where to compute. Default `'cpu'`. */
+  /** Where to compute. Default `'auto'`: a working GPU, else the CPU. */
   device?: Device;
+  /** What to compute in. Default `'f32'`. */
+  precision?: Precision;
 }
 
 /** Options for {@link MaskedAutoencoder.load}. */
@@ -132,8 +135,10 @@ export interface LoadOptions {
   config?: Partial<MaeConfig>;
   /** Seed for a freshly initialised decoder and for masks. Default 0. */
   seed?: number;
-  /** Where to compute. Default `'cpu'`. */
+  /** Where to compute. Default `'auto'`: a working GPU, else the CPU. */
   device?: Device;
+  /** What to compute in. Default `'f32'`. */
+  precision?: Precision;
 }
 
 const MASKINGS: readonly MaskingStrategy[] = ['random', 'block', 'grid'];
@@ -149,6 +154,17 @@ function maskOptions(options: ForwardOptions = {}): Binding.NativeMaskOptions {
   if (noise === undefined) return { maskRatio, masking };
   checkTensor(noise, 'noise', 'E_NOISE');
   return { maskRatio, masking, noise: noise.data, noiseShape: noise.shape };
+}
+
+/**
+ * Lets f32 matrix products on CUDA use TF32 tensor cores (inputs rounded to 10-bit
+ * mantissas, f32 accumulation) for the whole process, as PyTorch's
+ * `torch.backends.cuda.matmul.allow_tf32`. Off by default; no effect on the CPU or
+ * on bf16 models.
+ */
+export function setAllowTf32(allow: boolean): void {
+  if (typeof allow !== 'boolean') throw new VitMaeError('E_ARGUMENT', `setAllowTf32 takes a boolean, got ${typeof allow}`);
+  binding.setAllowTf32(allow);
 }
 
 /**
@@ -201,14 +217,14 @@ export class MaskedAutoencoder {
    * embeddings. Runs synchronously (allocating the weights).
    */
   static create(options: CreateOptions = {}): MaskedAutoencoder {
-    const { preset, config, seed, device } = options;
+    const { preset, config, seed, device, precision } = options;
     if (preset === undefined && config === undefined) {
       throw new VitMaeError('E_CONFIG', 'create needs a preset, a config, or both');
     }
     if (preset !== undefined && typeof preset !== 'string') {
       throw new VitMaeError('E_CONFIG', 'preset must be a preset name');
     }
-    const native = callSync(() => binding.NativeMae.create(preset, configJson(config), checkSeed(seed), checkDevice(device)));
+    const native = callSync(() => binding.NativeMae.create(preset, configJson(config), checkSeed(seed), checkDevice(device), checkPrecision(precision)));
     return new MaskedAutoencoder(native);
   }
 
@@ -220,9 +236,9 @@ export class MaskedAutoencoder {
    * initialised decoder and {@link MaskedAutoencoder.freshDecoder} set.
    */
   static async load(path: string, options: LoadOptions = {}): Promise<MaskedAutoencoder> {
-    const { config, seed, device } = options;
+    const { config, seed, device, precision } = options;
     const checkedPath = checkPath(path);
-    const native = await call(() => binding.NativeMae.load(checkedPath, configJson(config), checkSeed(seed), checkDevice(device)));
+    const native = await call(() => binding.NativeMae.load(checkedPath, configJson(config), checkSeed(seed), checkDevice(device), checkPrecision(precision)));
     return new MaskedAutoencoder(native);
   }
 
@@ -254,6 +270,11 @@ export class MaskedAutoencoder {
   /** Where the model computes (`'cpu'`, `'cuda:0'`, ...). */
   get device(): string {
     return this.#native.device;
+  }
+
+  /** What the model computes in. */
+  get precision(): Precision {
+    return this.#native.precision as Precision;
   }
 
   /** Published names and shapes of the trainable parameters, in order. */

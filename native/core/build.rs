@@ -4,10 +4,16 @@
 //! Debian's and Ubuntu's `libopenblas-pthread-dev` and `libopenblas-dev` are tried.
 //! `VIT_MAE_NO_OPENBLAS=1` builds with the gemm crate alone. The library is linked
 //! statically, so the built addon does not need OpenBLAS where it runs.
+//!
+//! With the `cuda` feature, also compiles the fused ops' kernels (src/cuda/kernels.cu) to
+//! PTX with nvcc (`$NVCC`, else `$CUDA_ROOT/bin/nvcc` or `$CUDA_PATH/bin/nvcc`, else `nvcc`
+//! on the PATH), for virtual architecture `compute_$CUDA_COMPUTE_CAP` (default 80: the
+//! driver JIT-compiles it for Ampere, Hopper and newer), into `$OUT_DIR/kernels.ptx`.
 
 use std::path::PathBuf;
 
 fn main() {
+    compile_cuda_kernels();
     println!("cargo:rustc-check-cfg=cfg(openblas)");
     println!("cargo:rerun-if-env-changed=OPENBLAS_STATIC_DIR");
     println!("cargo:rerun-if-env-changed=VIT_MAE_NO_OPENBLAS");
@@ -35,5 +41,39 @@ fn main() {
             "cargo:warning=no static OpenBLAS found (install libopenblas-pthread-dev or set OPENBLAS_STATIC_DIR): \
              GEMMs use the gemm crate, which trains about 7-13% slower"
         ),
+    }
+}
+
+fn compile_cuda_kernels() {
+    const SOURCE: &str = "src/cuda/kernels.cu";
+    println!("cargo:rerun-if-changed={SOURCE}");
+    for var in ["NVCC", "CUDA_ROOT", "CUDA_PATH", "CUDA_COMPUTE_CAP"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let nvcc = std::env::var_os("NVCC").map(PathBuf::from).unwrap_or_else(|| {
+        ["CUDA_ROOT", "CUDA_PATH"]
+            .iter()
+            .filter_map(std::env::var_os)
+            .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
+            .find(|path| path.is_file())
+            .unwrap_or_else(|| PathBuf::from("nvcc"))
+    });
+    let cap = std::env::var("CUDA_COMPUTE_CAP").ok().map(|c| c.trim().replace('.', "")).filter(|c| !c.is_empty()).unwrap_or_else(|| "80".into());
+    if !cap.chars().all(|c| c.is_ascii_digit()) {
+        panic!("CUDA_COMPUTE_CAP={cap:?}: expected a compute capability such as 80");
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.ptx");
+    // No --use_fast_math: the kernels need the exact erff, expf, sqrtf and division.
+    let status = std::process::Command::new(&nvcc)
+        .args(["--ptx", &format!("-arch=compute_{cap}"), "-O3", "-std=c++17", "-o"])
+        .arg(&out)
+        .arg(SOURCE)
+        .status()
+        .unwrap_or_else(|e| panic!("could not run {} to compile {SOURCE} (set NVCC or CUDA_ROOT): {e}", nvcc.display()));
+    if !status.success() {
+        panic!("{} failed to compile {SOURCE} ({status})", nvcc.display());
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::bail;
 use crate::config::{ConfigPatch, MaeConfig, PRESETS};
+use crate::device::Precision;
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::MaskedAutoencoder;
 use candle_core::{DType, Device, Tensor};
@@ -338,7 +339,7 @@ fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
 
 /// Loads a model. The config is, in increasing priority: what the shapes imply,
 /// the checkpoint's own config, and `explicit`; the tensors are then checked against it.
-pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, seed: u64) -> Result<(MaskedAutoencoder, LoadReport)> {
+pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, precision: Precision, seed: u64) -> Result<(MaskedAutoencoder, LoadReport)> {
     let state = read_state_dict(path)?;
     let mut patch = infer_config(&state.tensors);
     if let Some(c) = &state.config {
@@ -350,7 +351,7 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
     let config = patch.complete().map_err(|e| {
         Error::new(e.code, format!("cannot configure the model from {}: {}; pass the config explicitly", path.display(), e.message))
     })?;
-    let mut model = MaskedAutoencoder::new(config, device, seed)?;
+    let mut model = MaskedAutoencoder::new(config, device, precision, seed)?;
     // A training checkpoint also holds optimizer moments; a model load leaves them.
     let tensors = state.tensors.into_iter().filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX)).collect();
     let fresh_decoder = assign(&mut model, tensors)?;

@@ -5,6 +5,7 @@ use crate::bail;
 use crate::checkpoint::{self, StateDict};
 use crate::config::{check_encoder, snake_case, MaeConfig, PRESETS};
 use crate::data::interpolate_bicubic_torch;
+use crate::device::Precision;
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{MaskedAutoencoder, PatchEmbed, Pool};
 use crate::nn::{Block, DropPathScales, LayerNorm, Linear};
@@ -214,6 +215,7 @@ impl ForwardMode<'_> {
 pub struct VitClassifier {
     pub config: ClassifierConfig,
     device: Device,
+    precision: Precision,
     params: Vec<(String, Var)>,
     patch_embed: PatchEmbed,
     cls_token: Tensor,
@@ -240,10 +242,10 @@ impl VitClassifier {
     /// (xavier-uniform linears, normal(0.02) cls token, 2-D sin-cos position
     /// embedding as the start of the learned one), and the head as published:
     /// trunc-normal std 2e-5 (fine-tuning) or 0.01 (linear probe), zero bias.
-    pub fn new(config: ClassifierConfig, device: &Device, seed: u64) -> Result<Self> {
+    pub fn new(config: ClassifierConfig, device: &Device, precision: Precision, seed: u64) -> Result<Self> {
         config.validate()?;
         let c = &config;
-        let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone());
+        let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone(), precision);
         let l = c.num_patches();
         let cls_token = p.param("cls_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })?;
         // Learned here (fixed in pre-training); set to the sin-cos table below.
@@ -272,7 +274,7 @@ impl VitClassifier {
         if let Some((_, var)) = params.iter().find(|(n, _)| n == "pos_embed") {
             var.set(&table)?;
         }
-        Ok(VitClassifier { config, device: device.clone(), params, patch_embed, cls_token, pos_embed, blocks, norm, fc_norm, head_bn, head })
+        Ok(VitClassifier { config, device: device.clone(), precision, params, patch_embed, cls_token, pos_embed, blocks, norm, fc_norm, head_bn, head })
     }
 
     /// A classifier on the encoder of a pre-trained MAE, as `main_finetune.py` /
@@ -290,7 +292,7 @@ impl VitClassifier {
         if !same {
             bail!(InvalidConfig, "the classifier's encoder settings differ from the pre-trained MAE's");
         }
-        let classifier = VitClassifier::new(config, mae.device(), seed)?;
+        let classifier = VitClassifier::new(config, mae.device(), mae.precision(), seed)?;
         let (_, pos_embed) = mae.buffers()[0];
         for (name, var) in &classifier.params {
             let source = if name == "pos_embed" {
@@ -307,6 +309,10 @@ impl VitClassifier {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Trainable parameters in the published order, by published name.
@@ -416,7 +422,7 @@ impl VitClassifier {
                 }
             }
         };
-        Ok(self.head.forward(&x)?)
+        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Logits of a forward pass in `mode`.
@@ -604,7 +610,7 @@ fn infer_fields(tensors: &BTreeMap<String, Tensor>) -> serde_json::Map<String, s
 /// Loads a classifier checkpoint (published fine-tuning or linear-probe layout, as
 /// `.pth` or safetensors). The config is, in increasing priority: what the shapes
 /// imply, the checkpoint's own config, and `explicit` (camelCase or published names).
-pub fn load_classifier(path: &Path, explicit: Option<&serde_json::Value>, device: &Device, seed: u64) -> Result<(VitClassifier, StateDict)> {
+pub fn load_classifier(path: &Path, explicit: Option<&serde_json::Value>, device: &Device, precision: Precision, seed: u64) -> Result<(VitClassifier, StateDict)> {
     let mut state = checkpoint::read_state_dict(path)?;
     if !state.tensors.contains_key("head.weight") && !state.tensors.contains_key("head.1.weight") {
         bail!(CheckpointKeys, "{} has no classification head (head.weight); load an MAE checkpoint with fromPretrained instead", path.display());
@@ -620,7 +626,7 @@ pub fn load_classifier(path: &Path, explicit: Option<&serde_json::Value>, device
     }
     let config = ClassifierConfig::from_fields(fields)
         .map_err(|e| Error::new(e.code, format!("cannot configure the classifier from {}: {}; pass the config explicitly", path.display(), e.message)))?;
-    let classifier = VitClassifier::new(config, device, seed)?;
+    let classifier = VitClassifier::new(config, device, precision, seed)?;
     let mut tensors = std::mem::take(&mut state.tensors);
     // At another resolution than the checkpoint's, the position embedding is resized as published.
     if let Some(pos_embed) = tensors.get_mut("pos_embed") {

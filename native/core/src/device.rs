@@ -3,7 +3,7 @@
 
 use crate::bail;
 use crate::error::Result;
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// A user's device choice: `auto`, `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,50 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_ordinal: usize) -> Result<Device> {
     bail!(InvalidArgument, "this build of vit-mae has no CUDA support; use device 'cpu' or 'auto'")
+}
+
+/// The arithmetic a model computes in. Parameters, gradients and optimizer state
+/// are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Mixed precision as PyTorch's bf16 autocast: linear layers and attention's
+    /// products run in bf16 on bf16 copies of the weights; the residual stream,
+    /// LayerNorm, softmax and the loss stay f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => bail!(InvalidArgument, "unknown precision '{s}': expected 'f32' or 'bf16'"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The dtype of matrix products.
+    pub fn compute_dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Lets f32 matrix products on CUDA use TF32 tensor cores (10-bit mantissa inputs,
+/// f32 accumulation), for the whole process as PyTorch's
+/// `torch.backends.cuda.matmul.allow_tf32`. Off by default; no effect on the CPU.
+pub fn set_allow_tf32(allow: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(allow);
 }
 
 /// A short name for the device, as users write it.

@@ -240,17 +240,15 @@ impl Task for Finetuning<'_> {
         let targets = Tensor::from_vec(targets, (n, k), c.device())?;
         let mut mode = ForwardMode { train: Some((&mut rng, self.config.drop_path)), trainable: self.config.trainable() };
         let loss = c.loss(&c.forward_mode(&imgs, &mut mode)?, &targets)?;
-        let value = loss.to_scalar::<f32>()? as f64;
-        if !value.is_finite() {
-            return Ok((value, Vec::new()));
-        }
+        // The backward pass is queued before the loss is read (no GPU wait mid-step).
         let grads = loss.backward()?;
         let grads = self
             .trained
             .iter()
             .map(|(name, var)| grads.get(var.as_tensor()).cloned().ok_or_else(|| Error::new(ErrorCode::Internal, format!("parameter {name} received no gradient"))))
             .collect::<Result<Vec<_>>>()?;
-        Ok((value, grads))
+        let value = loss.to_scalar::<f32>()? as f64;
+        Ok((value, if value.is_finite() { grads } else { Vec::new() }))
     }
 
     fn optimizer(&mut self) -> &mut dyn Optimizer {

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod classifier;
 pub mod config;
+#[cfg(feature = "cuda")] mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -50,7 +51,7 @@ static SET_PURGE_DELAY: extern "C" fn() = {
 pub use candle_core;
 pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
 pub use config::{ConfigPatch, MaeConfig, PRESETS};
-pub use device::DeviceSpec;
+pub use device::{DeviceSpec, Precision};
 pub use error::{Error, ErrorCode, Result};
 pub use masking::{MaskPlan, Masking};
 pub use classifier::{ClassifierConfig, VitClassifier};

@@ -3,6 +3,7 @@
 
 use crate::bail;
 use crate::config::MaeConfig;
+use crate::device::Precision;
 use crate::error::Result;
 use crate::masking::{self, MaskPlan, Masking};
 use crate::nn::{Block, LayerNorm, Linear};
@@ -83,6 +84,7 @@ pub(crate) struct PatchEmbed {
     weight: Tensor,
     bias: Tensor,
     patch_size: usize,
+    compute: DType,
 }
 
 impl PatchEmbed {
@@ -96,24 +98,26 @@ impl PatchEmbed {
             Init::XavierUniform { fan_in, fan_out: embed_dim },
         )?;
         let bias = p.param("patch_embed.proj.bias", &[embed_dim], Init::Uniform { bound: 1.0 / (fan_in as f64).sqrt() })?;
-        Ok(PatchEmbed { weight, bias, patch_size })
+        Ok(PatchEmbed { weight, bias, patch_size, compute: p.compute_dtype() })
     }
 
-    /// `[N, C, H, W]` -> `[N, L, D]`.
+    /// `[N, C, H, W]` -> `[N, L, D]` in f32, the product in the compute dtype.
     pub(crate) fn forward(&self, imgs: &Tensor) -> candle_core::Result<Tensor> {
         let (n, c, h, w) = imgs.dims4()?;
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
         // Each patch flattened in (c, i, j) order, matching the conv weight's layout.
         let patches = imgs.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((n * gh * gw, c * p * p))?;
-        let weight = self.weight.reshape((self.weight.dim(0)?, c * p * p))?;
-        patches.matmul(&weight.t()?)?.broadcast_add(&self.bias)?.reshape((n, gh * gw, ()))
+        let weight = self.weight.reshape((self.weight.dim(0)?, c * p * p))?.to_dtype(self.compute)?;
+        let x = patches.to_dtype(self.compute)?.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
+        x.broadcast_add(&self.bias)?.reshape((n, gh * gw, ()))
     }
 }
 
 pub struct MaskedAutoencoder {
     pub config: MaeConfig,
     device: Device,
+    precision: Precision,
     params: Vec<(String, Var)>,
     /// Fixed (not trainable) tables, `[1, 1 + L, D]` and `[1, 1 + L, D_dec]`.
     pos_embed: Tensor,
@@ -134,12 +138,12 @@ pub struct MaskedAutoencoder {
 }
 
 impl MaskedAutoencoder {
-    /// A freshly initialised model. Everything random (weights, later masks)
-    /// derives from `seed`.
-    pub fn new(config: MaeConfig, device: &Device, seed: u64) -> Result<Self> {
+    /// A freshly initialised model computing in `precision`. Everything random
+    /// (weights, later masks) derives from `seed`.
+    pub fn new(config: MaeConfig, device: &Device, precision: Precision, seed: u64) -> Result<Self> {
         config.validate()?;
         let c = &config;
-        let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone());
+        let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone(), precision);
         let l = c.num_patches();
 
         let patch_embed = PatchEmbed::new(&mut p, c.in_chans, c.patch_size, c.embed_dim)?;
@@ -169,6 +173,7 @@ impl MaskedAutoencoder {
         Ok(MaskedAutoencoder {
             config,
             device: device.clone(),
+            precision,
             params: p.finish(),
             pos_embed,
             decoder_pos_embed,
@@ -187,6 +192,10 @@ impl MaskedAutoencoder {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Trainable parameters in the published order, by published name.
@@ -283,7 +292,7 @@ impl MaskedAutoencoder {
 
     /// Decoder over all patches: `[N, L, p*p*C]`.
     pub fn forward_decoder(&self, latent: &Tensor, plan: &MaskPlan) -> Result<Tensor> {
-        let x = self.decoder_embed.forward(latent)?;
+        let x = self.decoder_embed.forward(latent)?.to_dtype(DType::F32)?;
         let (n, _, d) = x.dims3()?;
         let l = self.config.num_patches();
 
@@ -302,7 +311,7 @@ impl MaskedAutoencoder {
         for blk in &self.decoder_blocks {
             x = blk.forward(&x)?;
         }
-        let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?;
+        let x = self.decoder_pred.forward(&self.decoder_norm.forward(&x)?)?.to_dtype(DType::F32)?;
         Ok(x.narrow(1, 1, l)?)
     }
 
@@ -336,9 +345,10 @@ impl MaskedAutoencoder {
         }
         let loss = (pred - target)?.sqr()?.mean(D::Minus1)?;
         // Published: sum / mask.sum(). With nothing removed (ratio 0) both are 0
-        // and the loss is defined as 0 rather than NaN.
-        let removed = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
-        Ok(((loss * mask)?.sum_all()? / removed as f64)?)
+        // and the loss is defined as 0 rather than NaN. Divided on the device: no
+        // wait for the host inside a step.
+        let removed = mask.sum_all()?.maximum(1f32)?;
+        Ok(((loss * mask)?.sum_all()? / removed)?)
     }
 
     /// The published `forward(imgs, mask_ratio)`.
@@ -369,7 +379,9 @@ impl MaskedAutoencoder {
     /// Backpropagates a forward pass's loss to every trainable parameter.
     pub fn gradients(&self, out: &ForwardOutput) -> Result<Vec<(String, Tensor)>> {
         let grads = out.loss.backward()?;
-        let nothing_removed = out.mask.sum_all()?.to_scalar::<f32>()? == 0.0;
+        // The latent holds the cls token and the visible patches (a shape, known
+        // without reading the device).
+        let nothing_removed = out.latent.dim(1)? == 1 + self.config.num_patches();
         let mut gradients = Vec::with_capacity(self.params.len());
         for (name, var) in &self.params {
             let grad = match grads.get(var.as_tensor()) {

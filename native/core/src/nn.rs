@@ -3,11 +3,14 @@
 
 use crate::ops;
 use crate::params::{Init, ParamBuilder};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
+/// A linear layer. Its f32 weight is cast to `compute` (a differentiable cast, so
+/// gradients reach it in f32) and the output is in `compute`.
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
+    compute: DType,
 }
 
 impl Linear {
@@ -20,17 +23,17 @@ impl Linear {
     pub fn with_init(p: &mut ParamBuilder, name: &str, in_dim: usize, out_dim: usize, weight_init: Init) -> Result<Self> {
         let weight = p.param(&format!("{name}.weight"), &[out_dim, in_dim], weight_init)?;
         let bias = p.param(&format!("{name}.bias"), &[out_dim], Init::Zeros)?;
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, compute: p.compute_dtype() })
     }
 
     /// `xs @ weight^T + bias` over the last dimension of a `[B, T, in]` or `[B, in]` input.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        ops::linear(xs, &self.weight, &self.bias)
+        ops::linear(&xs.to_dtype(self.compute)?, &self.weight.to_dtype(self.compute)?, &self.bias)
     }
 
     /// `xs @ weight^T`, the bias left for a fused op to add.
     pub fn matmul(&self, xs: &Tensor) -> Result<Tensor> {
-        ops::matmul_wt(xs, &self.weight)
+        ops::matmul_wt(&xs.to_dtype(self.compute)?, &self.weight.to_dtype(self.compute)?)
     }
 
     pub fn bias(&self) -> &Tensor {
@@ -72,8 +75,9 @@ impl Attention {
         })
     }
 
+    /// Returns f32, the residual stream's dtype.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&ops::attention(&self.qkv.forward(xs)?, self.num_heads)?)
+        self.proj.forward(&ops::attention(&self.qkv.forward(xs)?, self.num_heads)?)?.to_dtype(DType::F32)
     }
 }
 
@@ -87,8 +91,9 @@ impl Mlp {
         Ok(Mlp { fc1: Linear::new(p, &format!("{name}.fc1"), dim, hidden)?, fc2: Linear::new(p, &format!("{name}.fc2"), hidden, dim)? })
     }
 
+    /// Returns f32, the residual stream's dtype.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&ops::bias_gelu(&self.fc1.matmul(xs)?, self.fc1.bias())?)
+        self.fc2.forward(&ops::bias_gelu(&self.fc1.matmul(xs)?, self.fc1.bias())?)?.to_dtype(DType::F32)
     }
 }
 

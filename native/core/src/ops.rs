@@ -2,16 +2,26 @@
 //! `layer_norm` have no backward pass, and composing them from primitive ops
 //! allocates a tensor per step (and more in the backward pass). On the CPU these
 //! are single fused kernels with hand-written backward passes, in the manner of
-//! llm.c; on other devices they fall back to the composed forms, whose gradients
-//! candle derives.
+//! llm.c. On CUDA (the `cuda` feature) LayerNorm and bias + GELU are the same ops
+//! with CUDA kernels (src/cuda); attention, softmax and the linear layers are
+//! composed there, their GEMMs cuBLAS's. Elsewhere the composed forms, whose
+//! gradients candle derives.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
 use crate::sgemm::{sgemm, written_by, Threads};
 use rayon::prelude::*;
 
+/// Whether the CUDA kernels of the fused ops take these tensors: all on a CUDA device
+/// (with the `cuda` feature), non-empty, of the given dtypes.
+fn on_cuda(tensors: &[(&Tensor, &[candle_core::DType])]) -> bool {
+    cfg!(feature = "cuda") && tensors.iter().all(|(t, dtypes)| t.device().is_cuda() && t.elem_count() > 0 && dtypes.contains(&t.dtype()))
+}
+
+const F32: &[candle_core::DType] = &[candle_core::DType::F32];
+
 /// LayerNorm over the last dimension (biased variance, as torch).
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+    if (xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32) || on_cuda(&[(xs, F32), (weight, F32), (bias, F32)]) {
         return xs.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps: eps as f32 });
     }
     let mean = xs.mean_keepdim(D::Minus1)?;
@@ -48,7 +58,8 @@ pub fn attention(qkv: &Tensor, num_heads: usize) -> Result<Tensor> {
     }
     let qkv = qkv.reshape((b, n, 3, num_heads, head_dim))?.permute((2, 0, 3, 1, 4))?;
     let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-    let weights = softmax_last_dim(&q.matmul(&k.t()?)?, scale)?;
+    // In f32 whatever the products' dtype, as autocast runs softmax.
+    let weights = softmax_last_dim(&q.matmul(&k.t()?)?.to_dtype(candle_core::DType::F32)?, scale)?.to_dtype(v.dtype())?;
     weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))
 }
 
@@ -75,20 +86,22 @@ pub fn matmul_wt(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
 
 /// `xs @ weight^T + bias`, a linear layer, as one op: the bias is added in the GEMM's
 /// output and its gradient summed row by row, with no separate node (and gradient
-/// buffer) for the bias add.
+/// buffer) for the bias add. `bias` is f32; in bf16 the bias is added, and its
+/// gradient summed, in f32 (as cuBLAS's epilogue), the output rounded to bf16 once.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
         return xs.contiguous()?.apply_op3(weight, bias, LinearOp);
     }
-    matmul_wt(xs, weight)?.broadcast_add(bias)
+    matmul_wt(xs, weight)?.to_dtype(bias.dtype())?.broadcast_add(bias)?.to_dtype(xs.dtype())
 }
 
 /// `gelu(xs + bias)` with the exact erf, as `nn.GELU()` after a biased linear layer.
+/// `bias` is f32; a bf16 `xs` is activated in f32 and the output rounded to bf16.
 pub fn bias_gelu(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+    if (xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32) || on_cuda(&[(xs, &[candle_core::DType::F32, candle_core::DType::BF16]), (bias, F32)]) {
         return xs.contiguous()?.apply_op2(bias, BiasGeluOp);
     }
-    xs.broadcast_add(bias)?.gelu_erf()
+    xs.to_dtype(bias.dtype())?.broadcast_add(bias)?.gelu_erf()?.to_dtype(xs.dtype())
 }
 
 /// Whether this CPU has AVX2 and FMA. The shipped binary targets baseline x86-64;
@@ -291,7 +304,25 @@ impl CustomOp3 for LayerNormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps)
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, db) = crate::cuda::layer_norm_bwd(x, w, grad, self.eps)?;
+            return Ok((Some(dx), Some(dw), Some(db)));
+        }
         let d = w.elem_count();
         let (dx, dw, db) = with_values(x, |x| {
             with_values(w, |w| {
@@ -401,7 +432,17 @@ impl CustomOp2 for BiasGeluOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::bias_gelu_fwd(s1, l1, s2, l2)
+    }
+
     fn bwd(&self, x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, db) = crate::cuda::bias_gelu_bwd(x, b, grad)?;
+            return Ok((Some(dx), Some(db)));
+        }
         let d = b.elem_count();
         let (dx, db) = with_values(x, |x| {
             with_values(b, |b| {

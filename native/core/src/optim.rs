@@ -126,7 +126,8 @@ impl AdamW {
 
     /// One update with `grads` given in parameter order. On the CPU the moments and
     /// the parameter are updated in place, three passes over memory and no
-    /// allocation; elsewhere the same arithmetic as composed tensor ops.
+    /// allocation; on CUDA (f32) likewise, in one kernel per parameter; elsewhere the
+    /// same arithmetic as composed tensor ops.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
@@ -146,6 +147,15 @@ impl AdamW {
                 slot.exp_avg.inplace_op2(&grad, &MomentUpdate { beta: beta1 as f32, square: false })?;
                 slot.exp_avg_sq.inplace_op2(&grad, &MomentUpdate { beta: beta2 as f32, square: true })?;
                 param.inplace_op3(&slot.exp_avg, &slot.exp_avg_sq, &update)?;
+                continue;
+            }
+            #[cfg(feature = "cuda")]
+            if param.device().is_cuda()
+                && param.elem_count() > 0
+                && [param.dtype(), grad.dtype(), slot.exp_avg.dtype(), slot.exp_avg_sq.dtype()].iter().all(|&d| d == DType::F32)
+            {
+                let fused = FusedAdamW { grad: grad.contiguous()?, beta1: beta1 as f32, beta2: beta2 as f32, update };
+                param.inplace_op3(&slot.exp_avg, &slot.exp_avg_sq, &fused)?;
                 continue;
             }
             slot.exp_avg = ((&slot.exp_avg * beta1)? + (grad * (1.0 - beta1))?)?;
@@ -258,6 +268,44 @@ impl InplaceOp3 for ParamUpdate {
             }
         });
         Ok(())
+    }
+}
+
+/// The whole AdamW update of one f32 parameter on CUDA, in one kernel: the moments (this
+/// op's sources, which the kernel updates in place as well) as [`MomentUpdate`], then the
+/// parameter as [`ParamUpdate`], with the same arithmetic.
+#[cfg(feature = "cuda")]
+struct FusedAdamW {
+    grad: Tensor,
+    beta1: f32,
+    beta2: f32,
+    update: ParamUpdate,
+}
+
+#[cfg(feature = "cuda")]
+impl InplaceOp3 for FusedAdamW {
+    fn name(&self) -> &'static str {
+        "adamw-fused"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("adamw-fused runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        param: &mut candle_core::CudaStorage,
+        param_l: &Layout,
+        m: &candle_core::CudaStorage,
+        m_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (grad, grad_l) = self.grad.storage_and_layout();
+        let candle_core::Storage::Cuda(grad) = &*grad else { candle_core::bail!("adamw-fused: gradient not on the CUDA device") };
+        let ParamUpdate { decay_factor, step_size, bias_correction2_sqrt, eps } = self.update;
+        let args = crate::cuda::AdamWArgs { beta1: self.beta1, beta2: self.beta2, decay_factor, step_size, bias_correction2_sqrt, eps };
+        crate::cuda::adamw(param, param_l, grad, grad_l, m, m_l, v, v_l, args)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Trainable parameters, created in the published order with the published
 //! initialisation, and kept under their published names.
 
-use candle_core::{Device, Result, Tensor, Var};
+use crate::device::Precision;
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -51,15 +52,22 @@ impl Init {
 }
 
 /// Creates parameters one by one and records them, in order, by name.
+/// Parameters are always f32; `precision` tells the modules what to compute in.
 pub struct ParamBuilder {
     rng: ChaCha8Rng,
     device: Device,
+    precision: Precision,
     params: Vec<(String, Var)>,
 }
 
 impl ParamBuilder {
-    pub fn new(rng: ChaCha8Rng, device: Device) -> Self {
-        ParamBuilder { rng, device, params: Vec::new() }
+    pub fn new(rng: ChaCha8Rng, device: Device, precision: Precision) -> Self {
+        ParamBuilder { rng, device, precision, params: Vec::new() }
+    }
+
+    /// The dtype the modules being built run their matrix products in.
+    pub fn compute_dtype(&self) -> DType {
+        self.precision.compute_dtype()
     }
 
     /// A new trainable parameter; the returned tensor is the variable itself, so

@@ -341,11 +341,11 @@ impl Task for Pretraining<'_> {
         let imgs = Tensor::from_vec(batch.images, batch.shape.as_slice(), self.model.device())?;
         let plan = step_plan(self.config, self.model, batch.shape[0], step, micro)?;
         let out = self.model.forward_with_plan(&imgs, &plan)?;
+        // The backward pass is queued before the loss is read, so a GPU never waits
+        // for the host mid-step; a non-finite loss still discards the gradients.
+        let grads = self.model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
         let loss = out.loss.to_scalar::<f32>()? as f64;
-        if !loss.is_finite() {
-            return Ok((loss, Vec::new()));
-        }
-        Ok((loss, self.model.gradients(&out)?.into_iter().map(|(_, g)| g).collect()))
+        Ok((loss, if loss.is_finite() { grads } else { Vec::new() }))
     }
 
     fn optimizer(&mut self) -> &mut dyn Optimizer {

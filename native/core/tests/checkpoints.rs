@@ -9,7 +9,7 @@ use common::{bits, fixtures, TempDir};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use vit_mae_core::checkpoint::CheckpointFormat;
-use vit_mae_core::{load_model, save_model, ConfigPatch, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
+use vit_mae_core::{load_model, save_model, ConfigPatch, Precision, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
 
 /// A fixture's tensors and its `__metadata__`.
 fn read_fixture(name: &str) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
@@ -27,7 +27,7 @@ fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>, metadata: 
 }
 
 fn load_err(path: &Path, explicit: Option<&ConfigPatch>) -> vit_mae_core::Error {
-    match load_model(path, explicit, &Device::Cpu, 0) {
+    match load_model(path, explicit, &Device::Cpu, Precision::F32, 0) {
         Ok(_) => panic!("loading {} should fail", path.display()),
         Err(e) => e,
     }
@@ -61,13 +61,13 @@ fn round_trip_config() -> MaeConfig {
 fn save_load_round_trip_is_bit_exact() {
     let dir = TempDir::new("roundtrip");
     let config = round_trip_config();
-    let model = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 77).unwrap();
+    let model = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, 77).unwrap();
     let path = dir.join("model.safetensors");
     save_model(&model, &path).unwrap();
     assert_eq!(dir.entries(), vec!["model.safetensors".to_string()], "a temporary file was left behind");
 
     // A different seed for the loaded model, so equal weights come from the file.
-    let (loaded, report) = load_model(&path, None, &Device::Cpu, 12345).unwrap();
+    let (loaded, report) = load_model(&path, None, &Device::Cpu, Precision::F32, 12345).unwrap();
     assert_eq!(report.format, CheckpointFormat::Safetensors);
     assert!(!report.fresh_decoder);
     assert_eq!(loaded.config, config);
@@ -82,7 +82,7 @@ fn save_load_round_trip_is_bit_exact() {
         assert_eq!(bits(ta), bits(tb), "{na} differs after the round trip");
     }
     // Sanity: a model from another seed does differ, so the comparison above means something.
-    let other = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 12345).unwrap();
+    let other = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, 12345).unwrap();
     assert_ne!(bits(other.params()[0].1.as_tensor()), bits(model.params()[0].1.as_tensor()));
 
     // Same outputs for the same input and noise.
@@ -118,12 +118,12 @@ fn save_overwrites_and_leaves_no_temporary_file() {
     let dir = TempDir::new("overwrite");
     let path = dir.join("m.safetensors");
     let config = round_trip_config();
-    let first = MaskedAutoencoder::new(config.clone(), &Device::Cpu, 1).unwrap();
-    let second = MaskedAutoencoder::new(config, &Device::Cpu, 2).unwrap();
+    let first = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, 1).unwrap();
+    let second = MaskedAutoencoder::new(config, &Device::Cpu, Precision::F32, 2).unwrap();
     save_model(&first, &path).unwrap();
     save_model(&second, &path).unwrap();
     assert_eq!(dir.entries(), vec!["m.safetensors".to_string()]);
-    let (loaded, _) = load_model(&path, None, &Device::Cpu, 0).unwrap();
+    let (loaded, _) = load_model(&path, None, &Device::Cpu, Precision::F32, 0).unwrap();
     for ((n, a), (_, b)) in second.params().iter().zip(loaded.params()) {
         assert_eq!(bits(a.as_tensor()), bits(b.as_tensor()), "{n}: the second save did not replace the first");
     }
@@ -132,7 +132,7 @@ fn save_overwrites_and_leaves_no_temporary_file() {
 #[test]
 fn save_into_missing_folder_is_an_io_error() {
     let dir = TempDir::new("nofolder");
-    let model = MaskedAutoencoder::new(round_trip_config(), &Device::Cpu, 0).unwrap();
+    let model = MaskedAutoencoder::new(round_trip_config(), &Device::Cpu, Precision::F32, 0).unwrap();
     let e = save_model(&model, &dir.join("absent/model.safetensors")).unwrap_err();
     assert_eq!(e.code, ErrorCode::Io);
     assert_eq!(dir.entries(), Vec::<String>::new(), "a failed save left files behind");
@@ -149,7 +149,7 @@ fn encoder_only_checkpoint_gets_a_fresh_decoder() {
     let path = dir.join("encoder.safetensors");
     write_safetensors(&path, &encoder, Some(metadata));
 
-    let (model, report) = load_model(&path, None, &Device::Cpu, 0).unwrap();
+    let (model, report) = load_model(&path, None, &Device::Cpu, Precision::F32, 0).unwrap();
     assert!(report.fresh_decoder, "an encoder-only checkpoint must report a fresh decoder");
     assert_eq!(model.config.embed_dim, 48);
     assert_eq!(model.config.decoder_embed_dim, 32);
@@ -176,7 +176,7 @@ fn encoder_only_checkpoint_gets_a_fresh_decoder() {
 #[test]
 fn full_fixture_loads_bit_exact() {
     let (tensors, _) = read_fixture("mae-tiny.weights.safetensors");
-    let (model, report) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, 0).unwrap();
+    let (model, report) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, Precision::F32, 0).unwrap();
     assert!(!report.fresh_decoder);
     for (name, var) in model.params() {
         assert_eq!(bits(var.as_tensor()), bits(&tensors[name]), "{name}");
@@ -361,7 +361,7 @@ fn pth_without_config_needs_head_counts() {
     }
     // With only the head counts given, the rest comes from the shapes.
     let heads = ConfigPatch { num_heads: Some(3), decoder_num_heads: Some(4), ..Default::default() };
-    let (model, report) = load_model(&fixtures().join("mae-tiny.pth"), Some(&heads), &Device::Cpu, 0).unwrap();
+    let (model, report) = load_model(&fixtures().join("mae-tiny.pth"), Some(&heads), &Device::Cpu, Precision::F32, 0).unwrap();
     assert_eq!(report.format, CheckpointFormat::Pth);
     assert!(!report.fresh_decoder);
     let c = &model.config;

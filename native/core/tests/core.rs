@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 use vit_mae_core::masking::{self, MaskPlan};
 use vit_mae_core::pos_embed::sincos_2d_with_cls;
-use vit_mae_core::{ConfigPatch, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
+use vit_mae_core::{ConfigPatch, ErrorCode, HostTensor, Precision, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
 
 // ---------------------------------------------------------------- helpers
 
@@ -21,7 +21,7 @@ fn small_config() -> MaeConfig {
 }
 
 fn model(config: MaeConfig, seed: u64) -> MaskedAutoencoder {
-    MaskedAutoencoder::new(config, &Device::Cpu, seed).expect("valid config")
+    MaskedAutoencoder::new(config, &Device::Cpu, Precision::F32, seed).expect("valid config")
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -856,7 +856,7 @@ fn validate_rejects_inconsistent_configs() {
     ];
     for (label, c) in cases {
         assert_eq!(err_code(c.validate()), ErrorCode::InvalidConfig, "{label}");
-        assert_eq!(err_code(MaskedAutoencoder::new(c, &Device::Cpu, 0)), ErrorCode::InvalidConfig, "{label} (model)");
+        assert_eq!(err_code(MaskedAutoencoder::new(c, &Device::Cpu, Precision::F32, 0)), ErrorCode::InvalidConfig, "{label} (model)");
     }
     let e = MaeConfig { embed_dim: 48, num_heads: 5, ..good.clone() }.validate().unwrap_err();
     assert!(e.message.contains("embedDim") && e.message.contains("numHeads"), "{}", e.message);

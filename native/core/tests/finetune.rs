@@ -26,7 +26,7 @@ use vit_mae_core::mixup::MixupConfig;
 use vit_mae_core::nn::DropPathScales;
 use vit_mae_core::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer};
 use vit_mae_core::train::{list_checkpoints, TrainEvent, TrainSummary};
-use vit_mae_core::{save_model, ErrorCode, MaeConfig, MaskedAutoencoder, Pool};
+use vit_mae_core::{save_model, ErrorCode, Precision, MaeConfig, MaskedAutoencoder, Pool};
 
 // ---------------------------------------------------------------- helpers
 
@@ -53,7 +53,7 @@ fn cls_config(depth: usize, num_classes: usize, global_pool: bool, head_batch_no
 }
 
 fn classifier(depth: usize, num_classes: usize, global_pool: bool, head_batch_norm: bool, seed: u64) -> VitClassifier {
-    VitClassifier::new(cls_config(depth, num_classes, global_pool, head_batch_norm), &Device::Cpu, seed).unwrap()
+    VitClassifier::new(cls_config(depth, num_classes, global_pool, head_batch_norm), &Device::Cpu, Precision::F32, seed).unwrap()
 }
 
 /// The MAE whose encoder matches `cls_config(depth, ..)`.
@@ -911,7 +911,7 @@ fn resize_pos_embed_matches_torch_bicubic() {
 
 #[test]
 fn from_encoder_copies_the_encoder_and_starts_a_fresh_head() {
-    let mae = MaskedAutoencoder::new(mae_config(2), &Device::Cpu, 3).unwrap();
+    let mae = MaskedAutoencoder::new(mae_config(2), &Device::Cpu, Precision::F32, 3).unwrap();
     // Give every MAE parameter (norms and zero biases included) values no fresh
     // classifier has, so that a copy is told apart from an initialisation.
     let mut rng = SplitMix(1);
@@ -1014,7 +1014,7 @@ fn evaluate_counts_top1_top5_and_mean_loss() {
 
 #[test]
 fn embed_dataset_follows_the_loader_order() {
-    let mae = MaskedAutoencoder::new(mae_config(1), &Device::Cpu, 14).unwrap();
+    let mae = MaskedAutoencoder::new(mae_config(1), &Device::Cpu, Precision::F32, 14).unwrap();
     let n = 7;
     let data = SplitMix(15).values(n * IMAGE_LEN, 0.0, 1.0);
     let labels: Vec<i64> = vec![3, 1, 4, 1, 5, 9, 2];
@@ -1076,7 +1076,7 @@ fn classifiers_round_trip_through_checkpoints() {
         }
         let path = dir.path().join(format!("{label}.safetensors"));
         save_classifier(&c, Vec::new(), HashMap::new(), &path).unwrap();
-        let (loaded, _) = load_classifier(&path, None, &Device::Cpu, 77).unwrap();
+        let (loaded, _) = load_classifier(&path, None, &Device::Cpu, Precision::F32, 77).unwrap();
         assert_eq!(loaded.config, c.config, "{label}: config");
         assert_eq!(param_bits(loaded.params()), param_bits(c.params()), "{label}: parameters");
         assert_eq!(bits(&loaded.forward(&imgs).unwrap()), bits(&c.forward(&imgs).unwrap()), "{label}: logits");
@@ -1089,9 +1089,9 @@ fn classifiers_round_trip_through_checkpoints() {
         }
     }
 
-    let mae = MaskedAutoencoder::new(mae_config(2), &Device::Cpu, 21).unwrap();
+    let mae = MaskedAutoencoder::new(mae_config(2), &Device::Cpu, Precision::F32, 21).unwrap();
     let path = dir.path().join("mae.safetensors");
     save_model(&mae, &path).unwrap();
-    let err = load_classifier(&path, None, &Device::Cpu, 0).err().expect("an MAE checkpoint is not a classifier");
+    let err = load_classifier(&path, None, &Device::Cpu, Precision::F32, 0).err().expect("an MAE checkpoint is not a classifier");
     assert_eq!(err.code, ErrorCode::CheckpointKeys);
 }

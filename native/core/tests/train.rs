@@ -17,7 +17,7 @@ use std::sync::Arc;
 use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, RawImage};
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
 use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent, TrainSummary};
-use vit_mae_core::{load_model, read_state_dict, ErrorCode, MaeConfig, MaskPlan, MaskedAutoencoder, Masking};
+use vit_mae_core::{load_model, read_state_dict, Precision, ErrorCode, MaeConfig, MaskPlan, MaskedAutoencoder, Masking};
 
 // ---------------------------------------------------------------- helpers
 
@@ -44,7 +44,7 @@ fn tiny_config() -> MaeConfig {
 }
 
 fn tiny_model(seed: u64) -> MaskedAutoencoder {
-    MaskedAutoencoder::new(tiny_config(), &Device::Cpu, seed).expect("valid config")
+    MaskedAutoencoder::new(tiny_config(), &Device::Cpu, Precision::F32, seed).expect("valid config")
 }
 
 /// `n` random 3x16x16 images in [0, 1]: a random smooth ramp per image and channel
@@ -249,7 +249,7 @@ fn peak_lr_scales_blr_by_effective_batch() {
 #[test]
 fn weight_decay_groups_follow_timm() {
     let config = MaeConfig { depth: 2, ..tiny_config() };
-    let model = MaskedAutoencoder::new(config, &Device::Cpu, 0).unwrap();
+    let model = MaskedAutoencoder::new(config, &Device::Cpu, Precision::F32, 0).unwrap();
     let optimizer = AdamW::new(model.params(), AdamWConfig::default()).unwrap();
     let (decay, no_decay) = optimizer.groups();
 
@@ -449,8 +449,18 @@ fn clip_grad_norm_scales_to_max_norm() {
 
 #[test]
 fn loss_decreases() {
+    check_loss_decreases(Precision::F32);
+}
+
+/// Mixed precision trains too: f32 master weights move, the loss falls.
+#[test]
+fn loss_decreases_in_bf16() {
+    check_loss_decreases(Precision::Bf16);
+}
+
+fn check_loss_decreases(precision: Precision) {
     let loader = loader(32);
-    let model = tiny_model(11);
+    let model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 11).unwrap();
     let config = PretrainConfig { lr: Some(5e-3), warmup_epochs: 0.5, epochs: 100, max_steps: Some(30), ..base_config() };
     let (summary, events) = run(&model, &loader, &config, None).unwrap();
     assert_eq!(summary.steps, 30);
@@ -529,8 +539,8 @@ fn check_exact_resume(n_images: usize, accum_iter: usize, n: u64, clip_grad: Opt
         assert_eq!(a.4.to_bits(), b.4.to_bits(), "{what}: lr at step {}", a.1);
     }
     // Both runs end with the same checkpoint bytes' weights.
-    let (a, _) = load_model(&checkpoint_file(straight_dir.path(), 2 * n), None, &Device::Cpu, 0).unwrap();
-    let (b, _) = load_model(&checkpoint_file(split_dir.path(), 2 * n), None, &Device::Cpu, 0).unwrap();
+    let (a, _) = load_model(&checkpoint_file(straight_dir.path(), 2 * n), None, &Device::Cpu, Precision::F32, 0).unwrap();
+    let (b, _) = load_model(&checkpoint_file(split_dir.path(), 2 * n), None, &Device::Cpu, Precision::F32, 0).unwrap();
     assert_same_weights(&a, &b, &what);
 }
 
@@ -630,12 +640,12 @@ fn checkpoints_rotate_and_load_as_models() {
     assert_eq!(written, (1..=7).collect::<Vec<_>>());
 
     // A training checkpoint is also a model: the optimizer state is left aside.
-    let (loaded, report) = load_model(&checkpoint_file(dir.path(), 7), None, &Device::Cpu, 999).unwrap();
+    let (loaded, report) = load_model(&checkpoint_file(dir.path(), 7), None, &Device::Cpu, Precision::F32, 999).unwrap();
     assert!(!report.fresh_decoder);
     assert_eq!(loaded.config, tiny_config());
     assert_same_weights(&loaded, &model, "checkpoint vs trained model");
     // And an older one is not the final model.
-    let (older, _) = load_model(&checkpoint_file(dir.path(), 6), None, &Device::Cpu, 999).unwrap();
+    let (older, _) = load_model(&checkpoint_file(dir.path(), 6), None, &Device::Cpu, Precision::F32, 999).unwrap();
     assert_ne!(param_bits(&older), param_bits(&model));
 }
 
@@ -674,7 +684,7 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
     assert!(ckpt.is_file());
     assert_eq!(checkpoints, vec![(3, ckpt.clone())]);
     assert_eq!(summary.last_checkpoint, Some(ckpt.clone()));
-    let (saved, _) = load_model(&ckpt, None, &Device::Cpu, 0).unwrap();
+    let (saved, _) = load_model(&ckpt, None, &Device::Cpu, Precision::F32, 0).unwrap();
     assert_same_weights(&saved, &model, "abort checkpoint vs model");
 
     // Resuming the aborted run finishes exactly as a run that was never stopped.

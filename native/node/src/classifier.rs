@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use vit_mae_core::classifier::{config_fields, load_classifier, save_classifier, ClassifierConfig, VitClassifier};
 use vit_mae_core::finetune::{evaluate, finetune, Embedder, FinetuneConfig};
-use vit_mae_core::{DeviceSpec, ErrorCode, HostTensor};
+use vit_mae_core::{DeviceSpec, ErrorCode, HostTensor, Precision};
 
 type SharedClassifier = Arc<RwLock<VitClassifier>>;
 
@@ -54,18 +54,18 @@ impl NativeClassifier {
 
     /// A freshly initialised classifier (training from scratch) from a complete config.
     #[napi(factory)]
-    pub fn create(config_json: String, seed: i64, device: String) -> Result<NativeClassifier> {
+    pub fn create(config_json: String, seed: i64, device: String, precision: String) -> Result<NativeClassifier> {
         guarded(|| {
             let config = ClassifierConfig::from_fields(config_fields(&parse_json(&config_json, "config")?, true)?)?;
             let device = DeviceSpec::parse(&device)?.resolve()?;
-            Ok(NativeClassifier { model: Arc::new(RwLock::new(VitClassifier::new(config, &device, seed_of(seed)?)?)), checkpoint_format: None })
+            Ok(NativeClassifier { model: Arc::new(RwLock::new(VitClassifier::new(config, &device, Precision::parse(&precision)?, seed_of(seed)?)?)), checkpoint_format: None })
         })
     }
 
     /// Loads a classifier checkpoint (`.pth` or safetensors).
     #[napi(ts_return_type = "Promise<NativeClassifier>")]
-    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String) -> AsyncTask<LoadClassifierTask> {
-        AsyncTask::new(LoadClassifierTask { path: PathBuf::from(path), config_json, seed, device })
+    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String, precision: String) -> AsyncTask<LoadClassifierTask> {
+        AsyncTask::new(LoadClassifierTask { path: PathBuf::from(path), config_json, seed, device, precision })
     }
 
     /// The config as camelCase JSON.
@@ -87,6 +87,11 @@ impl NativeClassifier {
     #[napi(getter)]
     pub fn device(&self) -> Result<String> {
         guarded(|| Ok(vit_mae_core::device::device_name(read(&self.model)?.device())))
+    }
+
+    #[napi(getter)]
+    pub fn precision(&self) -> Result<String> {
+        guarded(|| Ok(read(&self.model)?.precision().name().to_string()))
     }
 
     #[napi]
@@ -204,6 +209,7 @@ pub struct LoadClassifierTask {
     config_json: Option<String>,
     seed: i64,
     device: String,
+    precision: String,
 }
 
 impl Task for LoadClassifierTask {
@@ -214,7 +220,7 @@ impl Task for LoadClassifierTask {
         guarded(|| {
             let explicit = self.config_json.as_deref().map(|j| parse_json(j, "config")).transpose()?;
             let device = DeviceSpec::parse(&self.device)?.resolve()?;
-            let (classifier, state) = load_classifier(&self.path, explicit.as_ref(), &device, seed_of(self.seed)?)?;
+            let (classifier, state) = load_classifier(&self.path, explicit.as_ref(), &device, Precision::parse(&self.precision)?, seed_of(self.seed)?)?;
             Ok((classifier, state.format.as_str().to_string()))
         })
     }

@@ -12,7 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use vit_mae_core::{
-    checkpoint, ConfigPatch, DeviceSpec, ErrorCode, HostTensor, LoadReport, MaeConfig, MaskOptions, MaskedAutoencoder, Masking,
+    checkpoint, ConfigPatch, DeviceSpec, ErrorCode, HostTensor, LoadReport, MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Precision,
 };
 
 pub(crate) fn to_napi(e: vit_mae_core::Error) -> Error {
@@ -123,7 +123,7 @@ impl NativeMae {
     /// A freshly initialised model from a JSON config (complete, or a preset name
     /// plus overrides) and a seed.
     #[napi(factory)]
-    pub fn create(preset: Option<String>, config_json: Option<String>, seed: i64, device: String) -> Result<NativeMae> {
+    pub fn create(preset: Option<String>, config_json: Option<String>, seed: i64, device: String, precision: String) -> Result<NativeMae> {
         guarded(|| {
             let patch = match &config_json {
                 Some(json) => parse_config(json, true)?,
@@ -138,15 +138,15 @@ impl NativeMae {
                 None => patch.complete()?,
             };
             let device = DeviceSpec::parse(&device)?.resolve()?;
-            let model = MaskedAutoencoder::new(config, &device, seed_of(seed)?)?;
+            let model = MaskedAutoencoder::new(config, &device, Precision::parse(&precision)?, seed_of(seed)?)?;
             Ok(NativeMae { model: Arc::new(RwLock::new(model)), fresh_decoder: false, checkpoint_format: None })
         })
     }
 
     /// Loads a checkpoint (`.pth`, `.safetensors` or a Hugging Face folder).
     #[napi(ts_return_type = "Promise<NativeMae>")]
-    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String) -> AsyncTask<LoadTask> {
-        AsyncTask::new(LoadTask { path: PathBuf::from(path), config_json, seed, device })
+    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String, precision: String) -> AsyncTask<LoadTask> {
+        AsyncTask::new(LoadTask { path: PathBuf::from(path), config_json, seed, device, precision })
     }
 
     /// The config as camelCase JSON.
@@ -176,6 +176,12 @@ impl NativeMae {
     pub fn device(&self) -> Result<String> {
         let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
         Ok(vit_mae_core::device::device_name(model.device()))
+    }
+
+    #[napi(getter)]
+    pub fn precision(&self) -> Result<String> {
+        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
+        Ok(model.precision().name().to_string())
     }
 
     /// Published names and shapes of the trainable parameters.
@@ -221,6 +227,12 @@ pub struct NativeNamedShape {
     pub shape: Vec<u32>,
 }
 
+/// Lets f32 matrix products on CUDA use TF32 tensor cores, process-wide.
+#[napi]
+pub fn set_allow_tf32(allow: bool) {
+    vit_mae_core::device::set_allow_tf32(allow);
+}
+
 /// The names of the built-in presets with their configs as camelCase JSON.
 #[napi]
 pub fn presets() -> Vec<Vec<String>> {
@@ -239,6 +251,7 @@ pub struct LoadTask {
     config_json: Option<String>,
     seed: i64,
     device: String,
+    precision: String,
 }
 
 impl Task for LoadTask {
@@ -249,7 +262,7 @@ impl Task for LoadTask {
         guarded(|| {
             let explicit = self.config_json.as_deref().map(|json| parse_config(json, true)).transpose()?;
             let device = DeviceSpec::parse(&self.device)?.resolve()?;
-            checkpoint::load_model(&self.path, explicit.as_ref(), &device, seed_of(self.seed)?)
+            checkpoint::load_model(&self.path, explicit.as_ref(), &device, Precision::parse(&self.precision)?, seed_of(self.seed)?)
         })
     }
 

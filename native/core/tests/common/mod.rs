@@ -18,6 +18,13 @@ pub fn fixtures() -> PathBuf {
     }
 }
 
+/// The device the parity tests run on: `$VIT_MAE_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`)
+/// when set, else the CPU. A CUDA build runs them on a GPU this way.
+pub fn test_device() -> candle_core::Device {
+    let name = std::env::var("VIT_MAE_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_string());
+    vit_mae_core::DeviceSpec::parse(&name).and_then(|spec| spec.resolve()).unwrap_or_else(|e| panic!("VIT_MAE_TEST_DEVICE={name}: {e}"))
+}
+
 /// A fresh folder under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
 
