@@ -1,23 +1,46 @@
-//! vit-mae's side of `npm run bench` (release build): one workload of
-//! `bench/reference.py`, timed the same way after one warm-up step. Prints one JSON line:
-//! images/s (median step) for a pre-training step (forward, backward, AdamW), for embedding (the
-//! encoder over every patch) and for reconstruction (a masked forward pass), the
-//! model's matmul FLOPs per image, and the peak RSS of the process.
+//! vit-mae's side of `npm run bench` (release build) and of the GPU benchmark
+//! (bench/gpu.sh): one workload of `bench/reference.py`, timed the same way after
+//! warm-up. Prints one JSON line: images/s (median step) for a pre-training step
+//! (forward, backward, AdamW), for embedding (the encoder over every patch) and for
+//! reconstruction (a masked forward pass), the model's matmul FLOPs per image, the
+//! achieved training TFLOP/s and MFU, and the peak RSS of the process.
 //!
-//!   cargo run --release -p vit-mae-core --example bench -- <tiny|base|fmnist|gemm> [steps] [modes]
+//!   cargo run --release -p vit-mae-core --example bench -- [--device cpu|cuda|cuda:N] \
+//!       [--precision f32|bf16] <tiny|base|fmnist|base224|large224|gemm> [steps] [modes]
 //!
 //! `modes` (default `train,embed,reconstruct`) picks what runs, e.g. `train` alone
-//! under a profiler; the others are then reported as null.
+//! under a profiler; the others are then reported as null. Workloads: `tiny`, `base`
+//! (ViT-B at batch 8) and `fmnist` for `npm run bench` on the CPU; `base224`
+//! (mae_vit_base_patch16, batch 256) and `large224` (mae_vit_large_patch16, batch 128)
+//! for a GPU. Images are standard normal noise, made on the device.
+//!
+//! FLOPs are the model's matmul FLOPs (a multiply-add counts 2; elementwise ops,
+//! norms and softmax are not counted); a training step counts 3x the masked forward
+//! pass (forward + backward of activations + backward of weights). MFU is those
+//! FLOPs per second over `PEAK_TFLOPS`, the H200's (= H100 SXM's) dense bf16 tensor-core
+//! peak; it is only reported on CUDA. On CUDA every timed call ends with
+//! `Device::synchronize`, so the times are of finished GPU work.
+//!
+//! `gemm`: the best single-GEMM rate. On the CPU (as `npm run bench` runs it) 1024^3
+//! f32 through the GEMM the model's linear layers use; on CUDA 8192^3 in `--precision`
+//! through candle's matmul (cuBLAS), best of 10 synchronised timings of 5 products
+//! each after warm-up: the measured peak MFU can also be quoted against.
 
 use std::time::Instant;
 use vit_mae_core::candle_core::{Device, Tensor};
 use vit_mae_core::optim::{AdamW, AdamWConfig};
-use vit_mae_core::{MaeConfig, MaskOptions, MaskedAutoencoder, Pool};
+use vit_mae_core::{DeviceSpec, MaeConfig, MaskOptions, MaskedAutoencoder, Pool, Precision};
 
-/// Images per second of the median of `steps` timed calls of `f` after one warm-up call
-/// (the median, because this shared machine has noisy neighbours).
-fn rate(steps: usize, batch: usize, mut f: impl FnMut() -> vit_mae_core::Result<()>) -> vit_mae_core::Result<f64> {
-    f()?;
+/// Dense bf16 tensor-core peak of an H200 (and H100 SXM), TFLOP/s: MFU's denominator.
+const PEAK_TFLOPS: f64 = 989.0;
+
+/// Images per second of the median of `steps` timed calls of `f` after `warmup`
+/// untimed calls (the median, because this shared machine has noisy neighbours).
+/// `f` synchronises the device itself.
+fn rate(warmup: usize, steps: usize, batch: usize, mut f: impl FnMut() -> vit_mae_core::Result<()>) -> vit_mae_core::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
     let mut seconds = Vec::with_capacity(steps);
     for _ in 0..steps {
         let start = Instant::now();
@@ -54,8 +77,8 @@ fn peak_rss_mb() -> f64 {
 }
 
 /// GFLOP/s of the best of five 1024^3 f32 products through the GEMM the model's
-/// linear layers use: the ceiling its matmuls can reach.
-fn gemm_peak() -> vit_mae_core::Result<f64> {
+/// linear layers use on the CPU: the ceiling its matmuls can reach.
+fn gemm_peak_cpu() -> vit_mae_core::Result<f64> {
     let n = 1024;
     let a = Tensor::randn(0f32, 1f32, (n, n), &Device::Cpu)?;
     let b = Tensor::randn(0f32, 1f32, (n, n), &Device::Cpu)?;
@@ -68,45 +91,124 @@ fn gemm_peak() -> vit_mae_core::Result<f64> {
     Ok(best)
 }
 
+/// GFLOP/s of the best of 10 synchronised timings of 5 `n`^3 products in `precision`
+/// through candle's matmul on `device`, after 3 warm-up products.
+fn gemm_peak_device(device: &Device, precision: Precision, n: usize) -> vit_mae_core::Result<f64> {
+    let dtype = precision.compute_dtype();
+    let a = Tensor::randn(0f32, 1f32, (n, n), device)?.to_dtype(dtype)?;
+    let b = Tensor::randn(0f32, 1f32, (n, n), device)?.to_dtype(dtype)?;
+    for _ in 0..3 {
+        let _ = a.matmul(&b)?;
+    }
+    device.synchronize()?;
+    let (reps, mut best) = (5, 0f64);
+    for _ in 0..10 {
+        let start = Instant::now();
+        for _ in 0..reps {
+            let _ = a.matmul(&b)?;
+        }
+        device.synchronize()?;
+        best = best.max(reps as f64 * 2.0 * (n * n * n) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    Ok(best)
+}
+
+/// `--device X` and `--precision Y` (anywhere, also as `--device=X`), and the positional arguments.
+fn parse_args() -> vit_mae_core::Result<(String, Precision, Vec<String>)> {
+    let (mut device, mut precision, mut positional) = ("cpu".to_string(), Precision::F32, Vec::new());
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || inline.clone().or_else(|| args.next()).unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--device" => device = value(),
+            "--precision" => precision = Precision::parse(&value())?,
+            f if f.starts_with("--") => panic!("unknown flag {f}: --device <cpu|cuda|cuda:N>, --precision <f32|bf16>"),
+            _ => positional.push(arg),
+        }
+    }
+    Ok((device, precision, positional))
+}
+
 fn main() -> vit_mae_core::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // As the npm package's loader does (ts/native.ts): one candle pool thread.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let (device_name, precision, args) = parse_args()?;
+    let device = DeviceSpec::parse(&device_name)?.resolve()?;
     let workload = args.first().map(String::as_str).unwrap_or("tiny");
-    let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let modes = args.get(2).map_or("train,embed,reconstruct", String::as_str);
     let runs = |mode: &str| modes.split(',').any(|m| m == mode);
+    let on_gpu = !device.is_cpu();
     let (config, batch) = match workload {
         "gemm" => {
-            println!("{}", serde_json::json!({ "workload": "gemm", "gflops": gemm_peak()? }));
+            let n = if on_gpu { 8192 } else { 1024 };
+            let gflops = if on_gpu || precision != Precision::F32 { gemm_peak_device(&device, precision, n)? } else { gemm_peak_cpu()? };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "workload": "gemm", "device": device_name, "precision": precision.name(), "n": n,
+                    "gflops": gflops, "tflops": gflops / 1e3,
+                    "fraction_of_peak": if on_gpu { Some(gflops / 1e3 / PEAK_TFLOPS) } else { None },
+                })
+            );
             return Ok(());
         }
         "tiny" => (MaeConfig::preset("mae_vit_tiny_patch8_64")?, 64),
         "base" => (MaeConfig::preset("mae_vit_base_patch16")?, 8),
         "fmnist" => (MaeConfig::preset("mae_vit_fmnist_patch4_32")?, 128),
-        other => panic!("unknown workload {other}: tiny, base, fmnist or gemm"),
+        "base224" => (MaeConfig::preset("mae_vit_base_patch16")?, 256),
+        "large224" => (MaeConfig::preset("mae_vit_large_patch16")?, 128),
+        other => panic!("unknown workload {other}: tiny, base, fmnist, base224, large224 or gemm"),
     };
-    let device = Device::Cpu;
-    let model = MaskedAutoencoder::new(config.clone(), &device, 0)?;
+    let model = MaskedAutoencoder::new(config.clone(), &device, precision, 0)?;
     let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?;
     let options = MaskOptions::default();
     let mut optimizer = AdamW::new(model.params(), AdamWConfig::default())?;
+    // On a GPU the first calls also load (JIT-compile) kernels and grow the allocator's pool.
+    let warmup = if on_gpu { 2 } else { 1 };
 
     let train = if runs("train") {
-        Some(rate(steps, batch, || {
+        Some(rate(warmup, steps, batch, || {
             let out = model.forward(&imgs, &options)?;
             let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
-            optimizer.step(&grads, 1e-4)
+            optimizer.step(&grads, 1e-4)?;
+            Ok(device.synchronize()?)
         })?)
     } else {
         None
     };
-    let embed = if runs("embed") { Some(rate(steps, batch, || model.embed(&imgs, Pool::Mean).map(drop))?) } else { None };
-    let reconstruct = if runs("reconstruct") { Some(rate(steps, batch, || model.reconstruct(&imgs, &options).map(drop))?) } else { None };
+    let embed = if runs("embed") {
+        Some(rate(warmup, steps, batch, || {
+            drop(model.embed(&imgs, Pool::Mean)?);
+            Ok(device.synchronize()?)
+        })?)
+    } else {
+        None
+    };
+    let reconstruct = if runs("reconstruct") {
+        Some(rate(warmup, steps, batch, || {
+            drop(model.reconstruct(&imgs, &options)?);
+            Ok(device.synchronize()?)
+        })?)
+    } else {
+        None
+    };
     let (masked, full) = forward_flops(&config, options.mask_ratio);
+    let train_tflops = train.map(|r| r * 3.0 * masked / 1e12);
     println!(
         "{}",
         serde_json::json!({
             "workload": workload,
+            "device": device_name,
+            "precision": precision.name(),
             "batch": batch,
+            "steps": steps,
             "threads": vit_mae_core::candle_core::utils::get_num_threads(),
             "train": train,
             "embed": embed,
@@ -114,6 +216,9 @@ fn main() -> vit_mae_core::Result<()> {
             "train_gflop_per_image": 3.0 * masked / 1e9,
             "embed_gflop_per_image": full / 1e9,
             "reconstruct_gflop_per_image": masked / 1e9,
+            "train_tflops": train_tflops,
+            "train_mfu": if on_gpu { train_tflops.map(|t| t / PEAK_TFLOPS) } else { None },
+            "mfu_peak_tflops": PEAK_TFLOPS,
             "peak_rss_mb": peak_rss_mb(),
         })
     );

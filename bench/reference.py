@@ -1,15 +1,29 @@
-"""PyTorch eager reference for `npm run bench`: the published MAE (models_mae.py,
-timm blocks) and the same workloads as bench/bench.rs, timed the same way.
+"""PyTorch eager reference for `npm run bench` and bench/gpu.sh: the published MAE
+(models_mae.py, timm blocks) and the same workloads as bench/bench.rs, timed the same way.
 
-    python bench/reference.py <tiny|base|fmnist|gemm> <steps> <threads> [modes]
+    python bench/reference.py [--device cpu|cuda|cuda:N] [--precision f32|bf16] \
+        <tiny|base|fmnist|base224|large224|gemm> <steps> [threads] [modes]
 
 `modes` (default `train,embed,reconstruct`) picks what runs; the others are null.
+`threads` defaults to the CPU count (`npm run bench` always passes it).
 
 Prints one JSON line: images/s for a pre-training step (forward, backward, AdamW),
 for embedding (encoder over every patch) and for reconstruction (forward with
-masking), and the peak RSS of the process.
+masking), the achieved training TFLOP/s and, on CUDA, MFU (the model's matmul FLOPs,
+counted as bench.rs does, training = 3x the masked forward pass, over the H200's
+989 TFLOP/s dense bf16 peak), and the peak RSS of the process.
+
+On CUDA this is plain eager PyTorch as one would write it: the model and the images
+on the GPU, `torch.autocast("cuda", dtype=torch.bfloat16)` around the forward pass
+for bf16 (parameters, gradients and AdamW state f32), attention through
+`F.scaled_dot_product_attention` (on the CPU the explicit softmax form, unchanged),
+`torch.optim.AdamW` with its default (foreach, not fused) implementation and
+`torch.cuda.synchronize()` at the end of every timed call. No torch.compile,
+no CUDA graphs, no fused optimizer. `gemm` on CUDA: best of 10 synchronised timings
+of 5 8192^3 products in the given precision, after warm-up.
 """
 import json
+import os
 import resource
 import sys
 import time
@@ -23,7 +37,12 @@ WORKLOADS = {
     "tiny": (64, 8, 3, 192, 12, 3, 128, 4, 4, 64),
     "base": (224, 16, 3, 768, 12, 12, 512, 8, 16, 8),
     "fmnist": (32, 4, 1, 128, 6, 4, 64, 2, 4, 128),
+    "base224": (224, 16, 3, 768, 12, 12, 512, 8, 16, 256),
+    "large224": (224, 16, 3, 1024, 24, 16, 512, 8, 16, 128),
 }
+
+# Dense bf16 tensor-core peak of an H200 (= H100 SXM), TFLOP/s: MFU's denominator.
+PEAK_TFLOPS = 989.0
 
 
 class Attention(nn.Module):
@@ -33,11 +52,14 @@ class Attention(nn.Module):
         self.scale = (dim // heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.sdpa = False  # set on CUDA: F.scaled_dot_product_attention (flash / memory-efficient kernels)
 
     def forward(self, x):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.sdpa:
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
         attn = (q @ k.transpose(-2, -1)) * self.scale
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
@@ -86,12 +108,12 @@ class MAE(nn.Module):
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:, :]
         n, l, d = x.shape
         len_keep = int(l * (1 - mask_ratio))
-        noise = torch.rand(n, l)
+        noise = torch.rand(n, l, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :len_keep]
         x = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, d))
-        mask = torch.ones(n, l)
+        mask = torch.ones(n, l, device=x.device)
         mask[:, :len_keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
@@ -119,13 +141,27 @@ class MAE(nn.Module):
         return (loss * mask).sum() / mask.sum(), pred, mask
 
 
-def rate(fn, steps, batch):
-    """Images/s of the median of `steps` timed calls after one warm-up call."""
-    fn()
+def forward_flops(img, patch, chans, dim, depth, heads, dec_dim, dec_depth, dec_heads, mask_ratio=0.75):
+    """Forward matmul FLOPs per image, as bench.rs: (masked forward pass, encoder over every patch)."""
+    block = lambda t, d: 24 * t * d * d + 4 * t * t * d  # noqa: E731
+    l = (img // patch) ** 2
+    keep = int(l * (1 - mask_ratio))
+    pdim = patch * patch * chans
+    encoder = lambda t: 2 * l * pdim * dim + depth * block(t, dim)  # noqa: E731
+    decoder = 2 * (1 + keep) * dim * dec_dim + dec_depth * block(1 + l, dec_dim) + 2 * (1 + l) * dec_dim * pdim
+    return encoder(1 + keep) + decoder, encoder(1 + l)
+
+
+def rate(fn, steps, batch, warmup=1, sync=lambda: None):
+    """Images/s of the median of `steps` timed calls after `warmup` calls; `sync` ends each call."""
+    for _ in range(warmup):
+        fn()
+        sync()
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
+        sync()
         seconds.append(time.perf_counter() - start)
     return batch / sorted(seconds)[steps // 2]
 
@@ -142,44 +178,118 @@ def gemm_peak():
     return best
 
 
+def gemm_peak_device(device, dtype, n):
+    """GFLOP/s of the best of 10 synchronised timings of 5 n^3 products, after 3 warm-up products."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    best, reps = 0.0, 5
+    for _ in range(10):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize(device)
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def parse_args(argv):
+    """`--device X` / `--precision Y` (or `--flag=value`) anywhere; the rest positional."""
+    flags, positional, i = {"device": "cpu", "precision": "f32"}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            if key not in flags:
+                sys.exit(f"unknown flag {arg}: --device <cpu|cuda|cuda:N>, --precision <f32|bf16>")
+            if not value:
+                i += 1
+                value = argv[i]
+            flags[key] = value
+        else:
+            positional.append(arg)
+        i += 1
+    if flags["precision"] not in ("f32", "bf16"):
+        sys.exit(f"unknown precision {flags['precision']}: f32 or bf16")
+    return flags["device"], flags["precision"], positional
+
+
 def main():
-    name, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    device_name, precision, args = parse_args(sys.argv[1:])
+    name, steps = args[0], max(1, int(args[1]))
+    threads = int(args[2]) if len(args) > 2 else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if name == "gemm":
-        print(json.dumps({"workload": "gemm", "gflops": gemm_peak()}))
+        # On the CPU always the f32 1024^3 product of `npm run bench`.
+        n, gflops = (8192, gemm_peak_device(device, dtype, 8192)) if on_gpu else (1024, gemm_peak())
+        precision = precision if on_gpu else "f32"
+        print(json.dumps({"workload": "gemm", "device": device_name, "precision": precision, "n": n, "torch": torch.__version__,
+                          "gflops": gflops, "tflops": gflops / 1e3, "fraction_of_peak": gflops / 1e3 / PEAK_TFLOPS if on_gpu else None}))
         return
-    modes = (sys.argv[4] if len(sys.argv) > 4 else "train,embed,reconstruct").split(",")
+    modes = (args[3] if len(args) > 3 else "train,embed,reconstruct").split(",")
     torch.manual_seed(0)
     *arch, batch = WORKLOADS[name]
-    model = MAE(*arch)
-    imgs = torch.randn(batch, arch[2], arch[0], arch[0])
+    model = MAE(*arch).to(device)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.sdpa = on_gpu
+    imgs = torch.randn(batch, arch[2], arch[0], arch[0], device=device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    sync = (lambda: torch.cuda.synchronize(device)) if on_gpu else (lambda: None)
+    warmup = 2 if on_gpu else 1
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4, betas=(0.9, 0.95))
 
     def train_step():
-        loss, _, _ = model(imgs)
+        with autocast():
+            loss, _, _ = model(imgs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def embed():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             latent, _, _ = model.forward_encoder(imgs, 0.0)
             latent[:, 1:, :].mean(dim=1)
 
     def reconstruct():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(imgs)
 
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    train = rate(train_step, steps, batch, warmup, sync) if "train" in modes else None
+    embed_rate = rate(embed, steps, batch, warmup, sync) if "embed" in modes else None
+    reconstruct_rate = rate(reconstruct, steps, batch, warmup, sync) if "reconstruct" in modes else None
+    masked, full = forward_flops(*arch)
+    train_tflops = train * 3 * masked / 1e12 if train is not None else None
     result = {
         "workload": name,
+        "device": device_name,
+        "precision": precision,
+        "batch": batch,
+        "steps": steps,
         "threads": threads,
         "torch": torch.__version__,
-        "train": rate(train_step, steps, batch) if "train" in modes else None,
-        "embed": rate(embed, steps, batch) if "embed" in modes else None,
-        "reconstruct": rate(reconstruct, steps, batch) if "reconstruct" in modes else None,
+        "train": train,
+        "embed": embed_rate,
+        "reconstruct": reconstruct_rate,
+        "train_gflop_per_image": 3 * masked / 1e9,
+        "embed_gflop_per_image": full / 1e9,
+        "reconstruct_gflop_per_image": masked / 1e9,
+        "train_tflops": train_tflops,
+        "train_mfu": train_tflops / PEAK_TFLOPS if on_gpu and train_tflops is not None else None,
+        "mfu_peak_tflops": PEAK_TFLOPS,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # PyTorch's own allocator counters (not comparable to vit-mae; bench/memwatch.py measures both alike).
+        "torch_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else None,
+        "torch_max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if on_gpu else None,
     }
     print(json.dumps(result))
 
