@@ -378,6 +378,11 @@ function classifierConfig(): Partial<ClassifierConfig> {
   };
 }
 
+/** What every training run of the study shares: seed, checkpoints, resume, cancellation. */
+function runOptions(dir: string, resume: string | undefined) {
+  return { seed: 0, checkpointDir: join(dir, 'checkpoints'), checkpointEvery: CHECKPOINT_EVERY, keepLast: 2, resume, signal: controller.signal };
+}
+
 async function runOne(spec: RunSpec, data: Data): Promise<void> {
   const dir = runDir(spec.id);
   mkdirSync(dir, { recursive: true });
@@ -413,12 +418,7 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
             ...PRETRAIN_RECIPE,
             maskRatio: s.maskRatio,
             masking: s.masking,
-            seed: 0,
-            checkpointDir: join(dir, 'checkpoints'),
-            checkpointEvery: CHECKPOINT_EVERY,
-            keepLast: 2,
-            resume,
-            signal: controller.signal,
+            ...runOptions(dir, resume),
           }),
         s.epochs,
         BUDGET.batchSize,
@@ -464,12 +464,7 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
         batchSize: BUDGET.finetuneBatchSize,
         ...FINETUNE_RECIPE,
         layerDecay,
-        seed: 0,
-        checkpointDir: join(dir, 'checkpoints'),
-        checkpointEvery: CHECKPOINT_EVERY,
-        keepLast: 2,
-        resume,
-        signal: controller.signal,
+        ...runOptions(dir, resume),
       }),
     spec.epochs,
     BUDGET.finetuneBatchSize,
