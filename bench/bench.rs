@@ -35,16 +35,20 @@ use vit_mae_core::{DeviceSpec, MaeConfig, MaskOptions, MaskedAutoencoder, Pool, 
 const PEAK_TFLOPS: f64 = 989.0;
 
 /// Images per second of the median of `steps` timed calls of `f` after `warmup`
-/// untimed calls (the median, because this shared machine has noisy neighbours).
-/// `f` synchronises the device itself.
-fn rate(warmup: usize, steps: usize, batch: usize, mut f: impl FnMut() -> vit_mae_core::Result<()>) -> vit_mae_core::Result<f64> {
-    for _ in 0..warmup {
+/// untimed calls (the median, because this shared machine has noisy neighbours). Each
+/// call ends with the device synchronised, so its time is of finished work.
+fn rate(device: &Device, warmup: usize, steps: usize, batch: usize, mut f: impl FnMut() -> vit_mae_core::Result<()>) -> vit_mae_core::Result<f64> {
+    let mut call = || -> vit_mae_core::Result<()> {
         f()?;
+        Ok(device.synchronize()?)
+    };
+    for _ in 0..warmup {
+        call()?;
     }
     let mut seconds = Vec::with_capacity(steps);
     for _ in 0..steps {
         let start = Instant::now();
-        f()?;
+        call()?;
         seconds.push(start.elapsed().as_secs_f64());
     }
     seconds.sort_by(f64::total_cmp);
@@ -173,32 +177,14 @@ fn main() -> vit_mae_core::Result<()> {
     // On a GPU the first calls also load (JIT-compile) kernels and grow the allocator's pool.
     let warmup = if on_gpu { 2 } else { 1 };
 
-    let train = if runs("train") {
-        Some(rate(warmup, steps, batch, || {
-            let out = model.forward(&imgs, &options)?;
-            let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
-            optimizer.step(&grads, 1e-4)?;
-            Ok(device.synchronize()?)
-        })?)
-    } else {
-        None
-    };
-    let embed = if runs("embed") {
-        Some(rate(warmup, steps, batch, || {
-            drop(model.embed(&imgs, Pool::Mean)?);
-            Ok(device.synchronize()?)
-        })?)
-    } else {
-        None
-    };
-    let reconstruct = if runs("reconstruct") {
-        Some(rate(warmup, steps, batch, || {
-            drop(model.reconstruct(&imgs, &options)?);
-            Ok(device.synchronize()?)
-        })?)
-    } else {
-        None
-    };
+    let timed = |mode: &str, f: &mut dyn FnMut() -> vit_mae_core::Result<()>| runs(mode).then(|| rate(&device, warmup, steps, batch, f)).transpose();
+    let train = timed("train", &mut || {
+        let out = model.forward(&imgs, &options)?;
+        let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
+        optimizer.step(&grads, 1e-4)
+    })?;
+    let embed = timed("embed", &mut || model.embed(&imgs, Pool::Mean).map(drop))?;
+    let reconstruct = timed("reconstruct", &mut || model.reconstruct(&imgs, &options).map(drop))?;
     let (masked, full) = forward_flops(&config, options.mask_ratio);
     let train_tflops = train.map(|r| r * 3.0 * masked / 1e12);
     println!(
