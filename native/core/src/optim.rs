@@ -301,11 +301,9 @@ impl InplaceOp3 for FusedAdamW {
         v: &candle_core::CudaStorage,
         v_l: &Layout,
     ) -> candle_core::Result<()> {
-        let (grad, grad_l) = self.grad.storage_and_layout();
-        let candle_core::Storage::Cuda(grad) = &*grad else { candle_core::bail!("adamw-fused: gradient not on the CUDA device") };
         let ParamUpdate { decay_factor, step_size, bias_correction2_sqrt, eps } = self.update;
         let args = crate::cuda::AdamWArgs { beta1: self.beta1, beta2: self.beta2, decay_factor, step_size, bias_correction2_sqrt, eps };
-        crate::cuda::adamw(param, param_l, grad, grad_l, m, m_l, v, v_l, args)
+        crate::cuda::adamw(param, param_l, &self.grad, m, m_l, v, v_l, args)
     }
 }
 

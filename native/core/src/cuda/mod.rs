@@ -227,10 +227,12 @@ pub(crate) struct AdamWArgs {
 /// (written through these shared storages: the optimizer owns them, and candle runs the
 /// kernels of a device in order on one stream) and then the parameter.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn adamw(param: &mut CudaStorage, pl: &Layout, g: &CudaStorage, gl: &Layout, m: &CudaStorage, ml: &Layout, v: &CudaStorage, vl: &Layout, a: AdamWArgs) -> Result<()> {
+pub(crate) fn adamw(param: &mut CudaStorage, pl: &Layout, grad: &Tensor, m: &CudaStorage, ml: &Layout, v: &CudaStorage, vl: &Layout, a: AdamWArgs) -> Result<()> {
     const OP: &str = "adamw";
     let dev = param.device.clone();
-    let (gv, mv, vv) = (view::<f32>(g, gl, OP)?, view::<f32>(m, ml, OP)?, view::<f32>(v, vl, OP)?);
+    let (gs, gl) = grad.storage_and_layout();
+    let gs = cuda_storage(&gs, OP)?;
+    let (gv, mv, vv) = (view::<f32>(gs, gl, OP)?, view::<f32>(m, ml, OP)?, view::<f32>(v, vl, OP)?);
     let range = contiguous_range(pl, OP)?;
     let n = range.len();
     if gv.len() != n || mv.len() != n || vv.len() != n {
