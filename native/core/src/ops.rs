@@ -139,12 +139,17 @@ macro_rules! dispatch {
 /// Inputs are clamped to [-87.3, 88] (the callers pass values <= 0).
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits, so
+    // n and 2^n come from bit operations that vectorise (an `as i32` cast does not: Rust
+    // saturates it lane by lane).
+    const ROUNDER: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
+    let n = shifted - ROUNDER;
     // ln 2 split in two so that n * ln2 is exact enough.
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits((shifted.to_bits().wrapping_sub(ROUNDER.to_bits()).wrapping_add(127)) << 23)
 }
 
 /// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), vectorisable.
