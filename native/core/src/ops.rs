@@ -272,6 +272,17 @@ fn from_vec(values: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(values, shape.clone(), like.device())
 }
 
+/// A vector of `len` f32 for a kernel to overwrite, without the zeroing pass that
+/// `vec![0.0; len]` costs (a memset on the calling thread, while the others wait).
+///
+/// # Safety
+/// Every value must be written before it is read.
+unsafe fn uninit_vec(len: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    values.set_len(len);
+    values
+}
+
 /// Rows per parallel task: enough work to be worth a thread hop.
 fn rows_per_task(dim: usize) -> usize {
     (16384 / dim.max(1)).max(1)
@@ -281,13 +292,68 @@ struct LayerNormOp {
     eps: f32,
 }
 
+/// The sum of `f(i)` for `i` in `0..n`, in eight partial sums so that it vectorises (a
+/// single running sum is a serial chain the compiler may not reorder). Callers index
+/// slices of length `n`, so that the bounds checks fold away.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    for c in 0..n / 8 {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += f(c * 8 + j);
+        }
+    }
+    let tail: f32 = (n - n % 8..n).map(&f).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Mean and 1/std of one row.
+#[inline(always)]
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
-    let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let d = row.len();
+    let mean = lane_sum(d, |i| row[i]) / d as f32;
+    let var = lane_sum(d, |i| (row[i] - mean) * (row[i] - mean)) / d as f32;
     (mean, 1.0 / (var + eps).sqrt())
 }
+
+/// `y = (x - mean) / std * w + b` for each row of `w.len()` values.
+#[inline(always)]
+fn layer_norm_rows_generic(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
+    let d = w.len();
+    for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
+        let (mean, rstd) = row_stats(xr, eps);
+        for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+            *y = (x - mean) * rstd * w + b;
+        }
+    }
+}
+
+dispatch!(fn layer_norm_rows / layer_norm_rows_avx2 = layer_norm_rows_generic(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32));
+
+/// LayerNorm's `dx` for each row given the output gradient `g`, adding into `dw`, `db`:
+/// `dx = rstd * (w g - mean(w g) - xhat * mean(w g xhat))`.
+#[inline(always)]
+fn layer_norm_grad_rows_generic(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32], eps: f32) {
+    let d = w.len();
+    for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+        let (mean, rstd) = row_stats(xr, eps);
+        // xhat into dx first; dx is overwritten below.
+        for (xh, &x) in dxr.iter_mut().zip(xr) {
+            *xh = (x - mean) * rstd;
+        }
+        let (w, gr, xhat) = (&w[..d], &gr[..d], &dxr[..d]);
+        let mean_wg = lane_sum(d, |i| w[i] * gr[i]) / d as f32;
+        let mean_wg_xhat = lane_sum(d, |i| w[i] * gr[i] * xhat[i]) / d as f32;
+        for ((((dx, &w), &g), dw), db) in dxr.iter_mut().zip(w).zip(gr).zip(dw.iter_mut()).zip(db.iter_mut()) {
+            let xhat = *dx;
+            *dw += g * xhat;
+            *db += g;
+            *dx = rstd * (w * g - mean_wg - xhat * mean_wg_xhat);
+        }
+    }
+}
+
+dispatch!(fn layer_norm_grad_rows / layer_norm_grad_rows_avx2 = layer_norm_grad_rows_generic(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32], eps: f32));
 
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
@@ -297,15 +363,10 @@ impl CustomOp3 for LayerNormOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * rows_per_task(d)).zip(x.par_chunks(d * rows_per_task(d))).for_each(|(ys, xs)| {
-            for (yr, xr) in ys.chunks_mut(d).zip(xs.chunks(d)) {
-                let (mean, rstd) = row_stats(xr, self.eps);
-                for i in 0..d {
-                    yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
-                }
-            }
-        });
+        let chunk = d * rows_per_task(d);
+        // SAFETY: the row tasks write every value.
+        let mut y = unsafe { uninit_vec(x.len()) };
+        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| layer_norm_rows(xs, w, b, ys, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -333,32 +394,15 @@ impl CustomOp3 for LayerNormOp {
             with_values(w, |w| {
                 with_values(grad, |g| {
                     let chunk = d * rows_per_task(d);
-                    let mut dx = vec![0f32; x.len()];
+                    // SAFETY: the row tasks write every value.
+                    let mut dx = unsafe { uninit_vec(x.len()) };
                     // Per-task partial sums of dw and db, added up after.
                     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
                         .par_chunks_mut(chunk)
                         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
                         .map(|(dxs, (xs, gs))| {
                             let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                            for ((dxr, xr), gr) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)) {
-                                let (mean, rstd) = row_stats(xr, self.eps);
-                                // dx = rstd * (wg - mean(wg) - xhat * mean(wg * xhat))
-                                let (mut mean_wg, mut mean_wg_xhat) = (0f32, 0f32);
-                                for i in 0..d {
-                                    let xhat = (xr[i] - mean) * rstd;
-                                    let wg = w[i] * gr[i];
-                                    mean_wg += wg;
-                                    mean_wg_xhat += wg * xhat;
-                                    dw[i] += gr[i] * xhat;
-                                    db[i] += gr[i];
-                                }
-                                mean_wg /= d as f32;
-                                mean_wg_xhat /= d as f32;
-                                for i in 0..d {
-                                    let xhat = (xr[i] - mean) * rstd;
-                                    dxr[i] = rstd * (w[i] * gr[i] - mean_wg - xhat * mean_wg_xhat);
-                                }
-                            }
+                            layer_norm_grad_rows(xs, w, gs, dxs, &mut dw, &mut db, self.eps);
                             (dw, db)
                         })
                         .collect();
@@ -389,7 +433,8 @@ impl CustomOp1 for SoftmaxOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_slice(storage, layout)?;
         let d = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: the row tasks write every value.
+        let mut y = unsafe { uninit_vec(x.len()) };
         let chunk = d * rows_per_task(d);
         y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| softmax_rows(xs, ys, d, self.scale));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -399,7 +444,8 @@ impl CustomOp1 for SoftmaxOp {
         let d = arg.dims().last().copied().unwrap_or(1).max(1);
         let dx = with_values(res, |y| {
             with_values(grad, |g| {
-                let mut dx = vec![0f32; y.len()];
+                // SAFETY: the row tasks write every value.
+                let mut dx = unsafe { uninit_vec(y.len()) };
                 let chunk = d * rows_per_task(d);
                 dx.par_chunks_mut(chunk).zip(y.par_chunks(chunk).zip(g.par_chunks(chunk))).for_each(|(dxs, (ys, gs))| {
                     for ((dxr, yr), gr) in dxs.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
@@ -431,7 +477,8 @@ impl CustomOp2 for BiasGeluOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
         let d = b.len();
-        let mut y = vec![0f32; x.len()];
+        // SAFETY: the row tasks write every value.
+        let mut y = unsafe { uninit_vec(x.len()) };
         let chunk = d * rows_per_task(d);
         y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| bias_gelu_rows(xs, b, ys));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -453,7 +500,8 @@ impl CustomOp2 for BiasGeluOp {
             with_values(b, |b| {
                 with_values(grad, |g| {
                     let chunk = d * rows_per_task(d);
-                    let mut dx = vec![0f32; x.len()];
+                    // SAFETY: the row tasks write every value.
+                    let mut dx = unsafe { uninit_vec(x.len()) };
                     let partials: Vec<Vec<f32>> = dx
                         .par_chunks_mut(chunk)
                         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
@@ -721,6 +769,15 @@ mod tests {
         bias_gelu_grad_rows_generic(&x, &b, &x, &mut y2, &mut db2);
         assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
         assert!(db1.iter().zip(&db2).all(|(a, b)| (a - b).abs() < 1e-4));
+        let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / d as f32).collect();
+        layer_norm_rows(&x, &w, &b, &mut y1, 1e-6);
+        layer_norm_rows_generic(&x, &w, &b, &mut y2, 1e-6);
+        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
+        let (mut dw1, mut dw2, mut db1, mut db2) = (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+        layer_norm_grad_rows(&x, &w, &b.repeat(5), &mut y1, &mut dw1, &mut db1, 1e-6);
+        layer_norm_grad_rows_generic(&x, &w, &b.repeat(5), &mut y2, &mut dw2, &mut db2, 1e-6);
+        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
+        assert!(dw1.iter().zip(&dw2).chain(db1.iter().zip(&db2)).all(|(a, b)| (a - b).abs() < 1e-4));
         let sums = column_sums(&x, d);
         for (j, s) in sums.iter().enumerate() {
             let want: f32 = (0..5).map(|r| x[r * d + j]).sum();
