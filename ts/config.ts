@@ -31,6 +31,13 @@ export interface MaeConfig extends EncoderConfig {
   decoderNumHeads: number;
   /** Whether the loss targets per-patch normalised pixels. */
   normPixLoss: boolean;
+  /**
+   * The paper's Table 1c ablation, not the published model: the encoder also takes
+   * the removed patches, each replaced by a learned `encoder_mask_token` (plus its
+   * position embedding), and the decoder gets every patch from the encoder. It costs
+   * the speed that skipping them buys. Absent means false.
+   */
+  encoderMaskToken?: boolean;
 }
 
 /**

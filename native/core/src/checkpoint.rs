@@ -183,6 +183,7 @@ fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
         mlp_ratio,
         norm_pix_loss: hf.get("norm_pix_loss").and_then(|v| v.as_bool()),
         layer_norm_eps: hf.get("layer_norm_eps").and_then(|v| v.as_f64()),
+        encoder_mask_token: None,
     })
 }
 
@@ -317,6 +318,7 @@ fn infer_config(tensors: &BTreeMap<String, Tensor>) -> ConfigPatch {
         mlp_ratio,
         norm_pix_loss: None,
         layer_norm_eps: None,
+        encoder_mask_token: dim("encoder_mask_token", 2).map(|_| true),
     }
 }
 
@@ -334,6 +336,7 @@ fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
         mlp_ratio: over.mlp_ratio.or(base.mlp_ratio),
         norm_pix_loss: over.norm_pix_loss.or(base.norm_pix_loss),
         layer_norm_eps: over.layer_norm_eps.or(base.layer_norm_eps),
+        encoder_mask_token: over.encoder_mask_token.or(base.encoder_mask_token),
     }
 }
 

@@ -20,6 +20,11 @@ pub struct MaeConfig {
     pub mlp_ratio: f64,
     pub norm_pix_loss: bool,
     pub layer_norm_eps: f64,
+    /// Table 1c of the paper: the encoder also takes the removed patches, as a learned
+    /// `encoder_mask_token` plus their position embedding (not the published model,
+    /// which skips them; for measuring what skipping them saves).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encoder_mask_token: bool,
 }
 
 /// A partial configuration as found in JSON: either spelling of each name,
@@ -50,11 +55,13 @@ pub struct ConfigPatch {
     pub norm_pix_loss: Option<bool>,
     #[serde(alias = "layer_norm_eps")]
     pub layer_norm_eps: Option<f64>,
+    #[serde(alias = "encoder_mask_token")]
+    pub encoder_mask_token: Option<bool>,
 }
 
-const FIELDS: [&str; 12] = [
+const FIELDS: [&str; 13] = [
     "imgSize", "patchSize", "inChans", "embedDim", "depth", "numHeads", "decoderEmbedDim",
-    "decoderDepth", "decoderNumHeads", "mlpRatio", "normPixLoss", "layerNormEps",
+    "decoderDepth", "decoderNumHeads", "mlpRatio", "normPixLoss", "layerNormEps", "encoderMaskToken",
 ];
 
 /// `imgSize` -> `img_size`: the published spelling of a camelCase field name.
@@ -103,6 +110,7 @@ impl ConfigPatch {
             mlp_ratio: self.mlp_ratio.unwrap_or(base.mlp_ratio),
             norm_pix_loss: self.norm_pix_loss.unwrap_or(base.norm_pix_loss),
             layer_norm_eps: self.layer_norm_eps.unwrap_or(base.layer_norm_eps),
+            encoder_mask_token: self.encoder_mask_token.unwrap_or(base.encoder_mask_token),
         }
     }
 
@@ -126,7 +134,7 @@ impl ConfigPatch {
         if !missing.is_empty() {
             bail!(InvalidConfig, "config is missing field(s) {missing:?} (or name a preset)");
         }
-        let defaults = MaeConfig { mlp_ratio: 4.0, norm_pix_loss: false, layer_norm_eps: 1e-6, ..PRESETS[0].1.clone() };
+        let defaults = MaeConfig { mlp_ratio: 4.0, norm_pix_loss: false, layer_norm_eps: 1e-6, encoder_mask_token: false, ..PRESETS[0].1.clone() };
         let config = self.apply_to(&defaults);
         config.validate()?;
         Ok(config)
@@ -173,6 +181,7 @@ pub const fn preset(
         mlp_ratio: 4.0,
         norm_pix_loss,
         layer_norm_eps: 1e-6,
+        encoder_mask_token: false,
     }
 }
 
@@ -246,7 +255,7 @@ impl MaeConfig {
 
     /// The config as JSON with the published (snake_case) names, as checkpoints store it.
     pub fn to_published_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "img_size": self.img_size,
             "patch_size": self.patch_size,
             "in_chans": self.in_chans,
@@ -259,7 +268,11 @@ impl MaeConfig {
             "mlp_ratio": self.mlp_ratio,
             "norm_pix_loss": self.norm_pix_loss,
             "layer_norm_eps": self.layer_norm_eps,
-        })
+        });
+        if self.encoder_mask_token {
+            json["encoder_mask_token"] = true.into();
+        }
+        json
     }
 }
 

@@ -74,8 +74,11 @@ pub struct ForwardOutput {
     pub mask: Tensor,
     /// `[N, L]`, position of each patch in the shuffled order.
     pub ids_restore: Tensor,
-    /// `[N, 1 + len_keep, D]`, after the encoder's final norm.
+    /// `[N, 1 + len_keep, D]` (`[N, 1 + L, D]` with `config.encoder_mask_token`),
+    /// after the encoder's final norm.
     pub latent: Tensor,
+    /// Patches removed from each image.
+    pub removed: usize,
 }
 
 /// `PatchEmbed` as patchify + matmul: the same numbers as the published conv,
@@ -127,6 +130,8 @@ pub struct MaskedAutoencoder {
 
     patch_embed: PatchEmbed,
     cls_token: Tensor,
+    /// Only with `config.encoder_mask_token` (Table 1c).
+    encoder_mask_token: Option<Tensor>,
     blocks: Vec<Block>,
     norm: LayerNorm,
 
@@ -148,6 +153,8 @@ impl MaskedAutoencoder {
 
         let patch_embed = PatchEmbed::new(&mut p, c.in_chans, c.patch_size, c.embed_dim)?;
         let cls_token = p.param("cls_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })?;
+        let encoder_mask_token =
+            c.encoder_mask_token.then(|| p.param("encoder_mask_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })).transpose()?;
         let blocks = (0..c.depth)
             .map(|i| Block::new(&mut p, &format!("blocks.{i}"), c.embed_dim, c.num_heads, c.mlp_hidden(), c.layer_norm_eps))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -180,6 +187,7 @@ impl MaskedAutoencoder {
             mask_rng,
             patch_embed,
             cls_token,
+            encoder_mask_token,
             blocks,
             norm,
             decoder_embed,
@@ -272,16 +280,22 @@ impl MaskedAutoencoder {
         }
     }
 
-    /// Encoder on the visible patches only: `[N, 1 + len_keep, D]`.
+    /// Encoder on the visible patches only: `[N, 1 + len_keep, D]`; with
+    /// `config.encoder_mask_token`, on every patch, the removed ones replaced by the
+    /// encoder's mask token: `[N, 1 + L, D]`.
     pub fn forward_encoder(&self, imgs: &Tensor, plan: &MaskPlan) -> Result<Tensor> {
         let x = self.patch_embed.forward(imgs)?;
         let (n, l, d) = x.dims3()?;
+        let x = match &self.encoder_mask_token {
+            Some(token) => {
+                let mask = Tensor::from_vec(plan.mask().into_iter().flatten().collect::<Vec<f32>>(), (n, l, 1), &self.device)?;
+                (x.broadcast_mul(&(1.0 - &mask)?)? + mask.broadcast_mul(token)?)?
+            }
+            None => x,
+        };
         let x = x.broadcast_add(&self.pos_embed.narrow(1, 1, l)?)?;
 
-        let ids_keep: Vec<u32> = plan.ids_shuffle.iter().flat_map(|ids| ids[..plan.len_keep].iter().copied()).collect();
-        let ids_keep = Tensor::from_vec(ids_keep, (n, plan.len_keep, 1), &self.device)?.broadcast_as((n, plan.len_keep, d))?.contiguous()?;
-        let x = x.gather(&ids_keep, 1)?;
-
+        let x = if self.encoder_mask_token.is_some() { x } else { self.keep_visible(&x, plan)? };
         let cls_token = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)?)?.broadcast_as((n, 1, d))?;
         let mut x = Tensor::cat(&[&cls_token, &x], 1)?;
         for blk in &self.blocks {
@@ -290,11 +304,23 @@ impl MaskedAutoencoder {
         Ok(self.norm.forward(&x)?)
     }
 
+    /// The visible patches of `x` `[N, L, D]`, in the plan's order: `[N, len_keep, D]`.
+    fn keep_visible(&self, x: &Tensor, plan: &MaskPlan) -> Result<Tensor> {
+        let (n, _, d) = x.dims3()?;
+        let ids_keep: Vec<u32> = plan.ids_shuffle.iter().flat_map(|ids| ids[..plan.len_keep].iter().copied()).collect();
+        let ids_keep = Tensor::from_vec(ids_keep, (n, plan.len_keep, 1), &self.device)?.broadcast_as((n, plan.len_keep, d))?.contiguous()?;
+        Ok(x.gather(&ids_keep, 1)?)
+    }
+
     /// Decoder over all patches: `[N, L, p*p*C]`.
     pub fn forward_decoder(&self, latent: &Tensor, plan: &MaskPlan) -> Result<Tensor> {
         let x = self.decoder_embed.forward(latent)?.to_dtype(DType::F32)?;
         let (n, _, d) = x.dims3()?;
         let l = self.config.num_patches();
+        if self.encoder_mask_token.is_some() {
+            // Every patch came through the encoder, in place.
+            return self.decode(x.broadcast_add(&self.decoder_pos_embed)?, l);
+        }
 
         let visible = x.narrow(1, 1, plan.len_keep)?;
         let x_ = if plan.len_keep < l {
@@ -306,8 +332,12 @@ impl MaskedAutoencoder {
         let ids_restore: Vec<u32> = plan.ids_restore().into_iter().flatten().collect();
         let ids_restore = Tensor::from_vec(ids_restore, (n, l, 1), &self.device)?.broadcast_as((n, l, d))?.contiguous()?;
         let x_ = x_.contiguous()?.gather(&ids_restore, 1)?;
-        let mut x = Tensor::cat(&[&x.narrow(1, 0, 1)?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
+        let x = Tensor::cat(&[&x.narrow(1, 0, 1)?, &x_], 1)?.broadcast_add(&self.decoder_pos_embed)?;
+        self.decode(x, l)
+    }
 
+    /// The decoder blocks, norm and prediction on `[N, 1 + L, D_dec]`, without the cls token.
+    fn decode(&self, mut x: Tensor, l: usize) -> Result<Tensor> {
         for blk in &self.decoder_blocks {
             x = blk.forward(&x)?;
         }
@@ -367,7 +397,7 @@ impl MaskedAutoencoder {
         let loss = self.forward_loss(imgs, &pred, &mask)?;
         let ids_restore: Vec<f32> = plan.ids_restore().into_iter().flatten().map(|i| i as f32).collect();
         let ids_restore = Tensor::from_vec(ids_restore, (n, l), &self.device)?;
-        Ok(ForwardOutput { loss, pred, mask, ids_restore, latent })
+        Ok(ForwardOutput { loss, pred, mask, ids_restore, latent, removed: l - plan.len_keep })
     }
 
     /// The loss and the gradient of every trainable parameter, by published name.
@@ -379,16 +409,19 @@ impl MaskedAutoencoder {
     /// Backpropagates a forward pass's loss to every trainable parameter.
     pub fn gradients(&self, out: &ForwardOutput) -> Result<Vec<(String, Tensor)>> {
         let grads = out.loss.backward()?;
-        // The latent holds the cls token and the visible patches (a shape, known
-        // without reading the device).
-        let nothing_removed = out.latent.dim(1)? == 1 + self.config.num_patches();
+        // The parameters the loss cannot reach: with nothing removed it is the constant
+        // 0 and the mask tokens are unused; the decoder's mask token is unused too when
+        // the encoder takes the removed patches.
+        let unused = |name: &str| match name {
+            "mask_token" => out.removed == 0 || self.encoder_mask_token.is_some(),
+            "encoder_mask_token" => out.removed == 0,
+            _ => false,
+        };
         let mut gradients = Vec::with_capacity(self.params.len());
         for (name, var) in &self.params {
             let grad = match grads.get(var.as_tensor()) {
                 Some(g) => g.clone(),
-                // With nothing removed the loss is the constant 0 and only the
-                // (unused) mask token is cut off from it.
-                None if nothing_removed => var.zeros_like()?,
+                None if unused(name) => var.zeros_like()?,
                 None => bail!(Internal, "parameter {name} received no gradient"),
             };
             gradients.push((name.clone(), grad));

@@ -52,6 +52,7 @@ fn round_trip_config() -> MaeConfig {
         mlp_ratio: 3.0,
         norm_pix_loss: true,
         layer_norm_eps: 1e-5,
+        encoder_mask_token: false,
     }
 }
 
@@ -369,4 +370,18 @@ fn pth_without_config_needs_head_counts() {
         (c.img_size, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.decoder_embed_dim, c.decoder_depth, c.mlp_ratio),
         (32, 4, 3, 48, 2, 32, 2, 4.0)
     );
+}
+
+#[test]
+fn encoder_mask_token_survives_save_and_load() {
+    let config = MaeConfig { encoder_mask_token: true, ..round_trip_config() };
+    let model = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, 4).unwrap();
+    let dir = TempDir::new("encoder-mask-token");
+    let path = dir.join("model.safetensors");
+    save_model(&model, &path).unwrap();
+    let (loaded, _) = load_model(&path, None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(loaded.config, config);
+    let token = |m: &MaskedAutoencoder| m.params().iter().find(|(n, _)| n == "encoder_mask_token").map(|(_, v)| bits(v.as_tensor()));
+    assert_eq!(token(&loaded), token(&model));
+    assert!(token(&model).is_some());
 }

@@ -800,6 +800,7 @@ fn config_patch_spellings_and_strictness() {
         mlp_ratio: 2.0,
         norm_pix_loss: true,
         layer_norm_eps: 1e-5,
+        encoder_mask_token: false,
     };
     for (label, json) in [("camel", &camel), ("snake", &snake)] {
         for strict in [true, false] {
@@ -886,4 +887,52 @@ fn ragged_noise_rows_are_rejected() {
     // (every ids_shuffle row must be a permutation of the same 0..L).
     let ragged = vec![vec![0.1f32, 0.2, 0.3, 0.4], vec![0.1, 0.2, 0.3]];
     assert_eq!(err_code(masking::random_from_noise(&ragged, 0.5)), ErrorCode::InvalidNoise);
+}
+
+// ------------------------------------------------ encoder with mask tokens (Table 1c)
+
+#[test]
+fn encoder_mask_token_mode_hides_removed_patches_and_trains_its_token() {
+    let c = MaeConfig { encoder_mask_token: true, ..small_config() };
+    let m = model(c.clone(), 3);
+    let (n, l, p) = (2, c.num_patches(), c.patch_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let noise = masking::uniform_noise(&mut rng, n, l);
+    let plan = masking::random_from_noise(&noise, 0.75).unwrap();
+    let options = MaskOptions { mask_ratio: 0.75, masking: Masking::Random, noise: Some(HostTensor::new(noise.concat(), vec![n, l]).unwrap()) };
+    let imgs = imgs_for(&c, n, 7);
+    let out = m.forward(&imgs, &options).unwrap();
+    // Every patch goes through the encoder.
+    assert_eq!(out.latent.dims(), &[n, 1 + l, c.embed_dim]);
+
+    // Repainting a patch changes the latent only where the patch is visible.
+    let mask = plan.mask();
+    let (removed, visible) = (mask[0].iter().position(|&v| v == 1.0).unwrap(), mask[0].iter().position(|&v| v == 0.0).unwrap());
+    let g = c.grid_size();
+    let repaint = |patch: usize| {
+        let mut v = values(&imgs);
+        let (row, col) = (patch / g, patch % g);
+        for ch in 0..c.in_chans {
+            for i in 0..p {
+                for j in 0..p {
+                    v[(ch * c.img_size + row * p + i) * c.img_size + col * p + j] += 1.0;
+                }
+            }
+        }
+        let repainted = Tensor::from_vec(v, imgs.dims(), &Device::Cpu).unwrap();
+        values(&m.forward(&repainted, &options).unwrap().latent)
+    };
+    let latent = values(&out.latent);
+    assert_eq!(repaint(removed), latent, "a removed patch's pixels reached the encoder");
+    assert_ne!(repaint(visible), latent);
+
+    // The encoder's token is trained; the decoder's, which it replaces, is unused.
+    let grads = m.gradients(&out).unwrap();
+    let grad = |name: &str| values(&grads.iter().find(|(n, _)| n == name).unwrap().1);
+    assert!(grad("encoder_mask_token").iter().any(|&v| v != 0.0));
+    assert!(grad("mask_token").iter().all(|&v| v == 0.0));
+    assert_eq!(grads.len(), m.params().len());
+
+    // The default model has no such parameter.
+    assert!(model(small_config(), 3).params().iter().all(|(name, _)| name != "encoder_mask_token"));
 }

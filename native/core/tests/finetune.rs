@@ -71,6 +71,7 @@ fn mae_config(depth: usize) -> MaeConfig {
         mlp_ratio: 4.0,
         norm_pix_loss: false,
         layer_norm_eps: 1e-6,
+        encoder_mask_token: false,
     }
 }
 

@@ -40,6 +40,7 @@ fn tiny_config() -> MaeConfig {
         mlp_ratio: 4.0,
         norm_pix_loss: false,
         layer_norm_eps: 1e-6,
+        encoder_mask_token: false,
     }
 }
 
