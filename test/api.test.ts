@@ -116,6 +116,17 @@ describe('forward', () => {
     expect(out.loss).toBe(0);
   });
 
+  it('with encoderMaskToken (Table 1c), encodes every patch and trains the encoder token', async () => {
+    const withTokens = MaskedAutoencoder.create({ config: { ...SMALL, encoderMaskToken: true }, seed: 1 });
+    expect(withTokens.config.encoderMaskToken).toBe(true);
+    expect(withTokens.parameterShapes()['encoder_mask_token']).toEqual([1, 1, 32]);
+    expect(mae.parameterShapes()).not.toHaveProperty('encoder_mask_token');
+    const out = await withTokens.forward(images, { maskRatio: 0.75 });
+    expect(out.latent.shape).toEqual([3, 1 + L, 32]);
+    const { gradients } = await withTokens.lossAndGradients(images, { maskRatio: 0.75 });
+    expect(gradients['encoder_mask_token'].data.some((v) => v !== 0)).toBe(true);
+  });
+
   it('does not block the event loop', async () => {
     const base = MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16' });
     let ticks = 0;
