@@ -6,7 +6,7 @@
 // fast as the faster of the two BLAS (matmul FLOPs / that peak, against PyTorch).
 //
 // PyTorch is used when `python3 -c "import torch"` works, or from the interpreter in
-// VIT_MAE_PYTHON. BENCH_WORKLOADS (default "tiny,base") and BENCH_STEPS override the runs.
+// VIT_MAE_PYTHON. BENCH_WORKLOADS (default "fmnist,tiny,base") and BENCH_STEPS override the runs.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { appendFileSync, existsSync, readFileSync } from 'node:fs';
 import { availableParallelism, cpus } from 'node:os';
@@ -16,7 +16,7 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const binary = join(root, 'target', 'release', 'examples', 'bench');
 const threads = availableParallelism();
-const workloads = (process.env.BENCH_WORKLOADS ?? 'tiny,base').split(',');
+const workloads = (process.env.BENCH_WORKLOADS ?? 'fmnist,tiny,base').split(',');
 const steps = { tiny: 9, base: 3, fmnist: 9 };
 const python = process.env.VIT_MAE_PYTHON ?? 'python3';
 

@@ -7,6 +7,7 @@ use crate::device::Precision;
 use crate::error::Result;
 use crate::masking::{self, MaskPlan, Masking};
 use crate::nn::{Block, LayerNorm, Linear};
+use crate::ops;
 use crate::params::{Init, ParamBuilder};
 use crate::pos_embed::sincos_2d_with_cls;
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -112,8 +113,7 @@ impl PatchEmbed {
         // Each patch flattened in (c, i, j) order, matching the conv weight's layout.
         let patches = imgs.reshape((n, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((n * gh * gw, c * p * p))?;
         let weight = self.weight.reshape((self.weight.dim(0)?, c * p * p))?.to_dtype(self.compute)?;
-        let x = patches.to_dtype(self.compute)?.matmul(&weight.t()?)?.to_dtype(DType::F32)?;
-        x.broadcast_add(&self.bias)?.reshape((n, gh * gw, ()))
+        ops::linear(&patches.to_dtype(self.compute)?, &weight, &self.bias)?.to_dtype(DType::F32)?.reshape((n, gh * gw, ()))
     }
 }
 

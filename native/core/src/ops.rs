@@ -640,13 +640,14 @@ fn matmul_wt_values(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
     unsafe { written_by(m * n, |y| sgemm(Threads::All, m, n, k, y, n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, false)) }
 }
 
-/// The gradients of `x @ w^T` given `g` (`m x n`): `dx = g w` and `dw = g^T x`.
-fn matmul_wt_grads(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+/// The gradients of `x @ w^T` given `g` (`m x n`): `dx = g w` (only `with_dx`: the
+/// input of a first layer, such as pixels, needs none) and `dw = g^T x`.
+fn matmul_wt_grads(x: &[f32], w: &[f32], g: &[f32], n: usize, k: usize, with_dx: bool) -> (Option<Vec<f32>>, Vec<f32>) {
     let m = x.len() / k;
     // SAFETY: g is m x n, w is n x k, x is m x k, all contiguous; g^T is read through
     // transposed strides.
     unsafe {
-        let dx = written_by(m * k, |dx| sgemm(Threads::All, m, k, n, dx, k, g.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0, false));
+        let dx = with_dx.then(|| written_by(m * k, |dx| sgemm(Threads::All, m, k, n, dx, k, g.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0, false)));
         let dw = written_by(n * k, |dw| sgemm(Threads::All, n, k, m, dw, k, g.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0, false));
         (dx, dw)
     }
@@ -678,8 +679,8 @@ impl CustomOp2 for MatmulWtOp {
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (n, k) = w.dims2()?;
-        let (dx, dw) = with_values(x, |xs| with_values(w, |ws| with_values(grad, |g| Ok(matmul_wt_grads(xs, ws, g, n, k)))))?;
-        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?)))
+        let (dx, dw) = with_values(x, |xs| with_values(w, |ws| with_values(grad, |g| Ok(matmul_wt_grads(xs, ws, g, n, k, x.track_op())))))?;
+        Ok((dx.map(|dx| from_vec(dx, x.shape(), x)).transpose()?, Some(from_vec(dw, w.shape(), w)?)))
     }
 }
 
@@ -719,12 +720,12 @@ impl CustomOp3 for LinearOp {
         let (dx, dw, db) = with_values(x, |xs| {
             with_values(w, |ws| {
                 with_values(grad, |g| {
-                    let (dx, dw) = matmul_wt_grads(xs, ws, g, n, k);
+                    let (dx, dw) = matmul_wt_grads(xs, ws, g, n, k, x.track_op());
                     Ok((dx, dw, column_sums(g, n)))
                 })
             })
         })?;
-        Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(dw, w.shape(), w)?), Some(from_vec(db, b.shape(), b)?)))
+        Ok((dx.map(|dx| from_vec(dx, x.shape(), x)).transpose()?, Some(from_vec(dw, w.shape(), w)?), Some(from_vec(db, b.shape(), b)?)))
     }
 }
 

@@ -59,21 +59,36 @@ pub(crate) unsafe fn sgemm(
 ) {
     #[cfg(openblas)]
     if let (Threads::All, Some(plan)) = (threads, openblas::Plan::new(m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs, dst_rs)) {
-        let parts = rayon::current_num_threads().min(m / openblas::MIN_ROWS_PER_PART).max(1);
-        if parts == 1 {
-            plan.run(m, scale, accumulate, lhs, rhs, dst);
-        } else {
-            let (lhs, rhs, dst) = (SharedMut(lhs as *mut f32), SharedMut(rhs as *mut f32), SharedMut(dst));
-            let rows = m.div_ceil(parts);
+        // Row blocks; for a short product (a weight gradient with few output features),
+        // column blocks instead, as each block packs the other operand whole.
+        let threads = rayon::current_num_threads();
+        let row_parts = threads.min(m / openblas::MIN_ROWS_PER_PART).max(1);
+        let col_parts = threads.min(n / openblas::MIN_ROWS_PER_PART).max(1);
+        let (lhs, rhs, dst) = (SharedMut(lhs as *mut f32), SharedMut(rhs as *mut f32), SharedMut(dst));
+        if row_parts > 1 {
+            let rows = m.div_ceil(row_parts);
             rayon::scope(|s| {
                 for start in (0..m).step_by(rows) {
                     s.spawn(move |_| {
                         let (lhs, rhs, dst) = (lhs, rhs, dst);
                         // SAFETY: row block `start..` of lhs and dst; the blocks are disjoint.
-                        unsafe { plan.run(rows.min(m - start), scale, accumulate, lhs.0.add(start * lhs_rs), rhs.0, dst.0.add(start * dst_rs)) };
+                        unsafe { plan.run(rows.min(m - start), n, scale, accumulate, lhs.0.add(start * lhs_rs), rhs.0, dst.0.add(start * dst_rs)) };
                     });
                 }
             });
+        } else if col_parts > 1 {
+            let cols = n.div_ceil(col_parts);
+            rayon::scope(|s| {
+                for start in (0..n).step_by(cols) {
+                    s.spawn(move |_| {
+                        let (lhs, rhs, dst) = (lhs, rhs, dst);
+                        // SAFETY: column block `start..` of rhs and dst; the blocks are disjoint.
+                        unsafe { plan.run(m, cols.min(n - start), scale, accumulate, lhs.0, rhs.0.add(start * rhs_cs), dst.0.add(start)) };
+                    });
+                }
+            });
+        } else {
+            plan.run(m, n, scale, accumulate, lhs.0, rhs.0, dst.0);
         }
         return;
     }
@@ -117,10 +132,9 @@ mod openblas {
     }
 
     /// One product as `cblas_sgemm` takes it (row-major, each operand transposed or
-    /// not, leading dimensions); the row count is given per call.
+    /// not, leading dimensions); the row and column counts are given per call.
     #[derive(Clone, Copy)]
     pub struct Plan {
-        n: c_int,
         k: c_int,
         trans_a: c_int,
         lda: c_int,
@@ -144,19 +158,21 @@ mod openblas {
             let (trans_b, ldb) = operand(k, n, rhs_rs, rhs_cs)?;
             c_int::try_from(m).ok()?;
             (dst_rs >= n.max(1)).then_some(())?;
-            Some(Plan { n: n.try_into().ok()?, k: k.try_into().ok()?, trans_a, lda, trans_b, ldb, ldc: dst_rs.try_into().ok()? })
+            c_int::try_from(n).ok()?;
+            Some(Plan { k: k.try_into().ok()?, trans_a, lda, trans_b, ldb, ldc: dst_rs.try_into().ok()? })
         }
 
         /// # Safety
-        /// As [`super::sgemm`], for `m` rows (at most the planned count).
-        pub unsafe fn run(&self, m: usize, scale: f32, accumulate: bool, lhs: *const f32, rhs: *const f32, dst: *mut f32) {
+        /// As [`super::sgemm`], for `m` rows and `n` columns (at most the planned counts).
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn run(&self, m: usize, n: usize, scale: f32, accumulate: bool, lhs: *const f32, rhs: *const f32, dst: *mut f32) {
             static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
             // SAFETY: sets OpenBLAS's thread count; its own pool stays idle from then on.
             SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
-            if m == 0 || self.n == 0 {
+            if m == 0 || n == 0 {
                 return;
             }
-            cblas_sgemm(ROW_MAJOR, self.trans_a, self.trans_b, m as c_int, self.n, self.k, scale, lhs, self.lda, rhs, self.ldb, if accumulate { 1.0 } else { 0.0 }, dst, self.ldc);
+            cblas_sgemm(ROW_MAJOR, self.trans_a, self.trans_b, m as c_int, n as c_int, self.k, scale, lhs, self.lda, rhs, self.ldb, if accumulate { 1.0 } else { 0.0 }, dst, self.ldc);
         }
     }
 }
@@ -181,8 +197,8 @@ mod tests {
     #[test]
     fn every_layout_and_split_matches_the_definition() {
         let values = |len: usize, seed: usize| (0..len).map(|i| (((i + seed) * 7919) % 199) as f32 / 50.0 - 2.0).collect::<Vec<f32>>();
-        // (m, n, k): one row, a split into row blocks, an empty inner dimension.
-        for &(m, n, k) in &[(1, 5, 3), (300, 37, 19), (130, 64, 0), (7, 1, 9)] {
+        // (m, n, k): one row, a split into row blocks, into column blocks, an empty inner dimension.
+        for &(m, n, k) in &[(1, 5, 3), (300, 37, 19), (40, 301, 19), (130, 64, 0), (7, 1, 9)] {
             let (lhs, rhs) = (values(m * k, 1), values(k * n, 2));
             // row-major and transposed views of each operand
             let lhs_t: Vec<f32> = (0..k * m).map(|i| lhs[(i % m) * k + i / m]).collect();
