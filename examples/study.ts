@@ -9,6 +9,10 @@
 //   npm run study -- --only mae-r75,random-init     # some runs only
 //   npm run study -- --report          # only regenerate the results page from finished runs
 //
+// `pytorch-r75` times the same pre-training recipe in PyTorch eager on this machine
+// (examples/study/reference_pretrain.py) with `python3`, or the interpreter
+// VIT_MAE_PYTHON names; it is skipped where neither has PyTorch and NumPy.
+//
 // Resumable: every finished run leaves runs/study/<id>/result.json and is skipped on a
 // rerun; training writes checkpoints to runs/study/<id>/checkpoints, and an interrupted
 // run (Ctrl-C stops after the current step and checkpoints) continues from the newest.
@@ -93,6 +97,8 @@ interface MaeSettings {
 
 type RunSpec =
   | { id: string; kind: 'random-init'; title: string }
+  /** PyTorch eager pre-training with the reference recipe on this machine (examples/study/reference_pretrain.py): training time only. */
+  | { id: string; kind: 'pytorch'; title: string; epochs: number }
   | { id: string; kind: 'mae'; title: string; mae: MaeSettings }
   | { id: string; kind: 'finetune'; title: string; from: string; epochs: number }
   /** Trains for as many epochs as fit in the wall-clock of `matches` (pre-training + fine-tuning). */
@@ -106,6 +112,7 @@ const ablation = (id: string, title: string, over: Partial<MaeSettings>): RunSpe
 const RUNS: RunSpec[] = [
   { id: 'random-init', kind: 'random-init', title: 'random-init encoder (no training)' },
   mae('mae-r75', 'MAE, reference recipe (ratio 75%, decoder depth 2, norm-pix, random masking)', {}),
+  { id: 'pytorch-r75', kind: 'pytorch', title: 'PyTorch eager, the reference recipe on this machine (wall-clock only)', epochs: BUDGET.pretrainEpochs },
   { id: 'ft-mae-r75', kind: 'finetune', title: 'MAE (mae-r75) + full fine-tuning', from: 'mae-r75', epochs: BUDGET.finetuneEpochs },
   { id: 'scratch', kind: 'scratch', title: 'supervised from scratch, the wall-clock of mae-r75 + ft-mae-r75', matches: 'ft-mae-r75' },
   ablation('abl-r75', 'reference recipe (the ablations\' baseline)', {}),
@@ -251,6 +258,8 @@ interface Result {
   evaluation?: Evaluation;
   /** Fine-tuning / from scratch: test accuracy after training. */
   test?: { top1: number; top5: number; loss: number; seconds: number };
+  /** `pytorch`: the interpreter's PyTorch version and threads. */
+  pytorch?: { torch: string; threads: number };
   /** Fine-tuning: the pre-training run it started from and its seconds (for the total budget). */
   from?: { id: string; seconds: number; epochs: number };
   reconstruction?: string;
@@ -399,6 +408,27 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
   if (spec.kind === 'random-init') {
     const model = MaskedAutoencoder.create({ preset: PRESET, seed: 0, device: DEVICE });
     save({ ...header(spec, data, model.device), evaluation: await evaluateEncoder(model, data) });
+    return;
+  }
+
+  if (spec.kind === 'pytorch') {
+    const python = process.env.VIT_MAE_PYTHON ?? 'python3';
+    const script = join(ROOT, 'examples/study/reference_pretrain.py');
+    const threads = String(cpus().length);
+    // --quick: a few steps, as a test of the script.
+    const args = [script, files.trainImages, String(spec.epochs), threads, String(BUDGET.batchSize), ...(QUICK ? ['15'] : [])];
+    let line: string;
+    try {
+      execFileSync(python, ['-c', 'import torch, numpy'], { stdio: 'ignore' });
+      line = execFileSync(python, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] }).trim().split('\n').pop()!;
+    } catch (e) {
+      console.log(`  skipped: ${python} with PyTorch and NumPy is needed (VIT_MAE_PYTHON names another interpreter): ${(e as Error).message.split('\n')[0]}`);
+      return;
+    }
+    const r = JSON.parse(line) as { seconds: number; imagesPerSec: number; steps: number; batchSize: number; finalLoss: number; threads: number; torch: string };
+    console.log(`  PyTorch ${r.torch}: ${r.steps} steps in ${r.seconds.toFixed(1)} s (${r.imagesPerSec.toFixed(0)} img/s), final loss ${r.finalLoss.toFixed(4)}`);
+    const training: Training = { epochs: spec.epochs, steps: r.steps, imagesSeen: r.steps * r.batchSize, batchSize: r.batchSize, seconds: r.seconds, imagesPerSec: r.imagesPerSec, finalLoss: r.finalLoss, lastEpochLoss: null, resumed: false };
+    save({ ...header(spec, data, 'cpu'), training, pytorch: { torch: r.torch, threads: r.threads } });
     return;
   }
 
@@ -577,14 +607,21 @@ function writeReport(data: Data): void {
   const ri = results.get('random-init');
   const m = results.get('mae-r75');
   const long = results.get('mae-r75-long');
+  const pt = results.get('pytorch-r75');
   const mainRows: string[][] = [
     ['random-init encoder (`random-init`)', '0', '–', ri?.evaluation ? pct(ri.evaluation.probe) : NOT_RUN, pct(ri?.evaluation?.knnWeighted), pct(ri?.evaluation?.knnMajority), `${pct(REFERENCE.randomInit.probe)} / ${pct(REFERENCE.randomInit.knn)}`],
     ['MAE, reference recipe (`mae-r75`)', m?.training ? String(m.training.epochs) : String(BUDGET.pretrainEpochs), secs(m?.training?.seconds), m?.evaluation ? pct(m.evaluation.probe) : NOT_RUN, pct(m?.evaluation?.knnWeighted), pct(m?.evaluation?.knnMajority), `${pct(REFERENCE.mae.probe)} / ${pct(REFERENCE.mae.knn)} in ${REFERENCE.mae.seconds} s`],
+    [
+      'PyTorch eager, same recipe, this machine (`pytorch-r75`)',
+      pt?.training ? String(pt.training.epochs) : String(BUDGET.pretrainEpochs),
+      pt?.training ? `${secs(pt.training.seconds)}${m?.training ? ` (vit-mae: ${(m.training.seconds / pt.training.seconds).toFixed(2)}x the time)` : ''}` : NOT_RUN,
+      '–', '–', '–', `PyTorch ${pt?.pytorch?.torch ?? ''}`,
+    ],
     [`MAE, longer (\`mae-r75-long\`)`, long?.training ? String(long.training.epochs) : String(BUDGET.longEpochs), secs(long?.training?.seconds), long?.evaluation ? pct(long.evaluation.probe) : NOT_RUN, pct(long?.evaluation?.knnWeighted), pct(long?.evaluation?.knnMajority), '–'],
   ];
   w(table(['Encoder', 'Pre-training epochs', 'Pre-training (s)', 'Linear probe', 'kNN (weighted)', 'kNN (majority)', 'Reference PyTorch (probe / kNN)'], mainRows));
   w();
-  w(`The reference PyTorch run (issue 7): the same recipe, 4 epochs on a 2-core machine, about ${REFERENCE.mae.seconds} s of training.`);
+  w(`The reference PyTorch run (issue 7): the same recipe, 4 epochs on another 2-core machine, about ${REFERENCE.mae.seconds} s of training. \`pytorch-r75\` times the same recipe in PyTorch eager (examples/study/reference_pretrain.py, the model of bench/reference.py) on this machine, training only; its accuracy is not measured here.`);
   w();
 
   // 2. Fine-tuning vs scratch
