@@ -34,6 +34,7 @@ import {
   type TrainingRun,
   nativeBackend,
 } from '../ts/index.js';
+import { findings, targets, TIE } from './study/findings.js';
 import { readIdxImages, readIdxLabels } from './study/idx.js';
 import { knnClassify } from './study/knn.js';
 import { linearProbe, type ProbeOptions } from './study/probe.js';
@@ -599,6 +600,28 @@ function writeReport(data: Data): void {
   w(`- Fine-tuning and from scratch: \`VitClassifier\` (mean-pooled tokens, \`fc_norm\`, linear head), AdamW lr ${FINETUNE_RECIPE.lr} at batch ${BUDGET.finetuneBatchSize}, betas (0.9, 0.999), weight decay ${FINETUNE_RECIPE.weightDecay}, ${BUDGET.warmupEpochs} warm-up epoch(s) then cosine to ${FINETUNE_RECIPE.minLr}, drop path ${FINETUNE_RECIPE.dropPath}, label smoothing ${FINETUNE_RECIPE.labelSmoothing}, layer decay ${FINETUNE_LAYER_DECAY} (fine-tuning) or 1 (from scratch), flips only; evaluated once on the test set at the end.`);
   w(`- Budgets: \`mae-r75\` ${BUDGET.pretrainEpochs} epochs (the reference recipe), \`mae-r75-long\` ${BUDGET.longEpochs}, every ablation (\`abl-*\`, against its own baseline \`abl-r75\`) ${BUDGET.ablationEpochs}; fine-tuning ${BUDGET.finetuneEpochs} epochs.`);
   w('- Wall-clock: seconds of training only (loading, evaluation and checkpoints at the end excluded), summed over resumes.');
+  for (const c of new Set([...results.values()].map((r) => r.commit))) {
+    if (c === COMMIT) continue;
+    const changed = git('diff', '--name-only', c, 'HEAD', '--', '.', ':(exclude)docs').split('\n').filter(Boolean);
+    w(`- Files changed between the runs' commit \`${c}\` and this page's: ${changed.length ? changed.map((f) => `\`${f}\``).join(', ') : 'none outside docs/'}.`);
+  }
+  w();
+
+  w('## Targets');
+  w();
+  w(table(['Target (issue 7)', 'Here', 'Met'], targets(results, REFERENCE.mae).map((t) => [t.target, t.here, t.met === 'yes' ? 'yes' : `**${t.met}**`])));
+  w();
+  const ptSeconds = results.get('pytorch-r75')?.training?.seconds;
+  w(`The reference run's wall-clock comes from another 2-core machine, so the study times PyTorch on this one beside vit-mae (\`pytorch-r75\`, the same recipe in PyTorch eager): that ratio, not the absolute seconds, says which is faster.${ptSeconds ? ` PyTorch itself needs ${(ptSeconds / REFERENCE.mae.seconds).toFixed(2)}x the reference run's ${REFERENCE.mae.seconds} s here.` : ''}`);
+  w();
+  w('## The paper\'s findings at this scale');
+  w();
+  const found = findings(results);
+  w(table(['Finding (He et al. 2021)', 'Paper', 'Here', 'Reproduces'], found.map((f) => [f.claim, f.paper, f.here, f.verdict === 'yes' ? 'yes' : `**${f.verdict}**`])));
+  w();
+  w(`Differences under ${(TIE * 100).toFixed(1)} points of accuracy count as ties: each run has one seed, and one standard error of an accuracy near 85% on 10,000 test images is 0.36 points.`);
+  w();
+  for (const f of found.filter((f) => f.why)) w(`- **${f.claim}** (${f.verdict}): ${f.why}`);
   w();
 
   // 1. MAE vs random init

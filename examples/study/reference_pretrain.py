@@ -3,8 +3,10 @@ this machine, so that `mae-r75`'s time is compared side by side on the same hard
 
     python examples/study/reference_pretrain.py <train-images-idx3-ubyte.gz> <epochs> <threads> [batch] [max_steps]
 
-The model is bench/reference.py's `MAE` (the published models_mae.py with timm blocks)
-as `mae_vit_fmnist_patch4_32` with the norm-pix loss; the data as the study feeds it
+The model is bench/reference.py's `MAE` (models_mae.py's structure with timm-style
+blocks) as `mae_vit_fmnist_patch4_32` with the norm-pix loss. Its position embeddings
+stay at zero and its weights at PyTorch's default initialisation: neither changes the
+work of a step, so the run times the recipe, and its loss is not comparable. The data as the study feeds it
 (28x28 zero-padded to 32x32, normalised with the training set's mean and std, random
 horizontal flips, reshuffled every epoch, last partial batch dropped); AdamW lr 1.5e-3
 at batch 256, betas (0.9, 0.95), weight decay 0.05 except on biases and norms (as

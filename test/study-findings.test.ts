@@ -1,0 +1,75 @@
+// The results page's verdicts on the paper's findings (examples/study/findings.ts).
+import { describe, expect, it } from 'vitest';
+import { findings, targets, TIE, type RunNumbers } from '../examples/study/findings.js';
+
+const mae = (probe: number, knn: number, seconds = 300): RunNumbers => ({ training: { seconds, epochs: 2 }, evaluation: { probe, knnWeighted: knn } });
+const verdict = (runs: Map<string, RunNumbers>, claim: RegExp) => findings(runs).find((f) => claim.test(f.claim))!;
+
+describe('study findings', () => {
+  it('are all "not run yet" without runs, with no explanation', () => {
+    const all = findings(new Map());
+    expect(all).toHaveLength(7);
+    for (const f of all) {
+      expect(f.verdict).toBe('not run yet');
+      expect(f.why).toBe('');
+    }
+  });
+
+  it('read the mask-ratio curve: the peak at 75% reproduces, a peak at 90% partly, a peak at 25% not', () => {
+    const runs = (p25: number, p50: number, p75: number, p90: number) =>
+      new Map([
+        ['abl-r25', mae(p25, p25)],
+        ['abl-r50', mae(p50, p50)],
+        ['abl-r75', mae(p75, p75)],
+        ['abl-r90', mae(p90, p90)],
+      ]);
+    const ratio = /mask ratio/;
+    expect(verdict(runs(0.7, 0.75, 0.8, 0.78), ratio).verdict).toBe('yes');
+    // Within a tie of the best still counts as the peak.
+    expect(verdict(runs(0.7, 0.75, 0.8, 0.8 + TIE / 2), ratio).verdict).toBe('yes');
+    const at90 = verdict(runs(0.7, 0.75, 0.78, 0.8), ratio);
+    expect(at90.verdict).toBe('partly');
+    expect(at90.here).toContain('best probe at 90%');
+    expect(at90.why).not.toBe('');
+    expect(verdict(runs(0.82, 0.8, 0.78, 0.7), ratio).verdict).toBe('no');
+  });
+
+  it('call differences under the tie threshold ties, in either direction', () => {
+    const target = /normalised pixels/;
+    const runs = (norm: number, raw: number) => new Map([['abl-r75', mae(norm, norm)], ['abl-raw', mae(raw, raw)]]);
+    expect(verdict(runs(0.8, 0.79), target).verdict).toBe('yes');
+    expect(verdict(runs(0.8, 0.8 - TIE / 2), target).verdict).toBe('no');
+    expect(verdict(runs(0.79, 0.8), target).verdict).toBe('no');
+  });
+
+  it('weigh both accuracy and speed for mask tokens in the encoder', () => {
+    const tokens = /mask tokens/;
+    const runs = (withTokens: RunNumbers) => new Map([['abl-r75', mae(0.8, 0.8, 300)], ['abl-encoder-mask-token', withTokens]]);
+    const faster = verdict(runs(mae(0.7, 0.7, 900)), tokens);
+    expect(faster.verdict).toBe('yes');
+    expect(faster.here).toContain('3.00x less wall-clock');
+    expect(verdict(runs(mae(0.8, 0.8, 400)), tokens).verdict).toBe('partly');
+    expect(verdict(runs(mae(0.85, 0.85, 900)), tokens).verdict).toBe('no');
+  });
+
+  it('compare fine-tuning with from-scratch test accuracy', () => {
+    const ft = /from scratch/;
+    const runs = (a: number, b: number) => new Map<string, RunNumbers>([['ft-mae-r75', { test: { top1: a } }], ['scratch', { test: { top1: b } }]]);
+    expect(verdict(runs(0.9, 0.88), ft).verdict).toBe('yes');
+    expect(verdict(runs(0.9, 0.9), ft).verdict).toBe('partly');
+    expect(verdict(runs(0.88, 0.9), ft).verdict).toBe('no');
+  });
+
+  it('check the targets against the reference run and PyTorch on this machine', () => {
+    const reference = { probe: 0.817, knn: 0.815, seconds: 580 };
+    const runs = new Map<string, RunNumbers>([
+      ['mae-r75', mae(0.818, 0.81, 674)],
+      ['pytorch-r75', { training: { seconds: 692, epochs: 4 } }],
+      ['mae-r75-long', mae(0.83, 0.82, 1348)],
+    ]);
+    const all = targets(runs, reference);
+    expect(all.map((t) => t.met)).toEqual(['yes', 'no', 'no', 'yes', 'not run yet', 'yes']);
+    expect(all[2].here).toBe('674 s on this machine');
+    expect(all[3].here).toBe('674 s against 692 s (0.97x the time)');
+  });
+});
