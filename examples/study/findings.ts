@@ -86,171 +86,135 @@ export function targets(runs: Map<string, RunNumbers>, reference: Reference): Ta
   ];
 }
 
+/** A finding to check: the runs it needs and how to judge them. */
+interface Check {
+  claim: string;
+  paper: string;
+  /** Runs that must have finished (with an evaluation or a test accuracy). */
+  needs: string[];
+  judge: (m: Measures) => { here: string; verdict: Exclude<Verdict, 'not run yet'> };
+  /** Why we think it does not (fully) reproduce. */
+  why: string;
+}
+
+/** Accessors for the finished runs' numbers (defined for the runs a check needs). */
+interface Measures {
+  probe: (id: string) => number;
+  knn: (id: string) => number;
+  /** "probe / kNN" of a run, as percentages. */
+  both: (id: string) => string;
+  top1: (id: string) => number;
+  seconds: (id: string) => number;
+}
+
+/** 'yes' where every comparison is higher, 'partly' where some are and none lower, else 'no'. */
+function allHigher(orders: Order[]): 'yes' | 'partly' | 'no' {
+  return orders.every((o) => o === 'higher') ? 'yes' : orders.includes('higher') && !orders.includes('lower') ? 'partly' : 'no';
+}
+
+const RATIOS = [
+  { id: 'abl-r25', ratio: 25 },
+  { id: 'abl-r50', ratio: 50 },
+  { id: 'abl-r75', ratio: 75 },
+  { id: 'abl-r90', ratio: 90 },
+];
+const DECODER_DEPTHS = ['abl-dec1', 'abl-r75', 'abl-dec4'];
+
+const CHECKS: Check[] = [
+  {
+    claim: 'MAE pre-training gives far better frozen features than the same encoder randomly initialised',
+    paper: 'ViT-L linear probe 73.5% after MAE (Table 1); the paper gives no random-encoder number',
+    needs: ['random-init', 'mae-r75'],
+    judge: (m) => ({
+      here: `probe / kNN: random ${m.both('random-init')}, MAE ${m.both('mae-r75')}`,
+      verdict: allHigher([order(m.probe('mae-r75'), m.probe('random-init')), order(m.knn('mae-r75'), m.knn('random-init'))]),
+    }),
+    why: 'A random ViT on 32x32 Fashion-MNIST is already a strong random-feature model: the items are centred on a plain background, so even random projections of the patches separate most classes.',
+  },
+  {
+    claim: 'MAE pre-training + fine-tuning beats supervised training from scratch for the same budget (Section 4, Table 3)',
+    paper: 'ViT-L: 85.9% fine-tuned against 82.5% from scratch (with strong regularisation)',
+    needs: ['ft-mae-r75', 'scratch'],
+    judge: (m) => {
+      const o = order(m.top1('ft-mae-r75'), m.top1('scratch'));
+      return { here: `${pct(m.top1('ft-mae-r75'))} fine-tuned against ${pct(m.top1('scratch'))} from scratch`, verdict: o === 'higher' ? 'yes' : o === 'tie' ? 'partly' : 'no' };
+    },
+    why: 'The paper\'s gap comes from ViT-L on ImageNet, where supervised ViTs overfit and pre-training runs for hundreds of epochs. A 1M-parameter ViT on 60,000 simple images for half an hour is limited by its budget, not by its data, and labels from the first step use a short budget better than reconstruction does.',
+  },
+  {
+    claim: 'A high mask ratio works best: about 75% for linear probing, which rises with the ratio up to there (Figure 5)',
+    paper: 'linear probe peaks at 75%, far above 25-50%',
+    needs: RATIOS.map((r) => r.id),
+    judge: (m) => {
+      const best = (key: (id: string) => number) => RATIOS.reduce((a, b) => (key(b.id) > key(a.id) ? b : a));
+      const [bestProbe, bestKnn] = [best(m.probe), best(m.knn)];
+      const peaksAt75 = order(m.probe('abl-r75'), m.probe(bestProbe.id)) !== 'lower' && order(m.knn('abl-r75'), m.knn(bestKnn.id)) !== 'lower';
+      return {
+        here: `best probe at ${bestProbe.ratio}%, best kNN at ${bestKnn.ratio}% (probe / kNN: ${RATIOS.map((r) => `${r.ratio}% ${m.both(r.id)}`).join(', ')})`,
+        verdict: peaksAt75 ? 'yes' : bestProbe.ratio >= 75 || bestKnn.ratio >= 75 ? 'partly' : 'no',
+      };
+    },
+    why: 'Every ratio trains for the same epochs, so lower ratios get more encoder compute (at 25% the encoder sees three times the patches of 75%); over two epochs that extra compute counts for more than it does after the paper\'s 800. And a 4x4 patch of a smooth, centred item is easy to infer from its neighbours, so the task stays hard enough to learn from at lower ratios than on ImageNet.',
+  },
+  {
+    claim: 'A deeper decoder improves linear probing (Table 1a)',
+    paper: 'depth 1 / 2 / 4: 65.5% / 70.0% / 71.9%',
+    needs: DECODER_DEPTHS,
+    judge: (m) => ({
+      here: `depth 1 / 2 / 4 probe: ${DECODER_DEPTHS.map((id) => pct(m.probe(id))).join(' / ')}; kNN: ${DECODER_DEPTHS.map((id) => pct(m.knn(id))).join(' / ')}`,
+      verdict: allHigher([order(m.probe('abl-r75'), m.probe('abl-dec1')), order(m.probe('abl-dec4'), m.probe('abl-r75'))]),
+    }),
+    why: 'The paper\'s argument is that a deep decoder takes over the pixel-level detail so that the encoder\'s last layers stay abstract. Fashion-MNIST at 32x32 has little pixel-level detail to take over, and two epochs are too few for a deeper decoder to learn more than a shallow one.',
+  },
+  {
+    claim: 'Per-patch normalised pixels are a better target than raw pixels (Table 1d)',
+    paper: 'linear probe 73.9% against 73.5% (fine-tuning 85.4% against 84.9%)',
+    needs: ['abl-r75', 'abl-raw'],
+    judge: (m) => ({
+      here: `probe / kNN: norm-pix ${m.both('abl-r75')}, raw ${m.both('abl-raw')}`,
+      verdict: allHigher([order(m.probe('abl-r75'), m.probe('abl-raw')), order(m.knn('abl-r75'), m.knn('abl-raw'))]),
+    }),
+    why: 'The paper\'s gain is small (0.4 points of linear probe) and the same size as our noise. Normalising a patch boosts its local contrast; most Fashion-MNIST patches are flat background, whose normalised target is zero either way, and the items themselves have little texture for the normalisation to bring out.',
+  },
+  {
+    claim: 'Random masking beats block-wise and grid masking (Table 1f)',
+    paper: 'linear probe: random 73.5%, block (75%) 63.9%, grid 66.0%',
+    needs: ['abl-r75', 'abl-block', 'abl-grid'],
+    judge: (m) => ({
+      here: `probe / kNN: random ${m.both('abl-r75')}, block ${m.both('abl-block')}, grid ${m.both('abl-grid')}`,
+      verdict: allHigher([order(m.probe('abl-r75'), m.probe('abl-block')), order(m.probe('abl-r75'), m.probe('abl-grid'))]),
+    }),
+    why: 'On an 8x8 grid of patches, block masking at 75% still leaves whole regions of the item visible and grid masking keeps a visible patch next to every removed one; with items this smooth at 4 pixels, neither makes the task much easier or harder than random masking.',
+  },
+  {
+    claim: 'An encoder without mask tokens is better and faster (Table 1c, Table 2)',
+    paper: 'linear probe 73.5% without against 59.6% with; 3.3x fewer FLOPs, training 3x or more faster (abstract, Table 2)',
+    needs: ['abl-r75', 'abl-encoder-mask-token'],
+    judge: (m) => {
+      const speedup = m.seconds('abl-encoder-mask-token') / m.seconds('abl-r75');
+      const better = order(m.probe('abl-r75'), m.probe('abl-encoder-mask-token'));
+      return {
+        here: `probe / kNN: without ${m.both('abl-r75')}, with ${m.both('abl-encoder-mask-token')}; ${speedup.toFixed(2)}x less wall-clock without`,
+        verdict: better === 'higher' && speedup > 1.5 ? 'yes' : better !== 'lower' && speedup > 1 ? 'partly' : 'no',
+      };
+    },
+    why: 'The paper\'s accuracy gap comes from the mismatch between pre-training (mask tokens everywhere) and the unmasked images seen downstream; with 64 patches and two epochs that mismatch costs less. The speed-up at this size is bounded by the decoder, the optimiser and per-step overheads, which do not shrink with the encoder\'s tokens.',
+  },
+];
+
 /** The findings, in the order of the results page, from the runs by id. */
 export function findings(runs: Map<string, RunNumbers>): Finding[] {
-  const probe = (id: string) => runs.get(id)?.evaluation?.probe;
-  const knn = (id: string) => runs.get(id)?.evaluation?.knnWeighted;
-  const both = (id: string) => (runs.get(id)?.evaluation ? `${pct(probe(id)!)} / ${pct(knn(id)!)}` : '–');
-  const missing = (...ids: string[]) => ids.some((id) => !runs.get(id)?.evaluation && !runs.get(id)?.test);
-  const out: Finding[] = [];
-
-  // MAE against a random encoder.
-  {
-    const claim = 'MAE pre-training gives far better frozen features than the same encoder randomly initialised';
-    const paper = 'ViT-L linear probe 73.5% after MAE (Table 1); the paper gives no random-encoder number';
-    if (missing('random-init', 'mae-r75')) out.push({ claim, paper, here: '–', verdict: 'not run yet', why: '' });
-    else {
-      const up = order(probe('mae-r75')!, probe('random-init')!) === 'higher' && order(knn('mae-r75')!, knn('random-init')!) === 'higher';
-      out.push({
-        claim,
-        paper,
-        here: `probe / kNN: random ${both('random-init')}, MAE ${both('mae-r75')}`,
-        verdict: up ? 'yes' : 'no',
-        why: up ? '' : 'A random ViT on 32x32 Fashion-MNIST is already a strong random-feature model: the items are centred on a plain background, so even random projections of the patches separate most classes.',
-      });
-    }
-  }
-
-  // Fine-tuning against supervised from scratch.
-  {
-    const claim = 'MAE pre-training + fine-tuning beats supervised training from scratch for the same budget (Section 4, Table 3)';
-    const paper = 'ViT-L: 85.9% fine-tuned against 82.5% from scratch (with strong regularisation)';
-    const ft = runs.get('ft-mae-r75')?.test?.top1;
-    const sc = runs.get('scratch')?.test?.top1;
-    if (ft === undefined || sc === undefined) out.push({ claim, paper, here: '–', verdict: 'not run yet', why: '' });
-    else {
-      const o = order(ft, sc);
-      out.push({
-        claim,
-        paper,
-        here: `${pct(ft)} fine-tuned against ${pct(sc)} from scratch`,
-        verdict: o === 'higher' ? 'yes' : o === 'tie' ? 'partly' : 'no',
-        why:
-          o === 'higher'
-            ? ''
-            : 'The paper\'s gap comes from ViT-L on ImageNet, where supervised ViTs overfit and pre-training runs for hundreds of epochs. A 1M-parameter ViT on 60,000 simple images for half an hour is limited by its budget, not by its data, and labels from the first step use a short budget better than reconstruction does.',
-      });
-    }
-  }
-
-  // Mask ratio.
-  {
-    const ratios = [
-      { id: 'abl-r25', ratio: 25 },
-      { id: 'abl-r50', ratio: 50 },
-      { id: 'abl-r75', ratio: 75 },
-      { id: 'abl-r90', ratio: 90 },
-    ];
-    const claim = 'A high mask ratio works best: about 75% for linear probing, which rises with the ratio up to there (Figure 5)';
-    const paper = 'linear probe peaks at 75%, far above 25-50%';
-    if (missing(...ratios.map((r) => r.id))) out.push({ claim, paper, here: '–', verdict: 'not run yet', why: '' });
-    else {
-      const best = (key: (id: string) => number | undefined) => ratios.reduce((a, b) => (key(b.id)! > key(a.id)! ? b : a));
-      const bestProbe = best(probe);
-      const bestKnn = best(knn);
-      const atTop = (key: (id: string) => number | undefined, top: { id: string }) => order(key('abl-r75')!, key(top.id)!) !== 'lower';
-      const high = (r: { ratio: number }) => r.ratio >= 75;
-      const verdict: Verdict =
-        atTop(probe, bestProbe) && atTop(knn, bestKnn) ? 'yes' : high(bestProbe) || high(bestKnn) ? 'partly' : 'no';
-      out.push({
-        claim,
-        paper,
-        here: `best probe at ${bestProbe.ratio}%, best kNN at ${bestKnn.ratio}% (probe / kNN: ${ratios.map((r) => `${r.ratio}% ${both(r.id)}`).join(', ')})`,
-        verdict,
-        why:
-          verdict === 'yes'
-            ? ''
-            : 'Every ratio trains for the same epochs, so lower ratios get more encoder compute (at 25% the encoder sees three times the patches of 75%); over two epochs that extra compute counts for more than it does after the paper\'s 800. And a 4x4 patch of a smooth, centred item is easy to infer from its neighbours, so the task stays hard enough to learn from at lower ratios than on ImageNet.',
-      });
-    }
-  }
-
-  // Decoder depth.
-  {
-    const ids = ['abl-dec1', 'abl-r75', 'abl-dec4'];
-    const claim = 'A deeper decoder improves linear probing (Table 1a)';
-    const paper = 'depth 1 / 2 / 4: 65.5% / 70.0% / 71.9%';
-    if (missing(...ids)) out.push({ claim, paper, here: '–', verdict: 'not run yet', why: '' });
-    else {
-      const steps = [order(probe(ids[1])!, probe(ids[0])!), order(probe(ids[2])!, probe(ids[1])!)];
-      const verdict: Verdict = steps.every((o) => o === 'higher') ? 'yes' : steps.some((o) => o === 'higher') && !steps.includes('lower') ? 'partly' : 'no';
-      out.push({
-        claim,
-        paper,
-        here: `depth 1 / 2 / 4 probe: ${ids.map((id) => pct(probe(id)!)).join(' / ')}; kNN: ${ids.map((id) => pct(knn(id)!)).join(' / ')}`,
-        verdict,
-        why:
-          verdict === 'yes'
-            ? ''
-            : 'The paper\'s argument is that a deep decoder takes over the pixel-level detail so that the encoder\'s last layers stay abstract. Fashion-MNIST at 32x32 has little pixel-level detail to take over, and two epochs are too few for a deeper decoder to learn more than a shallow one.',
-      });
-    }
-  }
-
-  // Reconstruction target.
-  {
-    const claim = 'Per-patch normalised pixels are a better target than raw pixels (Table 1d)';
-    const paper = 'linear probe 73.9% against 73.5% (fine-tuning 85.4% against 84.9%)';
-    if (missing('abl-r75', 'abl-raw')) out.push({ claim, paper, here: '–', verdict: 'not run yet', why: '' });
-    else {
-      const o = [order(probe('abl-r75')!, probe('abl-raw')!), order(knn('abl-r75')!, knn('abl-raw')!)];
-      const verdict: Verdict = o.every((x) => x === 'higher') ? 'yes' : o.includes('higher') && !o.includes('lower') ? 'partly' : 'no';
-      out.push({
-        claim,
-        paper,
-        here: `probe / kNN: norm-pix ${both('abl-r75')}, raw ${both('abl-raw')}`,
-        verdict,
-        why:
-          verdict === 'yes'
-            ? ''
-            : 'The paper\'s gain is small (0.4 points of linear probe) and the same size as our noise. Normalising a patch boosts its local contrast; most Fashion-MNIST patches are flat background, whose normalised target is zero either way, and the items themselves have little texture for the normalisation to bring out.',
-      });
-    }
-  }
-
-  // Masking strategy.
-  {
-    const claim = 'Random masking beats block-wise and grid masking (Table 1f)';
-    const paper = 'linear probe: random 73.5%, block (75%) 63.9%, grid 66.0%';
-    if (missing('abl-r75', 'abl-block', 'abl-grid')) out.push({ claim, paper, here: '–', verdict: 'not run yet', why: '' });
-    else {
-      const o = [order(probe('abl-r75')!, probe('abl-block')!), order(probe('abl-r75')!, probe('abl-grid')!)];
-      const verdict: Verdict = o.every((x) => x === 'higher') ? 'yes' : o.includes('higher') && !o.includes('lower') ? 'partly' : 'no';
-      out.push({
-        claim,
-        paper,
-        here: `probe / kNN: random ${both('abl-r75')}, block ${both('abl-block')}, grid ${both('abl-grid')}`,
-        verdict,
-        why:
-          verdict === 'yes'
-            ? ''
-            : 'On an 8x8 grid of patches, block masking at 75% still leaves whole regions of the item visible and grid masking keeps a visible patch next to every removed one; with items this smooth at 4 pixels, neither makes the task much easier or harder than random masking.',
-      });
-    }
-  }
-
-  // Mask tokens in the encoder.
-  {
-    const claim = 'An encoder without mask tokens is better and faster (Table 1c, Table 2)';
-    const paper = 'linear probe 73.5% without against 59.6% with; 3.3x fewer FLOPs, training 3x or more faster (abstract, Table 2)';
-    const skip = runs.get('abl-r75');
-    const tokens = runs.get('abl-encoder-mask-token');
-    if (!skip?.evaluation || !tokens?.evaluation || !skip.training || !tokens.training) out.push({ claim, paper, here: '–', verdict: 'not run yet', why: '' });
-    else {
-      const speedup = tokens.training.seconds / skip.training.seconds;
-      const better = order(skip.evaluation.probe, tokens.evaluation.probe);
-      const verdict: Verdict = better === 'higher' && speedup > 1.5 ? 'yes' : better !== 'lower' && speedup > 1 ? 'partly' : 'no';
-      out.push({
-        claim,
-        paper,
-        here: `probe / kNN: without ${both('abl-r75')}, with ${both('abl-encoder-mask-token')}; ${speedup.toFixed(2)}x less wall-clock without`,
-        verdict,
-        why:
-          verdict === 'yes'
-            ? ''
-            : 'The paper\'s accuracy gap comes from the mismatch between pre-training (mask tokens everywhere) and the unmasked images seen downstream; with 64 patches and two epochs that mismatch costs less. The speed-up at this size is bounded by the decoder, the optimiser and per-step overheads, which do not shrink with the encoder\'s tokens.',
-      });
-    }
-  }
-  return out;
+  const get = (id: string) => runs.get(id)!;
+  const m: Measures = {
+    probe: (id) => get(id).evaluation!.probe,
+    knn: (id) => get(id).evaluation!.knnWeighted,
+    both: (id) => `${pct(m.probe(id))} / ${pct(m.knn(id))}`,
+    top1: (id) => get(id).test!.top1,
+    seconds: (id) => get(id).training!.seconds,
+  };
+  return CHECKS.map(({ claim, paper, needs, judge, why }) => {
+    if (needs.some((id) => !runs.get(id)?.evaluation && !runs.get(id)?.test)) return { claim, paper, here: '–', verdict: 'not run yet', why: '' };
+    const { here, verdict } = judge(m);
+    return { claim, paper, here, verdict, why: verdict === 'yes' ? '' : why };
+  });
 }
