@@ -34,7 +34,7 @@ import {
   type TrainingRun,
   nativeBackend,
 } from '../ts/index.js';
-import { findings, targets, TIE } from './study/findings.js';
+import { DECODER_DEPTHS, findings, RATIOS, scratchShare, SUPERVISED_PAIRS, targets, TIE } from './study/findings.js';
 import { readIdxImages, readIdxLabels } from './study/idx.js';
 import { knnClassify } from './study/knn.js';
 import { linearProbe, type ProbeOptions } from './study/probe.js';
@@ -654,13 +654,9 @@ function writeReport(data: Data): void {
   // 2. Fine-tuning vs scratch
   w('## Fine-tuning against supervised training from scratch');
   w();
-  const pairs = [
-    { ft: 'ft-mae-r75', scratch: 'scratch' },
-    { ft: 'ft-mae-r75-long', scratch: 'scratch-long' },
-  ];
   const supervisedRows: string[][] = [];
   const budgets: string[] = [];
-  for (const pair of pairs) {
+  for (const pair of SUPERVISED_PAIRS) {
     const ft = results.get(pair.ft);
     const sc = results.get(pair.scratch);
     supervisedRows.push(
@@ -672,32 +668,26 @@ function writeReport(data: Data): void {
         : [`from scratch (\`${pair.scratch}\`)`, NOT_RUN, '', '', '', '', ''],
     );
     if (ft?.training && ft.from && sc?.training) {
-      const mae = ft.from.seconds + ft.training.seconds;
-      budgets.push(`\`${pair.scratch}\` trained ${secs(sc.training.seconds)} s against the ${secs(mae)} s of \`${pair.ft}\`'s path (${((sc.training.seconds / mae) * 100).toFixed(0)}%)`);
+      budgets.push(`\`${pair.scratch}\` trained ${secs(sc.training.seconds)} s against the ${secs(ft.from.seconds + ft.training.seconds)} s of \`${pair.ft}\`'s path (${(scratchShare(ft, sc) * 100).toFixed(0)}%)`);
     }
   }
   w(table(['Run', 'Epochs (pre-train + supervised)', 'Pre-training (s)', 'Supervised training (s)', 'Total (s)', 'Test top-1', 'Test top-5'], supervisedRows));
   w();
   w(`The same total budget in wall-clock: from scratch trains for the whole number of supervised epochs nearest to the seconds the MAE path took (pre-training plus fine-tuning), at the fine-tuning run's seconds per epoch${budgets.length ? `: ${budgets.join('; ')}` : ''}.`);
   w();
-  const supervisedIds = pairs.flatMap((pair) => [
+  const supervisedIds = SUPERVISED_PAIRS.flatMap((pair) => [
     { id: pair.ft, setting: `MAE + fine-tuning (${pair.ft})` },
     { id: pair.scratch, setting: `from scratch (${pair.scratch})` },
   ]);
   w(lossChart('Supervised training loss (label-smoothed)', supervisedIds, results, 'loss-supervised.svg', resultsDir));
 
   // 3. Mask ratio
-  const ratioIds = [
-    { id: 'abl-r25', setting: '25%', ratio: 0.25 },
-    { id: 'abl-r50', setting: '50%', ratio: 0.5 },
-    { id: 'abl-r75', setting: '75%', ratio: 0.75 },
-    { id: 'abl-r90', setting: '90%', ratio: 0.9 },
-  ];
+  const ratioIds = RATIOS.map(({ id, ratio }) => ({ id, setting: `${ratio}%`, ratio }));
   w('## Mask ratio (the paper\'s Figure 5)');
   w();
   w(maeRows(ratioIds, results));
   w();
-  const ratioPts = (key: 'probe' | 'knnWeighted') => ratioIds.filter(({ id }) => results.get(id)?.evaluation).map(({ id, ratio }) => [ratio * 100, results.get(id)!.evaluation![key] * 100] as [number, number]);
+  const ratioPts = (key: 'probe' | 'knnWeighted') => ratioIds.filter(({ id }) => results.get(id)?.evaluation).map(({ id, ratio }) => [ratio, results.get(id)!.evaluation![key] * 100] as [number, number]);
   if (ratioPts('probe').length) {
     writeFileSync(
       join(resultsDir, 'accuracy-vs-mask-ratio.svg'),
@@ -709,7 +699,7 @@ function writeReport(data: Data): void {
   w(lossChart('Pre-training loss by mask ratio', ratioIds, results, 'loss-mask-ratio.svg', resultsDir));
 
   // 4. Decoder depth
-  const decIds = [{ id: 'abl-dec1', setting: 'depth 1' }, { id: 'abl-r75', setting: 'depth 2' }, { id: 'abl-dec4', setting: 'depth 4' }];
+  const decIds = DECODER_DEPTHS.map(({ id, depth }) => ({ id, setting: `depth ${depth}` }));
   w('## Decoder depth (Table 1a)');
   w();
   w(maeRows(decIds, results));

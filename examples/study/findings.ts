@@ -41,7 +41,7 @@ export interface Finding {
 const pct = (v: number) => `${(v * 100).toFixed(1)}%`;
 
 /** MAE + fine-tuning and from scratch for the same wall-clock, at two budgets. */
-const SUPERVISED_PAIRS = [
+export const SUPERVISED_PAIRS = [
   { ft: 'ft-mae-r75', scratch: 'scratch', budget: 'reference budget' },
   { ft: 'ft-mae-r75-long', scratch: 'scratch-long', budget: 'long budget' },
 ];
@@ -130,13 +130,24 @@ function allHigher(orders: Order[]): 'yes' | 'partly' | 'no' {
   return orders.every((o) => o === 'higher') ? 'yes' : orders.includes('higher') && !orders.includes('lower') ? 'partly' : 'no';
 }
 
-const RATIOS = [
+/** The mask-ratio ablations. */
+export const RATIOS = [
   { id: 'abl-r25', ratio: 25 },
   { id: 'abl-r50', ratio: 50 },
   { id: 'abl-r75', ratio: 75 },
   { id: 'abl-r90', ratio: 90 },
 ];
-const DECODER_DEPTHS = ['abl-dec1', 'abl-r75', 'abl-dec4'];
+/** The decoder-depth ablations. */
+export const DECODER_DEPTHS = [
+  { id: 'abl-dec1', depth: 1 },
+  { id: 'abl-r75', depth: 2 },
+  { id: 'abl-dec4', depth: 4 },
+];
+
+/** From scratch's wall-clock as a fraction of its MAE path's (pre-training + fine-tuning). */
+export function scratchShare(ft: RunNumbers, scratch: RunNumbers): number {
+  return scratch.training!.seconds / (ft.from!.seconds + ft.training!.seconds);
+}
 
 const CHECKS: Check[] = [
   {
@@ -181,9 +192,9 @@ const CHECKS: Check[] = [
   {
     claim: 'A deeper decoder improves linear probing (Table 1a)',
     paper: 'depth 1 / 2 / 4: 65.5% / 70.0% / 71.9%',
-    needs: DECODER_DEPTHS,
+    needs: DECODER_DEPTHS.map((d) => d.id),
     judge: (m) => ({
-      here: `depth 1 / 2 / 4 probe: ${DECODER_DEPTHS.map((id) => pct(m.probe(id))).join(' / ')}; kNN: ${DECODER_DEPTHS.map((id) => pct(m.knn(id))).join(' / ')}`,
+      here: `depth ${DECODER_DEPTHS.map((d) => d.depth).join(' / ')} probe: ${DECODER_DEPTHS.map((d) => pct(m.probe(d.id))).join(' / ')}; kNN: ${DECODER_DEPTHS.map((d) => pct(m.knn(d.id))).join(' / ')}`,
       verdict: allHigher([order(m.probe('abl-r75'), m.probe('abl-dec1')), order(m.probe('abl-dec4'), m.probe('abl-r75'))]),
     }),
     why: 'The paper\'s argument is that a deep decoder takes over the pixel-level detail so that the encoder\'s last layers stay abstract. Fashion-MNIST at 32x32 has little pixel-level detail to take over, and two epochs are too few for a deeper decoder to learn more than a shallow one.',
@@ -233,7 +244,7 @@ export function findings(runs: Map<string, RunNumbers>): Finding[] {
     both: (id) => `${pct(m.probe(id))} / ${pct(m.knn(id))}`,
     top1: (id) => get(id).test!.top1,
     seconds: (id) => get(id).training!.seconds,
-    budgetShare: ({ ft, scratch }) => `${((m.seconds(scratch) / (get(ft).from!.seconds + m.seconds(ft))) * 100).toFixed(0)}%`,
+    budgetShare: ({ ft, scratch }) => `${(scratchShare(get(ft), get(scratch)) * 100).toFixed(0)}%`,
     has: (id) => runs.get(id)?.evaluation !== undefined || runs.get(id)?.test !== undefined,
   };
   return CHECKS.map(({ claim, paper, needs, judge, why }) => {
