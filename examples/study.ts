@@ -499,9 +499,10 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
       return;
     }
     // Supervised epochs cost the same here as in fine-tuning: as many as fit in the
-    // MAE path's pre-training + fine-tuning seconds.
+    // MAE path's pre-training + fine-tuning seconds, the last one ended early (to
+    // the nearest step) where the budget runs out.
     const perEpoch = matched.training.seconds / matched.training.epochs;
-    epochs = Math.max(1, Math.round((matched.from.seconds + matched.training.seconds) / perEpoch));
+    epochs = Math.round(((matched.from.seconds + matched.training.seconds) / perEpoch) * 100) / 100;
     console.log(`  ${epochs} epochs: ${(matched.from.seconds + matched.training.seconds).toFixed(0)} s of ${spec.matches} at ${perEpoch.toFixed(0)} s per supervised epoch`);
     clf = VitClassifier.create(classifierConfig(), { seed: 0, device: DEVICE });
     layerDecay = 1;
@@ -673,7 +674,7 @@ function writeReport(data: Data): void {
   }
   w(table(['Run', 'Epochs (pre-train + supervised)', 'Pre-training (s)', 'Supervised training (s)', 'Total (s)', 'Test top-1', 'Test top-5'], supervisedRows));
   w();
-  w(`The same total budget in wall-clock: from scratch trains for the whole number of supervised epochs nearest to the seconds the MAE path took (pre-training plus fine-tuning), at the fine-tuning run's seconds per epoch${budgets.length ? `: ${budgets.join('; ')}` : ''}.`);
+  w(`The same total budget in wall-clock: from scratch trains for as many supervised epochs as fit in the seconds the MAE path took (pre-training plus fine-tuning) at the fine-tuning run's seconds per epoch, to two decimals (its cosine schedule ends there, at the nearest step)${budgets.length ? `: ${budgets.join('; ')}` : ''}.`);
   w();
   const supervisedIds = SUPERVISED_PAIRS.flatMap((pair) => [
     { id: pair.ft, setting: `MAE + fine-tuning (${pair.ft})` },

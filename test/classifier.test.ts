@@ -439,6 +439,19 @@ describe('finetune', () => {
     expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, mixup: 0.8, batchSize: 3 }))).toBe('E_ARGUMENT');
     expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, evalData: UNLABELLED }))).toBe('E_ARGUMENT');
     expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, protocol: 'partial', partialBlocks: 3 }))).toBe('E_ARGUMENT');
+    expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, epochs: 0 }))).toBe('E_ARGUMENT');
+    expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, epochs: Number.NaN }))).toBe('E_ARGUMENT');
+  });
+
+  it('trains a fractional number of epochs to the nearest whole step', async () => {
+    // Two steps an epoch: 1.5 epochs are three steps, one epoch completed.
+    const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
+    const lrs: number[] = [];
+    const summary = await clf.finetune({ ...FAST, data: LABELLED, epochs: 1.5, onProgress: (e) => { if (e.type === 'step') lrs.push(e.lr); } }).result;
+    expect(summary).toMatchObject({ steps: 3, epochsCompleted: 1, aborted: false, imagesSeen: 12 });
+    // The cosine runs over 1.5 epochs, so it is past its middle (half the peak) by the last step.
+    expect(lrs[2]).toBeLessThan(lrs[0]);
+    expect(lrs[2]).toBeLessThan(FAST.lr / 2);
   });
 
   it('stops on an AbortSignal with summary.aborted', async () => {

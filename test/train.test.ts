@@ -119,6 +119,10 @@ describe('pretrain', () => {
     expect(() => mae.pretrain({ ...base, data, maskRatio: 1 })).toThrow(expect.objectContaining({ code: 'E_MASK_RATIO' }));
     expect(() => mae.pretrain({ ...base, data: { kind: 'folder', path: join(dir, 'nope') } })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT' }));
     expect(() => mae.pretrain({ ...base, data, augment: { mean: [0.5, 0.5] } })).toThrow(/mean and std/);
+    // JSON would turn these into null, the default: they must be errors instead.
+    expect(() => mae.pretrain({ ...base, data, lr: Number.NaN })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/^lr must be a finite number/) }));
+    expect(() => mae.pretrain({ ...base, data, epochs: Infinity })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/^epochs/) }));
+    expect(() => mae.pretrain({ ...base, data, epochs: 0 })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/epochs must be a positive number/) }));
   });
 });
 

@@ -4,7 +4,7 @@ import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { runJob, TrainingRun, type RecipeOptions } from './train.js';
-import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
+import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
 /** Options for {@link VitClassifier.fromPretrained}. */
@@ -81,7 +81,7 @@ export interface FinetuneOptions extends RecipeOptions {
   protocol?: Protocol;
   /** Blocks the 'partial' protocol trains (the last ones). Default 0: the final norm and head only. */
   partialBlocks?: number;
-  /** Default 50 (linprobe 90). */
+  /** Epochs (sets the schedule's length); a fraction ends the last epoch early, at the nearest whole step. Default 50 (linprobe 90). */
   epochs?: number;
   /** Base learning rate, `lr = blr * batchSize * accumIter / 256`. Default 1e-3 (linprobe 0.1; the published ViT-B recipe uses 5e-4 with layer decay 0.65). */
   blr?: number;
@@ -154,7 +154,7 @@ export class VitClassifier {
         ? await call(() => binding.NativeMae.load(checkPath(mae), configJson(config), checkSeed(seed), checkDevice(device), checkPrecision(precision)))
         : maeNatives.get(mae);
     if (!native) throw new VitMaeError('E_ARGUMENT', 'fromPretrained needs a MaskedAutoencoder or a checkpoint path');
-    const head = JSON.stringify({ numClasses, globalPool, headBatchNorm, imgSize });
+    const head = optionsJson({ numClasses, globalPool, headBatchNorm, imgSize }, 'E_CONFIG');
     return new VitClassifier(callSync(() => binding.NativeClassifier.fromMae(native, head, checkSeed(seed))));
   }
 
@@ -164,7 +164,7 @@ export class VitClassifier {
    */
   static create(config: Partial<ClassifierConfig>, options: { seed?: number; device?: Device; precision?: Precision } = {}): VitClassifier {
     if (typeof config !== 'object' || config === null) throw new VitMaeError('E_CONFIG', 'create needs a ClassifierConfig');
-    return new VitClassifier(callSync(() => binding.NativeClassifier.create(JSON.stringify(config), checkSeed(options.seed), checkDevice(options.device), checkPrecision(options.precision))));
+    return new VitClassifier(callSync(() => binding.NativeClassifier.create(optionsJson(config, 'E_CONFIG'), checkSeed(options.seed), checkDevice(options.device), checkPrecision(options.precision))));
   }
 
   /**
@@ -174,7 +174,7 @@ export class VitClassifier {
    */
   static async load(path: string, options: ClassifierLoadOptions = {}): Promise<VitClassifier> {
     const checkedPath = checkPath(path);
-    const config = options.config === undefined ? undefined : JSON.stringify(options.config);
+    const config = configJson(options.config);
     return new VitClassifier(await call(() => binding.NativeClassifier.load(checkedPath, config, checkSeed(options.seed), checkDevice(options.device), checkPrecision(options.precision))));
   }
 
@@ -301,7 +301,7 @@ export class VitClassifier {
     const loader = loaderSpec(channels, seed, rest, { ...FINETUNE_AUGMENT, ...augment }, true);
     const evalSpec = evalData === undefined ? undefined : datasetSpec(evalData);
     const evalLoader = evalData === undefined ? undefined : passSpec(channels, rest, { padTo: augment.padTo, mean: augment.mean, std: augment.std });
-    const native = callSync(() => this.#native.finetune(datasetSpec(data), loader, evalSpec, evalLoader, JSON.stringify(config), resume));
+    const native = callSync(() => this.#native.finetune(datasetSpec(data), loader, evalSpec, evalLoader, optionsJson(config, 'E_ARGUMENT'), resume));
     return new TrainingRun(native, onProgress, signal);
   }
 

@@ -164,7 +164,7 @@ function addRecipeOptions(command: Command, d: RecipeDefaults): Command {
   return addComputeOptions(command)
     .option('--out <dir>', 'run folder: checkpoints and the final model', d.out)
     .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
-    .option('--epochs <n>', 'epochs', integer, d.epochs)
+    .option('--epochs <n>', 'epochs (a fraction ends the last one early)', number, d.epochs)
     .option('--batch-size <n>', 'images per step', integer, 64)
     .option('--accum-iter <n>', 'micro-batches per optimizer step', integer, 1)
     .option('--blr <lr>', 'base learning rate (lr = blr * batch / 256)', number, d.blr)

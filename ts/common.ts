@@ -46,12 +46,24 @@ export function checkPrecision(precision: unknown): string {
   return precision;
 }
 
+/**
+ * Options or a config as the JSON the native side reads. JSON has no NaN or
+ * Infinity (`JSON.stringify` writes null, which would silently mean "the
+ * default"), so a non-finite number is an error with `code` that names its field.
+ */
+export function optionsJson(options: object, code: 'E_ARGUMENT' | 'E_CONFIG'): string {
+  return JSON.stringify(options, (key, value: unknown) => {
+    if (typeof value === 'number' && !Number.isFinite(value)) throw new VitMaeError(code, `${key || 'value'} must be a finite number, got ${value}`);
+    return value;
+  });
+}
+
 export function configJson(config: unknown): string | undefined {
   if (config === undefined) return undefined;
   if (typeof config !== 'object' || config === null || Array.isArray(config)) {
     throw new VitMaeError('E_CONFIG', 'config must be an object of config fields');
   }
-  return JSON.stringify(config);
+  return optionsJson(config, 'E_CONFIG');
 }
 
 export function checkPath(path: unknown): string {

@@ -7,7 +7,7 @@
 import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, type Embeddings, type PassOptions } from './common.js';
+import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import { runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
@@ -355,7 +355,7 @@ export class MaskedAutoencoder {
       keepLast: rest.keepLast,
     };
     const loader = loaderSpec(this.#config.inChans, seed, rest, augment, true);
-    const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, JSON.stringify(config), resume));
+    const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, optionsJson(config, 'E_ARGUMENT'), resume));
     return new TrainingRun(native, onProgress, signal);
   }
 

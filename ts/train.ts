@@ -35,7 +35,7 @@ export interface RecipeOptions extends LoaderOptions {
 export interface PretrainOptions extends RecipeOptions {
   /** Augmentation and normalisation. */
   augment?: AugmentOptions;
-  /** Epochs (sets the schedule's length). Default 400. */
+  /** Epochs (sets the schedule's length); a fraction ends the last epoch early, at the nearest whole step. Default 400. */
   epochs?: number;
   /** Base learning rate; `lr = blr * batchSize * accumIter / 256`. Default 1.5e-4. */
   blr?: number;

@@ -32,7 +32,7 @@ fn main() -> vit_mae_core::Result<()> {
     let loader_rate = count as f64 / start.elapsed().as_secs_f64();
 
     let model = MaskedAutoencoder::new(config, &Device::Cpu, Precision::F32, 0)?;
-    let train = PretrainConfig { epochs: 1, warmup_epochs: 0.2, blr: 1.5e-3, max_steps: Some(steps), ..PretrainConfig::default() };
+    let train = PretrainConfig { epochs: 1.0, warmup_epochs: 0.2, blr: 1.5e-3, max_steps: Some(steps), ..PretrainConfig::default() };
     let mut rate = 0.0;
     let summary = pretrain(&model, &loader, &train, None, &mut |e| {
         if let TrainEvent::Step { images_per_sec, .. } = e {

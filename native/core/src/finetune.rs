@@ -40,7 +40,8 @@ pub struct FinetuneConfig {
     pub protocol: Protocol,
     /// Blocks trained by the partial protocol.
     pub partial_blocks: usize,
-    pub epochs: usize,
+    /// Length of the schedule; a fraction trains the nearest whole number of steps.
+    pub epochs: f64,
     pub accum_iter: usize,
     /// Base learning rate: `lr = blr * effective_batch / 256`.
     pub blr: f64,
@@ -76,7 +77,7 @@ impl FinetuneConfig {
         let finetune = FinetuneConfig {
             protocol,
             partial_blocks: 0,
-            epochs: 50,
+            epochs: 50.0,
             accum_iter: 1,
             blr: 1e-3,
             lr: None,
@@ -105,7 +106,7 @@ impl FinetuneConfig {
             // (the paper's Figure 9 does not give one).
             Protocol::Partial => FinetuneConfig { layer_decay: 1.0, ..finetune },
             Protocol::Linprobe => FinetuneConfig {
-                epochs: 90,
+                epochs: 90.0,
                 blr: 0.1,
                 min_lr: 0.0,
                 warmup_epochs: 10.0,

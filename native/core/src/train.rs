@@ -22,7 +22,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PretrainConfig {
-    pub epochs: usize,
+    /// Length of the schedule; a fraction trains the nearest whole number of steps.
+    pub epochs: f64,
     pub accum_iter: usize,
     /// Base learning rate: `lr = blr * effective_batch / 256`.
     pub blr: f64,
@@ -53,7 +54,7 @@ pub struct PretrainConfig {
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
-            epochs: 400,
+            epochs: 400.0,
             accum_iter: 1,
             blr: 1.5e-4,
             lr: None,
@@ -91,7 +92,7 @@ mod masking_name {
 
 /// The settings every recipe has, for the checks they share.
 pub(crate) struct RecipeChecks {
-    pub epochs: usize,
+    pub epochs: f64,
     pub accum_iter: usize,
     /// blr, lr, minLr, weightDecay
     pub rates: [(&'static str, Option<f64>); 4],
@@ -103,8 +104,11 @@ pub(crate) struct RecipeChecks {
 
 impl RecipeChecks {
     pub fn check(&self) -> Result<()> {
-        if self.epochs == 0 || self.accum_iter == 0 {
-            bail!(InvalidArgument, "epochs and accumIter must be positive");
+        if !(self.epochs.is_finite() && self.epochs > 0.0) {
+            bail!(InvalidArgument, "epochs must be a positive number, got {}", self.epochs);
+        }
+        if self.accum_iter == 0 {
+            bail!(InvalidArgument, "accumIter must be positive");
         }
         for (name, value) in self.rates {
             if let Some(v) = value {
@@ -224,7 +228,7 @@ pub fn list_checkpoints(dir: &Path) -> Vec<PathBuf> {
 /// The parts of a recipe the training loop itself uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoopConfig {
-    pub epochs: usize,
+    pub epochs: f64,
     pub accum_iter: usize,
     /// Peak learning rate (before the schedule and any per-parameter scale).
     pub lr: f64,
@@ -415,8 +419,11 @@ pub(crate) fn run(
             config.accum_iter
         );
     }
-    let total_steps = (steps_per_epoch as u64 * config.epochs as u64).min(config.max_steps.unwrap_or(u64::MAX));
-    let schedule = LrSchedule { lr: config.lr, min_lr: config.min_lr, warmup_epochs: config.warmup_epochs, epochs: config.epochs as f64 };
+    // A fractional epoch count ends the last epoch early, at the nearest whole step
+    // (at least one); the schedule still reaches its end there.
+    let epoch_steps = ((steps_per_epoch as f64 * config.epochs).round() as u64).max(1);
+    let total_steps = epoch_steps.min(config.max_steps.unwrap_or(u64::MAX));
+    let schedule = LrSchedule { lr: config.lr, min_lr: config.min_lr, warmup_epochs: config.warmup_epochs, epochs: config.epochs };
 
     let started = Instant::now();
     let start_step = state.step;
@@ -425,7 +432,7 @@ pub(crate) fn run(
     let mut skipped_images = 0;
     let mut aborted = false;
 
-    'epochs: while state.epoch < config.epochs && state.step < total_steps {
+    'epochs: while state.step < total_steps {
         let mut accumulated: Option<Vec<Tensor>> = None;
         let mut step_losses = Vec::new();
         let mut epoch_losses = Vec::new();
@@ -491,7 +498,7 @@ pub(crate) fn run(
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
             }
-            let finished = state.step >= total_steps || state.epoch >= config.epochs;
+            let finished = state.step >= total_steps;
             aborted = cancel.load(Ordering::SeqCst) && !finished;
             if finished || aborted || (config.checkpoint_every > 0 && state.step % config.checkpoint_every == 0) {
                 if let Some(path) = save_checkpoint(task, &state, config)? {

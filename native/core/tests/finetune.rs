@@ -665,12 +665,15 @@ fn assert_only_changed(before: &BTreeMap<String, Vec<u32>>, after: &BTreeMap<Str
 fn finetune_config_from_json_layers_options_over_protocol_defaults() {
     let c = FinetuneConfig::from_json(&json!({ "protocol": "linprobe", "epochs": 3, "warmupEpochs": 1, "lr": null })).unwrap();
     assert_eq!(c.protocol, Protocol::Linprobe);
-    assert_eq!(c.epochs, 3);
+    assert_eq!(c.epochs, 3.0);
     assert_eq!(c.lr, None, "null keeps the default");
     assert_eq!(c.blr, FinetuneConfig::defaults(Protocol::Linprobe).blr);
     assert_eq!(FinetuneConfig::from_json(&json!({ "protocol": "partial" })).unwrap().layer_decay, 1.0);
+    assert_eq!(FinetuneConfig::from_json(&json!({ "protocol": "finetune", "epochs": 3.64 })).unwrap().epochs, 3.64, "fractional epochs");
     for bad in [
         json!({ "epochs": 3 }),
+        json!({ "protocol": "finetune", "epochs": 0 }),
+        json!({ "protocol": "finetune", "epochs": -2.5 }),
         json!({ "protocol": "pretrain" }),
         json!({ "protocol": "finetune", "noSuchOption": 1 }),
         json!({ "protocol": "finetune", "dropPath": 1.0 }),

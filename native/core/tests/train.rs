@@ -124,7 +124,7 @@ fn loader(n_images: usize) -> Loader {
 /// A short run with a warm-up so the rate changes from step to step.
 fn base_config() -> PretrainConfig {
     PretrainConfig {
-        epochs: 10,
+        epochs: 10.0,
         lr: Some(2e-3),
         min_lr: 1e-5,
         warmup_epochs: 1.0,
@@ -462,7 +462,7 @@ fn loss_decreases_in_bf16() {
 fn check_loss_decreases(precision: Precision) {
     let loader = loader(32);
     let model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 11).unwrap();
-    let config = PretrainConfig { lr: Some(5e-3), warmup_epochs: 0.5, epochs: 100, max_steps: Some(30), ..base_config() };
+    let config = PretrainConfig { lr: Some(5e-3), warmup_epochs: 0.5, epochs: 100.0, max_steps: Some(30), ..base_config() };
     let (summary, events) = run(&model, &loader, &config, None).unwrap();
     assert_eq!(summary.steps, 30);
     assert!(!summary.aborted);
@@ -509,7 +509,7 @@ fn check_exact_resume(n_images: usize, accum_iter: usize, n: u64, clip_grad: Opt
     let loader = loader(n_images);
     let straight_dir = TempDir::new("straight");
     let split_dir = TempDir::new("split");
-    let config = PretrainConfig { accum_iter, clip_grad, epochs: 6, ..base_config() };
+    let config = PretrainConfig { accum_iter, clip_grad, epochs: 6.0, ..base_config() };
 
     let straight = tiny_model(31);
     let (s, straight_events) =
@@ -770,7 +770,7 @@ fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
 }
 
 /// Checks one run's events against what its settings imply.
-fn check_events(n_images: usize, accum_iter: usize, epochs: usize, max_steps: Option<u64>, checkpoint_every: u64) {
+fn check_events(n_images: usize, accum_iter: usize, epochs: f64, max_steps: Option<u64>, checkpoint_every: u64) {
     let what = format!("{n_images} images, accum {accum_iter}, {epochs} epochs, max {max_steps:?}, every {checkpoint_every}");
     let loader = loader(n_images);
     let dir = TempDir::new("events");
@@ -789,7 +789,7 @@ fn check_events(n_images: usize, accum_iter: usize, epochs: usize, max_steps: Op
     };
     let batches = n_images / BATCH;
     let steps_per_epoch = (batches / accum_iter) as u64;
-    let total = (steps_per_epoch * epochs as u64).min(max_steps.unwrap_or(u64::MAX));
+    let total = ((steps_per_epoch as f64 * epochs).round() as u64).min(max_steps.unwrap_or(u64::MAX));
     let peak = 1e-3 * (BATCH * accum_iter) as f64 / 256.0;
 
     let model = tiny_model(71);
@@ -820,7 +820,7 @@ fn check_events(n_images: usize, accum_iter: usize, epochs: usize, max_steps: Op
         assert_eq!(epoch as u64, e, "{what}: epoch of step {step}");
         // The rate is set at the step's first micro-batch: epoch + batch / batches.
         let first_batch = ((step - 1) % steps_per_epoch) as usize * accum_iter;
-        let want = published_lr(peak, 1e-6, 1.0, epochs as f64, e as f64 + first_batch as f64 / batches as f64);
+        let want = published_lr(peak, 1e-6, 1.0, epochs, e as f64 + first_batch as f64 / batches as f64);
         assert!(lr.is_finite() && close(lr, want, 1e-9), "{what}: lr at step {step} is {lr}, want {want}");
     }
 
@@ -868,11 +868,15 @@ fn check_events(n_images: usize, accum_iter: usize, epochs: usize, max_steps: Op
 #[test]
 fn events_describe_the_run() {
     // 5 batches, accum 2: 2 steps an epoch, 3 epochs, all of them.
-    check_events(40, 2, 3, None, 2);
+    check_events(40, 2, 3.0, None, 2);
     // Stopped by max_steps mid-epoch 2.
-    check_events(40, 2, 3, Some(5), 2);
+    check_events(40, 2, 3.0, Some(5), 2);
     // No accumulation, 4 batches an epoch, stopped mid-epoch 1; checkpoints only at the end.
-    check_events(32, 1, 3, Some(6), 0);
+    check_events(32, 1, 3.0, Some(6), 0);
+    // Fractional epochs: 2.5 of 2 steps end after step 5, mid-epoch 2, where the
+    // schedule ends; 1.6 of 4 steps round to 6.
+    check_events(40, 2, 2.5, None, 2);
+    check_events(32, 1, 1.6, None, 0);
 }
 
 /// Resuming onto a loader with no batches left in the checkpoint's epoch (another
