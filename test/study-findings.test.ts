@@ -42,6 +42,18 @@ describe('study findings', () => {
     expect(verdict(runs(0.79, 0.8), target).verdict).toBe('no');
   });
 
+  it('explain only the masking comparisons that fail', () => {
+    const masking = /Random masking/;
+    const runs = (block: number, grid: number) => new Map([['abl-r75', mae(0.8, 0.8)], ['abl-block', mae(block, block)], ['abl-grid', mae(grid, grid)]]);
+    expect(verdict(runs(0.75, 0.76), masking)).toMatchObject({ verdict: 'yes', why: '' });
+    const gridAhead = verdict(runs(0.75, 0.82), masking);
+    expect(gridAhead.verdict).toBe('no');
+    expect(gridAhead.why).toMatch(/^Random beats block masking here, as in the paper\. Grid masking keeps/);
+    expect(gridAhead.why).not.toMatch(/Block masking at 75%/);
+    const bothTie = verdict(runs(0.8, 0.8), masking).why;
+    expect(bothTie).toMatch(/^Block masking at 75%.* Grid masking keeps/);
+  });
+
   it('weigh both accuracy and speed for mask tokens in the encoder', () => {
     const tokens = /mask tokens/;
     const runs = (withTokens: RunNumbers) => new Map([['abl-r75', mae(0.8, 0.8, 300)], ['abl-encoder-mask-token', withTokens]]);
