@@ -34,7 +34,7 @@ import {
   type TrainingRun,
   nativeBackend,
 } from '../ts/index.js';
-import { DECODER_DEPTHS, findings, RATIOS, scratchShare, SUPERVISED_PAIRS, targets, TIE } from './study/findings.js';
+import { DECODER_DEPTHS, findings, pathSeconds, RATIOS, scratchShare, SUPERVISED_PAIRS, targets, TIE } from './study/findings.js';
 import { readIdxImages, readIdxLabels } from './study/idx.js';
 import { knnClassify } from './study/knn.js';
 import { linearProbe, type ProbeOptions } from './study/probe.js';
@@ -502,8 +502,9 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
     // MAE path's pre-training + fine-tuning seconds, the last one ended early (to
     // the nearest step) where the budget runs out.
     const perEpoch = matched.training.seconds / matched.training.epochs;
-    epochs = Math.round(((matched.from.seconds + matched.training.seconds) / perEpoch) * 100) / 100;
-    console.log(`  ${epochs} epochs: ${(matched.from.seconds + matched.training.seconds).toFixed(0)} s of ${spec.matches} at ${perEpoch.toFixed(0)} s per supervised epoch`);
+    const budget = pathSeconds(matched);
+    epochs = Math.round((budget / perEpoch) * 100) / 100;
+    console.log(`  ${epochs} epochs: ${budget.toFixed(0)} s of ${spec.matches} at ${perEpoch.toFixed(0)} s per supervised epoch`);
     clf = VitClassifier.create(classifierConfig(), { seed: 0, device: DEVICE });
     layerDecay = 1;
   }
@@ -662,14 +663,14 @@ function writeReport(data: Data): void {
     const sc = results.get(pair.scratch);
     supervisedRows.push(
       ft?.training && ft.test && ft.from
-        ? [`MAE + fine-tuning (\`${pair.ft}\`)`, `${ft.from.epochs} + ${ft.training.epochs}`, secs(ft.from.seconds), secs(ft.training.seconds), secs(ft.from.seconds + ft.training.seconds), pct(ft.test.top1), pct(ft.test.top5)]
+        ? [`MAE + fine-tuning (\`${pair.ft}\`)`, `${ft.from.epochs} + ${ft.training.epochs}`, secs(ft.from.seconds), secs(ft.training.seconds), secs(pathSeconds(ft)), pct(ft.test.top1), pct(ft.test.top5)]
         : [`MAE + fine-tuning (\`${pair.ft}\`)`, NOT_RUN, '', '', '', '', ''],
       sc?.training && sc.test
         ? [`from scratch (\`${pair.scratch}\`)`, `0 + ${sc.training.epochs}`, '0', secs(sc.training.seconds), secs(sc.training.seconds), pct(sc.test.top1), pct(sc.test.top5)]
         : [`from scratch (\`${pair.scratch}\`)`, NOT_RUN, '', '', '', '', ''],
     );
     if (ft?.training && ft.from && sc?.training) {
-      budgets.push(`\`${pair.scratch}\` trained ${secs(sc.training.seconds)} s against the ${secs(ft.from.seconds + ft.training.seconds)} s of \`${pair.ft}\`'s path (${(scratchShare(ft, sc) * 100).toFixed(0)}%)`);
+      budgets.push(`\`${pair.scratch}\` trained ${secs(sc.training.seconds)} s against the ${secs(pathSeconds(ft))} s of \`${pair.ft}\`'s path (${(scratchShare(ft, sc) * 100).toFixed(0)}%)`);
     }
   }
   w(table(['Run', 'Epochs (pre-train + supervised)', 'Pre-training (s)', 'Supervised training (s)', 'Total (s)', 'Test top-1', 'Test top-5'], supervisedRows));

@@ -89,6 +89,30 @@ describe('study findings', () => {
     expect(mixed.here).toBe('reference budget: 88.0% fine-tuned against 90.0% from scratch (in 110% of the time); long budget: 91.0% fine-tuned against 90.0% from scratch (in 110% of the time)');
   });
 
+  it('explain fine-tuning against from scratch by the budgets where it falls behind and how the gap moves', () => {
+    const ft = /from scratch/;
+    const ftRun = (top1: number, preTraining: number): RunNumbers => ({ test: { top1 }, training: { seconds: 800, epochs: 2 }, from: { seconds: preTraining } });
+    const scratchRun = (top1: number): RunNumbers => ({ test: { top1 }, training: { seconds: 1500, epochs: 4 } });
+    const runs = (ftLong: number, scratchLong: number) =>
+      new Map<string, RunNumbers>([
+        ['ft-mae-r75', ftRun(0.85, 700)],
+        ['scratch', scratchRun(0.86)],
+        ['ft-mae-r75-long', ftRun(ftLong, 1400)],
+        ['scratch-long', scratchRun(scratchLong)],
+      ]);
+    const narrows = verdict(runs(0.872, 0.869), ft);
+    expect(narrows.verdict).toBe('no');
+    expect(narrows.why).toContain('At the reference budget, a 1M-parameter ViT');
+    expect(narrows.why).toContain('From the reference budget (1500 s) to the long budget (2200 s), MAE + fine-tuning gains 2.2 points and from scratch 0.9 points, so the gap closes to a tie:');
+    expect(verdict(runs(0.88, 0.869), ft).why).toContain('so the gap turns in MAE\'s favour:');
+    expect(verdict(runs(0.86, 0.869), ft).why).toContain('so the gap narrows:');
+    const behindTwice = verdict(runs(0.86, 0.88), ft);
+    expect(behindTwice.why).toContain('At the reference budget and the long budget, a 1M-parameter ViT');
+    expect(behindTwice.why).toContain('from scratch 2.0 points: the gap does not narrow at these budgets.');
+    const referenceOnly = new Map([...runs(0.87, 0.87)].filter(([id]) => !id.endsWith('-long')));
+    expect(verdict(referenceOnly, ft).why).not.toContain('From the reference budget');
+  });
+
   it('check the targets against the reference run and PyTorch on this machine', () => {
     const reference = { probe: 0.817, knn: 0.815, seconds: 580 };
     const runs = new Map<string, RunNumbers>([
