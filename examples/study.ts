@@ -670,7 +670,7 @@ function writeReport(data: Data): void {
         : [`from scratch (\`${pair.scratch}\`)`, NOT_RUN, '', '', '', '', ''],
     );
     if (ft?.training && ft.from && sc?.training) {
-      budgets.push(`\`${pair.scratch}\` trained ${secs(sc.training.seconds)} s against the ${secs(pathSeconds(ft))} s of \`${pair.ft}\`'s path (${(scratchShare(ft, sc) * 100).toFixed(0)}%)`);
+      budgets.push(`\`${pair.scratch}\` trained ${secs(sc.training.seconds)} s against the ${secs(pathSeconds(ft))} s of \`${pair.ft}\`'s path (${scratchShare(ft, sc)})`);
     }
   }
   w(table(['Run', 'Epochs (pre-train + supervised)', 'Pre-training (s)', 'Supervised training (s)', 'Total (s)', 'Test top-1', 'Test top-5'], supervisedRows));

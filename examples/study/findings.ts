@@ -108,9 +108,8 @@ interface Check {
   paper: string;
   /** Runs that must have finished (with an evaluation or a test accuracy). */
   needs: string[];
-  judge: (m: Measures) => { here: string; verdict: Exclude<Verdict, 'not run yet'> };
-  /** Why we think it does not (fully) reproduce; a function where that depends on which comparison failed. */
-  why: string | ((m: Measures) => string);
+  /** What the runs show, the verdict, and why we think the finding does not (fully) reproduce (dropped where it does). */
+  judge: (m: Measures) => { here: string; verdict: Exclude<Verdict, 'not run yet'>; why: string };
 }
 
 /** Accessors for the finished runs' numbers (defined for the runs a check needs). */
@@ -154,9 +153,9 @@ export function pathSeconds(ft: RunNumbers): number {
   return ft.from!.seconds + ft.training!.seconds;
 }
 
-/** From scratch's wall-clock as a fraction of its MAE path's (pre-training + fine-tuning). */
-export function scratchShare(ft: RunNumbers, scratch: RunNumbers): number {
-  return scratch.training!.seconds / pathSeconds(ft);
+/** From scratch's wall-clock as a percentage of its MAE path's (pre-training + fine-tuning), e.g. "107%". */
+export function scratchShare(ft: RunNumbers, scratch: RunNumbers): string {
+  return `${((scratch.training!.seconds / pathSeconds(ft)) * 100).toFixed(0)}%`;
 }
 
 const CHECKS: Check[] = [
@@ -167,27 +166,20 @@ const CHECKS: Check[] = [
     judge: (m) => ({
       here: `probe / kNN: random ${m.both('random-init')}, MAE ${m.both('mae-r75')}`,
       verdict: allHigher([order(m.probe('mae-r75'), m.probe('random-init')), order(m.knn('mae-r75'), m.knn('random-init'))]),
+      why: 'A random ViT on 32x32 Fashion-MNIST is already a strong random-feature model: the items are centred on a plain background, so even random projections of the patches separate most classes.',
     }),
-    why: 'A random ViT on 32x32 Fashion-MNIST is already a strong random-feature model: the items are centred on a plain background, so even random projections of the patches separate most classes.',
   },
   {
     claim: 'MAE pre-training + fine-tuning beats supervised training from scratch for the same budget (Section 4, Table 3)',
     paper: 'ViT-L: 85.9% fine-tuned against 82.5% from scratch (with strong regularisation)',
     needs: ['ft-mae-r75', 'scratch'],
     judge: (m) => {
-      const pairs = SUPERVISED_PAIRS.filter((p) => m.has(p.ft) && m.has(p.scratch));
-      const orders = pairs.map((p) => order(m.top1(p.ft), m.top1(p.scratch)));
-      return {
-        here: pairs.map((p) => `${p.budget}: ${pct(m.top1(p.ft))} fine-tuned against ${pct(m.top1(p.scratch))} from scratch (in ${m.budgetShare(p)} of the time)`).join('; '),
-        verdict: orders.every((o) => o === 'higher') ? 'yes' : orders.includes('lower') && !orders.includes('higher') ? 'no' : 'partly',
-      };
-    },
-    why: (m) => {
-      const pairs = SUPERVISED_PAIRS.filter((p) => m.has(p.ft) && m.has(p.scratch));
-      const parts = ['The paper\'s gap comes from ViT-L on ImageNet, where a supervised ViT overfits and MAE pre-training works as a regulariser over hundreds of epochs.'];
-      const behind = pairs.filter((p) => order(m.top1(p.ft), m.top1(p.scratch)) === 'lower').map((p) => p.budget);
+      const pairs = SUPERVISED_PAIRS.filter((p) => m.has(p.ft) && m.has(p.scratch)).map((p) => ({ ...p, order: order(m.top1(p.ft), m.top1(p.scratch)) }));
+      const orders = pairs.map((p) => p.order);
+      const why = ['The paper\'s gap comes from ViT-L on ImageNet, where a supervised ViT overfits and MAE pre-training works as a regulariser over hundreds of epochs.'];
+      const behind = pairs.filter((p) => p.order === 'lower').map((p) => p.budget);
       if (behind.length > 0) {
-        parts.push(
+        why.push(
           `At the ${behind.join(' and the ')}, a 1M-parameter ViT trained for a few epochs on 60,000 images is still under-fitting when its schedule ends (its training loss is still falling), so it is limited by its budget, not by its data: the seconds pre-training takes buy more as supervised epochs than as an initialisation.`,
         );
       }
@@ -196,14 +188,18 @@ const CHECKS: Check[] = [
         const ftGain = m.top1(long.ft) - m.top1(short.ft);
         const scratchGain = m.top1(long.scratch) - m.top1(short.scratch);
         const gains = `From the ${short.budget} (${m.pathSeconds(short.ft).toFixed(0)} s) to the ${long.budget} (${m.pathSeconds(long.ft).toFixed(0)} s), MAE + fine-tuning gains ${points(ftGain)} and from scratch ${points(scratchGain)}`;
-        parts.push(
+        why.push(
           ftGain > scratchGain
-            ? `${gains}, so the gap ${{ lower: 'narrows', tie: 'closes to a tie', higher: 'turns in MAE\'s favour' }[order(m.top1(long.ft), m.top1(long.scratch))]}: the extra seconds buy more as pre-training than as supervised epochs, as the paper's longer pre-training schedules keep paying off (Figure 7). With one seed per run, we read no more into the order than that.`
+            ? `${gains}, so the gap ${{ lower: 'narrows', tie: 'closes to a tie', higher: 'turns in MAE\'s favour' }[long.order]}: the extra seconds buy more as pre-training than as supervised epochs, as the paper's longer pre-training schedules keep paying off (Figure 7). With one seed per run, we read no more into the order than that.`
             : `${gains}: the gap does not narrow at these budgets.`,
         );
       }
-      parts.push('From scratch\'s epochs are set from the fine-tuning run\'s seconds per epoch, so its share of the time is close to 100% but not exact; the row says what it got.');
-      return parts.join(' ');
+      why.push('From scratch\'s epochs are set from the fine-tuning run\'s seconds per epoch, so its share of the time is close to 100% but not exact; the row says what it got.');
+      return {
+        here: pairs.map((p) => `${p.budget}: ${pct(m.top1(p.ft))} fine-tuned against ${pct(m.top1(p.scratch))} from scratch (in ${m.budgetShare(p)} of the time)`).join('; '),
+        verdict: orders.every((o) => o === 'higher') ? 'yes' : orders.includes('lower') && !orders.includes('higher') ? 'no' : 'partly',
+        why: why.join(' '),
+      };
     },
   },
   {
@@ -217,9 +213,9 @@ const CHECKS: Check[] = [
       return {
         here: `best probe at ${bestProbe.ratio}%, best kNN at ${bestKnn.ratio}% (probe / kNN: ${RATIOS.map((r) => `${r.ratio}% ${m.both(r.id)}`).join(', ')}; pre-training ${RATIOS.map((r) => `${m.seconds(r.id).toFixed(0)} s`).join(' / ')})`,
         verdict: peaksAt75 ? 'yes' : bestProbe.ratio >= 75 || bestKnn.ratio >= 75 ? 'partly' : 'no',
+        why: 'Every ratio trains for the same epochs, so lower ratios get more encoder compute (at 25% the encoder sees three times the patches of 75%); over two epochs that extra compute counts for more than it does after the paper\'s 800. The row\'s pre-training seconds show that compute: for the same wall-clock rather than the same epochs, the higher ratios would train for more epochs. And a 4x4 patch of a smooth, centred item is easy to infer from its neighbours, so the task stays hard enough to learn from at lower ratios than on ImageNet.',
       };
     },
-    why: 'Every ratio trains for the same epochs, so lower ratios get more encoder compute (at 25% the encoder sees three times the patches of 75%); over two epochs that extra compute counts for more than it does after the paper\'s 800. The row\'s pre-training seconds show that compute: for the same wall-clock rather than the same epochs, the higher ratios would train for more epochs. And a 4x4 patch of a smooth, centred item is easy to infer from its neighbours, so the task stays hard enough to learn from at lower ratios than on ImageNet.',
   },
   {
     claim: 'A deeper decoder improves linear probing (Table 1a)',
@@ -228,8 +224,8 @@ const CHECKS: Check[] = [
     judge: (m) => ({
       here: `depth ${DECODER_DEPTHS.map((d) => d.depth).join(' / ')} probe: ${DECODER_DEPTHS.map((d) => pct(m.probe(d.id))).join(' / ')}; kNN: ${DECODER_DEPTHS.map((d) => pct(m.knn(d.id))).join(' / ')}`,
       verdict: allHigher([order(m.probe('abl-r75'), m.probe('abl-dec1')), order(m.probe('abl-dec4'), m.probe('abl-r75'))]),
+      why: 'The paper\'s argument is that a deep decoder takes over the pixel-level detail so that the encoder\'s last layers stay abstract. Fashion-MNIST at 32x32 has little pixel-level detail to take over, and two epochs are too few for a deeper decoder to learn more than a shallow one.',
     }),
-    why: 'The paper\'s argument is that a deep decoder takes over the pixel-level detail so that the encoder\'s last layers stay abstract. Fashion-MNIST at 32x32 has little pixel-level detail to take over, and two epochs are too few for a deeper decoder to learn more than a shallow one.',
   },
   {
     claim: 'Per-patch normalised pixels are a better target than raw pixels (Table 1d)',
@@ -238,25 +234,24 @@ const CHECKS: Check[] = [
     judge: (m) => ({
       here: `probe / kNN: norm-pix ${m.both('abl-r75')}, raw ${m.both('abl-raw')}`,
       verdict: allHigher([order(m.probe('abl-r75'), m.probe('abl-raw')), order(m.knn('abl-r75'), m.knn('abl-raw'))]),
+      why: 'The paper\'s gain is small (0.4 points of linear probe) and the same size as our noise. Normalising a patch boosts its local contrast; most Fashion-MNIST patches are flat background, whose normalised target is zero either way, and the items themselves have little texture for the normalisation to bring out.',
     }),
-    why: 'The paper\'s gain is small (0.4 points of linear probe) and the same size as our noise. Normalising a patch boosts its local contrast; most Fashion-MNIST patches are flat background, whose normalised target is zero either way, and the items themselves have little texture for the normalisation to bring out.',
   },
   {
     claim: 'Random masking beats block-wise and grid masking (Table 1f)',
     paper: 'linear probe: random 73.5%, block (75%) 63.9%, grid 66.0%',
     needs: ['abl-r75', 'abl-block', 'abl-grid'],
-    judge: (m) => ({
-      here: `probe / kNN: random ${m.both('abl-r75')}, block ${m.both('abl-block')}, grid ${m.both('abl-grid')}`,
-      verdict: allHigher([order(m.probe('abl-r75'), m.probe('abl-block')), order(m.probe('abl-r75'), m.probe('abl-grid'))]),
-    }),
-    why: (m) => {
+    judge: (m) => {
+      const beats = { block: order(m.probe('abl-r75'), m.probe('abl-block')), grid: order(m.probe('abl-r75'), m.probe('abl-grid')) };
       const reasons = {
         block: 'Block masking at 75% on an 8x8 grid of patches still leaves whole regions of the item visible, so the task is not much harder than with random masking.',
         grid: 'Grid masking keeps one patch of every 2x2 visible, so every removed patch has visible neighbours; on ImageNet\'s 14x14 grid of 16-pixel patches the paper finds that task too easy. On 8x8 patches of 4 pixels we think the evenly spread visible patches give the encoder the whole silhouette of the item, sampled more coarsely, and the silhouette is most of what tells Fashion-MNIST\'s classes apart, so filling in between still teaches what the probe needs.',
       };
-      return (['block', 'grid'] as const)
-        .map((k) => (order(m.probe('abl-r75'), m.probe(`abl-${k}`)) === 'higher' ? `Random beats ${k} masking here, as in the paper.` : reasons[k]))
-        .join(' ');
+      return {
+        here: `probe / kNN: random ${m.both('abl-r75')}, block ${m.both('abl-block')}, grid ${m.both('abl-grid')}`,
+        verdict: allHigher([beats.block, beats.grid]),
+        why: (['block', 'grid'] as const).map((k) => (beats[k] === 'higher' ? `Random beats ${k} masking here, as in the paper.` : reasons[k])).join(' '),
+      };
     },
   },
   {
@@ -264,30 +259,27 @@ const CHECKS: Check[] = [
     paper: 'linear probe 73.5% without against 59.6% with; 3.3x fewer FLOPs, training 3x or more faster (abstract, Table 2)',
     needs: ['abl-r75', 'abl-encoder-mask-token'],
     judge: (m) => {
-      const speedup = m.seconds('abl-encoder-mask-token') / m.seconds('abl-r75');
-      const better = order(m.probe('abl-r75'), m.probe('abl-encoder-mask-token'));
-      return {
-        here: `probe / kNN: without ${m.both('abl-r75')}, with ${m.both('abl-encoder-mask-token')}; ${speedup.toFixed(2)}x less wall-clock without`,
-        verdict: better === 'higher' && speedup > 1.5 ? 'yes' : better !== 'lower' && speedup > 1 ? 'partly' : 'no',
-      };
-    },
-    why: (m) => {
       const tokens = 'abl-encoder-mask-token';
-      const parts: string[] = [];
-      if (order(m.probe('abl-r75'), m.probe(tokens)) !== 'higher') {
-        parts.push('For the same epochs, an encoder with mask tokens does about four times the encoder compute per image (65 tokens instead of 17); over two epochs that extra compute counts for more than the mismatch the paper blames for its gap (mask tokens in pre-training, none downstream), which costs less with 64 patches than with 196.');
+      const speedup = m.seconds(tokens) / m.seconds('abl-r75');
+      const better = order(m.probe('abl-r75'), m.probe(tokens));
+      const why: string[] = [];
+      if (better !== 'higher') {
+        why.push('For the same epochs, an encoder with mask tokens does about four times the encoder compute per image (65 tokens instead of 17); over two epochs that extra compute counts for more than the mismatch the paper blames for its gap (mask tokens in pre-training, none downstream), which costs less with 64 patches than with 196.');
         // The fair comparison is at equal wall-clock: the encoder without mask tokens trains longer in it.
         if (m.has('mae-r75') && m.seconds('mae-r75') <= m.seconds(tokens)) {
-          parts.push(`For no more wall-clock, the encoder without mask tokens trains longer: \`mae-r75\` (the same recipe, ${m.epochs('mae-r75')} epochs in ${m.seconds('mae-r75').toFixed(0)} s against ${m.seconds(tokens).toFixed(0)} s) reaches ${m.both('mae-r75')} (probe / kNN).`);
+          why.push(`For no more wall-clock, the encoder without mask tokens trains longer: \`mae-r75\` (the same recipe, ${m.epochs('mae-r75')} epochs in ${m.seconds('mae-r75').toFixed(0)} s against ${m.seconds(tokens).toFixed(0)} s) reaches ${m.both('mae-r75')} (probe / kNN).`);
         }
       }
-      const speedup = m.seconds(tokens) / m.seconds('abl-r75');
-      parts.push(
+      why.push(
         speedup > 1.5
           ? `The speed-up reproduces: ${speedup.toFixed(2)}x less wall-clock without mask tokens.`
           : 'The speed-up at this size is bounded by the decoder, the optimiser and per-step overheads, which do not shrink with the encoder\'s tokens.',
       );
-      return parts.join(' ');
+      return {
+        here: `probe / kNN: without ${m.both('abl-r75')}, with ${m.both(tokens)}; ${speedup.toFixed(2)}x less wall-clock without`,
+        verdict: better === 'higher' && speedup > 1.5 ? 'yes' : better !== 'lower' && speedup > 1 ? 'partly' : 'no',
+        why: why.join(' '),
+      };
     },
   },
 ];
@@ -303,12 +295,12 @@ export function findings(runs: Map<string, RunNumbers>): Finding[] {
     seconds: (id) => get(id).training!.seconds,
     epochs: (id) => get(id).training!.epochs,
     pathSeconds: (id) => pathSeconds(get(id)),
-    budgetShare: ({ ft, scratch }) => `${(scratchShare(get(ft), get(scratch)) * 100).toFixed(0)}%`,
+    budgetShare: ({ ft, scratch }) => scratchShare(get(ft), get(scratch)),
     has: (id) => runs.get(id)?.evaluation !== undefined || runs.get(id)?.test !== undefined,
   };
-  return CHECKS.map(({ claim, paper, needs, judge, why }) => {
+  return CHECKS.map(({ claim, paper, needs, judge }) => {
     if (!needs.every(m.has)) return { claim, paper, here: '–', verdict: 'not run yet', why: '' };
-    const { here, verdict } = judge(m);
-    return { claim, paper, here, verdict, why: verdict === 'yes' ? '' : typeof why === 'string' ? why : why(m) };
+    const { here, verdict, why } = judge(m);
+    return { claim, paper, here, verdict, why: verdict === 'yes' ? '' : why };
   });
 }
