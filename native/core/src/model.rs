@@ -4,6 +4,7 @@
 use crate::bail;
 use crate::config::MaeConfig;
 use crate::device::Precision;
+use crate::engine::{MaeEngine, Mode};
 use crate::error::Result;
 use crate::masking::{self, MaskPlan, Masking};
 use crate::nn::{Block, LayerNorm, Linear};
@@ -127,6 +128,9 @@ pub struct MaskedAutoencoder {
     decoder_pos_embed: Tensor,
     /// Drawn from when a forward pass is not given noise.
     mask_rng: Mutex<ChaCha8Rng>,
+    /// The engine plan of the last call on the CPU in f32, reused while the batch shape
+    /// stays the same (its buffers are allocated once).
+    engine: Mutex<Option<MaeEngine>>,
 
     patch_embed: PatchEmbed,
     cls_token: Tensor,
@@ -185,6 +189,7 @@ impl MaskedAutoencoder {
             pos_embed,
             decoder_pos_embed,
             mask_rng,
+            engine: Mutex::new(None),
             patch_embed,
             cls_token,
             encoder_mask_token,
@@ -381,11 +386,49 @@ impl MaskedAutoencoder {
         Ok(((loss * mask)?.sum_all()? / removed)?)
     }
 
-    /// The published `forward(imgs, mask_ratio)`.
+    /// The published `forward(imgs, mask_ratio)`: on the engine on the CPU in f32, else
+    /// the reference model.
     pub fn forward(&self, imgs: &Tensor, options: &MaskOptions) -> Result<ForwardOutput> {
         let n = imgs.dim(0)?;
         let plan = self.mask_plan(n, options)?;
-        self.forward_with_plan(imgs, &plan)
+        if !self.uses_engine() {
+            return self.forward_with_plan(imgs, &plan);
+        }
+        let l = self.config.num_patches();
+        let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
+        self.with_engine(n, plan.len_keep, Mode::Forward, |engine| {
+            let loss = engine.run_forward(&pixels, &plan)?;
+            let tokens = if self.config.encoder_mask_token { l } else { plan.len_keep };
+            let ids_restore: Vec<f32> = plan.ids_restore().into_iter().flatten().map(|i| i as f32).collect();
+            Ok(ForwardOutput {
+                loss: Tensor::new(loss, &self.device)?,
+                pred: Tensor::from_vec(engine.pred(), (n, l, self.config.patch_dim()), &self.device)?,
+                mask: Tensor::from_slice(engine.mask(), (n, l), &self.device)?,
+                ids_restore: Tensor::from_vec(ids_restore, (n, l), &self.device)?,
+                latent: Tensor::from_vec(engine.latent(), (n, 1 + tokens, self.config.embed_dim), &self.device)?,
+                removed: l - plan.len_keep,
+            })
+        })
+    }
+
+    /// Whether calls run on the engine (`crate::engine`): f32 on the CPU. Elsewhere they
+    /// run on this reference model.
+    pub fn uses_engine(&self) -> bool {
+        self.device.is_cpu() && self.precision == Precision::F32
+    }
+
+    /// Runs `f` on an engine plan for `n` images keeping `len_keep` patches, loaded with
+    /// this model's weights; the plan is kept for the next call of the same shape.
+    pub(crate) fn with_engine<T>(&self, n: usize, len_keep: usize, mode: Mode, f: impl FnOnce(&mut MaeEngine) -> Result<T>) -> Result<T> {
+        let mut cached = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if !cached.as_ref().is_some_and(|e| e.batch == n && e.len_keep == len_keep && e.mode == mode) {
+            // The old plan's buffers go before the new ones are allocated.
+            *cached = None;
+            *cached = Some(MaeEngine::new(&self.config, n, len_keep, mode)?);
+        }
+        let engine = cached.as_mut().expect("set above");
+        engine.load_from(self)?;
+        f(engine)
     }
 
     pub fn forward_with_plan(&self, imgs: &Tensor, plan: &MaskPlan) -> Result<ForwardOutput> {
@@ -402,8 +445,23 @@ impl MaskedAutoencoder {
 
     /// The loss and the gradient of every trainable parameter, by published name.
     pub fn loss_and_gradients(&self, imgs: &Tensor, options: &MaskOptions) -> Result<(f32, Vec<(String, Tensor)>)> {
-        let out = self.forward(imgs, options)?;
-        Ok((out.loss.to_scalar::<f32>()?, self.gradients(&out)?))
+        let n = imgs.dim(0)?;
+        let plan = self.mask_plan(n, options)?;
+        if !self.uses_engine() {
+            let out = self.forward_with_plan(imgs, &plan)?;
+            return Ok((out.loss.to_scalar::<f32>()?, self.gradients(&out)?));
+        }
+        let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
+        self.with_engine(n, plan.len_keep, Mode::Train, |engine| {
+            engine.zero_grad();
+            let loss = engine.accumulate(&pixels, &plan, 1.0)?;
+            let grads = engine.grads();
+            let gradients = engine
+                .param_layout()
+                .map(|(name, shape, range)| Ok((name.to_string(), Tensor::from_slice(&grads[range], shape, &self.device)?)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((loss, gradients))
+        })
     }
 
     /// Backpropagates a forward pass's loss to every trainable parameter.
@@ -462,9 +520,17 @@ impl MaskedAutoencoder {
     /// Features of whole images `[N, D]`: the encoder over every patch, after its
     /// final norm, pooled. No gradient is kept.
     pub fn embed(&self, imgs: &Tensor, pool: Pool) -> Result<Tensor> {
-        let n = imgs.dim(0)?;
-        let latent = self.forward_encoder(imgs, &MaskPlan::keep_all(n, self.config.num_patches()))?;
-        pool.apply(&latent.detach())
+        let (n, l, d) = (imgs.dim(0)?, self.config.num_patches(), self.config.embed_dim);
+        let plan = MaskPlan::keep_all(n, l);
+        if !self.uses_engine() {
+            return pool.apply(&self.forward_encoder(imgs, &plan)?.detach());
+        }
+        let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
+        let latent = self.with_engine(n, l, Mode::Encode, |engine| {
+            engine.run_forward(&pixels, &plan)?;
+            Ok(engine.latent())
+        })?;
+        pool.apply(&Tensor::from_vec(latent, (n, 1 + l, d), &self.device)?)
     }
 }
 

@@ -8,6 +8,7 @@
 //! gradients candle derives.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, D};
+use crate::engine::rows::*;
 use crate::sgemm::{sgemm, written_by, Threads};
 use rayon::prelude::*;
 
@@ -104,142 +105,6 @@ pub fn bias_gelu(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
     xs.to_dtype(bias.dtype())?.broadcast_add(bias)?.gelu_erf()?.to_dtype(xs.dtype())
 }
 
-/// Whether this CPU has AVX2 and FMA. The shipped binary targets baseline x86-64;
-/// the kernels below are compiled a second time for AVX2+FMA and picked at run time.
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
-/// Defines `$name` calling `$generic` through an AVX2+FMA build of it when the CPU
-/// has those, else the baseline build.
-macro_rules! dispatch {
-    ($(#[$meta:meta])* fn $name:ident / $avx2:ident = $generic:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $avx2($($arg: $ty),*) $(-> $ret)? {
-            $generic($($arg),*)
-        }
-
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2_fma() {
-                // SAFETY: the CPU supports the features the function was compiled for.
-                return unsafe { $avx2($($arg),*) };
-            }
-            $generic($($arg),*)
-        }
-    };
-}
-
-/// `e^x` in f32 (relative error below 3e-7) in plain arithmetic that vectorises:
-/// x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, times 2^n.
-/// Inputs are clamped to [-87.3, 88] (the callers pass values <= 0).
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits, so
-    // n and 2^n come from bit operations that vectorise (an `as i32` cast does not: Rust
-    // saturates it lane by lane).
-    const ROUNDER: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.0);
-    let shifted = x * std::f32::consts::LOG2_E + ROUNDER;
-    let n = shifted - ROUNDER;
-    // ln 2 split in two so that n * ln2 is exact enough.
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits((shifted.to_bits().wrapping_sub(ROUNDER.to_bits()).wrapping_add(127)) << 23)
-}
-
-/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7), vectorisable.
-#[inline(always)]
-fn fast_erf(x: f32) -> f32 {
-    erf_given_exp(x, fast_exp(-x * x))
-}
-
-/// erf(x) as [`fast_erf`] computes it, given `exp_neg_x2 = e^(-x^2)`, which GELU's
-/// derivative needs as well.
-#[inline(always)]
-fn erf_given_exp(x: f32, exp_neg_x2: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    (1.0 - poly * exp_neg_x2).copysign(x)
-}
-
-/// Softmax of `scale * x` for each row of `d` values.
-#[inline(always)]
-fn softmax_rows_generic(x: &[f32], y: &mut [f32], d: usize, scale: f32) {
-    for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
-        let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }) * scale;
-        for (y, &x) in yr.iter_mut().zip(xr) {
-            *y = fast_exp(x * scale - max);
-        }
-        let inv = 1.0 / yr.iter().sum::<f32>();
-        yr.iter_mut().for_each(|y| *y *= inv);
-    }
-}
-
-dispatch!(fn softmax_rows / softmax_rows_avx2 = softmax_rows_generic(x: &[f32], y: &mut [f32], d: usize, scale: f32));
-
-/// `y = gelu(x + b)` for each row of `b.len()` values.
-#[inline(always)]
-fn bias_gelu_rows_generic(x: &[f32], b: &[f32], y: &mut [f32]) {
-    for (yr, xr) in y.chunks_mut(b.len()).zip(x.chunks(b.len())) {
-        for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-            let v = x + b;
-            *y = 0.5 * v * (1.0 + fast_erf(v * FRAC_1_SQRT_2));
-        }
-    }
-}
-
-dispatch!(fn bias_gelu_rows / bias_gelu_rows_avx2 = bias_gelu_rows_generic(x: &[f32], b: &[f32], y: &mut [f32]));
-
-/// `dx = g * gelu'(x + b)` for each row, adding `dx` into `db`.
-#[inline(always)]
-fn bias_gelu_grad_rows_generic(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]) {
-    let d = b.len();
-    for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-        for ((((dx, &x), &g), &b), db) in dxr.iter_mut().zip(xr).zip(gr).zip(b).zip(db.iter_mut()) {
-            let v = x + b;
-            let z = v * FRAC_1_SQRT_2;
-            // gelu'(v) = Phi(v) + v phi(v); phi and erf share e^(-v^2 / 2).
-            let gauss = fast_exp(-z * z);
-            *dx = g * (0.5 * (1.0 + erf_given_exp(z, gauss)) + v * FRAC_1_SQRT_2PI * gauss);
-            *db += *dx;
-        }
-    }
-}
-
-dispatch!(fn bias_gelu_grad_rows / bias_gelu_grad_rows_avx2 = bias_gelu_grad_rows_generic(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]));
-
-/// Adds every row of `g` (rows of `acc.len()` values) into `acc`.
-#[inline(always)]
-fn sum_rows_generic(g: &[f32], acc: &mut [f32]) {
-    for row in g.chunks(acc.len()) {
-        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-    }
-}
-
-dispatch!(fn sum_rows / sum_rows_avx2 = sum_rows_generic(g: &[f32], acc: &mut [f32]));
-
-/// The sum of the rows of `g` (each `d` wide), in parallel partial sums.
-fn column_sums(g: &[f32], d: usize) -> Vec<f32> {
-    let partials: Vec<Vec<f32>> = g
-        .par_chunks(d * rows_per_task(d))
-        .map(|rows| {
-            let mut acc = vec![0f32; d];
-            sum_rows(rows, &mut acc);
-            acc
-        })
-        .collect();
-    let mut total = vec![0f32; d];
-    for p in partials {
-        total.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-    }
-    total
-}
-
 /// The f32 values of a contiguous CPU tensor.
 pub(crate) fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("fused ops take f32 tensors") };
@@ -272,88 +137,9 @@ fn from_vec(values: Vec<f32>, shape: &Shape, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(values, shape.clone(), like.device())
 }
 
-/// A vector of `len` f32 for a kernel to overwrite, without the zeroing pass that
-/// `vec![0.0; len]` costs (a memset on the calling thread, while the others wait).
-///
-/// # Safety
-/// Every value must be written before it is read.
-unsafe fn uninit_vec(len: usize) -> Vec<f32> {
-    let mut values = Vec::with_capacity(len);
-    values.set_len(len);
-    values
-}
-
-/// Rows per parallel task: enough work to be worth a thread hop.
-fn rows_per_task(dim: usize) -> usize {
-    (16384 / dim.max(1)).max(1)
-}
-
 struct LayerNormOp {
     eps: f32,
 }
-
-/// The sum of `f(i)` for `i` in `0..n`, in eight partial sums so that it vectorises (a
-/// single running sum is a serial chain the compiler may not reorder). Callers index
-/// slices of length `n`, so that the bounds checks fold away.
-#[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
-    let mut acc = [0f32; 8];
-    for c in 0..n / 8 {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += f(c * 8 + j);
-        }
-    }
-    let tail: f32 = (n - n % 8..n).map(&f).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Mean and 1/std of one row.
-#[inline(always)]
-fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
-    let d = row.len();
-    let mean = lane_sum(d, |i| row[i]) / d as f32;
-    let var = lane_sum(d, |i| (row[i] - mean) * (row[i] - mean)) / d as f32;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-/// `y = (x - mean) / std * w + b` for each row of `w.len()` values.
-#[inline(always)]
-fn layer_norm_rows_generic(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
-    let d = w.len();
-    for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
-        let (mean, rstd) = row_stats(xr, eps);
-        for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-            *y = (x - mean) * rstd * w + b;
-        }
-    }
-}
-
-dispatch!(fn layer_norm_rows / layer_norm_rows_avx2 = layer_norm_rows_generic(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32));
-
-/// LayerNorm's `dx` for each row given the output gradient `g`, adding into `dw`, `db`:
-/// `dx = rstd * (w g - mean(w g) - xhat * mean(w g xhat))`.
-#[inline(always)]
-fn layer_norm_grad_rows_generic(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32], eps: f32) {
-    let d = w.len();
-    for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-        let (mean, rstd) = row_stats(xr, eps);
-        // xhat into dx first; dx is overwritten below.
-        for (xh, &x) in dxr.iter_mut().zip(xr) {
-            *xh = (x - mean) * rstd;
-        }
-        let (w, gr, xhat) = (&w[..d], &gr[..d], &dxr[..d]);
-        let mean_wg = lane_sum(d, |i| w[i] * gr[i]) / d as f32;
-        let mean_wg_xhat = lane_sum(d, |i| w[i] * gr[i] * xhat[i]) / d as f32;
-        for ((((dx, &w), &g), dw), db) in dxr.iter_mut().zip(w).zip(gr).zip(dw.iter_mut()).zip(db.iter_mut()) {
-            let xhat = *dx;
-            *dw += g * xhat;
-            *db += g;
-            *dx = rstd * (w * g - mean_wg - xhat * mean_wg_xhat);
-        }
-    }
-}
-
-dispatch!(fn layer_norm_grad_rows / layer_norm_grad_rows_avx2 = layer_norm_grad_rows_generic(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32], eps: f32));
 
 impl CustomOp3 for LayerNormOp {
     fn name(&self) -> &'static str {
@@ -364,8 +150,7 @@ impl CustomOp3 for LayerNormOp {
         let (x, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
         let d = w.len();
         let chunk = d * rows_per_task(d);
-        // SAFETY: the row tasks write every value.
-        let mut y = unsafe { uninit_vec(x.len()) };
+        let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| layer_norm_rows(xs, w, b, ys, self.eps));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -394,8 +179,7 @@ impl CustomOp3 for LayerNormOp {
             with_values(w, |w| {
                 with_values(grad, |g| {
                     let chunk = d * rows_per_task(d);
-                    // SAFETY: the row tasks write every value.
-                    let mut dx = unsafe { uninit_vec(x.len()) };
+                                let mut dx = vec![0f32; x.len()];
                     // Per-task partial sums of dw and db, added up after.
                     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
                         .par_chunks_mut(chunk)
@@ -433,8 +217,7 @@ impl CustomOp1 for SoftmaxOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_slice(storage, layout)?;
         let d = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        // SAFETY: the row tasks write every value.
-        let mut y = unsafe { uninit_vec(x.len()) };
+        let mut y = vec![0f32; x.len()];
         let chunk = d * rows_per_task(d);
         y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| softmax_rows(xs, ys, d, self.scale));
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -444,8 +227,7 @@ impl CustomOp1 for SoftmaxOp {
         let d = arg.dims().last().copied().unwrap_or(1).max(1);
         let dx = with_values(res, |y| {
             with_values(grad, |g| {
-                // SAFETY: the row tasks write every value.
-                let mut dx = unsafe { uninit_vec(y.len()) };
+                        let mut dx = vec![0f32; y.len()];
                 let chunk = d * rows_per_task(d);
                 dx.par_chunks_mut(chunk).zip(y.par_chunks(chunk).zip(g.par_chunks(chunk))).for_each(|(dxs, (ys, gs))| {
                     for ((dxr, yr), gr) in dxs.chunks_mut(d).zip(ys.chunks(d)).zip(gs.chunks(d)) {
@@ -465,10 +247,6 @@ impl CustomOp1 for SoftmaxOp {
 
 struct BiasGeluOp;
 
-const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-/// 1 / sqrt(2 pi)
-const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
-
 impl CustomOp2 for BiasGeluOp {
     fn name(&self) -> &'static str {
         "vit-mae-bias-gelu"
@@ -477,8 +255,7 @@ impl CustomOp2 for BiasGeluOp {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
         let d = b.len();
-        // SAFETY: the row tasks write every value.
-        let mut y = unsafe { uninit_vec(x.len()) };
+        let mut y = vec![0f32; x.len()];
         let chunk = d * rows_per_task(d);
         y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(ys, xs)| bias_gelu_rows(xs, b, ys));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -500,8 +277,7 @@ impl CustomOp2 for BiasGeluOp {
             with_values(b, |b| {
                 with_values(grad, |g| {
                     let chunk = d * rows_per_task(d);
-                    // SAFETY: the row tasks write every value.
-                    let mut dx = unsafe { uninit_vec(x.len()) };
+                                let mut dx = vec![0f32; x.len()];
                     let partials: Vec<Vec<f32>> = dx
                         .par_chunks_mut(chunk)
                         .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
@@ -522,12 +298,6 @@ impl CustomOp2 for BiasGeluOp {
         Ok((Some(from_vec(dx, x.shape(), x)?), Some(from_vec(db, b.shape(), b)?)))
     }
 }
-
-/// A pointer shared by tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub(crate) *mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
 
 struct AttentionOp {
     num_heads: usize,
@@ -732,59 +502,6 @@ impl CustomOp3 for LinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fast_exp_and_erf_are_accurate() {
-        for i in -4000..=4000 {
-            let x = i as f32 * 0.02;
-            let (e, want) = (fast_exp(x), x.exp());
-            assert!((e - want).abs() <= 3e-7 * want, "exp({x}) = {e}, want {want}");
-            let (f, want) = (fast_erf(x), libm::erff(x));
-            assert!((f - want).abs() <= 3e-7, "erf({x}) = {f}, want {want}");
-        }
-        assert_eq!(fast_exp(-200.0), fast_exp(-87.3));
-        assert!(fast_exp(100.0).is_finite());
-    }
-
-    #[test]
-    fn dispatched_kernels_match_the_baseline_build() {
-        let d = 37;
-        let x: Vec<f32> = (0..5 * d).map(|i| ((i * 7919) % 101) as f32 / 25.0 - 2.0).collect();
-        let b: Vec<f32> = (0..d).map(|i| i as f32 / d as f32 - 0.5).collect();
-        let (mut y1, mut y2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-        softmax_rows(&x, &mut y1, d, 0.7);
-        softmax_rows_generic(&x, &mut y2, d, 0.7);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-6));
-        for row in y1.chunks(d) {
-            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-        }
-        bias_gelu_rows(&x, &b, &mut y1);
-        bias_gelu_rows_generic(&x, &b, &mut y2);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-6));
-        let exact = |v: f32| 0.5 * v * (1.0 + libm::erff(v * FRAC_1_SQRT_2));
-        for (i, y) in y2.iter().enumerate() {
-            assert!((y - exact(x[i] + b[i % d])).abs() < 1e-6);
-        }
-        let (mut db1, mut db2) = (vec![0f32; d], vec![0f32; d]);
-        bias_gelu_grad_rows(&x, &b, &x, &mut y1, &mut db1);
-        bias_gelu_grad_rows_generic(&x, &b, &x, &mut y2, &mut db2);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
-        assert!(db1.iter().zip(&db2).all(|(a, b)| (a - b).abs() < 1e-4));
-        let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / d as f32).collect();
-        layer_norm_rows(&x, &w, &b, &mut y1, 1e-6);
-        layer_norm_rows_generic(&x, &w, &b, &mut y2, 1e-6);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
-        let (mut dw1, mut dw2, mut db1, mut db2) = (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
-        layer_norm_grad_rows(&x, &w, &b.repeat(5), &mut y1, &mut dw1, &mut db1, 1e-6);
-        layer_norm_grad_rows_generic(&x, &w, &b.repeat(5), &mut y2, &mut dw2, &mut db2, 1e-6);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
-        assert!(dw1.iter().zip(&dw2).chain(db1.iter().zip(&db2)).all(|(a, b)| (a - b).abs() < 1e-4));
-        let sums = column_sums(&x, d);
-        for (j, s) in sums.iter().enumerate() {
-            let want: f32 = (0..5).map(|r| x[r * d + j]).sum();
-            assert!((s - want).abs() < 1e-5);
-        }
-    }
 
     /// The fused ops give what their composed forms give, forward and backward.
     #[test]

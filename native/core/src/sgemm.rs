@@ -10,7 +10,7 @@
 //! of the gain above), strides BLAS cannot take, and builds without OpenBLAS.
 
 #[cfg(openblas)]
-use crate::ops::SharedMut;
+use crate::engine::rows::SharedMut;
 
 /// How many threads one product may use.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -19,6 +19,9 @@ pub(crate) enum Threads {
     One,
     /// Every rayon thread: one large product.
     All,
+    /// The calling thread, with the large-product kernel: one row block of a product
+    /// that the caller splits over rayon's threads itself (the engine's linear layers).
+    Serial,
 }
 
 /// A buffer of `len` values for products to overwrite, without the zeroing that
@@ -58,6 +61,11 @@ pub(crate) unsafe fn sgemm(
     accumulate: bool,
 ) {
     #[cfg(openblas)]
+    if let (Threads::Serial, Some(plan)) = (threads, openblas::Plan::new(m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs, dst_rs)) {
+        plan.run(m, n, scale, accumulate, lhs, rhs, dst);
+        return;
+    }
+    #[cfg(openblas)]
     if let (Threads::All, Some(plan)) = (threads, openblas::Plan::new(m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs, dst_rs)) {
         // Row blocks; for a short product (a weight gradient with few output features),
         // column blocks instead, as each block packs the other operand whole.
@@ -94,7 +102,7 @@ pub(crate) unsafe fn sgemm(
     }
     // The gemm crate, which takes any strides.
     let parallelism = match (threads, rayon::current_num_threads()) {
-        (Threads::One, _) | (_, 1) => gemm::Parallelism::None,
+        (Threads::One | Threads::Serial, _) | (_, 1) => gemm::Parallelism::None,
         (Threads::All, n) => gemm::Parallelism::Rayon(n),
     };
     gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, if accumulate { 1.0 } else { 0.0 }, scale, false, false, false, parallelism);
@@ -205,7 +213,7 @@ mod tests {
             let rhs_t: Vec<f32> = (0..n * k).map(|i| rhs[(i % k) * n + i / k]).collect();
             let product = naive(m, n, k, &lhs, k, 1, &rhs, n, 1, 0.5);
             let start = values(m * n, 3);
-            for threads in [Threads::One, Threads::All] {
+            for threads in [Threads::One, Threads::All, Threads::Serial] {
                 for (a, a_rs, a_cs) in [(&lhs, k, 1), (&lhs_t, 1, m)] {
                     for (b, b_rs, b_cs) in [(&rhs, n, 1), (&rhs_t, 1, k)] {
                         for accumulate in [false, true] {

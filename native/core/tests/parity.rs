@@ -101,12 +101,24 @@ fn check_case_within(name: &str, checkpoint: &str, tol: &Tolerance) {
     let explicit = checkpoint.ends_with(".pth").then_some(&case.config);
     let (model, report) = load_model(&fixtures().join(checkpoint), explicit, &test_device(), tol.precision, 0).unwrap();
     assert!(!report.fresh_decoder);
+    // f32 on the CPU runs on the engine; bf16 and CUDA on the reference model.
+    assert_eq!(model.uses_engine(), model.device().is_cpu() && tol.precision == Precision::F32);
     let imgs = &case.tensors["imgs"].to_device(model.device()).unwrap();
     let options = MaskOptions {
         mask_ratio: case.mask_ratio,
         masking: Masking::Random,
         noise: Some(HostTensor::from_tensor(&case.tensors["noise"]).unwrap()),
     };
+    if model.uses_engine() {
+        // The reference model, the tests' second oracle, matches the fixtures as well.
+        let plan = model.mask_plan(imgs.dim(0).unwrap(), &options).unwrap();
+        let out = model.forward_with_plan(imgs, &plan).unwrap();
+        tol.check_loss(out.loss.to_scalar::<f32>().unwrap(), &case.tensors["loss"]);
+        tol.check_output("reference pred", &out.pred, &case.tensors["pred"]);
+        for (param, grad) in model.gradients(&out).unwrap() {
+            assert_grad_close(&format!("reference {param}"), &grad, &case.tensors[&format!("grad.{param}")], tol.gradients);
+        }
+    }
     let out = model.forward(imgs, &options).unwrap();
     tol.check_loss(out.loss.to_scalar::<f32>().unwrap(), &case.tensors["loss"]);
     tol.check_output("pred", &out.pred, &case.tensors["pred"]);

@@ -1,0 +1,478 @@
+//! The CPU implementation of the engine's kernels: the plan's buffers as three `Vec<f32>`,
+//! GEMMs through `sgemm` (OpenBLAS when linked), everything else as row kernels over
+//! rayon's threads. Every reduction is split the same way whatever the scheduling, so a
+//! step gives the same bits every time (resumed runs continue exactly).
+
+use super::rows::*;
+use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Kernels, MseShape, Slot, Source};
+use crate::sgemm::{sgemm, Threads};
+use rayon::prelude::*;
+
+/// A slot that stands for an absent tensor: empty, so it overlaps nothing.
+pub(crate) const NONE: Slot = Slot { arena: Arena::Acts, offset: 0, len: 0 };
+
+/// Rows per task of a linear layer's row blocks: each block packs the weight itself, so
+/// blocks are kept tall.
+const MIN_BLOCK_ROWS: usize = 64;
+
+/// Values per task of elementwise passes and reductions.
+const CHUNK: usize = 1 << 14;
+
+pub struct CpuKernels {
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    acts: Vec<f32>,
+    /// Per-thread scratch of the attention backward (`tokens^2` each), grown on first use.
+    attention_scratch: Vec<f32>,
+    /// Per-chunk partial sums of reductions, grown on first use.
+    partials: Vec<f64>,
+}
+
+impl CpuKernels {
+    /// Zeroed buffers of the given lengths (gradients have the parameters' length).
+    pub fn new(params: usize, acts: usize) -> Self {
+        CpuKernels { params: vec![0.0; params], grads: vec![0.0; params], acts: vec![0.0; acts], attention_scratch: Vec::new(), partials: Vec::new() }
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        &mut self.params
+    }
+
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// Bytes held by the buffers.
+    pub fn bytes(&self) -> usize {
+        4 * (self.params.len() + self.grads.len() + self.acts.len() + self.attention_scratch.len()) + 8 * self.partials.len()
+    }
+
+    fn arena(&self, arena: Arena) -> &[f32] {
+        match arena {
+            Arena::Params => &self.params,
+            Arena::Grads => &self.grads,
+            Arena::Acts => &self.acts,
+        }
+    }
+
+    fn view(&self, s: Slot) -> &[f32] {
+        &self.arena(s.arena)[s.offset..s.offset + s.len]
+    }
+
+    /// Shared views of `ins` and mutable views of `outs`, all borrowed from `self`.
+    /// Panics when a slot lies outside its arena or an output overlaps another slot.
+    fn views<const I: usize, const O: usize>(&mut self, ins: [Slot; I], outs: [Slot; O]) -> ([&[f32]; I], [&mut [f32]; O]) {
+        check_disjoint(&ins, &outs);
+        let lens = [self.params.len(), self.grads.len(), self.acts.len()];
+        let index = |a: Arena| match a {
+            Arena::Params => 0,
+            Arena::Grads => 1,
+            Arena::Acts => 2,
+        };
+        for s in ins.iter().chain(&outs) {
+            assert!(s.offset + s.len <= lens[index(s.arena)], "{s:?} lies outside its arena of {}", lens[index(s.arena)]);
+        }
+        let bases = [self.params.as_mut_ptr(), self.grads.as_mut_ptr(), self.acts.as_mut_ptr()];
+        // SAFETY: every slot lies inside its arena (checked above), and `&mut self` is held
+        // for the views' lifetime, so nothing else reaches the buffers meanwhile. Outputs
+        // overlap neither each other nor any input (check_disjoint), so each mutable view
+        // is the only view of its values; inputs may share values, being read only.
+        let ins = ins.map(|s| unsafe { std::slice::from_raw_parts(bases[index(s.arena)].add(s.offset) as *const f32, s.len) });
+        // SAFETY: as above.
+        let outs = outs.map(|s| unsafe { std::slice::from_raw_parts_mut(bases[index(s.arena)].add(s.offset), s.len) });
+        (ins, outs)
+    }
+}
+
+/// Splits `rows` into blocks for rayon's threads: `(rows per block, blocks)`.
+fn row_blocks(rows: usize) -> (usize, usize) {
+    let threads = rayon::current_num_threads();
+    let blocks = (rows / MIN_BLOCK_ROWS).clamp(1, 2 * threads);
+    let per = rows.div_ceil(blocks).max(1);
+    (per, rows.div_ceil(per))
+}
+
+/// Adds the column sums of `g` (`rows x d`) into `acc`, each task owning a range of
+/// columns, so no partial sums are needed and the order is fixed.
+fn add_column_sums(g: &[f32], d: usize, acc: &mut [f32]) {
+    let cols = (CHUNK / (g.len() / d.max(1)).max(1)).clamp(16, d.max(16));
+    acc.par_chunks_mut(cols).enumerate().for_each(|(c, acc)| {
+        let start = c * cols;
+        for row in g.chunks(d) {
+            let width = acc.len();
+            acc.iter_mut().zip(&row[start..start + width]).for_each(|(a, v)| *a += v);
+        }
+    });
+}
+
+impl Kernels for CpuKernels {
+    fn upload(&mut self, dst: Slot, values: &[f32]) {
+        let ([], [out]) = self.views([], [dst]);
+        out.copy_from_slice(values);
+    }
+
+    fn download(&self, src: Slot) -> Vec<f32> {
+        self.view(src).to_vec()
+    }
+
+    fn fill(&mut self, dst: Slot, value: f32) {
+        let ([], [out]) = self.views([], [dst]);
+        out.par_chunks_mut(CHUNK).for_each(|c| c.fill(value));
+    }
+
+    fn linear(&mut self, x: Slot, w: Slot, b: Slot, residual: Option<Slot>, y: Slot, rows: usize, k: usize, n: usize, epilogue: Epilogue) {
+        let gelu = match epilogue {
+            Epilogue::None => NONE,
+            Epilogue::Gelu { y } => y,
+        };
+        let ([x, w, b, res], [y, gelu_out]) = self.views([x, w, b, residual.unwrap_or(NONE)], [y, gelu]);
+        assert!(x.len() == rows * k && w.len() == n * k && b.len() == n && y.len() == rows * n);
+        assert!(gelu_out.is_empty() || gelu_out.len() == y.len());
+        let (per, _) = row_blocks(rows);
+        let gelu_out = SharedMut(if gelu_out.is_empty() { std::ptr::null_mut() } else { gelu_out.as_mut_ptr() });
+        y.par_chunks_mut(per * n).enumerate().for_each(|(i, yb)| {
+            let gelu_out = gelu_out;
+            let start = i * per;
+            let block_rows = yb.len() / n;
+            // Bias (plus the residual) first; the product is added onto it.
+            for (r, yr) in yb.chunks_mut(n).enumerate() {
+                if res.is_empty() {
+                    yr.copy_from_slice(b);
+                } else {
+                    let rr = &res[(start + r) * n..][..n];
+                    yr.iter_mut().zip(rr).zip(b).for_each(|((y, &r), &b)| *y = r + b);
+                }
+            }
+            // SAFETY: x's rows start..start+block_rows (k wide), w (n x k, read as its
+            // transpose) and this block of y (block_rows x n) are valid and contiguous, and
+            // y overlaps neither (checked by `views`).
+            unsafe { sgemm(Threads::Serial, block_rows, n, k, yb.as_mut_ptr(), n, x[start * k..].as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, true) };
+            if !gelu_out.0.is_null() {
+                // SAFETY: the same block of the GELU output, which has y's length; blocks
+                // are disjoint and the output overlaps no input (checked by `views`).
+                let g = unsafe { std::slice::from_raw_parts_mut(gelu_out.0.add(start * n), yb.len()) };
+                gelu_rows(yb, g);
+            }
+        });
+    }
+
+    fn linear_backward(&mut self, dy: Slot, x: Slot, w: Slot, dx: Option<Slot>, accumulate_dx: bool, dw_db: Option<(Slot, Slot)>, rows: usize, k: usize, n: usize) {
+        let (dw, db) = dw_db.unwrap_or((NONE, NONE));
+        let ([dy, x, w], [dx, dw, db]) = self.views([dy, x, w], [dx.unwrap_or(NONE), dw, db]);
+        assert!(dy.len() == rows * n && x.len() == rows * k && w.len() == n * k);
+        if !dx.is_empty() {
+            assert_eq!(dx.len(), rows * k);
+            // SAFETY: dy is rows x n, w is n x k, dx is rows x k, all contiguous; dx
+            // overlaps neither (checked by `views`).
+            unsafe { sgemm(Threads::All, rows, k, n, dx.as_mut_ptr(), k, dy.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0, accumulate_dx) };
+        }
+        if !dw.is_empty() {
+            assert!(dw.len() == n * k && db.len() == n);
+            // SAFETY: dw (n x k) += dy^T (dy read through transposed strides) x; extents
+            // follow from the asserted lengths.
+            unsafe { sgemm(Threads::All, n, k, rows, dw.as_mut_ptr(), k, dy.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0, true) };
+            add_column_sums(dy, n, db);
+        }
+    }
+
+    fn gelu_backward(&mut self, h: Slot, d: Slot) {
+        let ([h], [d]) = self.views([h], [d]);
+        d.par_chunks_mut(CHUNK).zip(h.par_chunks(CHUNK)).for_each(|(d, h)| gelu_grad_rows(h, d));
+    }
+
+    fn layer_norm(&mut self, x: Slot, w: Slot, b: Slot, y: Slot, stats: Slot, rows: usize, d: usize, eps: f32) {
+        let ([x, w, b], [y, stats]) = self.views([x, w, b], [y, stats]);
+        assert!(x.len() == rows * d && y.len() == rows * d && stats.len() == 2 * rows);
+        let (mean, rstd) = stats.split_at_mut(rows);
+        let per = rows_per_task(d);
+        y.par_chunks_mut(per * d)
+            .zip(x.par_chunks(per * d))
+            .zip(mean.par_chunks_mut(per).zip(rstd.par_chunks_mut(per)))
+            .for_each(|((y, x), (m, r))| layer_norm_stats_rows(x, w, b, y, m, r, eps));
+    }
+
+    fn layer_norm_backward(&mut self, dy: Slot, x: Slot, w: Slot, stats: Slot, dx: Slot, dw: Slot, db: Slot, rows: usize, d: usize) {
+        let ([dy, x, w, stats], [dx, dw, db]) = self.views([dy, x, w, stats], [dx, dw, db]);
+        let (mean, rstd) = stats.split_at(rows);
+        let per = rows_per_task(d);
+        // The input gradient by rows; the parameter gradients by columns, so that each
+        // sum has one fixed order.
+        dx.par_chunks_mut(per * d).zip(x.par_chunks(per * d).zip(dy.par_chunks(per * d))).zip(mean.par_chunks(per).zip(rstd.par_chunks(per))).for_each(
+            |((dx, (x, g)), (m, r))| layer_norm_dx_rows(x, w, g, m, r, dx),
+        );
+        let cols = 16usize;
+        dw.par_chunks_mut(cols).zip(db.par_chunks_mut(cols)).enumerate().for_each(|(c, (dw, db))| {
+            let start = c * cols;
+            for r in 0..rows {
+                let (xr, gr) = (&x[r * d + start..][..dw.len()], &dy[r * d + start..][..dw.len()]);
+                for i in 0..dw.len() {
+                    dw[i] += gr[i] * (xr[i] - mean[r]) * rstd[r];
+                    db[i] += gr[i];
+                }
+            }
+        });
+    }
+
+    fn attention(&mut self, qkv: Slot, out: Slot, probs: Option<Slot>, batch: usize, tokens: usize, dim: usize, heads: usize) {
+        let t = tokens;
+        let hd = dim / heads;
+        let scale = (hd as f32).powf(-0.5);
+        let threads = rayon::current_num_threads();
+        if self.attention_scratch.len() < t * t * threads {
+            self.attention_scratch = vec![0.0; t * t * threads];
+        }
+        let scratch = SharedMut(self.attention_scratch.as_mut_ptr());
+        let ([qkv], [out, probs]) = self.views([qkv], [out, probs.unwrap_or(NONE)]);
+        assert!(qkv.len() == batch * t * 3 * dim && out.len() == batch * t * dim);
+        let keep = !probs.is_empty();
+        let (dst, probs_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
+        (0..batch * heads).into_par_iter().for_each(|task| {
+            let (bi, h) = (task / heads, task % heads);
+            let (dst, probs_ptr, scratch) = (dst, probs_ptr, scratch);
+            // SAFETY: each (image, head) task writes only its own t x t block of `probs`
+            // (or its thread's block of the scratch, which no other task uses while it
+            // runs: tasks run one at a time on a thread) and its own hd columns of `out`;
+            // q, k, v are read through strides inside `qkv`, whose length is asserted.
+            unsafe {
+                let p = if keep {
+                    std::slice::from_raw_parts_mut(probs_ptr.0.add(task * t * t), t * t)
+                } else {
+                    let thread = rayon::current_thread_index().unwrap_or(0);
+                    std::slice::from_raw_parts_mut(scratch.0.add(thread * t * t), t * t)
+                };
+                let base = qkv.as_ptr().add(bi * t * 3 * dim + h * hd);
+                sgemm(Threads::One, t, t, hd, p.as_mut_ptr(), t, base, 3 * dim, 1, base.add(dim), 1, 3 * dim, scale, false);
+                for row in p.chunks_mut(t) {
+                    softmax_row_in_place(row);
+                }
+                sgemm(Threads::One, t, hd, t, dst.0.add(bi * t * dim + h * hd), dim, p.as_ptr(), t, 1, base.add(2 * dim), 3 * dim, 1, 1.0, false);
+            }
+        });
+    }
+
+    fn attention_backward(&mut self, dout: Slot, qkv: Slot, probs: Slot, dqkv: Slot, batch: usize, tokens: usize, dim: usize, heads: usize) {
+        let t = tokens;
+        let hd = dim / heads;
+        let scale = (hd as f32).powf(-0.5);
+        let threads = rayon::current_num_threads();
+        if self.attention_scratch.len() < t * t * threads {
+            self.attention_scratch = vec![0.0; t * t * threads];
+        }
+        let scratch = SharedMut(self.attention_scratch.as_mut_ptr());
+        let ([dout, qkv, probs], [dqkv]) = self.views([dout, qkv, probs], [dqkv]);
+        assert!(qkv.len() == batch * t * 3 * dim && dqkv.len() == qkv.len() && dout.len() == batch * t * dim && probs.len() == batch * heads * t * t);
+        let dst = SharedMut(dqkv.as_mut_ptr());
+        (0..batch * heads).into_par_iter().for_each(|task| {
+            let (bi, h) = (task / heads, task % heads);
+            let (dst, scratch) = (dst, scratch);
+            let p = &probs[task * t * t..][..t * t];
+            // SAFETY: each task writes only its own q, k and v columns of `dqkv` and its
+            // thread's block of the scratch (tasks run one at a time on a thread); reads
+            // stay inside the asserted lengths.
+            unsafe {
+                let thread = rayon::current_thread_index().unwrap_or(0);
+                let ds = std::slice::from_raw_parts_mut(scratch.0.add(thread * t * t), t * t);
+                let base = qkv.as_ptr().add(bi * t * 3 * dim + h * hd);
+                let (q, k, v) = (base, base.add(dim), base.add(2 * dim));
+                let dbase = dst.0.add(bi * t * 3 * dim + h * hd);
+                let d_o = dout.as_ptr().add(bi * t * dim + h * hd);
+                // dv = p^T do
+                sgemm(Threads::One, t, hd, t, dbase.add(2 * dim), 3 * dim, p.as_ptr(), 1, t, d_o, dim, 1, 1.0, false);
+                // dp = do v^T, then ds = p * (dp - rowsum(dp * p)) * scale in place
+                sgemm(Threads::One, t, t, hd, ds.as_mut_ptr(), t, d_o, dim, 1, v, 1, 3 * dim, 1.0, false);
+                for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot = lane_sum(t, |j| dsr[j] * pr[j]);
+                    dsr.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
+                }
+                // dq = ds k, dk = ds^T q
+                sgemm(Threads::One, t, hd, t, dbase, 3 * dim, ds.as_ptr(), t, 1, k, 3 * dim, 1, 1.0, false);
+                sgemm(Threads::One, t, hd, t, dbase.add(dim), 3 * dim, ds.as_ptr(), 1, t, q, 3 * dim, 1, 1.0, false);
+            }
+        });
+    }
+
+    fn patch_rows(&mut self, imgs: Slot, patches: &[u32], per_image: usize, out: Slot, c: usize, p: usize, g: usize) {
+        let ([imgs], [out]) = self.views([imgs], [out]);
+        let (side, width) = (g * p, c * p * p);
+        assert!(out.len() == patches.len() * width && patches.len() % per_image == 0);
+        out.par_chunks_mut(width).zip(patches.par_iter()).enumerate().for_each(|(r, (row, &patch))| {
+            let image = &imgs[(r / per_image) * c * side * side..][..c * side * side];
+            let (gi, gj) = (patch as usize / g, patch as usize % g);
+            for ch in 0..c {
+                for i in 0..p {
+                    let src = &image[ch * side * side + (gi * p + i) * side + gj * p..][..p];
+                    row[(ch * p + i) * p..][..p].copy_from_slice(src);
+                }
+            }
+        });
+    }
+
+    fn gather_rows(&mut self, src: Slot, index: &[Source], tokens: [Slot; 2], add: Option<(Slot, &[u32])>, out: Slot, d: usize) {
+        let (add_slot, positions) = add.unwrap_or((NONE, &[]));
+        let ([src, token0, token1, add], [out]) = self.views([src, tokens[0], tokens[1], add_slot], [out]);
+        assert!(out.len() == index.len() * d && (positions.is_empty() || positions.len() == index.len()));
+        out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+            match index[i] {
+                Source::Row(r) => row.copy_from_slice(&src[r as usize * d..][..d]),
+                Source::Token(0) => row.copy_from_slice(token0),
+                Source::Token(_) => row.copy_from_slice(token1),
+            }
+            if !positions.is_empty() {
+                row.iter_mut().zip(&add[positions[i] as usize * d..][..d]).for_each(|(r, a)| *r += a);
+            }
+        });
+    }
+
+    fn scatter_rows(&mut self, dout: Slot, index: &[Source], dsrc: Slot, dtokens: [Slot; 2], d: usize) {
+        let ([dout], [dsrc, dtoken0, dtoken1]) = self.views([dout], [dsrc, dtokens[0], dtokens[1]]);
+        assert_eq!(dout.len(), index.len() * d);
+        let src_rows = dsrc.len() / d;
+        let dst = SharedMut(dsrc.as_mut_ptr());
+        (0..index.len()).into_par_iter().with_min_len(64).for_each(|i| {
+            if let Source::Row(r) = index[i] {
+                let r = r as usize;
+                assert!(r < src_rows);
+                let dst = dst;
+                // SAFETY: row `r` is inside `dsrc` (asserted), and each source row is the
+                // target of at most one index (gathers read each source row once), so no
+                // two tasks write the same row.
+                unsafe { std::slice::from_raw_parts_mut(dst.0.add(r * d), d) }.copy_from_slice(&dout[i * d..][..d]);
+            }
+        });
+        // A token's gradient: the sum over every row it filled, in one fixed order.
+        for (i, s) in index.iter().enumerate() {
+            let acc: &mut [f32] = match s {
+                Source::Row(_) => continue,
+                Source::Token(0) => dtoken0,
+                Source::Token(_) => dtoken1,
+            };
+            acc.iter_mut().zip(&dout[i * d..][..d]).for_each(|(a, v)| *a += v);
+        }
+    }
+
+    fn masked_mse(&mut self, imgs: Slot, pred: Slot, mask: &[f32], dpred: Option<Slot>, shape: MseShape, grad_scale: f32) -> f32 {
+        let MseShape { batch, channels: c, patch: p, grid: g, rows_per_image, norm_pix } = shape;
+        let (l, width, side) = (g * g, p * p * c, g * p);
+        assert_eq!(mask.len(), batch * l);
+        let denom = mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0);
+        let mut partials = std::mem::take(&mut self.partials);
+        if partials.len() < batch {
+            partials = vec![0.0; batch];
+        }
+        let ([imgs, pred], [dpred]) = self.views([imgs, pred], [dpred.unwrap_or(NONE)]);
+        assert!(pred.len() == batch * rows_per_image * width && (dpred.is_empty() || dpred.len() == pred.len()));
+        let dpred = SharedMut(if dpred.is_empty() { std::ptr::null_mut() } else { dpred.as_mut_ptr() });
+        let coef = (2.0 / width as f64 / denom) as f32 * grad_scale;
+        partials[..batch].par_iter_mut().enumerate().for_each(|(n, image_loss)| {
+            let dpred = dpred;
+            // SAFETY: image n's rows of dpred, which only this task writes (dpred has
+            // pred's length, asserted, and overlaps no input: checked by `views`).
+            let mut dimage = (!dpred.0.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(dpred.0.add(n * rows_per_image * width), rows_per_image * width) });
+            if let Some(di) = dimage.as_deref_mut() {
+                di.fill(0.0);
+            }
+            let image = &imgs[n * c * side * side..][..c * side * side];
+            *image_loss = 0.0;
+            for j in 0..l {
+                let m = mask[n * l + j];
+                if m == 0.0 {
+                    continue;
+                }
+                let row = &pred[(n * rows_per_image + 1 + j) * width..][..width];
+                let (gi, gj) = (j / g, j % g);
+                // The target in (i, j, c) order, as `patchify`.
+                let value = |q: usize| {
+                    let (i, rest) = (q / (p * c), q % (p * c));
+                    let (jj, ch) = (rest / c, rest % c);
+                    image[ch * side * side + (gi * p + i) * side + gj * p + jj]
+                };
+                let (mean, inv_std) = if norm_pix {
+                    let mean = (0..width).map(|q| value(q) as f64).sum::<f64>() / width as f64;
+                    let var = (0..width).map(|q| (value(q) as f64 - mean).powi(2)).sum::<f64>() / (width as f64 - 1.0);
+                    (mean as f32, (1.0 / (var + 1e-6).sqrt()) as f32)
+                } else {
+                    (0.0, 1.0)
+                };
+                let mut sum = 0f64;
+                for q in 0..width {
+                    let diff = row[q] - (value(q) - mean) * inv_std;
+                    sum += diff as f64 * diff as f64;
+                    if let Some(di) = dimage.as_deref_mut() {
+                        di[(1 + j) * width + q] = coef * m * diff;
+                    }
+                }
+                *image_loss += sum / width as f64 * m as f64;
+            }
+        });
+        let loss = (partials[..batch].iter().sum::<f64>() / denom) as f32;
+        self.partials = partials;
+        loss
+    }
+
+    fn norm(&mut self, x: Slot) -> f64 {
+        let mut partials = std::mem::take(&mut self.partials);
+        let chunks = x.len.div_ceil(CHUNK);
+        if partials.len() < chunks {
+            partials = vec![0.0; chunks];
+        }
+        let x = self.view(x);
+        // Fixed chunks, summed in order: the same bits whatever the scheduling.
+        x.par_chunks(CHUNK).zip(partials[..chunks].par_iter_mut()).for_each(|(c, s)| *s = c.iter().map(|&v| v as f64 * v as f64).sum::<f64>());
+        let total = partials[..chunks].iter().sum::<f64>().sqrt();
+        self.partials = partials;
+        total
+    }
+
+    fn scale(&mut self, x: Slot, factor: f32) {
+        let ([], [x]) = self.views([], [x]);
+        x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+    }
+
+    fn adamw(&mut self, m: &mut [f32], v: &mut [f32], ranges: &[AdamWRange], step: AdamWStep) {
+        let AdamWStep { beta1, beta2, eps, bias_correction2_sqrt } = step;
+        assert!(m.len() == self.params.len() && v.len() == self.params.len());
+        let (params, grads) = (&mut self.params, &self.grads);
+        // One pass per parameter over its four ranges, with torch's arithmetic:
+        // m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+        // p = p * decay - step_size * m / (sqrt(v) / sqrt(bc2) + eps).
+        let mut rest: (&mut [f32], &mut [f32], &mut [f32], &[f32]) = (params.as_mut_slice(), m, v, grads.as_slice());
+        let mut at = 0;
+        for r in ranges {
+            assert!(r.offset >= at, "AdamW ranges must be in order");
+            let skip = r.offset - at;
+            let (p, m, v, g) = rest;
+            let (_, p) = p.split_at_mut(skip);
+            let (_, m) = m.split_at_mut(skip);
+            let (_, v) = v.split_at_mut(skip);
+            let (_, g) = g.split_at(skip);
+            let (p0, p) = p.split_at_mut(r.len);
+            let (m0, m) = m.split_at_mut(r.len);
+            let (v0, v) = v.split_at_mut(r.len);
+            let (g0, g) = g.split_at(r.len);
+            rest = (p, m, v, g);
+            at = r.offset + r.len;
+            let (decay, step_size) = (r.decay_factor, r.step_size);
+            p0.par_chunks_mut(CHUNK).zip(m0.par_chunks_mut(CHUNK)).zip(v0.par_chunks_mut(CHUNK).zip(g0.par_chunks(CHUNK))).for_each(|((p, m), (v, g))| {
+                for i in 0..p.len() {
+                    let gi = g[i];
+                    m[i] = m[i] * beta1 + gi * (1.0 - beta1);
+                    v[i] = v[i] * beta2 + gi * gi * (1.0 - beta2);
+                    p[i] = p[i] * decay - step_size * (m[i] / (v[i].sqrt() / bias_correction2_sqrt + eps));
+                }
+            });
+        }
+    }
+}
+
+/// Softmax of one row in place (the scale is already applied).
+#[inline(always)]
+fn softmax_row_in_place(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
+    let inv = 1.0 / row.iter().sum::<f32>();
+    row.iter_mut().for_each(|v| *v *= inv);
+}

@@ -1,0 +1,647 @@
+//! The masked autoencoder on the engine: `models_mae.py`'s forward pass and its backward
+//! pass written out layer by layer over one buffer plan, in the manner of llm.c's
+//! `train_gpt2.c`. Names follow the published model.
+
+use super::cpu::CpuKernels;
+use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, Layout, MseShape, Slot, Source};
+use super::cpu::NONE;
+use crate::bail;
+use crate::config::MaeConfig;
+use crate::error::Result;
+use crate::masking::MaskPlan;
+use crate::model::MaskedAutoencoder;
+use crate::optim::AdamWConfig;
+
+/// What a plan is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward and backward: every activation the backward pass needs is kept.
+    Train,
+    /// The whole forward pass (loss, predictions, latent), keeping only one block's
+    /// activations at a time.
+    Forward,
+    /// The encoder alone, keeping one block's activations at a time (embeddings).
+    Encode,
+}
+
+/// A linear layer's parameters (the gradients sit at the same offsets in `Grads`).
+#[derive(Debug, Clone, Copy)]
+struct Linear {
+    w: Slot,
+    b: Slot,
+    k: usize,
+    n: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Norm {
+    w: Slot,
+    b: Slot,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BlockParams {
+    norm1: Norm,
+    qkv: Linear,
+    proj: Linear,
+    norm2: Norm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// One block's activations. `x_in` and `x_out` are the residual stream around it.
+#[derive(Debug, Clone, Copy)]
+struct BlockActs {
+    x_in: Slot,
+    ln1: Slot,
+    ln1_stats: Slot,
+    qkv: Slot,
+    probs: Option<Slot>,
+    attn: Slot,
+    x_mid: Slot,
+    ln2: Slot,
+    ln2_stats: Slot,
+    /// fc1's output before GELU.
+    h: Slot,
+    gelu: Slot,
+    x_out: Slot,
+}
+
+/// The backward pass's scratch for one stack of blocks.
+#[derive(Debug, Clone, Copy)]
+struct StackScratch {
+    /// The residual stream's gradient, updated in place block by block.
+    dres: Slot,
+    dln: Slot,
+    dqkv: Slot,
+    dattn: Slot,
+    dh: Slot,
+}
+
+/// A stack of transformer blocks over `batch` sequences of `tokens`.
+struct Stack {
+    batch: usize,
+    tokens: usize,
+    dim: usize,
+    heads: usize,
+    hidden: usize,
+    blocks: Vec<(BlockParams, BlockActs)>,
+    scratch: Option<StackScratch>,
+}
+
+fn grad(s: Slot) -> Slot {
+    Slot { arena: Arena::Grads, ..s }
+}
+
+/// The trainable parameters, in the published order, by published name.
+struct Params {
+    layout: Layout,
+    names: Vec<(String, Vec<usize>, Slot)>,
+}
+
+impl Params {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Slot {
+        let slot = self.layout.take(Arena::Params, shape.iter().product());
+        self.names.push((name.to_string(), shape.to_vec(), slot));
+        slot
+    }
+
+    fn linear(&mut self, name: &str, k: usize, n: usize) -> Linear {
+        Linear { w: self.take(&format!("{name}.weight"), &[n, k]), b: self.take(&format!("{name}.bias"), &[n]), k, n }
+    }
+
+    fn norm(&mut self, name: &str, d: usize) -> Norm {
+        Norm { w: self.take(&format!("{name}.weight"), &[d]), b: self.take(&format!("{name}.bias"), &[d]) }
+    }
+
+    fn block(&mut self, name: &str, d: usize, hidden: usize) -> BlockParams {
+        BlockParams {
+            norm1: self.norm(&format!("{name}.norm1"), d),
+            qkv: self.linear(&format!("{name}.attn.qkv"), d, 3 * d),
+            proj: self.linear(&format!("{name}.attn.proj"), d, d),
+            norm2: self.norm(&format!("{name}.norm2"), d),
+            fc1: self.linear(&format!("{name}.mlp.fc1"), d, hidden),
+            fc2: self.linear(&format!("{name}.mlp.fc2"), hidden, d),
+        }
+    }
+}
+
+/// The blocks' activations: distinct per block for training, shared for forward-only
+/// passes (the residual stream alternating between two buffers).
+fn stack_acts(acts: &mut Layout, mode: Mode, params: Vec<BlockParams>, batch: usize, tokens: usize, dim: usize, heads: usize, hidden: usize) -> Stack {
+    let rows = batch * tokens;
+    let train = mode == Mode::Train;
+    let mut take = |len: usize| acts.take(Arena::Acts, len);
+    let mut shared: Option<BlockActs> = None;
+    let first_in = take(rows * dim);
+    let other = if train { None } else { Some(take(rows * dim)) };
+    let mut x_in = first_in;
+    let mut blocks = Vec::with_capacity(params.len());
+    for (i, p) in params.into_iter().enumerate() {
+        let fresh = |take: &mut dyn FnMut(usize) -> Slot, x_in: Slot, x_out: Slot| BlockActs {
+            x_in,
+            ln1: take(rows * dim),
+            ln1_stats: take(2 * rows),
+            qkv: take(rows * 3 * dim),
+            probs: train.then(|| take(batch * heads * tokens * tokens)),
+            attn: take(rows * dim),
+            x_mid: take(rows * dim),
+            ln2: take(rows * dim),
+            ln2_stats: take(2 * rows),
+            h: take(rows * hidden),
+            gelu: take(rows * hidden),
+            x_out,
+        };
+        let a = if train {
+            let x_out = take(rows * dim);
+            fresh(&mut take, x_in, x_out)
+        } else {
+            let x_out = if i % 2 == 0 { other.expect("forward plans alternate") } else { first_in };
+            match shared {
+                Some(s) => BlockActs { x_in, x_out, ..s },
+                None => {
+                    let a = fresh(&mut take, x_in, x_out);
+                    shared = Some(a);
+                    a
+                }
+            }
+        };
+        x_in = a.x_out;
+        blocks.push((p, a));
+    }
+    let scratch = train.then(|| StackScratch { dres: take(rows * dim), dln: take(rows * dim), dqkv: take(rows * 3 * dim), dattn: take(rows * dim), dh: take(rows * hidden) });
+    Stack { batch, tokens, dim, heads, hidden, blocks, scratch }
+}
+
+impl Stack {
+    fn rows(&self) -> usize {
+        self.batch * self.tokens
+    }
+
+    /// The stream's input (the first block's `x_in`).
+    fn input(&self) -> Slot {
+        self.blocks[0].1.x_in
+    }
+
+    fn output(&self) -> Slot {
+        self.blocks.last().expect("at least one block").1.x_out
+    }
+
+    fn forward(&self, k: &mut impl Kernels, eps: f32) {
+        let (rows, d) = (self.rows(), self.dim);
+        for (p, a) in &self.blocks {
+            k.layer_norm(a.x_in, p.norm1.w, p.norm1.b, a.ln1, a.ln1_stats, rows, d, eps);
+            k.linear(a.ln1, p.qkv.w, p.qkv.b, None, a.qkv, rows, d, 3 * d, Epilogue::None);
+            k.attention(a.qkv, a.attn, a.probs, self.batch, self.tokens, d, self.heads);
+            // x_mid = x_in + proj(attn): the residual added in the product's own pass.
+            k.linear(a.attn, p.proj.w, p.proj.b, Some(a.x_in), a.x_mid, rows, d, d, Epilogue::None);
+            k.layer_norm(a.x_mid, p.norm2.w, p.norm2.b, a.ln2, a.ln2_stats, rows, d, eps);
+            k.linear(a.ln2, p.fc1.w, p.fc1.b, None, a.h, rows, d, self.hidden, Epilogue::Gelu { y: a.gelu });
+            k.linear(a.gelu, p.fc2.w, p.fc2.b, Some(a.x_mid), a.x_out, rows, self.hidden, d, Epilogue::None);
+        }
+    }
+
+    /// Backpropagates the gradient in `scratch.dres` (of the stack's output) to its input,
+    /// in place, adding every parameter's gradient.
+    fn backward(&self, k: &mut impl Kernels) {
+        let s = self.scratch.expect("a training plan");
+        let (rows, d, f) = (self.rows(), self.dim, self.hidden);
+        for (p, a) in self.blocks.iter().rev() {
+            // MLP branch: dres is d x_out = d x_mid (identity path) + the branch's share.
+            k.linear_backward(s.dres, a.gelu, p.fc2.w, Some(s.dh), false, Some((grad(p.fc2.w), grad(p.fc2.b))), rows, f, d);
+            k.gelu_backward(a.h, s.dh);
+            k.linear_backward(s.dh, a.ln2, p.fc1.w, Some(s.dln), false, Some((grad(p.fc1.w), grad(p.fc1.b))), rows, d, f);
+            k.layer_norm_backward(s.dln, a.x_mid, p.norm2.w, a.ln2_stats, s.dres, grad(p.norm2.w), grad(p.norm2.b), rows, d);
+            // Attention branch.
+            k.linear_backward(s.dres, a.attn, p.proj.w, Some(s.dattn), false, Some((grad(p.proj.w), grad(p.proj.b))), rows, d, d);
+            k.attention_backward(s.dattn, a.qkv, a.probs.expect("a training plan"), s.dqkv, self.batch, self.tokens, d, self.heads);
+            k.linear_backward(s.dqkv, a.ln1, p.qkv.w, Some(s.dln), false, Some((grad(p.qkv.w), grad(p.qkv.b))), rows, d, 3 * d);
+            k.layer_norm_backward(s.dln, a.x_in, p.norm1.w, a.ln1_stats, s.dres, grad(p.norm1.w), grad(p.norm1.b), rows, d);
+        }
+    }
+}
+
+/// The decoder half of a plan.
+struct Decoder {
+    embed: Linear,
+    mask_token: Slot,
+    stack: Stack,
+    norm: Norm,
+    pred: Linear,
+    pos_embed: Slot,
+    /// decoder_embed's output `[N, T, D_dec]`.
+    emb: Slot,
+    norm_out: Slot,
+    norm_stats: Slot,
+    /// `[N, 1 + L, p*p*C]`, the cls row included.
+    pred_out: Slot,
+    /// Training: the gradients of `pred_out`, `emb` and the decoder norm's output.
+    dpred: Option<Slot>,
+    demb: Option<Slot>,
+    dnorm: Option<Slot>,
+}
+
+/// A plan for one config and batch shape: every buffer a step touches, allocated once.
+pub struct MaeEngine {
+    pub config: MaeConfig,
+    pub batch: usize,
+    pub len_keep: usize,
+    pub mode: Mode,
+    kernels: CpuKernels,
+    params: Params,
+
+    imgs: Slot,
+    pos_embed: Slot,
+    patch_embed: Linear,
+    cls_token: Slot,
+    encoder_mask_token: Option<Slot>,
+    /// Patches the encoder embeds, per image (`len_keep`, or every patch with the
+    /// encoder mask token).
+    embedded: usize,
+    patches: Slot,
+    emb: Slot,
+    encoder: Stack,
+    norm: Norm,
+    latent: Slot,
+    norm_stats: Slot,
+    decoder: Option<Decoder>,
+    /// Training: the gradient of the embedded patches and of the latent.
+    demb: Option<Slot>,
+    dlatent: Option<Slot>,
+
+    // Host-side index tables of the current batch, refilled in place every step.
+    patch_ids: Vec<u32>,
+    encoder_index: Vec<Source>,
+    encoder_positions: Vec<u32>,
+    decoder_index: Vec<Source>,
+    decoder_positions: Vec<u32>,
+    mask: Vec<f32>,
+}
+
+impl MaeEngine {
+    /// The plan for `batch` images of which the encoder sees `len_keep` patches each.
+    pub fn new(config: &MaeConfig, batch: usize, len_keep: usize, mode: Mode) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let l = c.num_patches();
+        if batch == 0 || len_keep == 0 || len_keep > l {
+            bail!(InvalidArgument, "an engine plan needs at least one image and 1..={l} visible patches, got {batch} and {len_keep}");
+        }
+        let (d, dd) = (c.embed_dim, c.decoder_embed_dim);
+        let conv_in = c.in_chans * c.patch_size * c.patch_size;
+        let mut p = Params { layout: Layout::default(), names: Vec::new() };
+        let patch_weight = p.take("patch_embed.proj.weight", &[d, c.in_chans, c.patch_size, c.patch_size]);
+        let patch_bias = p.take("patch_embed.proj.bias", &[d]);
+        let patch_embed = Linear { w: patch_weight, b: patch_bias, k: conv_in, n: d };
+        let cls_token = p.take("cls_token", &[1, 1, d]);
+        let encoder_mask_token = c.encoder_mask_token.then(|| p.take("encoder_mask_token", &[1, 1, d]));
+        let blocks: Vec<BlockParams> = (0..c.depth).map(|i| p.block(&format!("blocks.{i}"), d, c.mlp_hidden())).collect();
+        let norm = p.norm("norm", d);
+        let decoder_params = (mode != Mode::Encode).then(|| {
+            let embed = p.linear("decoder_embed", d, dd);
+            let mask_token = p.take("mask_token", &[1, 1, dd]);
+            let blocks: Vec<BlockParams> = (0..c.decoder_depth).map(|i| p.block(&format!("decoder_blocks.{i}"), dd, c.decoder_mlp_hidden())).collect();
+            let norm = p.norm("decoder_norm", dd);
+            let pred = p.linear("decoder_pred", dd, c.patch_dim());
+            (embed, mask_token, blocks, norm, pred)
+        });
+
+        let train = mode == Mode::Train;
+        let embedded = if c.encoder_mask_token { l } else { len_keep };
+        let tokens = 1 + embedded;
+        let mut a = Layout::default();
+        let take = |a: &mut Layout, len: usize| a.take(Arena::Acts, len);
+        let imgs = take(&mut a, batch * c.in_chans * c.img_size * c.img_size);
+        let pos_embed = take(&mut a, (1 + l) * d);
+        let patches = take(&mut a, batch * embedded * conv_in);
+        let emb = take(&mut a, batch * embedded * d);
+        let encoder = stack_acts(&mut a, mode, blocks, batch, tokens, d, c.num_heads, c.mlp_hidden());
+        let latent = take(&mut a, batch * tokens * d);
+        let norm_stats = take(&mut a, 2 * batch * tokens);
+        let demb = train.then(|| take(&mut a, batch * embedded * d));
+        let dlatent = train.then(|| take(&mut a, batch * tokens * d));
+        let decoder = decoder_params.map(|(embed, mask_token, blocks, norm, pred)| {
+            let dec_tokens = 1 + l;
+            let pos_embed = take(&mut a, dec_tokens * dd);
+            let emb = take(&mut a, batch * tokens * dd);
+            let stack = stack_acts(&mut a, mode, blocks, batch, dec_tokens, dd, c.decoder_num_heads, c.decoder_mlp_hidden());
+            let norm_out = take(&mut a, batch * dec_tokens * dd);
+            let norm_stats = take(&mut a, 2 * batch * dec_tokens);
+            let pred_out = take(&mut a, batch * dec_tokens * c.patch_dim());
+            let dpred = train.then(|| take(&mut a, batch * dec_tokens * c.patch_dim()));
+            let demb = train.then(|| take(&mut a, batch * tokens * dd));
+            let dnorm = train.then(|| take(&mut a, batch * dec_tokens * dd));
+            Decoder { embed, mask_token, stack, norm, pred, pos_embed, emb, norm_out, norm_stats, pred_out, dpred, demb, dnorm }
+        });
+        let kernels = CpuKernels::new(p.layout.len, a.len);
+        Ok(MaeEngine {
+            config: c.clone(),
+            batch,
+            len_keep,
+            mode,
+            kernels,
+            params: p,
+            imgs,
+            pos_embed,
+            patch_embed,
+            cls_token,
+            encoder_mask_token,
+            embedded,
+            patches,
+            emb,
+            encoder,
+            norm,
+            latent,
+            norm_stats,
+            decoder,
+            demb,
+            dlatent,
+            patch_ids: Vec::with_capacity(batch * embedded),
+            encoder_index: Vec::with_capacity(batch * tokens),
+            encoder_positions: Vec::with_capacity(batch * tokens),
+            decoder_index: Vec::with_capacity(batch * (1 + l)),
+            decoder_positions: Vec::with_capacity(batch * (1 + l)),
+            mask: Vec::with_capacity(batch * l),
+        })
+    }
+
+    /// Trainable parameters in the published order: name, shape, and range in the flat buffer.
+    pub fn param_layout(&self) -> impl Iterator<Item = (&str, &[usize], std::ops::Range<usize>)> {
+        self.params.names.iter().map(|(n, shape, s)| (n.as_str(), shape.as_slice(), s.offset..s.offset + s.len))
+    }
+
+    pub fn params(&self) -> &[f32] {
+        self.kernels.params()
+    }
+
+    pub fn grads(&self) -> &[f32] {
+        self.kernels.grads()
+    }
+
+    /// Bytes held by the plan's buffers.
+    pub fn bytes(&self) -> usize {
+        self.kernels.bytes()
+    }
+
+    /// Copies the model's parameters and fixed tables into the plan. The model must have
+    /// the plan's config (for `Mode::Encode`, its decoder is not copied).
+    pub fn load_from(&mut self, model: &MaskedAutoencoder) -> Result<()> {
+        if model.config != self.config {
+            bail!(Internal, "engine plan for another config");
+        }
+        let mut ours = self.params.names.iter();
+        for (name, var) in model.params() {
+            let Some((our_name, shape, slot)) = ours.next() else { break };
+            if our_name != name || var.dims() != shape.as_slice() {
+                bail!(Internal, "engine parameter {our_name} {shape:?} does not match the model's {name} {:?}", var.dims());
+            }
+            let values = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            self.kernels.upload(*slot, &values);
+        }
+        if ours.next().is_some() {
+            bail!(Internal, "the model has fewer parameters than the engine plan");
+        }
+        for (name, table) in model.buffers() {
+            let values = table.flatten_all()?.to_vec1::<f32>()?;
+            match (name, &self.decoder) {
+                ("pos_embed", _) => self.kernels.upload(self.pos_embed, &values),
+                ("decoder_pos_embed", Some(dec)) => self.kernels.upload(dec.pos_embed, &values),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the plan's parameters back into the model's variables.
+    pub fn store_to(&self, model: &MaskedAutoencoder) -> Result<()> {
+        for ((name, shape, slot), (model_name, var)) in self.params.names.iter().zip(model.params()) {
+            if name != model_name {
+                bail!(Internal, "engine parameter {name} does not match the model's {model_name}");
+            }
+            let values = &self.kernels.params()[slot.offset..slot.offset + slot.len];
+            var.set(&candle_core::Tensor::from_slice(values, shape.as_slice(), var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Fills the host index tables from a mask plan.
+    fn set_plan(&mut self, plan: &MaskPlan) -> Result<()> {
+        let (n, l, t) = (self.batch, self.config.num_patches(), 1 + self.embedded);
+        if plan.ids_shuffle.len() != n || plan.len_keep != self.len_keep || plan.ids_shuffle.iter().any(|s| s.len() != l) {
+            bail!(Internal, "mask plan of {} images keeping {} does not fit an engine plan of {n} keeping {}", plan.ids_shuffle.len(), plan.len_keep, self.len_keep);
+        }
+        let k = self.len_keep;
+        self.patch_ids.clear();
+        self.encoder_index.clear();
+        self.encoder_positions.clear();
+        self.decoder_index.clear();
+        self.decoder_positions.clear();
+        self.mask.clear();
+        for (i, shuffle) in plan.ids_shuffle.iter().enumerate() {
+            let start = self.mask.len();
+            self.mask.resize(start + l, 1.0);
+            for &patch in &shuffle[..k] {
+                self.mask[start + patch as usize] = 0.0;
+            }
+            self.encoder_index.push(Source::Token(0));
+            self.encoder_positions.push(0);
+            if self.encoder_mask_token.is_some() {
+                // Every patch in place, the removed ones as the encoder's mask token.
+                for j in 0..l {
+                    self.patch_ids.push(j as u32);
+                    let removed = self.mask[start + j] != 0.0;
+                    self.encoder_index.push(if removed { Source::Token(1) } else { Source::Row((i * l + j) as u32) });
+                    self.encoder_positions.push(1 + j as u32);
+                }
+                for j in 0..t {
+                    self.decoder_index.push(Source::Row((i * t + j) as u32));
+                    self.decoder_positions.push(j as u32);
+                }
+                continue;
+            }
+            for (r, &patch) in shuffle[..k].iter().enumerate() {
+                self.patch_ids.push(patch);
+                self.encoder_index.push(Source::Row((i * k + r) as u32));
+                self.encoder_positions.push(1 + patch);
+            }
+            // The decoder: the cls row, then each patch in place from its encoded token
+            // (`ids_restore`) or the shared mask token.
+            self.decoder_index.push(Source::Row((i * t) as u32));
+            self.decoder_positions.push(0);
+            let restore_start = self.decoder_index.len();
+            self.decoder_index.resize(restore_start + l, Source::Token(0));
+            for (position, &patch) in shuffle.iter().enumerate() {
+                if position < k {
+                    self.decoder_index[restore_start + patch as usize] = Source::Row((i * t + 1 + position) as u32);
+                }
+            }
+            self.decoder_positions.extend(1..=l as u32);
+        }
+        Ok(())
+    }
+
+    /// The forward pass over `imgs` `[N, C, H, W]` (already checked) with `plan`'s masks.
+    /// Returns the loss (0 for `Mode::Encode`); in training, `dpred` is filled with
+    /// `grad_scale` times the loss's gradient.
+    fn forward(&mut self, imgs: &[f32], plan: &MaskPlan, grad_scale: f32) -> Result<f32> {
+        self.set_plan(plan)?;
+        let c = &self.config;
+        let (n, d, eps) = (self.batch, c.embed_dim, c.layer_norm_eps as f32);
+        let k = &mut self.kernels;
+        k.upload(self.imgs, imgs);
+        // PatchEmbed on the patches the encoder sees, then cls + position embeddings.
+        k.patch_rows(self.imgs, &self.patch_ids, self.embedded, self.patches, c.in_chans, c.patch_size, c.grid_size());
+        let pe = self.patch_embed;
+        k.linear(self.patches, pe.w, pe.b, None, self.emb, n * self.embedded, pe.k, pe.n, Epilogue::None);
+        let tokens = [self.cls_token, self.encoder_mask_token.unwrap_or(NONE)];
+        k.gather_rows(self.emb, &self.encoder_index, tokens, Some((self.pos_embed, &self.encoder_positions)), self.encoder.input(), d);
+        self.encoder.forward(k, eps);
+        let rows = self.encoder.rows();
+        k.layer_norm(self.encoder.output(), self.norm.w, self.norm.b, self.latent, self.norm_stats, rows, d, eps);
+        let Some(dec) = &self.decoder else { return Ok(0.0) };
+
+        let dd = c.decoder_embed_dim;
+        k.linear(self.latent, dec.embed.w, dec.embed.b, None, dec.emb, rows, d, dd, Epilogue::None);
+        k.gather_rows(dec.emb, &self.decoder_index, [dec.mask_token, NONE], Some((dec.pos_embed, &self.decoder_positions)), dec.stack.input(), dd);
+        dec.stack.forward(k, eps);
+        let dec_rows = dec.stack.rows();
+        k.layer_norm(dec.stack.output(), dec.norm.w, dec.norm.b, dec.norm_out, dec.norm_stats, dec_rows, dd, eps);
+        k.linear(dec.norm_out, dec.pred.w, dec.pred.b, None, dec.pred_out, dec_rows, dd, c.patch_dim(), Epilogue::None);
+        let shape = MseShape { batch: n, channels: c.in_chans, patch: c.patch_size, grid: c.grid_size(), rows_per_image: 1 + c.num_patches(), norm_pix: c.norm_pix_loss };
+        Ok(k.masked_mse(self.imgs, dec.pred_out, &self.mask, dec.dpred, shape, grad_scale))
+    }
+
+    /// Backpropagates the last training forward pass, adding every parameter's gradient.
+    fn backward(&mut self) {
+        let c = &self.config;
+        let (n, d, dd) = (self.batch, c.embed_dim, c.decoder_embed_dim);
+        let k = &mut self.kernels;
+        let dec = self.decoder.as_ref().expect("a training plan has a decoder");
+        let dec_scratch = dec.stack.scratch.expect("a training plan");
+        let dec_rows = dec.stack.rows();
+        let (dpred, demb, dnorm) = (dec.dpred.expect("training"), dec.demb.expect("training"), dec.dnorm.expect("training"));
+        k.linear_backward(dpred, dec.norm_out, dec.pred.w, Some(dnorm), false, Some((grad(dec.pred.w), grad(dec.pred.b))), dec_rows, dd, c.patch_dim());
+        k.fill(dec_scratch.dres, 0.0);
+        k.layer_norm_backward(dnorm, dec.stack.output(), dec.norm.w, dec.norm_stats, dec_scratch.dres, grad(dec.norm.w), grad(dec.norm.b), dec_rows, dd);
+        dec.stack.backward(k);
+        k.scatter_rows(dec_scratch.dres, &self.decoder_index, demb, [grad(dec.mask_token), NONE], dd);
+        let rows = self.encoder.rows();
+        let dlatent = self.dlatent.expect("training");
+        k.linear_backward(demb, self.latent, dec.embed.w, Some(dlatent), false, Some((grad(dec.embed.w), grad(dec.embed.b))), rows, d, dd);
+
+        let enc_scratch = self.encoder.scratch.expect("a training plan");
+        k.fill(enc_scratch.dres, 0.0);
+        k.layer_norm_backward(dlatent, self.encoder.output(), self.norm.w, self.norm_stats, enc_scratch.dres, grad(self.norm.w), grad(self.norm.b), rows, d);
+        self.encoder.backward(k);
+        let demb_patches = self.demb.expect("training");
+        let token_grads = [grad(self.cls_token), self.encoder_mask_token.map_or(NONE, grad)];
+        k.scatter_rows(enc_scratch.dres, &self.encoder_index, demb_patches, token_grads, d);
+        let pe = self.patch_embed;
+        // No gradient for the pixels.
+        k.linear_backward(demb_patches, self.patches, pe.w, None, false, Some((grad(pe.w), grad(pe.b))), n * self.embedded, pe.k, pe.n);
+    }
+
+    /// Forward and backward of one micro-batch: returns the loss and adds `grad_scale`
+    /// times its gradient into the gradient buffer.
+    pub fn accumulate(&mut self, imgs: &[f32], plan: &MaskPlan, grad_scale: f32) -> Result<f32> {
+        if self.mode != Mode::Train {
+            bail!(Internal, "accumulate needs a training plan");
+        }
+        let loss = self.forward(imgs, plan, grad_scale)?;
+        self.backward();
+        Ok(loss)
+    }
+
+    /// The forward pass alone; read its outputs with [`MaeEngine::pred`] and [`MaeEngine::latent`].
+    pub fn run_forward(&mut self, imgs: &[f32], plan: &MaskPlan) -> Result<f32> {
+        self.forward(imgs, plan, 1.0)
+    }
+
+    /// The last forward pass's predictions `[N, L, p*p*C]` (the cls rows left out).
+    pub fn pred(&self) -> Vec<f32> {
+        let dec = self.decoder.as_ref().expect("a plan with a decoder");
+        let (l, w) = (self.config.num_patches(), self.config.patch_dim());
+        let all = self.kernels.download(dec.pred_out);
+        all.chunks((1 + l) * w).flat_map(|image| image[w..].iter().copied()).collect()
+    }
+
+    /// The last forward pass's encoder output after its norm, `[N, 1 + visible, D]`.
+    pub fn latent(&self) -> Vec<f32> {
+        self.kernels.download(self.latent)
+    }
+
+    /// The last forward pass's mask `[N, L]`, 1 where a patch was removed.
+    pub fn mask(&self) -> &[f32] {
+        &self.mask
+    }
+
+    pub fn zero_grad(&mut self) {
+        let all = Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len };
+        self.kernels.fill(all, 0.0);
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_` over every gradient at once; returns the norm
+    /// before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let all = Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len };
+        let norm = self.kernels.norm(all);
+        let scale = max_norm / (norm + 1e-6);
+        if scale < 1.0 {
+            self.kernels.scale(all, scale as f32);
+        }
+        norm
+    }
+
+    /// One AdamW update of every parameter from the accumulated gradients.
+    pub fn adamw_step(&mut self, opt: &mut FlatAdamW, lr: f64) {
+        opt.step += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = opt.config;
+        let bias_correction1 = 1.0 - beta1.powi(opt.step as i32);
+        let bias_correction2 = 1.0 - beta2.powi(opt.step as i32);
+        opt.ranges.clear();
+        for g in &opt.groups {
+            let lr = lr * g.lr_scale;
+            opt.ranges.push(AdamWRange {
+                offset: g.offset,
+                len: g.len,
+                decay_factor: if g.decays { 1.0 - lr * weight_decay } else { 1.0 } as f32,
+                step_size: (lr / bias_correction1) as f32,
+            });
+        }
+        let step = AdamWStep { beta1: beta1 as f32, beta2: beta2 as f32, eps: eps as f32, bias_correction2_sqrt: bias_correction2.sqrt() as f32 };
+        self.kernels.adamw(&mut opt.exp_avg, &mut opt.exp_avg_sq, &opt.ranges, step);
+    }
+}
+
+/// One parameter's optimisation settings, as a range of the flat buffers.
+#[derive(Debug, Clone)]
+pub struct FlatGroup {
+    pub name: String,
+    pub offset: usize,
+    pub len: usize,
+    pub decays: bool,
+    pub lr_scale: f64,
+}
+
+/// AdamW over the engine's flat buffers: one moment buffer each, the weight-decay and
+/// learning-rate groups as ranges.
+pub struct FlatAdamW {
+    pub config: AdamWConfig,
+    pub groups: Vec<FlatGroup>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+    pub step: u64,
+    ranges: Vec<AdamWRange>,
+}
+
+impl FlatAdamW {
+    /// The pre-training groups (`optim::decays`) over a plan's parameters.
+    pub fn new(engine: &MaeEngine, config: AdamWConfig) -> Self {
+        let groups: Vec<FlatGroup> = engine
+            .param_layout()
+            .map(|(name, shape, range)| FlatGroup { name: name.to_string(), offset: range.start, len: range.len(), decays: crate::optim::decays(name, shape), lr_scale: 1.0 })
+            .collect();
+        let len = engine.params().len();
+        FlatAdamW { config, ranges: Vec::with_capacity(groups.len()), groups, exp_avg: vec![0.0; len], exp_avg_sq: vec![0.0; len], step: 0 }
+    }
+}

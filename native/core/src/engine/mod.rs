@@ -1,0 +1,187 @@
+//! The training engine, in the manner of llm.c: for one model config and batch shape,
+//! a plan lays out every tensor a step touches (parameters, gradients, AdamW's moments,
+//! activations) in flat buffers allocated once, and every layer's forward and backward
+//! pass is a plain function over those buffers. This is what users' calls run on, on
+//! the CPU in f32; the candle model (`model.rs`) is the readable reference that the
+//! tests hold it against.
+//!
+//! The layer code (`mae.rs`) names tensors by [`Slot`]s (an arena and a range) and
+//! calls the [`Kernels`] trait; only a kernel implementation turns slots into memory.
+//! `cpu.rs` is the CPU implementation; a CUDA one (cuBLAS GEMMs and the existing CUDA
+//! kernels over device buffers) implements the same trait without touching the layers.
+
+pub mod cpu;
+pub mod mae;
+pub(crate) mod rows;
+
+pub use mae::{FlatAdamW, MaeEngine, Mode};
+
+/// Which of a plan's buffers a tensor lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arena {
+    /// Trainable parameters, in the published order.
+    Params,
+    /// Their gradients, laid out as `Params`.
+    Grads,
+    /// Activations, inputs, fixed tables and scratch.
+    Acts,
+}
+
+/// A tensor of a plan: `len` values from `offset` in `arena`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub arena: Arena,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Slot {
+    /// `len` values starting `start` values into this slot.
+    pub fn part(self, start: usize, len: usize) -> Slot {
+        assert!(start + len <= self.len, "slot part {start}+{len} outside a slot of {}", self.len);
+        Slot { offset: self.offset + start, len, ..self }
+    }
+
+    fn overlaps(self, other: Slot) -> bool {
+        self.arena == other.arena && self.offset < other.offset + other.len && other.offset < self.offset + self.len && self.len > 0 && other.len > 0
+    }
+}
+
+/// Hands out consecutive slots of one arena.
+#[derive(Debug, Default, Clone)]
+pub struct Layout {
+    pub len: usize,
+}
+
+impl Layout {
+    pub fn take(&mut self, arena: Arena, len: usize) -> Slot {
+        let slot = Slot { arena, offset: self.len, len };
+        self.len += len;
+        slot
+    }
+}
+
+/// Where a row of a gathered token sequence comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A row of the gathered tensor.
+    Row(u32),
+    /// One of the learned tokens passed alongside (cls, mask tokens).
+    Token(u8),
+}
+
+/// What a linear layer does after its product, in the same pass over its output rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue {
+    None,
+    /// `y = gelu(h)`, where `h` (the layer's own output slot) keeps the pre-activation.
+    Gelu { y: Slot },
+}
+
+/// One AdamW update of a range of the flat parameter buffer (one parameter).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWRange {
+    pub offset: usize,
+    pub len: usize,
+    /// `1 - lr * weight_decay` where the parameter decays, else 1.
+    pub decay_factor: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+}
+
+/// AdamW's constants for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias_correction2_sqrt: f32,
+}
+
+/// The operations the layers are written in. Shapes are row-major; `rows` counts the
+/// leading dimensions together. Gradients of parameters are always added to (the plan
+/// zeroes them once per optimizer step); other outputs are overwritten unless a flag
+/// says otherwise.
+pub trait Kernels {
+    /// Copies host values into a slot.
+    fn upload(&mut self, dst: Slot, values: &[f32]);
+    /// Copies a slot to the host.
+    fn download(&self, src: Slot) -> Vec<f32>;
+    fn fill(&mut self, dst: Slot, value: f32);
+
+    /// `y [rows, n] = x [rows, k] w^T + b (+ residual)`, `w` `[n, k]`, then the epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(&mut self, x: Slot, w: Slot, b: Slot, residual: Option<Slot>, y: Slot, rows: usize, k: usize, n: usize, epilogue: Epilogue);
+    /// The gradients of [`Kernels::linear`] given `dy`: `dx = dy w` (overwritten, or
+    /// added to with `accumulate_dx`), `dw += dy^T x` and `db += sum of dy's rows`. A
+    /// frozen layer passes no `dw`/`db`; a first layer no `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(&mut self, dy: Slot, x: Slot, w: Slot, dx: Option<Slot>, accumulate_dx: bool, dw_db: Option<(Slot, Slot)>, rows: usize, k: usize, n: usize);
+    /// `d *= gelu'(h)`, elementwise.
+    fn gelu_backward(&mut self, h: Slot, d: Slot);
+
+    /// LayerNorm over rows of `d` (biased variance): `y = (x - mean) * rstd * w + b`,
+    /// keeping each row's mean and rstd in `stats` (`2 * rows`: means, then rstds).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(&mut self, x: Slot, w: Slot, b: Slot, y: Slot, stats: Slot, rows: usize, d: usize, eps: f32);
+    /// Adds LayerNorm's input gradient into `dx` and its parameter gradients into `dw`, `db`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(&mut self, dy: Slot, x: Slot, w: Slot, stats: Slot, dx: Slot, dw: Slot, db: Slot, rows: usize, d: usize);
+
+    /// Multi-head self-attention from a fused `qkv` `[batch, tokens, 3 * dim]` (q, k, v
+    /// each `[heads, dim / heads]` per token, as timm lays them out) to `out`
+    /// `[batch, tokens, dim]`, keeping the attention weights in `probs`
+    /// `[batch, heads, tokens, tokens]` (training only).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&mut self, qkv: Slot, out: Slot, probs: Option<Slot>, batch: usize, tokens: usize, dim: usize, heads: usize);
+    /// The gradient of [`Kernels::attention`] with respect to `qkv`, overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(&mut self, dout: Slot, qkv: Slot, probs: Slot, dqkv: Slot, batch: usize, tokens: usize, dim: usize, heads: usize);
+
+    /// Rows `[count, c * p * p]` of image patches, each flattened in (c, i, j) order (the
+    /// patch-embedding conv's weight layout): row `r` is patch `patches[r % per_image]`
+    /// of image `r / per_image` of `imgs` `[N, c, g * p, g * p]`.
+    #[allow(clippy::too_many_arguments)]
+    fn patch_rows(&mut self, imgs: Slot, patches: &[u32], per_image: usize, out: Slot, c: usize, p: usize, g: usize);
+    /// Gathers rows of `d` values: `out[i]` is row `r` of `src` for `Source::Row(r)`, or
+    /// learned token `tokens[t]` for `Source::Token(t)`, plus row `positions[i]` of `add`
+    /// when given (position embeddings).
+    fn gather_rows(&mut self, src: Slot, index: &[Source], tokens: [Slot; 2], add: Option<(Slot, &[u32])>, out: Slot, d: usize);
+    /// The gradient of [`Kernels::gather_rows`]: `dsrc`'s gathered rows overwritten (each
+    /// source row is gathered at most once), each token's rows added into `dtokens`.
+    fn scatter_rows(&mut self, dout: Slot, index: &[Source], dsrc: Slot, dtokens: [Slot; 2], d: usize);
+
+    /// The published loss: per-patch MSE of `pred` against the patchified images
+    /// (normalised per patch with the unbiased variance when `norm_pix`), averaged over
+    /// the removed patches (`mask` 1; with none removed the loss is 0), and returns it.
+    /// With `dpred`, writes `grad_scale * dloss/dpred` there (zero on every other row).
+    fn masked_mse(&mut self, imgs: Slot, pred: Slot, mask: &[f32], dpred: Option<Slot>, shape: MseShape, grad_scale: f32) -> f32;
+
+    /// The global L2 norm of a slot (gradient clipping).
+    fn norm(&mut self, x: Slot) -> f64;
+    fn scale(&mut self, x: Slot, factor: f32);
+    /// One AdamW step over the parameter ranges, with the flat moments `m` and `v`.
+    fn adamw(&mut self, m: &mut [f32], v: &mut [f32], ranges: &[AdamWRange], step: AdamWStep);
+}
+
+/// Where [`Kernels::masked_mse`] finds its predictions and targets.
+#[derive(Debug, Clone, Copy)]
+pub struct MseShape {
+    pub batch: usize,
+    pub channels: usize,
+    pub patch: usize,
+    pub grid: usize,
+    /// Rows of `pred` per image: the cls token's, then one per patch.
+    pub rows_per_image: usize,
+    pub norm_pix: bool,
+}
+
+/// Checks that the outputs of a kernel call overlap nothing else it is given, so that
+/// mutable views of them alias nothing.
+pub(crate) fn check_disjoint(ins: &[Slot], outs: &[Slot]) {
+    for (i, o) in outs.iter().enumerate() {
+        assert!(!ins.iter().any(|s| s.overlaps(*o)), "kernel output {o:?} overlaps an input");
+        assert!(!outs[..i].iter().any(|s| s.overlaps(*o)), "kernel outputs overlap at {o:?}");
+    }
+}
