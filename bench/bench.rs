@@ -28,6 +28,7 @@
 
 use std::time::Instant;
 use vit_mae_core::candle_core::{Device, Tensor};
+use vit_mae_core::engine::{FlatAdamW, MaeEngine, Mode};
 use vit_mae_core::optim::{AdamW, AdamWConfig};
 use vit_mae_core::{DeviceSpec, MaeConfig, MaskOptions, MaskedAutoencoder, Pool, Precision};
 
@@ -165,7 +166,7 @@ fn main() -> vit_mae_core::Result<()> {
         }
         "tiny" => (MaeConfig::preset("mae_vit_tiny_patch8_64")?, 64),
         "base" => (MaeConfig::preset("mae_vit_base_patch16")?, 8),
-        "fmnist" => (MaeConfig::preset("mae_vit_fmnist_patch4_32")?, 128),
+        "fmnist" => (MaeConfig::preset("mae_vit_fmnist_patch4_32")?, 256),
         "base224" => (MaeConfig::preset("mae_vit_base_patch16")?, 256),
         "large224" => (MaeConfig::preset("mae_vit_large_patch16")?, 128),
         other => panic!("unknown workload {other}: tiny, base, fmnist, base224, large224 or gemm"),
@@ -174,11 +175,30 @@ fn main() -> vit_mae_core::Result<()> {
     let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?;
     let options = MaskOptions::default();
     let mut optimizer = AdamW::new(model.params(), AdamWConfig::default())?;
+    // On the CPU in f32 a training step runs on the engine, as `pretrain` does.
+    let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
+    let len_keep = vit_mae_core::masking::len_keep(config.num_patches(), options.mask_ratio);
+    let mut engine = match model.uses_engine() {
+        true => {
+            let mut engine = MaeEngine::new(&config, batch, len_keep, Mode::Train)?;
+            engine.load_from(&model)?;
+            let adamw = FlatAdamW::new(&engine, AdamWConfig::default());
+            Some((engine, adamw))
+        }
+        false => None,
+    };
     // On a GPU the first calls also load (JIT-compile) kernels and grow the allocator's pool.
     let warmup = if on_gpu { 2 } else { 1 };
 
     let timed = |mode: &str, f: &mut dyn FnMut() -> vit_mae_core::Result<()>| runs(mode).then(|| rate(&device, warmup, steps, batch, f)).transpose();
     let train = timed("train", &mut || {
+        if let Some((engine, adamw)) = engine.as_mut() {
+            let plan = model.mask_plan(batch, &options)?;
+            engine.zero_grad();
+            engine.accumulate(&pixels, &plan, 1.0)?;
+            engine.adamw_step(adamw, 1e-4);
+            return Ok(());
+        }
         let out = model.forward(&imgs, &options)?;
         let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
         optimizer.step(&grads, 1e-4)

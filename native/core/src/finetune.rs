@@ -11,8 +11,8 @@ use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::mixup::MixupConfig;
 use crate::model::{MaskedAutoencoder, Pool};
-use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer};
-use crate::train::{self, LoopConfig, RecipeChecks, Task, TrainEvent, TrainSummary};
+use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState};
+use crate::train::{self, Accumulated, LoopConfig, RecipeChecks, Task, TrainEvent, TrainSummary};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -216,11 +216,12 @@ struct Finetuning<'a> {
     config: &'a FinetuneConfig,
     trained: Vec<(String, candle_core::Var)>,
     optimizer: Box<dyn Optimizer>,
+    grads: Accumulated,
     eval_loader: Option<&'a Loader>,
 }
 
 impl Task for Finetuning<'_> {
-    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize) -> Result<(f64, Vec<Tensor>)> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
         let c = self.classifier;
         let [n, ..] = batch.shape;
         if batch.labels.len() != n {
@@ -249,10 +250,17 @@ impl Task for Finetuning<'_> {
             .map(|(name, var)| grads.get(var.as_tensor()).cloned().ok_or_else(|| Error::new(ErrorCode::Internal, format!("parameter {name} received no gradient"))))
             .collect::<Result<Vec<_>>>()?;
         let value = loss.to_scalar::<f32>()? as f64;
-        Ok((value, if value.is_finite() { grads } else { Vec::new() }))
+        if value.is_finite() {
+            self.grads.add(grads, grad_scale)?;
+        }
+        Ok(value)
     }
 
-    fn optimizer(&mut self) -> &mut dyn Optimizer {
+    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+        self.grads.apply(self.optimizer.as_mut(), clip_grad, lr)
+    }
+
+    fn optimizer(&mut self) -> &mut dyn OptimizerState {
         self.optimizer.as_mut()
     }
 
@@ -298,7 +306,7 @@ pub fn finetune(
     config.validate()?;
     let trained = classifier.trainable_params(config.trainable())?;
     let optimizer = optimizer_for(classifier, config)?;
-    let mut task = Finetuning { classifier, config, trained, optimizer, eval_loader };
+    let mut task = Finetuning { classifier, config, trained, optimizer, grads: Accumulated::default(), eval_loader };
     train::run(&mut task, loader, &config.loop_config(loader.batch_size()), resume, on_event, cancel)
 }
 

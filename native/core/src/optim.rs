@@ -8,10 +8,14 @@ use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
-/// What the training loop needs of an optimizer.
-pub trait Optimizer: Send {
+/// An optimizer over candle tensors: one update from gradients in parameter order.
+pub trait Optimizer: OptimizerState {
     /// One update with `grads` given in parameter order, at base learning rate `lr`.
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()>;
+}
+
+/// What checkpoints need of an optimizer: its step count and buffers.
+pub trait OptimizerState: Send {
     /// Updates taken (restored on resume).
     fn steps_taken(&self) -> u64;
     fn set_steps_taken(&mut self, steps: u64);
@@ -54,7 +58,7 @@ pub fn layer_decay_groups(params: &[(String, Var)], depth: usize, layer_decay: f
         .collect()
 }
 
-fn missing_state(kind: &str, name: &str) -> crate::error::Error {
+pub(crate) fn missing_state(kind: &str, name: &str) -> crate::error::Error {
     crate::error::Error::new(crate::error::ErrorCode::CheckpointKeys, format!("checkpoint lacks the optimizer state {kind} of {name}"))
 }
 
@@ -192,7 +196,9 @@ impl Optimizer for AdamW {
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         AdamW::step(self, grads, lr)
     }
+}
 
+impl OptimizerState for AdamW {
     fn steps_taken(&self) -> u64 {
         self.step
     }
@@ -346,6 +352,9 @@ impl Optimizer for Lars {
         Ok(())
     }
 
+}
+
+impl OptimizerState for Lars {
     fn steps_taken(&self) -> u64 {
         self.steps
     }

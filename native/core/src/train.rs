@@ -8,7 +8,8 @@ use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, Masking};
 use crate::model::{MaskOptions, MaskedAutoencoder};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer};
+use crate::engine::{FlatAdamW, MaeEngine, Mode};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -260,16 +261,49 @@ impl PretrainConfig {
 
 /// What the training loop trains: pre-training or one of the fine-tuning protocols.
 pub(crate) trait Task {
-    /// Loss and gradients (of the trained parameters, in the optimizer's order) of one
-    /// micro-batch of `[n, C, H, W]` images. `step` and `micro` key its randomness.
-    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize) -> Result<(f64, Vec<Tensor>)>;
-    fn optimizer(&mut self) -> &mut dyn Optimizer;
+    /// The loss of one micro-batch of `[n, C, H, W]` images; its gradients, times
+    /// `grad_scale`, are added to the step's. `step` and `micro` key its randomness.
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64>;
+    /// Clips the step's gradients to `clip_grad` (global norm), updates the parameters at
+    /// learning rate `lr`, and starts the next step's gradients from zero.
+    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()>;
+    fn optimizer(&mut self) -> &mut dyn OptimizerState;
     /// Writes the model with `extra` tensors and `metadata` (plus the recipe) to `path`.
     fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()>;
     /// Copies a training checkpoint's weights into the model.
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()>;
     /// Called when an epoch ends (evaluation, for fine-tuning).
     fn epoch_end(&mut self, _epoch: usize, _on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        Ok(())
+    }
+    /// Called when the run stops (finished or aborted): leaves the trained weights in the model.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A step's gradients as candle tensors, for the tasks that run on the reference model.
+#[derive(Default)]
+pub(crate) struct Accumulated(Option<Vec<Tensor>>);
+
+impl Accumulated {
+    pub fn add(&mut self, grads: Vec<Tensor>, scale: f64) -> Result<()> {
+        let grads = grads.into_iter().map(|g| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
+        self.0 = Some(match self.0.take() {
+            Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<candle_core::Result<Vec<_>>>()?,
+            None => grads,
+        });
+        Ok(())
+    }
+
+    /// Clips and applies the accumulated gradients with `optimizer`, and clears them.
+    pub fn apply(&mut self, optimizer: &mut dyn Optimizer, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+        if let Some(mut grads) = self.0.take() {
+            if let Some(max_norm) = clip_grad {
+                clip_grad_norm(&mut grads, max_norm)?;
+            }
+            optimizer.step(&grads, lr)?;
+        }
         Ok(())
     }
 }
@@ -330,18 +364,28 @@ pub fn pretrain(
 ) -> Result<TrainSummary> {
     config.validate()?;
     let adamw = AdamWConfig { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
-    let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)? };
-    run(&mut task, loader, &config.loop_config(loader.batch_size()), resume, on_event, cancel)
+    let loop_config = config.loop_config(loader.batch_size());
+    if model.uses_engine() {
+        let len_keep = masking::len_keep(model.config.num_patches(), config.mask_ratio);
+        let engine = MaeEngine::new(&model.config, loader.batch_size(), len_keep, Mode::Train)?;
+        let optimizer = FlatAdamW::new(&engine, adamw);
+        let mut task = EnginePretraining { model, config, engine, optimizer, loaded: false };
+        return run(&mut task, loader, &loop_config, resume, on_event, cancel);
+    }
+    let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)?, grads: Accumulated::default() };
+    run(&mut task, loader, &loop_config, resume, on_event, cancel)
 }
 
+/// Pre-training on the reference model (CUDA, bf16).
 struct Pretraining<'a> {
     model: &'a MaskedAutoencoder,
     config: &'a PretrainConfig,
     optimizer: AdamW,
+    grads: Accumulated,
 }
 
 impl Task for Pretraining<'_> {
-    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize) -> Result<(f64, Vec<Tensor>)> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
         let imgs = Tensor::from_vec(batch.images, batch.shape.as_slice(), self.model.device())?;
         let plan = step_plan(self.config, self.model, batch.shape[0], step, micro)?;
         let out = self.model.forward_with_plan(&imgs, &plan)?;
@@ -349,27 +393,103 @@ impl Task for Pretraining<'_> {
         // for the host mid-step; a non-finite loss still discards the gradients.
         let grads = self.model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
         let loss = out.loss.to_scalar::<f32>()? as f64;
-        Ok((loss, if loss.is_finite() { grads } else { Vec::new() }))
+        if loss.is_finite() {
+            self.grads.add(grads, grad_scale)?;
+        }
+        Ok(loss)
     }
 
-    fn optimizer(&mut self) -> &mut dyn Optimizer {
+    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+        self.grads.apply(&mut self.optimizer, clip_grad, lr)
+    }
+
+    fn optimizer(&mut self) -> &mut dyn OptimizerState {
         &mut self.optimizer
     }
 
-    fn save(&mut self, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-        let recipe = serde_json::to_string(self.config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
-        metadata.insert("pretrain_config".to_string(), recipe);
-        checkpoint::save_with(self.model, extra, metadata, path)
+    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        save_pretraining(self.model, self.config, extra, metadata, path)
     }
 
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
-        if let Some(patch) = &state.config {
-            if patch.apply_to(&self.model.config) != self.model.config {
-                bail!(InvalidConfig, "{} was written by a model with another config", path.display());
-            }
-        }
-        copy_params(self.model.params(), &state.tensors, path)
+        restore_pretraining(self.model, state, path)
     }
+}
+
+/// Pre-training on the engine (the CPU in f32): the weights, gradients and AdamW's
+/// moments live in the engine's flat buffers during the run, and are written back to
+/// the model at each checkpoint and when the run stops.
+struct EnginePretraining<'a> {
+    model: &'a MaskedAutoencoder,
+    config: &'a PretrainConfig,
+    engine: MaeEngine,
+    optimizer: FlatAdamW,
+    /// Whether the engine holds the model's weights yet (they are copied in on the
+    /// first micro-batch, after any resume has set them).
+    loaded: bool,
+}
+
+impl Task for EnginePretraining<'_> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
+        if !self.loaded {
+            self.engine.load_from(self.model)?;
+            self.engine.zero_grad();
+            self.loaded = true;
+        }
+        let n = batch.shape[0];
+        let plan = step_plan(self.config, self.model, n, step, micro)?;
+        if n != self.engine.batch {
+            // A batch short of skipped images: a plan of its size, sharing the weights.
+            self.engine.reshape(n)?;
+        }
+        self.engine.accumulate(&batch.images, &plan, grad_scale as f32).map(f64::from)
+    }
+
+    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+        if let Some(max_norm) = clip_grad {
+            self.engine.clip_grad_norm(max_norm);
+        }
+        self.engine.adamw_step(&mut self.optimizer, lr);
+        self.engine.zero_grad();
+        Ok(())
+    }
+
+    fn optimizer(&mut self) -> &mut dyn OptimizerState {
+        &mut self.optimizer
+    }
+
+    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        self.finish()?;
+        save_pretraining(self.model, self.config, extra, metadata, path)
+    }
+
+    fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
+        restore_pretraining(self.model, state, path)?;
+        self.loaded = false;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.loaded {
+            self.engine.store_to(self.model)?;
+        }
+        Ok(())
+    }
+}
+
+fn save_pretraining(model: &MaskedAutoencoder, config: &PretrainConfig, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let recipe = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+    metadata.insert("pretrain_config".to_string(), recipe);
+    checkpoint::save_with(model, extra, metadata, path)
+}
+
+fn restore_pretraining(model: &MaskedAutoencoder, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
+    if let Some(patch) = &state.config {
+        if patch.apply_to(&model.config) != model.config {
+            bail!(InvalidConfig, "{} was written by a model with another config", path.display());
+        }
+    }
+    copy_params(model.params(), &state.tensors, path)
 }
 
 /// Sets each parameter from the tensor of the same name.
@@ -433,7 +553,7 @@ pub(crate) fn run(
     let mut aborted = false;
 
     'epochs: while state.step < total_steps {
-        let mut accumulated: Option<Vec<Tensor>> = None;
+        let mut accumulated = false;
         let mut step_losses = Vec::new();
         let mut epoch_losses = Vec::new();
         let mut lr = 0.0;
@@ -451,17 +571,12 @@ pub(crate) fn run(
             }
             let n = batch.shape[0];
             if n > 0 {
-                let (loss, grads) = task.micro_batch(batch, state.step, i % config.accum_iter)?;
+                let loss = task.micro_batch(batch, state.step, i % config.accum_iter, 1.0 / config.accum_iter as f64)?;
                 if !loss.is_finite() {
                     let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p: &Path| format!("the last good checkpoint is {}", p.display()));
                     bail!(NonFiniteLoss, "loss is {loss} at step {} (epoch {}); training stopped and {kept}", state.step + 1, state.epoch);
                 }
-                let scale = 1.0 / config.accum_iter as f64;
-                let grads = grads.into_iter().map(|g| g * scale).collect::<candle_core::Result<Vec<_>>>()?;
-                accumulated = Some(match accumulated {
-                    Some(acc) => acc.iter().zip(&grads).map(|(a, g)| a + g).collect::<candle_core::Result<Vec<_>>>()?,
-                    None => grads,
-                });
+                accumulated = true;
                 step_losses.push(loss);
                 state.images_seen += n as u64;
                 images_this_run += n as u64;
@@ -469,11 +584,8 @@ pub(crate) fn run(
             if (i + 1) % config.accum_iter != 0 {
                 continue;
             }
-            if let Some(mut grads) = accumulated.take() {
-                if let Some(max_norm) = config.clip_grad {
-                    clip_grad_norm(&mut grads, max_norm)?;
-                }
-                task.optimizer().step(&grads, lr)?;
+            if std::mem::take(&mut accumulated) {
+                task.apply(config.clip_grad, lr)?;
             }
             state.step += 1;
             final_loss = mean(&step_losses);
@@ -515,6 +627,7 @@ pub(crate) fn run(
         }
     }
 
+    task.finish()?;
     Ok(TrainSummary {
         steps: state.step,
         epochs_completed: state.epoch,

@@ -24,7 +24,7 @@ use vit_mae_core::data::{Augment, InMemoryDataset, Loader, LoaderOptions};
 use vit_mae_core::finetune::{embed_dataset, evaluate, finetune, Embedder, FinetuneConfig, Protocol};
 use vit_mae_core::mixup::MixupConfig;
 use vit_mae_core::nn::DropPathScales;
-use vit_mae_core::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer};
+use vit_mae_core::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState};
 use vit_mae_core::train::{list_checkpoints, TrainEvent, TrainSummary};
 use vit_mae_core::{save_model, ErrorCode, Precision, MaeConfig, MaskedAutoencoder, Pool};
 

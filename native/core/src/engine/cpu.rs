@@ -46,6 +46,13 @@ impl CpuKernels {
         &self.grads
     }
 
+    /// Moves `other`'s parameters and gradients into this one (plans of one config).
+    pub fn take_weights_from(&mut self, other: &mut CpuKernels) {
+        assert_eq!(self.params.len(), other.params.len(), "plans of one config");
+        std::mem::swap(&mut self.params, &mut other.params);
+        std::mem::swap(&mut self.grads, &mut other.grads);
+    }
+
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
         4 * (self.params.len() + self.grads.len() + self.acts.len() + self.attention_scratch.len()) + 8 * self.partials.len()

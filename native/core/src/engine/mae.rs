@@ -424,6 +424,20 @@ impl MaeEngine {
         Ok(())
     }
 
+    /// The same plan for `batch` images, keeping the weights and gradients (a batch short
+    /// of skipped images). Allocates the activations anew.
+    pub fn reshape(&mut self, batch: usize) -> Result<()> {
+        let mut other = MaeEngine::new(&self.config, batch, self.len_keep, self.mode)?;
+        other.kernels.take_weights_from(&mut self.kernels);
+        let tables = [(self.pos_embed, other.pos_embed)].into_iter().chain(self.decoder.as_ref().zip(other.decoder.as_ref()).map(|(a, b)| (a.pos_embed, b.pos_embed)));
+        for (from, to) in tables.collect::<Vec<_>>() {
+            let values = self.kernels.download(from);
+            other.kernels.upload(to, &values);
+        }
+        *self = other;
+        Ok(())
+    }
+
     /// Fills the host index tables from a mask plan.
     fn set_plan(&mut self, plan: &MaskPlan) -> Result<()> {
         let (n, l, t) = (self.batch, self.config.num_patches(), 1 + self.embedded);
@@ -643,5 +657,38 @@ impl FlatAdamW {
             .collect();
         let len = engine.params().len();
         FlatAdamW { config, ranges: Vec::with_capacity(groups.len()), groups, exp_avg: vec![0.0; len], exp_avg_sq: vec![0.0; len], step: 0 }
+    }
+}
+
+impl crate::optim::OptimizerState for FlatAdamW {
+    fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    fn set_steps_taken(&mut self, steps: u64) {
+        self.step = steps;
+    }
+
+    fn state(&self) -> Vec<(String, candle_core::Tensor)> {
+        let tensor = |values: &[f32], g: &FlatGroup| candle_core::Tensor::from_slice(&values[g.offset..g.offset + g.len], g.len, &candle_core::Device::Cpu);
+        self.groups
+            .iter()
+            .flat_map(|g| [(format!("exp_avg.{}", g.name), tensor(&self.exp_avg, g)), (format!("exp_avg_sq.{}", g.name), tensor(&self.exp_avg_sq, g))])
+            .map(|(k, t)| (k, t.expect("a CPU tensor from a slice")))
+            .collect()
+    }
+
+    fn load_state(&mut self, tensors: &std::collections::BTreeMap<String, candle_core::Tensor>) -> Result<()> {
+        for g in &self.groups {
+            for (kind, flat) in [("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
+                let t = tensors.get(&format!("{kind}.{}", g.name)).ok_or_else(|| crate::optim::missing_state(kind, &g.name))?;
+                if t.elem_count() != g.len {
+                    bail!(CheckpointShape, "optimizer state for {} has the wrong shape", g.name);
+                }
+                let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                flat[g.offset..g.offset + g.len].copy_from_slice(&values);
+            }
+        }
+        Ok(())
     }
 }
