@@ -464,7 +464,8 @@ impl MaskedAutoencoder {
         })
     }
 
-    /// Backpropagates a forward pass's loss to every trainable parameter.
+    /// Backpropagates a reference forward pass's loss (`forward_with_plan`) to every
+    /// trainable parameter.
     pub fn gradients(&self, out: &ForwardOutput) -> Result<Vec<(String, Tensor)>> {
         let grads = out.loss.backward()?;
         // The parameters the loss cannot reach: with nothing removed it is the constant
