@@ -6,6 +6,7 @@ use crate::checkpoint::{self, StateDict};
 use crate::config::{check_encoder, snake_case, MaeConfig, PRESETS};
 use crate::data::interpolate_bicubic_torch;
 use crate::device::Precision;
+use crate::engine::{VitEngine, VitMode};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{MaskedAutoencoder, PatchEmbed, Pool};
 use crate::nn::{Block, DropPathScales, LayerNorm, Linear};
@@ -227,6 +228,9 @@ pub struct VitClassifier {
     fc_norm: Option<LayerNorm>,
     head_bn: Option<Mutex<BatchNormStats>>,
     head: Linear,
+    /// The engine plan of the last call on the CPU in f32, reused while its batch size
+    /// and mode stay the same.
+    engine: Mutex<Option<VitEngine>>,
 }
 
 /// What `predict` returns.
@@ -274,7 +278,7 @@ impl VitClassifier {
         if let Some((_, var)) = params.iter().find(|(n, _)| n == "pos_embed") {
             var.set(&table)?;
         }
-        Ok(VitClassifier { config, device: device.clone(), precision, params, patch_embed, cls_token, pos_embed, blocks, norm, fc_norm, head_bn, head })
+        Ok(VitClassifier { config, device: device.clone(), precision, params, patch_embed, cls_token, pos_embed, blocks, norm, fc_norm, head_bn, head, engine: Mutex::new(None) })
     }
 
     /// A classifier on the encoder of a pre-trained MAE, as `main_finetune.py` /
@@ -432,15 +436,49 @@ impl VitClassifier {
         self.forward_head(&features, train)
     }
 
-    /// Logits `[N, K]` in evaluation mode.
+    /// Logits `[N, K]` in evaluation mode: on the engine on the CPU in f32, else the
+    /// reference model.
     pub fn forward(&self, imgs: &Tensor) -> Result<Tensor> {
-        self.forward_mode(imgs, &mut ForwardMode::eval())
+        if !self.uses_engine() {
+            return self.forward_mode(imgs, &mut ForwardMode::eval());
+        }
+        let n = imgs.dim(0)?;
+        let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
+        let logits = self.with_engine(n, VitMode::Eval, |e| e.logits(&pixels))?;
+        Ok(Tensor::from_vec(logits, (n, self.config.num_classes), &self.device)?)
     }
 
     /// Features `[N, D]` for downstream use: what the head sees, in evaluation mode,
     /// without a gradient.
     pub fn embed(&self, imgs: &Tensor) -> Result<Tensor> {
-        Ok(self.forward_features(imgs, &mut ForwardMode::eval())?.detach())
+        if !self.uses_engine() {
+            return Ok(self.forward_features(imgs, &mut ForwardMode::eval())?.detach());
+        }
+        let n = imgs.dim(0)?;
+        let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
+        let features = self.with_engine(n, VitMode::Eval, |e| {
+            e.logits(&pixels)?;
+            Ok(e.features())
+        })?;
+        Ok(Tensor::from_vec(features, (n, self.config.embed_dim), &self.device)?)
+    }
+
+    /// Whether calls run on the engine (`crate::engine`): f32 on the CPU.
+    pub fn uses_engine(&self) -> bool {
+        self.device.is_cpu() && self.precision == Precision::F32
+    }
+
+    /// Runs `f` on an engine plan for `n` images in `mode`, loaded with this classifier's
+    /// weights; the plan is kept for the next call of the same shape.
+    fn with_engine<T>(&self, n: usize, mode: VitMode, f: impl FnOnce(&mut VitEngine) -> Result<T>) -> Result<T> {
+        let mut cached = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        if !cached.as_ref().is_some_and(|e| e.batch == n && e.mode == mode) {
+            *cached = None;
+            *cached = Some(VitEngine::new(&self.config, n, mode)?);
+        }
+        let engine = cached.as_mut().expect("set above");
+        engine.load_from(self)?;
+        f(engine)
     }
 
     /// Class probabilities and the top classes, in evaluation mode.
@@ -476,8 +514,20 @@ impl VitClassifier {
     pub fn loss_and_gradients(&self, imgs: &Tensor, labels: &[i64], smoothing: f64) -> Result<(f32, Vec<(String, Tensor)>)> {
         let n = imgs.dim(0)?;
         self.check_labels(labels, n)?;
-        let targets = Tensor::from_vec(soft_targets(labels, self.config.num_classes, smoothing), (n, self.config.num_classes), &self.device)?;
-        let loss = self.loss(&self.forward(imgs)?, &targets)?;
+        let targets = soft_targets(labels, self.config.num_classes, smoothing);
+        if self.uses_engine() {
+            let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
+            let mode = VitMode::Grad { trainable: Trainable::All, train: false, drop_path: 0.0 };
+            return self.with_engine(n, mode, |e| {
+                e.zero_grad();
+                let loss = e.accumulate(&pixels, &targets, 1.0, None)?;
+                let grads = e.grads();
+                let gradients = e.param_layout().map(|(name, shape, r)| Ok((name.to_string(), Tensor::from_slice(&grads[r], shape, &self.device)?))).collect::<Result<Vec<_>>>()?;
+                Ok((loss, gradients))
+            });
+        }
+        let targets = Tensor::from_vec(targets, (n, self.config.num_classes), &self.device)?;
+        let loss = self.loss(&self.forward_mode(imgs, &mut ForwardMode::eval())?, &targets)?;
         let grads = loss.backward()?;
         let gradients = self
             .params
@@ -488,6 +538,24 @@ impl VitClassifier {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((loss.to_scalar::<f32>()?, gradients))
+    }
+
+    /// The probe's BatchNorm running statistics: mean, variance, updates so far.
+    pub fn batch_norm_stats(&self) -> Result<Option<(Vec<f32>, Vec<f32>, i64)>> {
+        let Some(stats) = &self.head_bn else { return Ok(None) };
+        let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Some((stats.running_mean.to_vec1::<f32>()?, stats.running_var.to_vec1::<f32>()?, stats.num_batches_tracked)))
+    }
+
+    /// Sets the probe's BatchNorm running statistics (from a training engine).
+    pub fn set_batch_norm_stats(&self, mean: Vec<f32>, var: Vec<f32>, tracked: i64) -> Result<()> {
+        let Some(stats) = &self.head_bn else { return Ok(()) };
+        let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        let d = mean.len();
+        stats.running_mean = Tensor::from_vec(mean, d, &self.device)?;
+        stats.running_var = Tensor::from_vec(var, d, &self.device)?;
+        stats.num_batches_tracked = tracked;
+        Ok(())
     }
 
     /// The BatchNorm running statistics under their published names.

@@ -11,7 +11,8 @@ use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::mixup::MixupConfig;
 use crate::model::{MaskedAutoencoder, Pool};
-use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState};
+use crate::engine::{FlatOptimizer, VitEngine, VitMode};
+use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState, ParamGroup};
 use crate::train::{self, Accumulated, LoopConfig, RecipeChecks, Task, TrainEvent, TrainSummary};
 use candle_core::Tensor;
 use rand::SeedableRng;
@@ -204,11 +205,19 @@ pub fn optimizer_for(classifier: &VitClassifier, config: &FinetuneConfig) -> Res
     Ok(match config.protocol {
         Protocol::Linprobe => Box::new(Lars::new(&params, config.weight_decay)?),
         Protocol::Finetune | Protocol::Partial => {
-            let groups = layer_decay_groups(&params, classifier.config.depth, config.layer_decay);
-            let adamw = AdamWConfig { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
-            Box::new(AdamW::with_groups(&params, groups, adamw)?)
+            let groups = protocol_groups(classifier, &params, config);
+            Box::new(AdamW::with_groups(&params, groups, adamw_config(config))?)
         }
     })
+}
+
+/// The AdamW protocols' layer-decay groups of the trained parameters (LARS ignores them).
+fn protocol_groups(classifier: &VitClassifier, trained: &[(String, candle_core::Var)], config: &FinetuneConfig) -> Vec<crate::optim::ParamGroup> {
+    layer_decay_groups(trained, classifier.config.depth, config.layer_decay)
+}
+
+fn adamw_config(config: &FinetuneConfig) -> AdamWConfig {
+    AdamWConfig { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay }
 }
 
 struct Finetuning<'a> {
@@ -228,17 +237,10 @@ impl Task for Finetuning<'_> {
             bail!(InvalidArgument, "fine-tuning needs labelled data: the dataset gives no labels");
         }
         c.check_labels(&batch.labels, n)?;
-        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ 0x6674);
-        rng.set_stream(step * 1024 + micro as u64);
         let k = c.config.num_classes;
-        let mixup = self.config.mixup_config(k);
-        let mut images = batch.images;
-        let targets = if mixup.enabled() {
-            mixup.mix(&mut images, batch.shape, &batch.labels, &mut rng)?.0
-        } else {
-            soft_targets(&batch.labels, k, self.config.smoothing)
-        };
-        let imgs = Tensor::from_vec(images, batch.shape.as_slice(), c.device())?;
+        let shape = batch.shape;
+        let (mut rng, targets, images) = batch_targets(self.config, k, batch, step, micro)?;
+        let imgs = Tensor::from_vec(images, shape.as_slice(), c.device())?;
         let targets = Tensor::from_vec(targets, (n, k), c.device())?;
         let mut mode = ForwardMode { train: Some((&mut rng, self.config.drop_path)), trainable: self.config.trainable() };
         let loss = c.loss(&c.forward_mode(&imgs, &mut mode)?, &targets)?;
@@ -264,28 +266,131 @@ impl Task for Finetuning<'_> {
         self.optimizer.as_mut()
     }
 
-    fn save(&mut self, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-        let recipe = serde_json::to_string(self.config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
-        metadata.insert("finetune_config".to_string(), recipe);
-        save_classifier(self.classifier, extra, metadata, path)
+    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        save_finetuning(self.classifier, self.config, extra, metadata, path)
     }
 
     fn restore_weights(&mut self, state: &StateDict, path: &Path) -> Result<()> {
-        if let Some(json) = state.metadata.get("config") {
-            let value: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: {e}", path.display())))?;
-            let saved = crate::classifier::ClassifierConfig::from_fields(crate::classifier::config_fields(&value, false)?)?;
-            if saved != self.classifier.config {
-                bail!(InvalidConfig, "{} was written by a classifier with another config", path.display());
-            }
-        }
-        let model_tensors = state.tensors.iter().filter(|(k, _)| !k.starts_with(crate::checkpoint::OPTIMIZER_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        self.classifier.assign(&model_tensors)
+        restore_finetuning(self.classifier, state, path)
     }
 
     fn epoch_end(&mut self, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
-        if let Some(loader) = self.eval_loader {
-            let e = evaluate(self.classifier, loader, &mut |_| {}, &AtomicBool::new(false))?;
-            on_event(TrainEvent::Eval { epoch, top1: e.top1, top5: e.top5, loss: e.loss });
+        evaluate_after_epoch(self.classifier, self.eval_loader, epoch, on_event)
+    }
+}
+
+/// A micro-batch's generator (keyed by step and micro-batch, for drop path and mixing),
+/// soft targets `[n, K]` (mixed, or smoothed one-hot) and images (mixed in place).
+fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, micro: usize) -> Result<(ChaCha8Rng, Vec<f32>, Vec<f32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x6674);
+    rng.set_stream(step * 1024 + micro as u64);
+    let mixup = config.mixup_config(k);
+    let mut images = batch.images;
+    let targets = if mixup.enabled() {
+        mixup.mix(&mut images, batch.shape, &batch.labels, &mut rng)?.0
+    } else {
+        soft_targets(&batch.labels, k, config.smoothing)
+    };
+    Ok((rng, targets, images))
+}
+
+fn save_finetuning(classifier: &VitClassifier, config: &FinetuneConfig, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let recipe = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+    metadata.insert("finetune_config".to_string(), recipe);
+    save_classifier(classifier, extra, metadata, path)
+}
+
+fn restore_finetuning(classifier: &VitClassifier, state: &StateDict, path: &Path) -> Result<()> {
+    if let Some(json) = state.metadata.get("config") {
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: {e}", path.display())))?;
+        let saved = crate::classifier::ClassifierConfig::from_fields(crate::classifier::config_fields(&value, false)?)?;
+        if saved != classifier.config {
+            bail!(InvalidConfig, "{} was written by a classifier with another config", path.display());
+        }
+    }
+    let model_tensors = state.tensors.iter().filter(|(k, _)| !k.starts_with(crate::checkpoint::OPTIMIZER_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    classifier.assign(&model_tensors)
+}
+
+fn evaluate_after_epoch(classifier: &VitClassifier, eval_loader: Option<&Loader>, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+    if let Some(loader) = eval_loader {
+        let e = evaluate(classifier, loader, &mut |_| {}, &AtomicBool::new(false))?;
+        on_event(TrainEvent::Eval { epoch, top1: e.top1, top5: e.top5, loss: e.loss });
+    }
+    Ok(())
+}
+
+/// Fine-tuning on the engine (the CPU in f32): the weights, gradients and optimizer
+/// state live in the engine's flat buffers during the run, and are written back to the
+/// classifier at each checkpoint, before each evaluation and when the run stops.
+struct EngineFinetuning<'a> {
+    classifier: &'a VitClassifier,
+    config: &'a FinetuneConfig,
+    engine: VitEngine,
+    optimizer: FlatOptimizer,
+    eval_loader: Option<&'a Loader>,
+    /// Whether the engine holds the classifier's weights (copied in on the first
+    /// micro-batch, after any resume has set them).
+    loaded: bool,
+}
+
+impl Task for EngineFinetuning<'_> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
+        let c = self.classifier;
+        let [n, ..] = batch.shape;
+        if batch.labels.len() != n {
+            bail!(InvalidArgument, "fine-tuning needs labelled data: the dataset gives no labels");
+        }
+        c.check_labels(&batch.labels, n)?;
+        if !self.loaded {
+            self.engine.load_from(c)?;
+            self.engine.zero_grad();
+            self.loaded = true;
+        }
+        if n != self.engine.batch {
+            // A batch short of skipped images: a plan of its size, sharing the weights.
+            let mut other = VitEngine::new(&c.config, n, self.engine.mode)?;
+            self.engine.store_to(c)?;
+            other.load_from(c)?;
+            other.take_grads_from(&mut self.engine);
+            self.engine = other;
+        }
+        let (mut rng, targets, images) = batch_targets(self.config, c.config.num_classes, batch, step, micro)?;
+        self.engine.accumulate(&images, &targets, grad_scale as f32, Some(&mut rng)).map(f64::from)
+    }
+
+    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+        if let Some(max_norm) = clip_grad {
+            self.engine.clip_grad_norm(max_norm);
+        }
+        self.engine.optimizer_step(&mut self.optimizer, lr);
+        self.engine.zero_grad();
+        Ok(())
+    }
+
+    fn optimizer(&mut self) -> &mut dyn OptimizerState {
+        &mut self.optimizer
+    }
+
+    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        self.finish()?;
+        save_finetuning(self.classifier, self.config, extra, metadata, path)
+    }
+
+    fn restore_weights(&mut self, state: &StateDict, path: &Path) -> Result<()> {
+        restore_finetuning(self.classifier, state, path)?;
+        self.loaded = false;
+        Ok(())
+    }
+
+    fn epoch_end(&mut self, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+        self.finish()?;
+        evaluate_after_epoch(self.classifier, self.eval_loader, epoch, on_event)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.loaded {
+            self.engine.store_to(self.classifier)?;
         }
         Ok(())
     }
@@ -305,9 +410,22 @@ pub fn finetune(
 ) -> Result<TrainSummary> {
     config.validate()?;
     let trained = classifier.trainable_params(config.trainable())?;
+    let loop_config = config.loop_config(loader.batch_size());
+    if classifier.uses_engine() {
+        let mode = VitMode::Grad { trainable: config.trainable(), train: true, drop_path: config.drop_path };
+        let engine = VitEngine::new(&classifier.config, loader.batch_size(), mode)?;
+        let groups = protocol_groups(classifier, &trained, config);
+        let named: Vec<(String, ParamGroup)> = trained.iter().map(|(n, _)| n.clone()).zip(groups).collect();
+        let optimizer = match config.protocol {
+            Protocol::Linprobe => FlatOptimizer::lars(&engine, &named, config.weight_decay)?,
+            Protocol::Finetune | Protocol::Partial => FlatOptimizer::adamw(&engine, &named, adamw_config(config))?,
+        };
+        let mut task = EngineFinetuning { classifier, config, engine, optimizer, eval_loader, loaded: false };
+        return train::run(&mut task, loader, &loop_config, resume, on_event, cancel);
+    }
     let optimizer = optimizer_for(classifier, config)?;
     let mut task = Finetuning { classifier, config, trained, optimizer, grads: Accumulated::default(), eval_loader };
-    train::run(&mut task, loader, &config.loop_config(loader.batch_size()), resume, on_event, cancel)
+    train::run(&mut task, loader, &loop_config, resume, on_event, cancel)
 }
 
 /// Accuracy of a classifier on a labelled dataset.

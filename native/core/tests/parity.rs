@@ -198,7 +198,13 @@ fn check_classifier_case_within(name: &str, checkpoint: &str, tol: &Tolerance) {
     let explicit = checkpoint.ends_with(".pth").then(|| serde_json::json!({ "numHeads": config["num_heads"] }));
     let (classifier, _) = load_classifier(&fixtures().join(checkpoint), explicit.as_ref(), &test_device(), tol.precision, 0).unwrap();
     assert_eq!(classifier.config.global_pool, config["global_pool"].as_bool().unwrap());
+    assert_eq!(classifier.uses_engine(), classifier.device().is_cpu() && tol.precision == Precision::F32);
     let imgs = &tensors["imgs"].to_device(classifier.device()).unwrap();
+    if classifier.uses_engine() {
+        // The reference model matches the fixtures as well.
+        let reference = classifier.forward_mode(imgs, &mut vit_mae_core::classifier::ForwardMode::eval()).unwrap();
+        tol.check_output("reference logits", &reference, &tensors["logits"]);
+    }
     tol.check_output("logits", &classifier.forward(imgs).unwrap(), &tensors["logits"]);
 
     let labels: Vec<i64> = tensors["labels"].to_vec1::<i64>().unwrap();

@@ -4,7 +4,7 @@
 //! step gives the same bits every time (resumed runs continue exactly).
 
 use super::rows::*;
-use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Kernels, MseShape, Slot, Source};
+use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Kernels, LarsRange, MseShape, Slot, Source};
 use crate::sgemm::{sgemm, Threads};
 use rayon::prelude::*;
 
@@ -189,6 +189,149 @@ impl Kernels for CpuKernels {
     fn gelu_backward(&mut self, h: Slot, d: Slot) {
         let ([h], [d]) = self.views([h], [d]);
         d.par_chunks_mut(CHUNK).zip(h.par_chunks(CHUNK)).for_each(|(d, h)| gelu_grad_rows(h, d));
+    }
+
+    fn scaled_add(&mut self, base: Option<Slot>, x: Slot, scales: Slot, out: Slot, rows_per_scale: usize, d: usize) {
+        let ([base, x, scales], [out]) = self.views([base.unwrap_or(NONE), x, scales], [out]);
+        assert!(x.len() == out.len() && (base.is_empty() || base.len() == out.len()) && scales.len() * rows_per_scale * d == out.len());
+        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+            let s = scales[r / rows_per_scale];
+            let xr = &x[r * d..][..d];
+            if base.is_empty() {
+                o.iter_mut().zip(xr).for_each(|(o, &x)| *o = s * x);
+            } else {
+                o.iter_mut().zip(xr).zip(&base[r * d..][..d]).for_each(|((o, &x), &b)| *o = b + s * x);
+            }
+        });
+    }
+
+    fn add_row_sums(&mut self, x: Slot, acc: Slot, rows: usize, d: usize) {
+        let ([x], [acc]) = self.views([x], [acc]);
+        assert!(x.len() == rows * d && acc.len() == d);
+        add_column_sums(x, d, acc);
+    }
+
+    fn pool(&mut self, x: Slot, out: Slot, batch: usize, tokens: usize, d: usize, mean: bool) {
+        let ([x], [out]) = self.views([x], [out]);
+        assert!(x.len() == batch * tokens * d && out.len() == batch * d);
+        out.par_chunks_mut(d).enumerate().for_each(|(n, o)| {
+            let image = &x[n * tokens * d..][..tokens * d];
+            if mean {
+                o.fill(0.0);
+                for t in 1..tokens {
+                    o.iter_mut().zip(&image[t * d..][..d]).for_each(|(o, v)| *o += v);
+                }
+                let inv = 1.0 / (tokens - 1) as f32;
+                o.iter_mut().for_each(|o| *o *= inv);
+            } else {
+                o.copy_from_slice(&image[..d]);
+            }
+        });
+    }
+
+    fn pool_backward(&mut self, dout: Slot, dx: Slot, batch: usize, tokens: usize, d: usize, mean: bool) {
+        let ([dout], [dx]) = self.views([dout], [dx]);
+        assert!(dx.len() == batch * tokens * d && dout.len() == batch * d);
+        let inv = 1.0 / (tokens - 1).max(1) as f32;
+        dx.par_chunks_mut(tokens * d).enumerate().for_each(|(n, image)| {
+            let g = &dout[n * d..][..d];
+            if mean {
+                image[..d].fill(0.0);
+                for row in image[d..].chunks_mut(d) {
+                    row.iter_mut().zip(g).for_each(|(r, &g)| *r = g * inv);
+                }
+            } else {
+                image[..d].copy_from_slice(g);
+                image[d..].fill(0.0);
+            }
+        });
+    }
+
+    fn batch_norm(&mut self, x: Slot, y: Slot, stats: Slot, running: Option<(Slot, Slot)>, n: usize, d: usize, eps: f32) {
+        let (rm, rv) = running.unwrap_or((NONE, NONE));
+        let ([x, rm, rv], [y, stats]) = self.views([x, rm, rv], [y, stats]);
+        assert!(x.len() == n * d && y.len() == n * d);
+        let (mean, var): (&[f32], &[f32]) = if rm.is_empty() {
+            assert_eq!(stats.len(), 2 * d);
+            let (mean, var) = stats.split_at_mut(d);
+            for j in 0..d {
+                let m = (0..n).map(|i| x[i * d + j] as f64).sum::<f64>() / n as f64;
+                let v = (0..n).map(|i| (x[i * d + j] as f64 - m).powi(2)).sum::<f64>() / n as f64;
+                (mean[j], var[j]) = (m as f32, v as f32);
+            }
+            (mean, var)
+        } else {
+            (rm, rv)
+        };
+        for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
+            for j in 0..d {
+                yr[j] = (xr[j] - mean[j]) / (var[j] + eps).sqrt();
+            }
+        }
+    }
+
+    fn batch_norm_backward(&mut self, dy: Slot, x: Slot, stats: Slot, running_var: Option<Slot>, dx: Slot, n: usize, d: usize, eps: f32) {
+        let ([dy, x, stats, rv], [dx]) = self.views([dy, x, stats, running_var.unwrap_or(NONE)], [dx]);
+        assert!(dy.len() == n * d && dx.len() == n * d);
+        if !rv.is_empty() {
+            for (dxr, gr) in dx.chunks_mut(d).zip(dy.chunks(d)) {
+                for j in 0..d {
+                    dxr[j] = gr[j] / (rv[j] + eps).sqrt();
+                }
+            }
+            return;
+        }
+        let (mean, var) = stats.split_at(d);
+        for j in 0..d {
+            let rstd = 1.0 / (var[j] + eps).sqrt();
+            let xhat = |i: usize| (x[i * d + j] - mean[j]) * rstd;
+            let mean_g = (0..n).map(|i| dy[i * d + j]).sum::<f32>() / n as f32;
+            let mean_gx = (0..n).map(|i| dy[i * d + j] * xhat(i)).sum::<f32>() / n as f32;
+            for i in 0..n {
+                dx[i * d + j] = rstd * (dy[i * d + j] - mean_g - xhat(i) * mean_gx);
+            }
+        }
+    }
+
+    fn cross_entropy(&mut self, logits: Slot, targets: &[f32], dlogits: Option<Slot>, n: usize, k: usize, grad_scale: f32) -> f32 {
+        let ([logits], [dlogits]) = self.views([logits], [dlogits.unwrap_or(NONE)]);
+        assert!(logits.len() == n * k && targets.len() == n * k && (dlogits.is_empty() || dlogits.len() == n * k));
+        let mut total = 0f64;
+        for i in 0..n {
+            let z = &logits[i * k..][..k];
+            let t = &targets[i * k..][..k];
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum_exp: f32 = z.iter().map(|&v| (v - max).exp()).sum();
+            let lse = max + sum_exp.ln();
+            total -= z.iter().zip(t).map(|(&z, &t)| (t * (z - lse)) as f64).sum::<f64>();
+            if !dlogits.is_empty() {
+                let sum_t: f32 = t.iter().sum();
+                let scale = grad_scale / n as f32;
+                for j in 0..k {
+                    dlogits[i * k + j] = scale * ((z[j] - lse).exp() * sum_t - t[j]);
+                }
+            }
+        }
+        (total / n as f64) as f32
+    }
+
+    fn lars(&mut self, mu: &mut [f32], ranges: &[LarsRange], lr: f32, weight_decay: f32, momentum: f32, trust_coefficient: f32) {
+        assert_eq!(mu.len(), self.params.len());
+        let (params, grads) = (&mut self.params, &self.grads);
+        for r in ranges {
+            let (p, g, m) = (&mut params[r.offset..r.offset + r.len], &grads[r.offset..r.offset + r.len], &mut mu[r.offset..r.offset + r.len]);
+            let (wd, trust) = if r.matrix {
+                let p_norm = p.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let u_norm = p.iter().zip(g).map(|(&p, &g)| ((g + weight_decay * p) as f64).powi(2)).sum::<f64>().sqrt();
+                (weight_decay, if p_norm > 0.0 && u_norm > 0.0 { (trust_coefficient as f64 * p_norm / u_norm) as f32 } else { 1.0 })
+            } else {
+                (0.0, 1.0)
+            };
+            for i in 0..p.len() {
+                m[i] = m[i] * momentum + (g[i] + wd * p[i]) * trust;
+                p[i] -= lr * m[i];
+            }
+        }
     }
 
     fn layer_norm(&mut self, x: Slot, w: Slot, b: Slot, y: Slot, stats: Slot, rows: usize, d: usize, eps: f32) {

@@ -3,6 +3,7 @@
 //! `train_gpt2.c`. Names follow the published model.
 
 use super::cpu::CpuKernels;
+use super::blocks::{grad, stack_acts, BlockParams, Linear, Norm, Params, Stack};
 use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, Layout, MseShape, Slot, Source};
 use super::cpu::NONE;
 use crate::bail;
@@ -22,203 +23,6 @@ pub enum Mode {
     Forward,
     /// The encoder alone, keeping one block's activations at a time (embeddings).
     Encode,
-}
-
-/// A linear layer's parameters (the gradients sit at the same offsets in `Grads`).
-#[derive(Debug, Clone, Copy)]
-struct Linear {
-    w: Slot,
-    b: Slot,
-    k: usize,
-    n: usize,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Norm {
-    w: Slot,
-    b: Slot,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct BlockParams {
-    norm1: Norm,
-    qkv: Linear,
-    proj: Linear,
-    norm2: Norm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-/// One block's activations. `x_in` and `x_out` are the residual stream around it.
-#[derive(Debug, Clone, Copy)]
-struct BlockActs {
-    x_in: Slot,
-    ln1: Slot,
-    ln1_stats: Slot,
-    qkv: Slot,
-    probs: Option<Slot>,
-    attn: Slot,
-    x_mid: Slot,
-    ln2: Slot,
-    ln2_stats: Slot,
-    /// fc1's output before GELU.
-    h: Slot,
-    gelu: Slot,
-    x_out: Slot,
-}
-
-/// The backward pass's scratch for one stack of blocks.
-#[derive(Debug, Clone, Copy)]
-struct StackScratch {
-    /// The residual stream's gradient, updated in place block by block.
-    dres: Slot,
-    dln: Slot,
-    dqkv: Slot,
-    dattn: Slot,
-    dh: Slot,
-}
-
-/// A stack of transformer blocks over `batch` sequences of `tokens`.
-struct Stack {
-    batch: usize,
-    tokens: usize,
-    dim: usize,
-    heads: usize,
-    hidden: usize,
-    blocks: Vec<(BlockParams, BlockActs)>,
-    scratch: Option<StackScratch>,
-}
-
-fn grad(s: Slot) -> Slot {
-    Slot { arena: Arena::Grads, ..s }
-}
-
-/// The trainable parameters, in the published order, by published name.
-struct Params {
-    layout: Layout,
-    names: Vec<(String, Vec<usize>, Slot)>,
-}
-
-impl Params {
-    fn take(&mut self, name: &str, shape: &[usize]) -> Slot {
-        let slot = self.layout.take(Arena::Params, shape.iter().product());
-        self.names.push((name.to_string(), shape.to_vec(), slot));
-        slot
-    }
-
-    fn linear(&mut self, name: &str, k: usize, n: usize) -> Linear {
-        Linear { w: self.take(&format!("{name}.weight"), &[n, k]), b: self.take(&format!("{name}.bias"), &[n]), k, n }
-    }
-
-    fn norm(&mut self, name: &str, d: usize) -> Norm {
-        Norm { w: self.take(&format!("{name}.weight"), &[d]), b: self.take(&format!("{name}.bias"), &[d]) }
-    }
-
-    fn block(&mut self, name: &str, d: usize, hidden: usize) -> BlockParams {
-        BlockParams {
-            norm1: self.norm(&format!("{name}.norm1"), d),
-            qkv: self.linear(&format!("{name}.attn.qkv"), d, 3 * d),
-            proj: self.linear(&format!("{name}.attn.proj"), d, d),
-            norm2: self.norm(&format!("{name}.norm2"), d),
-            fc1: self.linear(&format!("{name}.mlp.fc1"), d, hidden),
-            fc2: self.linear(&format!("{name}.mlp.fc2"), hidden, d),
-        }
-    }
-}
-
-/// The blocks' activations: distinct per block for training, shared for forward-only
-/// passes (the residual stream alternating between two buffers).
-fn stack_acts(acts: &mut Layout, mode: Mode, params: Vec<BlockParams>, batch: usize, tokens: usize, dim: usize, heads: usize, hidden: usize) -> Stack {
-    let rows = batch * tokens;
-    let train = mode == Mode::Train;
-    let mut take = |len: usize| acts.take(Arena::Acts, len);
-    let mut shared: Option<BlockActs> = None;
-    let first_in = take(rows * dim);
-    let other = if train { None } else { Some(take(rows * dim)) };
-    let mut x_in = first_in;
-    let mut blocks = Vec::with_capacity(params.len());
-    for (i, p) in params.into_iter().enumerate() {
-        let fresh = |take: &mut dyn FnMut(usize) -> Slot, x_in: Slot, x_out: Slot| BlockActs {
-            x_in,
-            ln1: take(rows * dim),
-            ln1_stats: take(2 * rows),
-            qkv: take(rows * 3 * dim),
-            probs: train.then(|| take(batch * heads * tokens * tokens)),
-            attn: take(rows * dim),
-            x_mid: take(rows * dim),
-            ln2: take(rows * dim),
-            ln2_stats: take(2 * rows),
-            h: take(rows * hidden),
-            gelu: take(rows * hidden),
-            x_out,
-        };
-        let a = if train {
-            let x_out = take(rows * dim);
-            fresh(&mut take, x_in, x_out)
-        } else {
-            let x_out = if i % 2 == 0 { other.expect("forward plans alternate") } else { first_in };
-            match shared {
-                Some(s) => BlockActs { x_in, x_out, ..s },
-                None => {
-                    let a = fresh(&mut take, x_in, x_out);
-                    shared = Some(a);
-                    a
-                }
-            }
-        };
-        x_in = a.x_out;
-        blocks.push((p, a));
-    }
-    let scratch = train.then(|| StackScratch { dres: take(rows * dim), dln: take(rows * dim), dqkv: take(rows * 3 * dim), dattn: take(rows * dim), dh: take(rows * hidden) });
-    Stack { batch, tokens, dim, heads, hidden, blocks, scratch }
-}
-
-impl Stack {
-    fn rows(&self) -> usize {
-        self.batch * self.tokens
-    }
-
-    /// The stream's input (the first block's `x_in`).
-    fn input(&self) -> Slot {
-        self.blocks[0].1.x_in
-    }
-
-    fn output(&self) -> Slot {
-        self.blocks.last().expect("at least one block").1.x_out
-    }
-
-    fn forward(&self, k: &mut impl Kernels, eps: f32) {
-        let (rows, d) = (self.rows(), self.dim);
-        for (p, a) in &self.blocks {
-            k.layer_norm(a.x_in, p.norm1.w, p.norm1.b, a.ln1, a.ln1_stats, rows, d, eps);
-            k.linear(a.ln1, p.qkv.w, p.qkv.b, None, a.qkv, rows, d, 3 * d, Epilogue::None);
-            k.attention(a.qkv, a.attn, a.probs, self.batch, self.tokens, d, self.heads);
-            // x_mid = x_in + proj(attn): the residual added in the product's own pass.
-            k.linear(a.attn, p.proj.w, p.proj.b, Some(a.x_in), a.x_mid, rows, d, d, Epilogue::None);
-            k.layer_norm(a.x_mid, p.norm2.w, p.norm2.b, a.ln2, a.ln2_stats, rows, d, eps);
-            k.linear(a.ln2, p.fc1.w, p.fc1.b, None, a.h, rows, d, self.hidden, Epilogue::Gelu { y: a.gelu });
-            k.linear(a.gelu, p.fc2.w, p.fc2.b, Some(a.x_mid), a.x_out, rows, self.hidden, d, Epilogue::None);
-        }
-    }
-
-    /// Backpropagates the gradient in `scratch.dres` (of the stack's output) to its input,
-    /// in place, adding every parameter's gradient.
-    fn backward(&self, k: &mut impl Kernels) {
-        let s = self.scratch.expect("a training plan");
-        let (rows, d, f) = (self.rows(), self.dim, self.hidden);
-        for (p, a) in self.blocks.iter().rev() {
-            // MLP branch: dres is d x_out = d x_mid (identity path) + the branch's share.
-            k.linear_backward(s.dres, a.gelu, p.fc2.w, Some(s.dh), false, Some((grad(p.fc2.w), grad(p.fc2.b))), rows, f, d);
-            k.gelu_backward(a.h, s.dh);
-            k.linear_backward(s.dh, a.ln2, p.fc1.w, Some(s.dln), false, Some((grad(p.fc1.w), grad(p.fc1.b))), rows, d, f);
-            k.layer_norm_backward(s.dln, a.x_mid, p.norm2.w, a.ln2_stats, s.dres, grad(p.norm2.w), grad(p.norm2.b), rows, d);
-            // Attention branch.
-            k.linear_backward(s.dres, a.attn, p.proj.w, Some(s.dattn), false, Some((grad(p.proj.w), grad(p.proj.b))), rows, d, d);
-            k.attention_backward(s.dattn, a.qkv, a.probs.expect("a training plan"), s.dqkv, self.batch, self.tokens, d, self.heads);
-            k.linear_backward(s.dqkv, a.ln1, p.qkv.w, Some(s.dln), false, Some((grad(p.qkv.w), grad(p.qkv.b))), rows, d, 3 * d);
-            k.layer_norm_backward(s.dln, a.x_in, p.norm1.w, a.ln1_stats, s.dres, grad(p.norm1.w), grad(p.norm1.b), rows, d);
-        }
-    }
 }
 
 /// The decoder half of a plan.
@@ -315,7 +119,8 @@ impl MaeEngine {
         let pos_embed = take(&mut a, (1 + l) * d);
         let patches = take(&mut a, batch * embedded * conv_in);
         let emb = take(&mut a, batch * embedded * d);
-        let encoder = stack_acts(&mut a, mode, blocks, batch, tokens, d, c.num_heads, c.mlp_hidden());
+        let trained_from = if train { 0 } else { c.depth };
+        let encoder = stack_acts(&mut a, trained_from, false, blocks, batch, tokens, d, c.num_heads, c.mlp_hidden());
         let latent = take(&mut a, batch * tokens * d);
         let norm_stats = take(&mut a, 2 * batch * tokens);
         let demb = train.then(|| take(&mut a, batch * embedded * d));
@@ -324,7 +129,8 @@ impl MaeEngine {
             let dec_tokens = 1 + l;
             let pos_embed = take(&mut a, dec_tokens * dd);
             let emb = take(&mut a, batch * tokens * dd);
-            let stack = stack_acts(&mut a, mode, blocks, batch, dec_tokens, dd, c.decoder_num_heads, c.decoder_mlp_hidden());
+            let trained_from = if train { 0 } else { c.decoder_depth };
+            let stack = stack_acts(&mut a, trained_from, false, blocks, batch, dec_tokens, dd, c.decoder_num_heads, c.decoder_mlp_hidden());
             let norm_out = take(&mut a, batch * dec_tokens * dd);
             let norm_stats = take(&mut a, 2 * batch * dec_tokens);
             let pred_out = take(&mut a, batch * dec_tokens * c.patch_dim());

@@ -10,11 +10,14 @@
 //! `cpu.rs` is the CPU implementation; a CUDA one (cuBLAS GEMMs and the existing CUDA
 //! kernels over device buffers) implements the same trait without touching the layers.
 
+mod blocks;
 pub mod cpu;
 pub mod mae;
 pub(crate) mod rows;
+pub mod vit;
 
 pub use mae::{FlatAdamW, MaeEngine, Mode};
+pub use vit::{FlatOptimizer, VitEngine, VitMode};
 
 /// Which of a plan's buffers a tensor lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +92,15 @@ pub struct AdamWRange {
     pub step_size: f32,
 }
 
+/// One parameter of a LARS step: its range and whether it is a matrix (decayed and
+/// trust-scaled).
+#[derive(Debug, Clone, Copy)]
+pub struct LarsRange {
+    pub offset: usize,
+    pub len: usize,
+    pub matrix: bool,
+}
+
 /// AdamW's constants for one step.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
@@ -120,6 +132,33 @@ pub trait Kernels {
     fn linear_backward(&mut self, dy: Slot, x: Slot, w: Slot, dx: Option<Slot>, accumulate_dx: bool, dw_db: Option<(Slot, Slot)>, rows: usize, k: usize, n: usize);
     /// `d *= gelu'(h)`, elementwise.
     fn gelu_backward(&mut self, h: Slot, d: Slot);
+
+    /// `out = base + scale[r / rows_per_scale] * x` row by row (`out = scale * x` without
+    /// `base`): drop path's per-sample branch scales.
+    fn scaled_add(&mut self, base: Option<Slot>, x: Slot, scales: Slot, out: Slot, rows_per_scale: usize, d: usize);
+    /// Adds the sum of the `rows` rows of `x` (each `d` wide) into `acc`.
+    fn add_row_sums(&mut self, x: Slot, acc: Slot, rows: usize, d: usize);
+    /// Pools `x` `[batch, tokens, d]` to `[batch, d]`: the mean of the patch tokens
+    /// (1..), or the cls token (0).
+    fn pool(&mut self, x: Slot, out: Slot, batch: usize, tokens: usize, d: usize, mean: bool);
+    /// The gradient of [`Kernels::pool`], overwriting `dx`.
+    fn pool_backward(&mut self, dout: Slot, dx: Slot, batch: usize, tokens: usize, d: usize, mean: bool);
+    /// `BatchNorm1d(affine=False)` over `[n, d]`: with batch statistics (training; their
+    /// means and biased variances kept in `stats`, `2 * d`), or with the running ones
+    /// `(mean, var)`.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm(&mut self, x: Slot, y: Slot, stats: Slot, running: Option<(Slot, Slot)>, n: usize, d: usize, eps: f32);
+    /// Its input gradient, overwriting `dx`: through the batch statistics in `stats`, or
+    /// with `running_var` as a constant.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(&mut self, dy: Slot, x: Slot, stats: Slot, running_var: Option<Slot>, dx: Slot, n: usize, d: usize, eps: f32);
+    /// timm's `SoftTargetCrossEntropy`: the batch mean of `-sum(targets * log_softmax(logits))`
+    /// over `[n, k]` logits, returned; with `dlogits`, writes `grad_scale` times its gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy(&mut self, logits: Slot, targets: &[f32], dlogits: Option<Slot>, n: usize, k: usize, grad_scale: f32) -> f32;
+    /// One LARS step (`util/lars.py`) over the parameter ranges with the flat momentum
+    /// `mu`: matrices get weight decay and the trust ratio, 1-D parameters neither.
+    fn lars(&mut self, mu: &mut [f32], ranges: &[LarsRange], lr: f32, weight_decay: f32, momentum: f32, trust_coefficient: f32);
 
     /// LayerNorm over rows of `d` (biased variance): `y = (x - mean) * rstd * w + b`,
     /// keeping each row's mean and rstd in `stats` (`2 * rows`: means, then rstds).
