@@ -231,6 +231,8 @@ pub struct VitClassifier {
     /// The engine plan of the last call on the CPU in f32, reused while its batch size
     /// and mode stay the same.
     engine: Mutex<Option<VitEngine>>,
+    /// Every call on this reference model, wherever the engine could run it.
+    reference_only: bool,
 }
 
 /// What `predict` returns.
@@ -278,7 +280,7 @@ impl VitClassifier {
         if let Some((_, var)) = params.iter().find(|(n, _)| n == "pos_embed") {
             var.set(&table)?;
         }
-        Ok(VitClassifier { config, device: device.clone(), precision, params, patch_embed, cls_token, pos_embed, blocks, norm, fc_norm, head_bn, head, engine: Mutex::new(None) })
+        Ok(VitClassifier { config, device: device.clone(), precision, params, patch_embed, cls_token, pos_embed, blocks, norm, fc_norm, head_bn, head, engine: Mutex::new(None), reference_only: false })
     }
 
     /// A classifier on the encoder of a pre-trained MAE, as `main_finetune.py` /
@@ -463,9 +465,18 @@ impl VitClassifier {
         Ok(Tensor::from_vec(features, (n, self.config.embed_dim), &self.device)?)
     }
 
-    /// Whether calls run on the engine (`crate::engine`): f32 on the CPU.
+    /// Whether calls run on the engine (`crate::engine`): f32 on the CPU, unless
+    /// [`VitClassifier::set_reference_only`].
     pub fn uses_engine(&self) -> bool {
-        self.device.is_cpu() && self.precision == Precision::F32
+        !self.reference_only && self.device.is_cpu() && self.precision == Precision::F32
+    }
+
+    /// Runs every call (forward passes, gradients, fine-tuning) on the reference model
+    /// with candle's autograd, not the engine: the second oracle the tests hold the
+    /// engine against.
+    pub fn set_reference_only(&mut self, reference_only: bool) {
+        self.reference_only = reference_only;
+        *self.engine.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Runs `f` on an engine plan for `n` images in `mode`, loaded with this classifier's

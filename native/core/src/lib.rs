@@ -24,8 +24,45 @@ pub mod train;
 pub mod visualize;
 
 #[cfg(feature = "mimalloc")]
+type Allocator = mimalloc::MiMalloc;
+#[cfg(not(feature = "mimalloc"))]
+type Allocator = std::alloc::System;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Counting<Allocator> = Counting(Allocator {});
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The global allocator, counting the allocations it serves (one relaxed atomic add
+/// each): the engine's promise that a step allocates nothing is checked with it.
+struct Counting<A>(A);
+
+// SAFETY: every call is forwarded unchanged to the wrapped allocator, which upholds the
+// `GlobalAlloc` contract; the counter has no effect on the memory handed out.
+unsafe impl<A: std::alloc::GlobalAlloc> std::alloc::GlobalAlloc for Counting<A> {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.alloc_zeroed(layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.realloc(ptr, layout, new_size)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        self.0.dealloc(ptr, layout)
+    }
+}
+
+/// How many allocations (and reallocations) the process has made so far, on every thread.
+pub fn allocation_count() -> u64 {
+    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// mimalloc hands freed memory back to the OS 10 ms after it is freed. A training
 /// step frees and reallocates the same large buffers, some only in the next step, so
@@ -52,6 +89,7 @@ static SET_PURGE_DELAY: extern "C" fn() = {
 pub use candle_core;
 pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
 pub use config::{ConfigPatch, MaeConfig, PRESETS};
+pub use sgemm::gemm_library;
 pub use device::{DeviceSpec, Precision};
 pub use error::{Error, ErrorCode, Result};
 pub use masking::{MaskPlan, Masking};

@@ -131,6 +131,8 @@ pub struct MaskedAutoencoder {
     /// The engine plan of the last call on the CPU in f32, reused while the batch shape
     /// stays the same (its buffers are allocated once).
     engine: Mutex<Option<MaeEngine>>,
+    /// Every call on this reference model, wherever the engine could run it.
+    reference_only: bool,
 
     patch_embed: PatchEmbed,
     cls_token: Tensor,
@@ -190,6 +192,7 @@ impl MaskedAutoencoder {
             decoder_pos_embed,
             mask_rng,
             engine: Mutex::new(None),
+            reference_only: false,
             patch_embed,
             cls_token,
             encoder_mask_token,
@@ -411,10 +414,18 @@ impl MaskedAutoencoder {
         })
     }
 
-    /// Whether calls run on the engine (`crate::engine`): f32 on the CPU. Elsewhere they
-    /// run on this reference model.
+    /// Whether calls run on the engine (`crate::engine`): f32 on the CPU, unless
+    /// [`MaskedAutoencoder::set_reference_only`]. Elsewhere they run on this reference model.
     pub fn uses_engine(&self) -> bool {
-        self.device.is_cpu() && self.precision == Precision::F32
+        !self.reference_only && self.device.is_cpu() && self.precision == Precision::F32
+    }
+
+    /// Runs every call (forward passes, gradients, pre-training) on the reference model
+    /// with candle's autograd, not the engine: the second oracle the tests hold the
+    /// engine against.
+    pub fn set_reference_only(&mut self, reference_only: bool) {
+        self.reference_only = reference_only;
+        *self.engine.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Runs `f` on an engine plan for `n` images keeping `len_keep` patches, loaded with

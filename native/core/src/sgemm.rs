@@ -1,39 +1,34 @@
-//! The f32 GEMM behind the fused ops. Large products (the linear layers) go to
-//! OpenBLAS's sgemm when the build found a static OpenBLAS to link (see `build.rs`):
-//! on this model's shapes it is 5-35% faster than the gemm crate, and a training step
-//! 7% (`tiny`) to 15% (`base`) faster. OpenBLAS runs on one thread per call; a large
-//! product is split into row blocks over rayon's threads, so no second thread pool
-//! competes with rayon's for the cores.
+//! The f32 GEMM behind the engine. Products go to OpenBLAS's sgemm
+//! when the build found a static OpenBLAS to link (see `build.rs`): on this model's
+//! shapes it is 5-35% faster than the gemm crate, and a training step 7% (`tiny`) to
+//! 15% (`base`) faster. OpenBLAS runs on one thread per call; a large product is split
+//! into row blocks over rayon's threads, so no second thread pool competes with rayon's
+//! for the cores. The engine's attention runs its small per-(image, head) products
+//! through OpenBLAS on the calling thread too: unlike the gemm crate, which allocates a
+//! flag vector per product, it leaves a step free of allocations.
 //!
-//! The gemm crate does the rest: the small per-(image, head) products of attention,
-//! which run on the calling thread (through OpenBLAS they cost the training step all
-//! of the gain above), strides BLAS cannot take, and builds without OpenBLAS.
+//! The gemm crate does the rest: strides BLAS cannot take, and builds without OpenBLAS.
 
 #[cfg(openblas)]
 use crate::engine::rows::SharedMut;
+#[cfg(openblas)]
+use rayon::prelude::*;
 
 /// How many threads one product may use.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum Threads {
-    /// The calling thread only: a small product, the caller running many in parallel.
-    One,
     /// Every rayon thread: one large product.
     All,
-    /// The calling thread, with the large-product kernel: one row block of a product
-    /// that the caller splits over rayon's threads itself (the engine's linear layers).
+    /// The calling thread, on BLAS where linked: one row block of a product that the
+    /// caller splits over rayon's threads itself (the engine's linear layers), or one
+    /// of many small products run in parallel (the engine's attention).
     Serial,
 }
 
-/// A buffer of `len` values for products to overwrite, without the zeroing that
-/// `vec![0.0; len]` costs (allocations reuse memory, so every zeroing is a memset).
-///
-/// # Safety
-/// `write` must initialise all `len` values through the pointer it gets.
-pub(crate) unsafe fn written_by(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
-    let mut buf = Vec::with_capacity(len);
-    write(buf.as_mut_ptr());
-    buf.set_len(len);
-    buf
+/// Which library the products run on: `"openblas"` or `"gemm"` (the gemm crate, in a
+/// build without OpenBLAS).
+pub fn gemm_library() -> &'static str {
+    if cfg!(openblas) { "openblas" } else { "gemm" }
 }
 
 /// `dst (m x n, row stride dst_rs, unit column stride) = scale * lhs (m x k) rhs (k x n)`,
@@ -73,27 +68,21 @@ pub(crate) unsafe fn sgemm(
         let row_parts = threads.min(m / openblas::MIN_ROWS_PER_PART).max(1);
         let col_parts = threads.min(n / openblas::MIN_ROWS_PER_PART).max(1);
         let (lhs, rhs, dst) = (SharedMut(lhs as *mut f32), SharedMut(rhs as *mut f32), SharedMut(dst));
+        // Blocks as a parallel iterator, not spawned jobs: rayon boxes every spawn, and a
+        // training step must not allocate.
         if row_parts > 1 {
             let rows = m.div_ceil(row_parts);
-            rayon::scope(|s| {
-                for start in (0..m).step_by(rows) {
-                    s.spawn(move |_| {
-                        let (lhs, rhs, dst) = (lhs, rhs, dst);
-                        // SAFETY: row block `start..` of lhs and dst; the blocks are disjoint.
-                        unsafe { plan.run(rows.min(m - start), n, scale, accumulate, lhs.0.add(start * lhs_rs), rhs.0, dst.0.add(start * dst_rs)) };
-                    });
-                }
+            (0..m.div_ceil(rows)).into_par_iter().for_each(|block| {
+                let (lhs, rhs, dst, start) = (lhs, rhs, dst, block * rows);
+                // SAFETY: row block `start..` of lhs and dst; the blocks are disjoint.
+                unsafe { plan.run(rows.min(m - start), n, scale, accumulate, lhs.0.add(start * lhs_rs), rhs.0, dst.0.add(start * dst_rs)) };
             });
         } else if col_parts > 1 {
             let cols = n.div_ceil(col_parts);
-            rayon::scope(|s| {
-                for start in (0..n).step_by(cols) {
-                    s.spawn(move |_| {
-                        let (lhs, rhs, dst) = (lhs, rhs, dst);
-                        // SAFETY: column block `start..` of rhs and dst; the blocks are disjoint.
-                        unsafe { plan.run(m, cols.min(n - start), scale, accumulate, lhs.0, rhs.0.add(start * rhs_cs), dst.0.add(start)) };
-                    });
-                }
+            (0..n.div_ceil(cols)).into_par_iter().for_each(|block| {
+                let (lhs, rhs, dst, start) = (lhs, rhs, dst, block * cols);
+                // SAFETY: column block `start..` of rhs and dst; the blocks are disjoint.
+                unsafe { plan.run(m, cols.min(n - start), scale, accumulate, lhs.0, rhs.0.add(start * rhs_cs), dst.0.add(start)) };
             });
         } else {
             plan.run(m, n, scale, accumulate, lhs.0, rhs.0, dst.0);
@@ -102,7 +91,7 @@ pub(crate) unsafe fn sgemm(
     }
     // The gemm crate, which takes any strides.
     let parallelism = match (threads, rayon::current_num_threads()) {
-        (Threads::One | Threads::Serial, _) | (_, 1) => gemm::Parallelism::None,
+        (Threads::Serial, _) | (_, 1) => gemm::Parallelism::None,
         (Threads::All, n) => gemm::Parallelism::Rayon(n),
     };
     gemm::gemm(m, n, k, dst, 1, dst_rs as isize, accumulate, lhs, lhs_cs as isize, lhs_rs as isize, rhs, rhs_cs as isize, rhs_rs as isize, if accumulate { 1.0 } else { 0.0 }, scale, false, false, false, parallelism);
@@ -213,7 +202,7 @@ mod tests {
             let rhs_t: Vec<f32> = (0..n * k).map(|i| rhs[(i % k) * n + i / k]).collect();
             let product = naive(m, n, k, &lhs, k, 1, &rhs, n, 1, 0.5);
             let start = values(m * n, 3);
-            for threads in [Threads::One, Threads::All, Threads::Serial] {
+            for threads in [Threads::All, Threads::Serial] {
                 for (a, a_rs, a_cs) in [(&lhs, k, 1), (&lhs_t, 1, m)] {
                     for (b, b_rs, b_cs) in [(&rhs, n, 1), (&rhs_t, 1, k)] {
                         for accumulate in [false, true] {

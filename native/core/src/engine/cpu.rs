@@ -395,11 +395,11 @@ impl Kernels for CpuKernels {
                     std::slice::from_raw_parts_mut(scratch.0.add(thread * t * t), t * t)
                 };
                 let base = qkv.as_ptr().add(bi * t * 3 * dim + h * hd);
-                sgemm(Threads::One, t, t, hd, p.as_mut_ptr(), t, base, 3 * dim, 1, base.add(dim), 1, 3 * dim, scale, false);
+                sgemm(Threads::Serial, t, t, hd, p.as_mut_ptr(), t, base, 3 * dim, 1, base.add(dim), 1, 3 * dim, scale, false);
                 for row in p.chunks_mut(t) {
                     softmax_row_in_place(row);
                 }
-                sgemm(Threads::One, t, hd, t, dst.0.add(bi * t * dim + h * hd), dim, p.as_ptr(), t, 1, base.add(2 * dim), 3 * dim, 1, 1.0, false);
+                sgemm(Threads::Serial, t, hd, t, dst.0.add(bi * t * dim + h * hd), dim, p.as_ptr(), t, 1, base.add(2 * dim), 3 * dim, 1, 1.0, false);
             }
         });
     }
@@ -431,16 +431,16 @@ impl Kernels for CpuKernels {
                 let dbase = dst.0.add(bi * t * 3 * dim + h * hd);
                 let d_o = dout.as_ptr().add(bi * t * dim + h * hd);
                 // dv = p^T do
-                sgemm(Threads::One, t, hd, t, dbase.add(2 * dim), 3 * dim, p.as_ptr(), 1, t, d_o, dim, 1, 1.0, false);
+                sgemm(Threads::Serial, t, hd, t, dbase.add(2 * dim), 3 * dim, p.as_ptr(), 1, t, d_o, dim, 1, 1.0, false);
                 // dp = do v^T, then ds = p * (dp - rowsum(dp * p)) * scale in place
-                sgemm(Threads::One, t, t, hd, ds.as_mut_ptr(), t, d_o, dim, 1, v, 1, 3 * dim, 1.0, false);
+                sgemm(Threads::Serial, t, t, hd, ds.as_mut_ptr(), t, d_o, dim, 1, v, 1, 3 * dim, 1.0, false);
                 for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
                     let dot = lane_sum(t, |j| dsr[j] * pr[j]);
                     dsr.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
                 }
                 // dq = ds k, dk = ds^T q
-                sgemm(Threads::One, t, hd, t, dbase, 3 * dim, ds.as_ptr(), t, 1, k, 3 * dim, 1, 1.0, false);
-                sgemm(Threads::One, t, hd, t, dbase.add(dim), 3 * dim, ds.as_ptr(), 1, t, q, 3 * dim, 1, 1.0, false);
+                sgemm(Threads::Serial, t, hd, t, dbase, 3 * dim, ds.as_ptr(), t, 1, k, 3 * dim, 1, 1.0, false);
+                sgemm(Threads::Serial, t, hd, t, dbase.add(dim), 3 * dim, ds.as_ptr(), 1, t, q, 3 * dim, 1, 1.0, false);
             }
         });
     }

@@ -2,7 +2,6 @@
 //! candle ops: exp, erf, softmax, GELU and LayerNorm over rows, compiled twice (baseline
 //! x86-64 and AVX2+FMA) and picked at run time.
 
-use rayon::prelude::*;
 
 /// Whether this CPU has AVX2 and FMA. The shipped binary targets baseline x86-64;
 /// the kernels below are compiled a second time for AVX2+FMA and picked at run time.
@@ -67,62 +66,6 @@ pub(crate) fn erf_given_exp(x: f32, exp_neg_x2: f32) -> f32 {
     (1.0 - poly * exp_neg_x2).copysign(x)
 }
 
-/// Softmax of `scale * x` for each row of `d` values.
-#[inline(always)]
-pub(crate) fn softmax_rows_generic(x: &[f32], y: &mut [f32], d: usize, scale: f32) {
-    for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
-        let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }) * scale;
-        for (y, &x) in yr.iter_mut().zip(xr) {
-            *y = fast_exp(x * scale - max);
-        }
-        let inv = 1.0 / yr.iter().sum::<f32>();
-        yr.iter_mut().for_each(|y| *y *= inv);
-    }
-}
-
-dispatch!(fn softmax_rows / softmax_rows_avx2 = softmax_rows_generic(x: &[f32], y: &mut [f32], d: usize, scale: f32));
-
-/// `y = gelu(x + b)` for each row of `b.len()` values.
-#[inline(always)]
-pub(crate) fn bias_gelu_rows_generic(x: &[f32], b: &[f32], y: &mut [f32]) {
-    for (yr, xr) in y.chunks_mut(b.len()).zip(x.chunks(b.len())) {
-        for ((y, &x), &b) in yr.iter_mut().zip(xr).zip(b) {
-            let v = x + b;
-            *y = 0.5 * v * (1.0 + fast_erf(v * FRAC_1_SQRT_2));
-        }
-    }
-}
-
-dispatch!(fn bias_gelu_rows / bias_gelu_rows_avx2 = bias_gelu_rows_generic(x: &[f32], b: &[f32], y: &mut [f32]));
-
-/// `dx = g * gelu'(x + b)` for each row, adding `dx` into `db`.
-#[inline(always)]
-pub(crate) fn bias_gelu_grad_rows_generic(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]) {
-    let d = b.len();
-    for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-        for ((((dx, &x), &g), &b), db) in dxr.iter_mut().zip(xr).zip(gr).zip(b).zip(db.iter_mut()) {
-            let v = x + b;
-            let z = v * FRAC_1_SQRT_2;
-            // gelu'(v) = Phi(v) + v phi(v); phi and erf share e^(-v^2 / 2).
-            let gauss = fast_exp(-z * z);
-            *dx = g * (0.5 * (1.0 + erf_given_exp(z, gauss)) + v * FRAC_1_SQRT_2PI * gauss);
-            *db += *dx;
-        }
-    }
-}
-
-dispatch!(fn bias_gelu_grad_rows / bias_gelu_grad_rows_avx2 = bias_gelu_grad_rows_generic(x: &[f32], b: &[f32], g: &[f32], dx: &mut [f32], db: &mut [f32]));
-
-/// Adds every row of `g` (rows of `acc.len()` values) into `acc`.
-#[inline(always)]
-pub(crate) fn sum_rows_generic(g: &[f32], acc: &mut [f32]) {
-    for row in g.chunks(acc.len()) {
-        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
-    }
-}
-
-dispatch!(fn sum_rows / sum_rows_avx2 = sum_rows_generic(g: &[f32], acc: &mut [f32]));
-
 /// Rows per parallel task: enough work to be worth a thread hop.
 pub(crate) fn rows_per_task(dim: usize) -> usize {
     (16384 / dim.max(1)).max(1)
@@ -151,45 +94,6 @@ pub(crate) fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let var = lane_sum(d, |i| (row[i] - mean) * (row[i] - mean)) / d as f32;
     (mean, 1.0 / (var + eps).sqrt())
 }
-
-/// `y = (x - mean) / std * w + b` for each row of `w.len()` values.
-#[inline(always)]
-pub(crate) fn layer_norm_rows_generic(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32) {
-    let d = w.len();
-    for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
-        let (mean, rstd) = row_stats(xr, eps);
-        for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-            *y = (x - mean) * rstd * w + b;
-        }
-    }
-}
-
-dispatch!(fn layer_norm_rows / layer_norm_rows_avx2 = layer_norm_rows_generic(x: &[f32], w: &[f32], b: &[f32], y: &mut [f32], eps: f32));
-
-/// LayerNorm's `dx` for each row given the output gradient `g`, adding into `dw`, `db`:
-/// `dx = rstd * (w g - mean(w g) - xhat * mean(w g xhat))`.
-#[inline(always)]
-pub(crate) fn layer_norm_grad_rows_generic(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32], eps: f32) {
-    let d = w.len();
-    for ((dxr, xr), gr) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-        let (mean, rstd) = row_stats(xr, eps);
-        // xhat into dx first; dx is overwritten below.
-        for (xh, &x) in dxr.iter_mut().zip(xr) {
-            *xh = (x - mean) * rstd;
-        }
-        let (w, gr, xhat) = (&w[..d], &gr[..d], &dxr[..d]);
-        let mean_wg = lane_sum(d, |i| w[i] * gr[i]) / d as f32;
-        let mean_wg_xhat = lane_sum(d, |i| w[i] * gr[i] * xhat[i]) / d as f32;
-        for ((((dx, &w), &g), dw), db) in dxr.iter_mut().zip(w).zip(gr).zip(dw.iter_mut()).zip(db.iter_mut()) {
-            let xhat = *dx;
-            *dw += g * xhat;
-            *db += g;
-            *dx = rstd * (w * g - mean_wg - xhat * mean_wg_xhat);
-        }
-    }
-}
-
-dispatch!(fn layer_norm_grad_rows / layer_norm_grad_rows_avx2 = layer_norm_grad_rows_generic(x: &[f32], w: &[f32], g: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32], eps: f32));
 
 /// `y = gelu(h)` (exact erf), elementwise.
 #[inline(always)]
@@ -262,23 +166,6 @@ unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 
-/// The sum of the rows of `g` (each `d` wide), in parallel partial sums.
-pub(crate) fn column_sums(g: &[f32], d: usize) -> Vec<f32> {
-    let partials: Vec<Vec<f32>> = g
-        .par_chunks(d * rows_per_task(d))
-        .map(|rows| {
-            let mut acc = vec![0f32; d];
-            sum_rows(rows, &mut acc);
-            acc
-        })
-        .collect();
-    let mut total = vec![0f32; d];
-    for p in partials {
-        total.iter_mut().zip(p).for_each(|(a, v)| *a += v);
-    }
-    total
-}
-
 
 #[cfg(test)]
 mod tests {
@@ -302,38 +189,25 @@ mod tests {
         let d = 37;
         let x: Vec<f32> = (0..5 * d).map(|i| ((i * 7919) % 101) as f32 / 25.0 - 2.0).collect();
         let b: Vec<f32> = (0..d).map(|i| i as f32 / d as f32 - 0.5).collect();
+        let close = |a: &[f32], b: &[f32], tol: f32| a.iter().zip(b).all(|(a, b)| (a - b).abs() < tol);
         let (mut y1, mut y2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-        softmax_rows(&x, &mut y1, d, 0.7);
-        softmax_rows_generic(&x, &mut y2, d, 0.7);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-6));
-        for row in y1.chunks(d) {
-            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
-        }
-        bias_gelu_rows(&x, &b, &mut y1);
-        bias_gelu_rows_generic(&x, &b, &mut y2);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-6));
+        gelu_rows(&x, &mut y1);
+        gelu_rows_generic(&x, &mut y2);
+        assert!(close(&y1, &y2, 1e-6));
         let exact = |v: f32| 0.5 * v * (1.0 + libm::erff(v * FRAC_1_SQRT_2));
-        for (i, y) in y2.iter().enumerate() {
-            assert!((y - exact(x[i] + b[i % d])).abs() < 1e-6);
-        }
-        let (mut db1, mut db2) = (vec![0f32; d], vec![0f32; d]);
-        bias_gelu_grad_rows(&x, &b, &x, &mut y1, &mut db1);
-        bias_gelu_grad_rows_generic(&x, &b, &x, &mut y2, &mut db2);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
-        assert!(db1.iter().zip(&db2).all(|(a, b)| (a - b).abs() < 1e-4));
+        assert!(y2.iter().zip(&x).all(|(y, &v)| (y - exact(v)).abs() < 1e-6));
+        let (mut g1, mut g2) = (b.repeat(5), b.repeat(5));
+        gelu_grad_rows(&x, &mut g1);
+        gelu_grad_rows_generic(&x, &mut g2);
+        assert!(close(&g1, &g2, 1e-5));
         let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / d as f32).collect();
-        layer_norm_rows(&x, &w, &b, &mut y1, 1e-6);
-        layer_norm_rows_generic(&x, &w, &b, &mut y2, 1e-6);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
-        let (mut dw1, mut dw2, mut db1, mut db2) = (vec![0f32; d], vec![0f32; d], vec![0f32; d], vec![0f32; d]);
-        layer_norm_grad_rows(&x, &w, &b.repeat(5), &mut y1, &mut dw1, &mut db1, 1e-6);
-        layer_norm_grad_rows_generic(&x, &w, &b.repeat(5), &mut y2, &mut dw2, &mut db2, 1e-6);
-        assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
-        assert!(dw1.iter().zip(&dw2).chain(db1.iter().zip(&db2)).all(|(a, b)| (a - b).abs() < 1e-4));
-        let sums = column_sums(&x, d);
-        for (j, s) in sums.iter().enumerate() {
-            let want: f32 = (0..5).map(|r| x[r * d + j]).sum();
-            assert!((s - want).abs() < 1e-5);
-        }
+        let (mut m1, mut m2, mut r1, mut r2) = (vec![0f32; 5], vec![0f32; 5], vec![0f32; 5], vec![0f32; 5]);
+        layer_norm_stats_rows(&x, &w, &b, &mut y1, &mut m1, &mut r1, 1e-6);
+        layer_norm_stats_rows_generic(&x, &w, &b, &mut y2, &mut m2, &mut r2, 1e-6);
+        assert!(close(&y1, &y2, 1e-5) && close(&m1, &m2, 1e-6) && close(&r1, &r2, 1e-5));
+        let (mut dx1, mut dx2) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        layer_norm_dx_rows(&x, &w, &g1, &m1, &r1, &mut dx1);
+        layer_norm_dx_rows_generic(&x, &w, &g1, &m1, &r1, &mut dx2);
+        assert!(close(&dx1, &dx2, 1e-5));
     }
 }
