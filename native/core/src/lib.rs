@@ -23,6 +23,8 @@ mod sgemm;
 pub mod train;
 pub mod visualize;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 #[cfg(feature = "mimalloc")]
 type Allocator = mimalloc::MiMalloc;
 #[cfg(not(feature = "mimalloc"))]
@@ -30,7 +32,7 @@ type Allocator = std::alloc::System;
 
 #[global_allocator]
 static ALLOCATOR: Counting<Allocator> = Counting(Allocator {});
-static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// The global allocator, counting the allocations it serves (one relaxed atomic add
 /// each): the engine's promise that a step allocates nothing is checked with it.
@@ -40,17 +42,17 @@ struct Counting<A>(A);
 // `GlobalAlloc` contract; the counter has no effect on the memory handed out.
 unsafe impl<A: std::alloc::GlobalAlloc> std::alloc::GlobalAlloc for Counting<A> {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         self.0.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         self.0.alloc_zeroed(layout)
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         self.0.realloc(ptr, layout, new_size)
     }
 
@@ -61,7 +63,7 @@ unsafe impl<A: std::alloc::GlobalAlloc> std::alloc::GlobalAlloc for Counting<A> 
 
 /// How many allocations (and reallocations) the process has made so far, on every thread.
 pub fn allocation_count() -> u64 {
-    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+    ALLOCATIONS.load(Ordering::Relaxed)
 }
 
 /// mimalloc hands freed memory back to the OS 10 ms after it is freed. A training

@@ -1,7 +1,5 @@
-//! Row kernels shared by the engine's CPU implementation and the reference model's fused
-//! candle ops: exp, erf, softmax, GELU and LayerNorm over rows, compiled twice (baseline
-//! x86-64 and AVX2+FMA) and picked at run time.
-
+//! Row kernels of the engine's CPU implementation: exp, erf, GELU and LayerNorm over
+//! rows, compiled twice (baseline x86-64 and AVX2+FMA) and picked at run time.
 
 /// Whether this CPU has AVX2 and FMA. The shipped binary targets baseline x86-64;
 /// the kernels below are compiled a second time for AVX2+FMA and picked at run time.
@@ -164,8 +162,6 @@ pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
 // SAFETY: as for Send.
 unsafe impl Sync for SharedMut {}
-
-
 
 #[cfg(test)]
 mod tests {
