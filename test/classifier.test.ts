@@ -273,7 +273,7 @@ describe('evaluate', () => {
 
   it('rejects with E_ABORTED on an aborted signal, and E_ARGUMENT without labels', async () => {
     const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
-    // batchSize 1: several batches, so the pass cannot finish before it sees the abort (see the skipped test below).
+    // batchSize 1: several batches, so the pass cannot finish before it sees the abort (see the test below).
     expect((await failure(() => clf.evaluate(LABELLED, { batchSize: 1, workers: 1, signal: AbortSignal.abort() }))).code).toBe('E_ABORTED');
     expect((await failure(() => clf.evaluate(UNLABELLED, { workers: 1 }))).code).toBe('E_ARGUMENT');
   });
