@@ -3,7 +3,7 @@
 //! warm-up. Prints one JSON line: images/s (median step) for a pre-training step
 //! (forward, backward, AdamW), for embedding (the encoder over every patch) and for
 //! reconstruction (a masked forward pass), the model's matmul FLOPs per image, the
-//! achieved training TFLOP/s and MFU, and the peak RSS of the process.
+//! achieved training TFLOP/s and MFU, and the peak RSS of the process once the training steps are done.
 //!
 //!   cargo run --release -p vit-mae-core --example bench -- [--device cpu|cuda|cuda:N] \
 //!       [--precision f32|bf16] <tiny|base|fmnist|base224|large224|gemm> [steps] [modes]
@@ -174,18 +174,18 @@ fn main() -> vit_mae_core::Result<()> {
     let model = MaskedAutoencoder::new(config.clone(), &device, precision, 0)?;
     let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?;
     let options = MaskOptions::default();
-    let mut optimizer = AdamW::new(model.params(), AdamWConfig::default())?;
     // On the CPU in f32 a training step runs on the engine, as `pretrain` does.
     let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
     let len_keep = vit_mae_core::masking::len_keep(config.num_patches(), options.mask_ratio);
-    let mut engine = match model.uses_engine() {
+    // Only the path that runs gets an optimizer: candle's AdamW allocates its moments up front.
+    let (mut engine, mut optimizer) = match model.uses_engine() {
         true => {
             let mut engine = MaeEngine::new(&config, batch, len_keep, Mode::Train)?;
             engine.load_from(&model)?;
             let adamw = FlatAdamW::new(&engine, AdamWConfig::default());
-            Some((engine, adamw))
+            (Some((engine, adamw)), None)
         }
-        false => None,
+        false => (None, Some(AdamW::new(model.params(), AdamWConfig::default())?)),
     };
     // On a GPU the first calls also load (JIT-compile) kernels and grow the allocator's pool.
     let warmup = if on_gpu { 2 } else { 1 };
@@ -201,8 +201,10 @@ fn main() -> vit_mae_core::Result<()> {
         }
         let out = model.forward(&imgs, &options)?;
         let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
-        optimizer.step(&grads, 1e-4)
+        optimizer.as_mut().expect("the candle path has an optimizer").step(&grads, 1e-4)
     })?;
+    // Peak RSS of the training steps, read before the forward-only passes add their own buffers.
+    let train_peak_rss_mb = peak_rss_mb();
     let embed = timed("embed", &mut || model.embed(&imgs, Pool::Mean).map(drop))?;
     let reconstruct = timed("reconstruct", &mut || model.reconstruct(&imgs, &options).map(drop))?;
     let (masked, full) = forward_flops(&config, options.mask_ratio);
@@ -225,7 +227,7 @@ fn main() -> vit_mae_core::Result<()> {
             "train_tflops": train_tflops,
             "train_mfu": if on_gpu { train_tflops.map(|t| t / PEAK_TFLOPS) } else { None },
             "mfu_peak_tflops": PEAK_TFLOPS,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": train_peak_rss_mb,
         })
     );
     Ok(())

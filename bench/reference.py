@@ -11,7 +11,7 @@ Prints one JSON line: images/s for a pre-training step (forward, backward, AdamW
 for embedding (encoder over every patch) and for reconstruction (forward with
 masking), the achieved training TFLOP/s and, on CUDA, MFU (the model's matmul FLOPs,
 counted as bench.rs does, training = 3x the masked forward pass, over the H200's
-989 TFLOP/s dense bf16 peak), and the peak RSS of the process.
+989 TFLOP/s dense bf16 peak), and the peak RSS of the process once the training steps are done.
 
 On CUDA this is plain eager PyTorch as one would write it: the model and the images
 on the GPU, `torch.autocast("cuda", dtype=torch.bfloat16)` around the forward pass
@@ -265,6 +265,8 @@ def main():
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     train = rate(train_step, steps, batch, warmup, sync) if "train" in modes else None
+    # Peak RSS of the training steps, read before the forward-only passes (as bench.rs does).
+    train_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     embed_rate = rate(embed, steps, batch, warmup, sync) if "embed" in modes else None
     reconstruct_rate = rate(reconstruct, steps, batch, warmup, sync) if "reconstruct" in modes else None
     masked, full = forward_flops(*arch)
@@ -286,7 +288,7 @@ def main():
         "train_tflops": train_tflops,
         "train_mfu": train_tflops / PEAK_TFLOPS if on_gpu and train_tflops is not None else None,
         "mfu_peak_tflops": PEAK_TFLOPS,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": train_peak_rss_mb,
         # PyTorch's own allocator counters (not comparable to vit-mae; bench/memwatch.py measures both alike).
         "torch_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else None,
         "torch_max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if on_gpu else None,
