@@ -138,6 +138,12 @@ fn parse_args() -> vit_mae_core::Result<(String, Precision, Vec<String>)> {
     Ok((device, precision, positional))
 }
 
+/// What a training step runs on: the engine (CPU, f32) or the candle model (CUDA, bf16).
+enum Trainer {
+    Engine { pixels: Vec<f32>, engine: MaeEngine, adamw: FlatAdamW },
+    Candle(AdamW),
+}
+
 fn main() -> vit_mae_core::Result<()> {
     // As the npm package's loader does (ts/native.ts): one candle pool thread.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
@@ -174,34 +180,35 @@ fn main() -> vit_mae_core::Result<()> {
     let model = MaskedAutoencoder::new(config.clone(), &device, precision, 0)?;
     let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?;
     let options = MaskOptions::default();
-    // On the CPU in f32 a training step runs on the engine, as `pretrain` does.
-    let pixels = imgs.flatten_all()?.to_vec1::<f32>()?;
-    let len_keep = vit_mae_core::masking::len_keep(config.num_patches(), options.mask_ratio);
-    // Only the path that runs gets an optimizer: candle's AdamW allocates its moments up front.
-    let (mut engine, mut optimizer) = match model.uses_engine() {
+    // On the CPU in f32 a training step runs on the engine, as `pretrain` does; only the
+    // path that runs gets an optimizer (candle's AdamW allocates its moments up front).
+    let mut trainer = match model.uses_engine() {
         true => {
+            let len_keep = vit_mae_core::masking::len_keep(config.num_patches(), options.mask_ratio);
             let mut engine = MaeEngine::new(&config, batch, len_keep, Mode::Train)?;
             engine.load_from(&model)?;
             let adamw = FlatAdamW::new(&engine, AdamWConfig::default());
-            (Some((engine, adamw)), None)
+            Trainer::Engine { pixels: imgs.flatten_all()?.to_vec1::<f32>()?, engine, adamw }
         }
-        false => (None, Some(AdamW::new(model.params(), AdamWConfig::default())?)),
+        false => Trainer::Candle(AdamW::new(model.params(), AdamWConfig::default())?),
     };
     // On a GPU the first calls also load (JIT-compile) kernels and grow the allocator's pool.
     let warmup = if on_gpu { 2 } else { 1 };
 
     let timed = |mode: &str, f: &mut dyn FnMut() -> vit_mae_core::Result<()>| runs(mode).then(|| rate(&device, warmup, steps, batch, f)).transpose();
-    let train = timed("train", &mut || {
-        if let Some((engine, adamw)) = engine.as_mut() {
+    let train = timed("train", &mut || match &mut trainer {
+        Trainer::Engine { pixels, engine, adamw } => {
             let plan = model.mask_plan(batch, &options)?;
             engine.zero_grad();
-            engine.accumulate(&pixels, &plan, 1.0)?;
+            engine.accumulate(pixels, &plan, 1.0)?;
             engine.adamw_step(adamw, 1e-4);
-            return Ok(());
+            Ok(())
         }
-        let out = model.forward(&imgs, &options)?;
-        let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
-        optimizer.as_mut().expect("the candle path has an optimizer").step(&grads, 1e-4)
+        Trainer::Candle(optimizer) => {
+            let out = model.forward(&imgs, &options)?;
+            let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
+            optimizer.step(&grads, 1e-4)
+        }
     })?;
     // Peak RSS of the training steps, read before the forward-only passes add their own buffers.
     let train_peak_rss_mb = peak_rss_mb();

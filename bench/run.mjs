@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const binary = join(root, 'target', 'release', 'examples', 'bench');
 const threads = Number(process.env.BENCH_THREADS ?? availableParallelism());
+if (!Number.isInteger(threads) || threads < 1) throw new Error(`BENCH_THREADS must be a positive integer, got ${process.env.BENCH_THREADS}`);
 const workloads = (process.env.BENCH_WORKLOADS ?? 'fmnist,tiny,base').split(',');
 const steps = { tiny: 9, base: 3, fmnist: 9 };
 const python = process.env.VIT_MAE_PYTHON ?? 'python3';
