@@ -5,6 +5,16 @@
 //! `VIT_MAE_NO_OPENBLAS=1` builds with the gemm crate alone. The library is linked
 //! statically, so the built addon does not need OpenBLAS where it runs.
 //!
+//! Links Intel oneMKL's sgemm as well when its static libraries are there (`cfg(mkl)`):
+//! `MKL_STATIC_DIR`, else `<repository>/.mkl/lib`, which `native/mkl-static.mjs` fills
+//! from PyPI before every `npm run build:native`. `VIT_MAE_NO_MKL=1` builds without it.
+//! The three archives depend on each other, which a library crate cannot pass to the
+//! final link as a group, so the objects that `sgemm` and `MKL_CBWR_Set` need are
+//! partially linked (`ld -r`, the same resolution a final link does, nothing altered)
+//! into one object in `$OUT_DIR/libvit_mae_mkl.a`. Its symbols do not clash with
+//! OpenBLAS's: the engine calls OpenBLAS as `cblas_sgemm` and MKL as `sgemm` (Fortran),
+//! and the addon exports neither. `src/sgemm.rs` picks one at run time.
+//!
 //! With the `cuda` feature, also compiles the fused ops' kernels (src/cuda/kernels.cu) to
 //! PTX with nvcc (`$NVCC`, else `$CUDA_ROOT/bin/nvcc` or `$CUDA_PATH/bin/nvcc`, else `nvcc`
 //! on the PATH), for virtual architecture `compute_$CUDA_COMPUTE_CAP` (default 80: the
@@ -14,6 +24,7 @@ use std::path::PathBuf;
 
 fn main() {
     compile_cuda_kernels();
+    link_mkl();
     println!("cargo:rustc-check-cfg=cfg(openblas)");
     println!("cargo:rerun-if-env-changed=OPENBLAS_STATIC_DIR");
     println!("cargo:rerun-if-env-changed=VIT_MAE_NO_OPENBLAS");
@@ -42,6 +53,53 @@ fn main() {
              GEMMs use the gemm crate, which trains about 7-13% slower"
         ),
     }
+}
+
+fn link_mkl() {
+    const LIBRARIES: [&str; 3] = ["libmkl_intel_lp64.a", "libmkl_sequential.a", "libmkl_core.a"];
+    println!("cargo:rustc-check-cfg=cfg(mkl)");
+    println!("cargo:rerun-if-env-changed=MKL_STATIC_DIR");
+    println!("cargo:rerun-if-env-changed=VIT_MAE_NO_MKL");
+    if std::env::var_os("VIT_MAE_NO_MKL").is_some_and(|v| v != "0") {
+        return;
+    }
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let dir = std::env::var_os("MKL_STATIC_DIR").map(PathBuf::from).unwrap_or_else(|| manifest.join("../../.mkl/lib"));
+    println!("cargo:rerun-if-changed={}", dir.display());
+    if !LIBRARIES.iter().all(|l| dir.join(l).is_file()) {
+        println!(
+            "cargo:warning=no static MKL in {} (run `node native/mkl-static.mjs` or set MKL_STATIC_DIR): \
+             GEMMs on Intel CPUs use OpenBLAS, slower than PyTorch's MKL",
+            dir.display()
+        );
+        return;
+    }
+    for library in LIBRARIES {
+        println!("cargo:rerun-if-changed={}", dir.join(library).display());
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let object = out.join("vit_mae_mkl.o");
+    let run = |program: &str, args: &mut dyn FnMut(&mut std::process::Command)| {
+        let mut command = std::process::Command::new(program);
+        args(&mut command);
+        let status = command.status().unwrap_or_else(|e| panic!("could not run {program} to link MKL: {e}"));
+        assert!(status.success(), "{program} failed to link MKL ({status}): {command:?}");
+    };
+    run("ld", &mut |c| {
+        c.args(["-r", "-o"]).arg(&object).args(["-u", "sgemm", "-u", "MKL_CBWR_Set", "--start-group"]);
+        c.args(LIBRARIES.map(|l| dir.join(l))).arg("--end-group");
+    });
+    let archive = out.join("libvit_mae_mkl.a");
+    let _ = std::fs::remove_file(&archive);
+    run("ar", &mut |c| {
+        c.arg("crs").arg(&archive).arg(&object);
+    });
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=vit_mae_mkl");
+    for library in ["m", "dl", "pthread"] {
+        println!("cargo:rustc-link-lib=dylib={library}");
+    }
+    println!("cargo:rustc-cfg=mkl");
 }
 
 fn compile_cuda_kernels() {
