@@ -21,10 +21,13 @@
 //! peak; it is only reported on CUDA. On CUDA every timed call ends with
 //! `Device::synchronize`, so the times are of finished GPU work.
 //!
-//! `gemm`: the best single-GEMM rate. On the CPU (as `npm run bench` runs it) 1024^3
-//! f32 through the GEMM the model's linear layers use; on CUDA 8192^3 in `--precision`
+//! `gemm`: GEMM rates. On the CPU (as `npm run bench` runs it), for every GEMM library
+//! of the build (`VIT_MAE_GEMM` names), a linear layer's three training products
+//! (forward, input gradient, weight gradient) as the engine lays them out: at 1024^3,
+//! and over each CPU workload's linear layers; on CUDA 8192^3 in `--precision`
 //! through candle's matmul (cuBLAS), best of 10 synchronised timings of 5 products
 //! each after warm-up: the measured peak MFU can also be quoted against.
+//! (Fine-tuning's and the forward passes' shapes are a subset of these.)
 
 use std::time::Instant;
 use vit_mae_core::candle_core::{Device, Tensor};
@@ -81,19 +84,69 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// GFLOP/s of the best of five 1024^3 f32 products through the GEMM the model's
-/// linear layers use on the CPU: the ceiling its matmuls can reach.
-fn gemm_peak_cpu() -> vit_mae_core::Result<f64> {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1f32, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1f32, (n, n), &Device::Cpu)?;
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let _ = vit_mae_core::ops::matmul_wt(&a, &b)?;
-        best = best.max(2.0 * (n * n * n) as f64 / start.elapsed().as_secs_f64() / 1e9);
+/// The CPU workloads of `npm run bench`: preset and batch.
+const CPU_WORKLOADS: [(&str, &str, usize); 3] = [("tiny", "mae_vit_tiny_patch8_64", 64), ("fmnist", "mae_vit_fmnist_patch4_32", 256), ("base", "mae_vit_base_patch16", 8)];
+
+/// The linear layers of one pre-training step of `config` at `batch` (mask ratio 0.75),
+/// as (rows, inputs, outputs, how many): patch embedding, the encoder's qkv, proj, fc1
+/// and fc2 over the visible tokens, the decoder embedding, the decoder's layers over
+/// every token, the prediction. bench/reference.py lists the same.
+fn linear_layers(config: &MaeConfig, batch: usize) -> Vec<(usize, usize, usize, usize)> {
+    let patches = (config.img_size / config.patch_size).pow(2);
+    let patch_dim = config.patch_size.pow(2) * config.in_chans;
+    let (encoder_rows, decoder_rows) = (batch * (patches / 4 + 1), batch * (patches + 1));
+    let block = |rows: usize, dim: usize, depth: usize| {
+        let hidden = (dim as f64 * config.mlp_ratio) as usize;
+        [(rows, dim, 3 * dim, depth), (rows, dim, dim, depth), (rows, dim, hidden, depth), (rows, hidden, dim, depth)]
+    };
+    let mut layers = vec![(batch * patches, patch_dim, config.embed_dim, 1)];
+    layers.extend(block(encoder_rows, config.embed_dim, config.depth));
+    layers.push((encoder_rows, config.embed_dim, config.decoder_embed_dim, 1));
+    layers.extend(block(decoder_rows, config.decoder_embed_dim, config.decoder_depth));
+    layers.push((decoder_rows, config.decoder_embed_dim, patch_dim, 1));
+    layers
+}
+
+/// GFLOP/s of `library` over `layers`: each layer's three training products
+/// (`vit_mae_core::linear_products`), best of five timings after one warm-up, weighted
+/// by how often the step runs them.
+fn linear_layers_gflops(library: &str, layers: &[(usize, usize, usize, usize)]) -> vit_mae_core::Result<f64> {
+    let (mut flops, mut seconds) = (0f64, 0f64);
+    for &(rows, inputs, outputs, count) in layers {
+        let x: Vec<f32> = (0..rows * inputs).map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5).collect();
+        let w: Vec<f32> = (0..outputs * inputs).map(|i| ((i * 104729) % 991) as f32 / 991.0 - 0.5).collect();
+        let (mut y, mut dx, mut dw) = (vec![0f32; rows * outputs], vec![0f32; rows * inputs], vec![0f32; outputs * inputs]);
+        vit_mae_core::linear_products(library, rows, inputs, outputs, &x, &w, &mut y, &mut dx, &mut dw)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let start = Instant::now();
+            vit_mae_core::linear_products(library, rows, inputs, outputs, &x, &w, &mut y, &mut dx, &mut dw)?;
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        flops += count as f64 * 6.0 * (rows * inputs * outputs) as f64;
+        seconds += count as f64 * best;
     }
-    Ok(best)
+    Ok(flops / seconds / 1e9)
+}
+
+/// The CPU `gemm` row: for every GEMM library of this build, its 1024^3 rate and its rate
+/// over each CPU workload's linear layers; `gflops` is the 1024^3 rate of the library the
+/// engine chose for this CPU.
+fn gemm_cpu() -> vit_mae_core::Result<serde_json::Value> {
+    let mut libraries = serde_json::Map::new();
+    for library in vit_mae_core::gemm_libraries() {
+        let mut rates = serde_json::Map::new();
+        rates.insert("1024".into(), linear_layers_gflops(library, &[(1024, 1024, 1024, 1)])?.into());
+        for (workload, preset, batch) in CPU_WORKLOADS {
+            rates.insert(workload.into(), linear_layers_gflops(library, &linear_layers(&MaeConfig::preset(preset)?, batch))?.into());
+        }
+        libraries.insert(library.into(), rates.into());
+    }
+    let chosen = vit_mae_core::gemm_library();
+    Ok(serde_json::json!({
+        "workload": "gemm", "device": "cpu", "precision": "f32", "n": 1024,
+        "gflops": libraries[chosen]["1024"], "library": chosen, "libraries": libraries,
+    }))
 }
 
 /// GFLOP/s of the best of 10 synchronised timings of 5 `n`^3 products in `precision`
@@ -157,9 +210,13 @@ fn main() -> vit_mae_core::Result<()> {
     let runs = |mode: &str| modes.split(',').any(|m| m == mode);
     let on_gpu = !device.is_cpu();
     let (config, batch) = match workload {
+        "gemm" if !on_gpu && precision == Precision::F32 => {
+            println!("{}", gemm_cpu()?);
+            return Ok(());
+        }
         "gemm" => {
             let n = if on_gpu { 8192 } else { 1024 };
-            let gflops = if on_gpu || precision != Precision::F32 { gemm_peak_device(&device, precision, n)? } else { gemm_peak_cpu()? };
+            let gflops = gemm_peak_device(&device, precision, n)?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -170,9 +227,10 @@ fn main() -> vit_mae_core::Result<()> {
             );
             return Ok(());
         }
-        "tiny" => (MaeConfig::preset("mae_vit_tiny_patch8_64")?, 64),
-        "base" => (MaeConfig::preset("mae_vit_base_patch16")?, 8),
-        "fmnist" => (MaeConfig::preset("mae_vit_fmnist_patch4_32")?, 256),
+        cpu if CPU_WORKLOADS.iter().any(|w| w.0 == cpu) => {
+            let (_, preset, batch) = CPU_WORKLOADS.into_iter().find(|w| w.0 == cpu).expect("matched above");
+            (MaeConfig::preset(preset)?, batch)
+        }
         "base224" => (MaeConfig::preset("mae_vit_base_patch16")?, 256),
         "large224" => (MaeConfig::preset("mae_vit_large_patch16")?, 128),
         other => panic!("unknown workload {other}: tiny, base, fmnist, base224, large224 or gemm"),

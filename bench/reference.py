@@ -20,7 +20,9 @@ for bf16 (parameters, gradients and AdamW state f32), attention through
 `torch.optim.AdamW` with its default (foreach, not fused) implementation and
 `torch.cuda.synchronize()` at the end of every timed call. No torch.compile,
 no CUDA graphs, no fused optimizer. `gemm` on CUDA: best of 10 synchronised timings
-of 5 8192^3 products in the given precision, after warm-up.
+of 5 8192^3 products in the given precision, after warm-up; on the CPU, as bench.rs,
+a linear layer's three training products at 1024^3 and over each CPU workload's
+linear layers.
 """
 import json
 import os
@@ -166,16 +168,54 @@ def rate(fn, steps, batch, warmup=1, sync=lambda: None):
     return batch / sorted(seconds)[steps // 2]
 
 
-def gemm_peak():
-    """GFLOP/s of the best of five 1024^3 f32 matmuls (PyTorch's BLAS), as bench.rs."""
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return best
+CPU_WORKLOADS = ("tiny", "fmnist", "base")
+
+
+def linear_layers(img, patch, chans, dim, depth, heads, dec_dim, dec_depth, dec_heads, batch, mlp_ratio=4.0):
+    """The linear layers of one pre-training step (mask ratio 0.75) as (rows, inputs,
+    outputs, how many), as bench.rs lists them."""
+    patches, patch_dim = (img // patch) ** 2, patch * patch * chans
+    encoder_rows, decoder_rows = batch * (patches // 4 + 1), batch * (patches + 1)
+
+    def block(rows, d, n):
+        hidden = int(d * mlp_ratio)
+        return [(rows, d, 3 * d, n), (rows, d, d, n), (rows, d, hidden, n), (rows, hidden, d, n)]
+
+    return [(batch * patches, patch_dim, dim, 1), *block(encoder_rows, dim, depth), (encoder_rows, dim, dec_dim, 1),
+            *block(decoder_rows, dec_dim, dec_depth), (decoder_rows, dec_dim, patch_dim, 1)]
+
+
+def linear_layers_gflops(layers):
+    """GFLOP/s of PyTorch's BLAS over `layers`: each layer's three training products
+    (y = x w^T, dx = y w, dw += y^T x, as nn.Linear's forward and backward run them),
+    best of five timings after one warm-up, weighted by how often the step runs them."""
+    flops = seconds = 0.0
+    for rows, inputs, outputs, count in layers:
+        x, w = torch.rand(rows, inputs) - 0.5, torch.rand(outputs, inputs) - 0.5
+        y, dx, dw = torch.empty(rows, outputs), torch.empty(rows, inputs), torch.zeros(outputs, inputs)
+
+        def products():
+            torch.mm(x, w.t(), out=y)
+            torch.mm(y, w, out=dx)
+            dw.addmm_(y.t(), x)
+
+        products()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            products()
+            best = min(best, time.perf_counter() - start)
+        flops += count * 6.0 * rows * inputs * outputs
+        seconds += count * best
+    return flops / seconds / 1e9
+
+
+def gemm_cpu():
+    """The CPU `gemm` row, as bench.rs: the 1024^3 rate and each CPU workload's."""
+    rates = {"1024": linear_layers_gflops([(1024, 1024, 1024, 1)])}
+    for name in CPU_WORKLOADS:
+        rates[name] = linear_layers_gflops(linear_layers(*WORKLOADS[name]))
+    return rates
 
 
 def gemm_peak_device(device, dtype, n):
@@ -225,11 +265,15 @@ def main():
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if name == "gemm":
-        # On the CPU always the f32 1024^3 product of `npm run bench`.
-        n, gflops = (8192, gemm_peak_device(device, dtype, 8192)) if on_gpu else (1024, gemm_peak())
-        precision = precision if on_gpu else "f32"
-        print(json.dumps({"workload": "gemm", "device": device_name, "precision": precision, "n": n, "torch": torch.__version__,
-                          "gflops": gflops, "tflops": gflops / 1e3, "fraction_of_peak": gflops / 1e3 / PEAK_TFLOPS if on_gpu else None}))
+        if on_gpu:
+            gflops = gemm_peak_device(device, dtype, 8192)
+            print(json.dumps({"workload": "gemm", "device": device_name, "precision": precision, "n": 8192, "torch": torch.__version__,
+                              "gflops": gflops, "tflops": gflops / 1e3, "fraction_of_peak": gflops / 1e3 / PEAK_TFLOPS}))
+        else:
+            # On the CPU always the f32 rates of `npm run bench`.
+            rates = gemm_cpu()
+            print(json.dumps({"workload": "gemm", "device": device_name, "precision": "f32", "n": 1024, "torch": torch.__version__,
+                              "gflops": rates["1024"], "rates": rates}))
         return
     modes = (args[3] if len(args) > 3 else "train,embed,reconstruct").split(",")
     torch.manual_seed(0)

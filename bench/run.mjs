@@ -29,8 +29,9 @@ function runJson(command, args) {
 }
 
 const hasTorch = spawnSync(python, ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
-const gemm = runJson(binary, ['gemm']).gflops;
-const torchGemm = hasTorch ? runJson(python, [join('bench', 'reference.py'), 'gemm', '0', String(threads)]).gflops : null;
+const gemmRates = runJson(binary, ['gemm']);
+const torchRates = hasTorch ? runJson(python, [join('bench', 'reference.py'), 'gemm', '0', String(threads)]) : null;
+const [gemm, torchGemm] = [gemmRates.gflops, torchRates?.gflops ?? null];
 const peak = Math.max(gemm, torchGemm ?? 0);
 const rows = [];
 /** Achieved GFLOP/s and its share of the faster single-GEMM peak. */
@@ -65,10 +66,21 @@ const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=n
 const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${threads} threads`;
 const header = '| workload | mode | vit-mae img/s | PyTorch img/s | ratio | ceiling | GFLOP/s, % of GEMM peak (vit-mae / PyTorch) | peak RSS MB (vit-mae / PyTorch) |\n|---|---|---|---|---|---|---|---|';
 const table = [header, ...rows.map((r) => `| ${r.workload} | ${r.mode} | ${r.ours} | ${r.torch} | ${r.ratio} | ${r.ceiling} | ${r.gflops} | ${r.rss} |`)].join('\n');
+// GFLOP/s of every GEMM library over a linear layer's three training products, at 1024^3
+// and on each workload's own layers, beside PyTorch's; the engine's choice is marked.
+const shapes = ['1024', ...workloads];
+const gemmHeader = `| GEMM library | ${shapes.map((s) => (s === '1024' ? '1024^3' : `${s} layers`)).join(' | ')} |\n|---|${shapes.map(() => '---|').join('')}`;
+const gemmRow = (name, rates) => `| ${name} | ${shapes.map((s) => (rates[s] ? `${rates[s].toFixed(1)}${torchRates ? ` (${(rates[s] / torchRates.rates[s]).toFixed(2)}x)` : ''}` : 'n/a')).join(' | ')} |`;
+const gemmTable = [
+  gemmHeader,
+  ...Object.entries(gemmRates.libraries).map(([name, rates]) => gemmRow(name === gemmRates.library ? `${name} (chosen)` : name, rates)),
+  ...(torchRates ? [`| PyTorch | ${shapes.map((s) => torchRates.rates[s].toFixed(1)).join(' | ')} |`] : []),
+].join('\n');
 const section = `\n## ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC, commit ${commit}${dirty}\n\n${machine}; ` +
-  `single-GEMM peak (best 1024^3 f32 matmul): ${gemm.toFixed(1)} GFLOP/s (vit-mae's GEMM), ${torchGemm ? torchGemm.toFixed(1) : 'n/a'} GFLOP/s (PyTorch's BLAS); ` +
+  `single-GEMM peak (1024^3 linear-layer products): ${gemm.toFixed(1)} GFLOP/s (vit-mae, ${gemmRates.library}), ${torchGemm ? torchGemm.toFixed(1) : 'n/a'} GFLOP/s (PyTorch's BLAS); ` +
   `PyTorch: ${hasTorch ? rows.torchVersion : 'not installed'}. Images/s are of the median step. ` +
-  `Ceiling: the highest ratio to PyTorch possible were the whole step GEMMs at the faster peak.\n\n${table}\n`;
+  `Ceiling: the highest ratio to PyTorch possible were the whole step GEMMs at the faster peak.\n\n${table}\n\n` +
+  `GEMM GFLOP/s (a linear layer's forward, input-gradient and weight-gradient products; ratio to PyTorch):\n\n${gemmTable}\n`;
 process.stdout.write(section);
 const results = join(root, 'bench', 'RESULTS.md');
 if (!existsSync(results) || !readFileSync(results, 'utf8').trim()) {
