@@ -146,6 +146,7 @@ fn gemm_cpu() -> vit_mae_core::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "workload": "gemm", "device": "cpu", "precision": "f32", "n": 1024,
         "gflops": libraries[chosen]["1024"], "library": chosen, "libraries": libraries,
+        "openblas_core": vit_mae_core::openblas_core(),
     }))
 }
 

@@ -63,7 +63,9 @@ for (const workload of workloads) {
 
 const commit = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: root, encoding: 'utf8' }).trim();
 const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: root, encoding: 'utf8' }).trim() ? ' (uncommitted changes)' : '';
-const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${threads} threads`;
+// OpenBLAS's kernels as it chose them for this CPU, or as OPENBLAS_CORETYPE forced them.
+const openblasCore = gemmRates.openblas_core ? `, OpenBLAS kernels ${gemmRates.openblas_core}${process.env.OPENBLAS_CORETYPE ? ` (OPENBLAS_CORETYPE=${process.env.OPENBLAS_CORETYPE})` : ''}` : '';
+const machine = `${cpus()[0]?.model ?? 'unknown CPU'}, ${threads} threads${openblasCore}`;
 const header = '| workload | mode | vit-mae img/s | PyTorch img/s | ratio | ceiling | GFLOP/s, % of GEMM peak (vit-mae / PyTorch) | peak RSS MB (vit-mae / PyTorch) |\n|---|---|---|---|---|---|---|---|';
 const table = [header, ...rows.map((r) => `| ${r.workload} | ${r.mode} | ${r.ours} | ${r.torch} | ${r.ratio} | ${r.ceiling} | ${r.gflops} | ${r.rss} |`)].join('\n');
 // GFLOP/s of every GEMM library over a linear layer's three training products, at 1024^3

@@ -91,7 +91,7 @@ static SET_PURGE_DELAY: extern "C" fn() = {
 pub use candle_core;
 pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
 pub use config::{ConfigPatch, MaeConfig, PRESETS};
-pub use sgemm::{gemm_libraries, gemm_library, linear_products};
+pub use sgemm::{gemm_libraries, gemm_library, linear_products, openblas_core};
 pub use device::{DeviceSpec, Precision};
 pub use error::{Error, ErrorCode, Result};
 pub use masking::{MaskPlan, Masking};

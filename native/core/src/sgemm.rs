@@ -97,6 +97,12 @@ pub fn gemm_library() -> &'static str {
     Library::chosen().name()
 }
 
+/// The kernels OpenBLAS chose for this CPU (or that `OPENBLAS_CORETYPE` forced), as it
+/// names them, in a build that linked it.
+pub fn openblas_core() -> Option<String> {
+    blas::openblas_core()
+}
+
 /// The libraries this build can run products on, as `VIT_MAE_GEMM` names them.
 pub fn gemm_libraries() -> Vec<&'static str> {
     Library::LINKED.iter().map(|l| l.name()).collect()
@@ -297,6 +303,21 @@ mod blas {
         let (trans, ld, min_ld) = if cs == 1 { (NO_TRANS, rs, cols) } else if rs == 1 { (TRANS, cs, rows) } else { return None };
         (ld >= min_ld.max(1)).then_some(())?;
         Some((trans, c_int::try_from(ld).ok()?))
+    }
+
+    pub fn openblas_core() -> Option<String> {
+        #[cfg(openblas)]
+        {
+            extern "C" {
+                fn openblas_get_corename() -> *const c_char;
+            }
+            // SAFETY: OpenBLAS returns a static NUL-terminated name (or null).
+            let name = unsafe { openblas_get_corename() };
+            // SAFETY: checked non-null; the name lives as long as the library.
+            return (!name.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned());
+        }
+        #[cfg(not(openblas))]
+        None
     }
 
     /// Sets a library up once per process before its first product.
