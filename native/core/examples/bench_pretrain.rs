@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use vit_mae_core::candle_core::Device;
 use vit_mae_core::data::{Augment, IdxDataset, Loader, LoaderOptions, FASHION_MNIST_MEAN, FASHION_MNIST_STD};
+use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{pretrain, PretrainConfig, TrainEvent};
 use vit_mae_core::{MaeConfig, MaskedAutoencoder, Precision};
 
@@ -32,7 +33,8 @@ fn main() -> vit_mae_core::Result<()> {
     let loader_rate = count as f64 / start.elapsed().as_secs_f64();
 
     let model = MaskedAutoencoder::new(config, &Device::Cpu, Precision::F32, 0)?;
-    let train = PretrainConfig { epochs: 1.0, warmup_epochs: 0.2, blr: 1.5e-3, max_steps: Some(steps), ..PretrainConfig::default() };
+    let defaults = PretrainConfig::default();
+    let train = PretrainConfig { recipe: Recipe { epochs: 1.0, warmup_epochs: 0.2, blr: 1.5e-3, max_steps: Some(steps), ..defaults.recipe }, ..defaults };
     let mut rate = 0.0;
     let summary = pretrain(&model, &loader, &train, None, &mut |e| {
         if let TrainEvent::Step { images_per_sec, .. } = e {

@@ -13,13 +13,14 @@ use crate::mixup::MixupConfig;
 use crate::model::{MaskedAutoencoder, Pool};
 use crate::engine::{FlatOptimizer, VitEngine, VitMode};
 use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState, ParamGroup};
-use crate::train::{self, Accumulated, LoopConfig, RecipeChecks, Task, TrainEvent, TrainSummary};
+use crate::recipe::{self, Recipe};
+use crate::train::{self, Accumulated, Task, TrainEvent, TrainSummary};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,25 +37,15 @@ pub enum Protocol {
 /// A fine-tuning recipe. `FinetuneConfig::defaults(protocol)` gives the published
 /// arguments of `main_finetune.py` or `main_linprobe.py`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct FinetuneConfig {
+    #[serde(flatten)]
+    pub recipe: Recipe,
     pub protocol: Protocol,
     /// Blocks trained by the partial protocol.
     pub partial_blocks: usize,
-    /// Length of the schedule; a fraction trains the nearest whole number of steps.
-    pub epochs: f64,
-    pub accum_iter: usize,
-    /// Base learning rate: `lr = blr * effective_batch / 256`.
-    pub blr: f64,
-    pub lr: Option<f64>,
-    pub min_lr: f64,
-    pub warmup_epochs: f64,
-    pub weight_decay: f64,
     /// Layer-wise learning-rate decay (AdamW protocols).
     pub layer_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub clip_grad: Option<f64>,
     /// Stochastic depth rate of the last block.
     pub drop_path: f64,
     /// Label smoothing.
@@ -65,41 +56,37 @@ pub struct FinetuneConfig {
     pub cutmix: f64,
     pub mixup_prob: f64,
     pub mixup_switch_prob: f64,
-    /// Seeds drop path and mixing (the data order has the loader's seed).
-    pub seed: u64,
-    pub max_steps: Option<u64>,
-    pub checkpoint_dir: Option<PathBuf>,
-    pub checkpoint_every: u64,
-    pub keep_last: usize,
 }
 
 impl FinetuneConfig {
     pub fn defaults(protocol: Protocol) -> Self {
         let finetune = FinetuneConfig {
+            recipe: Recipe {
+                epochs: 50.0,
+                accum_iter: 1,
+                blr: 1e-3,
+                lr: None,
+                min_lr: 1e-6,
+                warmup_epochs: 5.0,
+                weight_decay: 0.05,
+                beta1: 0.9,
+                beta2: 0.999,
+                clip_grad: None,
+                seed: 0,
+                max_steps: None,
+                checkpoint_dir: None,
+                checkpoint_every: 0,
+                keep_last: 3,
+            },
             protocol,
             partial_blocks: 0,
-            epochs: 50.0,
-            accum_iter: 1,
-            blr: 1e-3,
-            lr: None,
-            min_lr: 1e-6,
-            warmup_epochs: 5.0,
-            weight_decay: 0.05,
             layer_decay: 0.75,
-            beta1: 0.9,
-            beta2: 0.999,
-            clip_grad: None,
             drop_path: 0.1,
             smoothing: 0.1,
             mixup: 0.0,
             cutmix: 0.0,
             mixup_prob: 1.0,
             mixup_switch_prob: 0.5,
-            seed: 0,
-            max_steps: None,
-            checkpoint_dir: None,
-            checkpoint_every: 0,
-            keep_last: 3,
         };
         match protocol {
             Protocol::Finetune => finetune,
@@ -107,11 +94,7 @@ impl FinetuneConfig {
             // (the paper's Figure 9 does not give one).
             Protocol::Partial => FinetuneConfig { layer_decay: 1.0, ..finetune },
             Protocol::Linprobe => FinetuneConfig {
-                epochs: 90.0,
-                blr: 0.1,
-                min_lr: 0.0,
-                warmup_epochs: 10.0,
-                weight_decay: 0.0,
+                recipe: Recipe { epochs: 90.0, blr: 0.1, min_lr: 0.0, warmup_epochs: 10.0, weight_decay: 0.0, ..finetune.recipe },
                 layer_decay: 1.0,
                 drop_path: 0.0,
                 smoothing: 0.0,
@@ -123,38 +106,20 @@ impl FinetuneConfig {
     /// The protocol's defaults with the fields of a JSON object (camelCase) on top;
     /// `protocol` must be among them.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let invalid = |m: String| Error::new(ErrorCode::InvalidArgument, m);
         let protocol: Protocol = value
             .get("protocol")
             .cloned()
             .map(serde_json::from_value)
             .transpose()
-            .map_err(|e| invalid(format!("protocol must be 'finetune', 'linprobe' or 'partial': {e}")))?
-            .ok_or_else(|| invalid("fine-tuning options need a protocol".to_string()))?;
-        let mut merged = serde_json::to_value(Self::defaults(protocol)).map_err(|e| invalid(e.to_string()))?;
-        if let (Some(base), Some(over)) = (merged.as_object_mut(), value.as_object()) {
-            for (k, v) in over {
-                if !v.is_null() {
-                    base.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        let config: FinetuneConfig = serde_json::from_value(merged).map_err(|e| invalid(format!("invalid fine-tuning options: {e}")))?;
+            .map_err(|e| Error::new(ErrorCode::InvalidArgument, format!("protocol must be 'finetune', 'linprobe' or 'partial': {e}")))?
+            .ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "fine-tuning options need a protocol"))?;
+        let config: FinetuneConfig = recipe::from_json(&Self::defaults(protocol), value, "fine-tuning")?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<()> {
-        RecipeChecks {
-            epochs: self.epochs,
-            accum_iter: self.accum_iter,
-            rates: [("blr", Some(self.blr)), ("lr", self.lr), ("minLr", Some(self.min_lr)), ("weightDecay", Some(self.weight_decay))],
-            warmup_epochs: self.warmup_epochs,
-            betas: (self.beta1, self.beta2),
-            clip_grad: self.clip_grad,
-            keep_last: self.keep_last,
-        }
-        .check()?;
+        self.recipe.validate()?;
         if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             bail!(InvalidArgument, "layerDecay must be in (0, 1], got {}", self.layer_decay);
         }
@@ -182,28 +147,13 @@ impl FinetuneConfig {
             num_classes,
         }
     }
-
-    fn loop_config(&self, batch_size: usize) -> LoopConfig {
-        LoopConfig {
-            epochs: self.epochs,
-            accum_iter: self.accum_iter,
-            lr: self.lr.unwrap_or(self.blr * (batch_size * self.accum_iter) as f64 / 256.0),
-            min_lr: self.min_lr,
-            warmup_epochs: self.warmup_epochs,
-            clip_grad: self.clip_grad,
-            max_steps: self.max_steps,
-            checkpoint_dir: self.checkpoint_dir.clone(),
-            checkpoint_every: self.checkpoint_every,
-            keep_last: self.keep_last,
-        }
-    }
 }
 
 /// The optimizer a protocol uses over `classifier`'s trained parameters.
 pub fn optimizer_for(classifier: &VitClassifier, config: &FinetuneConfig) -> Result<Box<dyn Optimizer>> {
     let params = classifier.trainable_params(config.trainable())?;
     Ok(match config.protocol {
-        Protocol::Linprobe => Box::new(Lars::new(&params, config.weight_decay)?),
+        Protocol::Linprobe => Box::new(Lars::new(&params, config.recipe.weight_decay)?),
         Protocol::Finetune | Protocol::Partial => {
             let groups = protocol_groups(classifier, &params, config);
             Box::new(AdamW::with_groups(&params, groups, adamw_config(config))?)
@@ -217,7 +167,7 @@ fn protocol_groups(classifier: &VitClassifier, trained: &[(String, candle_core::
 }
 
 fn adamw_config(config: &FinetuneConfig) -> AdamWConfig {
-    AdamWConfig { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay }
+    AdamWConfig { beta1: config.recipe.beta1, beta2: config.recipe.beta2, eps: 1e-8, weight_decay: config.recipe.weight_decay }
 }
 
 struct Finetuning<'a> {
@@ -282,7 +232,7 @@ impl Task for Finetuning<'_> {
 /// A micro-batch's generator (keyed by step and micro-batch, for drop path and mixing),
 /// soft targets `[n, K]` (mixed, or smoothed one-hot) and images (mixed in place).
 fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, micro: usize) -> Result<(ChaCha8Rng, Vec<f32>, Vec<f32>)> {
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x6674);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.recipe.seed ^ 0x6674);
     rng.set_stream(step * 1024 + micro as u64);
     let mixup = config.mixup_config(k);
     let mut images = batch.images;
@@ -295,8 +245,8 @@ fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, mic
 }
 
 fn save_finetuning(classifier: &VitClassifier, config: &FinetuneConfig, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-    let recipe = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
-    metadata.insert("finetune_config".to_string(), recipe);
+    let json = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+    metadata.insert("finetune_config".to_string(), json);
     save_classifier(classifier, extra, metadata, path)
 }
 
@@ -410,22 +360,21 @@ pub fn finetune(
 ) -> Result<TrainSummary> {
     config.validate()?;
     let trained = classifier.trainable_params(config.trainable())?;
-    let loop_config = config.loop_config(loader.batch_size());
     if classifier.uses_engine() {
         let mode = VitMode::Grad { trainable: config.trainable(), train: true, drop_path: config.drop_path };
         let engine = VitEngine::new(&classifier.config, loader.batch_size(), mode)?;
         let groups = protocol_groups(classifier, &trained, config);
         let named: Vec<(String, ParamGroup)> = trained.iter().map(|(n, _)| n.clone()).zip(groups).collect();
         let optimizer = match config.protocol {
-            Protocol::Linprobe => FlatOptimizer::lars(&engine, &named, config.weight_decay)?,
+            Protocol::Linprobe => FlatOptimizer::lars(&engine, &named, config.recipe.weight_decay)?,
             Protocol::Finetune | Protocol::Partial => FlatOptimizer::adamw(&engine, &named, adamw_config(config))?,
         };
         let mut task = EngineFinetuning { classifier, config, engine, optimizer, eval_loader, loaded: false };
-        return train::run(&mut task, loader, &loop_config, resume, on_event, cancel);
+        return train::run(&mut task, loader, &config.recipe, resume, on_event, cancel);
     }
     let optimizer = optimizer_for(classifier, config)?;
     let mut task = Finetuning { classifier, config, trained, optimizer, grads: Accumulated::default(), eval_loader };
-    train::run(&mut task, loader, &loop_config, resume, on_event, cancel)
+    train::run(&mut task, loader, &config.recipe, resume, on_event, cancel)
 }
 
 /// Accuracy of a classifier on a labelled dataset.

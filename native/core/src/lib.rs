@@ -19,6 +19,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod pos_embed;
+pub mod recipe;
 mod sgemm;
 pub mod train;
 pub mod visualize;

@@ -10,6 +10,7 @@ use crate::masking::{self, MaskPlan, Masking};
 use crate::model::{MaskOptions, MaskedAutoencoder};
 use crate::engine::{FlatAdamW, MaeEngine, Mode};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
+use crate::recipe::{self, Recipe};
 use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -19,59 +20,39 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-/// The recipe. Defaults are the published pre-training arguments.
+/// The pre-training recipe. Defaults are the published pre-training arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase")]
 pub struct PretrainConfig {
-    /// Length of the schedule; a fraction trains the nearest whole number of steps.
-    pub epochs: f64,
-    pub accum_iter: usize,
-    /// Base learning rate: `lr = blr * effective_batch / 256`.
-    pub blr: f64,
-    /// Absolute learning rate; overrides `blr` when set.
-    pub lr: Option<f64>,
-    pub min_lr: f64,
-    pub warmup_epochs: f64,
-    pub weight_decay: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    /// Clip the global gradient norm to this value.
-    pub clip_grad: Option<f64>,
+    #[serde(flatten)]
+    pub recipe: Recipe,
     pub mask_ratio: f64,
     #[serde(with = "masking_name")]
     pub masking: Masking,
-    /// Seeds the masks (the data order and augmentation have the loader's seed).
-    pub seed: u64,
-    /// Stop once this many optimizer steps have been taken in total.
-    pub max_steps: Option<u64>,
-    /// Folder for checkpoints; none are written without it.
-    pub checkpoint_dir: Option<PathBuf>,
-    /// Write a checkpoint every this many optimizer steps (0: only at the end).
-    pub checkpoint_every: u64,
-    /// Keep this many most recent checkpoints.
-    pub keep_last: usize,
 }
 
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
-            epochs: 400.0,
-            accum_iter: 1,
-            blr: 1.5e-4,
-            lr: None,
-            min_lr: 0.0,
-            warmup_epochs: 40.0,
-            weight_decay: 0.05,
-            beta1: 0.9,
-            beta2: 0.95,
-            clip_grad: None,
+            recipe: Recipe {
+                epochs: 400.0,
+                accum_iter: 1,
+                blr: 1.5e-4,
+                lr: None,
+                min_lr: 0.0,
+                warmup_epochs: 40.0,
+                weight_decay: 0.05,
+                beta1: 0.9,
+                beta2: 0.95,
+                clip_grad: None,
+                seed: 0,
+                max_steps: None,
+                checkpoint_dir: None,
+                checkpoint_every: 0,
+                keep_last: 3,
+            },
             mask_ratio: 0.75,
             masking: Masking::Random,
-            seed: 0,
-            max_steps: None,
-            checkpoint_dir: None,
-            checkpoint_every: 0,
-            keep_last: 3,
         }
     }
 }
@@ -91,73 +72,17 @@ mod masking_name {
     }
 }
 
-/// The settings every recipe has, for the checks they share.
-pub(crate) struct RecipeChecks {
-    pub epochs: f64,
-    pub accum_iter: usize,
-    /// blr, lr, minLr, weightDecay
-    pub rates: [(&'static str, Option<f64>); 4],
-    pub warmup_epochs: f64,
-    pub betas: (f64, f64),
-    pub clip_grad: Option<f64>,
-    pub keep_last: usize,
-}
-
-impl RecipeChecks {
-    pub fn check(&self) -> Result<()> {
-        if !(self.epochs.is_finite() && self.epochs > 0.0) {
-            bail!(InvalidArgument, "epochs must be a positive number, got {}", self.epochs);
-        }
-        if self.accum_iter == 0 {
-            bail!(InvalidArgument, "accumIter must be positive");
-        }
-        for (name, value) in self.rates {
-            if let Some(v) = value {
-                if !(v.is_finite() && v >= 0.0) {
-                    bail!(InvalidArgument, "{name} must be a non-negative number, got {v}");
-                }
-            }
-        }
-        // A warm-up as long as the run or longer is allowed: the rate then rises
-        // linearly throughout, as the published schedule gives.
-        if !(self.warmup_epochs.is_finite() && self.warmup_epochs >= 0.0) {
-            bail!(InvalidArgument, "warmupEpochs must be a non-negative number, got {}", self.warmup_epochs);
-        }
-        for (name, beta) in [("beta1", self.betas.0), ("beta2", self.betas.1)] {
-            if !(0.0..1.0).contains(&beta) {
-                bail!(InvalidArgument, "{name} must be in [0, 1), got {beta}");
-            }
-        }
-        if let Some(c) = self.clip_grad {
-            if !(c.is_finite() && c > 0.0) {
-                bail!(InvalidArgument, "clipGrad must be positive, got {c}");
-            }
-        }
-        if self.keep_last == 0 {
-            bail!(InvalidArgument, "keepLast must be at least 1");
-        }
-        Ok(())
-    }
-}
-
 impl PretrainConfig {
+    /// The defaults with the fields of a JSON object (camelCase) on top.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self> {
+        let config = recipe::from_json(&Self::default(), value, "pre-training")?;
+        config.validate()?;
+        Ok(config)
+    }
+
     pub fn validate(&self) -> Result<()> {
         masking::check_mask_ratio(self.mask_ratio)?;
-        RecipeChecks {
-            epochs: self.epochs,
-            accum_iter: self.accum_iter,
-            rates: [("blr", Some(self.blr)), ("lr", self.lr), ("minLr", Some(self.min_lr)), ("weightDecay", Some(self.weight_decay))],
-            warmup_epochs: self.warmup_epochs,
-            betas: (self.beta1, self.beta2),
-            clip_grad: self.clip_grad,
-            keep_last: self.keep_last,
-        }
-        .check()
-    }
-
-    /// The peak learning rate for a per-step batch of `batch_size`.
-    pub fn peak_lr(&self, batch_size: usize) -> f64 {
-        self.lr.unwrap_or(self.blr * (batch_size * self.accum_iter) as f64 / 256.0)
+        self.recipe.validate()
     }
 }
 
@@ -201,7 +126,7 @@ pub struct TrainSummary {
 /// The masks for one step, from a generator of its own so a resumed run draws
 /// the same ones.
 fn step_plan(config: &PretrainConfig, model: &MaskedAutoencoder, n: usize, step: u64, micro: usize) -> Result<MaskPlan> {
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x6d61_736b);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.recipe.seed ^ 0x6d61_736b);
     rng.set_stream(step * 1024 + micro as u64);
     model.mask_plan_with(&mut rng, n, &MaskOptions { mask_ratio: config.mask_ratio, masking: config.masking, noise: None })
 }
@@ -224,39 +149,6 @@ pub fn list_checkpoints(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     found.sort();
     found
-}
-
-/// The parts of a recipe the training loop itself uses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoopConfig {
-    pub epochs: f64,
-    pub accum_iter: usize,
-    /// Peak learning rate (before the schedule and any per-parameter scale).
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_epochs: f64,
-    pub clip_grad: Option<f64>,
-    pub max_steps: Option<u64>,
-    pub checkpoint_dir: Option<PathBuf>,
-    pub checkpoint_every: u64,
-    pub keep_last: usize,
-}
-
-impl PretrainConfig {
-    fn loop_config(&self, batch_size: usize) -> LoopConfig {
-        LoopConfig {
-            epochs: self.epochs,
-            accum_iter: self.accum_iter,
-            lr: self.peak_lr(batch_size),
-            min_lr: self.min_lr,
-            warmup_epochs: self.warmup_epochs,
-            clip_grad: self.clip_grad,
-            max_steps: self.max_steps,
-            checkpoint_dir: self.checkpoint_dir.clone(),
-            checkpoint_every: self.checkpoint_every,
-            keep_last: self.keep_last,
-        }
-    }
 }
 
 /// What the training loop trains: pre-training or one of the fine-tuning protocols.
@@ -308,8 +200,8 @@ impl Accumulated {
     }
 }
 
-fn save_checkpoint(task: &mut dyn Task, state: &TrainState, config: &LoopConfig) -> Result<Option<PathBuf>> {
-    let Some(dir) = &config.checkpoint_dir else { return Ok(None) };
+fn save_checkpoint(task: &mut dyn Task, state: &TrainState, recipe: &Recipe) -> Result<Option<PathBuf>> {
+    let Some(dir) = &recipe.checkpoint_dir else { return Ok(None) };
     std::fs::create_dir_all(dir).map_err(|e| Error::new(ErrorCode::Io, format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join(checkpoint_name(state.step));
     let optimizer = task.optimizer();
@@ -320,7 +212,7 @@ fn save_checkpoint(task: &mut dyn Task, state: &TrainState, config: &LoopConfig)
     ]);
     task.save(extra, metadata, &path)?;
     let existing = list_checkpoints(dir);
-    for old in existing.iter().take(existing.len().saturating_sub(config.keep_last)) {
+    for old in existing.iter().take(existing.len().saturating_sub(recipe.keep_last)) {
         let _ = std::fs::remove_file(old);
     }
     Ok(Some(path))
@@ -363,17 +255,16 @@ pub fn pretrain(
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
     config.validate()?;
-    let adamw = AdamWConfig { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
-    let loop_config = config.loop_config(loader.batch_size());
+    let adamw = AdamWConfig { beta1: config.recipe.beta1, beta2: config.recipe.beta2, eps: 1e-8, weight_decay: config.recipe.weight_decay };
     if model.uses_engine() {
         let len_keep = masking::len_keep(model.config.num_patches(), config.mask_ratio);
         let engine = MaeEngine::new(&model.config, loader.batch_size(), len_keep, Mode::Train)?;
         let optimizer = FlatAdamW::new(&engine, adamw);
         let mut task = EnginePretraining { model, config, engine, optimizer, loaded: false };
-        return run(&mut task, loader, &loop_config, resume, on_event, cancel);
+        return run(&mut task, loader, &config.recipe, resume, on_event, cancel);
     }
     let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)?, grads: Accumulated::default() };
-    run(&mut task, loader, &loop_config, resume, on_event, cancel)
+    run(&mut task, loader, &config.recipe, resume, on_event, cancel)
 }
 
 /// Pre-training on the reference model (CUDA, bf16).
@@ -478,8 +369,8 @@ impl Task for EnginePretraining<'_> {
 }
 
 fn save_pretraining(model: &MaskedAutoencoder, config: &PretrainConfig, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-    let recipe = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
-    metadata.insert("pretrain_config".to_string(), recipe);
+    let json = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
+    metadata.insert("pretrain_config".to_string(), json);
     checkpoint::save_with(model, extra, metadata, path)
 }
 
@@ -510,7 +401,7 @@ pub(crate) fn copy_params(params: &[(String, candle_core::Var)], tensors: &std::
 pub(crate) fn run(
     task: &mut dyn Task,
     loader: &Loader,
-    config: &LoopConfig,
+    recipe: &Recipe,
     resume: Option<&Path>,
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
@@ -524,26 +415,26 @@ pub(crate) fn run(
     }
 
     let batches = loader.batches_per_epoch();
-    let steps_per_epoch = batches / config.accum_iter;
+    let steps_per_epoch = batches / recipe.accum_iter;
     if steps_per_epoch == 0 {
-        bail!(InvalidArgument, "the dataset gives {batches} batches per epoch, fewer than accumIter {}", config.accum_iter);
+        bail!(InvalidArgument, "the dataset gives {batches} batches per epoch, fewer than accumIter {}", recipe.accum_iter);
     }
     // As published, micro-batches left over after an epoch's last full step are not used.
-    let used_batches = steps_per_epoch * config.accum_iter;
-    if state.batch_in_epoch >= used_batches || state.batch_in_epoch % config.accum_iter != 0 {
+    let used_batches = steps_per_epoch * recipe.accum_iter;
+    if state.batch_in_epoch >= used_batches || state.batch_in_epoch % recipe.accum_iter != 0 {
         bail!(
             InvalidArgument,
             "the checkpoint stopped at batch {} of epoch {}, which this loader ({used_batches} usable batches an epoch, accumIter {}) cannot continue from: resume with the same data, batch size and accumIter",
             state.batch_in_epoch,
             state.epoch,
-            config.accum_iter
+            recipe.accum_iter
         );
     }
     // A fractional epoch count ends the last epoch early, at the nearest whole step
     // (at least one); the schedule still reaches its end there.
-    let epoch_steps = ((steps_per_epoch as f64 * config.epochs).round() as u64).max(1);
-    let total_steps = epoch_steps.min(config.max_steps.unwrap_or(u64::MAX));
-    let schedule = LrSchedule { lr: config.lr, min_lr: config.min_lr, warmup_epochs: config.warmup_epochs, epochs: config.epochs };
+    let epoch_steps = ((steps_per_epoch as f64 * recipe.epochs).round() as u64).max(1);
+    let total_steps = epoch_steps.min(recipe.max_steps.unwrap_or(u64::MAX));
+    let schedule = LrSchedule { lr: recipe.peak_lr(loader.batch_size()), min_lr: recipe.min_lr, warmup_epochs: recipe.warmup_epochs, epochs: recipe.epochs };
 
     let started = Instant::now();
     let start_step = state.step;
@@ -566,12 +457,12 @@ pub(crate) fn run(
                 on_event(TrainEvent::Skipped { step: state.step, count: batch.skipped.len(), first: first.clone() });
             }
             // Published: the rate is set at the first micro-batch of each step.
-            if i % config.accum_iter == 0 {
+            if i % recipe.accum_iter == 0 {
                 lr = schedule.at(state.epoch as f64 + i as f64 / batches as f64);
             }
             let n = batch.shape[0];
             if n > 0 {
-                let loss = task.micro_batch(batch, state.step, i % config.accum_iter, 1.0 / config.accum_iter as f64)?;
+                let loss = task.micro_batch(batch, state.step, i % recipe.accum_iter, 1.0 / recipe.accum_iter as f64)?;
                 if !loss.is_finite() {
                     let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p: &Path| format!("the last good checkpoint is {}", p.display()));
                     bail!(NonFiniteLoss, "loss is {loss} at step {} (epoch {}); training stopped and {kept}", state.step + 1, state.epoch);
@@ -581,11 +472,11 @@ pub(crate) fn run(
                 state.images_seen += n as u64;
                 images_this_run += n as u64;
             }
-            if (i + 1) % config.accum_iter != 0 {
+            if (i + 1) % recipe.accum_iter != 0 {
                 continue;
             }
             if std::mem::take(&mut accumulated) {
-                task.apply(config.clip_grad, lr)?;
+                task.apply(recipe.clip_grad, lr)?;
             }
             state.step += 1;
             final_loss = mean(&step_losses);
@@ -612,8 +503,8 @@ pub(crate) fn run(
             }
             let finished = state.step >= total_steps;
             aborted = cancel.load(Ordering::SeqCst) && !finished;
-            if finished || aborted || (config.checkpoint_every > 0 && state.step % config.checkpoint_every == 0) {
-                if let Some(path) = save_checkpoint(task, &state, config)? {
+            if finished || aborted || (recipe.checkpoint_every > 0 && state.step % recipe.checkpoint_every == 0) {
+                if let Some(path) = save_checkpoint(task, &state, recipe)? {
                     on_event(TrainEvent::Checkpoint { step: state.step, path: path.clone() });
                     last_checkpoint = Some(path);
                 }

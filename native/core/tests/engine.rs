@@ -204,7 +204,7 @@ fn assert_same_curve(what: &str, got: &[f64], want: &[f64], steps: usize) {
 fn pretraining_follows_the_reference_loss_curve() {
     let config = MaeConfig { norm_pix_loss: true, ..mae_config(15, 5, 3, 24, 3, 20, 5, (2, 1), 4.0) };
     // 16 images in batches of 4, two micro-batches a step: 2 steps an epoch.
-    let recipe: PretrainConfig = serde_json::from_value(json!({
+    let recipe = PretrainConfig::from_json(&json!({
         "epochs": 10.0, "accumIter": 2, "lr": 3e-3, "minLr": 1e-4, "warmupEpochs": 2.0,
         "clipGrad": 0.05, "maskRatio": 0.6, "seed": 7,
     }))

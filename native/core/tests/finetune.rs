@@ -25,6 +25,7 @@ use vit_mae_core::finetune::{embed_dataset, evaluate, finetune, Embedder, Finetu
 use vit_mae_core::mixup::MixupConfig;
 use vit_mae_core::nn::DropPathScales;
 use vit_mae_core::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState};
+use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{list_checkpoints, TrainEvent, TrainSummary};
 use vit_mae_core::{save_model, ErrorCode, Precision, MaeConfig, MaskedAutoencoder, Pool};
 
@@ -666,11 +667,11 @@ fn assert_only_changed(before: &BTreeMap<String, Vec<u32>>, after: &BTreeMap<Str
 fn finetune_config_from_json_layers_options_over_protocol_defaults() {
     let c = FinetuneConfig::from_json(&json!({ "protocol": "linprobe", "epochs": 3, "warmupEpochs": 1, "lr": null })).unwrap();
     assert_eq!(c.protocol, Protocol::Linprobe);
-    assert_eq!(c.epochs, 3.0);
-    assert_eq!(c.lr, None, "null keeps the default");
-    assert_eq!(c.blr, FinetuneConfig::defaults(Protocol::Linprobe).blr);
+    assert_eq!(c.recipe.epochs, 3.0);
+    assert_eq!(c.recipe.lr, None, "null keeps the default");
+    assert_eq!(c.recipe.blr, FinetuneConfig::defaults(Protocol::Linprobe).recipe.blr);
     assert_eq!(FinetuneConfig::from_json(&json!({ "protocol": "partial" })).unwrap().layer_decay, 1.0);
-    assert_eq!(FinetuneConfig::from_json(&json!({ "protocol": "finetune", "epochs": 3.64 })).unwrap().epochs, 3.64, "fractional epochs");
+    assert_eq!(FinetuneConfig::from_json(&json!({ "protocol": "finetune", "epochs": 3.64 })).unwrap().recipe.epochs, 3.64, "fractional epochs");
     for bad in [
         json!({ "epochs": 3 }),
         json!({ "protocol": "finetune", "epochs": 0 }),
@@ -708,7 +709,7 @@ fn linear_probe_trains_only_the_linear_head_and_updates_batch_norm() {
     let train = loader(bright_dark_dataset(8, 2), 4, true, true, 3);
     let config = FinetuneConfig::from_json(&json!({ "protocol": "linprobe", "epochs": 1, "lr": 0.1, "warmupEpochs": 0 })).unwrap();
     assert_eq!(config.trainable(), Trainable::Head);
-    assert_eq!(config.weight_decay, 0.0, "published linear probe: no weight decay");
+    assert_eq!(config.recipe.weight_decay, 0.0, "published linear probe: no weight decay");
     let before = param_bits(c.params());
     let (summary, _) = run_finetune(&c, &train, None, &config, None).unwrap();
     assert_eq!(summary.steps, 2);
@@ -777,7 +778,7 @@ fn check_resume(protocol: &str, head_batch_norm: bool, extra: serde_json::Value,
 
     let dir = TempDir::new("resume");
     let first = classifier(2, 2, true, head_batch_norm, 10);
-    let part = FinetuneConfig { max_steps: Some(split), checkpoint_dir: Some(dir.path().to_path_buf()), ..config.clone() };
+    let part = FinetuneConfig { recipe: Recipe { max_steps: Some(split), checkpoint_dir: Some(dir.path().to_path_buf()), ..config.recipe.clone() }, ..config.clone() };
     let (s, _) = run_finetune(&first, &train, eval, &part, None).unwrap();
     assert_eq!(s.steps, split);
     let checkpoints = list_checkpoints(dir.path());

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, RawImage};
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
+use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent, TrainSummary};
 use vit_mae_core::{load_model, read_state_dict, Precision, ErrorCode, MaeConfig, MaskPlan, MaskedAutoencoder, Masking};
 
@@ -123,14 +124,12 @@ fn loader(n_images: usize) -> Loader {
 
 /// A short run with a warm-up so the rate changes from step to step.
 fn base_config() -> PretrainConfig {
-    PretrainConfig {
-        epochs: 10.0,
-        lr: Some(2e-3),
-        min_lr: 1e-5,
-        warmup_epochs: 1.0,
-        seed: 3,
-        ..PretrainConfig::default()
-    }
+    with_recipe(&PretrainConfig::default(), |r| Recipe { epochs: 10.0, lr: Some(2e-3), min_lr: 1e-5, warmup_epochs: 1.0, seed: 3, ..r })
+}
+
+/// `config` with the recipe `f` makes of its own.
+fn with_recipe(config: &PretrainConfig, f: impl FnOnce(Recipe) -> Recipe) -> PretrainConfig {
+    PretrainConfig { recipe: f(config.recipe.clone()), ..config.clone() }
 }
 
 fn run(
@@ -234,13 +233,13 @@ fn lr_schedule_matches_published_formula() {
 
 #[test]
 fn peak_lr_scales_blr_by_effective_batch() {
-    let c = PretrainConfig::default();
+    let c = PretrainConfig::default().recipe;
     assert_eq!(c.blr, 1.5e-4, "published blr");
     assert!(close(c.peak_lr(64), 1.5e-4 * 64.0 / 256.0, 1e-15));
     assert!(close(c.peak_lr(256), 1.5e-4, 1e-15));
-    let c = PretrainConfig { blr: 1e-3, accum_iter: 4, ..PretrainConfig::default() };
+    let c = Recipe { blr: 1e-3, accum_iter: 4, ..PretrainConfig::default().recipe };
     assert!(close(c.peak_lr(32), 1e-3 * 32.0 * 4.0 / 256.0, 1e-15));
-    let c = PretrainConfig { blr: 1e-3, accum_iter: 4, lr: Some(7e-4), ..PretrainConfig::default() };
+    let c = Recipe { blr: 1e-3, accum_iter: 4, lr: Some(7e-4), ..PretrainConfig::default().recipe };
     assert_eq!(c.peak_lr(32), 7e-4, "an absolute lr overrides blr");
     assert_eq!(c.peak_lr(4096), 7e-4);
 }
@@ -462,7 +461,7 @@ fn loss_decreases_in_bf16() {
 fn check_loss_decreases(precision: Precision) {
     let loader = loader(32);
     let model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 11).unwrap();
-    let config = PretrainConfig { lr: Some(5e-3), warmup_epochs: 0.5, epochs: 100.0, max_steps: Some(30), ..base_config() };
+    let config = with_recipe(&base_config(), |r| Recipe { lr: Some(5e-3), warmup_epochs: 0.5, epochs: 100.0, max_steps: Some(30), ..r });
     let (summary, events) = run(&model, &loader, &config, None).unwrap();
     assert_eq!(summary.steps, 30);
     assert!(!summary.aborted);
@@ -478,7 +477,7 @@ fn check_loss_decreases(precision: Precision) {
 #[test]
 fn runs_are_reproducible_and_mask_seed_matters() {
     let loader = loader(32);
-    let config = PretrainConfig { max_steps: Some(10), ..base_config() };
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(10), ..r });
     let a = tiny_model(21);
     let b = tiny_model(21);
     let initial = param_bits(&a);
@@ -492,7 +491,7 @@ fn runs_are_reproducible_and_mask_seed_matters() {
     assert_eq!(losses(&ea), losses(&eb));
 
     let c = tiny_model(21);
-    let (sc, _) = run(&c, &loader, &PretrainConfig { seed: config.seed + 1, ..config.clone() }, None).unwrap();
+    let (sc, _) = run(&c, &loader, &with_recipe(&config, |r| Recipe { seed: r.seed + 1, ..r }), None).unwrap();
     assert_eq!(sc.steps, 10);
     assert_ne!(param_bits(&c), param_bits(&a), "another mask seed gave the same weights");
 
@@ -509,23 +508,23 @@ fn check_exact_resume(n_images: usize, accum_iter: usize, n: u64, clip_grad: Opt
     let loader = loader(n_images);
     let straight_dir = TempDir::new("straight");
     let split_dir = TempDir::new("split");
-    let config = PretrainConfig { accum_iter, clip_grad, epochs: 6.0, ..base_config() };
+    let config = with_recipe(&base_config(), |r| Recipe { accum_iter, clip_grad, epochs: 6.0, ..r });
 
     let straight = tiny_model(31);
     let (s, straight_events) =
-        run(&straight, &loader, &PretrainConfig { max_steps: Some(2 * n), checkpoint_dir: Some(straight_dir.path().into()), ..config.clone() }, None)
+        run(&straight, &loader, &with_recipe(&config, |r| Recipe { max_steps: Some(2 * n), checkpoint_dir: Some(straight_dir.path().into()), ..r }), None)
             .unwrap();
     assert_eq!(s.steps, 2 * n, "{what}");
 
     let first = tiny_model(31);
-    let split = PretrainConfig { max_steps: Some(n), checkpoint_dir: Some(split_dir.path().into()), ..config.clone() };
+    let split = with_recipe(&config, |r| Recipe { max_steps: Some(n), checkpoint_dir: Some(split_dir.path().into()), ..r });
     let (s, _) = run(&first, &loader, &split, None).unwrap();
     assert_eq!(s.steps, n, "{what}");
     assert_eq!(s.last_checkpoint.as_deref(), Some(checkpoint_file(split_dir.path(), n).as_path()), "{what}");
     assert_ne!(param_bits(&first), param_bits(&straight), "{what}: the second half changed nothing");
 
     let resumed = tiny_model(31);
-    let rest = PretrainConfig { max_steps: Some(2 * n), ..split };
+    let rest = with_recipe(&split, |r| Recipe { max_steps: Some(2 * n), ..r });
     let (s, resumed_events) = run(&resumed, &loader, &rest, Some(split_dir.path())).unwrap();
     assert_eq!(s.steps, 2 * n, "{what}");
     assert_same_weights(&resumed, &straight, &what);
@@ -590,13 +589,9 @@ fn accumulated_and_clipped_gradient_reaches_the_optimizer() {
     for (clip_grad, factor) in [(None, 1.0), (Some(norm / 4.0), (norm / 4.0) / (norm + 1e-6))] {
         let dir = TempDir::new("grad");
         let config = PretrainConfig {
-            accum_iter: 2,
             masking: Masking::Grid,
             mask_ratio: 0.75,
-            clip_grad,
-            max_steps: Some(1),
-            checkpoint_dir: Some(dir.path().into()),
-            ..base_config()
+            ..with_recipe(&base_config(), |r| Recipe { accum_iter: 2, clip_grad, max_steps: Some(1), checkpoint_dir: Some(dir.path().into()), ..r })
         };
         let model = tiny_model(81);
         run(&model, &loader, &config, None).unwrap();
@@ -605,7 +600,7 @@ fn accumulated_and_clipped_gradient_reaches_the_optimizer() {
         let mut got_norm2 = 0.0;
         for (name, g) in &want {
             let m = state.tensors.get(&format!("optim.exp_avg.{name}")).unwrap_or_else(|| panic!("no exp_avg for {name}"));
-            let got: Vec<f64> = host(m).iter().map(|x| x / (1.0 - config.beta1)).collect();
+            let got: Vec<f64> = host(m).iter().map(|x| x / (1.0 - config.recipe.beta1)).collect();
             assert_eq!(got.len(), g.len());
             for (a, b) in got.iter().zip(g) {
                 diff2 += (a - b * factor).powi(2);
@@ -623,7 +618,7 @@ fn checkpoints_rotate_and_load_as_models() {
     let loader = loader(32);
     let dir = TempDir::new("rotate");
     let model = tiny_model(41);
-    let config = PretrainConfig { max_steps: Some(7), checkpoint_every: 1, keep_last: 3, checkpoint_dir: Some(dir.path().into()), ..base_config() };
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(7), checkpoint_every: 1, keep_last: 3, checkpoint_dir: Some(dir.path().into()), ..r });
     let (summary, events) = run(&model, &loader, &config, None).unwrap();
     assert_eq!(summary.steps, 7);
 
@@ -654,7 +649,7 @@ fn checkpoints_rotate_and_load_as_models() {
 fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
     let loader = loader(32); // 4 batches an epoch
     let dir = TempDir::new("abort");
-    let config = PretrainConfig { max_steps: Some(8), checkpoint_dir: Some(dir.path().into()), ..base_config() };
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(8), checkpoint_dir: Some(dir.path().into()), ..r });
 
     let model = tiny_model(51);
     let cancel = AtomicBool::new(false);
@@ -694,13 +689,13 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
     assert_eq!(s.steps, 8);
     assert!(!s.aborted);
     let straight = tiny_model(51);
-    run(&straight, &loader, &PretrainConfig { checkpoint_dir: None, ..config.clone() }, None).unwrap();
+    run(&straight, &loader, &with_recipe(&config, |r| Recipe { checkpoint_dir: None, ..r }), None).unwrap();
     assert_same_weights(&resumed, &straight, "aborted + resumed vs straight");
 
     // A cancel that arrives with the last step does not make a finished run "aborted".
     let last = tiny_model(51);
     let cancel = AtomicBool::new(false);
-    let short = PretrainConfig { max_steps: Some(3), checkpoint_dir: None, ..config };
+    let short = with_recipe(&config, |r| Recipe { max_steps: Some(3), checkpoint_dir: None, ..r });
     let summary = pretrain(
         &last,
         &loader,
@@ -728,7 +723,7 @@ fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
     // Every image has a NaN: step 1 fails, and there is no checkpoint to name.
     let dir = TempDir::new("nan-fresh");
     let model = tiny_model(61);
-    let config = PretrainConfig { max_steps: Some(5), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..base_config() };
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(5), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
     let err = run(&model, &loader_with(poisoned(&|_| true), 5, true), &config, None).unwrap_err();
     assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
     assert!(names_step(&err.message, 1), "message should name step 1: {}", err.message);
@@ -739,7 +734,7 @@ fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
     // step 2 fails and names that checkpoint.
     let dir = TempDir::new("nan-second");
     let model = tiny_model(61);
-    let config = PretrainConfig { checkpoint_dir: Some(dir.path().into()), ..config };
+    let config = with_recipe(&config, |r| Recipe { checkpoint_dir: Some(dir.path().into()), ..r });
     let err = run(&model, &loader_with(poisoned(&|i| (BATCH..2 * BATCH).contains(&i)), 5, false), &config, None).unwrap_err();
     assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
     assert!(names_step(&err.message, 2), "message should name step 2: {}", err.message);
@@ -751,14 +746,14 @@ fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
     // checkpoint, and the checkpoint folder is left exactly as it was.
     let dir = TempDir::new("nan-resume");
     let good = tiny_model(61);
-    let config = PretrainConfig { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..config };
+    let config = with_recipe(&config, |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
     run(&good, &loader_with(Arc::new(dataset(n, 77)), 5, true), &config, None).unwrap();
     let saved = checkpoint_file(dir.path(), 2);
     let before_names = dir.entries();
     let before_bytes = std::fs::read(&saved).unwrap();
 
     let resumed = tiny_model(61);
-    let more = PretrainConfig { max_steps: Some(6), ..config };
+    let more = with_recipe(&config, |r| Recipe { max_steps: Some(6), ..r });
     let err = run(&resumed, &loader_with(poisoned(&|_| true), 5, true), &more, Some(dir.path())).unwrap_err();
     assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
     assert!(names_step(&err.message, 3), "message should name step 3: {}", err.message);
@@ -774,7 +769,7 @@ fn check_events(n_images: usize, accum_iter: usize, epochs: f64, max_steps: Opti
     let what = format!("{n_images} images, accum {accum_iter}, {epochs} epochs, max {max_steps:?}, every {checkpoint_every}");
     let loader = loader(n_images);
     let dir = TempDir::new("events");
-    let config = PretrainConfig {
+    let config = with_recipe(&base_config(), |r| Recipe {
         accum_iter,
         epochs,
         max_steps,
@@ -785,8 +780,8 @@ fn check_events(n_images: usize, accum_iter: usize, epochs: f64, max_steps: Opti
         min_lr: 1e-6,
         warmup_epochs: 1.0,
         checkpoint_dir: Some(dir.path().into()),
-        ..base_config()
-    };
+        ..r
+    });
     let batches = n_images / BATCH;
     let steps_per_epoch = (batches / accum_iter) as u64;
     let total = ((steps_per_epoch as f64 * epochs).round() as u64).min(max_steps.unwrap_or(u64::MAX));
@@ -889,13 +884,13 @@ fn resume_onto_a_shorter_epoch_returns() {
     // step 2 (batch 2); 16 images give 2 batches an epoch.
     for stop in [3u64, 2] {
         let dir = TempDir::new("shorter");
-        let config = PretrainConfig { max_steps: Some(stop), checkpoint_dir: Some(dir.path().into()), ..base_config() };
+        let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(stop), checkpoint_dir: Some(dir.path().into()), ..r });
         run(&tiny_model(91), &loader(40), &config, None).unwrap();
         let from = checkpoint_file(dir.path(), stop);
         assert!(from.is_file());
 
         let (tx, rx) = std::sync::mpsc::channel();
-        let config = PretrainConfig { max_steps: Some(stop + 3), checkpoint_dir: None, ..config };
+        let config = with_recipe(&config, |r| Recipe { max_steps: Some(stop + 3), checkpoint_dir: None, ..r });
         std::thread::spawn(move || {
             let model = tiny_model(91);
             let result = run(&model, &loader(16), &config, Some(&from)).map(|(s, _)| s.steps);

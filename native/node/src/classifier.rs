@@ -2,7 +2,7 @@
 //! prediction, embedding and evaluation, and trained by the fine-tuning protocols.
 
 use crate::training::{done_event, embed_job, evaluation_event, make_loader, open_dataset, progress_event, spawn_job, to_native, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
-use crate::{guarded, host_tensor, read_model, seed_of, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
+use crate::{guarded, host_tensor, parse_json, read_model, seed_of, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::path::PathBuf;
@@ -19,10 +19,6 @@ fn err(code: ErrorCode, message: impl Into<String>) -> vit_mae_core::Error {
 
 fn read(c: &SharedClassifier) -> vit_mae_core::Result<std::sync::RwLockReadGuard<'_, VitClassifier>> {
     c.read().map_err(|_| err(ErrorCode::Internal, "classifier lock poisoned by an earlier failure"))
-}
-
-fn parse_json(json: &str, what: &str) -> vit_mae_core::Result<serde_json::Value> {
-    serde_json::from_str(json).map_err(|e| err(ErrorCode::InvalidArgument, format!("{what} is not valid JSON: {e}")))
 }
 
 /// A ViT classifier living in Rust memory.

@@ -44,6 +44,10 @@ fn parse_config(json: &str, strict: bool) -> vit_mae_core::Result<ConfigPatch> {
     ConfigPatch::from_json(&value, strict)
 }
 
+pub(crate) fn parse_json(json: &str, what: &str) -> vit_mae_core::Result<serde_json::Value> {
+    serde_json::from_str(json).map_err(|e| vit_mae_core::Error::new(ErrorCode::InvalidArgument, format!("{what} is not valid JSON: {e}")))
+}
+
 pub(crate) fn host_tensor(data: &[f32], shape: &[u32]) -> vit_mae_core::Result<HostTensor> {
     HostTensor::new(data.to_vec(), shape.iter().map(|&d| d as usize).collect())
 }

@@ -2,7 +2,7 @@
 //! its own; JS pulls its events one at a time with `nextEvent()` (a libuv task
 //! that waits on a channel), so nothing blocks the event loop.
 
-use crate::{guarded, host_tensor, read_model, NativeMae, NativeMaskOptions, NativeTensor, Shared};
+use crate::{guarded, host_tensor, parse_json, read_model, NativeMae, NativeMaskOptions, NativeTensor, Shared};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::path::{Path, PathBuf};
@@ -312,8 +312,7 @@ impl NativeMae {
     pub fn pretrain(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, config_json: String, resume: Option<String>) -> Result<NativeJob> {
         let model = self.model.clone();
         let (config, loader) = guarded(|| {
-            let config: PretrainConfig = serde_json::from_str(&config_json).map_err(|e| err(ErrorCode::InvalidArgument, format!("invalid training options: {e}")))?;
-            config.validate()?;
+            let config = PretrainConfig::from_json(&parse_json(&config_json, "training options")?)?;
             let c = read_model(&model)?.config.clone();
             let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
             Ok((config, loader))
