@@ -441,6 +441,8 @@ describe('finetune', () => {
     expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, protocol: 'partial', partialBlocks: 3 }))).toBe('E_ARGUMENT');
     expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, epochs: 0 }))).toBe('E_ARGUMENT');
     expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, epochs: Number.NaN }))).toBe('E_ARGUMENT');
+    const misspelt = { ...FAST, data: LABELLED, warmupEpoch: 2 } as Parameters<typeof clf.finetune>[0];
+    expect(await failure(() => clf.finetune(misspelt))).toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/unknown fine-tuning option 'warmupEpoch'/) });
   });
 
   it('trains a fractional number of epochs to the nearest whole step', async () => {

@@ -126,6 +126,9 @@ describe('pretrain', () => {
     expect(() => mae.pretrain({ ...base, data, lr: Number.NaN })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/^lr must be a finite number/) }));
     expect(() => mae.pretrain({ ...base, data, epochs: Infinity })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/^epochs/) }));
     expect(() => mae.pretrain({ ...base, data, epochs: 0 })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/epochs must be a positive number/) }));
+    // A misspelt option is refused, not trained with the default.
+    const misspelt = { ...base, data, warmupEpoch: 2 } as Parameters<typeof mae.pretrain>[0];
+    expect(() => mae.pretrain(misspelt)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/unknown pre-training option 'warmupEpoch'/) }));
   });
 });
 

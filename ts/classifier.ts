@@ -268,39 +268,16 @@ export class VitClassifier {
    */
   finetune(options: FinetuneOptions): TrainingRun {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'finetune needs an options object');
-    const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas = [0.9, 0.999], protocol = 'finetune', labelSmoothing, ...rest } = options;
+    // As in pre-training: the rest is the recipe, whose unknown keys the native side refuses.
+    const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas = [0.9, 0.999], protocol = 'finetune', labelSmoothing, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
     if (!PROTOCOLS.includes(protocol)) throw new VitMaeError('E_ARGUMENT', `protocol must be one of ${PROTOCOLS.join(', ')}, got ${String(protocol)}`);
-    const seed = checkSeed(rest.seed);
-    const config = {
-      protocol,
-      partialBlocks: rest.partialBlocks,
-      epochs: rest.epochs,
-      accumIter: rest.accumIter,
-      blr: rest.blr,
-      lr: rest.lr,
-      minLr: rest.minLr,
-      warmupEpochs: rest.warmupEpochs,
-      weightDecay: rest.weightDecay,
-      layerDecay: rest.layerDecay,
-      beta1: betas[0],
-      beta2: betas[1],
-      clipGrad: rest.clipGrad,
-      dropPath: rest.dropPath,
-      smoothing: labelSmoothing,
-      mixup: rest.mixup,
-      cutmix: rest.cutmix,
-      mixupProb: rest.mixupProb,
-      mixupSwitchProb: rest.mixupSwitchProb,
-      seed,
-      maxSteps: rest.maxSteps,
-      checkpointDir: rest.checkpointDir,
-      checkpointEvery: rest.checkpointEvery,
-      keepLast: rest.keepLast,
-    };
+    const seed = checkSeed(recipe.seed);
+    const config = { ...recipe, protocol, beta1: betas[0], beta2: betas[1], smoothing: labelSmoothing, seed };
     const channels = this.#config.inChans;
-    const loader = loaderSpec(channels, seed, rest, { ...FINETUNE_AUGMENT, ...augment }, true);
+    const loaderOptions = { batchSize, workers, prefetch, skipCorrupt };
+    const loader = loaderSpec(channels, seed, loaderOptions, { ...FINETUNE_AUGMENT, ...augment }, true);
     const evalSpec = evalData === undefined ? undefined : datasetSpec(evalData);
-    const evalLoader = evalData === undefined ? undefined : passSpec(channels, rest, { padTo: augment.padTo, mean: augment.mean, std: augment.std });
+    const evalLoader = evalData === undefined ? undefined : passSpec(channels, loaderOptions, { padTo: augment.padTo, mean: augment.mean, std: augment.std });
     const native = callSync(() => this.#native.finetune(datasetSpec(data), loader, evalSpec, evalLoader, optionsJson(config, 'E_ARGUMENT'), resume));
     return new TrainingRun(native, onProgress, signal);
   }

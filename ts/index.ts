@@ -333,28 +333,13 @@ export class MaskedAutoencoder {
    */
   pretrain(options: PretrainOptions): TrainingRun {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'pretrain needs an options object');
-    const { data, augment = {}, signal, onProgress, resume, betas = [0.9, 0.95], ...rest } = options;
-    const seed = checkSeed(rest.seed);
-    const config = {
-      epochs: rest.epochs,
-      accumIter: rest.accumIter,
-      blr: rest.blr,
-      lr: rest.lr,
-      minLr: rest.minLr,
-      warmupEpochs: rest.warmupEpochs,
-      weightDecay: rest.weightDecay,
-      beta1: betas[0],
-      beta2: betas[1],
-      clipGrad: rest.clipGrad,
-      maskRatio: rest.maskRatio,
-      masking: rest.masking,
-      seed,
-      maxSteps: rest.maxSteps,
-      checkpointDir: rest.checkpointDir,
-      checkpointEvery: rest.checkpointEvery,
-      keepLast: rest.keepLast,
-    };
-    const loader = loaderSpec(this.#config.inChans, seed, rest, augment, true);
+    // What is not the data, the loader or the run's own plumbing is the recipe; the
+    // native side refuses a key it does not know, so a misspelt option is an error
+    // rather than a run with the default.
+    const { data, augment = {}, signal, onProgress, resume, betas = [0.9, 0.95], batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    const seed = checkSeed(recipe.seed);
+    const config = { ...recipe, beta1: betas[0], beta2: betas[1], seed };
+    const loader = loaderSpec(this.#config.inChans, seed, { batchSize, workers, prefetch, skipCorrupt }, augment, true);
     const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, optionsJson(config, 'E_ARGUMENT'), resume));
     return new TrainingRun(native, onProgress, signal);
   }
