@@ -443,6 +443,8 @@ describe('finetune', () => {
     expect(await codeOf(() => clf.finetune({ ...FAST, data: LABELLED, epochs: Number.NaN }))).toBe('E_ARGUMENT');
     const misspelt = { ...FAST, data: LABELLED, warmupEpoch: 2 } as Parameters<typeof clf.finetune>[0];
     expect(await failure(() => clf.finetune(misspelt))).toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/unknown fine-tuning option 'warmupEpoch'/) });
+    const native = { ...FAST, data: LABELLED, smoothing: 0.2 } as Parameters<typeof clf.finetune>[0];
+    expect(await failure(() => clf.finetune(native))).toMatchObject({ code: 'E_ARGUMENT', message: "unknown fine-tuning option 'smoothing' (the option is 'labelSmoothing')" });
   });
 
   it('trains a fractional number of epochs to the nearest whole step', async () => {

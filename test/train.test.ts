@@ -129,6 +129,11 @@ describe('pretrain', () => {
     // A misspelt option is refused, not trained with the default.
     const misspelt = { ...base, data, warmupEpoch: 2 } as Parameters<typeof mae.pretrain>[0];
     expect(() => mae.pretrain(misspelt)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/unknown pre-training option 'warmupEpoch'/) }));
+    // Keys JSON would drop or the facade would overwrite are refused on the JS side.
+    const callback = { ...base, data, onProgres: () => {} } as Parameters<typeof mae.pretrain>[0];
+    expect(() => mae.pretrain(callback)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: "unknown pre-training option 'onProgres'" }));
+    const native = { ...base, data, beta2: 0.9 } as Parameters<typeof mae.pretrain>[0];
+    expect(() => mae.pretrain(native)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: "unknown pre-training option 'beta2' (the option is 'betas')" }));
   });
 });
 

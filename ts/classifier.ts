@@ -4,7 +4,7 @@ import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { runJob, TrainingRun, type RecipeOptions } from './train.js';
-import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
 /** Options for {@link VitClassifier.fromPretrained}. */
@@ -271,6 +271,7 @@ export class VitClassifier {
     // As in pre-training: the rest is the recipe, whose unknown keys the native side refuses.
     const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas = [0.9, 0.999], protocol = 'finetune', labelSmoothing, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
     if (!PROTOCOLS.includes(protocol)) throw new VitMaeError('E_ARGUMENT', `protocol must be one of ${PROTOCOLS.join(', ')}, got ${String(protocol)}`);
+    checkRecipeKeys(recipe, 'fine-tuning', { beta1: 'betas', beta2: 'betas', smoothing: 'labelSmoothing' });
     const seed = checkSeed(recipe.seed);
     const config = { ...recipe, protocol, beta1: betas[0], beta2: betas[1], smoothing: labelSmoothing, seed };
     const channels = this.#config.inChans;

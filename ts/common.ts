@@ -32,6 +32,20 @@ export function checkSeed(seed: unknown): number {
   return seed;
 }
 
+/**
+ * Checks what a training call passes on to the native recipe, whose own check refuses
+ * unknown keys, for the two kinds of key that check cannot see: a function (JSON drops
+ * it, so a misspelt callback such as `onProgres` would vanish) and a native name that the
+ * facade spells otherwise (`renamed`: native name to the option's), which the facade's
+ * value would overwrite unseen.
+ */
+export function checkRecipeKeys(recipe: object, what: string, renamed: Record<string, string>): void {
+  for (const [key, value] of Object.entries(recipe)) {
+    if (key in renamed) throw new VitMaeError('E_ARGUMENT', `unknown ${what} option '${key}' (the option is '${renamed[key]}')`);
+    if (typeof value === 'function') throw new VitMaeError('E_ARGUMENT', `unknown ${what} option '${key}'`);
+  }
+}
+
 export function checkDevice(device: unknown): string {
   if (device === undefined) return 'auto';
   if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);

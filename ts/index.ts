@@ -7,7 +7,7 @@
 import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import { runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
@@ -337,6 +337,7 @@ export class MaskedAutoencoder {
     // native side refuses a key it does not know, so a misspelt option is an error
     // rather than a run with the default.
     const { data, augment = {}, signal, onProgress, resume, betas = [0.9, 0.95], batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    checkRecipeKeys(recipe, 'pre-training', { beta1: 'betas', beta2: 'betas' });
     const seed = checkSeed(recipe.seed);
     const config = { ...recipe, beta1: betas[0], beta2: betas[1], seed };
     const loader = loaderSpec(this.#config.inChans, seed, { batchSize, workers, prefetch, skipCorrupt }, augment, true);
