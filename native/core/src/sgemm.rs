@@ -1,10 +1,14 @@
 //! The f32 GEMM behind the engine. Products go to a BLAS sgemm when the build linked one
 //! (see `build.rs`), chosen once at run time ([`gemm_library`]):
-//! - Intel oneMKL on Intel CPUs. It is the GEMM PyTorch runs on; on a Sapphire Rapids
-//!   Xeon it reached 246 GFLOP/s on a 1024^3 product where Debian's OpenBLAS 0.3.21
-//!   reached 144.
-//! - OpenBLAS elsewhere: on an AMD EPYC (Zen 5) it is 10-35% faster than MKL on this
-//!   model's shapes (bench/RESULTS.md), and 5-35% faster than the gemm crate.
+//! - Intel oneMKL on Intel CPUs: the GEMM PyTorch runs on there. On a Sapphire Rapids
+//!   Xeon the bench measured 246 GFLOP/s for PyTorch's MKL at 1024^3 against 144 for
+//!   Debian's OpenBLAS 0.3.21. This workplace's machines set `OPENBLAS_CORETYPE=Haswell`,
+//!   which holds OpenBLAS to its AVX2 kernels; if that one did too, OpenBLAS's own
+//!   AVX-512 choice on that Xeon is unmeasured.
+//! - OpenBLAS elsewhere. On an AMD EPYC (Zen 5, bench/RESULTS.md, 2026-12-03) it beats
+//!   MKL on every shape of the bench's `gemm` row: with its own kernel choice
+//!   (Cooperlake, AVX-512) it runs a linear layer's products at 1.9-2.1x PyTorch's MKL,
+//!   and held to its AVX2 kernels at 1.2x, where our own MKL runs at 0.84-1.09x.
 //!
 //! `VIT_MAE_GEMM=mkl|openblas|gemm` overrides the choice. A BLAS runs on one thread
 //! per call; a large product is split into row blocks over rayon's threads, so no second
