@@ -131,46 +131,23 @@ pub fn linear_products(library: &str, rows: usize, inputs: usize, outputs: usize
     // SAFETY: every operand is contiguous with the extents checked above, and each output
     // is a `&mut` that no operand can alias.
     unsafe {
-        sgemm_on(library, Threads::All, rows, outputs, inputs, y.as_mut_ptr(), outputs, x.as_ptr(), inputs, 1, w.as_ptr(), 1, inputs, 1.0, false);
-        sgemm_on(library, Threads::All, rows, inputs, outputs, dx.as_mut_ptr(), inputs, y.as_ptr(), outputs, 1, w.as_ptr(), inputs, 1, 1.0, false);
-        sgemm_on(library, Threads::All, outputs, inputs, rows, dw.as_mut_ptr(), inputs, y.as_ptr(), 1, outputs, x.as_ptr(), inputs, 1, 1.0, true);
+        sgemm(library, Threads::All, rows, outputs, inputs, y.as_mut_ptr(), outputs, x.as_ptr(), inputs, 1, w.as_ptr(), 1, inputs, 1.0, false);
+        sgemm(library, Threads::All, rows, inputs, outputs, dx.as_mut_ptr(), inputs, y.as_ptr(), outputs, 1, w.as_ptr(), inputs, 1, 1.0, false);
+        sgemm(library, Threads::All, outputs, inputs, rows, dw.as_mut_ptr(), inputs, y.as_ptr(), 1, outputs, x.as_ptr(), inputs, 1, 1.0, true);
     }
     Ok(())
 }
 
-/// `dst (m x n, row stride dst_rs, unit column stride) = scale * lhs (m x k) rhs (k x n)`,
-/// or `dst += ...` when `accumulate`. Strides are in elements; without `accumulate`
-/// `dst` is overwritten, never read.
+/// `dst (m x n, row stride dst_rs, unit column stride) = scale * lhs (m x k) rhs (k x n)`
+/// on `library` (the engine passes [`Library::chosen`]), or `dst += ...` when
+/// `accumulate`. Strides are in elements; without `accumulate` `dst` is overwritten,
+/// never read.
 ///
 /// # Safety
 /// Every pointer must be valid for the extents its strides and sizes reach, and `dst`
 /// must not overlap the operands.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sgemm(
-    threads: Threads,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    scale: f32,
-    accumulate: bool,
-) {
-    sgemm_on(Library::chosen(), threads, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, scale, accumulate)
-}
-
-/// [`sgemm`] on a given library.
-///
-/// # Safety
-/// As [`sgemm`]; `library` is one of [`Library::LINKED`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn sgemm_on(
     library: Library,
     threads: Threads,
     m: usize,
@@ -425,7 +402,7 @@ mod tests {
                             // Overwriting must not read the output: it starts as NaN.
                             let mut got = if accumulate { start.clone() } else { vec![f32::NAN; m * n] };
                             // SAFETY: the strides describe the buffers above.
-                            unsafe { sgemm_on(library, threads, m, n, k, got.as_mut_ptr(), n, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, 0.5, accumulate) };
+                            unsafe { sgemm(library, threads, m, n, k, got.as_mut_ptr(), n, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, 0.5, accumulate) };
                             for ((g, p), s) in got.iter().zip(&product).zip(&start) {
                                 let w = if accumulate { p + s } else { *p };
                                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{m}x{n}x{k} {library:?} {threads:?} accumulate {accumulate} strides ({a_rs},{a_cs}) ({b_rs},{b_cs}): {g} vs {w}");
@@ -484,7 +461,7 @@ mod tests {
             (0..64).into_par_iter().for_each(|_| {
                 let mut got = vec![0f32; m * n];
                 // SAFETY: contiguous row-major operands.
-                unsafe { sgemm_on(library, Threads::All, m, n, k, got.as_mut_ptr(), n, lhs.as_ptr(), k, 1, rhs.as_ptr(), n, 1, 1.0, false) };
+                unsafe { sgemm(library, Threads::All, m, n, k, got.as_mut_ptr(), n, lhs.as_ptr(), k, 1, rhs.as_ptr(), n, 1, 1.0, false) };
                 assert_eq!(got, want, "{library:?}");
             });
         }

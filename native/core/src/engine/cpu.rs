@@ -5,7 +5,7 @@
 
 use super::rows::*;
 use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Kernels, LarsRange, MseShape, Slot, Source};
-use crate::sgemm::{sgemm, Threads};
+use crate::sgemm::{sgemm, Library, Threads};
 use rayon::prelude::*;
 
 /// A slot that stands for an absent tensor: empty, so it overlaps nothing.
@@ -157,7 +157,7 @@ impl Kernels for CpuKernels {
             // SAFETY: x's rows start..start+block_rows (k wide), w (n x k, read as its
             // transpose) and this block of y (block_rows x n) are valid and contiguous, and
             // y overlaps neither (checked by `views`).
-            unsafe { sgemm(Threads::Serial, block_rows, n, k, yb.as_mut_ptr(), n, x[start * k..].as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, true) };
+            unsafe { sgemm(Library::chosen(), Threads::Serial, block_rows, n, k, yb.as_mut_ptr(), n, x[start * k..].as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, true) };
             if !gelu_out.0.is_null() {
                 // SAFETY: the same block of the GELU output, which has y's length; blocks
                 // are disjoint and the output overlaps no input (checked by `views`).
@@ -175,13 +175,13 @@ impl Kernels for CpuKernels {
             assert_eq!(dx.len(), rows * k);
             // SAFETY: dy is rows x n, w is n x k, dx is rows x k, all contiguous; dx
             // overlaps neither (checked by `views`).
-            unsafe { sgemm(Threads::All, rows, k, n, dx.as_mut_ptr(), k, dy.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0, accumulate_dx) };
+            unsafe { sgemm(Library::chosen(), Threads::All, rows, k, n, dx.as_mut_ptr(), k, dy.as_ptr(), n, 1, w.as_ptr(), k, 1, 1.0, accumulate_dx) };
         }
         if !dw.is_empty() {
             assert!(dw.len() == n * k && db.len() == n);
             // SAFETY: dw (n x k) += dy^T (dy read through transposed strides) x; extents
             // follow from the asserted lengths.
-            unsafe { sgemm(Threads::All, n, k, rows, dw.as_mut_ptr(), k, dy.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0, true) };
+            unsafe { sgemm(Library::chosen(), Threads::All, n, k, rows, dw.as_mut_ptr(), k, dy.as_ptr(), 1, n, x.as_ptr(), k, 1, 1.0, true) };
             add_column_sums(dy, n, db);
         }
     }
@@ -395,11 +395,11 @@ impl Kernels for CpuKernels {
                     std::slice::from_raw_parts_mut(scratch.0.add(thread * t * t), t * t)
                 };
                 let base = qkv.as_ptr().add(bi * t * 3 * dim + h * hd);
-                sgemm(Threads::Serial, t, t, hd, p.as_mut_ptr(), t, base, 3 * dim, 1, base.add(dim), 1, 3 * dim, scale, false);
+                sgemm(Library::chosen(), Threads::Serial, t, t, hd, p.as_mut_ptr(), t, base, 3 * dim, 1, base.add(dim), 1, 3 * dim, scale, false);
                 for row in p.chunks_mut(t) {
                     softmax_row_in_place(row);
                 }
-                sgemm(Threads::Serial, t, hd, t, dst.0.add(bi * t * dim + h * hd), dim, p.as_ptr(), t, 1, base.add(2 * dim), 3 * dim, 1, 1.0, false);
+                sgemm(Library::chosen(), Threads::Serial, t, hd, t, dst.0.add(bi * t * dim + h * hd), dim, p.as_ptr(), t, 1, base.add(2 * dim), 3 * dim, 1, 1.0, false);
             }
         });
     }
@@ -431,16 +431,16 @@ impl Kernels for CpuKernels {
                 let dbase = dst.0.add(bi * t * 3 * dim + h * hd);
                 let d_o = dout.as_ptr().add(bi * t * dim + h * hd);
                 // dv = p^T do
-                sgemm(Threads::Serial, t, hd, t, dbase.add(2 * dim), 3 * dim, p.as_ptr(), 1, t, d_o, dim, 1, 1.0, false);
+                sgemm(Library::chosen(), Threads::Serial, t, hd, t, dbase.add(2 * dim), 3 * dim, p.as_ptr(), 1, t, d_o, dim, 1, 1.0, false);
                 // dp = do v^T, then ds = p * (dp - rowsum(dp * p)) * scale in place
-                sgemm(Threads::Serial, t, t, hd, ds.as_mut_ptr(), t, d_o, dim, 1, v, 1, 3 * dim, 1.0, false);
+                sgemm(Library::chosen(), Threads::Serial, t, t, hd, ds.as_mut_ptr(), t, d_o, dim, 1, v, 1, 3 * dim, 1.0, false);
                 for (dsr, pr) in ds.chunks_mut(t).zip(p.chunks(t)) {
                     let dot = lane_sum(t, |j| dsr[j] * pr[j]);
                     dsr.iter_mut().zip(pr).for_each(|(d, &p)| *d = p * (*d - dot) * scale);
                 }
                 // dq = ds k, dk = ds^T q
-                sgemm(Threads::Serial, t, hd, t, dbase, 3 * dim, ds.as_ptr(), t, 1, k, 3 * dim, 1, 1.0, false);
-                sgemm(Threads::Serial, t, hd, t, dbase.add(dim), 3 * dim, ds.as_ptr(), 1, t, q, 3 * dim, 1, 1.0, false);
+                sgemm(Library::chosen(), Threads::Serial, t, hd, t, dbase, 3 * dim, ds.as_ptr(), t, 1, k, 3 * dim, 1, 1.0, false);
+                sgemm(Library::chosen(), Threads::Serial, t, hd, t, dbase.add(dim), 3 * dim, ds.as_ptr(), 1, t, q, 3 * dim, 1, 1.0, false);
             }
         });
     }
