@@ -1,5 +1,5 @@
-//! Links a static OpenBLAS when the build machine has one (`cfg(openblas)`): its
-//! sgemm is 5-35% faster than the gemm crate's on this model's shapes (bench/RESULTS.md).
+//! Links a static OpenBLAS when the build machine has one (`cfg(openblas)`): on AMD it
+//! is the fastest sgemm of the three (bench/RESULTS.md, `src/sgemm.rs`).
 //! `OPENBLAS_STATIC_DIR` names the folder of `libopenblas.a`; otherwise the locations of
 //! Debian's and Ubuntu's `libopenblas-pthread-dev` and `libopenblas-dev` are tried.
 //! `VIT_MAE_NO_OPENBLAS=1` builds with the gemm crate alone. The library is linked
@@ -50,7 +50,7 @@ fn main() {
         }
         None => println!(
             "cargo:warning=no static OpenBLAS found (install libopenblas-pthread-dev or set OPENBLAS_STATIC_DIR): \
-             GEMMs use the gemm crate, which trains about 7-13% slower"
+             GEMMs on non-Intel CPUs use MKL, or the gemm crate without it, both slower there"
         ),
     }
 }
