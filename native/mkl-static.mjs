@@ -16,7 +16,7 @@
 import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { inflateRawSync } from "node:zlib";
 
 const WHEEL = {
@@ -33,7 +33,7 @@ const stamp = join(out, ".wheel");
 const warn = (why) => console.warn(`mkl-static: ${why}; building with OpenBLAS alone (GEMMs on Intel CPUs run slower than PyTorch's)`);
 
 /** The members `names` of a zip archive, as buffers (stored or deflated, no zip64). */
-function unzip(zip, names) {
+export function unzip(zip, names) {
   const END = 0x06054b50, CENTRAL = 0x02014b50, LOCAL = 0x04034b50;
   let end = zip.length - 22;
   while (end >= 0 && zip.readUInt32LE(end) !== END) end--;
@@ -81,4 +81,5 @@ async function main() {
   console.log(`mkl-static: ${LIBRARIES.join(", ")} in ${out}`);
 }
 
-main().catch((error) => warn(error.message));
+// Run as a script (the build); imported, it only lends `unzip` to its test.
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) main().catch((error) => warn(error.message));
