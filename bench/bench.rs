@@ -210,12 +210,12 @@ fn main() -> vit_mae_core::Result<()> {
     let modes = args.get(2).map_or("train,embed,reconstruct", String::as_str);
     let runs = |mode: &str| modes.split(',').any(|m| m == mode);
     let on_gpu = !device.is_cpu();
-    let (config, batch) = match workload {
-        "gemm" if !on_gpu && precision == Precision::F32 => {
+    let (config, batch) = match (workload, CPU_WORKLOADS.iter().find(|w| w.0 == workload)) {
+        ("gemm", _) if !on_gpu && precision == Precision::F32 => {
             println!("{}", gemm_cpu()?);
             return Ok(());
         }
-        "gemm" => {
+        ("gemm", _) => {
             let n = if on_gpu { 8192 } else { 1024 };
             let gflops = gemm_peak_device(&device, precision, n)?;
             println!(
@@ -228,13 +228,10 @@ fn main() -> vit_mae_core::Result<()> {
             );
             return Ok(());
         }
-        cpu if CPU_WORKLOADS.iter().any(|w| w.0 == cpu) => {
-            let (_, preset, batch) = CPU_WORKLOADS.into_iter().find(|w| w.0 == cpu).expect("matched above");
-            (MaeConfig::preset(preset)?, batch)
-        }
-        "base224" => (MaeConfig::preset("mae_vit_base_patch16")?, 256),
-        "large224" => (MaeConfig::preset("mae_vit_large_patch16")?, 128),
-        other => panic!("unknown workload {other}: tiny, base, fmnist, base224, large224 or gemm"),
+        (_, Some(&(_, preset, batch))) => (MaeConfig::preset(preset)?, batch),
+        ("base224", _) => (MaeConfig::preset("mae_vit_base_patch16")?, 256),
+        ("large224", _) => (MaeConfig::preset("mae_vit_large_patch16")?, 128),
+        (other, _) => panic!("unknown workload {other}: tiny, base, fmnist, base224, large224 or gemm"),
     };
     let model = MaskedAutoencoder::new(config.clone(), &device, precision, 0)?;
     let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?;

@@ -21,6 +21,7 @@
 //! driver JIT-compiles it for Ampere, Hopper and newer), into `$OUT_DIR/kernels.ptx`.
 
 use std::path::PathBuf;
+use std::process::Command;
 
 fn main() {
     compile_cuda_kernels();
@@ -79,21 +80,19 @@ fn link_mkl() {
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let object = out.join("vit_mae_mkl.o");
-    let run = |program: &str, args: &mut dyn FnMut(&mut std::process::Command)| {
-        let mut command = std::process::Command::new(program);
-        args(&mut command);
-        let status = command.status().unwrap_or_else(|e| panic!("could not run {program} to link MKL: {e}"));
-        assert!(status.success(), "{program} failed to link MKL ({status}): {command:?}");
+    let run = |command: &mut Command| {
+        let status = command.status().unwrap_or_else(|e| panic!("could not run {command:?} to link MKL: {e}"));
+        assert!(status.success(), "{command:?} failed to link MKL ({status})");
     };
-    run("ld", &mut |c| {
-        c.args(["-r", "-o"]).arg(&object).args(["-u", "sgemm", "-u", "MKL_CBWR_Set", "--start-group"]);
-        c.args(LIBRARIES.map(|l| dir.join(l))).arg("--end-group");
-    });
+    run(Command::new("ld")
+        .args(["-r", "-o"])
+        .arg(&object)
+        .args(["-u", "sgemm", "-u", "MKL_CBWR_Set", "--start-group"])
+        .args(LIBRARIES.map(|l| dir.join(l)))
+        .arg("--end-group"));
     let archive = out.join("libvit_mae_mkl.a");
     let _ = std::fs::remove_file(&archive);
-    run("ar", &mut |c| {
-        c.arg("crs").arg(&archive).arg(&object);
-    });
+    run(Command::new("ar").arg("crs").arg(&archive).arg(&object));
     println!("cargo:rustc-link-search=native={}", out.display());
     println!("cargo:rustc-link-lib=static=vit_mae_mkl");
     for library in ["m", "dl", "pthread"] {
@@ -125,7 +124,7 @@ fn compile_cuda_kernels() {
     }
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("kernels.ptx");
     // No --use_fast_math: the kernels need the exact erff, expf, sqrtf and division.
-    let status = std::process::Command::new(&nvcc)
+    let status = Command::new(&nvcc)
         .args(["--ptx", &format!("-arch=compute_{cap}"), "-O3", "-std=c++17", "-o"])
         .arg(&out)
         .arg(SOURCE)

@@ -60,12 +60,17 @@ impl Library {
         }
     }
 
+    /// The linked library `VIT_MAE_GEMM` calls `name`.
+    fn named(name: &std::ffi::OsStr) -> Option<Library> {
+        Library::LINKED.iter().copied().find(|l| name == l.name())
+    }
+
     /// The `requested` library (`VIT_MAE_GEMM`) if this build linked it; else MKL on
     /// Intel CPUs and OpenBLAS elsewhere, where linked.
     fn choose(requested: Option<&std::ffi::OsStr>, intel: bool) -> Library {
         if let Some(name) = requested {
-            match Library::LINKED.iter().find(|l| name == l.name()) {
-                Some(&library) => return library,
+            match Library::named(name) {
+                Some(library) => return library,
                 None => eprintln!(
                     "vit-mae: VIT_MAE_GEMM={name:?} is not one of this build's GEMM libraries ({}); choosing one for this CPU",
                     gemm_libraries().join(", ")
@@ -121,7 +126,7 @@ pub fn gemm_libraries() -> Vec<&'static str> {
 #[allow(clippy::too_many_arguments)]
 pub fn linear_products(library: &str, rows: usize, inputs: usize, outputs: usize, x: &[f32], w: &[f32], y: &mut [f32], dx: &mut [f32], dw: &mut [f32]) -> crate::Result<()> {
     use crate::{Error, ErrorCode};
-    let Some(&library) = Library::LINKED.iter().find(|l| l.name() == library) else {
+    let Some(library) = Library::named(library.as_ref()) else {
         return Err(Error::new(ErrorCode::InvalidArgument, format!("GEMM library {library:?} is not one of this build's ({})", gemm_libraries().join(", "))));
     };
     let lengths = [(x.len(), rows * inputs, "x"), (w.len(), outputs * inputs, "w"), (y.len(), rows * outputs, "y"), (dx.len(), rows * inputs, "dx"), (dw.len(), outputs * inputs, "dw")];
@@ -164,11 +169,7 @@ pub(crate) unsafe fn sgemm(
     scale: f32,
     accumulate: bool,
 ) {
-    let plan = match library {
-        Library::GemmCrate => None,
-        blas => blas::Plan::new(blas, m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs, dst_rs),
-    };
-    match (threads, plan) {
+    match (threads, blas::Plan::new(library, m, n, k, lhs_rs, lhs_cs, rhs_rs, rhs_cs, dst_rs)) {
         (Threads::Serial, Some(plan)) => plan.run(m, n, scale, accumulate, lhs, rhs, dst),
         (Threads::All, Some(plan)) => {
             // Row blocks; for a short product (a weight gradient with few output features),
