@@ -33,7 +33,9 @@ use std::time::Instant;
 use vit_mae_core::candle_core::{Device, Tensor};
 use vit_mae_core::engine::{FlatAdamW, MaeEngine, Mode};
 use vit_mae_core::optim::{AdamW, AdamWConfig};
+use vit_mae_core::model::Unloaded;
 use vit_mae_core::{DeviceSpec, MaeConfig, MaskOptions, MaskedAutoencoder, Pool, Precision};
+use rand::SeedableRng;
 
 /// Dense bf16 tensor-core peak of an H200 (and H100 SXM), TFLOP/s: MFU's denominator.
 const PEAK_TFLOPS: f64 = 989.0;
@@ -194,7 +196,8 @@ fn parse_args() -> vit_mae_core::Result<(String, Precision, Vec<String>)> {
 
 /// What a training step runs on: the engine (CPU, f32) or the candle model (CUDA, bf16).
 enum Trainer {
-    Engine { pixels: Vec<f32>, engine: MaeEngine, adamw: FlatAdamW },
+    /// As `pretrain` holds it: the weights in the engine alone, the model unloaded.
+    Engine { pixels: Vec<f32>, engine: MaeEngine, adamw: FlatAdamW, unloaded: Unloaded },
     Candle(AdamW),
 }
 
@@ -233,7 +236,7 @@ fn main() -> vit_mae_core::Result<()> {
         ("large224", _) => (MaeConfig::preset("mae_vit_large_patch16")?, 128),
         (other, _) => panic!("unknown workload {other}: tiny, base, fmnist, base224, large224 or gemm"),
     };
-    let model = MaskedAutoencoder::new(config.clone(), &device, precision, 0)?;
+    let mut model = MaskedAutoencoder::new(config.clone(), &device, precision, 0)?;
     let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?;
     let options = MaskOptions::default();
     // On the CPU in f32 a training step runs on the engine, as `pretrain` does; only the
@@ -244,17 +247,21 @@ fn main() -> vit_mae_core::Result<()> {
             let mut engine = MaeEngine::new(&config, batch, len_keep, Mode::Train)?;
             engine.load_from(&model)?;
             let adamw = FlatAdamW::new(&engine, AdamWConfig::default());
-            Trainer::Engine { pixels: imgs.flatten_all()?.to_vec1::<f32>()?, engine, adamw }
+            let unloaded = model.unload()?;
+            vit_mae_core::release_freed_memory();
+            Trainer::Engine { pixels: imgs.flatten_all()?.to_vec1::<f32>()?, engine, adamw, unloaded }
         }
         false => Trainer::Candle(AdamW::new(model.params(), AdamWConfig::default())?),
     };
+    // The engine's masks, as `pretrain` draws them, from a generator of their own.
+    let mut mask_rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     // On a GPU the first calls also load (JIT-compile) kernels and grow the allocator's pool.
     let warmup = if on_gpu { 2 } else { 1 };
 
     let timed = |mode: &str, f: &mut dyn FnMut() -> vit_mae_core::Result<()>| runs(mode).then(|| rate(&device, warmup, steps, batch, f)).transpose();
     let train = timed("train", &mut || match &mut trainer {
-        Trainer::Engine { pixels, engine, adamw } => {
-            let plan = model.mask_plan(batch, &options)?;
+        Trainer::Engine { pixels, engine, adamw, .. } => {
+            let plan = options.plan(&config, &mut mask_rng, batch)?;
             engine.zero_grad();
             engine.accumulate(pixels, &plan, 1.0)?;
             engine.adamw_step(adamw, 1e-4);
@@ -268,6 +275,10 @@ fn main() -> vit_mae_core::Result<()> {
     })?;
     // Peak RSS of the training steps, read before the forward-only passes add their own buffers.
     let train_peak_rss_mb = peak_rss_mb();
+    if let Trainer::Engine { engine, adamw, unloaded, .. } = trainer {
+        drop(adamw);
+        engine.store_into(unloaded, &mut model)?;
+    }
     let embed = timed("embed", &mut || model.embed(&imgs, Pool::Mean).map(drop))?;
     let reconstruct = timed("reconstruct", &mut || model.reconstruct(&imgs, &options).map(drop))?;
     let (masked, full) = forward_flops(&config, options.mask_ratio);

@@ -377,6 +377,19 @@ describe('finetune', () => {
     expect(e.loss).toBeCloseTo(last.loss, 4);
   });
 
+  it('has the classifier to itself while it trains: other calls get E_BUSY, the getters answer', async () => {
+    const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
+    const x = normalise(RAW);
+    const run = clf.finetune({ ...FAST, data: LABELLED });
+    const busy = expect.objectContaining({ code: 'E_BUSY', message: expect.stringMatching(/classifier is training/) });
+    await expect(clf.forward(x)).rejects.toEqual(busy);
+    await expect(clf.evaluate(LABELLED, { workers: 1 })).rejects.toEqual(busy);
+    expect(() => clf.finetune({ ...FAST, data: LABELLED })).toThrow(busy);
+    expect(clf.parameterCount).toBeGreaterThan(0);
+    expect((await run.result).steps).toBe(4);
+    expect((await clf.forward(x)).shape).toEqual([N, 3]);
+  });
+
   it("'linprobe' trains only the head; 'partial' only the last blocks, norm and head", async () => {
     const probe = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3, headBatchNorm: true });
     const probeBefore = join(dir, 'probe-before.safetensors');

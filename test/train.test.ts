@@ -54,6 +54,29 @@ describe('pretrain', () => {
     expect(ticks).toBeGreaterThan(0);
   });
 
+  it('has the model to itself while it trains: other calls get E_BUSY, the getters answer, and the trained weights come back', async () => {
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 2 });
+    const data = { kind: 'memory', images: images() } as const;
+    const x = images(2);
+    const before = await mae.forward(x, { noise: randomTensor([2, 16], 3) });
+    const run = mae.pretrain({ ...base, data, epochs: 2 });
+    const busy = expect.objectContaining({ code: 'E_BUSY', message: expect.stringMatching(/training/) });
+    await expect(mae.forward(x)).rejects.toEqual(busy);
+    await expect(mae.embed(x)).rejects.toEqual(busy);
+    await expect(mae.save(join(dir, 'busy.safetensors'))).rejects.toEqual(busy);
+    expect(() => mae.pretrain({ ...base, data })).toThrow(busy);
+    expect(existsSync(join(dir, 'busy.safetensors'))).toBe(false);
+    expect(mae.parameterCount).toBeGreaterThan(0);
+    expect(mae.parameterShapes().cls_token).toEqual([1, 1, 16]);
+    const summary = await run.result;
+    expect(summary.steps).toBe(8);
+    const after = await mae.forward(x, { noise: randomTensor([2, 16], 3) });
+    expect(after.loss).not.toBe(before.loss);
+    expect(Number.isFinite(after.loss)).toBe(true);
+    // And the model takes another run once the first is over.
+    expect((await mae.pretrain({ ...base, data, epochs: 1 }).result).steps).toBe(4);
+  });
+
   it('stops on an AbortSignal after the current step, leaving a checkpoint it resumes from', async () => {
     const checkpointDir = join(dir, 'abort');
     const straightDir = join(dir, 'straight');

@@ -265,6 +265,9 @@ export class VitClassifier {
    * mixup/cutmix), `'linprobe'` (frozen encoder, LARS on the head) or `'partial'`
    * (the last `partialBlocks` blocks, the final norm and the head). Frozen
    * parameters cost no gradient computation.
+   *
+   * The run has the classifier to itself until its last event: meanwhile every
+   * other call on it is refused with `E_BUSY`, and the getters still answer.
    */
   finetune(options: FinetuneOptions): TrainingRun {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'finetune needs an options object');

@@ -325,6 +325,11 @@ export class MaskedAutoencoder {
    * thread. Iterate the returned run for progress events; await `run.result`
    * for the summary.
    *
+   * The run has the model to itself until its last event: meanwhile every other
+   * call on the model (a forward pass, `save`, a second run) is refused with
+   * `E_BUSY`, and the getters still answer. Checkpoints are the way to look at the
+   * weights mid-run.
+   *
    * ```ts
    * const run = mae.pretrain({ data: { kind: 'folder', path: 'images/' }, epochs: 10, checkpointDir: 'ckpt' });
    * for await (const e of run) if (e.type === 'step') console.log(e.step, e.loss);

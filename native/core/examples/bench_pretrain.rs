@@ -32,11 +32,11 @@ fn main() -> vit_mae_core::Result<()> {
     }
     let loader_rate = count as f64 / start.elapsed().as_secs_f64();
 
-    let model = MaskedAutoencoder::new(config, &Device::Cpu, Precision::F32, 0)?;
+    let mut model = MaskedAutoencoder::new(config, &Device::Cpu, Precision::F32, 0)?;
     let defaults = PretrainConfig::default();
     let train = PretrainConfig { recipe: Recipe { epochs: 1.0, warmup_epochs: 0.2, blr: 1.5e-3, max_steps: Some(steps), ..defaults.recipe }, ..defaults };
     let mut rate = 0.0;
-    let summary = pretrain(&model, &loader, &train, None, &mut |e| {
+    let summary = pretrain(&mut model, &loader, &train, None, &mut |e| {
         if let TrainEvent::Step { images_per_sec, .. } = e {
             rate = images_per_sec;
         }

@@ -9,7 +9,6 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::model::MaskedAutoencoder;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -413,26 +412,82 @@ pub fn save_model(model: &MaskedAutoencoder, path: &Path) -> Result<()> {
 }
 
 /// `save_model` plus extra tensors and metadata entries (training state).
-pub fn save_with(model: &MaskedAutoencoder, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = model.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    tensors.extend(model.buffers().iter().map(|(n, t)| (n.to_string(), (*t).clone())));
+pub fn save_with(model: &MaskedAutoencoder, extra: Vec<(String, Stored<'_>)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let mut tensors: Vec<(String, Stored)> = model.params().iter().map(|(n, v)| (n.clone(), Stored::Tensor(v.as_tensor().clone()))).collect();
+    tensors.extend(model.buffers().iter().map(|(n, t)| (n.to_string(), Stored::Tensor((*t).clone()))));
     tensors.extend(extra);
     save_tensors(tensors, model.config.to_published_json(), metadata, path)
 }
 
-/// Writes named tensors as safetensors with `config` in `__metadata__.config`, atomically.
-pub fn save_tensors(tensors: Vec<(String, Tensor)>, config: serde_json::Value, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-    let tensors = tensors.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<Vec<_>>>()?;
+/// A tensor to write: a candle tensor, or f32 values borrowed from an engine's flat
+/// buffers, which are written from where they lie.
+pub enum Stored<'a> {
+    Tensor(Tensor),
+    F32 { values: &'a [f32], shape: Vec<usize> },
+}
+
+impl safetensors::View for Stored<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            Stored::Tensor(t) => safetensors::View::dtype(t),
+            Stored::F32 { .. } => safetensors::Dtype::F32,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Stored::Tensor(t) => t.dims(),
+            Stored::F32 { shape, .. } => shape,
+        }
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Stored::Tensor(t) => safetensors::View::data(t),
+            // safetensors is little-endian, as are the targets the addon is built for.
+            Stored::F32 { values, .. } => std::borrow::Cow::Borrowed(bytemuck::cast_slice(values)),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            Stored::Tensor(t) => safetensors::View::data_len(t),
+            Stored::F32 { values, .. } => 4 * values.len(),
+        }
+    }
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("checkpoints are written in the host's byte order, and safetensors is little-endian");
+
+/// Writes named tensors as safetensors with `config` in `__metadata__.config`,
+/// atomically, one tensor at a time (a checkpoint is never whole in memory).
+pub fn save_tensors(tensors: Vec<(String, Stored<'_>)>, config: serde_json::Value, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(n, t)| Ok((n, match t {
+            Stored::Tensor(t) => Stored::Tensor(t.to_device(&Device::Cpu)?),
+            other => other,
+        })))
+        .collect::<Result<Vec<_>>>()?;
     // safetensors writes metadata in hash-map order: a plain model save has this one
     // entry, so the same model always gives the same bytes.
     metadata.insert("config".to_string(), config.to_string());
-    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise checkpoint: {e}")))?;
-    write_atomic(path, &bytes)
+    write_atomic_with(path, |tmp| {
+        safetensors::tensor::serialize_to_file(tensors, Some(metadata), tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => e,
+            other => std::io::Error::other(format!("cannot serialise checkpoint: {other}")),
+        })
+    })
 }
 
 /// Writes to a temporary file in the same folder, syncs it, and renames it over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// `write_atomic`, the temporary file written by `write`.
+fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("cannot write {}: {e}", path.display()));
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -441,9 +496,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_name = path.file_name().ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("{} is not a file path", path.display())))?;
     let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        write(&tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Ok(d) = std::fs::File::open(&dir) {
             let _ = d.sync_all();

@@ -2,6 +2,7 @@
 //! (`models_vit.py`, `main_finetune.py`, `main_linprobe.py`), name for name.
 
 use crate::bail;
+use crate::checkpoint::Stored;
 use crate::checkpoint::{self, StateDict};
 use crate::config::{check_encoder, snake_case, MaeConfig, PRESETS};
 use crate::data::interpolate_bicubic_torch;
@@ -726,9 +727,9 @@ pub fn load_classifier(path: &Path, explicit: Option<&serde_json::Value>, device
 }
 
 /// Saves in the published key layout with the config in `__metadata__.config`, atomically.
-pub fn save_classifier(classifier: &VitClassifier, extra: Vec<(String, Tensor)>, metadata: std::collections::HashMap<String, String>, path: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = classifier.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    tensors.extend(classifier.buffers()?);
+pub fn save_classifier(classifier: &VitClassifier, extra: Vec<(String, Stored<'_>)>, metadata: std::collections::HashMap<String, String>, path: &Path) -> Result<()> {
+    let mut tensors: Vec<(String, Stored)> = classifier.params.iter().map(|(n, v)| (n.clone(), Stored::Tensor(v.as_tensor().clone()))).collect();
+    tensors.extend(classifier.buffers()?.into_iter().map(|(n, t)| (n, Stored::Tensor(t))));
     tensors.extend(extra);
     checkpoint::save_tensors(tensors, classifier.config.to_published_json(), metadata, path)
 }

@@ -30,6 +30,8 @@ pub enum ErrorCode {
     NonFiniteLoss,
     /// The work was cancelled before it finished.
     Aborted,
+    /// The model is training; no other call may use it until the run ends.
+    Busy,
     /// A bug: the computation failed where valid input cannot make it fail.
     Internal,
 }
@@ -49,6 +51,7 @@ impl ErrorCode {
             ErrorCode::Io => "E_IO",
             ErrorCode::NonFiniteLoss => "E_NON_FINITE_LOSS",
             ErrorCode::Aborted => "E_ABORTED",
+            ErrorCode::Busy => "E_BUSY",
             ErrorCode::Internal => "E_INTERNAL",
         }
     }

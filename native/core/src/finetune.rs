@@ -6,6 +6,7 @@
 
 use crate::bail;
 use crate::checkpoint::StateDict;
+use crate::checkpoint::Stored;
 use crate::classifier::{save_classifier, soft_targets, ForwardMode, Trainable, VitClassifier};
 use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
@@ -216,8 +217,8 @@ impl Task for Finetuning<'_> {
         self.optimizer.as_mut()
     }
 
-    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-        save_finetuning(self.classifier, self.config, extra, metadata, path)
+    fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        save_finetuning(self.classifier, self.config, train::optimizer_entries(self.optimizer.as_ref()), metadata, path)
     }
 
     fn restore_weights(&mut self, state: &StateDict, path: &Path) -> Result<()> {
@@ -244,7 +245,7 @@ fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, mic
     Ok((rng, targets, images))
 }
 
-fn save_finetuning(classifier: &VitClassifier, config: &FinetuneConfig, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+fn save_finetuning(classifier: &VitClassifier, config: &FinetuneConfig, extra: Vec<(String, Stored<'_>)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
     let json = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
     metadata.insert("finetune_config".to_string(), json);
     save_classifier(classifier, extra, metadata, path)
@@ -322,9 +323,9 @@ impl Task for EngineFinetuning<'_> {
         &mut self.optimizer
     }
 
-    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
         self.finish()?;
-        save_finetuning(self.classifier, self.config, extra, metadata, path)
+        save_finetuning(self.classifier, self.config, train::optimizer_entries(&self.optimizer), metadata, path)
     }
 
     fn restore_weights(&mut self, state: &StateDict, path: &Path) -> Result<()> {

@@ -89,6 +89,17 @@ static SET_PURGE_DELAY: extern "C" fn() = {
     set_purge_delay
 };
 
+/// Hands the memory freed so far back to the OS now rather than after the purge
+/// delay: for a run that has just freed what it will not allocate again (a model's
+/// weights, moved into a training engine).
+pub fn release_freed_memory() {
+    #[cfg(feature = "mimalloc")]
+    // SAFETY: `mi_collect` only frees pages that hold no live allocation.
+    unsafe {
+        libmimalloc_sys::mi_collect(true)
+    };
+}
+
 pub use candle_core;
 pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
 pub use config::{ConfigPatch, MaeConfig, PRESETS};

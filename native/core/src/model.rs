@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::masking::{self, MaskPlan, Masking};
 use crate::nn::{Block, LayerNorm, Linear};
 use crate::ops;
-use crate::params::{Init, ParamBuilder};
+use crate::params::{Init, ParamBuilder, Values};
 use crate::pos_embed::sincos_2d_with_cls;
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::SeedableRng;
@@ -62,6 +62,27 @@ pub struct MaskOptions {
 impl Default for MaskOptions {
     fn default() -> Self {
         MaskOptions { mask_ratio: 0.75, masking: Masking::Random, noise: None }
+    }
+}
+
+impl MaskOptions {
+    /// The mask for a batch of `n` images of a model of `config`, drawing any randomness from `rng`.
+    pub fn plan(&self, config: &MaeConfig, rng: &mut impl rand::Rng, n: usize) -> Result<MaskPlan> {
+        masking::check_mask_ratio(self.mask_ratio)?;
+        let l = config.num_patches();
+        match (self.masking, &self.noise) {
+            (Masking::Random, Some(noise)) => {
+                if noise.shape != [n, l] {
+                    bail!(InvalidNoise, "noise must have shape [{n}, {l}] (batch, patches), got {:?}", noise.shape);
+                }
+                let rows: Vec<Vec<f32>> = noise.data.chunks(l).map(<[f32]>::to_vec).collect();
+                masking::random_from_noise(&rows, self.mask_ratio)
+            }
+            (Masking::Random, None) => masking::random_from_noise(&masking::uniform_noise(rng, n, l), self.mask_ratio),
+            (_, Some(_)) => bail!(InvalidNoise, "noise applies only to random masking"),
+            (Masking::Block, None) => masking::block(rng, n, config.grid_size(), self.mask_ratio),
+            (Masking::Grid, None) => masking::grid(n, config.grid_size(), self.mask_ratio),
+        }
     }
 }
 
@@ -148,19 +169,36 @@ pub struct MaskedAutoencoder {
     decoder_pred: Linear,
 }
 
-impl MaskedAutoencoder {
-    /// A freshly initialised model computing in `precision`. Everything random
-    /// (weights, later masks) derives from `seed`.
-    pub fn new(config: MaeConfig, device: &Device, precision: Precision, seed: u64) -> Result<Self> {
-        config.validate()?;
-        let c = &config;
-        let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone(), precision);
-        let l = c.num_patches();
+/// What a model keeps while a training engine holds its weights.
+pub struct Unloaded {
+    config: MaeConfig,
+    device: Device,
+    precision: Precision,
+    pos_embed: Tensor,
+    decoder_pos_embed: Tensor,
+    mask_rng: ChaCha8Rng,
+    reference_only: bool,
+}
 
+impl Unloaded {
+    /// The fixed position-embedding tables, by published name.
+    pub(crate) fn buffers(&self) -> [(&'static str, &Tensor); 2] {
+        [("pos_embed", &self.pos_embed), ("decoder_pos_embed", &self.decoder_pos_embed)]
+    }
+
+    /// Makes `model` whole again, each parameter (in the published order) set from `values`.
+    pub(crate) fn reload(self, model: &mut MaskedAutoencoder, values: Values<'_>) -> Result<()> {
+        let (device, precision) = (self.device.clone(), self.precision);
+        *model = self.build(ParamBuilder::given(values, device, precision))?;
+        Ok(())
+    }
+
+    /// The modules of `models_mae.py`, their parameters from `p`.
+    fn build(self, mut p: ParamBuilder<'_>) -> Result<MaskedAutoencoder> {
+        let c = &self.config;
         let patch_embed = PatchEmbed::new(&mut p, c.in_chans, c.patch_size, c.embed_dim)?;
         let cls_token = p.param("cls_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })?;
-        let encoder_mask_token =
-            c.encoder_mask_token.then(|| p.param("encoder_mask_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })).transpose()?;
+        let encoder_mask_token = c.encoder_mask_token.then(|| p.param("encoder_mask_token", &[1, 1, c.embed_dim], Init::Normal { std: 0.02 })).transpose()?;
         let blocks = (0..c.depth)
             .map(|i| Block::new(&mut p, &format!("blocks.{i}"), c.embed_dim, c.num_heads, c.mlp_hidden(), c.layer_norm_eps))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -176,23 +214,19 @@ impl MaskedAutoencoder {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let decoder_norm = LayerNorm::new(&mut p, "decoder_norm", c.decoder_embed_dim, c.layer_norm_eps)?;
         let decoder_pred = Linear::new(&mut p, "decoder_pred", c.decoder_embed_dim, c.patch_dim())?;
+        let params = p.finish();
 
-        let pos_embed = Tensor::from_vec(sincos_2d_with_cls(c.embed_dim, c.grid_size()), (1, l + 1, c.embed_dim), device)?;
-        let decoder_pos_embed =
-            Tensor::from_vec(sincos_2d_with_cls(c.decoder_embed_dim, c.grid_size()), (1, l + 1, c.decoder_embed_dim), device)?;
-        // A stream of its own, so masks do not depend on how many weights were drawn.
-        let mask_rng = Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x6d61_736b));
-
+        let Unloaded { config, device, precision, pos_embed, decoder_pos_embed, mask_rng, reference_only } = self;
         Ok(MaskedAutoencoder {
             config,
-            device: device.clone(),
+            device,
             precision,
-            params: p.finish(),
+            params,
             pos_embed,
             decoder_pos_embed,
-            mask_rng,
+            mask_rng: Mutex::new(mask_rng),
             engine: Mutex::new(None),
-            reference_only: false,
+            reference_only,
             patch_embed,
             cls_token,
             encoder_mask_token,
@@ -204,6 +238,50 @@ impl MaskedAutoencoder {
             decoder_norm,
             decoder_pred,
         })
+    }
+}
+
+impl MaskedAutoencoder {
+    /// A freshly initialised model computing in `precision`. Everything random
+    /// (weights, later masks) derives from `seed`.
+    pub fn new(config: MaeConfig, device: &Device, precision: Precision, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let (l, grid) = (config.num_patches(), config.grid_size());
+        let pos_embed = Tensor::from_vec(sincos_2d_with_cls(config.embed_dim, grid), (1, l + 1, config.embed_dim), device)?;
+        let decoder_pos_embed = Tensor::from_vec(sincos_2d_with_cls(config.decoder_embed_dim, grid), (1, l + 1, config.decoder_embed_dim), device)?;
+        let unloaded = Unloaded {
+            config,
+            device: device.clone(),
+            precision,
+            pos_embed,
+            decoder_pos_embed,
+            // A stream of its own, so masks do not depend on how many weights were drawn.
+            mask_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6d61_736b),
+            reference_only: false,
+        };
+        unloaded.build(ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone(), precision))
+    }
+
+    /// Drops the weights while a training engine holds them, so that they live in
+    /// memory once; until `Unloaded::reload`, this model is hollow (every parameter
+    /// empty) and is not to be used.
+    pub fn unload(&mut self) -> Result<Unloaded> {
+        let hollow = self.shell(self.mask_rng.lock().unwrap_or_else(|e| e.into_inner()).clone()).build(ParamBuilder::hollow(self.device.clone(), self.precision))?;
+        let MaskedAutoencoder { config, device, precision, pos_embed, decoder_pos_embed, mask_rng, reference_only, .. } = std::mem::replace(self, hollow);
+        Ok(Unloaded { config, device, precision, pos_embed, decoder_pos_embed, mask_rng: mask_rng.into_inner().unwrap_or_else(|e| e.into_inner()), reference_only })
+    }
+
+    /// Everything but the weights, with `mask_rng`.
+    fn shell(&self, mask_rng: ChaCha8Rng) -> Unloaded {
+        Unloaded {
+            config: self.config.clone(),
+            device: self.device.clone(),
+            precision: self.precision,
+            pos_embed: self.pos_embed.clone(),
+            decoder_pos_embed: self.decoder_pos_embed.clone(),
+            mask_rng,
+            reference_only: self.reference_only,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -266,26 +344,7 @@ impl MaskedAutoencoder {
     /// The mask for a batch of `n` images.
     pub fn mask_plan(&self, n: usize, options: &MaskOptions) -> Result<MaskPlan> {
         let mut rng = self.mask_rng.lock().unwrap_or_else(|e| e.into_inner());
-        self.mask_plan_with(&mut *rng, n, options)
-    }
-
-    /// The mask for a batch of `n` images, drawing any randomness from `rng`.
-    pub fn mask_plan_with(&self, rng: &mut impl rand::Rng, n: usize, options: &MaskOptions) -> Result<MaskPlan> {
-        masking::check_mask_ratio(options.mask_ratio)?;
-        let l = self.config.num_patches();
-        match (options.masking, &options.noise) {
-            (Masking::Random, Some(noise)) => {
-                if noise.shape != [n, l] {
-                    bail!(InvalidNoise, "noise must have shape [{n}, {l}] (batch, patches), got {:?}", noise.shape);
-                }
-                let rows: Vec<Vec<f32>> = noise.data.chunks(l).map(<[f32]>::to_vec).collect();
-                masking::random_from_noise(&rows, options.mask_ratio)
-            }
-            (Masking::Random, None) => masking::random_from_noise(&masking::uniform_noise(rng, n, l), options.mask_ratio),
-            (_, Some(_)) => bail!(InvalidNoise, "noise applies only to random masking"),
-            (Masking::Block, None) => masking::block(rng, n, self.config.grid_size(), options.mask_ratio),
-            (Masking::Grid, None) => masking::grid(n, self.config.grid_size(), options.mask_ratio),
-        }
+        options.plan(&self.config, &mut *rng, n)
     }
 
     /// Encoder on the visible patches only: `[N, 1 + len_keep, D]`; with

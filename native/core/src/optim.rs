@@ -2,6 +2,7 @@
 //! fine-tuning, LARS for linear probing), their parameter groups, and the
 //! learning-rate schedule.
 
+use crate::checkpoint::Stored;
 use crate::error::Result;
 use crate::ops::{cpu_slice, cpu_slice_mut};
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
@@ -21,7 +22,7 @@ pub trait OptimizerState: Send {
     fn set_steps_taken(&mut self, steps: u64);
     /// Buffers by key (`<kind>.<param>`), for checkpoints. These are the live
     /// buffers, which the next step may update in place: write them out before it.
-    fn state(&self) -> Vec<(String, Tensor)>;
+    fn state(&self) -> Vec<(String, Stored<'_>)>;
     /// Restores every buffer from `tensors` (keyed as `state` gives them).
     fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
 }
@@ -207,8 +208,10 @@ impl OptimizerState for AdamW {
         self.step = steps;
     }
 
-    fn state(&self) -> Vec<(String, Tensor)> {
-        AdamW::state(self).flat_map(|(name, m, v)| [(format!("exp_avg.{name}"), m.clone()), (format!("exp_avg_sq.{name}"), v.clone())]).collect()
+    fn state(&self) -> Vec<(String, Stored<'_>)> {
+        AdamW::state(self)
+            .flat_map(|(name, m, v)| [(format!("exp_avg.{name}"), Stored::Tensor(m.clone())), (format!("exp_avg_sq.{name}"), Stored::Tensor(v.clone()))])
+            .collect()
     }
 
     fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
@@ -363,8 +366,8 @@ impl OptimizerState for Lars {
         self.steps = steps;
     }
 
-    fn state(&self) -> Vec<(String, Tensor)> {
-        self.slots.iter().map(|(name, _, mu)| (format!("momentum.{name}"), mu.clone())).collect()
+    fn state(&self) -> Vec<(String, Stored<'_>)> {
+        self.slots.iter().map(|(name, _, mu)| (format!("momentum.{name}"), Stored::Tensor(mu.clone()))).collect()
     }
 
     fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {

@@ -51,18 +51,42 @@ impl Init {
     }
 }
 
+/// The values of the parameters a builder creates, given name and shape.
+pub type Values<'a> = Box<dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a>;
+
+/// Where a builder's parameter values come from.
+enum Source<'a> {
+    /// Drawn by each parameter's `Init` from one generator, in creation order.
+    Init(ChaCha8Rng),
+    /// Given (weights coming back from a training engine); the `Init` is not used.
+    Given(Values<'a>),
+    /// None: every parameter is empty (shape `[0]`), for a model whose weights are
+    /// held elsewhere for a while.
+    Hollow,
+}
+
 /// Creates parameters one by one and records them, in order, by name.
 /// Parameters are always f32; `precision` tells the modules what to compute in.
-pub struct ParamBuilder {
-    rng: ChaCha8Rng,
+pub struct ParamBuilder<'a> {
+    source: Source<'a>,
     device: Device,
     precision: Precision,
     params: Vec<(String, Var)>,
 }
 
-impl ParamBuilder {
+impl<'a> ParamBuilder<'a> {
     pub fn new(rng: ChaCha8Rng, device: Device, precision: Precision) -> Self {
-        ParamBuilder { rng, device, precision, params: Vec::new() }
+        ParamBuilder { source: Source::Init(rng), device, precision, params: Vec::new() }
+    }
+
+    /// A builder whose parameters take the values `values` gives for their name and shape.
+    pub fn given(values: Values<'a>, device: Device, precision: Precision) -> Self {
+        ParamBuilder { source: Source::Given(values), device, precision, params: Vec::new() }
+    }
+
+    /// A builder whose parameters are all empty.
+    pub fn hollow(device: Device, precision: Precision) -> Self {
+        ParamBuilder { source: Source::Hollow, device, precision, params: Vec::new() }
     }
 
     /// The dtype the modules being built run their matrix products in.
@@ -73,8 +97,11 @@ impl ParamBuilder {
     /// A new trainable parameter; the returned tensor is the variable itself, so
     /// gradients and in-place updates reach the module that holds it.
     pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
-        let len = shape.iter().product();
-        let values = init.values(&mut self.rng, len);
+        let (values, shape) = match &mut self.source {
+            Source::Init(rng) => (init.values(rng, shape.iter().product()), shape),
+            Source::Given(values) => (values(name, shape)?, shape),
+            Source::Hollow => (Vec::new(), &[0][..]),
+        };
         let var = Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?;
         let tensor = var.as_tensor().clone();
         self.params.push((name.to_string(), var));

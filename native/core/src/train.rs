@@ -3,11 +3,12 @@
 //! gradient accumulation, optional clipping, and exactly resumable checkpoints.
 
 use crate::bail;
-use crate::checkpoint::{self, OPTIMIZER_PREFIX};
+use crate::checkpoint::{self, Stored, OPTIMIZER_PREFIX};
+use crate::config::MaeConfig;
 use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, Masking};
-use crate::model::{MaskOptions, MaskedAutoencoder};
+use crate::model::{MaskOptions, MaskedAutoencoder, Unloaded};
 use crate::engine::{FlatAdamW, MaeEngine, Mode};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
 use crate::recipe::{self, Recipe};
@@ -125,10 +126,10 @@ pub struct TrainSummary {
 
 /// The masks for one step, from a generator of its own so a resumed run draws
 /// the same ones.
-fn step_plan(config: &PretrainConfig, model: &MaskedAutoencoder, n: usize, step: u64, micro: usize) -> Result<MaskPlan> {
+fn step_plan(config: &PretrainConfig, model: &MaeConfig, n: usize, step: u64, micro: usize) -> Result<MaskPlan> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.recipe.seed ^ 0x6d61_736b);
     rng.set_stream(step * 1024 + micro as u64);
-    model.mask_plan_with(&mut rng, n, &MaskOptions { mask_ratio: config.mask_ratio, masking: config.masking, noise: None })
+    MaskOptions { mask_ratio: config.mask_ratio, masking: config.masking, noise: None }.plan(model, &mut rng, n)
 }
 
 fn checkpoint_name(step: u64) -> String {
@@ -160,8 +161,8 @@ pub(crate) trait Task {
     /// learning rate `lr`, and starts the next step's gradients from zero.
     fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()>;
     fn optimizer(&mut self) -> &mut dyn OptimizerState;
-    /// Writes the model with `extra` tensors and `metadata` (plus the recipe) to `path`.
-    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()>;
+    /// Writes the model and the optimizer's state with `metadata` (plus the recipe) to `path`.
+    fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()>;
     /// Copies a training checkpoint's weights into the model.
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()>;
     /// Called when an epoch ends (evaluation, for fine-tuning).
@@ -204,18 +205,21 @@ fn save_checkpoint(task: &mut dyn Task, state: &TrainState, recipe: &Recipe) -> 
     let Some(dir) = &recipe.checkpoint_dir else { return Ok(None) };
     std::fs::create_dir_all(dir).map_err(|e| Error::new(ErrorCode::Io, format!("cannot create {}: {e}", dir.display())))?;
     let path = dir.join(checkpoint_name(state.step));
-    let optimizer = task.optimizer();
-    let extra = optimizer.state().into_iter().map(|(k, t)| (format!("{OPTIMIZER_PREFIX}{k}"), t)).collect();
     let metadata = HashMap::from([
         ("train_state".to_string(), serde_json::to_string(state).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?),
-        ("optimizer_step".to_string(), optimizer.steps_taken().to_string()),
+        ("optimizer_step".to_string(), task.optimizer().steps_taken().to_string()),
     ]);
-    task.save(extra, metadata, &path)?;
+    task.save(metadata, &path)?;
     let existing = list_checkpoints(dir);
     for old in existing.iter().take(existing.len().saturating_sub(recipe.keep_last)) {
         let _ = std::fs::remove_file(old);
     }
     Ok(Some(path))
+}
+
+/// An optimizer's state as checkpoint entries (`optim.<kind>.<param>`).
+pub(crate) fn optimizer_entries(optimizer: &dyn OptimizerState) -> Vec<(String, Stored<'_>)> {
+    optimizer.state().into_iter().map(|(k, t)| (format!("{OPTIMIZER_PREFIX}{k}"), t)).collect()
 }
 
 /// Restores weights, optimizer state and position from a checkpoint file, or from
@@ -243,11 +247,12 @@ fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
     Ok((train_state, path))
 }
 
-/// Runs pre-training on `loader`'s batches, calling `on_event` as it goes. Stops
-/// after the current step when `cancel` is set, and always leaves a checkpoint
-/// of where it stopped (when a checkpoint folder is configured).
+/// Runs pre-training on `loader`'s batches, calling `on_event` as it goes, and leaves
+/// the trained weights in `model`. Stops after the current step when `cancel` is set,
+/// and always leaves a checkpoint of where it stopped (when a checkpoint folder is
+/// configured).
 pub fn pretrain(
-    model: &MaskedAutoencoder,
+    model: &mut MaskedAutoencoder,
     loader: &Loader,
     config: &PretrainConfig,
     resume: Option<&Path>,
@@ -256,15 +261,22 @@ pub fn pretrain(
 ) -> Result<TrainSummary> {
     config.validate()?;
     let adamw = AdamWConfig { beta1: config.recipe.beta1, beta2: config.recipe.beta2, eps: 1e-8, weight_decay: config.recipe.weight_decay };
-    if model.uses_engine() {
-        let len_keep = masking::len_keep(model.config.num_patches(), config.mask_ratio);
-        let engine = MaeEngine::new(&model.config, loader.batch_size(), len_keep, Mode::Train)?;
-        let optimizer = FlatAdamW::new(&engine, adamw);
-        let mut task = EnginePretraining { model, config, engine, optimizer, loaded: false };
+    if !model.uses_engine() {
+        let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)?, grads: Accumulated::default() };
         return run(&mut task, loader, &config.recipe, resume, on_event, cancel);
     }
-    let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)?, grads: Accumulated::default() };
-    run(&mut task, loader, &config.recipe, resume, on_event, cancel)
+    let len_keep = masking::len_keep(model.config.num_patches(), config.mask_ratio);
+    let mut engine = MaeEngine::new(&model.config, loader.batch_size(), len_keep, Mode::Train)?;
+    engine.load_from(model)?;
+    let optimizer = FlatAdamW::new(&engine, adamw);
+    // The engine holds the weights for the run; the model gets them back at the end.
+    let mut task = EnginePretraining { unloaded: model.unload()?, config, engine, optimizer };
+    crate::release_freed_memory();
+    let result = run(&mut task, loader, &config.recipe, resume, on_event, cancel);
+    let EnginePretraining { unloaded, engine, optimizer, .. } = task;
+    drop(optimizer);
+    engine.store_into(unloaded, model)?;
+    result
 }
 
 /// Pre-training on the reference model (CUDA, bf16).
@@ -278,7 +290,7 @@ struct Pretraining<'a> {
 impl Task for Pretraining<'_> {
     fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
         let imgs = Tensor::from_vec(batch.images, batch.shape.as_slice(), self.model.device())?;
-        let plan = step_plan(self.config, self.model, batch.shape[0], step, micro)?;
+        let plan = step_plan(self.config, &self.model.config, batch.shape[0], step, micro)?;
         let out = self.model.forward_with_plan(&imgs, &plan)?;
         // The backward pass is queued before the loss is read, so a GPU never waits
         // for the host mid-step; a non-finite loss still discards the gradients.
@@ -298,37 +310,31 @@ impl Task for Pretraining<'_> {
         &mut self.optimizer
     }
 
-    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-        save_pretraining(self.model, self.config, extra, metadata, path)
+    fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        let tensors = self.model.params().iter().map(|(n, v)| (n.clone(), Stored::Tensor(v.as_tensor().clone())));
+        save_pretraining(&self.model.config, tensors.collect(), self.model.buffers(), optimizer_entries(&self.optimizer), self.config, metadata, path)
     }
 
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
-        restore_pretraining(self.model, state, path)
+        check_pretraining_config(&self.model.config, state, path)?;
+        copy_params(self.model.params(), &state.tensors, path)
     }
 }
 
 /// Pre-training on the engine (the CPU in f32): the weights, gradients and AdamW's
-/// moments live in the engine's flat buffers during the run, and are written back to
-/// the model at each checkpoint and when the run stops.
+/// moments live in the engine's flat buffers for the whole run (the model is unloaded
+/// meanwhile), and checkpoints are written straight from them.
 struct EnginePretraining<'a> {
-    model: &'a MaskedAutoencoder,
+    unloaded: Unloaded,
     config: &'a PretrainConfig,
     engine: MaeEngine,
     optimizer: FlatAdamW,
-    /// Whether the engine holds the model's weights yet (they are copied in on the
-    /// first micro-batch, after any resume has set them).
-    loaded: bool,
 }
 
 impl Task for EnginePretraining<'_> {
     fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
-        if !self.loaded {
-            self.engine.load_from(self.model)?;
-            self.engine.zero_grad();
-            self.loaded = true;
-        }
         let n = batch.shape[0];
-        let plan = step_plan(self.config, self.model, n, step, micro)?;
+        let plan = step_plan(self.config, &self.engine.config, n, step, micro)?;
         if n != self.engine.batch {
             // A batch short of skipped images: a plan of its size, sharing the weights.
             self.engine.reshape(n)?;
@@ -349,38 +355,44 @@ impl Task for EnginePretraining<'_> {
         &mut self.optimizer
     }
 
-    fn save(&mut self, extra: Vec<(String, Tensor)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-        self.finish()?;
-        save_pretraining(self.model, self.config, extra, metadata, path)
+    fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+        let buffers = self.unloaded.buffers();
+        save_pretraining(&self.engine.config, self.engine.stored_params().collect(), buffers, optimizer_entries(&self.optimizer), self.config, metadata, path)
     }
 
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
-        restore_pretraining(self.model, state, path)?;
-        self.loaded = false;
-        Ok(())
-    }
-
-    fn finish(&mut self) -> Result<()> {
-        if self.loaded {
-            self.engine.store_to(self.model)?;
-        }
-        Ok(())
+        check_pretraining_config(&self.engine.config, state, path)?;
+        self.engine.load_state(&state.tensors, path)
     }
 }
 
-fn save_pretraining(model: &MaskedAutoencoder, config: &PretrainConfig, extra: Vec<(String, Tensor)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+/// Writes a pre-training checkpoint: the weights and fixed tables in the published
+/// layout, then the optimizer's state, with the recipe in the metadata.
+fn save_pretraining(
+    model: &MaeConfig,
+    params: Vec<(String, Stored<'_>)>,
+    buffers: [(&'static str, &Tensor); 2],
+    optimizer: Vec<(String, Stored<'_>)>,
+    config: &PretrainConfig,
+    mut metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
     let json = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
     metadata.insert("pretrain_config".to_string(), json);
-    checkpoint::save_with(model, extra, metadata, path)
+    let mut tensors = params;
+    tensors.extend(buffers.iter().map(|(n, t)| (n.to_string(), Stored::Tensor((*t).clone()))));
+    tensors.extend(optimizer);
+    checkpoint::save_tensors(tensors, model.to_published_json(), metadata, path)
 }
 
-fn restore_pretraining(model: &MaskedAutoencoder, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
+/// Refuses a checkpoint written by a model with another config.
+fn check_pretraining_config(model: &MaeConfig, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
     if let Some(patch) = &state.config {
-        if patch.apply_to(&model.config) != model.config {
+        if patch.apply_to(model) != *model {
             bail!(InvalidConfig, "{} was written by a model with another config", path.display());
         }
     }
-    copy_params(model.params(), &state.tensors, path)
+    Ok(())
 }
 
 /// Sets each parameter from the tensor of the same name.

@@ -209,14 +209,14 @@ fn pretraining_follows_the_reference_loss_curve() {
         "clipGrad": 0.05, "maskRatio": 0.6, "seed": 7,
     }))
     .unwrap();
-    let run = |model: &MaskedAutoencoder| {
+    let run = |model: &mut MaskedAutoencoder| {
         let mut events = Vec::new();
         let summary = pretrain(model, &loader(15, 3, 16, 4, None, 11), &recipe, None, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
         assert_eq!(summary.steps, 20);
         step_losses(&events)
     };
-    let (engine, reference) = pair(&config, 5);
-    assert_same_curve("pre-training", &run(&engine), &run(&reference), 20);
+    let (mut engine, mut reference) = pair(&config, 5);
+    assert_same_curve("pre-training", &run(&mut engine), &run(&mut reference), 20);
 }
 
 fn cls_config(global_pool: bool, head_batch_norm: bool) -> ClassifierConfig {

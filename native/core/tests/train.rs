@@ -133,7 +133,7 @@ fn with_recipe(config: &PretrainConfig, f: impl FnOnce(Recipe) -> Recipe) -> Pre
 }
 
 fn run(
-    model: &MaskedAutoencoder,
+    model: &mut MaskedAutoencoder,
     loader: &Loader,
     config: &PretrainConfig,
     resume: Option<&Path>,
@@ -460,9 +460,9 @@ fn loss_decreases_in_bf16() {
 
 fn check_loss_decreases(precision: Precision) {
     let loader = loader(32);
-    let model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 11).unwrap();
+    let mut model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 11).unwrap();
     let config = with_recipe(&base_config(), |r| Recipe { lr: Some(5e-3), warmup_epochs: 0.5, epochs: 100.0, max_steps: Some(30), ..r });
-    let (summary, events) = run(&model, &loader, &config, None).unwrap();
+    let (summary, events) = run(&mut model, &loader, &config, None).unwrap();
     assert_eq!(summary.steps, 30);
     assert!(!summary.aborted);
     let losses: Vec<f64> = step_events(&events).iter().map(|s| s.3).collect();
@@ -478,11 +478,11 @@ fn check_loss_decreases(precision: Precision) {
 fn runs_are_reproducible_and_mask_seed_matters() {
     let loader = loader(32);
     let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(10), ..r });
-    let a = tiny_model(21);
-    let b = tiny_model(21);
+    let mut a = tiny_model(21);
+    let mut b = tiny_model(21);
     let initial = param_bits(&a);
-    let (sa, ea) = run(&a, &loader, &config, None).unwrap();
-    let (sb, eb) = run(&b, &loader, &config, None).unwrap();
+    let (sa, ea) = run(&mut a, &loader, &config, None).unwrap();
+    let (sb, eb) = run(&mut b, &loader, &config, None).unwrap();
     assert_eq!(sa.steps, 10);
     assert_eq!(sb.steps, 10);
     assert_ne!(param_bits(&a), initial, "training changed nothing");
@@ -490,15 +490,15 @@ fn runs_are_reproducible_and_mask_seed_matters() {
     let losses = |e: &[TrainEvent]| step_events(e).iter().map(|s| s.3.to_bits()).collect::<Vec<_>>();
     assert_eq!(losses(&ea), losses(&eb));
 
-    let c = tiny_model(21);
-    let (sc, _) = run(&c, &loader, &with_recipe(&config, |r| Recipe { seed: r.seed + 1, ..r }), None).unwrap();
+    let mut c = tiny_model(21);
+    let (sc, _) = run(&mut c, &loader, &with_recipe(&config, |r| Recipe { seed: r.seed + 1, ..r }), None).unwrap();
     assert_eq!(sc.steps, 10);
     assert_ne!(param_bits(&c), param_bits(&a), "another mask seed gave the same weights");
 
     // And another loader seed (data order) too.
-    let d = tiny_model(21);
+    let mut d = tiny_model(21);
     let other_order = loader_with(Arc::new(dataset(32, 1234)), 6, true);
-    run(&d, &other_order, &config, None).unwrap();
+    run(&mut d, &other_order, &config, None).unwrap();
     assert_ne!(param_bits(&d), param_bits(&a), "another data order gave the same weights");
 }
 
@@ -510,22 +510,22 @@ fn check_exact_resume(n_images: usize, accum_iter: usize, n: u64, clip_grad: Opt
     let split_dir = TempDir::new("split");
     let config = with_recipe(&base_config(), |r| Recipe { accum_iter, clip_grad, epochs: 6.0, ..r });
 
-    let straight = tiny_model(31);
+    let mut straight = tiny_model(31);
     let (s, straight_events) =
-        run(&straight, &loader, &with_recipe(&config, |r| Recipe { max_steps: Some(2 * n), checkpoint_dir: Some(straight_dir.path().into()), ..r }), None)
+        run(&mut straight, &loader, &with_recipe(&config, |r| Recipe { max_steps: Some(2 * n), checkpoint_dir: Some(straight_dir.path().into()), ..r }), None)
             .unwrap();
     assert_eq!(s.steps, 2 * n, "{what}");
 
-    let first = tiny_model(31);
+    let mut first = tiny_model(31);
     let split = with_recipe(&config, |r| Recipe { max_steps: Some(n), checkpoint_dir: Some(split_dir.path().into()), ..r });
-    let (s, _) = run(&first, &loader, &split, None).unwrap();
+    let (s, _) = run(&mut first, &loader, &split, None).unwrap();
     assert_eq!(s.steps, n, "{what}");
     assert_eq!(s.last_checkpoint.as_deref(), Some(checkpoint_file(split_dir.path(), n).as_path()), "{what}");
     assert_ne!(param_bits(&first), param_bits(&straight), "{what}: the second half changed nothing");
 
-    let resumed = tiny_model(31);
+    let mut resumed = tiny_model(31);
     let rest = with_recipe(&split, |r| Recipe { max_steps: Some(2 * n), ..r });
-    let (s, resumed_events) = run(&resumed, &loader, &rest, Some(split_dir.path())).unwrap();
+    let (s, resumed_events) = run(&mut resumed, &loader, &rest, Some(split_dir.path())).unwrap();
     assert_eq!(s.steps, 2 * n, "{what}");
     assert_same_weights(&resumed, &straight, &what);
 
@@ -593,8 +593,8 @@ fn accumulated_and_clipped_gradient_reaches_the_optimizer() {
             mask_ratio: 0.75,
             ..with_recipe(&base_config(), |r| Recipe { accum_iter: 2, clip_grad, max_steps: Some(1), checkpoint_dir: Some(dir.path().into()), ..r })
         };
-        let model = tiny_model(81);
-        run(&model, &loader, &config, None).unwrap();
+        let mut model = tiny_model(81);
+        run(&mut model, &loader, &config, None).unwrap();
         let state = read_state_dict(&checkpoint_file(dir.path(), 1)).unwrap();
         let mut diff2 = 0.0;
         let mut got_norm2 = 0.0;
@@ -617,9 +617,9 @@ fn accumulated_and_clipped_gradient_reaches_the_optimizer() {
 fn checkpoints_rotate_and_load_as_models() {
     let loader = loader(32);
     let dir = TempDir::new("rotate");
-    let model = tiny_model(41);
+    let mut model = tiny_model(41);
     let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(7), checkpoint_every: 1, keep_last: 3, checkpoint_dir: Some(dir.path().into()), ..r });
-    let (summary, events) = run(&model, &loader, &config, None).unwrap();
+    let (summary, events) = run(&mut model, &loader, &config, None).unwrap();
     assert_eq!(summary.steps, 7);
 
     let names = dir.entries();
@@ -651,12 +651,12 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
     let dir = TempDir::new("abort");
     let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(8), checkpoint_dir: Some(dir.path().into()), ..r });
 
-    let model = tiny_model(51);
+    let mut model = tiny_model(51);
     let cancel = AtomicBool::new(false);
     let mut steps = Vec::new();
     let mut checkpoints = Vec::new();
     let summary = pretrain(
-        &model,
+        &mut model,
         &loader,
         &config,
         None,
@@ -684,20 +684,20 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
     assert_same_weights(&saved, &model, "abort checkpoint vs model");
 
     // Resuming the aborted run finishes exactly as a run that was never stopped.
-    let resumed = tiny_model(51);
-    let (s, _) = run(&resumed, &loader, &config, Some(&ckpt)).unwrap();
+    let mut resumed = tiny_model(51);
+    let (s, _) = run(&mut resumed, &loader, &config, Some(&ckpt)).unwrap();
     assert_eq!(s.steps, 8);
     assert!(!s.aborted);
-    let straight = tiny_model(51);
-    run(&straight, &loader, &with_recipe(&config, |r| Recipe { checkpoint_dir: None, ..r }), None).unwrap();
+    let mut straight = tiny_model(51);
+    run(&mut straight, &loader, &with_recipe(&config, |r| Recipe { checkpoint_dir: None, ..r }), None).unwrap();
     assert_same_weights(&resumed, &straight, "aborted + resumed vs straight");
 
     // A cancel that arrives with the last step does not make a finished run "aborted".
-    let last = tiny_model(51);
+    let mut last = tiny_model(51);
     let cancel = AtomicBool::new(false);
     let short = with_recipe(&config, |r| Recipe { max_steps: Some(3), checkpoint_dir: None, ..r });
     let summary = pretrain(
-        &last,
+        &mut last,
         &loader,
         &short,
         None,
@@ -722,9 +722,9 @@ fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
 
     // Every image has a NaN: step 1 fails, and there is no checkpoint to name.
     let dir = TempDir::new("nan-fresh");
-    let model = tiny_model(61);
+    let mut model = tiny_model(61);
     let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(5), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
-    let err = run(&model, &loader_with(poisoned(&|_| true), 5, true), &config, None).unwrap_err();
+    let err = run(&mut model, &loader_with(poisoned(&|_| true), 5, true), &config, None).unwrap_err();
     assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
     assert!(names_step(&err.message, 1), "message should name step 1: {}", err.message);
     assert!(!err.message.contains(".safetensors"), "no checkpoint exists: {}", err.message);
@@ -733,9 +733,9 @@ fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
     // Only the second batch (in dataset order) is bad: step 1 trains and is saved,
     // step 2 fails and names that checkpoint.
     let dir = TempDir::new("nan-second");
-    let model = tiny_model(61);
+    let mut model = tiny_model(61);
     let config = with_recipe(&config, |r| Recipe { checkpoint_dir: Some(dir.path().into()), ..r });
-    let err = run(&model, &loader_with(poisoned(&|i| (BATCH..2 * BATCH).contains(&i)), 5, false), &config, None).unwrap_err();
+    let err = run(&mut model, &loader_with(poisoned(&|i| (BATCH..2 * BATCH).contains(&i)), 5, false), &config, None).unwrap_err();
     assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
     assert!(names_step(&err.message, 2), "message should name step 2: {}", err.message);
     let first = checkpoint_file(dir.path(), 1);
@@ -745,16 +745,16 @@ fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
     // Resuming a good checkpoint onto bad data: the error names the next step and the
     // checkpoint, and the checkpoint folder is left exactly as it was.
     let dir = TempDir::new("nan-resume");
-    let good = tiny_model(61);
+    let mut good = tiny_model(61);
     let config = with_recipe(&config, |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
-    run(&good, &loader_with(Arc::new(dataset(n, 77)), 5, true), &config, None).unwrap();
+    run(&mut good, &loader_with(Arc::new(dataset(n, 77)), 5, true), &config, None).unwrap();
     let saved = checkpoint_file(dir.path(), 2);
     let before_names = dir.entries();
     let before_bytes = std::fs::read(&saved).unwrap();
 
-    let resumed = tiny_model(61);
+    let mut resumed = tiny_model(61);
     let more = with_recipe(&config, |r| Recipe { max_steps: Some(6), ..r });
-    let err = run(&resumed, &loader_with(poisoned(&|_| true), 5, true), &more, Some(dir.path())).unwrap_err();
+    let err = run(&mut resumed, &loader_with(poisoned(&|_| true), 5, true), &more, Some(dir.path())).unwrap_err();
     assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{err}");
     assert!(names_step(&err.message, 3), "message should name step 3: {}", err.message);
     assert!(err.message.contains(&saved.display().to_string()), "message should name {}: {}", saved.display(), err.message);
@@ -787,11 +787,11 @@ fn check_events(n_images: usize, accum_iter: usize, epochs: f64, max_steps: Opti
     let total = ((steps_per_epoch as f64 * epochs).round() as u64).min(max_steps.unwrap_or(u64::MAX));
     let peak = 1e-3 * (BATCH * accum_iter) as f64 / 256.0;
 
-    let model = tiny_model(71);
+    let mut model = tiny_model(71);
     let cancel = AtomicBool::new(false);
     let mut events = Vec::new();
     let summary = pretrain(
-        &model,
+        &mut model,
         &loader,
         &config,
         None,
@@ -885,15 +885,15 @@ fn resume_onto_a_shorter_epoch_returns() {
     for stop in [3u64, 2] {
         let dir = TempDir::new("shorter");
         let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(stop), checkpoint_dir: Some(dir.path().into()), ..r });
-        run(&tiny_model(91), &loader(40), &config, None).unwrap();
+        run(&mut tiny_model(91), &loader(40), &config, None).unwrap();
         let from = checkpoint_file(dir.path(), stop);
         assert!(from.is_file());
 
         let (tx, rx) = std::sync::mpsc::channel();
         let config = with_recipe(&config, |r| Recipe { max_steps: Some(stop + 3), checkpoint_dir: None, ..r });
         std::thread::spawn(move || {
-            let model = tiny_model(91);
-            let result = run(&model, &loader(16), &config, Some(&from)).map(|(s, _)| s.steps);
+            let mut model = tiny_model(91);
+            let result = run(&mut model, &loader(16), &config, Some(&from)).map(|(s, _)| s.steps);
             let _ = tx.send(result);
         });
         // The run itself takes well under a second.

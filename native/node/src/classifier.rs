@@ -2,23 +2,20 @@
 //! prediction, embedding and evaluation, and trained by the fine-tuning protocols.
 
 use crate::training::{done_event, embed_job, evaluation_event, make_loader, open_dataset, progress_event, spawn_job, to_native, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
-use crate::{guarded, host_tensor, parse_json, read_model, seed_of, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
+use crate::{guarded, host_tensor, parse_json, seed_of, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use crate::cell::{named_shapes, Cell};
+use std::sync::Arc;
 use vit_mae_core::classifier::{config_fields, load_classifier, save_classifier, ClassifierConfig, VitClassifier};
 use vit_mae_core::finetune::{evaluate, finetune, Embedder, FinetuneConfig};
 use vit_mae_core::{DeviceSpec, ErrorCode, HostTensor, Precision};
 
-type SharedClassifier = Arc<RwLock<VitClassifier>>;
+type SharedClassifier = crate::cell::Shared<VitClassifier>;
 
 fn err(code: ErrorCode, message: impl Into<String>) -> vit_mae_core::Error {
     vit_mae_core::Error::new(code, message)
-}
-
-fn read(c: &SharedClassifier) -> vit_mae_core::Result<std::sync::RwLockReadGuard<'_, VitClassifier>> {
-    c.read().map_err(|_| err(ErrorCode::Internal, "classifier lock poisoned by an earlier failure"))
 }
 
 /// A ViT classifier living in Rust memory.
@@ -35,7 +32,7 @@ impl NativeClassifier {
     #[napi(factory)]
     pub fn from_mae(mae: &NativeMae, options_json: String, seed: i64) -> Result<NativeClassifier> {
         guarded(|| {
-            let mae = read_model(&mae.model)?;
+            let mae = mae.model.read()?;
             let mut fields = serde_json::to_value(ClassifierConfig::from_encoder(&mae.config, 0, true, false))
                 .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
                 .as_object()
@@ -44,7 +41,7 @@ impl NativeClassifier {
             fields.extend(config_fields(&parse_json(&options_json, "classifier options")?, true)?);
             let config = ClassifierConfig::from_fields(fields)?;
             let classifier = VitClassifier::from_encoder(&mae, config, seed_of(seed)?)?;
-            Ok(NativeClassifier { model: Arc::new(RwLock::new(classifier)), checkpoint_format: None })
+            Ok(NativeClassifier { model: Cell::new(classifier), checkpoint_format: None })
         })
     }
 
@@ -54,7 +51,7 @@ impl NativeClassifier {
         guarded(|| {
             let config = ClassifierConfig::from_fields(config_fields(&parse_json(&config_json, "config")?, true)?)?;
             let device = DeviceSpec::parse(&device)?.resolve()?;
-            Ok(NativeClassifier { model: Arc::new(RwLock::new(VitClassifier::new(config, &device, Precision::parse(&precision)?, seed_of(seed)?)?)), checkpoint_format: None })
+            Ok(NativeClassifier { model: Cell::new(VitClassifier::new(config, &device, Precision::parse(&precision)?, seed_of(seed)?)?), checkpoint_format: None })
         })
     }
 
@@ -66,13 +63,13 @@ impl NativeClassifier {
 
     /// The config as camelCase JSON.
     #[napi(getter)]
-    pub fn config_json(&self) -> Result<String> {
-        guarded(|| serde_json::to_string(&read(&self.model)?.config).map_err(|e| err(ErrorCode::Internal, e.to_string())))
+    pub fn config_json(&self) -> String {
+        self.model.facts.config_json.clone()
     }
 
     #[napi(getter)]
-    pub fn parameter_count(&self) -> Result<f64> {
-        guarded(|| Ok(read(&self.model)?.parameter_count() as f64))
+    pub fn parameter_count(&self) -> f64 {
+        self.model.facts.parameter_count
     }
 
     #[napi(getter)]
@@ -81,24 +78,18 @@ impl NativeClassifier {
     }
 
     #[napi(getter)]
-    pub fn device(&self) -> Result<String> {
-        guarded(|| Ok(vit_mae_core::device::device_name(read(&self.model)?.device())))
+    pub fn device(&self) -> String {
+        self.model.facts.device.clone()
     }
 
     #[napi(getter)]
-    pub fn precision(&self) -> Result<String> {
-        guarded(|| Ok(read(&self.model)?.precision().name().to_string()))
+    pub fn precision(&self) -> String {
+        self.model.facts.precision.clone()
     }
 
     #[napi]
-    pub fn parameter_shapes(&self) -> Result<Vec<NativeNamedShape>> {
-        guarded(|| {
-            Ok(read(&self.model)?
-                .params()
-                .iter()
-                .map(|(name, var)| NativeNamedShape { name: name.clone(), shape: var.dims().iter().map(|&d| d as u32).collect() })
-                .collect())
-        })
+    pub fn parameter_shapes(&self) -> Vec<NativeNamedShape> {
+        named_shapes(&self.model.facts)
     }
 
     /// `kind`: 'logits' | 'embed' | 'predict' | 'gradients'.
@@ -136,12 +127,12 @@ impl NativeClassifier {
     pub fn evaluate(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions) -> Result<NativeJob> {
         let model = self.model.clone();
         let loader = guarded(|| {
-            let c = read(&model)?.config.clone();
+            let c = model.read()?.config.clone();
             make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)
         })?;
         spawn_job("vit-mae-eval", Arc::default(), move |on_event, cancel| {
             let total = loader.images_per_epoch();
-            let e = evaluate(&*read(&model)?, &loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
+            let e = evaluate(&*model.read()?, &loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
             Ok(evaluation_event(e))
         })
     }
@@ -151,13 +142,13 @@ impl NativeClassifier {
     pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, output: Option<String>) -> Result<NativeJob> {
         let model = self.model.clone();
         let loader = guarded(|| {
-            let c = read(&model)?.config.clone();
+            let c = model.read()?.config.clone();
             make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)
         })?;
         let slot: Arc<std::sync::Mutex<Option<vit_mae_core::finetune::Embeddings>>> = Arc::default();
         let result = slot.clone();
         spawn_job("vit-mae-embed", slot, move |on_event, cancel| {
-            let model = read(&model)?;
+            let model = model.read()?;
             embed_job(&Embedder::Classifier(&model), &loader, output, &result, on_event, cancel)
         })
     }
@@ -177,7 +168,7 @@ impl NativeClassifier {
         let model = self.model.clone();
         let (config, loader, eval_loader) = guarded(|| {
             let config = FinetuneConfig::from_json(&parse_json(&config_json, "fine-tuning options")?)?;
-            let c = read(&model)?.config.clone();
+            let c = model.read()?.config.clone();
             let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
             let eval_loader = match (&eval_dataset, &eval_loader) {
                 (Some(d), Some(o)) => Some(make_loader(open_dataset(d)?, o, c.img_size, c.in_chans)?),
@@ -185,10 +176,11 @@ impl NativeClassifier {
             };
             Ok((config, loader, eval_loader))
         })?;
+        let claim = guarded(|| model.claim())?;
         spawn_job("vit-mae-finetune", Arc::default(), move |on_event, cancel| {
-            let model = read(&model)?;
             let resume = resume.as_deref().map(PathBuf::from);
-            let summary = finetune(&model, &loader, eval_loader.as_ref(), &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            let summary = finetune(&*claim.model()?, &loader, eval_loader.as_ref(), &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            drop(claim);
             Ok(done_event(summary))
         })
     }
@@ -222,7 +214,7 @@ impl Task for LoadClassifierTask {
     }
 
     fn resolve(&mut self, _env: Env, (classifier, format): Self::Output) -> Result<NativeClassifier> {
-        Ok(NativeClassifier { model: Arc::new(RwLock::new(classifier)), checkpoint_format: Some(format) })
+        Ok(NativeClassifier { model: Cell::new(classifier), checkpoint_format: Some(format) })
     }
 }
 
@@ -261,7 +253,7 @@ impl Task for ClassifierTask {
 
     fn compute(&mut self) -> Result<ClassifierResult> {
         guarded(|| {
-            let model = read(&self.model)?;
+            let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
             let none = ClassifierResult { tensor: None, top: None, loss: None, gradients: None };
             Ok(match &self.kind {
@@ -307,7 +299,7 @@ impl Task for SaveClassifierTask {
     type JsValue = ();
 
     fn compute(&mut self) -> Result<()> {
-        guarded(|| save_classifier(&*read(&self.model)?, Vec::new(), Default::default(), &self.path))
+        guarded(|| save_classifier(&*self.model.read()?, Vec::new(), Default::default(), &self.path))
     }
 
     fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {

@@ -3,14 +3,15 @@
 //! message starts with its code (`E_...: `), which the TypeScript facade turns
 //! into `VitMaeError.code`; panics are caught here and never cross into Node.
 
+mod cell;
 mod classifier;
 mod training;
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
 use vit_mae_core::{
     checkpoint, ConfigPatch, DeviceSpec, ErrorCode, HostTensor, LoadReport, MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Precision,
 };
@@ -112,7 +113,7 @@ pub struct NativeLossAndGradients {
     pub gradients: Vec<NativeNamedTensor>,
 }
 
-pub(crate) type Shared = Arc<RwLock<MaskedAutoencoder>>;
+pub(crate) type Shared = cell::Shared<MaskedAutoencoder>;
 
 /// A masked autoencoder living in Rust memory.
 #[napi]
@@ -143,7 +144,7 @@ impl NativeMae {
             };
             let device = DeviceSpec::parse(&device)?.resolve()?;
             let model = MaskedAutoencoder::new(config, &device, Precision::parse(&precision)?, seed_of(seed)?)?;
-            Ok(NativeMae { model: Arc::new(RwLock::new(model)), fresh_decoder: false, checkpoint_format: None })
+            Ok(NativeMae { model: Cell::new(model), fresh_decoder: false, checkpoint_format: None })
         })
     }
 
@@ -155,15 +156,13 @@ impl NativeMae {
 
     /// The config as camelCase JSON.
     #[napi(getter)]
-    pub fn config_json(&self) -> Result<String> {
-        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
-        serde_json::to_string(&model.config).map_err(|e| core_error(ErrorCode::Internal, e.to_string()))
+    pub fn config_json(&self) -> String {
+        self.model.facts.config_json.clone()
     }
 
     #[napi(getter)]
-    pub fn parameter_count(&self) -> Result<f64> {
-        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
-        Ok(model.parameter_count() as f64)
+    pub fn parameter_count(&self) -> f64 {
+        self.model.facts.parameter_count
     }
 
     #[napi(getter)]
@@ -177,26 +176,19 @@ impl NativeMae {
     }
 
     #[napi(getter)]
-    pub fn device(&self) -> Result<String> {
-        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
-        Ok(vit_mae_core::device::device_name(model.device()))
+    pub fn device(&self) -> String {
+        self.model.facts.device.clone()
     }
 
     #[napi(getter)]
-    pub fn precision(&self) -> Result<String> {
-        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
-        Ok(model.precision().name().to_string())
+    pub fn precision(&self) -> String {
+        self.model.facts.precision.clone()
     }
 
     /// Published names and shapes of the trainable parameters.
     #[napi]
-    pub fn parameter_shapes(&self) -> Result<Vec<NativeNamedShape>> {
-        let model = self.model.read().map_err(|_| core_error(ErrorCode::Internal, "model lock poisoned"))?;
-        Ok(model
-            .params()
-            .iter()
-            .map(|(name, var)| NativeNamedShape { name: name.clone(), shape: var.dims().iter().map(|&d| d as u32).collect() })
-            .collect())
+    pub fn parameter_shapes(&self) -> Vec<NativeNamedShape> {
+        cell::named_shapes(&self.model.facts)
     }
 
     #[napi(ts_return_type = "Promise<NativeForwardOutput>")]
@@ -246,10 +238,6 @@ pub fn presets() -> Vec<Vec<String>> {
         .collect()
 }
 
-pub(crate) fn read_model(model: &Shared) -> vit_mae_core::Result<std::sync::RwLockReadGuard<'_, MaskedAutoencoder>> {
-    model.read().map_err(|_| vit_mae_core::Error::new(ErrorCode::Internal, "model lock poisoned by an earlier failure"))
-}
-
 pub struct LoadTask {
     path: PathBuf,
     config_json: Option<String>,
@@ -272,7 +260,7 @@ impl Task for LoadTask {
 
     fn resolve(&mut self, _env: Env, (model, report): Self::Output) -> Result<NativeMae> {
         Ok(NativeMae {
-            model: Arc::new(RwLock::new(model)),
+            model: Cell::new(model),
             fresh_decoder: report.fresh_decoder,
             checkpoint_format: Some(report.format.as_str().to_string()),
         })
@@ -291,7 +279,7 @@ impl Task for ForwardTask {
 
     fn compute(&mut self) -> Result<Self::Output> {
         guarded(|| {
-            let model = read_model(&self.model)?;
+            let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
             let out = model.forward(&imgs, &self.options)?;
             let loss = out.loss.to_scalar::<f32>()? as f64;
@@ -330,7 +318,7 @@ impl Task for GradientsTask {
 
     fn compute(&mut self) -> Result<Self::Output> {
         guarded(|| {
-            let model = read_model(&self.model)?;
+            let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
             let (loss, grads) = model.loss_and_gradients(&imgs, &self.options)?;
             let grads = grads.into_iter().map(|(n, g)| Ok((n, HostTensor::from_tensor(&g)?))).collect::<vit_mae_core::Result<_>>()?;
@@ -357,7 +345,7 @@ impl Task for SaveTask {
     type JsValue = ();
 
     fn compute(&mut self) -> Result<()> {
-        guarded(|| checkpoint::save_model(&*read_model(&self.model)?, &self.path))
+        guarded(|| checkpoint::save_model(&*self.model.read()?, &self.path))
     }
 
     fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
@@ -377,7 +365,7 @@ impl Task for EmbedTask {
 
     fn compute(&mut self) -> Result<HostTensor> {
         guarded(|| {
-            let model = read_model(&self.model)?;
+            let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
             HostTensor::from_tensor(&model.embed(&imgs, self.pool)?)
         })

@@ -2,7 +2,7 @@
 //! its own; JS pulls its events one at a time with `nextEvent()` (a libuv task
 //! that waits on a channel), so nothing blocks the event loop.
 
-use crate::{guarded, host_tensor, parse_json, read_model, NativeMae, NativeMaskOptions, NativeTensor, Shared};
+use crate::{guarded, host_tensor, parse_json, NativeMae, NativeMaskOptions, NativeTensor, Shared};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::path::{Path, PathBuf};
@@ -313,14 +313,15 @@ impl NativeMae {
         let model = self.model.clone();
         let (config, loader) = guarded(|| {
             let config = PretrainConfig::from_json(&parse_json(&config_json, "training options")?)?;
-            let c = read_model(&model)?.config.clone();
+            let c = model.read()?.config.clone();
             let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
             Ok((config, loader))
         })?;
+        let claim = guarded(|| model.claim())?;
         spawn_job("vit-mae-train", Arc::default(), move |on_event, cancel| {
-            let model = read_model(&model)?;
             let resume = resume.as_deref().map(PathBuf::from);
-            let summary = train::pretrain(&model, &loader, &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            let summary = train::pretrain(&mut *claim.model()?, &loader, &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            drop(claim);
             Ok(done_event(summary))
         })
     }
@@ -331,13 +332,13 @@ impl NativeMae {
     pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, pool: String, output: Option<String>) -> Result<NativeJob> {
         let model = self.model.clone();
         let (loader, pool) = guarded(|| {
-            let c = read_model(&model)?.config.clone();
+            let c = model.read()?.config.clone();
             Ok((make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?, Pool::parse(&pool)?))
         })?;
         let slot: Arc<Mutex<Option<Embeddings>>> = Arc::default();
         let result = slot.clone();
         spawn_job("vit-mae-embed", slot, move |on_event, cancel| {
-            let model = read_model(&model)?;
+            let model = model.read()?;
             embed_job(&Embedder::Mae(&model, pool), &loader, output, &result, on_event, cancel)
         })
     }
@@ -376,7 +377,7 @@ impl Task for ReconstructTask {
 
     fn compute(&mut self) -> Result<Self::Output> {
         guarded(|| {
-            let model = read_model(&self.model)?;
+            let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
             let r = model.reconstruct(&imgs, &self.options)?;
             Ok((

@@ -46,6 +46,11 @@ impl CpuKernels {
         &self.grads
     }
 
+    /// The parameters alone; every other buffer is freed.
+    pub fn into_params(self) -> Vec<f32> {
+        self.params
+    }
+
     /// Moves `other`'s parameters and gradients into this one (plans of one config).
     pub fn take_weights_from(&mut self, other: &mut CpuKernels) {
         assert_eq!(self.params.len(), other.params.len(), "plans of one config");

@@ -7,10 +7,13 @@ use super::blocks::{grad, stack_acts, BlockParams, Linear, Norm, Params, Stack};
 use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, Layout, MseShape, Slot, Source};
 use super::cpu::NONE;
 use crate::bail;
+use crate::checkpoint::Stored;
 use crate::config::MaeConfig;
-use crate::error::Result;
+use crate::error::{Error, ErrorCode, Result};
 use crate::masking::MaskPlan;
-use crate::model::MaskedAutoencoder;
+use crate::model::{MaskedAutoencoder, Unloaded};
+use std::collections::BTreeMap;
+use std::path::Path;
 use crate::optim::AdamWConfig;
 
 /// What a plan is for.
@@ -218,16 +221,38 @@ impl MaeEngine {
         Ok(())
     }
 
-    /// Copies the plan's parameters back into the model's variables.
-    pub fn store_to(&self, model: &MaskedAutoencoder) -> Result<()> {
-        for ((name, shape, slot), (model_name, var)) in self.params.names.iter().zip(model.params()) {
-            if name != model_name {
-                bail!(Internal, "engine parameter {name} does not match the model's {model_name}");
+    /// Sets the parameters from a checkpoint's tensors (read from `path`), by published name.
+    pub fn load_state(&mut self, tensors: &BTreeMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
+        for (name, shape, slot) in &self.params.names {
+            let t = tensors.get(name).ok_or_else(|| Error::new(ErrorCode::CheckpointKeys, format!("{} lacks {name}", path.display())))?;
+            if t.dims() != shape.as_slice() {
+                bail!(CheckpointShape, "{name}: checkpoint {:?}, model {shape:?}", t.dims());
             }
-            let values = &self.kernels.params()[slot.offset..slot.offset + slot.len];
-            var.set(&candle_core::Tensor::from_slice(values, shape.as_slice(), var.device())?)?;
+            let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            self.kernels.upload(*slot, &values);
         }
         Ok(())
+    }
+
+    /// The parameters by published name, borrowed from the flat buffer, for checkpoints.
+    pub fn stored_params(&self) -> impl Iterator<Item = (String, Stored<'_>)> {
+        let params = self.kernels.params();
+        self.params.names.iter().map(move |(name, shape, s)| (name.clone(), Stored::F32 { values: &params[s.offset..s.offset + s.len], shape: shape.clone() }))
+    }
+
+    /// Gives the weights back to the model they were unloaded from. The plan's other
+    /// buffers are freed first, so the weights are never in memory three times.
+    pub fn store_into(self, unloaded: Unloaded, model: &mut MaskedAutoencoder) -> Result<()> {
+        let MaeEngine { params, kernels, .. } = self;
+        let values = kernels.into_params();
+        let mut ours = params.names.into_iter();
+        unloaded.reload(
+            model,
+            Box::new(move |name, shape| match ours.next() {
+                Some((our_name, our_shape, s)) if our_name == name && our_shape == shape => Ok(values[s.offset..s.offset + s.len].to_vec()),
+                _ => Err(candle_core::Error::Msg(format!("the engine plan's parameters do not match the model's {name} {shape:?}"))),
+            }),
+        )
     }
 
     /// The same plan for `batch` images, keeping the weights and gradients (a batch short
@@ -475,12 +500,16 @@ impl crate::optim::OptimizerState for FlatAdamW {
         self.step = steps;
     }
 
-    fn state(&self) -> Vec<(String, candle_core::Tensor)> {
-        let tensor = |values: &[f32], g: &FlatGroup| candle_core::Tensor::from_slice(&values[g.offset..g.offset + g.len], g.len, &candle_core::Device::Cpu);
+    fn state(&self) -> Vec<(String, Stored<'_>)> {
+        let range = |g: &FlatGroup| g.offset..g.offset + g.len;
         self.groups
             .iter()
-            .flat_map(|g| [(format!("exp_avg.{}", g.name), tensor(&self.exp_avg, g)), (format!("exp_avg_sq.{}", g.name), tensor(&self.exp_avg_sq, g))])
-            .map(|(k, t)| (k, t.expect("a CPU tensor from a slice")))
+            .flat_map(|g| {
+                [
+                    (format!("exp_avg.{}", g.name), Stored::F32 { values: &self.exp_avg[range(g)], shape: vec![g.len] }),
+                    (format!("exp_avg_sq.{}", g.name), Stored::F32 { values: &self.exp_avg_sq[range(g)], shape: vec![g.len] }),
+                ]
+            })
             .collect()
     }
 

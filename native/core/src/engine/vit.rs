@@ -9,6 +9,7 @@ use super::blocks::{grad, stack_acts, Linear, Norm, Params, Stack};
 use super::cpu::{CpuKernels, NONE};
 use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, LarsRange, Layout, Slot, Source};
 use crate::bail;
+use crate::checkpoint::Stored;
 use crate::classifier::{ClassifierConfig, Trainable, VitClassifier};
 use crate::error::Result;
 use crate::optim::{AdamWConfig, ParamGroup};
@@ -443,7 +444,7 @@ impl crate::optim::OptimizerState for FlatOptimizer {
         self.steps = steps;
     }
 
-    fn state(&self) -> Vec<(String, candle_core::Tensor)> {
+    fn state(&self) -> Vec<(String, Stored<'_>)> {
         let kinds: Vec<(&str, &Vec<f32>)> = match &self.kind {
             FlatKind::AdamW { exp_avg, exp_avg_sq, .. } => vec![("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)],
             FlatKind::Lars { mu, .. } => vec![("momentum", mu)],
@@ -451,8 +452,7 @@ impl crate::optim::OptimizerState for FlatOptimizer {
         let mut out = Vec::new();
         for g in &self.groups {
             for (kind, values) in &kinds {
-                let t = candle_core::Tensor::from_slice(&values[g.offset..g.offset + g.len], g.len, &candle_core::Device::Cpu).expect("a CPU tensor from a slice");
-                out.push((format!("{kind}.{}", g.name), t));
+                out.push((format!("{kind}.{}", g.name), Stored::F32 { values: &values[g.offset..g.offset + g.len], shape: vec![g.len] }));
             }
         }
         out
