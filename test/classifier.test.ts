@@ -15,7 +15,7 @@ import {
   type Tensor,
   type TrainingEvent,
 } from '../ts/index.js';
-import { fixture, randomTensor, readSafetensors, worstMismatch } from './helpers.js';
+import { FIXTURE_DIRS, FIXTURES, fixture, randomTensor, readSafetensors, worstMismatch } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'vit-mae-classifier-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -87,25 +87,38 @@ const FAST = { augment: { randomResizedCrop: false, hflip: false }, batchSize: 4
 
 const tinyMae = (seed = 1) => MaskedAutoencoder.create({ config: TINY, seed });
 
-describe('parity with the PyTorch reference (vit-cls-tiny)', () => {
-  const reference = readSafetensors(fixture('vit-cls-tiny.case.safetensors'));
-  const { smoothing } = JSON.parse(reference.metadata.config) as { smoothing: number };
+// Every classifier case of every fixture folder: global pooling (vit-cls-tiny), cls
+// pooling with one channel and patch 7 (vit-cls-token), the linear probe's BatchNorm head
+// (vit-linprobe).
+const CLASSIFIER_CASES = FIXTURE_DIRS.flatMap((dir) =>
+  ['vit-cls-tiny', 'vit-cls-token', 'vit-linprobe'].filter((name) => existsSync(fixture(`${name}.case.safetensors`, dir))).map((name) => ({ name, dir })),
+);
+
+it('the repository has every classifier case', () => expect(CLASSIFIER_CASES.filter((c) => c.dir === FIXTURES)).toHaveLength(3));
+
+describe.each(CLASSIFIER_CASES)('parity with the PyTorch reference ($name in $dir)', ({ name: caseName, dir }) => {
+  const reference = readSafetensors(fixture(`${caseName}.case.safetensors`, dir));
+  const published = JSON.parse(reference.metadata.config) as Record<string, number | boolean>;
+  const smoothing = published.smoothing as number;
   const { imgs, logits, loss } = reference.tensors;
   const labels = reference.ints.labels.data;
   const output = (want: number) => Math.max(1e-4, 1e-4 * Math.abs(want));
   const FORMATS = [
-    { name: 'safetensors', load: () => VitClassifier.load(fixture('vit-cls-tiny.weights.safetensors')) },
+    { name: 'safetensors', load: () => VitClassifier.load(fixture(`${caseName}.weights.safetensors`, dir)) },
     // A .pth holds only the state dict: its shapes do not tell the head count.
-    { name: 'pth', load: () => VitClassifier.load(fixture('vit-cls-tiny.pth'), { config: { numHeads: 3 } }) },
+    { name: 'pth', load: () => VitClassifier.load(fixture(`${caseName}.pth`, dir), { config: { numHeads: published.num_heads as number } }) },
   ] as const;
 
-  it('the fixture smooths labels by 0.1', () => expect(smoothing).toBe(0.1));
+  if (caseName === 'vit-cls-tiny') it('the fixture smooths labels by 0.1', () => expect(smoothing).toBe(0.1));
 
   describe.each(FORMATS)('loaded from $name', (format) => {
     it('forward matches the logits', async () => {
       const clf = await format.load();
       expect(clf.checkpointFormat).toBe(format.name);
-      expect(clf.config).toMatchObject({ imgSize: 32, patchSize: 4, inChans: 3, embedDim: 48, depth: 2, numHeads: 3, numClasses: 10, globalPool: true, headBatchNorm: false });
+      expect(clf.config).toMatchObject({
+        imgSize: published.img_size, patchSize: published.patch_size, inChans: published.in_chans, embedDim: published.embed_dim, depth: published.depth,
+        numHeads: published.num_heads, numClasses: published.num_classes, globalPool: published.global_pool, headBatchNorm: published.head_batch_norm ?? false,
+      });
       const out = await clf.forward(imgs);
       expect(out.shape).toEqual(logits.shape);
       expect(worstMismatch(out.data, logits.data, output)).toBeNull();
@@ -129,25 +142,27 @@ describe('parity with the PyTorch reference (vit-cls-tiny)', () => {
     });
   });
 
-  it('predict: top1 is the argmax, top5 holds 5 classes by falling probability, probabilities are the softmax', async () => {
+  it('predict: top1 is the argmax, top5 holds the top classes (5, or all if fewer) by falling probability, probabilities are the softmax', async () => {
     const clf = await FORMATS[0].load();
     const [out, pred] = await Promise.all([clf.forward(imgs), clf.predict(imgs)]);
     const n = imgs.shape[0];
-    expect(pred.probabilities.shape).toEqual([n, 10]);
+    const k = published.num_classes as number;
+    const top = Math.min(5, k);
+    expect(pred.probabilities.shape).toEqual([n, k]);
     expect(pred.top1).toBeInstanceOf(Int32Array);
     expect(pred.top1).toHaveLength(n);
     expect(pred.top5).toHaveLength(n);
     const probs = rows(pred.probabilities);
     rows(out).forEach((logitRow, i) => {
       expect(pred.top1[i]).toBe(argmax(logitRow));
-      const top = Array.from(pred.top5[i]);
-      expect(top).toHaveLength(5);
-      expect(new Set(top).size).toBe(5);
-      expect(top[0]).toBe(pred.top1[i]);
-      for (let k = 1; k < 5; k++) expect(probs[i][top[k - 1]]).toBeGreaterThanOrEqual(probs[i][top[k]]);
-      // Nothing outside the top five beats its last entry.
-      const rest = [...Array(10).keys()].filter((c) => !top.includes(c));
-      for (const c of rest) expect(probs[i][c]).toBeLessThanOrEqual(probs[i][top[4]]);
+      const best = Array.from(pred.top5[i]);
+      expect(best).toHaveLength(top);
+      expect(new Set(best).size).toBe(top);
+      expect(best[0]).toBe(pred.top1[i]);
+      for (let j = 1; j < top; j++) expect(probs[i][best[j - 1]]).toBeGreaterThanOrEqual(probs[i][best[j]]);
+      // Nothing outside the top classes beats the last of them.
+      const rest = [...Array(k).keys()].filter((c) => !best.includes(c));
+      for (const c of rest) expect(probs[i][c]).toBeLessThanOrEqual(probs[i][best[top - 1]]);
       expect(probs[i].reduce((a, b) => a + b, 0)).toBeCloseTo(1, 5);
       const max = Math.max(...logitRow);
       const z = logitRow.reduce((a, v) => a + Math.exp(v - max), 0);

@@ -1,5 +1,5 @@
 // Test helpers: the reference fixtures and a minimal safetensors reader/writer.
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import zlib from 'node:zlib';
 import { expect } from 'vitest';
 import { dirname, join, resolve } from 'node:path';
@@ -8,11 +8,18 @@ import type { Tensor } from '../ts/index.js';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
-/** `../shared/fixtures` beside the repository, or VIT_MAE_FIXTURES. */
-export const FIXTURES = process.env.VIT_MAE_FIXTURES ?? resolve(root, '../shared/fixtures');
+/** The repository's own PyTorch reference fixtures (written by test/fixtures/generate.py). */
+export const FIXTURES = resolve(root, 'test/fixtures');
 
-export function fixture(name: string): string {
-  return join(FIXTURES, name);
+/**
+ * Every fixture folder the parity tests hold the model to: the repository's own, then
+ * VIT_MAE_FIXTURES when set, else `../shared/fixtures` beside the repository when it
+ * exists (fixtures of an independent implementation).
+ */
+export const FIXTURE_DIRS: string[] = [FIXTURES, ...(process.env.VIT_MAE_FIXTURES ? [process.env.VIT_MAE_FIXTURES] : existsSync(resolve(root, '../shared/fixtures')) ? [resolve(root, '../shared/fixtures')] : [])];
+
+export function fixture(name: string, dir = FIXTURES): string {
+  return join(dir, name);
 }
 
 export interface SafetensorsFile {

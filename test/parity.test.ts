@@ -1,11 +1,15 @@
-// Parity with the independent PyTorch reference (../shared/fixtures): every MAE
-// case in all three checkpoint formats, outputs within 1e-4 and every gradient
-// within 1e-3 of its tensor's largest magnitude.
+// Parity with the PyTorch reference fixtures (the repository's own in test/fixtures,
+// and ../shared/fixtures' when present): every MAE case in all three checkpoint
+// formats, outputs within 1e-4 and every gradient within 1e-3 of its tensor's largest
+// magnitude.
+import { existsSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { MaskedAutoencoder, type MaeConfig } from '../ts/index.js';
-import { fixture, readSafetensors, worstMismatch } from './helpers.js';
+import { FIXTURE_DIRS, fixture, readSafetensors, worstMismatch } from './helpers.js';
 
-const CASES = ['mae-tiny', 'mae-tiny-normpix'];
+const CASES = FIXTURE_DIRS.flatMap((dir) =>
+  ['mae-tiny', 'mae-tiny-normpix', 'mae-1ch-p7', 'mae-1ch-p7-normpix'].filter((name) => existsSync(fixture(`${name}.case.safetensors`, dir))).map((name) => ({ name, dir })),
+);
 const FORMATS = [
   { name: 'safetensors', path: (c: string) => `${c}.weights.safetensors` },
   { name: 'pth', path: (c: string) => `${c}.pth` },
@@ -14,8 +18,8 @@ const FORMATS = [
 
 const output = (want: number) => Math.max(1e-4, 1e-4 * Math.abs(want));
 
-describe.each(CASES)('%s', (caseName) => {
-  const reference = readSafetensors(fixture(`${caseName}.case.safetensors`));
+describe.each(CASES)('$name in $dir', ({ name: caseName, dir }) => {
+  const reference = readSafetensors(fixture(`${caseName}.case.safetensors`, dir));
   // The fixture's config in the published (snake_case) spelling, plus its mask ratio.
   const { mask_ratio: maskRatio, ...published } = JSON.parse(reference.metadata.config) as Record<string, number>;
   const { imgs, noise } = reference.tensors;
@@ -24,7 +28,7 @@ describe.each(CASES)('%s', (caseName) => {
     // A .pth holds only the state dict: its shapes do not tell these tiny models'
     // head counts, so that format gets the config explicitly.
     const load = () =>
-      MaskedAutoencoder.load(fixture(format.path(caseName)), {
+      MaskedAutoencoder.load(fixture(format.path(caseName), dir), {
         config: format.name === 'pth' ? (published as unknown as Partial<MaeConfig>) : undefined,
       });
 

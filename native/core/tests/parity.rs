@@ -1,11 +1,13 @@
-//! Parity with the PyTorch reference fixtures in `../shared/fixtures`
-//! (override with VIT_MAE_FIXTURES): every MAE case, in all three checkpoint formats,
-//! in f32 and bf16, on the CPU or the device named by VIT_MAE_TEST_DEVICE.
+//! Parity with the PyTorch reference fixtures: the repository's own (`test/fixtures`),
+//! and those of an independent implementation in `../shared/fixtures` (or
+//! VIT_MAE_FIXTURES) when present. Every case, in every checkpoint format it has, in f32
+//! and bf16, on the CPU or the device named by VIT_MAE_TEST_DEVICE.
 
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{fixtures, test_device};
+use common::{dirs_with, test_device};
+use std::path::Path;
 use std::collections::HashMap;
 use vit_mae_core::classifier::load_classifier;
 use vit_mae_core::{load_model, ConfigPatch, HostTensor, MaskOptions, Masking, Precision};
@@ -16,8 +18,8 @@ struct Case {
     config: ConfigPatch,
 }
 
-fn read_case(name: &str) -> Case {
-    let path = fixtures().join(format!("{name}.case.safetensors"));
+fn read_case(dir: &Path, name: &str) -> Case {
+    let path = dir.join(format!("{name}.case.safetensors"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let config: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["config"]).unwrap();
@@ -97,9 +99,15 @@ fn check_case(name: &str, checkpoint: &str) {
 }
 
 fn check_case_within(name: &str, checkpoint: &str, tol: &Tolerance) {
-    let case = read_case(name);
+    for dir in dirs_with(name) {
+        check_case_in(&dir, name, checkpoint, tol);
+    }
+}
+
+fn check_case_in(dir: &Path, name: &str, checkpoint: &str, tol: &Tolerance) {
+    let case = read_case(dir, name);
     let explicit = checkpoint.ends_with(".pth").then_some(&case.config);
-    let (model, report) = load_model(&fixtures().join(checkpoint), explicit, &test_device(), tol.precision, 0).unwrap();
+    let (model, report) = load_model(&dir.join(checkpoint), explicit, &test_device(), tol.precision, 0).unwrap();
     assert!(!report.fresh_decoder);
     // f32 on the CPU runs on the engine; bf16 and CUDA on the reference model.
     assert_eq!(model.uses_engine(), model.device().is_cpu() && tol.precision == Precision::F32);
@@ -166,12 +174,45 @@ fn mae_tiny_normpix_hugging_face() {
     check_case("mae-tiny-normpix", "mae-tiny-normpix.hf");
 }
 
+/// One channel, patch 7, five heads, mask ratio 0.6.
+#[test]
+fn mae_one_channel_patch7_in_every_format() {
+    for checkpoint in ["mae-1ch-p7.weights.safetensors", "mae-1ch-p7.pth", "mae-1ch-p7.hf"] {
+        check_case("mae-1ch-p7", checkpoint);
+    }
+}
+
+#[test]
+fn mae_one_channel_patch7_normpix_in_every_format() {
+    for checkpoint in ["mae-1ch-p7-normpix.weights.safetensors", "mae-1ch-p7-normpix.pth", "mae-1ch-p7-normpix.hf"] {
+        check_case("mae-1ch-p7-normpix", checkpoint);
+    }
+}
+
+/// An encoder-only checkpoint (as the published `mae_pretrain_vit_*.pth`): it loads with
+/// a fresh decoder, and the encoder gives the reference latent.
+#[test]
+fn encoder_only_checkpoint_gives_the_reference_latent() {
+    for dir in dirs_with("mae-encoder-only") {
+        let case = read_case(&dir, "mae-encoder-only");
+        for checkpoint in ["mae-encoder-only.weights.safetensors", "mae-encoder-only.pth"] {
+            let explicit = checkpoint.ends_with(".pth").then_some(&case.config);
+            let (model, report) = load_model(&dir.join(checkpoint), explicit, &test_device(), Precision::F32, 0).unwrap();
+            assert!(report.fresh_decoder, "{checkpoint}: the decoder must be fresh");
+            let options = MaskOptions { mask_ratio: case.mask_ratio, masking: Masking::Random, noise: Some(HostTensor::from_tensor(&case.tensors["noise"]).unwrap()) };
+            let out = model.forward(&case.tensors["imgs"].to_device(model.device()).unwrap(), &options).unwrap();
+            assert_close("mask", &out.mask, &case.tensors["mask"], 0.0);
+            F32.check_output("latent", &out.latent, &case.tensors["latent"]);
+        }
+    }
+}
+
 #[test]
 fn sincos_table_matches_the_published_one() {
-    for name in ["mae-tiny", "mae-tiny-normpix"] {
-        let stored = candle_core::safetensors::load(fixtures().join(format!("{name}.weights.safetensors")), &Device::Cpu).unwrap();
+    for (dir, name) in ["mae-tiny", "mae-tiny-normpix", "mae-1ch-p7"].into_iter().flat_map(|name| dirs_with(name).into_iter().map(move |d| (d, name))) {
+        let stored = candle_core::safetensors::load(dir.join(format!("{name}.weights.safetensors")), &Device::Cpu).unwrap();
         let model = vit_mae_core::MaskedAutoencoder::new(
-            vit_mae_core::checkpoint::checkpoint_config(&fixtures().join(format!("{name}.weights.safetensors"))).unwrap(),
+            vit_mae_core::checkpoint::checkpoint_config(&dir.join(format!("{name}.weights.safetensors"))).unwrap(),
             &Device::Cpu,
             Precision::F32,
             0,
@@ -189,14 +230,20 @@ fn check_classifier_case(name: &str, checkpoint: &str) {
 }
 
 fn check_classifier_case_within(name: &str, checkpoint: &str, tol: &Tolerance) {
-    let path = fixtures().join(format!("{name}.case.safetensors"));
+    for dir in dirs_with(name) {
+        check_classifier_case_in(&dir, name, checkpoint, tol);
+    }
+}
+
+fn check_classifier_case_in(dir: &Path, name: &str, checkpoint: &str, tol: &Tolerance) {
+    let path = dir.join(format!("{name}.case.safetensors"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {} missing: {e}", path.display()));
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let config: serde_json::Value = serde_json::from_str(&header.metadata().as_ref().unwrap()["config"]).unwrap();
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
     // `.pth` holds no config and a 48-wide encoder is no preset: give the head count.
     let explicit = checkpoint.ends_with(".pth").then(|| serde_json::json!({ "numHeads": config["num_heads"] }));
-    let (classifier, _) = load_classifier(&fixtures().join(checkpoint), explicit.as_ref(), &test_device(), tol.precision, 0).unwrap();
+    let (classifier, _) = load_classifier(&dir.join(checkpoint), explicit.as_ref(), &test_device(), tol.precision, 0).unwrap();
     assert_eq!(classifier.config.global_pool, config["global_pool"].as_bool().unwrap());
     assert_eq!(classifier.uses_engine(), classifier.device().is_cpu() && tol.precision == Precision::F32);
     let imgs = &tensors["imgs"].to_device(classifier.device()).unwrap();
@@ -224,6 +271,20 @@ fn vit_cls_tiny_safetensors() {
     check_classifier_case("vit-cls-tiny", "vit-cls-tiny.weights.safetensors");
 }
 
+/// cls-token pooling with the final `norm`, one channel, patch 7, five heads.
+#[test]
+fn vit_cls_token_pooling() {
+    check_classifier_case("vit-cls-token", "vit-cls-token.weights.safetensors");
+    check_classifier_case("vit-cls-token", "vit-cls-token.pth");
+}
+
+/// The linear probe's head: BatchNorm (running statistics) before the linear layer.
+#[test]
+fn vit_linear_probe_head() {
+    check_classifier_case("vit-linprobe", "vit-linprobe.weights.safetensors");
+    check_classifier_case("vit-linprobe", "vit-linprobe.pth");
+}
+
 #[test]
 fn vit_cls_tiny_pth() {
     check_classifier_case("vit-cls-tiny", "vit-cls-tiny.pth");
@@ -248,8 +309,9 @@ fn vit_cls_tiny_bf16() {
 /// about bf16's precision and no more than the tolerance.
 #[test]
 fn bf16_rounds_the_products() {
-    let case = read_case("mae-tiny");
-    let path = fixtures().join("mae-tiny.weights.safetensors");
+    let dir = common::fixtures();
+    let case = read_case(&dir, "mae-tiny");
+    let path = dir.join("mae-tiny.weights.safetensors");
     let options = MaskOptions { mask_ratio: case.mask_ratio, masking: Masking::Random, noise: Some(HostTensor::from_tensor(&case.tensors["noise"]).unwrap()) };
     let pred = |precision| {
         let (model, _) = load_model(&path, None, &test_device(), precision, 0).unwrap();

@@ -9,13 +9,28 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use vit_mae_core::data::Augment;
 
-/// The PyTorch reference fixtures: `$VIT_MAE_FIXTURES` when set, else `../shared/fixtures`
-/// beside the repository.
+/// The repository's own PyTorch reference fixtures (`test/fixtures`, written by
+/// `test/fixtures/generate.py`).
 pub fn fixtures() -> PathBuf {
-    match std::env::var("VIT_MAE_FIXTURES") {
-        Ok(dir) => PathBuf::from(dir),
-        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
-    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test/fixtures")
+}
+
+/// Every fixture folder the parity tests hold the model to: the repository's own, then
+/// `$VIT_MAE_FIXTURES` when set, else `../shared/fixtures` beside the repository when
+/// it exists (fixtures of an independent implementation).
+pub fn fixture_dirs() -> Vec<PathBuf> {
+    let extra = match std::env::var("VIT_MAE_FIXTURES") {
+        Ok(dir) => Some(PathBuf::from(dir)),
+        Err(_) => Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")).filter(|d| d.is_dir()),
+    };
+    std::iter::once(fixtures()).chain(extra).collect()
+}
+
+/// The fixture folders that hold case `name`; the repository's own always does.
+pub fn dirs_with(name: &str) -> Vec<PathBuf> {
+    let dirs: Vec<PathBuf> = fixture_dirs().into_iter().filter(|d| d.join(format!("{name}.case.safetensors")).is_file()).collect();
+    assert!(dirs.first() == Some(&fixtures()), "test/fixtures lacks {name}: run test/fixtures/generate.py");
+    dirs
 }
 
 /// The device the parity tests run on: `$VIT_MAE_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`)
