@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, setAllowTf32, type MaeConfig } from '../ts/index.js';
+import { MaskedAutoencoder, inspectCheckpoint, setAllowTf32, type MaeConfig } from '../ts/index.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
 
 const SMALL: MaeConfig = {
@@ -210,5 +210,20 @@ describe('precision', () => {
     } finally {
       setAllowTf32(false);
     }
+  });
+});
+
+describe('inspectCheckpoint', () => {
+  it('reads tensors and config without building a model, naming what the file does not tell', async () => {
+    const pth = await inspectCheckpoint(fixture('mae-tiny.pth'));
+    expect(pth.format).toBe('pth');
+    expect(pth.tensors['patch_embed.proj.weight']).toEqual([48, 3, 4, 4]);
+    expect(Object.keys(pth.tensors)).toHaveLength(62);
+    expect(pth.config).toMatchObject({ imgSize: 32, patchSize: 4, inChans: 3, embedDim: 48, depth: 2, decoderEmbedDim: 32, decoderDepth: 2, mlpRatio: 4 });
+    expect(pth.unknown).toEqual(['numHeads', 'decoderNumHeads']);
+    // safetensors carries its config in the metadata: nothing is unknown.
+    const st = await inspectCheckpoint(fixture('mae-tiny.weights.safetensors'));
+    expect(st).toMatchObject({ format: 'safetensors', unknown: [], config: { numHeads: 3, decoderNumHeads: 4 } });
+    await expect(inspectCheckpoint(fixture('missing.pth'))).rejects.toMatchObject({ code: 'E_CHECKPOINT_NOT_FOUND' });
   });
 });

@@ -58,6 +58,27 @@ describe('vit-mae CLI', () => {
     expect(run([cli, 'info', fixture('mae-tiny.hf')]).stdout).toMatch(/format: huggingface/);
   });
 
+  it('info on a .pth whose widths match no preset says what it holds and which fields to pass, and exits 0', () => {
+    const pth = fixture('mae-tiny.pth');
+    const text = run([cli, 'info', pth]);
+    expect(text.status, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/format: pth/);
+    expect(text.stdout).toMatch(/embedDim: 48\n/);
+    expect(text.stdout).toMatch(/depth: 2\n/);
+    expect(text.stdout).toMatch(/patchSize: 4\n/);
+    expect(text.stdout).toMatch(/unknown: numHeads, decoderNumHeads .*--config '\{"numHeads":"N","decoderNumHeads":"N"\}'/);
+    const json = run([cli, 'info', pth, '--json']);
+    expect(json.status, json.stderr).toBe(0);
+    const info = JSON.parse(json.stdout);
+    expect(info).toMatchObject({ format: 'pth', unknown: ['numHeads', 'decoderNumHeads'], config: { embedDim: 48, depth: 2, patchSize: 4, imgSize: 32, decoderEmbedDim: 32, decoderDepth: 2 } });
+    expect(info.tensors['blocks.0.attn.qkv.weight']).toEqual([144, 48]);
+    expect(info.config.numHeads).toBeUndefined();
+    // Given the head counts, it describes the model as for any other file.
+    const full = run([cli, 'info', pth, '--json', '--config', '{"numHeads": 3, "decoderNumHeads": 4}']);
+    expect(full.status, full.stderr).toBe(0);
+    expect(JSON.parse(full.stdout)).toMatchObject({ format: 'pth', config: { numHeads: 3, decoderNumHeads: 4 } });
+  });
+
   it('pretrains with JSON events, writes checkpoints, the model and a reconstruction; reconstruct reads it back', () => {
     const out = join(dir, 'run');
     const result = run(pretrainArgs(out, ['--max-steps', '6', '--checkpoint-every', '3', '--keep-last', '1']));

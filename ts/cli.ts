@@ -13,6 +13,7 @@ import {
   type TrainingRun,
   type TrainingSummary,
   type Protocol,
+  inspectCheckpoint,
   loadImages,
   setAllowTf32,
   writeReconstructionGrid,
@@ -403,6 +404,21 @@ program
   .option('--config <json>', 'model config fields the checkpoint does not tell', json)
   .option('--json', 'print as JSON on stdout')
   .action(async (checkpoint: string, o) => {
+    const inspection = await inspectCheckpoint(checkpoint);
+    const unknown = inspection.unknown.filter((k) => o.config?.[k] === undefined);
+    if (unknown.length > 0) {
+      // The file does not tell all of its config: say what it holds and what to pass.
+      const known = { ...inspection.config, ...o.config };
+      const hint = `pass them with --config '${JSON.stringify(Object.fromEntries(unknown.map((k) => [k, 'N'])))}'`;
+      if (o.json) process.stdout.write(`${JSON.stringify({ path: checkpoint, format: inspection.format, tensors: inspection.tensors, config: known, unknown })}\n`);
+      else {
+        const count = Object.values(inspection.tensors).reduce((n, shape) => n + shape.reduce((a, b) => a * b, 1), 0);
+        process.stdout.write(`${checkpoint}\n  format: ${inspection.format}\n  tensors: ${Object.keys(inspection.tensors).length} (${count.toLocaleString()} values)\n`);
+        for (const [k, v] of Object.entries(known)) process.stdout.write(`  ${k}: ${v}\n`);
+        process.stdout.write(`  unknown: ${unknown.join(', ')} (the shapes do not tell them): ${hint}\n`);
+      }
+      return;
+    }
     const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config });
     const info = { path: checkpoint, format: mae.checkpointFormat, parameterCount: mae.parameterCount, freshDecoder: mae.freshDecoder, config: mae.config };
     if (o.json) process.stdout.write(`${JSON.stringify(info)}\n`);

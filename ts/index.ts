@@ -167,6 +167,33 @@ export function setAllowTf32(allow: boolean): void {
   binding.setAllowTf32(allow);
 }
 
+/** What a checkpoint holds, read without building a model ({@link inspectCheckpoint}). */
+export interface CheckpointInspection {
+  format: 'safetensors' | 'pth' | 'huggingface';
+  /** Every tensor's shape, by published name. */
+  tensors: Record<string, number[]>;
+  /** The config fields the file tells: its metadata, over what its shapes imply. */
+  config: Partial<MaeConfig>;
+  /**
+   * The fields a model needs that the file does not tell (a `.pth` of widths no
+   * preset has does not tell its head counts): pass them as `config` to
+   * {@link MaskedAutoencoder.load}.
+   */
+  unknown: (keyof MaeConfig)[];
+}
+
+/** Reads what a checkpoint (`.safetensors`, `.pth` or a Hugging Face folder) holds, without building a model. */
+export async function inspectCheckpoint(path: string): Promise<CheckpointInspection> {
+  const checkedPath = checkPath(path);
+  const i = await call(() => binding.inspectCheckpoint(checkedPath));
+  return {
+    format: i.format as CheckpointInspection['format'],
+    tensors: Object.fromEntries(i.tensors.map(({ name, shape }) => [name, shape])),
+    config: JSON.parse(i.configJson) as Partial<MaeConfig>,
+    unknown: i.unknown as (keyof MaeConfig)[],
+  };
+}
+
 /**
  * Loads `count` images of a dataset (from index `start`, a multiple of `count`),
  * resized to the model's input and normalised: ready for `forward` or `reconstruct`.

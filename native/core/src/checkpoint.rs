@@ -512,10 +512,25 @@ fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<(
 
 /// The config a checkpoint implies, for inspection without building the model.
 pub fn checkpoint_config(path: &Path) -> Result<MaeConfig> {
+    inspect(path)?.config.complete()
+}
+
+/// What a checkpoint holds, read without building a model: for files whose config the
+/// shapes do not complete (a `.pth` of widths no preset has does not tell its head counts).
+pub struct Inspection {
+    pub format: CheckpointFormat,
+    /// Every tensor, by published name, with its shape.
+    pub tensors: Vec<(String, Vec<usize>)>,
+    /// The config its metadata gives, over what its shapes imply.
+    pub config: ConfigPatch,
+}
+
+pub fn inspect(path: &Path) -> Result<Inspection> {
     let state = read_state_dict(path)?;
-    let mut patch = infer_config(&state.tensors);
+    let mut config = infer_config(&state.tensors);
     if let Some(c) = &state.config {
-        patch = merge(patch, c);
+        config = merge(config, c);
     }
-    patch.complete()
+    let tensors = state.tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect();
+    Ok(Inspection { format: state.format, tensors, config })
 }

@@ -116,8 +116,9 @@ impl ConfigPatch {
 
     /// The complete config this patch describes, with the published defaults
     /// (`mlpRatio` 4, `normPixLoss` false, `layerNormEps` 1e-6) for the optional fields.
-    pub fn complete(&self) -> Result<MaeConfig> {
-        let missing: Vec<&str> = [
+    /// The fields a complete config needs that this one lacks (camelCase).
+    pub fn missing(&self) -> Vec<&'static str> {
+        [
             ("imgSize", self.img_size.is_none()),
             ("patchSize", self.patch_size.is_none()),
             ("inChans", self.in_chans.is_none()),
@@ -130,7 +131,31 @@ impl ConfigPatch {
         ]
         .into_iter()
         .filter_map(|(name, absent)| absent.then_some(name))
-        .collect();
+        .collect()
+    }
+
+    /// The fields this config sets, as camelCase JSON.
+    pub fn known(&self) -> serde_json::Map<String, serde_json::Value> {
+        let fields: [(&str, Option<serde_json::Value>); 13] = [
+            ("imgSize", self.img_size.map(Into::into)),
+            ("patchSize", self.patch_size.map(Into::into)),
+            ("inChans", self.in_chans.map(Into::into)),
+            ("embedDim", self.embed_dim.map(Into::into)),
+            ("depth", self.depth.map(Into::into)),
+            ("numHeads", self.num_heads.map(Into::into)),
+            ("decoderEmbedDim", self.decoder_embed_dim.map(Into::into)),
+            ("decoderDepth", self.decoder_depth.map(Into::into)),
+            ("decoderNumHeads", self.decoder_num_heads.map(Into::into)),
+            ("mlpRatio", self.mlp_ratio.map(Into::into)),
+            ("normPixLoss", self.norm_pix_loss.map(Into::into)),
+            ("layerNormEps", self.layer_norm_eps.map(Into::into)),
+            ("encoderMaskToken", self.encoder_mask_token.map(Into::into)),
+        ];
+        fields.into_iter().filter_map(|(name, value)| Some((name.to_string(), value?))).collect()
+    }
+
+    pub fn complete(&self) -> Result<MaeConfig> {
+        let missing = self.missing();
         if !missing.is_empty() {
             bail!(InvalidConfig, "config is missing field(s) {missing:?} (or name a preset)");
         }

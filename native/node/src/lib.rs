@@ -375,3 +375,41 @@ impl Task for EmbedTask {
         Ok(NativeTensor::from_host(output))
     }
 }
+
+/// What a checkpoint holds, read without building a model.
+#[napi(object)]
+pub struct NativeInspection {
+    pub format: String,
+    pub tensors: Vec<NativeNamedShape>,
+    /// The config fields the file tells (camelCase JSON).
+    pub config_json: String,
+    /// The fields a complete config needs that the file does not tell.
+    pub unknown: Vec<String>,
+}
+
+#[napi(ts_return_type = "Promise<NativeInspection>")]
+pub fn inspect_checkpoint(path: String) -> AsyncTask<InspectTask> {
+    AsyncTask::new(InspectTask { path: PathBuf::from(path) })
+}
+
+pub struct InspectTask {
+    path: PathBuf,
+}
+
+impl Task for InspectTask {
+    type Output = checkpoint::Inspection;
+    type JsValue = NativeInspection;
+
+    fn compute(&mut self) -> Result<checkpoint::Inspection> {
+        guarded(|| checkpoint::inspect(&self.path))
+    }
+
+    fn resolve(&mut self, _env: Env, i: checkpoint::Inspection) -> Result<NativeInspection> {
+        Ok(NativeInspection {
+            format: i.format.as_str().to_string(),
+            tensors: i.tensors.into_iter().map(|(name, shape)| NativeNamedShape { name, shape: shape.into_iter().map(|d| d as u32).collect() }).collect(),
+            config_json: serde_json::Value::Object(i.config.known()).to_string(),
+            unknown: i.config.missing().into_iter().map(String::from).collect(),
+        })
+    }
+}
