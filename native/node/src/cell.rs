@@ -24,33 +24,27 @@ pub(crate) trait Model {
     fn facts(&self) -> Facts;
 }
 
-fn shapes(params: &[(String, vit_mae_core::candle_core::Var)]) -> Vec<(String, Vec<u32>)> {
-    params.iter().map(|(name, var)| (name.clone(), var.dims().iter().map(|&d| d as u32).collect())).collect()
+fn facts(config_json: serde_json::Result<String>, params: &[(String, vit_mae_core::candle_core::Var)], device: &vit_mae_core::candle_core::Device, precision: vit_mae_core::Precision) -> Facts {
+    Facts {
+        config_json: config_json.unwrap_or_default(),
+        parameter_count: params.iter().map(|(_, v)| v.elem_count()).sum::<usize>() as f64,
+        device: vit_mae_core::device::device_name(device),
+        precision: precision.name().to_string(),
+        shapes: params.iter().map(|(name, var)| (name.clone(), var.dims().iter().map(|&d| d as u32).collect())).collect(),
+    }
 }
 
 impl Model for MaskedAutoencoder {
     const KIND: &'static str = "model";
     fn facts(&self) -> Facts {
-        Facts {
-            config_json: serde_json::to_string(&self.config).unwrap_or_default(),
-            parameter_count: self.parameter_count() as f64,
-            device: vit_mae_core::device::device_name(self.device()),
-            precision: self.precision().name().to_string(),
-            shapes: shapes(self.params()),
-        }
+        facts(serde_json::to_string(&self.config), self.params(), self.device(), self.precision())
     }
 }
 
 impl Model for VitClassifier {
     const KIND: &'static str = "classifier";
     fn facts(&self) -> Facts {
-        Facts {
-            config_json: serde_json::to_string(&self.config).unwrap_or_default(),
-            parameter_count: self.parameter_count() as f64,
-            device: vit_mae_core::device::device_name(self.device()),
-            precision: self.precision().name().to_string(),
-            shapes: shapes(self.params()),
-        }
+        facts(serde_json::to_string(&self.config), self.params(), self.device(), self.precision())
     }
 }
 
