@@ -227,3 +227,56 @@ describe('inspectCheckpoint', () => {
     await expect(inspectCheckpoint(fixture('missing.pth'))).rejects.toMatchObject({ code: 'E_CHECKPOINT_NOT_FOUND' });
   });
 });
+
+describe('dispose', () => {
+  it('frees the weights: later calls get E_DISPOSED, the getters answer, a second dispose does nothing', async () => {
+    const mae = MaskedAutoencoder.create({ config: SMALL, seed: 1 });
+    const images = randomTensor([1, 3, 32, 32], 2);
+    const count = mae.parameterCount;
+    mae.dispose();
+    const disposed = expect.objectContaining({ code: 'E_DISPOSED', message: expect.stringMatching(/disposed/) });
+    await expect(mae.forward(images)).rejects.toEqual(disposed);
+    await expect(mae.embed(images)).rejects.toEqual(disposed);
+    await expect(mae.save(join(dir, 'disposed.safetensors'))).rejects.toEqual(disposed);
+    expect(() => mae.pretrain({ data: { kind: 'memory', images }, batchSize: 1 })).toThrow(disposed);
+    expect(mae.parameterCount).toBe(count);
+    expect(mae.config.embedDim).toBe(SMALL.embedDim);
+    expect(() => mae.dispose()).not.toThrow();
+    // Symbol.dispose is the same call, for `using`.
+    const other = MaskedAutoencoder.create({ config: SMALL, seed: 1 });
+    other[Symbol.dispose]();
+    await expect(other.forward(images)).rejects.toEqual(disposed);
+  });
+
+  it('is refused while the model trains; a call issued before it finishes or rejects with E_DISPOSED', async () => {
+    const mae = MaskedAutoencoder.create({ config: SMALL, seed: 1 });
+    const images = randomTensor([8, 3, 32, 32], 4);
+    images.data.forEach((v, i) => (images.data[i] = 0.5 + 0.1 * v));
+    const run = mae.pretrain({ data: { kind: 'memory', images }, batchSize: 4, epochs: 1, warmupEpochs: 0, workers: 1, augment: { randomResizedCrop: false, hflip: false } });
+    expect(() => mae.dispose()).toThrow(expect.objectContaining({ code: 'E_BUSY' }));
+    await run.result;
+    // A forward pass issued just before: computing already (it finishes) or still queued
+    // (it is refused); never a crash or a result from freed weights.
+    const pending = mae.forward(images).then(
+      (out) => out.loss,
+      (e: { code: string }) => e.code,
+    );
+    mae.dispose();
+    const outcome = await pending;
+    expect(outcome === 'E_DISPOSED' || Number.isFinite(outcome), String(outcome)).toBe(true);
+  });
+
+  it('200 base-sized models created and disposed in turn leave RSS where it started', () => {
+    const mb = () => process.memoryUsage().rss / 2 ** 20;
+    MaskedAutoencoder.create({ preset: 'mae_vit_base_patch16', seed: 0 }).dispose();
+    const start = mb();
+    let peak = start;
+    for (let i = 0; i < 200; i++) {
+      MaskedAutoencoder.create({ preset: 'mae_vit_base_patch16', seed: i }).dispose();
+      peak = Math.max(peak, mb());
+    }
+    // One model's weights are 450 MB: never two alive at once, and none left behind.
+    expect(peak - start).toBeLessThan(600);
+    expect(mb() - start).toBeLessThan(64);
+  }, 600_000);
+});

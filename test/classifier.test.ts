@@ -392,6 +392,17 @@ describe('finetune', () => {
     expect(e.loss).toBeCloseTo(last.loss, 4);
   });
 
+  it('dispose frees the classifier: later calls get E_DISPOSED, the getters answer', async () => {
+    const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
+    const count = clf.parameterCount;
+    clf.dispose();
+    const disposed = expect.objectContaining({ code: 'E_DISPOSED' });
+    await expect(clf.forward(normalise(RAW))).rejects.toEqual(disposed);
+    expect(() => clf.finetune({ ...FAST, data: LABELLED })).toThrow(disposed);
+    expect(clf.parameterCount).toBe(count);
+    clf[Symbol.dispose]();
+  });
+
   it('has the classifier to itself while it trains: other calls get E_BUSY, the getters answer', async () => {
     const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
     const x = normalise(RAW);

@@ -183,6 +183,22 @@ export class VitClassifier {
     return this.#config;
   }
 
+  /**
+   * Frees the native weights now, rather than when the garbage collector gets to this
+   * object. A call already computing finishes first (the weights go when it does); one
+   * still queued, and every later call, rejects or throws with `E_DISPOSED`. The
+   * getters still answer.
+   * Throws `E_BUSY` while the classifier trains. Calling it again does nothing. Also
+   * available as `using` (`Symbol.dispose`).
+   */
+  dispose(): void {
+    callSync(() => this.#native.dispose());
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
   /** The number of trainable values. */
   get parameterCount(): number {
     return this.#native.parameterCount;

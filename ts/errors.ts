@@ -14,6 +14,7 @@
  * - `E_NON_FINITE_LOSS`: training produced a NaN or infinite loss and stopped (the message names the last good checkpoint).
  * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal.
  * - `E_BUSY`: the model is training; every other call on it is refused until the run ends.
+ * - `E_DISPOSED`: the model was disposed (`dispose()`); its weights are freed.
  * - `E_NATIVE_LOAD`: the native addon could not be loaded.
  * - `E_INTERNAL`: a bug in vit-mae; please report it.
  */
@@ -31,6 +32,7 @@ export type ErrorCode =
   | 'E_NON_FINITE_LOSS'
   | 'E_ABORTED'
   | 'E_BUSY'
+  | 'E_DISPOSED'
   | 'E_NATIVE_LOAD'
   | 'E_INTERNAL';
 

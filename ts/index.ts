@@ -279,6 +279,22 @@ export class MaskedAutoencoder {
     return this.#config;
   }
 
+  /**
+   * Frees the native weights now, rather than when the garbage collector gets to this
+   * object. A call already computing finishes first (the weights go when it does); one
+   * still queued, and every later call, rejects or throws with `E_DISPOSED`. The
+   * getters still answer.
+   * Throws `E_BUSY` while the model trains. Calling it again does nothing. Also
+   * available as `using` (`Symbol.dispose`).
+   */
+  dispose(): void {
+    callSync(() => this.#native.dispose());
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
   /** The number of trainable values (position embeddings excluded, as they are fixed). */
   get parameterCount(): number {
     return this.#native.parameterCount;

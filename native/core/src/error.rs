@@ -32,6 +32,8 @@ pub enum ErrorCode {
     Aborted,
     /// The model is training; no other call may use it until the run ends.
     Busy,
+    /// The model was disposed: its weights are freed.
+    Disposed,
     /// A bug: the computation failed where valid input cannot make it fail.
     Internal,
 }
@@ -52,6 +54,7 @@ impl ErrorCode {
             ErrorCode::NonFiniteLoss => "E_NON_FINITE_LOSS",
             ErrorCode::Aborted => "E_ABORTED",
             ErrorCode::Busy => "E_BUSY",
+            ErrorCode::Disposed => "E_DISPOSED",
             ErrorCode::Internal => "E_INTERNAL",
         }
     }

@@ -67,6 +67,12 @@ impl NativeClassifier {
         self.model.facts.config_json.clone()
     }
 
+    /// Frees the native weights (see `Cell::dispose`); later calls get E_DISPOSED.
+    #[napi]
+    pub fn dispose(&self) -> Result<()> {
+        guarded(|| self.model.dispose())
+    }
+
     #[napi(getter)]
     pub fn parameter_count(&self) -> f64 {
         self.model.facts.parameter_count
