@@ -413,10 +413,24 @@ pub fn save_model(model: &MaskedAutoencoder, path: &Path) -> Result<()> {
 
 /// `save_model` plus extra tensors and metadata entries (training state).
 pub fn save_with(model: &MaskedAutoencoder, extra: Vec<(String, Stored<'_>)>, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-    let mut tensors: Vec<(String, Stored)> = model.params().iter().map(|(n, v)| (n.clone(), Stored::Tensor(v.as_tensor().clone()))).collect();
-    tensors.extend(model.buffers().iter().map(|(n, t)| (n.to_string(), Stored::Tensor((*t).clone()))));
+    let params = model.params().iter().map(|(n, v)| (n.clone(), Stored::Tensor(v.as_tensor().clone()))).collect();
+    save_weights(&model.config, params, model.buffers(), extra, metadata, path)
+}
+
+/// `save_with` for weights held outside a model (a training engine's buffers): the
+/// parameters, then the fixed tables, then `extra`.
+pub fn save_weights(
+    config: &MaeConfig,
+    params: Vec<(String, Stored<'_>)>,
+    buffers: [(&str, &Tensor); 2],
+    extra: Vec<(String, Stored<'_>)>,
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<()> {
+    let mut tensors = params;
+    tensors.extend(buffers.iter().map(|(n, t)| (n.to_string(), Stored::Tensor((*t).clone()))));
     tensors.extend(extra);
-    save_tensors(tensors, model.config.to_published_json(), metadata, path)
+    save_tensors(tensors, config.to_published_json(), metadata, path)
 }
 
 /// A tensor to write: a candle tensor, or f32 values borrowed from an engine's flat

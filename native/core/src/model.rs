@@ -266,20 +266,20 @@ impl MaskedAutoencoder {
     /// memory once; until `Unloaded::reload`, this model is hollow (every parameter
     /// empty) and is not to be used.
     pub fn unload(&mut self) -> Result<Unloaded> {
-        let hollow = self.shell(self.mask_rng.lock().unwrap_or_else(|e| e.into_inner()).clone()).build(ParamBuilder::hollow(self.device.clone(), self.precision))?;
-        let MaskedAutoencoder { config, device, precision, pos_embed, decoder_pos_embed, mask_rng, reference_only, .. } = std::mem::replace(self, hollow);
-        Ok(Unloaded { config, device, precision, pos_embed, decoder_pos_embed, mask_rng: mask_rng.into_inner().unwrap_or_else(|e| e.into_inner()), reference_only })
+        let unloaded = self.shell();
+        *self = self.shell().build(ParamBuilder::hollow(self.device.clone(), self.precision))?;
+        Ok(unloaded)
     }
 
-    /// Everything but the weights, with `mask_rng`.
-    fn shell(&self, mask_rng: ChaCha8Rng) -> Unloaded {
+    /// Everything but the weights.
+    fn shell(&self) -> Unloaded {
         Unloaded {
             config: self.config.clone(),
             device: self.device.clone(),
             precision: self.precision,
             pos_embed: self.pos_embed.clone(),
             decoder_pos_embed: self.decoder_pos_embed.clone(),
-            mask_rng,
+            mask_rng: self.mask_rng.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             reference_only: self.reference_only,
         }
     }

@@ -311,8 +311,7 @@ impl Task for Pretraining<'_> {
     }
 
     fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-        let tensors = self.model.params().iter().map(|(n, v)| (n.clone(), Stored::Tensor(v.as_tensor().clone())));
-        save_pretraining(&self.model.config, tensors.collect(), self.model.buffers(), optimizer_entries(&self.optimizer), self.config, metadata, path)
+        checkpoint::save_with(self.model, optimizer_entries(&self.optimizer), with_recipe(self.config, metadata)?, path)
     }
 
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
@@ -356,8 +355,8 @@ impl Task for EnginePretraining<'_> {
     }
 
     fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-        let buffers = self.unloaded.buffers();
-        save_pretraining(&self.engine.config, self.engine.stored_params().collect(), buffers, optimizer_entries(&self.optimizer), self.config, metadata, path)
+        let params = self.engine.stored_params().collect();
+        checkpoint::save_weights(&self.engine.config, params, self.unloaded.buffers(), optimizer_entries(&self.optimizer), with_recipe(self.config, metadata)?, path)
     }
 
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
@@ -366,23 +365,11 @@ impl Task for EnginePretraining<'_> {
     }
 }
 
-/// Writes a pre-training checkpoint: the weights and fixed tables in the published
-/// layout, then the optimizer's state, with the recipe in the metadata.
-fn save_pretraining(
-    model: &MaeConfig,
-    params: Vec<(String, Stored<'_>)>,
-    buffers: [(&'static str, &Tensor); 2],
-    optimizer: Vec<(String, Stored<'_>)>,
-    config: &PretrainConfig,
-    mut metadata: HashMap<String, String>,
-    path: &Path,
-) -> Result<()> {
+/// A checkpoint's metadata with the recipe that wrote it.
+fn with_recipe(config: &PretrainConfig, mut metadata: HashMap<String, String>) -> Result<HashMap<String, String>> {
     let json = serde_json::to_string(config).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?;
     metadata.insert("pretrain_config".to_string(), json);
-    let mut tensors = params;
-    tensors.extend(buffers.iter().map(|(n, t)| (n.to_string(), Stored::Tensor((*t).clone()))));
-    tensors.extend(optimizer);
-    checkpoint::save_tensors(tensors, model.to_published_json(), metadata, path)
+    Ok(metadata)
 }
 
 /// Refuses a checkpoint written by a model with another config.
