@@ -874,6 +874,43 @@ fn events_describe_the_run() {
     check_events(32, 1, 1.6, None, 0);
 }
 
+/// Resuming from a training checkpoint the model cannot take: a weight missing, a
+/// weight of another shape, another model's config. Each is a coded error naming the
+/// problem, and the model comes back whole and as it was.
+#[test]
+fn resume_refuses_a_checkpoint_that_does_not_fit() {
+    let dir = TempDir::new("bad-resume");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(1), checkpoint_dir: Some(dir.path().into()), ..r });
+    run(&mut tiny_model(95), &loader(32), &config, None).unwrap();
+    let state = read_state_dict(&checkpoint_file(dir.path(), 1)).unwrap();
+    let write = |name: &str, tensors: &std::collections::BTreeMap<String, Tensor>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(state.metadata.clone())).unwrap()).unwrap();
+        path
+    };
+    let mut missing = state.tensors.clone();
+    missing.remove("blocks.0.attn.qkv.weight");
+    let mut reshaped = state.tensors.clone();
+    reshaped.insert("norm.weight".to_string(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap());
+    let more = with_recipe(&config, |r| Recipe { max_steps: Some(2), checkpoint_dir: None, ..r });
+    for (file, code, named) in [("missing.safetensors", ErrorCode::CheckpointKeys, "blocks.0.attn.qkv.weight"), ("reshaped.safetensors", ErrorCode::CheckpointShape, "norm.weight")] {
+        let path = write(file, if code == ErrorCode::CheckpointKeys { &missing } else { &reshaped });
+        let mut model = tiny_model(96);
+        let before = param_bits(&model);
+        let err = run(&mut model, &loader(32), &more, Some(&path)).unwrap_err();
+        assert_eq!(err.code, code, "{file}: {err}");
+        assert!(err.message.contains(named), "{file}: the message should name {named}: {}", err.message);
+        assert_eq!(param_bits(&model), before, "{file}: the model must come back as it was");
+    }
+    let other = MaeConfig { depth: tiny_config().depth + 1, ..tiny_config() };
+    let mut model = MaskedAutoencoder::new(other, &Device::Cpu, Precision::F32, 97).unwrap();
+    let before = param_bits(&model);
+    let err = run(&mut model, &loader(32), &more, Some(&checkpoint_file(dir.path(), 1))).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidConfig, "{err}");
+    assert!(err.message.contains("another config"), "{}", err.message);
+    assert_eq!(param_bits(&model), before, "the model must come back as it was");
+}
+
 /// Resuming onto a loader with no batches left in the checkpoint's epoch (another
 /// dataset or batch size: fewer batches an epoch than the checkpoint had consumed, or
 /// exactly as many) must end, with an error or a defined continuation, rather than

@@ -222,14 +222,20 @@ impl MaeEngine {
     }
 
     /// Sets the parameters from a checkpoint's tensors (read from `path`), by published name.
+    /// Every tensor is checked before any is set, so a checkpoint that does not fit
+    /// leaves the plan's weights as they were.
     pub fn load_state(&mut self, tensors: &BTreeMap<String, candle_core::Tensor>, path: &Path) -> Result<()> {
+        let mut found = Vec::with_capacity(self.params.names.len());
         for (name, shape, slot) in &self.params.names {
             let t = tensors.get(name).ok_or_else(|| Error::new(ErrorCode::CheckpointKeys, format!("{} lacks {name}", path.display())))?;
             if t.dims() != shape.as_slice() {
                 bail!(CheckpointShape, "{name}: checkpoint {:?}, model {shape:?}", t.dims());
             }
+            found.push((*slot, t));
+        }
+        for (slot, t) in found {
             let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            self.kernels.upload(*slot, &values);
+            self.kernels.upload(slot, &values);
         }
         Ok(())
     }
