@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds what bench/gpu.sh runs on a GPU machine that has no Rust toolchain, here,
-# without a GPU: the benchmark (bench/bench.rs) and the parity tests
-# (native/core/tests/parity.rs) with `--features cuda`, into .gpu/ at the repository root:
+# without a GPU: the benchmark (bench/bench.rs) and the core's test binary, for its parity
+# tests (native/core/tests/suite/parity.rs), with `--features cuda`, into .gpu/ at the
+# repository root:
 #
 #   .gpu/bin/bench.xz, .gpu/bin/parity.xz  stripped, xz-compressed (gpu.sh unpacks them)
 #   .gpu/fixtures/                         a copy of the PyTorch fixtures (../shared/fixtures
@@ -47,7 +48,7 @@ print(path)' "$1"
 
 echo "gpu-prepare: building the bench example and the parity tests with --features cuda in $CARGO_TARGET_DIR" >&2
 bench=$(cargo build --release -p vit-mae-core --features cuda --example bench --message-format=json-render-diagnostics | executable bench)
-parity=$(cargo test --release -p vit-mae-core --features cuda --test parity --no-run --message-format=json-render-diagnostics | executable parity)
+parity=$(cargo test --release -p vit-mae-core --features cuda --test suite --no-run --message-format=json-render-diagnostics | executable suite)
 [[ -x $bench && -x $parity ]] || { echo "gpu-prepare: build artifacts not found ($bench, $parity)" >&2; exit 1; }
 
 rm -rf .gpu

@@ -2,10 +2,8 @@
 //! error codes for every way a checkpoint can be wrong. Fixtures come from
 //! `../shared/fixtures` (override with VIT_MAE_FIXTURES).
 
-mod common;
-
 use candle_core::{Device, Tensor};
-use common::{bits, fixtures, TempDir};
+use crate::common::{bits, fixtures, TempDir};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use vit_mae_core::checkpoint::CheckpointFormat;

@@ -1,9 +1,7 @@
 //! The data pipeline: datasets (IDX, image folders, in memory), the augmentation's
 //! invariants, and the loader's determinism, error handling and shutdown.
 
-mod common;
-
-use common::{plain_augment, TempDir};
+use crate::common::{plain_augment, TempDir};
 use flate2::read::GzDecoder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

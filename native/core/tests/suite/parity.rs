@@ -3,10 +3,8 @@
 //! VIT_MAE_FIXTURES) when present. Every case, in every checkpoint format it has, in f32
 //! and bf16, on the CPU or the device named by VIT_MAE_TEST_DEVICE.
 
-mod common;
-
 use candle_core::{Device, Tensor};
-use common::{dirs_with, test_device};
+use crate::common::{dirs_with, test_device};
 use std::path::Path;
 use std::collections::HashMap;
 use vit_mae_core::classifier::load_classifier;
@@ -309,7 +307,7 @@ fn vit_cls_tiny_bf16() {
 /// about bf16's precision and no more than the tolerance.
 #[test]
 fn bf16_rounds_the_products() {
-    let dir = common::fixtures();
+    let dir = crate::common::fixtures();
     let case = read_case(&dir, "mae-tiny");
     let path = dir.join("mae-tiny.weights.safetensors");
     let options = MaskOptions { mask_ratio: case.mask_ratio, masking: Masking::Random, noise: Some(HostTensor::from_tensor(&case.tensors["noise"]).unwrap()) };

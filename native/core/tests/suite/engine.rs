@@ -7,10 +7,8 @@
 //! Tolerances are the parity tests': outputs within 1e-4, gradients within 1e-3 of their
 //! tensor's largest magnitude, gradient names exactly the parameters'.
 
-mod common;
-
 use candle_core::{Device, Tensor};
-use common::{host, plain_augment, SplitMix};
+use crate::common::{host, plain_augment, SplitMix};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;

@@ -6,10 +6,8 @@
 //! (`util/lr_sched.py`, `torch.optim.AdamW`, `clip_grad_norm_`), never copied
 //! from a run of the code under test.
 
-mod common;
-
 use candle_core::{Device, Tensor, Var};
-use common::{host, plain_augment, SplitMix, TempDir};
+use crate::common::{host, plain_augment, SplitMix, TempDir};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,10 +8,8 @@
 //! `torch.nn.BatchNorm1d`, `torch.nn.functional.interpolate(mode='bicubic')`), never
 //! copied from a run of the code under test.
 
-mod common;
-
 use candle_core::{Device, Tensor, Var};
-use common::{bits, host, plain_augment, SplitMix, TempDir};
+use crate::common::{bits, host, plain_augment, SplitMix, TempDir};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
