@@ -1,16 +1,20 @@
 // Loads the N-API addon and turns its errors into VitMaeError.
 //
-// Two addons can sit in native/node: the CPU one the generated binding.cjs loads (built by
-// `npm run build:native`), and optionally a CUDA-linked one, vit-mae.cuda.node (built by
-// `npm run build:native:cuda`). The CUDA one is tried first; it links libcuda.so.1, cuBLAS,
-// cuRAND and NVRTC dynamically, so on a machine without the NVIDIA driver (or without those
-// libraries) it fails to load, and the CPU addon is used instead. Both export the same API
-// (binding.d.cts).
+// The CPU addon is found by the generated loader, native/node/binding.cjs: next to it in a
+// clone (`npm run build:native` builds it there), otherwise in the platform package npm
+// installed as an optional dependency (vit-mae-linux-x64-gnu). A CUDA-linked addon, when
+// there is one, is tried first: VIT_MAE_CUDA_ADDON, else native/node/vit-mae.cuda.node in a
+// clone (`npm run build:native:cuda`), else the optional package vit-mae-linux-x64-gnu-cuda
+// when the user installed it (of the same version as vit-mae). It links libcuda.so.1,
+// cuBLAS, cuRAND and NVRTC dynamically, so on a machine without the NVIDIA driver (or
+// without those libraries) it fails to load, and the CPU addon is used instead. Both
+// export the same API (binding.d.cts).
 //
-//   VIT_MAE_CPU_ONLY=1         never try the CUDA addon
-//   VIT_MAE_CUDA_ADDON=<path>  try this file instead of native/node/vit-mae.cuda.node
-import { existsSync } from 'node:fs';
+//   VIT_MAE_CPU_ONLY=1         never try a CUDA addon
+//   VIT_MAE_CUDA_ADDON=<path>  try this file instead of the clone's or the package's
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type * as Binding from '../native/node/binding.cjs';
 import { VitMaeError } from './errors.js';
@@ -32,7 +36,8 @@ export interface NativeBackend {
 }
 
 const CPU_BINDING = '../native/node/binding.cjs';
-const CUDA_ADDON = fileURLToPath(new URL('../native/node/vit-mae.cuda.node', import.meta.url));
+const CLONE_CUDA_ADDON = fileURLToPath(new URL('../native/node/vit-mae.cuda.node', import.meta.url));
+const CUDA_PACKAGE = 'vit-mae-linux-x64-gnu-cuda';
 
 function envFlag(name: string): boolean {
   const value = process.env[name];
@@ -57,23 +62,45 @@ function configureCandleThreads(): void {
   process.env.CANDLE_NUM_THREADS ??= '1';
 }
 
+/**
+ * The CUDA addon to try, if any: the one VIT_MAE_CUDA_ADDON names, a clone's build, or the
+ * installed CUDA package. `reason` says why a named or installed one cannot be tried.
+ */
+function findCudaAddon(require: NodeJS.Require): { path?: string; reason?: string } {
+  const named = process.env.VIT_MAE_CUDA_ADDON || undefined;
+  if (named) return existsSync(named) ? { path: named } : { reason: `VIT_MAE_CUDA_ADDON names ${named}, which does not exist` };
+  if (existsSync(CLONE_CUDA_ADDON)) return { path: CLONE_CUDA_ADDON };
+  if (process.platform !== 'linux' || process.arch !== 'x64') return {};
+  let manifestPath: string;
+  try {
+    manifestPath = require.resolve(`${CUDA_PACKAGE}/package.json`);
+  } catch {
+    return {}; // not installed: the usual case
+  }
+  const cuda = JSON.parse(readFileSync(manifestPath, 'utf8')) as { version: string; main: string };
+  const own = (require('../package.json') as { version: string }).version;
+  if (cuda.version !== own) {
+    return { reason: `${CUDA_PACKAGE} ${cuda.version} is installed, but vit-mae is ${own} (install ${CUDA_PACKAGE}@${own})` };
+  }
+  return { path: join(dirname(manifestPath), cuda.main) };
+}
+
 function loadBinding(): { binding: typeof Binding; backend: NativeBackend } {
   configureCandleThreads();
+  const require = createRequire(import.meta.url);
   let fallbackReason: string | undefined;
   if (!envFlag('VIT_MAE_CPU_ONLY')) {
-    const named = process.env.VIT_MAE_CUDA_ADDON || undefined;
-    const path = named ?? CUDA_ADDON;
-    if (existsSync(path)) {
+    const { path, reason } = findCudaAddon(require);
+    if (path) {
       try {
         return { binding: loadCuda(path), backend: { cuda: true, path } };
       } catch (cause) {
         fallbackReason = `the CUDA addon ${path} could not be loaded (${(cause as Error).message}); using the CPU addon`;
       }
-    } else if (named) {
-      fallbackReason = `VIT_MAE_CUDA_ADDON names ${path}, which does not exist; using the CPU addon`;
+    } else if (reason) {
+      fallbackReason = `${reason}; using the CPU addon`;
     }
   }
-  const require = createRequire(import.meta.url);
   const path = require.resolve(CPU_BINDING);
   try {
     return { binding: require(path) as typeof Binding, backend: { cuda: false, path, fallbackReason } };
@@ -81,7 +108,7 @@ function loadBinding(): { binding: typeof Binding; backend: NativeBackend } {
     const cuda = fallbackReason ? ` (and ${fallbackReason.replace(/; using the CPU addon$/, '')})` : '';
     throw new VitMaeError(
       'E_NATIVE_LOAD',
-      `the vit-mae native addon could not be loaded (run \`npm install\` to build it): ${(cause as Error).message}${cuda}`,
+      `the vit-mae native addon could not be loaded: an installed vit-mae loads it from its platform package (vit-mae-linux-x64-gnu, an optional dependency npm installs on linux-x64 with glibc unless optional dependencies are omitted); a clone builds it with \`npm install\`. ${(cause as Error).message}${cuda}`,
       { cause },
     );
   }
