@@ -500,7 +500,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| std::fs::write(tmp, bytes))
 }
 
-/// `write_atomic`, the temporary file written by `write`.
+/// A temporary file name part no other write shares, in this process or another: the
+/// process id and a per-process count, with random bits for processes of the same id
+/// in other PID namespaces (containers) writing to one shared folder.
+fn unique_suffix() -> String {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}.{count}.{:016x}", std::process::id(), rand::random::<u64>())
+}
+
+/// `write_atomic`, the temporary file written by `write`. Each write has a temporary
+/// file of its own, so concurrent writes to one path each rename a whole file over it:
+/// the last rename wins, and a reader sees one complete file or another.
 fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("cannot write {}: {e}", path.display()));
     let dir = match path.parent() {
@@ -508,7 +519,7 @@ fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<(
         _ => PathBuf::from("."),
     };
     let file_name = path.file_name().ok_or_else(|| Error::new(ErrorCode::InvalidArgument, format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), unique_suffix()));
     let result = (|| {
         write(&tmp)?;
         std::fs::File::open(&tmp)?.sync_all()?;

@@ -383,3 +383,39 @@ fn encoder_mask_token_survives_save_and_load() {
     assert_eq!(token(&loaded), token(&model));
     assert!(token(&model).is_some());
 }
+
+// ---------------------------------------------------------------- concurrent saves
+
+#[test]
+fn concurrent_saves_to_one_path_each_write_a_whole_file() {
+    // Every save has a temporary file of its own: none fails for want of the one another
+    // renamed away, and the file is always one model or the other, never a mix.
+    let dir = TempDir::new("concurrent");
+    let path = dir.join("m.safetensors");
+    let models: Vec<MaskedAutoencoder> = (1..=2).map(|seed| MaskedAutoencoder::new(round_trip_config(), &Device::Cpu, Precision::F32, seed).unwrap()).collect();
+    let expected: Vec<Vec<u8>> = models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let alone = dir.join(&format!("alone-{i}.safetensors"));
+            save_model(m, &alone).unwrap();
+            let bytes = std::fs::read(&alone).unwrap();
+            std::fs::remove_file(&alone).unwrap();
+            bytes
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let savers: Vec<_> = (0..16).map(|i| scope.spawn({
+            let (model, path) = (&models[i % 2], &path);
+            move || (0..4).map(|_| save_model(model, path)).collect::<Vec<_>>()
+        })).collect();
+        for saver in savers {
+            for result in saver.join().unwrap() {
+                result.unwrap();
+            }
+        }
+    });
+    let written = std::fs::read(&path).unwrap();
+    assert!(expected.contains(&written), "the file is neither model ({} bytes)", written.len());
+    assert_eq!(dir.entries(), vec!["m.safetensors".to_string()], "temporary files were left behind");
+}
