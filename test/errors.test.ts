@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MaskedAutoencoder, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig } from '../ts/index.js';
+import { binding, rethrow } from '../ts/native.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'vit-mae-errors-'));
@@ -140,6 +141,43 @@ describe('checkpoints', () => {
 
   it('rejects an unwritable save path', async () => {
     await expectCode(mae.save(join(dir, 'no-such-folder', 'model.safetensors')), 'E_IO', /no-such-folder/);
+  });
+});
+
+describe('the error boundary', () => {
+  it('the addon gives the code as the error\'s code and the message without it', async () => {
+    const cases: [Promise<unknown> | (() => unknown), ErrorCode][] = [
+      [mae.forward(randomTensor([1, 1, 32, 32])), 'E_SHAPE'],
+      [() => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', config: { numHeads: 5 } }), 'E_CONFIG'],
+      [MaskedAutoencoder.load(join(dir, 'absent.safetensors')), 'E_CHECKPOINT_NOT_FOUND'],
+      [mae.save(join(dir, 'absent', 'm.safetensors')), 'E_IO'],
+    ];
+    for (const [call, code] of cases) {
+      const error = await rejection(call);
+      expect(error.code).toBe(code);
+      expect(error.message).not.toMatch(/^E_[A-Z_]+: /);
+      // What the addon threw, unchanged: the code travels as a field, not in the text.
+      const native = error.cause as Error & { code?: unknown };
+      expect(native).toBeInstanceOf(Error);
+      expect(native.code).toBe(code);
+      expect(native.message).toBe(error.message);
+    }
+  });
+
+  it('an error without a known code is E_INTERNAL with the original as its cause', () => {
+    const unknown = Object.assign(new Error('E_SHAPE: looks coded but is not'), { code: 'E_NO_SUCH_CODE' });
+    const error = (() => {
+      try {
+        rethrow(unknown);
+      } catch (e) {
+        return e as VitMaeError;
+      }
+    })();
+    expect(error).toBeInstanceOf(VitMaeError);
+    expect(error.code).toBe('E_INTERNAL');
+    expect(error.cause).toBe(unknown);
+    // napi-rs's own argument errors carry napi statuses, not vit-mae codes.
+    expect(() => binding.NativeMae.create(undefined, undefined, 'seven' as never, 'cpu', 'f32')).toThrow(expect.objectContaining({ code: 'NumberExpected' }));
   });
 });
 

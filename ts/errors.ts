@@ -18,23 +18,27 @@
  * - `E_NATIVE_LOAD`: the native addon could not be loaded.
  * - `E_INTERNAL`: a bug in vit-mae; please report it.
  */
-export type ErrorCode =
-  | 'E_SHAPE'
-  | 'E_MASK_RATIO'
-  | 'E_NOISE'
-  | 'E_CONFIG'
-  | 'E_ARGUMENT'
-  | 'E_CHECKPOINT_NOT_FOUND'
-  | 'E_CHECKPOINT_CORRUPT'
-  | 'E_CHECKPOINT_KEYS'
-  | 'E_CHECKPOINT_SHAPE'
-  | 'E_IO'
-  | 'E_NON_FINITE_LOSS'
-  | 'E_ABORTED'
-  | 'E_BUSY'
-  | 'E_DISPOSED'
-  | 'E_NATIVE_LOAD'
-  | 'E_INTERNAL';
+export type ErrorCode = (typeof ERROR_CODES)[number];
+
+/** Every {@link ErrorCode}, for telling a code the native side sent from anything else. */
+export const ERROR_CODES = [
+  'E_SHAPE',
+  'E_MASK_RATIO',
+  'E_NOISE',
+  'E_CONFIG',
+  'E_ARGUMENT',
+  'E_CHECKPOINT_NOT_FOUND',
+  'E_CHECKPOINT_CORRUPT',
+  'E_CHECKPOINT_KEYS',
+  'E_CHECKPOINT_SHAPE',
+  'E_IO',
+  'E_NON_FINITE_LOSS',
+  'E_ABORTED',
+  'E_BUSY',
+  'E_DISPOSED',
+  'E_NATIVE_LOAD',
+  'E_INTERNAL',
+] as const;
 
 /** The error every vit-mae call throws or rejects with. */
 export class VitMaeError extends Error {

@@ -17,7 +17,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type * as Binding from '../native/node/binding.cjs';
-import { VitMaeError } from './errors.js';
+import { ERROR_CODES, VitMaeError, type ErrorCode } from './errors.js';
 
 export type { Binding };
 
@@ -126,14 +126,20 @@ export function nativeBackend(): NativeBackend {
 /** The native model behind each MaskedAutoencoder, for building classifiers on it. */
 export const maeNatives = new WeakMap<object, Binding.NativeMae>();
 
-const CODED = /^(E_[A-Z_]+): ([\s\S]*)$/;
+const KNOWN_CODES: ReadonlySet<string> = new Set(ERROR_CODES);
 
-/** Rethrows a native error as a VitMaeError with its code. */
+/**
+ * Rethrows a native error as a VitMaeError: the addon's errors carry their code in
+ * `code` and a plain message. Any other error (one napi-rs raised converting an
+ * argument, or an unknown code) is a bug: `E_INTERNAL`, the original kept as `cause`.
+ */
 export function rethrow(error: unknown): never {
   if (error instanceof VitMaeError) throw error;
   const message = error instanceof Error ? error.message : String(error);
-  const match = CODED.exec(message);
-  if (match) throw new VitMaeError(match[1] as VitMaeError['code'], match[2], { cause: error });
+  const code = (error as { code?: unknown } | null)?.code;
+  if (error instanceof Error && typeof code === 'string' && KNOWN_CODES.has(code)) {
+    throw new VitMaeError(code as ErrorCode, message, { cause: error });
+  }
   throw new VitMaeError('E_INTERNAL', message, { cause: error });
 }
 

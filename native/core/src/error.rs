@@ -39,6 +39,25 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for checks that the facade knows each one.
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::InvalidShape,
+        ErrorCode::InvalidMaskRatio,
+        ErrorCode::InvalidNoise,
+        ErrorCode::InvalidConfig,
+        ErrorCode::InvalidArgument,
+        ErrorCode::CheckpointNotFound,
+        ErrorCode::CheckpointCorrupt,
+        ErrorCode::CheckpointKeys,
+        ErrorCode::CheckpointShape,
+        ErrorCode::Io,
+        ErrorCode::NonFiniteLoss,
+        ErrorCode::Aborted,
+        ErrorCode::Busy,
+        ErrorCode::Disposed,
+        ErrorCode::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidShape => "E_SHAPE",
@@ -75,6 +94,14 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+/// The binding hands an error's code to napi-rs as its status, which becomes the JS
+/// error's `code`.
+impl AsRef<str> for ErrorCode {
+    fn as_ref(&self) -> &str {
+        self.as_str()
     }
 }
 

@@ -2,7 +2,7 @@
 //! prediction, embedding and evaluation, and trained by the fine-tuning protocols.
 
 use crate::training::{done_event, embed_job, evaluation_event, make_loader, open_dataset, progress_event, spawn_job, to_native, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
-use crate::{guarded, host_tensor, parse_json, seed_of, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
+use crate::{guarded, host_tensor, parse_json, seed_of, Coded, CodedTask, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::path::PathBuf;
@@ -30,7 +30,7 @@ impl NativeClassifier {
     /// A classifier on `mae`'s encoder. `options_json`: numClasses, globalPool,
     /// headBatchNorm, imgSize (all but numClasses optional).
     #[napi(factory)]
-    pub fn from_mae(mae: &NativeMae, options_json: String, seed: i64) -> Result<NativeClassifier> {
+    pub fn from_mae(mae: &NativeMae, options_json: String, seed: i64) -> Result<NativeClassifier, ErrorCode> {
         guarded(|| {
             let mae = mae.model.read()?;
             let mut fields = serde_json::to_value(ClassifierConfig::from_encoder(&mae.config, 0, true, false))
@@ -47,7 +47,7 @@ impl NativeClassifier {
 
     /// A freshly initialised classifier (training from scratch) from a complete config.
     #[napi(factory)]
-    pub fn create(config_json: String, seed: i64, device: String, precision: String) -> Result<NativeClassifier> {
+    pub fn create(config_json: String, seed: i64, device: String, precision: String) -> Result<NativeClassifier, ErrorCode> {
         guarded(|| {
             let config = ClassifierConfig::from_fields(config_fields(&parse_json(&config_json, "config")?, true)?)?;
             let device = DeviceSpec::parse(&device)?.resolve()?;
@@ -57,8 +57,8 @@ impl NativeClassifier {
 
     /// Loads a classifier checkpoint (`.pth` or safetensors).
     #[napi(ts_return_type = "Promise<NativeClassifier>")]
-    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String, precision: String) -> AsyncTask<LoadClassifierTask> {
-        AsyncTask::new(LoadClassifierTask { path: PathBuf::from(path), config_json, seed, device, precision })
+    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String, precision: String) -> AsyncTask<Coded<LoadClassifierTask>> {
+        AsyncTask::new(Coded(LoadClassifierTask { path: PathBuf::from(path), config_json, seed, device, precision }))
     }
 
     /// The config as camelCase JSON.
@@ -69,7 +69,7 @@ impl NativeClassifier {
 
     /// Frees the native weights (see `Cell::dispose`); later calls get E_DISPOSED.
     #[napi]
-    pub fn dispose(&self) -> Result<()> {
+    pub fn dispose(&self) -> Result<(), ErrorCode> {
         guarded(|| self.model.dispose())
     }
 
@@ -99,38 +99,38 @@ impl NativeClassifier {
     }
 
     /// `kind`: 'logits' | 'embed' | 'predict' | 'gradients'.
-    fn task(&self, kind: Compute, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+    fn task(&self, kind: Compute, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<Coded<ClassifierTask>>, ErrorCode> {
         let images = guarded(|| host_tensor(&images, &shape))?;
-        Ok(AsyncTask::new(ClassifierTask { model: self.model.clone(), images, kind }))
+        Ok(AsyncTask::new(Coded(ClassifierTask { model: self.model.clone(), images, kind })))
     }
 
     /// Logits `[N, numClasses]` (evaluation mode).
     #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
-    pub fn forward(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+    pub fn forward(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<Coded<ClassifierTask>>, ErrorCode> {
         self.task(Compute::Logits, images, shape)
     }
 
     /// Features `[N, D]`: what the head sees.
     #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
-    pub fn embed(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+    pub fn embed(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<Coded<ClassifierTask>>, ErrorCode> {
         self.task(Compute::Embed, images, shape)
     }
 
     /// Probabilities and the top classes.
     #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
-    pub fn predict(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<ClassifierTask>> {
+    pub fn predict(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<Coded<ClassifierTask>>, ErrorCode> {
         self.task(Compute::Predict, images, shape)
     }
 
     /// The label-smoothed cross-entropy and every parameter's gradient.
     #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
-    pub fn loss_and_gradients(&self, images: Float32Array, shape: Vec<u32>, labels: Vec<i64>, smoothing: f64) -> Result<AsyncTask<ClassifierTask>> {
+    pub fn loss_and_gradients(&self, images: Float32Array, shape: Vec<u32>, labels: Vec<i64>, smoothing: f64) -> Result<AsyncTask<Coded<ClassifierTask>>, ErrorCode> {
         self.task(Compute::Gradients { labels, smoothing }, images, shape)
     }
 
     /// Top-1/top-5 accuracy on a labelled dataset.
     #[napi]
-    pub fn evaluate(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions) -> Result<NativeJob> {
+    pub fn evaluate(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
         let loader = guarded(|| {
             let c = model.read()?.config.clone();
@@ -145,7 +145,7 @@ impl NativeClassifier {
 
     /// Embeds a whole dataset; writes the embeddings to `output` when given.
     #[napi]
-    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, output: Option<String>) -> Result<NativeJob> {
+    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, output: Option<String>) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
         let loader = guarded(|| {
             let c = model.read()?.config.clone();
@@ -170,7 +170,7 @@ impl NativeClassifier {
         eval_loader: Option<NativeLoaderOptions>,
         config_json: String,
         resume: Option<String>,
-    ) -> Result<NativeJob> {
+    ) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
         let (config, loader, eval_loader) = guarded(|| {
             let config = FinetuneConfig::from_json(&parse_json(&config_json, "fine-tuning options")?)?;
@@ -193,8 +193,8 @@ impl NativeClassifier {
 
     /// Writes safetensors in the published layout, atomically.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveClassifierTask> {
-        AsyncTask::new(SaveClassifierTask { model: self.model.clone(), path: PathBuf::from(path) })
+    pub fn save(&self, path: String) -> AsyncTask<Coded<SaveClassifierTask>> {
+        AsyncTask::new(Coded(SaveClassifierTask { model: self.model.clone(), path: PathBuf::from(path) }))
     }
 }
 
@@ -206,11 +206,11 @@ pub struct LoadClassifierTask {
     precision: String,
 }
 
-impl Task for LoadClassifierTask {
+impl CodedTask for LoadClassifierTask {
     type Output = (VitClassifier, String);
     type JsValue = NativeClassifier;
 
-    fn compute(&mut self) -> Result<Self::Output> {
+    fn compute(&mut self) -> Result<Self::Output, ErrorCode> {
         guarded(|| {
             let explicit = self.config_json.as_deref().map(|j| parse_json(j, "config")).transpose()?;
             let device = DeviceSpec::parse(&self.device)?.resolve()?;
@@ -253,11 +253,11 @@ pub struct ClassifierResult {
     gradients: Option<Vec<(String, HostTensor)>>,
 }
 
-impl Task for ClassifierTask {
+impl CodedTask for ClassifierTask {
     type Output = ClassifierResult;
     type JsValue = NativeClassifierOutput;
 
-    fn compute(&mut self) -> Result<ClassifierResult> {
+    fn compute(&mut self) -> Result<ClassifierResult, ErrorCode> {
         guarded(|| {
             let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
@@ -300,11 +300,11 @@ pub struct SaveClassifierTask {
     path: PathBuf,
 }
 
-impl Task for SaveClassifierTask {
+impl CodedTask for SaveClassifierTask {
     type Output = ();
     type JsValue = ();
 
-    fn compute(&mut self) -> Result<()> {
+    fn compute(&mut self) -> Result<(), ErrorCode> {
         guarded(|| save_classifier(&*self.model.read()?, Vec::new(), Default::default(), &self.path))
     }
 

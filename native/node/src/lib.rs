@@ -1,7 +1,8 @@
 //! The Node binding: a thin N-API layer over `vit-mae-core`. Heavy calls run as
-//! libuv tasks off the JS thread. Every error reaches JS as an `Error` whose
-//! message starts with its code (`E_...: `), which the TypeScript facade turns
-//! into `VitMaeError.code`; panics are caught here and never cross into Node.
+//! libuv tasks off the JS thread. Every error reaches JS as an `Error` whose `code` is
+//! the core error's (`E_...`) and whose message is the core's message, which the
+//! TypeScript facade turns into a `VitMaeError`; panics are caught here and never
+//! cross into Node.
 
 mod cell;
 mod classifier;
@@ -16,16 +17,14 @@ use vit_mae_core::{
     checkpoint, ConfigPatch, DeviceSpec, ErrorCode, HostTensor, LoadReport, MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Precision,
 };
 
-pub(crate) fn to_napi(e: vit_mae_core::Error) -> Error {
-    Error::new(Status::GenericFailure, e.to_string())
+/// A core error as a napi-rs error: napi-rs makes its status (the code) the JS error's
+/// `code`, and its reason the message.
+pub(crate) fn to_napi(e: vit_mae_core::Error) -> Error<ErrorCode> {
+    Error::new(e.code, e.message)
 }
 
-fn core_error(code: ErrorCode, message: impl Into<String>) -> Error {
-    to_napi(vit_mae_core::Error::new(code, message))
-}
-
-/// Runs `f`, turning a core error or a panic into a JS-bound error.
-pub(crate) fn guarded<T>(f: impl FnOnce() -> vit_mae_core::Result<T>) -> Result<T> {
+/// Runs `f`, turning a core error or a panic into a JS-bound error with its code.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> vit_mae_core::Result<T>) -> Result<T, ErrorCode> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result.map_err(to_napi),
         Err(payload) => {
@@ -34,7 +33,42 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> vit_mae_core::Result<T>) -> Result<
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".to_string());
-            Err(core_error(ErrorCode::Internal, format!("internal error (please report): {detail}")))
+            Err(Error::new(ErrorCode::Internal, format!("internal error (please report): {detail}")))
+        }
+    }
+}
+
+/// Work for a libuv thread whose failure keeps its code. napi-rs's own `Task` can fail
+/// only with a napi status, so [`Coded`] runs this one and turns its error into a JS
+/// error on the JS thread.
+pub trait CodedTask: Send + Sized {
+    type Output: Send + 'static;
+    type JsValue: ToNapiValue + TypeName;
+
+    /// On a libuv thread; errors come from `guarded`.
+    fn compute(&mut self) -> Result<Self::Output, ErrorCode>;
+
+    /// On the JS thread, with what `compute` returned.
+    fn resolve(&mut self, env: Env, output: Self::Output) -> Result<Self::JsValue>;
+}
+
+/// The napi-rs `Task` of a [`CodedTask`], for `AsyncTask`.
+pub struct Coded<T>(pub(crate) T);
+
+impl<T: CodedTask> Task for Coded<T> {
+    type Output = Result<T::Output, ErrorCode>;
+    type JsValue = T::JsValue;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        Ok(self.0.compute())
+    }
+
+    fn resolve(&mut self, env: Env, output: Self::Output) -> Result<T::JsValue> {
+        match output {
+            Ok(value) => self.0.resolve(env, value),
+            // Made here, on the JS thread, the JS error keeps its `code`; napi-rs rejects
+            // the promise with that very object.
+            Err(e) => Err(Error::from(JsError::from(e).into_unknown(env))),
         }
     }
 }
@@ -128,7 +162,7 @@ impl NativeMae {
     /// A freshly initialised model from a JSON config (complete, or a preset name
     /// plus overrides) and a seed.
     #[napi(factory)]
-    pub fn create(preset: Option<String>, config_json: Option<String>, seed: i64, device: String, precision: String) -> Result<NativeMae> {
+    pub fn create(preset: Option<String>, config_json: Option<String>, seed: i64, device: String, precision: String) -> Result<NativeMae, ErrorCode> {
         guarded(|| {
             let patch = match &config_json {
                 Some(json) => parse_config(json, true)?,
@@ -150,8 +184,8 @@ impl NativeMae {
 
     /// Loads a checkpoint (`.pth`, `.safetensors` or a Hugging Face folder).
     #[napi(ts_return_type = "Promise<NativeMae>")]
-    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String, precision: String) -> AsyncTask<LoadTask> {
-        AsyncTask::new(LoadTask { path: PathBuf::from(path), config_json, seed, device, precision })
+    pub fn load(path: String, config_json: Option<String>, seed: i64, device: String, precision: String) -> AsyncTask<Coded<LoadTask>> {
+        AsyncTask::new(Coded(LoadTask { path: PathBuf::from(path), config_json, seed, device, precision }))
     }
 
     /// The config as camelCase JSON.
@@ -162,7 +196,7 @@ impl NativeMae {
 
     /// Frees the native weights (see `Cell::dispose`); later calls get E_DISPOSED.
     #[napi]
-    pub fn dispose(&self) -> Result<()> {
+    pub fn dispose(&self) -> Result<(), ErrorCode> {
         guarded(|| self.model.dispose())
     }
 
@@ -198,28 +232,28 @@ impl NativeMae {
     }
 
     #[napi(ts_return_type = "Promise<NativeForwardOutput>")]
-    pub fn forward(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<ForwardTask>> {
+    pub fn forward(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<Coded<ForwardTask>>, ErrorCode> {
         let input = guarded(|| Ok((host_tensor(&images, &shape)?, options.to_core()?)))?;
-        Ok(AsyncTask::new(ForwardTask { model: self.model.clone(), images: input.0, options: input.1 }))
+        Ok(AsyncTask::new(Coded(ForwardTask { model: self.model.clone(), images: input.0, options: input.1 })))
     }
 
     #[napi(ts_return_type = "Promise<NativeLossAndGradients>")]
-    pub fn loss_and_gradients(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<GradientsTask>> {
+    pub fn loss_and_gradients(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<Coded<GradientsTask>>, ErrorCode> {
         let input = guarded(|| Ok((host_tensor(&images, &shape)?, options.to_core()?)))?;
-        Ok(AsyncTask::new(GradientsTask { model: self.model.clone(), images: input.0, options: input.1 }))
+        Ok(AsyncTask::new(Coded(GradientsTask { model: self.model.clone(), images: input.0, options: input.1 })))
     }
 
     /// Features `[N, D]` of whole images: the encoder over every patch, pooled ('mean' | 'cls').
     #[napi(ts_return_type = "Promise<NativeTensor>")]
-    pub fn embed(&self, images: Float32Array, shape: Vec<u32>, pool: String) -> Result<AsyncTask<EmbedTask>> {
+    pub fn embed(&self, images: Float32Array, shape: Vec<u32>, pool: String) -> Result<AsyncTask<Coded<EmbedTask>>, ErrorCode> {
         let input = guarded(|| Ok((host_tensor(&images, &shape)?, vit_mae_core::Pool::parse(&pool)?)))?;
-        Ok(AsyncTask::new(EmbedTask { model: self.model.clone(), images: input.0, pool: input.1 }))
+        Ok(AsyncTask::new(Coded(EmbedTask { model: self.model.clone(), images: input.0, pool: input.1 })))
     }
 
     /// Writes safetensors in the published layout, atomically.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn save(&self, path: String) -> AsyncTask<SaveTask> {
-        AsyncTask::new(SaveTask { model: self.model.clone(), path: PathBuf::from(path) })
+    pub fn save(&self, path: String) -> AsyncTask<Coded<SaveTask>> {
+        AsyncTask::new(Coded(SaveTask { model: self.model.clone(), path: PathBuf::from(path) }))
     }
 }
 
@@ -252,11 +286,11 @@ pub struct LoadTask {
     precision: String,
 }
 
-impl Task for LoadTask {
+impl CodedTask for LoadTask {
     type Output = (MaskedAutoencoder, LoadReport);
     type JsValue = NativeMae;
 
-    fn compute(&mut self) -> Result<Self::Output> {
+    fn compute(&mut self) -> Result<Self::Output, ErrorCode> {
         guarded(|| {
             let explicit = self.config_json.as_deref().map(|json| parse_config(json, true)).transpose()?;
             let device = DeviceSpec::parse(&self.device)?.resolve()?;
@@ -279,11 +313,11 @@ pub struct ForwardTask {
     options: MaskOptions,
 }
 
-impl Task for ForwardTask {
+impl CodedTask for ForwardTask {
     type Output = (f64, [HostTensor; 4]);
     type JsValue = NativeForwardOutput;
 
-    fn compute(&mut self) -> Result<Self::Output> {
+    fn compute(&mut self) -> Result<Self::Output, ErrorCode> {
         guarded(|| {
             let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
@@ -318,11 +352,11 @@ pub struct GradientsTask {
     options: MaskOptions,
 }
 
-impl Task for GradientsTask {
+impl CodedTask for GradientsTask {
     type Output = (f64, Vec<(String, HostTensor)>);
     type JsValue = NativeLossAndGradients;
 
-    fn compute(&mut self) -> Result<Self::Output> {
+    fn compute(&mut self) -> Result<Self::Output, ErrorCode> {
         guarded(|| {
             let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
@@ -346,11 +380,11 @@ pub struct SaveTask {
     path: PathBuf,
 }
 
-impl Task for SaveTask {
+impl CodedTask for SaveTask {
     type Output = ();
     type JsValue = ();
 
-    fn compute(&mut self) -> Result<()> {
+    fn compute(&mut self) -> Result<(), ErrorCode> {
         guarded(|| checkpoint::save_model(&*self.model.read()?, &self.path))
     }
 
@@ -365,11 +399,11 @@ pub struct EmbedTask {
     pool: vit_mae_core::Pool,
 }
 
-impl Task for EmbedTask {
+impl CodedTask for EmbedTask {
     type Output = HostTensor;
     type JsValue = NativeTensor;
 
-    fn compute(&mut self) -> Result<HostTensor> {
+    fn compute(&mut self) -> Result<HostTensor, ErrorCode> {
         guarded(|| {
             let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
@@ -394,19 +428,19 @@ pub struct NativeInspection {
 }
 
 #[napi(ts_return_type = "Promise<NativeInspection>")]
-pub fn inspect_checkpoint(path: String) -> AsyncTask<InspectTask> {
-    AsyncTask::new(InspectTask { path: PathBuf::from(path) })
+pub fn inspect_checkpoint(path: String) -> AsyncTask<Coded<InspectTask>> {
+    AsyncTask::new(Coded(InspectTask { path: PathBuf::from(path) }))
 }
 
 pub struct InspectTask {
     path: PathBuf,
 }
 
-impl Task for InspectTask {
+impl CodedTask for InspectTask {
     type Output = checkpoint::Inspection;
     type JsValue = NativeInspection;
 
-    fn compute(&mut self) -> Result<checkpoint::Inspection> {
+    fn compute(&mut self) -> Result<checkpoint::Inspection, ErrorCode> {
         guarded(|| checkpoint::inspect(&self.path))
     }
 

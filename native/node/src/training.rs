@@ -2,7 +2,7 @@
 //! its own; JS pulls its events one at a time with `nextEvent()` (a libuv task
 //! that waits on a channel), so nothing blocks the event loop.
 
-use crate::{guarded, host_tensor, parse_json, NativeMae, NativeMaskOptions, NativeTensor, Shared};
+use crate::{guarded, host_tensor, parse_json, Coded, CodedTask, NativeMae, NativeMaskOptions, NativeTensor, Shared};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::path::{Path, PathBuf};
@@ -227,8 +227,8 @@ pub struct NativeJob {
 impl NativeJob {
     /// The next event; the last one has kind 'done' (or the promise rejects with the job's error).
     #[napi(ts_return_type = "Promise<NativeTrainEvent>")]
-    pub fn next_event(&self) -> AsyncTask<NextEventTask> {
-        AsyncTask::new(NextEventTask { events: self.events.clone() })
+    pub fn next_event(&self) -> AsyncTask<Coded<NextEventTask>> {
+        AsyncTask::new(Coded(NextEventTask { events: self.events.clone() }))
     }
 
     /// Asks the job to stop: training stops after the current step and writes a
@@ -263,7 +263,7 @@ pub(crate) fn spawn_job(
     name: &str,
     output: Arc<Mutex<Option<Embeddings>>>,
     work: impl FnOnce(&mut dyn FnMut(NativeTrainEvent), &AtomicBool) -> vit_mae_core::Result<NativeTrainEvent> + Send + 'static,
-) -> Result<NativeJob> {
+) -> Result<NativeJob, ErrorCode> {
     let (tx, rx) = channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let stop = cancel.clone();
@@ -285,11 +285,11 @@ pub struct NextEventTask {
     events: Arc<Mutex<Receiver<Message>>>,
 }
 
-impl Task for NextEventTask {
+impl CodedTask for NextEventTask {
     type Output = NativeTrainEvent;
     type JsValue = NativeTrainEvent;
 
-    fn compute(&mut self) -> Result<NativeTrainEvent> {
+    fn compute(&mut self) -> Result<NativeTrainEvent, ErrorCode> {
         guarded(|| {
             let events = self.events.lock().map_err(|_| err(ErrorCode::Internal, "event channel poisoned"))?;
             match events.recv() {
@@ -309,7 +309,7 @@ impl Task for NextEventTask {
 impl NativeMae {
     /// Starts pre-training on a thread of its own.
     #[napi]
-    pub fn pretrain(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, config_json: String, resume: Option<String>) -> Result<NativeJob> {
+    pub fn pretrain(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, config_json: String, resume: Option<String>) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
         let (config, loader) = guarded(|| {
             let config = PretrainConfig::from_json(&parse_json(&config_json, "training options")?)?;
@@ -329,7 +329,7 @@ impl NativeMae {
     /// Embeds a whole dataset with the encoder (pooled 'mean' or 'cls'); writes the
     /// embeddings to `output` (safetensors) when given.
     #[napi]
-    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, pool: String, output: Option<String>) -> Result<NativeJob> {
+    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, pool: String, output: Option<String>) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
         let (loader, pool) = guarded(|| {
             let c = model.read()?.config.clone();
@@ -345,9 +345,9 @@ impl NativeMae {
 
     /// The published visualisation: masked input, reconstruction, reconstruction with the visible patches.
     #[napi(ts_return_type = "Promise<NativeReconstruction>")]
-    pub fn reconstruct(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<ReconstructTask>> {
+    pub fn reconstruct(&self, images: Float32Array, shape: Vec<u32>, options: NativeMaskOptions) -> Result<AsyncTask<Coded<ReconstructTask>>, ErrorCode> {
         let input = guarded(|| Ok((host_tensor(&images, &shape)?, options.to_core()?)))?;
-        Ok(AsyncTask::new(ReconstructTask { model: self.model.clone(), images: input.0, options: input.1 }))
+        Ok(AsyncTask::new(Coded(ReconstructTask { model: self.model.clone(), images: input.0, options: input.1 })))
     }
 }
 
@@ -371,11 +371,11 @@ pub struct ReconstructTask {
     options: vit_mae_core::MaskOptions,
 }
 
-impl Task for ReconstructTask {
+impl CodedTask for ReconstructTask {
     type Output = (f64, [HostTensor; 4]);
     type JsValue = NativeReconstruction;
 
-    fn compute(&mut self) -> Result<Self::Output> {
+    fn compute(&mut self) -> Result<Self::Output, ErrorCode> {
         guarded(|| {
             let model = self.model.read()?;
             let imgs = model.images_to_tensor(&self.images)?;
@@ -400,7 +400,7 @@ impl Task for ReconstructTask {
 
 /// Loads `count` images starting at `start` (in dataset order), augmented and normalised as `loader` says.
 #[napi(ts_return_type = "Promise<NativeTensor>")]
-pub fn load_images(dataset: NativeDatasetSpec, loader: NativeLoaderOptions, img_size: u32, channels: u32, start: u32, count: u32) -> Result<AsyncTask<LoadImagesTask>> {
+pub fn load_images(dataset: NativeDatasetSpec, loader: NativeLoaderOptions, img_size: u32, channels: u32, start: u32, count: u32) -> Result<AsyncTask<Coded<LoadImagesTask>>, ErrorCode> {
     let dataset = guarded(|| open_dataset(&dataset))?;
     let loader = guarded(|| {
         let mut o = loader;
@@ -408,7 +408,7 @@ pub fn load_images(dataset: NativeDatasetSpec, loader: NativeLoaderOptions, img_
         o.shuffle = false;
         make_loader(dataset, &o, img_size as usize, channels as usize)
     })?;
-    Ok(AsyncTask::new(LoadImagesTask { loader, start: start as usize, count: count as usize }))
+    Ok(AsyncTask::new(Coded(LoadImagesTask { loader, start: start as usize, count: count as usize })))
 }
 
 pub struct LoadImagesTask {
@@ -417,11 +417,11 @@ pub struct LoadImagesTask {
     count: usize,
 }
 
-impl Task for LoadImagesTask {
+impl CodedTask for LoadImagesTask {
     type Output = HostTensor;
     type JsValue = NativeTensor;
 
-    fn compute(&mut self) -> Result<HostTensor> {
+    fn compute(&mut self) -> Result<HostTensor, ErrorCode> {
         guarded(|| {
             if self.count == 0 || self.start % self.count != 0 {
                 return Err(err(ErrorCode::InvalidArgument, "start must be a multiple of count, and count positive"));
@@ -443,11 +443,11 @@ impl Task for LoadImagesTask {
 
 /// Writes the reconstruction PNG grid (masked | reconstruction | pasted | original rows).
 #[napi(ts_return_type = "Promise<void>")]
-pub fn write_reconstruction_grid(path: String, masked: NativeTensor, reconstruction: NativeTensor, pasted: NativeTensor, originals: NativeTensor, mean: Vec<f64>, std: Vec<f64>) -> Result<AsyncTask<GridTask>> {
+pub fn write_reconstruction_grid(path: String, masked: NativeTensor, reconstruction: NativeTensor, pasted: NativeTensor, originals: NativeTensor, mean: Vec<f64>, std: Vec<f64>) -> Result<AsyncTask<Coded<GridTask>>, ErrorCode> {
     let tensors = guarded(|| {
         Ok([&masked, &reconstruction, &pasted, &originals].map(|t| host_tensor(&t.data, &t.shape)).into_iter().collect::<vit_mae_core::Result<Vec<_>>>()?)
     })?;
-    Ok(AsyncTask::new(GridTask { path: PathBuf::from(path), tensors, mean: mean.iter().map(|&v| v as f32).collect(), std: std.iter().map(|&v| v as f32).collect() }))
+    Ok(AsyncTask::new(Coded(GridTask { path: PathBuf::from(path), tensors, mean: mean.iter().map(|&v| v as f32).collect(), std: std.iter().map(|&v| v as f32).collect() })))
 }
 
 pub struct GridTask {
@@ -457,11 +457,11 @@ pub struct GridTask {
     std: Vec<f32>,
 }
 
-impl Task for GridTask {
+impl CodedTask for GridTask {
     type Output = ();
     type JsValue = ();
 
-    fn compute(&mut self) -> Result<()> {
+    fn compute(&mut self) -> Result<(), ErrorCode> {
         guarded(|| {
             let device = vit_mae_core::candle_core::Device::Cpu;
             let t = self.tensors.iter().map(|t| t.to_tensor(&device)).collect::<vit_mae_core::Result<Vec<_>>>()?;

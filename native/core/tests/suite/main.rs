@@ -9,6 +9,7 @@ mod common;
 mod checkpoints;
 mod data;
 mod engine;
+mod errors;
 mod finetune;
 mod model;
 mod parity;
