@@ -1,13 +1,16 @@
 // Bad input rejects with a VitMaeError carrying a code and a message naming the
 // problem; the process keeps running.
+import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MaskedAutoencoder, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig } from '../ts/index.js';
 import { binding, rethrow } from '../ts/native.js';
-import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
+import { fixture, randomTensor, readSafetensors, writeSafetensors, zip } from './helpers.js';
 
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const dir = mkdtempSync(join(tmpdir(), 'vit-mae-errors-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -178,6 +181,23 @@ describe('the error boundary', () => {
     expect(error.cause).toBe(unknown);
     // napi-rs's own argument errors carry napi statuses, not vit-mae codes.
     expect(() => binding.NativeMae.create(undefined, undefined, 'seven' as never, 'cpu', 'f32')).toThrow(expect.objectContaining({ code: 'NumberExpected' }));
+  });
+
+  it('messages stay one statement when RUST_BACKTRACE is set', () => {
+    // candle appends a backtrace to its errors under RUST_BACKTRACE, and a corrupt
+    // file's message quotes candle's error: here, a pickle with an unknown opcode.
+    const pth = join(dir, 'bad-pickle.pth');
+    writeFileSync(pth, zip([['archive/data.pkl', Buffer.from([0x80, 0x02, 0xff]), 0]]));
+    const script = `import { MaskedAutoencoder } from ${JSON.stringify(pathToFileURL(resolve(root, 'dist/index.js')).href)};
+      try { await MaskedAutoencoder.load(${JSON.stringify(pth)}); } catch (e) { process.stdout.write(JSON.stringify({ code: e.code, message: e.message })); }`;
+    const env = { ...process.env, RUST_BACKTRACE: '1' };
+    delete env.RUST_LIB_BACKTRACE;
+    const child = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', env });
+    expect(child.status, child.stderr).toBe(0);
+    const { code, message } = JSON.parse(child.stdout) as { code: string; message: string };
+    expect(code).toBe('E_CHECKPOINT_CORRUPT');
+    expect(message).toMatch(/bad-pickle\.pth is not a readable checkpoint: unknown op-code 255/);
+    expect(message).not.toMatch(/\n|candle_core::|backtrace/);
   });
 });
 

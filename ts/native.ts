@@ -63,6 +63,17 @@ function configureCandleThreads(): void {
 }
 
 /**
+ * candle captures a backtrace into each of its errors when `RUST_BACKTRACE` is set, and
+ * the error's text then carries it into messages (which are one statement each), at
+ * the cost of a stack walk per error. `RUST_LIB_BACKTRACE=0` turns that capture off and
+ * leaves panics' backtraces (printed to stderr) to `RUST_BACKTRACE`. Set before the
+ * addon loads, as Rust reads it once; a user's own setting wins.
+ */
+function configureBacktraces(): void {
+  process.env.RUST_LIB_BACKTRACE ??= '0';
+}
+
+/**
  * The CUDA addon to try, if any: the one VIT_MAE_CUDA_ADDON names, a clone's build, or the
  * installed CUDA package. `reason` says why a named or installed one cannot be tried.
  */
@@ -87,6 +98,7 @@ function findCudaAddon(require: NodeJS.Require): { path?: string; reason?: strin
 
 function loadBinding(): { binding: typeof Binding; backend: NativeBackend } {
   configureCandleThreads();
+  configureBacktraces();
   const require = createRequire(import.meta.url);
   let fallbackReason: string | undefined;
   if (!envFlag('VIT_MAE_CPU_ONLY')) {

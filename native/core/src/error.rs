@@ -109,7 +109,20 @@ impl std::error::Error for Error {}
 
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
-        Error::new(ErrorCode::Internal, format!("tensor operation failed: {e}"))
+        Error::new(ErrorCode::Internal, format!("tensor operation failed: {}", candle_message(&e)))
+    }
+}
+
+/// A candle error as one line. candle appends a backtrace to its errors when
+/// `RUST_BACKTRACE` is set (and puts context on lines of its own); a message is one
+/// statement, so those frames are left out.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string(),
     }
 }
 
