@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig } from '../ts/index.js';
+import { MaskedAutoencoder, VitClassifier, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig } from '../ts/index.js';
 import { binding, rethrow } from '../ts/native.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors, zip } from './helpers.js';
 
@@ -144,6 +144,38 @@ describe('checkpoints', () => {
 
   it('rejects an unwritable save path', async () => {
     await expectCode(mae.save(join(dir, 'no-such-folder', 'model.safetensors')), 'E_IO', /no-such-folder/);
+  });
+});
+
+describe('oversized configs and arguments', () => {
+  // Each of these used to abort the process (an allocation failure is not an error in
+  // Rust). The sizes pass the 47-bit address space, so no machine holds them.
+  it('create refuses sizes out of range with E_CONFIG and models too large for memory with E_OUT_OF_MEMORY', async () => {
+    const create = (config: Partial<MaeConfig>) => () => MaskedAutoencoder.create({ preset: 'mae_vit_tiny_patch16', config });
+    await expectCode(create({ embedDim: 1e6, numHeads: 8 }), 'E_OUT_OF_MEMORY', /the model needs 576 TB for its parameters, more than the .* this process can allocate/);
+    await expectCode(create({ imgSize: 1e6 }), 'E_OUT_OF_MEMORY', /the model needs .* TB/);
+    await expectCode(create({ depth: 1e6 }), 'E_CONFIG', /depth must be an integer from 1 to 1024, got 1000000/);
+    await expectCode(create({ decoderEmbedDim: 2 ** 33, decoderNumHeads: 4 }), 'E_CONFIG', /decoderEmbedDim/);
+  });
+
+  it('classifiers too large for memory are E_OUT_OF_MEMORY', async () => {
+    const config = { imgSize: 32, patchSize: 4, inChans: 3, embedDim: 100_000, depth: 1, numHeads: 4, mlpRatio: 4, layerNormEps: 1e-6, numClasses: 1e9, globalPool: true, headBatchNorm: false };
+    await expectCode(() => VitClassifier.create(config), 'E_OUT_OF_MEMORY', /the classifier needs 400 TB for its parameters/);
+    // A million-pixel side: one image's attention scores alone pass the address space.
+    await expectCode(VitClassifier.fromPretrained(mae, { numClasses: 10, imgSize: 1e6 }), 'E_OUT_OF_MEMORY', /the classifier needs/);
+  });
+
+  it('a checkpoint whose config contradicts its tensors is refused before the model is built', async () => {
+    const wide = join(dir, 'wide-config.safetensors');
+    const config = JSON.parse(tiny.metadata.config);
+    writeFileSync(wide, writeSafetensors(tiny.tensors, { ...tiny.metadata, config: JSON.stringify({ ...config, embed_dim: 3e6 }) }));
+    await expectCode(MaskedAutoencoder.load(wide), 'E_CHECKPOINT_SHAPE', /cls_token: checkpoint \[1, 1, 48\], config \[1, 1, 3000000\]/);
+    const hf = join(dir, 'hf-wide');
+    mkdirSync(hf);
+    copyFileSync(fixture('mae-tiny.hf/model.safetensors'), join(hf, 'model.safetensors'));
+    const hfConfig = JSON.parse(readFileSync(fixture('mae-tiny.hf/config.json'), 'utf8'));
+    writeFileSync(join(hf, 'config.json'), JSON.stringify({ ...hfConfig, hidden_size: 3e6, intermediate_size: 12e6 }));
+    await expectCode(MaskedAutoencoder.load(hf), 'E_CHECKPOINT_SHAPE', /cls_token/);
   });
 });
 

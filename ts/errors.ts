@@ -4,7 +4,7 @@
  * - `E_SHAPE`: an input tensor has the wrong rank, shape or length for the model.
  * - `E_MASK_RATIO`: `maskRatio` is outside [0, 1), or does not suit the masking strategy.
  * - `E_NOISE`: masking noise has the wrong shape, is not finite, or was given for non-random masking.
- * - `E_CONFIG`: a model configuration is incomplete, unknown or inconsistent.
+ * - `E_CONFIG`: a model configuration is incomplete, unknown, inconsistent or out of range.
  * - `E_ARGUMENT`: another argument is invalid (seed, device, masking name, path).
  * - `E_CHECKPOINT_NOT_FOUND`: no checkpoint at the path.
  * - `E_CHECKPOINT_CORRUPT`: the file is not a readable checkpoint (corrupt, truncated, another format).
@@ -15,6 +15,7 @@
  * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal.
  * - `E_BUSY`: the model is training; every other call on it is refused until the run ends.
  * - `E_DISPOSED`: the model was disposed (`dispose()`); its weights are freed.
+ * - `E_OUT_OF_MEMORY`: a valid model (or batch of images) needs more memory than the process can allocate; the message says how much. Checked before anything is allocated.
  * - `E_NATIVE_LOAD`: the native addon could not be loaded.
  * - `E_INTERNAL`: a bug in vit-mae; please report it.
  */
@@ -36,6 +37,7 @@ export const ERROR_CODES = [
   'E_ABORTED',
   'E_BUSY',
   'E_DISPOSED',
+  'E_OUT_OF_MEMORY',
   'E_NATIVE_LOAD',
   'E_INTERNAL',
 ] as const;

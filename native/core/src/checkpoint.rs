@@ -353,21 +353,21 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
     let config = patch.complete().map_err(|e| {
         Error::new(e.code, format!("cannot configure the model from {}: {}; pass the config explicitly", path.display(), e.message))
     })?;
-    let mut model = MaskedAutoencoder::new(config, device, precision, seed)?;
     // A training checkpoint also holds optimizer moments; a model load leaves them.
-    let tensors = state.tensors.into_iter().filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX)).collect();
-    let fresh_decoder = assign(&mut model, tensors)?;
-    Ok((model, LoadReport { format: state.format, fresh_decoder }))
+    let tensors: BTreeMap<String, Tensor> = state.tensors.into_iter().filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX)).collect();
+    // Checked before the model is built: a config that does not match the tensors (or
+    // fit in memory) allocates nothing.
+    let has_decoder = check_tensors(&config, &tensors)?;
+    let mut model = MaskedAutoencoder::new(config, device, precision, seed)?;
+    assign(&mut model, tensors)?;
+    Ok((model, LoadReport { format: state.format, fresh_decoder: !has_decoder }))
 }
 
-/// Copies checkpoint tensors into the model; returns whether the decoder was absent.
-fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) -> Result<bool> {
-    let expected: Vec<(String, Vec<usize>)> = model
-        .params()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
-        .chain(model.buffers().iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())))
-        .collect();
+/// Checks checkpoint tensors against the model `config` describes: no unknown keys,
+/// every parameter there (the decoder's may all be absent, and the fixed position
+/// tables may be), and every shape as the config says. Returns whether the decoder is there.
+fn check_tensors(config: &MaeConfig, tensors: &BTreeMap<String, Tensor>) -> Result<bool> {
+    let expected: Vec<(String, Vec<usize>)> = config.parameter_shapes().into_iter().chain(config.buffer_shapes()).collect();
     let unknown: Vec<&String> = tensors.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
     if !unknown.is_empty() {
         bail!(CheckpointKeys, "checkpoint has keys that this MAE does not: {unknown:?}");
@@ -391,6 +391,11 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
     if !mismatched.is_empty() {
         bail!(CheckpointShape, "checkpoint shapes do not match the config: {}", mismatched.join("; "));
     }
+    Ok(has_decoder)
+}
+
+/// Copies checked checkpoint tensors (`check_tensors`) into the model.
+fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) -> Result<()> {
     let device = model.device().clone();
     for (name, var) in model.params() {
         if let Some(t) = tensors.remove(name) {
@@ -402,7 +407,7 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
             model.set_buffer(name, t)?;
         }
     }
-    Ok(!has_decoder)
+    Ok(())
 }
 
 /// Saves in the published key layout with the config in `__metadata__.config`.

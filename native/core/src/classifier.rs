@@ -4,7 +4,7 @@
 use crate::bail;
 use crate::checkpoint::Stored;
 use crate::checkpoint::{self, StateDict};
-use crate::config::{check_encoder, snake_case, MaeConfig, PRESETS};
+use crate::config::{block_shapes, check_encoder, check_model_memory, largest_activation, linear_shapes, norm_shapes, patch_embed_shapes, snake_case, MaeConfig, NamedShape, PRESETS};
 use crate::data::interpolate_bicubic_torch;
 use crate::device::Precision;
 use crate::engine::{VitEngine, VitMode};
@@ -139,19 +139,71 @@ impl ClassifierConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let positive = [
+        let sizes = [
             ("imgSize", self.img_size),
             ("patchSize", self.patch_size),
             ("inChans", self.in_chans),
             ("embedDim", self.embed_dim),
-            ("depth", self.depth),
             ("numHeads", self.num_heads),
             ("numClasses", self.num_classes),
         ];
-        check_encoder(&positive, self.img_size, self.patch_size, self.embed_dim, self.num_heads, self.mlp_ratio, self.layer_norm_eps)?;
+        check_encoder(&sizes, &[("depth", self.depth)], self.img_size, self.patch_size, self.embed_dim, self.num_heads, self.mlp_ratio, self.layer_norm_eps)?;
         // A fresh classifier starts its position embedding from the 2-D sin-cos table.
         if self.embed_dim % 4 != 0 {
             bail!(InvalidConfig, "embedDim {} must be a multiple of 4 for the 2-D sin-cos position embedding", self.embed_dim);
+        }
+        Ok(())
+    }
+
+    /// The trainable parameters of the published `VisionTransformer`, by name, in its order.
+    pub fn parameter_shapes(&self) -> Vec<NamedShape> {
+        let d = self.embed_dim;
+        let mut shapes = vec![("cls_token".to_string(), vec![1, 1, d]), ("pos_embed".to_string(), vec![1, 1 + self.num_patches(), d])];
+        shapes.extend(patch_embed_shapes(self.in_chans, self.patch_size, d));
+        shapes.extend((0..self.depth).flat_map(|i| block_shapes(&format!("blocks.{i}"), d, self.mlp_hidden())));
+        shapes.extend(norm_shapes(if self.global_pool { "fc_norm" } else { "norm" }, d));
+        shapes.extend(linear_shapes(if self.head_batch_norm { "head.1" } else { "head" }, d, self.num_classes));
+        shapes
+    }
+
+    /// The linear probe's BatchNorm statistics (none without `headBatchNorm`), by name.
+    pub fn buffer_shapes(&self) -> Vec<NamedShape> {
+        match self.head_batch_norm {
+            true => vec![
+                ("head.0.running_mean".to_string(), vec![self.embed_dim]),
+                ("head.0.running_var".to_string(), vec![self.embed_dim]),
+                ("head.0.num_batches_tracked".to_string(), vec![]),
+            ],
+            false => Vec::new(),
+        }
+    }
+
+    /// Refuses (`E_OUT_OF_MEMORY`) a valid config whose parameters and the largest
+    /// buffer of one image's forward pass do not fit in memory, as
+    /// [`MaeConfig::check_memory`].
+    pub fn check_memory(&self) -> Result<()> {
+        let per_image = largest_activation(1 + self.num_patches(), self.num_heads, self.mlp_hidden());
+        let (parameters, buffers) = (self.parameter_shapes(), self.buffer_shapes());
+        check_model_memory("the classifier", parameters.iter().chain(&buffers).map(|(_, shape)| shape.as_slice()), per_image)
+    }
+
+    /// Checks a state dict against the config before any weight is set: every
+    /// parameter and buffer there with its shape, and nothing else.
+    pub fn check_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        let expected: BTreeMap<String, Vec<usize>> = self.parameter_shapes().into_iter().chain(self.buffer_shapes()).collect();
+        let unknown: Vec<&String> = tensors.keys().filter(|k| !expected.contains_key(*k)).collect();
+        if !unknown.is_empty() {
+            bail!(CheckpointKeys, "checkpoint has keys that this classifier does not: {unknown:?}");
+        }
+        let missing: Vec<&String> = expected.keys().filter(|n| !tensors.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            bail!(CheckpointKeys, "checkpoint lacks keys: {missing:?}");
+        }
+        for (name, shape) in &expected {
+            let t = &tensors[name];
+            if t.dims() != shape.as_slice() {
+                bail!(CheckpointShape, "{name}: checkpoint has shape {:?}, the config needs {shape:?}", t.dims());
+            }
         }
         Ok(())
     }
@@ -251,6 +303,7 @@ impl VitClassifier {
     /// trunc-normal std 2e-5 (fine-tuning) or 0.01 (linear probe), zero bias.
     pub fn new(config: ClassifierConfig, device: &Device, precision: Precision, seed: u64) -> Result<Self> {
         config.validate()?;
+        config.check_memory()?;
         let c = &config;
         let mut p = ParamBuilder::new(ChaCha8Rng::seed_from_u64(seed), device.clone(), precision);
         let l = c.num_patches();
@@ -581,33 +634,16 @@ impl VitClassifier {
         ])
     }
 
-    /// Copies a state dict's tensors in (every parameter and buffer must be there).
+    /// Copies a state dict's tensors in, after [`ClassifierConfig::check_tensors`].
     pub fn assign(&self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-        let mut expected: Vec<String> = self.params.iter().map(|(n, _)| n.clone()).collect();
-        expected.extend(self.buffers()?.into_iter().map(|(n, _)| n));
-        let missing: Vec<&String> = expected.iter().filter(|n| !tensors.contains_key(*n)).collect();
-        if !missing.is_empty() {
-            bail!(CheckpointKeys, "checkpoint lacks keys: {missing:?}");
-        }
+        self.config.check_tensors(tensors)?;
         for (name, var) in &self.params {
-            let t = &tensors[name];
-            if t.dims() != var.dims() {
-                bail!(CheckpointShape, "{name}: checkpoint has shape {:?}, the config needs {:?}", t.dims(), var.dims());
-            }
-            var.set(&t.to_device(&self.device)?)?;
+            var.set(&tensors[name].to_device(&self.device)?)?;
         }
         if let Some(stats) = &self.head_bn {
-            let d = self.config.embed_dim;
-            let running = |name: &str| {
-                if tensors[name].dims() != [d] {
-                    bail!(CheckpointShape, "{name}: checkpoint has shape {:?}, the config needs [{d}]", tensors[name].dims());
-                }
-                Ok(tensors[name].to_device(&self.device)?)
-            };
-            let (mean, var) = (running("head.0.running_mean")?, running("head.0.running_var")?);
             let mut stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-            stats.running_mean = mean;
-            stats.running_var = var;
+            stats.running_mean = tensors["head.0.running_mean"].to_device(&self.device)?;
+            stats.running_var = tensors["head.0.running_var"].to_device(&self.device)?;
             stats.num_batches_tracked = tensors["head.0.num_batches_tracked"].to_dtype(DType::F64)?.to_scalar::<f64>()? as i64;
         }
         Ok(())
@@ -706,21 +742,22 @@ pub fn load_classifier(path: &Path, explicit: Option<&serde_json::Value>, device
     }
     let config = ClassifierConfig::from_fields(fields)
         .map_err(|e| Error::new(e.code, format!("cannot configure the classifier from {}: {}; pass the config explicitly", path.display(), e.message)))?;
-    let classifier = VitClassifier::new(config, device, precision, seed)?;
-    let mut tensors = std::mem::take(&mut state.tensors);
+    let (mut model_tensors, other): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        std::mem::take(&mut state.tensors).into_iter().partition(|(k, _)| !k.starts_with(checkpoint::OPTIMIZER_PREFIX));
+    // Nothing of the config's size is allocated before the checkpoint is known to match
+    // it (at the checkpoint's own resolution: its position embedding is resized to the
+    // config's below) and it is known to fit in memory.
+    let checkpoint_img_size = match model_tensors.get("pos_embed").map(|t| t.dims()) {
+        Some(&[1, rows, _]) if rows > 1 => ((rows - 1) as f64).sqrt().round() as usize * config.patch_size,
+        _ => config.img_size,
+    };
+    ClassifierConfig { img_size: checkpoint_img_size, ..config.clone() }.check_tensors(&model_tensors)?;
+    config.check_memory()?;
     // At another resolution than the checkpoint's, the position embedding is resized as published.
-    if let Some(pos_embed) = tensors.get_mut("pos_embed") {
-        if pos_embed.rank() == 3 && pos_embed.dim(2)? == classifier.config.embed_dim {
-            *pos_embed = resize_pos_embed(pos_embed, classifier.config.grid_size())?;
-        }
+    if let Some(pos_embed) = model_tensors.get_mut("pos_embed") {
+        *pos_embed = resize_pos_embed(pos_embed, config.grid_size())?;
     }
-    let (model_tensors, other): (BTreeMap<_, _>, BTreeMap<_, _>) =
-        tensors.into_iter().partition(|(k, _)| !k.starts_with(checkpoint::OPTIMIZER_PREFIX));
-    let known: Vec<String> = classifier.params.iter().map(|(n, _)| n.clone()).chain(classifier.buffers()?.into_iter().map(|(n, _)| n)).collect();
-    let unknown: Vec<&String> = model_tensors.keys().filter(|k| !known.contains(k)).collect();
-    if !unknown.is_empty() {
-        bail!(CheckpointKeys, "checkpoint has keys that this classifier does not: {unknown:?}");
-    }
+    let classifier = VitClassifier::new(config, device, precision, seed)?;
     classifier.assign(&model_tensors)?;
     state.tensors = other;
     Ok((classifier, state))

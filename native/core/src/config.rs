@@ -2,6 +2,7 @@
 
 use crate::bail;
 use crate::error::Result;
+use crate::memory;
 use serde::{Deserialize, Serialize};
 
 /// The arguments of the published `MaskedAutoencoderViT`, camelCased.
@@ -245,19 +246,30 @@ impl MaeConfig {
         (self.decoder_embed_dim as f64 * self.mlp_ratio) as usize
     }
 
+    /// Checks that the config describes a model that can be built: every size in range,
+    /// whole patches and heads, and the rest below. Whether it fits in memory is
+    /// [`MaeConfig::check_memory`]'s question.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
+        let sizes = [
             ("imgSize", self.img_size),
             ("patchSize", self.patch_size),
             ("inChans", self.in_chans),
             ("embedDim", self.embed_dim),
-            ("depth", self.depth),
             ("numHeads", self.num_heads),
             ("decoderEmbedDim", self.decoder_embed_dim),
-            ("decoderDepth", self.decoder_depth),
             ("decoderNumHeads", self.decoder_num_heads),
         ];
-        check_encoder(&positive, self.img_size, self.patch_size, self.embed_dim, self.num_heads, self.mlp_ratio, self.layer_norm_eps)?;
+        let depths = [("depth", self.depth), ("decoderDepth", self.decoder_depth)];
+        check_encoder(&sizes, &depths, self.img_size, self.patch_size, self.embed_dim, self.num_heads, self.mlp_ratio, self.layer_norm_eps)?;
+        if self.decoder_mlp_hidden() > MAX_SIZE {
+            bail!(InvalidConfig, "mlpRatio {:?} makes the decoder's MLPs wider than {MAX_SIZE}", self.mlp_ratio);
+        }
+        // `pred` holds patchSize^2 x inChans values per patch: within MAX_SIZE, and without
+        // overflowing before that is known.
+        let patch_values = self.patch_size.checked_mul(self.patch_size).and_then(|v| v.checked_mul(self.in_chans));
+        if patch_values.is_none_or(|v| v > MAX_SIZE) {
+            bail!(InvalidConfig, "patchSize {} and inChans {} make patches of more than {MAX_SIZE} values", self.patch_size, self.in_chans);
+        }
         if self.decoder_embed_dim % self.decoder_num_heads != 0 {
             bail!(
                 InvalidConfig,
@@ -276,6 +288,41 @@ impl MaeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The trainable parameters of the published model, by name, in its order.
+    pub fn parameter_shapes(&self) -> Vec<NamedShape> {
+        let (d, dd) = (self.embed_dim, self.decoder_embed_dim);
+        let mut shapes: Vec<NamedShape> = patch_embed_shapes(self.in_chans, self.patch_size, d).into();
+        shapes.push(("cls_token".to_string(), vec![1, 1, d]));
+        if self.encoder_mask_token {
+            shapes.push(("encoder_mask_token".to_string(), vec![1, 1, d]));
+        }
+        shapes.extend((0..self.depth).flat_map(|i| block_shapes(&format!("blocks.{i}"), d, self.mlp_hidden())));
+        shapes.extend(norm_shapes("norm", d));
+        shapes.extend(linear_shapes("decoder_embed", d, dd));
+        shapes.push(("mask_token".to_string(), vec![1, 1, dd]));
+        shapes.extend((0..self.decoder_depth).flat_map(|i| block_shapes(&format!("decoder_blocks.{i}"), dd, self.decoder_mlp_hidden())));
+        shapes.extend(norm_shapes("decoder_norm", dd));
+        shapes.extend(linear_shapes("decoder_pred", dd, self.patch_dim()));
+        shapes
+    }
+
+    /// The fixed sin-cos position tables, by name.
+    pub fn buffer_shapes(&self) -> [NamedShape; 2] {
+        let rows = 1 + self.num_patches();
+        [("pos_embed".to_string(), vec![1, rows, self.embed_dim]), ("decoder_pos_embed".to_string(), vec![1, rows, self.decoder_embed_dim])]
+    }
+
+    /// Refuses (`E_OUT_OF_MEMORY`) a valid config whose parameters (position tables
+    /// included) and the largest buffer of one image's forward pass do not fit in the
+    /// memory this process can allocate. Sizes are counted in 128 bits (the largest valid
+    /// shapes overflow 64), before anything is allocated.
+    pub fn check_memory(&self) -> Result<()> {
+        let tokens = 1 + self.num_patches();
+        let per_image = largest_activation(tokens, self.num_heads, self.mlp_hidden()).max(largest_activation(tokens, self.decoder_num_heads, self.decoder_mlp_hidden()));
+        let (parameters, buffers) = (self.parameter_shapes(), self.buffer_shapes());
+        check_model_memory("the model", parameters.iter().chain(&buffers).map(|(_, shape)| shape.as_slice()), per_image)
     }
 
     /// The config as JSON with the published (snake_case) names, as checkpoints store it.
@@ -301,11 +348,22 @@ impl MaeConfig {
     }
 }
 
+/// The largest size (width, side, channels, heads, classes) a config may have: shapes
+/// reach JavaScript as 32-bit integers. Whether a model of such sizes fits in memory is
+/// checked on its own (`check_memory`).
+pub const MAX_SIZE: usize = u32::MAX as usize;
+
+/// The most blocks an encoder or decoder may have (the published models have at most 32).
+pub const MAX_DEPTH: usize = 1024;
+
 /// The checks an encoder's settings must pass, shared by the MAE and classifier
-/// configs: every `positive` field above zero, whole patches, whole heads, a positive
-/// MLP ratio and LayerNorm epsilon.
+/// configs: every size in `sizes` in 1..=[`MAX_SIZE`], every depth in
+/// 1..=[`MAX_DEPTH`], whole patches, whole heads, a positive MLP ratio and LayerNorm
+/// epsilon.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_encoder(
-    positive: &[(&str, usize)],
+    sizes: &[(&str, usize)],
+    depths: &[(&str, usize)],
     img_size: usize,
     patch_size: usize,
     embed_dim: usize,
@@ -313,8 +371,10 @@ pub(crate) fn check_encoder(
     mlp_ratio: f64,
     layer_norm_eps: f64,
 ) -> Result<()> {
-    if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-        bail!(InvalidConfig, "{name} must be positive");
+    for (fields, max) in [(sizes, MAX_SIZE), (depths, MAX_DEPTH)] {
+        if let Some((name, value)) = fields.iter().find(|(_, v)| !(1..=max).contains(v)) {
+            bail!(InvalidConfig, "{name} must be an integer from 1 to {max}, got {value}");
+        }
     }
     if img_size % patch_size != 0 {
         bail!(InvalidConfig, "imgSize {img_size} is not a multiple of patchSize {patch_size}");
@@ -322,11 +382,66 @@ pub(crate) fn check_encoder(
     if embed_dim % num_heads != 0 {
         bail!(InvalidConfig, "embedDim {embed_dim} is not divisible by numHeads {num_heads}");
     }
-    if !(mlp_ratio.is_finite() && mlp_ratio > 0.0) || (embed_dim as f64 * mlp_ratio) as usize == 0 {
+    let mlp_hidden = embed_dim as f64 * mlp_ratio;
+    if !(mlp_ratio.is_finite() && mlp_ratio > 0.0) || mlp_hidden < 1.0 {
         bail!(InvalidConfig, "mlpRatio must be a positive number, got {mlp_ratio}");
+    }
+    if mlp_hidden > MAX_SIZE as f64 {
+        bail!(InvalidConfig, "mlpRatio {mlp_ratio:?} makes the MLPs wider than {MAX_SIZE}");
     }
     if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
         bail!(InvalidConfig, "layerNormEps must be a positive number, got {layer_norm_eps}");
     }
     Ok(())
+}
+
+/// A parameter's published name and shape.
+pub type NamedShape = (String, Vec<usize>);
+
+/// `name.weight` `[out, inp]` and `name.bias` `[out]`: an `nn.Linear`.
+pub(crate) fn linear_shapes(name: &str, inp: usize, out: usize) -> [NamedShape; 2] {
+    [(format!("{name}.weight"), vec![out, inp]), (format!("{name}.bias"), vec![out])]
+}
+
+/// `name.weight` and `name.bias`, both `[dim]`: a LayerNorm.
+pub(crate) fn norm_shapes(name: &str, dim: usize) -> [NamedShape; 2] {
+    [(format!("{name}.weight"), vec![dim]), (format!("{name}.bias"), vec![dim])]
+}
+
+/// The parameters of the transformer block `name` (`crate::nn::Block`), in its order.
+pub(crate) fn block_shapes(name: &str, dim: usize, mlp_hidden: usize) -> Vec<NamedShape> {
+    [
+        norm_shapes(&format!("{name}.norm1"), dim),
+        linear_shapes(&format!("{name}.attn.qkv"), dim, 3 * dim),
+        linear_shapes(&format!("{name}.attn.proj"), dim, dim),
+        norm_shapes(&format!("{name}.norm2"), dim),
+        linear_shapes(&format!("{name}.mlp.fc1"), dim, mlp_hidden),
+        linear_shapes(&format!("{name}.mlp.fc2"), mlp_hidden, dim),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// `patch_embed.proj.weight` `[D, C, p, p]` and its bias `[D]`.
+pub(crate) fn patch_embed_shapes(in_chans: usize, patch_size: usize, embed_dim: usize) -> [NamedShape; 2] {
+    [("patch_embed.proj.weight".to_string(), vec![embed_dim, in_chans, patch_size, patch_size]), ("patch_embed.proj.bias".to_string(), vec![embed_dim])]
+}
+
+/// One transformer's share of one image's largest buffer: `tokens` rows of the
+/// attention scores (`heads x tokens` each) or of the MLP's hidden layer.
+pub(crate) fn largest_activation(tokens: usize, heads: usize, mlp_hidden: usize) -> u128 {
+    (tokens as u128).saturating_mul((heads as u128 * tokens as u128).max(mlp_hidden as u128))
+}
+
+/// Refuses, with `E_OUT_OF_MEMORY`, a model whose weights (f32 values of `shapes`)
+/// cannot be allocated, or whose weights and the largest buffer of one image's forward
+/// pass (`per_image` f32 values) cannot be together. `what` names it ("the model").
+pub(crate) fn check_model_memory<'a>(what: &str, shapes: impl IntoIterator<Item = &'a [usize]>, per_image: u128) -> Result<()> {
+    let values = shapes.into_iter().map(|shape| shape.iter().fold(1u128, |n, &d| n.saturating_mul(d as u128))).fold(0u128, u128::saturating_add);
+    let (weights, activations) = (values.saturating_mul(4), per_image.saturating_mul(4));
+    memory::check(weights, |bytes| format!("{what} needs {bytes} for its parameters"))?;
+    memory::check(weights.saturating_add(activations), |bytes| {
+        format!("{what} needs {bytes} to run: {} for its parameters and {} for the attention scores or MLP activations of one image", memory::format_bytes(weights), memory::format_bytes(activations))
+    })
 }

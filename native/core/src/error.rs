@@ -34,13 +34,15 @@ pub enum ErrorCode {
     Busy,
     /// The model was disposed: its weights are freed.
     Disposed,
+    /// A valid request needs more memory than the process can allocate.
+    OutOfMemory,
     /// A bug: the computation failed where valid input cannot make it fail.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for checks that the facade knows each one.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::InvalidShape,
         ErrorCode::InvalidMaskRatio,
         ErrorCode::InvalidNoise,
@@ -55,6 +57,7 @@ impl ErrorCode {
         ErrorCode::Aborted,
         ErrorCode::Busy,
         ErrorCode::Disposed,
+        ErrorCode::OutOfMemory,
         ErrorCode::Internal,
     ];
 
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::Aborted => "E_ABORTED",
             ErrorCode::Busy => "E_BUSY",
             ErrorCode::Disposed => "E_DISPOSED",
+            ErrorCode::OutOfMemory => "E_OUT_OF_MEMORY",
             ErrorCode::Internal => "E_INTERNAL",
         }
     }

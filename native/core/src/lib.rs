@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod finetune;
 pub mod masking;
+pub mod memory;
 pub mod mixup;
 pub mod model;
 pub mod nn;

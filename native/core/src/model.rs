@@ -246,6 +246,7 @@ impl MaskedAutoencoder {
     /// (weights, later masks) derives from `seed`.
     pub fn new(config: MaeConfig, device: &Device, precision: Precision, seed: u64) -> Result<Self> {
         config.validate()?;
+        config.check_memory()?;
         let (l, grid) = (config.num_patches(), config.grid_size());
         let pos_embed = Tensor::from_vec(sincos_2d_with_cls(config.embed_dim, grid), (1, l + 1, config.embed_dim), device)?;
         let decoder_pos_embed = Tensor::from_vec(sincos_2d_with_cls(config.decoder_embed_dim, grid), (1, l + 1, config.decoder_embed_dim), device)?;

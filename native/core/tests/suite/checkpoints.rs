@@ -384,7 +384,66 @@ fn encoder_mask_token_survives_save_and_load() {
     assert!(token(&model).is_some());
 }
 
-// ---------------------------------------------------------------- concurrent saves
+// ---------------------------------------------------------------- oversized configs
+
+/// The tiny fixture rewritten with its `__metadata__.config` changed by `edit`.
+fn fixture_with_config(dir: &TempDir, name: &str, keep: impl Fn(&str) -> bool, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let (tensors, mut metadata) = read_fixture("mae-tiny.weights.safetensors");
+    let mut config: serde_json::Value = serde_json::from_str(&metadata["config"]).unwrap();
+    edit(&mut config);
+    metadata.insert("config".to_string(), config.to_string());
+    let path = dir.join(name);
+    write_safetensors(&path, &tensors.into_iter().filter(|(k, _)| keep(k)).collect(), Some(metadata));
+    path
+}
+
+/// A copy of the tiny Hugging Face folder with `config.json` changed by `edit`.
+fn hugging_face_with_config(dir: &TempDir, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let folder = dir.join(name);
+    std::fs::create_dir(&folder).unwrap();
+    let source = fixtures().join("mae-tiny.hf");
+    std::fs::copy(source.join("model.safetensors"), folder.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+    folder
+}
+
+#[test]
+fn a_config_that_contradicts_the_tensors_is_refused_before_the_model_is_built() {
+    // Each of these configs describes a model of hundreds of terabytes: building it
+    // first aborted the process. The tensors are the tiny model's, so the load fails on
+    // the first shape they contradict, having allocated nothing of the config's size.
+    let dir = TempDir::new("contradicting");
+    let metadata = fixture_with_config(&dir, "wide.safetensors", |_| true, |c| c["embed_dim"] = 3_000_000.into());
+    let hf_wide = hugging_face_with_config(&dir, "hf-wide", |c| {
+        c["hidden_size"] = 3_000_000.into();
+        c["intermediate_size"] = 12_000_000.into();
+    });
+    let hf_decoder = hugging_face_with_config(&dir, "hf-decoder", |c| {
+        c["decoder_hidden_size"] = 2_000_000.into();
+        c["decoder_intermediate_size"] = 8_000_000.into();
+    });
+    for (path, first) in [(&metadata, "cls_token"), (&hf_wide, "cls_token"), (&hf_decoder, "decoder_blocks.0")] {
+        let e = load_err(path, None);
+        assert_eq!(e.code, ErrorCode::CheckpointShape, "{}: {e}", path.display());
+        assert!(e.message.contains(first), "{}: the message should name {first}: {}", path.display(), e.message);
+    }
+}
+
+#[test]
+fn a_config_the_tensors_allow_but_memory_does_not_is_out_of_memory() {
+    // An encoder-only file does not hold the decoder its config describes: a decoder of
+    // 2e6 wide blocks, whose parameters alone pass the 47-bit address space.
+    let dir = TempDir::new("decoder-oom");
+    let path = fixture_with_config(&dir, "encoder.safetensors", |k| !is_decoder_key(k), |c| {
+        c["decoder_embed_dim"] = 2_000_000.into();
+        c["decoder_num_heads"] = 4.into();
+    });
+    let e = load_err(&path, None);
+    assert_eq!(e.code, ErrorCode::OutOfMemory, "{e}");
+    assert!(e.message.contains("the model needs 384 TB"), "the message should give the size: {}", e.message);
+}
 
 #[test]
 fn concurrent_saves_to_one_path_each_write_a_whole_file() {

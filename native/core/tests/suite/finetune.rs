@@ -1107,3 +1107,51 @@ fn classifiers_round_trip_through_checkpoints() {
     let err = load_classifier(&path, None, &Device::Cpu, Precision::F32, 0).err().expect("an MAE checkpoint is not a classifier");
     assert_eq!(err.code, ErrorCode::CheckpointKeys);
 }
+
+// ---------------------------------------------------------------- config limits
+
+#[test]
+fn classifier_parameter_shapes_are_the_models_own() {
+    for (global_pool, head_batch_norm) in [(true, false), (false, false), (false, true), (true, true)] {
+        let c = cls_config(2, 5, global_pool, head_batch_norm);
+        let m = VitClassifier::new(c.clone(), &Device::Cpu, Precision::F32, 0).unwrap();
+        let params: Vec<(String, Vec<usize>)> = m.params().iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
+        assert_eq!(c.parameter_shapes(), params, "globalPool {global_pool}, headBatchNorm {head_batch_norm}");
+        let buffers: Vec<(String, Vec<usize>)> = m.buffers().unwrap().into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect();
+        assert_eq!(c.buffer_shapes(), buffers, "globalPool {global_pool}, headBatchNorm {head_batch_norm}");
+    }
+}
+
+#[test]
+fn classifiers_too_large_or_out_of_range_are_refused_before_anything_is_allocated() {
+    // 1e9 classes of 1e5-wide features: 400 TB of head, more than the 47-bit address space.
+    let wide = ClassifierConfig { embed_dim: 100_000, num_heads: 4, num_classes: 1_000_000_000, ..cls_config(1, 2, true, false) };
+    wide.validate().unwrap();
+    let e = VitClassifier::new(wide, &Device::Cpu, Precision::F32, 0).err().expect("a 400 TB classifier was built");
+    assert_eq!(e.code, ErrorCode::OutOfMemory, "{e}");
+    assert!(e.message.contains("the classifier needs 400 TB for its parameters"), "{}", e.message);
+    for (field, c) in [("numClasses", ClassifierConfig { num_classes: 1 << 33, ..cls_config(1, 2, true, false) }), ("depth", cls_config(2000, 2, true, false))] {
+        let e = VitClassifier::new(c, &Device::Cpu, Precision::F32, 0).err().expect("out of range");
+        assert_eq!(e.code, ErrorCode::InvalidConfig, "{field}: {e}");
+        assert!(e.message.contains(field), "{}", e.message);
+    }
+}
+
+#[test]
+fn a_classifier_checkpoint_that_contradicts_its_config_builds_nothing() {
+    // Metadata claiming 3e6-wide features for the tiny fixture's tensors: refused on the
+    // first contradicting shape rather than by building the 3e6-wide classifier first.
+    let dir = TempDir::new("classifier-contradicting");
+    let bytes = std::fs::read(crate::common::fixtures().join("vit-cls-tiny.weights.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut metadata = header.metadata().clone().unwrap_or_default();
+    let mut config: serde_json::Value = metadata.get("config").map(|c| serde_json::from_str(c).unwrap()).unwrap_or(json!({}));
+    config["embed_dim"] = 3_000_000.into();
+    config["num_heads"] = 3.into();
+    metadata.insert("config".to_string(), config.to_string());
+    let tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap().into_iter().collect();
+    let path = dir.join("wide.safetensors");
+    std::fs::write(&path, safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata)).unwrap()).unwrap();
+    let e = load_classifier(&path, None, &Device::Cpu, Precision::F32, 0).err().expect("the load should fail");
+    assert_eq!(e.code, ErrorCode::CheckpointShape, "{e}");
+}

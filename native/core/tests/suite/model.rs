@@ -866,6 +866,55 @@ fn validate_rejects_inconsistent_configs() {
 }
 
 #[test]
+fn parameter_shapes_are_the_models_own() {
+    let configs = [small_config(), MaeConfig { encoder_mask_token: true, mlp_ratio: 3.0, ..small_config() }, MaeConfig::preset("mae_vit_tiny_patch8_64").unwrap()];
+    for c in configs {
+        let m = model(c.clone(), 0);
+        let params: Vec<(String, Vec<usize>)> = m.params().iter().map(|(n, v)| (n.clone(), v.dims().to_vec())).collect();
+        assert_eq!(c.parameter_shapes(), params);
+        let buffers: Vec<(String, Vec<usize>)> = m.buffers().iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())).collect();
+        assert_eq!(c.buffer_shapes().to_vec(), buffers);
+    }
+}
+
+#[test]
+fn sizes_out_of_range_are_config_errors() {
+    let tiny = MaeConfig::preset("mae_vit_tiny_patch16").unwrap();
+    let cases = [
+        ("depth", MaeConfig { depth: 1_000_000, ..tiny.clone() }),
+        ("decoderDepth", MaeConfig { decoder_depth: 1025, ..tiny.clone() }),
+        ("embedDim", MaeConfig { embed_dim: 1 << 33, num_heads: 1, ..tiny.clone() }),
+        ("mlpRatio", MaeConfig { mlp_ratio: 1e300, ..tiny.clone() }),
+        ("patchSize", MaeConfig { img_size: 70_000, patch_size: 70_000, ..tiny.clone() }),
+    ];
+    for (field, c) in cases {
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidConfig, "{field}: {e}");
+        assert!(e.message.contains(field), "the message should name {field}: {}", e.message);
+        assert_eq!(err_code(MaskedAutoencoder::new(c, &Device::Cpu, Precision::F32, 0)), ErrorCode::InvalidConfig, "{field} (model)");
+    }
+}
+
+#[test]
+fn configs_too_large_for_memory_are_refused_before_anything_is_allocated() {
+    // Valid configs whose parameters, or one image's attention scores, need more than
+    // the 47-bit address space: no machine holds them, and building one aborted the process.
+    let tiny = MaeConfig::preset("mae_vit_tiny_patch16").unwrap();
+    let cases = [
+        ("embedDim 1e6", MaeConfig { embed_dim: 1_000_000, num_heads: 8, ..tiny.clone() }, "needs 576 TB for its parameters"),
+        ("imgSize 1e6", MaeConfig { img_size: 1_000_000, ..tiny.clone() }, "the model needs"),
+        ("decoderEmbedDim 2e6", MaeConfig { decoder_embed_dim: 2_000_000, ..tiny.clone() }, "the model needs"),
+    ];
+    for (label, c, says) in cases {
+        c.validate().unwrap_or_else(|e| panic!("{label} is a valid config: {e}"));
+        let e = MaskedAutoencoder::new(c, &Device::Cpu, Precision::F32, 0).err().unwrap_or_else(|| panic!("{label} was built"));
+        assert_eq!(e.code, ErrorCode::OutOfMemory, "{label}: {e}");
+        assert!(e.message.contains(says) && e.message.contains("more than the"), "{label}: {}", e.message);
+    }
+    tiny.check_memory().unwrap();
+}
+
+#[test]
 fn config_published_json_round_trips() {
     let c = MaeConfig { mlp_ratio: 3.0, norm_pix_loss: true, layer_norm_eps: 1e-5, ..small_config() };
     let json = c.to_published_json();
