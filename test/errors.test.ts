@@ -156,6 +156,7 @@ describe('oversized configs and arguments', () => {
     await expectCode(create({ imgSize: 1e6 }), 'E_OUT_OF_MEMORY', /the model needs .* TB/);
     await expectCode(create({ depth: 1e6 }), 'E_CONFIG', /depth must be an integer from 1 to 1024, got 1000000/);
     await expectCode(create({ decoderEmbedDim: 2 ** 33, decoderNumHeads: 4 }), 'E_CONFIG', /decoderEmbedDim/);
+    await expectCode(create({ patchSize: 1, inChans: 1, normPixLoss: true, imgSize: 8 }), 'E_CONFIG', /normPixLoss needs patches of at least two values/);
   });
 
   it('classifiers too large for memory are E_OUT_OF_MEMORY', async () => {

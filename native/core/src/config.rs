@@ -270,6 +270,12 @@ impl MaeConfig {
         if patch_values.is_none_or(|v| v > MAX_SIZE) {
             bail!(InvalidConfig, "patchSize {} and inChans {} make patches of more than {MAX_SIZE} values", self.patch_size, self.in_chans);
         }
+        if self.norm_pix_loss && self.patch_dim() == 1 {
+            bail!(
+                InvalidConfig,
+                "normPixLoss needs patches of at least two values (patchSize^2 x inChans is 1 here): it divides each patch by the unbiased variance of its values, which is NaN for a single value"
+            );
+        }
         if self.decoder_embed_dim % self.decoder_num_heads != 0 {
             bail!(
                 InvalidConfig,

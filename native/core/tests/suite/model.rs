@@ -915,6 +915,19 @@ fn configs_too_large_for_memory_are_refused_before_anything_is_allocated() {
 }
 
 #[test]
+fn norm_pix_loss_needs_patches_of_two_values_or_more() {
+    // One value per patch has no unbiased variance: the loss would be NaN whatever the weights.
+    let e = config(4, 1, 1, 8, 1, 2, 8, 1, 2, true).validate().unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidConfig);
+    assert!(e.message.contains("normPixLoss"), "{}", e.message);
+    config(4, 1, 1, 8, 1, 2, 8, 1, 2, false).validate().unwrap();
+    // Three channels give 1x1 patches three values: a finite loss, as published.
+    let three = config(4, 1, 3, 8, 1, 2, 8, 1, 2, true);
+    let out = model(three.clone(), 0).forward(&imgs_for(&three, 2, 0), &MaskOptions::default()).unwrap();
+    assert!(scalar(&out.loss).is_finite());
+}
+
+#[test]
 fn config_published_json_round_trips() {
     let c = MaeConfig { mlp_ratio: 3.0, norm_pix_loss: true, layer_norm_eps: 1e-5, ..small_config() };
     let json = c.to_published_json();
