@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, VitClassifier, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig } from '../ts/index.js';
+import { MaskedAutoencoder, VitClassifier, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig, type Tensor } from '../ts/index.js';
 import { binding, rethrow } from '../ts/native.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors, zip } from './helpers.js';
 
@@ -144,6 +144,33 @@ describe('checkpoints', () => {
 
   it('rejects an unwritable save path', async () => {
     await expectCode(mae.save(join(dir, 'no-such-folder', 'model.safetensors')), 'E_IO', /no-such-folder/);
+  });
+});
+
+describe('non-finite inputs', () => {
+  /** `images` with NaN, +Inf and -Inf from `[n, c, y, x]` on. */
+  function poisoned(shape: number[], at: number[]): { tensor: Tensor; flat: number } {
+    const tensor = randomTensor(shape);
+    const flat = at.reduce((index, i, d) => index * shape[d] + i, 0);
+    tensor.data.set([Number.NaN, Number.POSITIVE_INFINITY, Number.NEGATIVE_INFINITY], flat);
+    return { tensor, flat };
+  }
+
+  it('every model call rejects NaN or infinite pixels with E_INPUT and the first one\'s index', async () => {
+    const { tensor, flat } = poisoned([2, 3, 32, 32], [1, 2, 3, 4]);
+    const message = new RegExp(`images must be finite, but value ${flat} \\(at \\[1, 2, 3, 4\\]\\) is NaN`);
+    await expectCode(mae.forward(tensor), 'E_INPUT', message);
+    await expectCode(mae.lossAndGradients(tensor), 'E_INPUT', message);
+    await expectCode(mae.embed(tensor), 'E_INPUT', message);
+    await expectCode(mae.reconstruct(tensor), 'E_INPUT', message);
+    const clf = await VitClassifier.fromPretrained(mae, { numClasses: 3 });
+    await expectCode(clf.forward(tensor), 'E_INPUT', message);
+    await expectCode(clf.predict(tensor), 'E_INPUT', message);
+    await expectCode(clf.embed(tensor), 'E_INPUT', message);
+    await expectCode(clf.lossAndGradients(tensor, [0, 1]), 'E_INPUT', message);
+    const infinite = poisoned([1, 3, 32, 32], [0, 0, 0, 0]).tensor;
+    infinite.data[0] = Number.NEGATIVE_INFINITY;
+    await expectCode(mae.forward(infinite), 'E_INPUT', /value 0 \(at \[0, 0, 0, 0\]\) is -inf/);
   });
 });
 

@@ -2,6 +2,7 @@
  * What went wrong, as a stable machine-readable code:
  *
  * - `E_SHAPE`: an input tensor has the wrong rank, shape or length for the model.
+ * - `E_INPUT`: an input tensor holds a value the model cannot use, NaN or ±Infinity (the message gives the first one's index, flat and as `[n, c, y, x]`).
  * - `E_MASK_RATIO`: `maskRatio` is outside [0, 1), or does not suit the masking strategy.
  * - `E_NOISE`: masking noise has the wrong shape, is not finite, or was given for non-random masking.
  * - `E_CONFIG`: a model configuration is incomplete, unknown, inconsistent or out of range.
@@ -24,6 +25,7 @@ export type ErrorCode = (typeof ERROR_CODES)[number];
 /** Every {@link ErrorCode}, for telling a code the native side sent from anything else. */
 export const ERROR_CODES = [
   'E_SHAPE',
+  'E_INPUT',
   'E_MASK_RATIO',
   'E_NOISE',
   'E_CONFIG',

@@ -414,6 +414,7 @@ impl VitClassifier {
         if imgs.shape.len() != 4 || imgs.shape[0] == 0 || imgs.shape[1..] != [c.in_chans, c.img_size, c.img_size] {
             bail!(InvalidShape, "images must have shape [N, {}, {}, {}] (N >= 1) for this classifier, got {:?}", c.in_chans, c.img_size, c.img_size, imgs.shape);
         }
+        imgs.check_finite("images")?;
         imgs.to_tensor(&self.device)
     }
 

@@ -8,6 +8,8 @@ use std::fmt;
 pub enum ErrorCode {
     /// An input tensor has the wrong rank, shape or length.
     InvalidShape,
+    /// An input tensor holds a value the model cannot use (NaN or infinite).
+    InvalidInput,
     /// `maskRatio` is outside [0, 1) or does not suit the masking strategy.
     InvalidMaskRatio,
     /// Masking noise has the wrong shape or is not finite.
@@ -42,8 +44,9 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for checks that the facade knows each one.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::InvalidShape,
+        ErrorCode::InvalidInput,
         ErrorCode::InvalidMaskRatio,
         ErrorCode::InvalidNoise,
         ErrorCode::InvalidConfig,
@@ -64,6 +67,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidShape => "E_SHAPE",
+            ErrorCode::InvalidInput => "E_INPUT",
             ErrorCode::InvalidMaskRatio => "E_MASK_RATIO",
             ErrorCode::InvalidNoise => "E_NOISE",
             ErrorCode::InvalidConfig => "E_CONFIG",

@@ -38,6 +38,19 @@ impl HostTensor {
         Ok(())
     }
 
+    /// Refuses NaN and infinite values with `E_INPUT`, naming the first one's index flat
+    /// and per dimension: the model would turn them into NaN outputs without a word.
+    pub fn check_finite(&self, what: &str) -> Result<()> {
+        let Some(flat) = self.data.iter().position(|v| !v.is_finite()) else { return Ok(()) };
+        let mut index = vec![0; self.shape.len()];
+        let mut rest = flat;
+        for (i, &side) in self.shape.iter().enumerate().rev() {
+            index[i] = rest % side;
+            rest /= side;
+        }
+        bail!(InvalidInput, "{what} must be finite, but value {flat} (at {index:?}) is {}", self.data[flat]);
+    }
+
     pub fn from_tensor(t: &Tensor) -> Result<Self> {
         let shape = t.dims().to_vec();
         let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -339,6 +352,7 @@ impl MaskedAutoencoder {
                 imgs.shape
             );
         }
+        imgs.check_finite("images")?;
         imgs.to_tensor(&self.device)
     }
 

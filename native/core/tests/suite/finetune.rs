@@ -1138,6 +1138,16 @@ fn classifiers_too_large_or_out_of_range_are_refused_before_anything_is_allocate
 }
 
 #[test]
+fn classifier_images_must_be_finite() {
+    let m = classifier(1, 3, true, false, 0);
+    let mut data = vec![0.25f32; 2 * IMAGE_LEN];
+    data[IMAGE_LEN + 5] = f32::INFINITY;
+    let e = m.images_to_tensor(&vit_mae_core::HostTensor::new(data, vec![2, CHANNELS, SIDE, SIDE]).unwrap()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidInput);
+    assert!(e.message.contains(&format!("value {} (at [1, 0, 0, 5]) is inf", IMAGE_LEN + 5)), "{}", e.message);
+}
+
+#[test]
 fn a_classifier_checkpoint_that_contradicts_its_config_builds_nothing() {
     // Metadata claiming 3e6-wide features for the tiny fixture's tensors: refused on the
     // first contradicting shape rather than by building the 3e6-wide classifier first.

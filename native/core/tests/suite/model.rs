@@ -928,6 +928,23 @@ fn norm_pix_loss_needs_patches_of_two_values_or_more() {
 }
 
 #[test]
+fn non_finite_pixels_are_refused_with_their_index() {
+    let c = small_config();
+    let m = model(c.clone(), 0);
+    let (n, ch, s) = (2, c.in_chans, c.img_size);
+    let at = [1, ch - 1, 2, 3];
+    let flat = ((at[0] * ch + at[1]) * s + at[2]) * s + at[3];
+    for (value, shown) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf"), (f32::NEG_INFINITY, "-inf")] {
+        let mut data = vec![0.5f32; n * ch * s * s];
+        data[flat] = value;
+        data[flat + 1] = f32::NAN; // only the first is named
+        let e = m.images_to_tensor(&HostTensor::new(data, vec![n, ch, s, s]).unwrap()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidInput, "{shown}: {e}");
+        assert!(e.message.contains(&format!("value {flat} (at {at:?}) is {shown}")), "{}", e.message);
+    }
+}
+
+#[test]
 fn config_published_json_round_trips() {
     let c = MaeConfig { mlp_ratio: 3.0, norm_pix_loss: true, layer_norm_eps: 1e-5, ..small_config() };
     let json = c.to_published_json();
