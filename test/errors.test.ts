@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, VitClassifier, VitMaeError, setAllowTf32, type ErrorCode, type MaeConfig, type Tensor } from '../ts/index.js';
+import { MaskedAutoencoder, VitClassifier, VitMaeError, loadImages, setAllowTf32, writeReconstructionGrid, type ErrorCode, type MaeConfig, type Tensor } from '../ts/index.js';
 import { binding, rethrow } from '../ts/native.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors, zip } from './helpers.js';
 
@@ -204,6 +204,31 @@ describe('oversized configs and arguments', () => {
     const hfConfig = JSON.parse(readFileSync(fixture('mae-tiny.hf/config.json'), 'utf8'));
     writeFileSync(join(hf, 'config.json'), JSON.stringify({ ...hfConfig, hidden_size: 3e6, intermediate_size: 12e6 }));
     await expectCode(MaskedAutoencoder.load(hf), 'E_CHECKPOINT_SHAPE', /cls_token/);
+  });
+
+  it('loadImages takes integer sizes and counts (E_ARGUMENT) and refuses what cannot fit in memory', async () => {
+    const data = { kind: 'idx' as const, path: resolve(root, 'data/fashion-mnist/t10k-images-idx3-ubyte.gz') };
+    const load = (options: { imgSize: number; inChans?: number; count?: number; start?: number }) => loadImages(data, { inChans: 1, count: 4, ...options });
+    await expectCode(load({ imgSize: -1 }), 'E_ARGUMENT', /imgSize must be an integer from 1 to 4294967295, got -1/);
+    await expectCode(load({ imgSize: 1.5 }), 'E_ARGUMENT', /imgSize .* got 1\.5/);
+    await expectCode(load({ imgSize: 0 }), 'E_ARGUMENT', /imgSize/);
+    await expectCode(load({ imgSize: 16, count: 0 }), 'E_ARGUMENT', /count must be an integer from 1/);
+    await expectCode(load({ imgSize: 16, start: -4 }), 'E_ARGUMENT', /start must be an integer from 0/);
+    await expectCode(load({ imgSize: 16, inChans: Number.NaN }), 'E_ARGUMENT', /inChans/);
+    await expectCode(load({ imgSize: 16, start: 2 }), 'E_ARGUMENT', /start must be a multiple of count/);
+    await expectCode(load({ imgSize: 1e5, count: 1e5 }), 'E_OUT_OF_MEMORY', /the data loader needs .* for 2 batches of 100000 images of 1x100000x100000/);
+    expect((await load({ imgSize: 16 })).shape).toEqual([4, 1, 16, 16]);
+  });
+
+  it('writeReconstructionGrid names the argument that is not a [N, C, H, W] tensor', async () => {
+    const png = join(dir, 'grid.png');
+    const t = randomTensor([1, 1, 8, 8]);
+    const reconstruction = { loss: 0, mask: randomTensor([1, 4]), masked: t, reconstruction: t, pasted: t };
+    await expectCode(writeReconstructionGrid(png, {} as never, t), 'E_SHAPE', /reconstruction\.masked must be a tensor/);
+    await expectCode(writeReconstructionGrid(png, null as never, t), 'E_ARGUMENT', /reconstruction must be/);
+    await expectCode(writeReconstructionGrid(png, { ...reconstruction, pasted: randomTensor([1, 8, 8]) }, t), 'E_SHAPE', /reconstruction\.pasted must be \[N, C, H, W\], got \[1, 8, 8\]/);
+    await expectCode(writeReconstructionGrid(png, reconstruction, randomTensor([3, 1, 8])), 'E_SHAPE', /originals must be \[N, C, H, W\]/);
+    await expectCode(writeReconstructionGrid(png, reconstruction, randomTensor([1, 1, 4, 4])), 'E_SHAPE', /one shape/);
   });
 });
 

@@ -46,6 +46,17 @@ export function checkRecipeKeys(recipe: object, what: string, renamed: Record<st
   }
 }
 
+/** The largest size or count the addon takes (its integers are 32-bit unsigned). */
+const MAX_NATIVE_INTEGER = 0xffffffff;
+
+/** `value` when it is an integer from `min` to 2^32 - 1; otherwise `E_ARGUMENT` naming `name` and the value. */
+export function checkInteger(value: unknown, name: string, min: number): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > MAX_NATIVE_INTEGER) {
+    throw new VitMaeError('E_ARGUMENT', `${name} must be an integer from ${min} to ${MAX_NATIVE_INTEGER}, got ${String(value)}`);
+  }
+  return value;
+}
+
 export function checkDevice(device: unknown): string {
   if (device === undefined) return 'auto';
   if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);

@@ -1,6 +1,7 @@
 import { VitMaeError } from './errors.js';
 import type { Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
+import { checkInteger } from './common.js';
 
 /**
  * Where training images come from:
@@ -105,9 +106,7 @@ export function normalisation(channels: number, augment: AugmentOptions): { mean
 }
 
 function positiveInt(value: unknown, name: string, fallback: number): number {
-  if (value === undefined) return fallback;
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) throw new VitMaeError('E_ARGUMENT', `${name} must be a positive integer, got ${String(value)}`);
-  return value;
+  return value === undefined ? fallback : checkInteger(value, name, 1);
 }
 
 export function loaderSpec(channels: number, seed: number, loader: LoaderOptions, augment: AugmentOptions, shuffle: boolean): Binding.NativeLoaderOptions {
@@ -122,7 +121,7 @@ export function loaderSpec(channels: number, seed: number, loader: LoaderOptions
     scale: augment.scale ?? [0.2, 1],
     ratio: augment.ratio ?? [3 / 4, 4 / 3],
     hflip: augment.hflip ?? true,
-    padTo: augment.padTo,
+    padTo: augment.padTo === undefined ? undefined : checkInteger(augment.padTo, 'padTo', 1),
     ...normalisation(channels, augment),
   };
 }

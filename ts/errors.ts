@@ -6,7 +6,7 @@
  * - `E_MASK_RATIO`: `maskRatio` is outside [0, 1), or does not suit the masking strategy.
  * - `E_NOISE`: masking noise has the wrong shape, is not finite, or was given for non-random masking.
  * - `E_CONFIG`: a model configuration is incomplete, unknown, inconsistent or out of range.
- * - `E_ARGUMENT`: another argument is invalid (seed, device, masking name, path).
+ * - `E_ARGUMENT`: another argument is invalid (seed, device, masking name, path, image size, count).
  * - `E_CHECKPOINT_NOT_FOUND`: no checkpoint at the path.
  * - `E_CHECKPOINT_CORRUPT`: the file is not a readable checkpoint (corrupt, truncated, another format).
  * - `E_CHECKPOINT_KEYS`: the checkpoint has unknown keys or lacks required ones (the message lists them).

@@ -7,7 +7,7 @@
 import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import { runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
@@ -197,12 +197,20 @@ export async function inspectCheckpoint(path: string): Promise<CheckpointInspect
 /**
  * Loads `count` images of a dataset (from index `start`, a multiple of `count`),
  * resized to the model's input and normalised: ready for `forward` or `reconstruct`.
+ * Sizes and counts are integers (`imgSize`, `inChans`, `count` at least 1, `start` at
+ * least 0), else `E_ARGUMENT`; images that would not fit in memory are refused with
+ * `E_OUT_OF_MEMORY` before any is loaded.
  */
 export async function loadImages(
   source: DatasetSource,
   options: { imgSize: number; inChans: number; count: number; start?: number; augment?: AugmentOptions },
 ): Promise<Tensor> {
-  const { imgSize, inChans, count, start = 0, augment = {} } = options;
+  if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'loadImages needs options with imgSize, inChans and count');
+  const { augment = {} } = options;
+  const imgSize = checkInteger(options.imgSize, 'imgSize', 1);
+  const inChans = checkInteger(options.inChans, 'inChans', 1);
+  const count = checkInteger(options.count, 'count', 1);
+  const start = checkInteger(options.start ?? 0, 'start', 0);
   const loader = loaderSpec(inChans, 0, { batchSize: count, workers: 1, prefetch: 1, skipCorrupt: false }, { hflip: false, randomResizedCrop: false, ...augment }, false);
   return fromNative(await call(() => binding.loadImages(datasetSpec(source), loader, imgSize, inChans, start, count)));
 }
@@ -210,10 +218,16 @@ export async function loadImages(
 /**
  * Writes a PNG grid of a reconstruction, one row per image: masked |
  * reconstruction | reconstruction + visible | original. `mean` and `std` map
- * the normalised pixels back (defaults as {@link AugmentOptions}).
+ * the normalised pixels back (defaults as {@link AugmentOptions}). Every tensor is
+ * `[N, C, H, W]` of one shape, else `E_SHAPE` naming the one that is not.
  */
 export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals: Tensor, options: { mean?: number[]; std?: number[] } = {}): Promise<void> {
-  checkTensor(originals, 'originals', 'E_SHAPE');
+  if (typeof reconstruction !== 'object' || reconstruction === null) throw new VitMaeError('E_ARGUMENT', 'reconstruction must be what reconstruct() returns');
+  const columns = { 'reconstruction.masked': reconstruction.masked, 'reconstruction.reconstruction': reconstruction.reconstruction, 'reconstruction.pasted': reconstruction.pasted, originals };
+  for (const [name, tensor] of Object.entries(columns)) {
+    checkTensor(tensor, name, 'E_SHAPE');
+    if (tensor.shape.length !== 4) throw new VitMaeError('E_SHAPE', `${name} must be [N, C, H, W], got [${tensor.shape.join(', ')}]`);
+  }
   const { mean, std } = normalisation(originals.shape[1], options);
   const checkedPath = checkPath(path);
   await call(() => binding.writeReconstructionGrid(checkedPath, reconstruction.masked, reconstruction.reconstruction, reconstruction.pasted, originals, mean, std));

@@ -31,9 +31,11 @@ impl HostTensor {
     }
 
     fn check_len(&self) -> Result<()> {
-        let expected: usize = self.shape.iter().product();
-        if self.data.len() != expected {
-            bail!(InvalidShape, "tensor data has {} values but shape {:?} needs {}", self.data.len(), self.shape, expected);
+        // Checked: a product that wrapped around could pass for the data's length.
+        let expected = self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if expected != Some(self.data.len()) {
+            let needed = expected.map_or_else(|| "more than can be addressed".to_string(), |n| n.to_string());
+            bail!(InvalidShape, "tensor data has {} values but shape {:?} needs {needed}", self.data.len(), self.shape);
         }
         Ok(())
     }

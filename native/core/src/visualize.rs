@@ -10,10 +10,12 @@ use std::path::Path;
 /// original). Pixels are mapped back with `mean` and `std` (per channel) and each
 /// image is enlarged to at least 128 pixels.
 pub fn write_reconstruction_grid(path: &Path, columns: [&Tensor; 4], mean: &[f32], std: &[f32]) -> Result<()> {
-    let (n, c, h, w) = columns[3].dims4()?;
-    if columns.iter().any(|t| t.dims() != [n, c, h, w]) {
-        crate::bail!(InvalidShape, "every column of the grid must be [N, C, H, W] of one shape");
+    let dims = columns[3].dims();
+    if dims.len() != 4 || dims.contains(&0) || columns.iter().any(|t| t.dims() != dims) {
+        let shapes: Vec<&[usize]> = columns.iter().map(|t| t.dims()).collect();
+        crate::bail!(InvalidShape, "every column of the grid must be [N, C, H, W] of one shape, no side empty, got {shapes:?}");
     }
+    let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
     if mean.len() != c || std.len() != c {
         crate::bail!(InvalidArgument, "mean and std need {c} values (one per channel)");
     }

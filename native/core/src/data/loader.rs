@@ -51,6 +51,26 @@ impl Default for LoaderOptions {
     }
 }
 
+/// Refuses (`E_OUT_OF_MEMORY`) options whose pixels in flight cannot be allocated: up
+/// to `prefetch + 1` batches of `[batch, C, S, S]`, and each worker's padded image.
+/// Sizes counted in 128 bits, as a side of 2^32 squared overflows 64.
+fn check_memory(augment: &Augment, options: &LoaderOptions) -> Result<()> {
+    let (c, side) = (augment.channels as u128, augment.img_size as u128);
+    let batch = (options.batch_size as u128).saturating_mul(c).saturating_mul(side).saturating_mul(side).saturating_mul(4);
+    let batches = (options.prefetch as u128).saturating_add(1).saturating_mul(batch);
+    let pad = augment.pad_to.map_or(0, |p| p as u128);
+    let padded = (options.workers as u128).saturating_mul(c).saturating_mul(pad).saturating_mul(pad).saturating_mul(4);
+    crate::memory::check(batches.saturating_add(padded), |bytes| {
+        format!(
+            "the data loader needs {bytes} for {} batches of {} images of {}x{side}x{side} ahead{}",
+            options.prefetch + 1,
+            options.batch_size,
+            augment.channels,
+            if pad > 0 { format!(" and {} images padded to {pad}x{pad}", options.workers) } else { String::new() }
+        )
+    })
+}
+
 /// One batch of model inputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
@@ -90,6 +110,7 @@ impl Loader {
             bail!(InvalidArgument, "prefetch must be at least 1");
         }
         augment.validate()?;
+        check_memory(&augment, &options)?;
         if dataset.is_empty() {
             bail!(InvalidArgument, "dataset {} is empty", dataset.describe());
         }

@@ -945,6 +945,15 @@ fn non_finite_pixels_are_refused_with_their_index() {
 }
 
 #[test]
+fn a_shape_whose_size_overflows_is_not_the_empty_shape() {
+    // 2^32 x 2^32 wraps to 0 in 64 bits: it must not pass for the length of no data.
+    let e = HostTensor::new(Vec::new(), vec![1 << 32, 1 << 32]).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidShape);
+    assert!(e.message.contains("more than can be addressed"), "{}", e.message);
+    HostTensor::new(Vec::new(), vec![1 << 32, 0]).unwrap();
+}
+
+#[test]
 fn config_published_json_round_trips() {
     let c = MaeConfig { mlp_ratio: 3.0, norm_pix_loss: true, layer_norm_eps: 1e-5, ..small_config() };
     let json = c.to_published_json();
