@@ -41,6 +41,13 @@ describe('vit-mae CLI', () => {
     }
   });
 
+  it('without a command prints the usage to stderr and exits 2', () => {
+    const bare = run([cli]);
+    expect(bare.status).toBe(2);
+    expect(bare.stderr).toMatch(/Usage: vit-mae/);
+    expect(bare.stdout).toBe('');
+  });
+
   it('exits 2 on bad usage and 1 with the error code on failure', () => {
     expect(run([cli, 'frobnicate']).status).toBe(2);
     expect(run([cli, 'pretrain']).status).toBe(2); // --data is required
@@ -242,6 +249,55 @@ describe('vit-mae CLI: fine-tuning, evaluation and embeddings', () => {
     const cls = join(dir, 'mae-cls-embeddings.safetensors');
     expect(run([cli, 'embed', mae, '--data', images, '--out', cls, '--pool', 'cls', '--workers', '1', '--json']).status).toBe(0);
     expect(readSafetensors(cls).tensors.embeddings.data).not.toEqual(readSafetensors(join(dir, 'mae-embeddings.safetensors')).tensors.embeddings.data);
+  });
+
+  it('info describes a classifier checkpoint: format, tensors, pooling, head and config', async () => {
+    const probe = await VitClassifier.fromPretrained(mae, { numClasses: 3, globalPool: false, headBatchNorm: true });
+    const path = join(dir, 'info-probe.safetensors');
+    await probe.save(path);
+    const json = run([cli, 'info', path, '--json']);
+    expect(json.status, json.stderr).toBe(0);
+    const info = JSON.parse(json.stdout);
+    expect(info).toMatchObject({ kind: 'classifier', format: 'safetensors', parameterCount: probe.parameterCount, config: { numClasses: 3, globalPool: false, headBatchNorm: true, embedDim: 16, depth: 1, numHeads: 2, imgSize: 16 } });
+    const written = readSafetensors(path);
+    expect(Object.keys(info.tensors).sort()).toEqual([...Object.keys(written.tensors), ...Object.keys(written.ints)].sort());
+    expect(info.tensors['head.1.weight']).toEqual([3, 16]);
+    const text = run([cli, 'info', path]);
+    expect(text.status, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/kind: classifier\n/);
+    expect(text.stdout).toMatch(/pooling: cls token after norm\n/);
+    expect(text.stdout).toMatch(/head: BatchNorm \+ linear \(linear probe\)\n/);
+    expect(text.stdout).toMatch(/numClasses: 3\n/);
+    // The published fine-tuning layout, as a .pth (whose shapes do not tell the head count).
+    const pth = run([cli, 'info', fixture('vit-cls-tiny.pth'), '--json', '--config', '{"numHeads": 3}']);
+    expect(pth.status, pth.stderr).toBe(0);
+    expect(JSON.parse(pth.stdout)).toMatchObject({ kind: 'classifier', format: 'pth', config: { numClasses: 10, numHeads: 3, globalPool: true, headBatchNorm: false } });
+  });
+
+  it('eval and embed stop on SIGINT after the current batch and exit 130', async () => {
+    // A model slow enough per image that a pass over the 4,000 images is still going
+    // when the first progress line has been read.
+    const labels = join(root, 'data', 'fashion-mnist', 'train-labels-idx1-ubyte.gz');
+    const slow = MaskedAutoencoder.create({ preset: 'mae_vit_fmnist_patch4_32', seed: 0 });
+    const slowMae = join(dir, 'slow-mae.safetensors');
+    await slow.save(slowMae);
+    const slowClassifier = join(dir, 'slow-classifier.safetensors');
+    await (await VitClassifier.fromPretrained(slow, { numClasses: 10 })).save(slowClassifier);
+    const embeddings = join(dir, 'interrupted-embeddings.safetensors');
+    for (const args of [['eval', slowClassifier, '--labels', labels], ['embed', slowMae, '--out', embeddings]]) {
+      const child = spawn(process.execPath, [cli, ...args, '--data', data, '--batch-size', '1', '--workers', '1'], { cwd: root });
+      let stderr = '';
+      const code = await new Promise<number | null>((resolveExit) => {
+        child.stderr.on('data', (chunk: Buffer) => {
+          stderr += chunk.toString();
+          if (/images \d+\/4000/.test(stderr) && !child.killed) child.kill('SIGINT');
+        });
+        child.on('exit', (exitCode) => resolveExit(exitCode));
+      });
+      expect(code, `${args[0]}: ${stderr}`).toBe(130);
+      expect(stderr, args[0]).toMatch(/stopped: .*aborted/);
+    }
+    expect(existsSync(embeddings)).toBe(false);
   });
 
   it('exits 1 with E_CHECKPOINT_KEYS when eval gets an MAE, and 2 on bad usage', () => {

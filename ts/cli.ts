@@ -81,7 +81,11 @@ async function follow(run: TrainingRun, out: Output): Promise<TrainingSummary> {
   return run.result;
 }
 
-/** Stops `controller` on SIGINT/SIGTERM (training then writes a checkpoint). */
+/**
+ * Stops `controller` on SIGINT/SIGTERM: training then writes a checkpoint and ends
+ * with its summary, an evaluation or embedding rejects with `E_ABORTED`; either way the
+ * command exits 130.
+ */
 function abortOnSignal(out: Output, what: string): AbortController {
   const controller = new AbortController();
   const stop = () => {
@@ -93,16 +97,22 @@ function abortOnSignal(out: Output, what: string): AbortController {
   return controller;
 }
 
-/** A progress bar (TTY only) for a pass over a dataset. */
+/**
+ * Progress of a pass over a dataset: a bar on a TTY, else (without `--json`) a line
+ * every 10 batches and at the end, as training prints its steps.
+ */
 function passProgress(out: Output): { onProgress: (done: number, total: number) => void; stop: () => void } {
   const bar = !out.json && process.stderr.isTTY ? new cliProgress.SingleBar({ format: 'images {value}/{total} [{bar}]', stream: process.stderr }, cliProgress.Presets.shades_classic) : null;
-  let started = false;
+  let batches = 0;
   return {
     onProgress: (done, total) => {
-      if (!bar) return;
-      if (!started) bar.start(total, done);
-      started = true;
-      bar.update(done);
+      batches += 1;
+      if (bar) {
+        if (batches === 1) bar.start(total, done);
+        bar.update(done);
+      } else if (!out.json && (batches % 10 === 0 || done === total)) {
+        process.stderr.write(`images ${done}/${total}\n`);
+      }
     },
     stop: () => bar?.stop(),
   };
@@ -399,33 +409,51 @@ addComputeOptions(program
 
 program
   .command('info')
-  .description('what a checkpoint holds: format, config, parameter count')
+  .description('what a checkpoint holds: format, config, parameter count (of an MAE or a classifier)')
   .argument('<checkpoint>', 'model: .safetensors, .pth or a Hugging Face folder')
-  .option('--config <json>', 'model config fields the checkpoint does not tell', json)
+  .option('--config <json>', 'config fields the checkpoint does not tell', json)
   .option('--json', 'print as JSON on stdout')
   .action(async (checkpoint: string, o) => {
     const inspection = await inspectCheckpoint(checkpoint);
+    const describe = (kind: string, lines: Record<string, unknown>, config: object) => {
+      const shapes = Object.values(inspection.tensors);
+      const values = shapes.reduce((n, shape) => n + shape.reduce((a, b) => a * b, 1), 0);
+      process.stdout.write(`${checkpoint}\n  kind: ${kind}\n  format: ${inspection.format}\n  tensors: ${shapes.length} (${values.toLocaleString()} values)\n`);
+      for (const [k, v] of [...Object.entries(lines), ...Object.entries(config)]) process.stdout.write(`  ${k}: ${v}\n`);
+    };
+    // A classification head makes it a classifier, as VitClassifier.load and `embed` decide.
+    if ('head.weight' in inspection.tensors || 'head.1.weight' in inspection.tensors) {
+      const clf = await VitClassifier.load(checkpoint, { config: o.config });
+      const { globalPool, headBatchNorm } = clf.config;
+      const info = { path: checkpoint, kind: 'classifier', format: clf.checkpointFormat, tensors: inspection.tensors, parameterCount: clf.parameterCount, config: clf.config };
+      if (o.json) process.stdout.write(`${JSON.stringify(info)}\n`);
+      else {
+        describe('classifier', {
+          parameters: info.parameterCount.toLocaleString(),
+          pooling: globalPool ? 'mean of the patch tokens, then fc_norm' : 'cls token after norm',
+          head: headBatchNorm ? 'BatchNorm + linear (linear probe)' : 'linear',
+        }, clf.config);
+      }
+      return;
+    }
     const unknown = inspection.unknown.filter((k) => o.config?.[k] === undefined);
     if (unknown.length > 0) {
       // The file does not tell all of its config: say what it holds and what to pass.
       const known = { ...inspection.config, ...o.config };
       const hint = `pass them with --config '${JSON.stringify(Object.fromEntries(unknown.map((k) => [k, 'N'])))}'`;
-      if (o.json) process.stdout.write(`${JSON.stringify({ path: checkpoint, format: inspection.format, tensors: inspection.tensors, config: known, unknown })}\n`);
+      if (o.json) process.stdout.write(`${JSON.stringify({ path: checkpoint, kind: 'mae', format: inspection.format, tensors: inspection.tensors, config: known, unknown })}\n`);
       else {
-        const count = Object.values(inspection.tensors).reduce((n, shape) => n + shape.reduce((a, b) => a * b, 1), 0);
-        process.stdout.write(`${checkpoint}\n  format: ${inspection.format}\n  tensors: ${Object.keys(inspection.tensors).length} (${count.toLocaleString()} values)\n`);
-        for (const [k, v] of Object.entries(known)) process.stdout.write(`  ${k}: ${v}\n`);
+        describe('mae', {}, known);
         process.stdout.write(`  unknown: ${unknown.join(', ')} (the shapes do not tell them): ${hint}\n`);
       }
       return;
     }
     const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config });
-    const info = { path: checkpoint, format: mae.checkpointFormat, parameterCount: mae.parameterCount, freshDecoder: mae.freshDecoder, config: mae.config };
+    const info = { path: checkpoint, kind: 'mae', format: mae.checkpointFormat, tensors: inspection.tensors, parameterCount: mae.parameterCount, freshDecoder: mae.freshDecoder, config: mae.config };
     if (o.json) process.stdout.write(`${JSON.stringify(info)}\n`);
     else {
-      process.stdout.write(`${checkpoint}\n  format: ${info.format}\n  parameters: ${info.parameterCount.toLocaleString()}\n`);
-      if (info.freshDecoder) process.stdout.write('  decoder: not in the checkpoint (encoder only)\n');
-      for (const [k, v] of Object.entries(info.config)) process.stdout.write(`  ${k}: ${v}\n`);
+      const decoder = info.freshDecoder ? { decoder: 'not in the checkpoint (encoder only)' } : {};
+      describe('mae', { parameters: info.parameterCount.toLocaleString(), ...decoder }, info.config);
     }
   });
 
@@ -433,12 +461,18 @@ try {
   await program.parseAsync();
 } catch (error) {
   const e = error as { code?: string; exitCode?: number; message?: string };
-  if (error instanceof VitMaeError) {
+  if (error instanceof VitMaeError && error.code === 'E_ABORTED') {
+    // Ctrl-C during an evaluation or embedding (abortOnSignal).
+    process.stderr.write(`stopped: ${error.message}\n`);
+    process.exitCode = EXIT_INTERRUPTED;
+  } else if (error instanceof VitMaeError) {
     process.stderr.write(`error [${error.code}]: ${error.message}\n`);
     process.exitCode = EXIT_FAILURE;
   } else if (typeof e.code === 'string' && e.code.startsWith('commander.')) {
-    // commander has printed the problem (or the help/version) already.
-    process.exitCode = e.code === 'commander.helpDisplayed' || e.code === 'commander.help' || e.code === 'commander.version' ? 0 : EXIT_USAGE;
+    // commander has printed the problem (or the help or version) already. Its exit code
+    // is 0 for the help or version asked for, 1 for bad usage, the help it prints for
+    // want of a command included.
+    process.exitCode = e.exitCode === 0 ? 0 : EXIT_USAGE;
   } else {
     process.stderr.write(`error: ${e.message ?? String(error)}\n`);
     process.exitCode = EXIT_FAILURE;
