@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, VitClassifier, VitMaeError, loadImages, setAllowTf32, writeReconstructionGrid, type ErrorCode, type MaeConfig, type Tensor } from '../ts/index.js';
+import { ERROR_CODES, MaskedAutoencoder, VitClassifier, VitMaeError, loadImages, setAllowTf32, writeReconstructionGrid, type ErrorCode, type MaeConfig, type Tensor } from '../ts/index.js';
 import { binding, rethrow } from '../ts/native.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors, zip } from './helpers.js';
 
@@ -250,6 +250,11 @@ describe('the error boundary', () => {
       expect(native.code).toBe(code);
       expect(native.message).toBe(error.message);
     }
+  });
+
+  it('ERROR_CODES, exported, lists every code once, the facade\'s own included', () => {
+    expect(new Set(ERROR_CODES).size).toBe(ERROR_CODES.length);
+    expect(ERROR_CODES).toEqual(expect.arrayContaining(['E_SHAPE', 'E_INPUT', 'E_OUT_OF_MEMORY', 'E_NATIVE_LOAD', 'E_INTERNAL']));
   });
 
   it('an error without a known code is E_INTERNAL with the original as its cause', () => {

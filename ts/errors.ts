@@ -22,7 +22,7 @@
  */
 export type ErrorCode = (typeof ERROR_CODES)[number];
 
-/** Every {@link ErrorCode}, for telling a code the native side sent from anything else. */
+/** Every {@link ErrorCode}: the codes a `VitMaeError` can have (the facade checks the addon's against them). */
 export const ERROR_CODES = [
   'E_SHAPE',
   'E_INPUT',

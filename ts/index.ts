@@ -24,7 +24,7 @@ export {
   type Protocol,
   type FinetuneOptions,
 } from './classifier.js';
-export { VitMaeError, type ErrorCode } from './errors.js';
+export { VitMaeError, ERROR_CODES, type ErrorCode } from './errors.js';
 export { nativeBackend, type NativeBackend } from './native.js';
 export type { Tensor } from './tensor.js';
 export {
