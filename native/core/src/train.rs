@@ -10,7 +10,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, Masking};
 use crate::model::{MaskOptions, MaskedAutoencoder, Unloaded};
 use crate::engine::{FlatAdamW, MaeEngine, Mode};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
+use crate::optim::{clip_to_norm, global_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
 use crate::recipe::{self, Recipe};
 use candle_core::Tensor;
 use rand::SeedableRng;
@@ -156,10 +156,15 @@ pub fn list_checkpoints(dir: &Path) -> Vec<PathBuf> {
 pub(crate) trait Task {
     /// The loss of one micro-batch of `[n, C, H, W]` images; its gradients, times
     /// `grad_scale`, are added to the step's. `step` and `micro` key its randomness.
+    /// A non-finite loss ends the run, so its gradients never reach an update.
     fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64>;
-    /// Clips the step's gradients to `clip_grad` (global norm), updates the parameters at
-    /// learning rate `lr`, and starts the next step's gradients from zero.
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()>;
+    /// The global L2 norm of the step's gradients.
+    fn grad_norm(&mut self) -> Result<f64>;
+    /// Clips the step's gradients, of global norm `norm`, to `clip_grad`; then, unless the
+    /// update at learning rate `lr` would make a parameter or the optimizer's state
+    /// non-finite (false: both are left as they were), updates the parameters and
+    /// starts the next step's gradients from zero (true).
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool>;
     fn optimizer(&mut self) -> &mut dyn OptimizerState;
     /// Writes the model and the optimizer's state with `metadata` (plus the recipe) to `path`.
     fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()>;
@@ -169,7 +174,8 @@ pub(crate) trait Task {
     fn epoch_end(&mut self, _epoch: usize, _on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         Ok(())
     }
-    /// Called when the run stops (finished or aborted): leaves the trained weights in the model.
+    /// Called when the run stops (finished, aborted or failed): leaves the weights of
+    /// the last step taken in the model.
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
@@ -189,15 +195,22 @@ impl Accumulated {
         Ok(())
     }
 
-    /// Clips and applies the accumulated gradients with `optimizer`, and clears them.
-    pub fn apply(&mut self, optimizer: &mut dyn Optimizer, clip_grad: Option<f64>, lr: f64) -> Result<()> {
-        if let Some(mut grads) = self.0.take() {
-            if let Some(max_norm) = clip_grad {
-                clip_grad_norm(&mut grads, max_norm)?;
-            }
-            optimizer.step(&grads, lr)?;
+    /// The global L2 norm of the accumulated gradients (0 before any).
+    pub fn norm(&self) -> Result<f64> {
+        self.0.as_deref().map_or(Ok(0.0), global_norm)
+    }
+
+    /// [`Task::apply`] of the accumulated gradients with `optimizer`.
+    pub fn apply(&mut self, optimizer: &mut dyn Optimizer, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
+        let Some(mut grads) = self.0.take() else { return Ok(true) };
+        if let Some(max_norm) = clip_grad {
+            clip_to_norm(&mut grads, norm, max_norm)?;
         }
-        Ok(())
+        if !optimizer.step_stays_finite(&grads, lr)? {
+            return Ok(false);
+        }
+        optimizer.step(&grads, lr)?;
+        Ok(true)
     }
 }
 
@@ -302,8 +315,12 @@ impl Task for Pretraining<'_> {
         Ok(loss)
     }
 
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
-        self.grads.apply(&mut self.optimizer, clip_grad, lr)
+    fn grad_norm(&mut self) -> Result<f64> {
+        self.grads.norm()
+    }
+
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
+        self.grads.apply(&mut self.optimizer, norm, clip_grad, lr)
     }
 
     fn optimizer(&mut self) -> &mut dyn OptimizerState {
@@ -341,13 +358,20 @@ impl Task for EnginePretraining<'_> {
         self.engine.accumulate(&batch.images, &plan, grad_scale as f32).map(f64::from)
     }
 
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+    fn grad_norm(&mut self) -> Result<f64> {
+        Ok(self.engine.grad_norm())
+    }
+
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
         if let Some(max_norm) = clip_grad {
-            self.engine.clip_grad_norm(max_norm);
+            self.engine.clip_grads(norm, max_norm);
+        }
+        if !self.engine.adamw_step_stays_finite(&mut self.optimizer, lr) {
+            return Ok(false);
         }
         self.engine.adamw_step(&mut self.optimizer, lr);
         self.engine.zero_grad();
-        Ok(())
+        Ok(true)
     }
 
     fn optimizer(&mut self) -> &mut dyn OptimizerState {
@@ -405,6 +429,22 @@ pub(crate) fn run(
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
+    let result = train_steps(task, loader, recipe, resume, on_event, cancel);
+    // Also after a failed step: the model gets the weights of the last step taken.
+    let finished = task.finish();
+    let summary = result?;
+    finished?;
+    Ok(summary)
+}
+
+fn train_steps(
+    task: &mut dyn Task,
+    loader: &Loader,
+    recipe: &Recipe,
+    resume: Option<&Path>,
+    on_event: &mut dyn FnMut(TrainEvent),
+    cancel: &AtomicBool,
+) -> Result<TrainSummary> {
     let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0 };
     let mut last_checkpoint = None;
     if let Some(from) = resume {
@@ -441,6 +481,11 @@ pub(crate) fn run(
     let mut final_loss = f64::NAN;
     let mut skipped_images = 0;
     let mut aborted = false;
+    // Why a step stopped the run, with the checkpoint to go back to.
+    let stopped = |what: String, state: &TrainState, last_checkpoint: &Option<PathBuf>| {
+        let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p| format!("the last good checkpoint is {}", p.display()));
+        Error::new(ErrorCode::NonFiniteLoss, format!("{what} at step {} (epoch {}); training stopped before the step's update and {kept}", state.step + 1, state.epoch))
+    };
 
     'epochs: while state.step < total_steps {
         let mut accumulated = false;
@@ -463,8 +508,7 @@ pub(crate) fn run(
             if n > 0 {
                 let loss = task.micro_batch(batch, state.step, i % recipe.accum_iter, 1.0 / recipe.accum_iter as f64)?;
                 if !loss.is_finite() {
-                    let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p: &Path| format!("the last good checkpoint is {}", p.display()));
-                    bail!(NonFiniteLoss, "loss is {loss} at step {} (epoch {}); training stopped and {kept}", state.step + 1, state.epoch);
+                    return Err(stopped(format!("loss is {loss}"), &state, &last_checkpoint));
                 }
                 accumulated = true;
                 step_losses.push(loss);
@@ -475,7 +519,13 @@ pub(crate) fn run(
                 continue;
             }
             if std::mem::take(&mut accumulated) {
-                task.apply(recipe.clip_grad, lr)?;
+                let norm = task.grad_norm()?;
+                if !norm.is_finite() {
+                    return Err(stopped(format!("the gradient norm is {norm} (with a finite loss)"), &state, &last_checkpoint));
+                }
+                if !task.apply(norm, recipe.clip_grad, lr)? {
+                    return Err(stopped(format!("the update at learning rate {lr:e} would make weights or the optimizer's moments non-finite"), &state, &last_checkpoint));
+                }
             }
             state.step += 1;
             final_loss = mean(&step_losses);
@@ -517,7 +567,6 @@ pub(crate) fn run(
         }
     }
 
-    task.finish()?;
     Ok(TrainSummary {
         steps: state.step,
         epochs_completed: state.epoch,

@@ -942,3 +942,85 @@ fn resume_onto_a_shorter_epoch_returns() {
         }
     }
 }
+
+// ---------------------------------------------------------------- failures and refusals
+
+/// The names of `path`'s tensors that hold a NaN or an infinity.
+fn non_finite_tensors(path: &Path) -> Vec<String> {
+    let state = read_state_dict(path).unwrap();
+    state.tensors.iter().filter(|(_, t)| host(t).iter().any(|v| !v.is_finite())).map(|(name, _)| name.clone()).collect()
+}
+
+/// A learning rate far too high blows the run up within a few steps, whether the first
+/// non-finite value would be a loss, a gradient or the result of the update itself. The
+/// step that would make something non-finite must stop the run before its update: every
+/// checkpoint written is finite, the error names the last one, and the model holds its
+/// weights (or its initial ones if none was written). On the engine, the reference
+/// model (candle's autograd) and in bf16.
+#[test]
+fn a_divergence_stops_before_the_update_and_leaves_finite_checkpoints() {
+    let loader = loader(32);
+    for (path, precision, reference) in [("engine", Precision::F32, false), ("reference", Precision::F32, true), ("bf16", Precision::Bf16, false)] {
+        for lr in [1e3, 1e6, 1e39] {
+            let what = format!("{path}, lr {lr:e}");
+            let dir = TempDir::new("diverge");
+            let mut model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 13).unwrap();
+            model.set_reference_only(reference);
+            let initial = param_bits(&model);
+            let config = with_recipe(&base_config(), |r| Recipe { lr: Some(lr), warmup_epochs: 0.0, epochs: 50.0, checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
+            let err = run(&mut model, &loader, &config, None).unwrap_err();
+            assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{what}: {err}");
+            for checkpoint in list_checkpoints(dir.path()) {
+                assert_eq!(non_finite_tensors(&checkpoint), Vec::<String>::new(), "{what}: {} holds non-finite values", checkpoint.display());
+            }
+            match list_checkpoints(dir.path()).pop() {
+                Some(last) => {
+                    assert!(err.message.ends_with(&format!("the last good checkpoint is {}", last.display())), "{what}: {}", err.message);
+                    let (saved, _) = load_model(&last, None, &Device::Cpu, precision, 0).unwrap();
+                    assert_same_weights(&model, &saved, &format!("{what}: the model after the error vs the last good checkpoint"));
+                }
+                None => {
+                    assert!(err.message.contains("no checkpoint had been written"), "{what}: {}", err.message);
+                    assert_eq!(param_bits(&model), initial, "{what}: the model after the error vs its initial weights");
+                }
+            }
+        }
+    }
+}
+
+/// A run that trained well and then blows up (here: resumed with an absurd learning
+/// rate) stops at its first bad step, naming the checkpoint before it and leaving the
+/// folder as it was; resumed from there with the good rate, it ends exactly where a run
+/// that never went wrong does.
+#[test]
+fn the_last_good_checkpoint_resumes_exactly() {
+    let loader = loader(32);
+    for (path, precision, reference) in [("engine", Precision::F32, false), ("reference", Precision::F32, true), ("bf16", Precision::Bf16, false)] {
+        let new_model = || {
+            let mut model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 14).unwrap();
+            model.set_reference_only(reference);
+            model
+        };
+        let dir = TempDir::new("last-good");
+        let good = with_recipe(&base_config(), |r| Recipe { max_steps: Some(3), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
+        run(&mut new_model(), &loader, &good, None).unwrap();
+        let last_good = checkpoint_file(dir.path(), 3);
+        let before = (dir.entries(), std::fs::read(&last_good).unwrap());
+
+        let mut diverged = new_model();
+        let absurd = with_recipe(&good, |r| Recipe { lr: Some(1e39), max_steps: Some(6), ..r });
+        let err = run(&mut diverged, &loader, &absurd, Some(dir.path())).unwrap_err();
+        assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{path}: {err}");
+        assert!(names_step(&err.message, 4) && err.message.ends_with(&last_good.display().to_string()), "{path}: {}", err.message);
+        assert_eq!((dir.entries(), std::fs::read(&last_good).unwrap()), before, "{path}: the folder must be left as it was");
+        let (saved, _) = load_model(&last_good, None, &Device::Cpu, precision, 0).unwrap();
+        assert_same_weights(&diverged, &saved, &format!("{path}: the model after the error"));
+
+        let mut resumed = new_model();
+        let (summary, _) = run(&mut resumed, &loader, &with_recipe(&good, |r| Recipe { max_steps: Some(5), ..r }), Some(&last_good)).unwrap();
+        assert_eq!(summary.steps, 5, "{path}");
+        let mut straight = new_model();
+        run(&mut straight, &loader, &with_recipe(&good, |r| Recipe { max_steps: Some(5), checkpoint_dir: None, ..r }), None).unwrap();
+        assert_same_weights(&resumed, &straight, &format!("{path}: resumed from the last good checkpoint vs straight"));
+    }
+}
