@@ -1024,3 +1024,31 @@ fn the_last_good_checkpoint_resumes_exactly() {
         assert_same_weights(&resumed, &straight, &format!("{path}: resumed from the last good checkpoint vs straight"));
     }
 }
+
+/// The same run twice writes the same checkpoint bytes (the metadata used to come out in
+/// hash-map order, which changes from run to run), with the metadata keys sorted.
+#[test]
+fn equal_runs_write_byte_identical_checkpoints() {
+    let dir = TempDir::new("bytes");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
+    let read_all = || list_checkpoints(dir.path()).iter().map(|p| std::fs::read(p).unwrap()).collect::<Vec<_>>();
+    run(&mut tiny_model(23), &loader(32), &config, None).unwrap();
+    let first = read_all();
+    assert_eq!(first.len(), 2);
+    for path in list_checkpoints(dir.path()) {
+        std::fs::remove_file(path).unwrap();
+    }
+    for _ in 0..3 {
+        run(&mut tiny_model(23), &loader(32), &config, None).unwrap();
+        assert!(read_all() == first, "a second equal run wrote other bytes");
+    }
+    let bytes = &first[1];
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(header_len % 8, 0);
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let keys: Vec<&String> = header["__metadata__"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["config", "optimizer_step", "pretrain_config", "train_state"]);
+    let text = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    let at = |key: &str| text.find(&format!("\"{key}\"")).unwrap();
+    assert!(at("config") < at("optimizer_step") && at("optimizer_step") < at("pretrain_config") && at("pretrain_config") < at("train_state"), "metadata keys out of order: {text}");
+}
