@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointFormat {
@@ -404,6 +405,18 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
         }
     }
     Ok(!has_decoder)
+}
+
+/// Creates `dir` if needed and checks that files can be created there (by creating and
+/// removing one of a name no other writer uses), so that work whose results go there
+/// fails before it starts rather than after.
+pub fn check_writable_folder(dir: &Path) -> Result<()> {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("cannot write to {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let probe = dir.join(format!(".vit-mae-write-test.{}.{}", std::process::id(), PROBES.fetch_add(1, Ordering::Relaxed)));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).map_err(io)?;
+    std::fs::remove_file(&probe).map_err(io)
 }
 
 /// Saves in the published key layout with the config in `__metadata__.config`.

@@ -420,7 +420,8 @@ pub(crate) fn copy_params(params: &[(String, candle_core::Var)], tensors: &std::
 
 /// The training loop shared by every recipe: per-iteration warm-up + cosine learning
 /// rate, gradient accumulation, optional clipping, events, cancellation, and
-/// checkpoints that resume exactly.
+/// checkpoints that resume exactly. A checkpoint folder that cannot be written to
+/// fails it before the first step.
 pub(crate) fn run(
     task: &mut dyn Task,
     loader: &Loader,
@@ -429,6 +430,10 @@ pub(crate) fn run(
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
+    if let Some(dir) = &recipe.checkpoint_dir {
+        checkpoint::check_writable_folder(dir)?;
+        remove_stale_temporaries(dir);
+    }
     let result = train_steps(task, loader, recipe, resume, on_event, cancel);
     // Also after a failed step: the model gets the weights of the last step taken.
     let finished = task.finish();
@@ -577,6 +582,43 @@ fn train_steps(
         last_checkpoint,
         skipped_images,
     })
+}
+
+/// Removes the temporary files that checkpoint writes into `dir` left behind when their
+/// process was killed mid-write: `.<checkpoint file name>.<pid>….tmp`, as
+/// `checkpoint::write_atomic` names them, whose writing process is gone. Those of a
+/// live process are left alone (it may be writing them), and so is every other file.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let writer = entry.file_name().to_str().and_then(temporary_writer);
+        if writer.is_some_and(|pid| !process_alive(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The writing process's id in the name of a checkpoint's temporary file:
+/// `.checkpoint-<step>.safetensors.<pid>[.<anything>].tmp`.
+fn temporary_writer(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(".checkpoint-")?.strip_suffix(".tmp")?;
+    let (step, rest) = rest.split_once(".safetensors.")?;
+    if step.is_empty() || !step.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    rest.split('.').next()?.parse().ok()
+}
+
+#[cfg(target_os = "linux")]
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Without `/proc` there is no portable check: every writer counts as alive, so
+/// nothing is removed.
+#[cfg(not(target_os = "linux"))]
+fn process_alive(_pid: u32) -> bool {
+    true
 }
 
 fn mean(xs: &[f64]) -> f64 {

@@ -1052,3 +1052,69 @@ fn equal_runs_write_byte_identical_checkpoints() {
     let at = |key: &str| text.find(&format!("\"{key}\"")).unwrap();
     assert!(at("config") < at("optimizer_step") && at("optimizer_step") < at("pretrain_config") && at("pretrain_config") < at("train_state"), "metadata keys out of order: {text}");
 }
+
+/// A checkpoint folder that cannot be written to (here a path under a file) is an
+/// `Io` error naming it before the first step: nothing trains, the weights are as
+/// they were.
+#[test]
+fn an_unwritable_checkpoint_folder_fails_before_the_first_step() {
+    let dir = TempDir::new("unwritable");
+    let file = dir.write("plain-file", b"not a folder");
+    let target = file.join("checkpoints");
+    let mut model = tiny_model(17);
+    let before = param_bits(&model);
+    let mut events = Vec::new();
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(3), checkpoint_dir: Some(target.clone()), ..r });
+    let err = pretrain(&mut model, &loader(32), &config, None, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Io, "{err}");
+    assert!(err.message.contains(&target.display().to_string()), "the message should name {}: {}", target.display(), err.message);
+    assert!(events.is_empty(), "no step may run: {events:?}");
+    assert_eq!(param_bits(&model), before);
+    assert_eq!(dir.entries(), vec!["plain-file".to_string()], "no probe may be left behind");
+
+    // A writable one is created and left with no probe file in it.
+    let fresh = dir.join("new/checkpoints");
+    let config = with_recipe(&config, |r| Recipe { max_steps: Some(1), checkpoint_dir: Some(fresh.clone()), ..r });
+    run(&mut model, &loader(32), &config, None).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&fresh).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["checkpoint-00000001.safetensors".to_string()]);
+}
+
+/// A process killed while writing a checkpoint leaves `.<name>.<pid>….tmp` behind. The
+/// next run in the folder (a resume, or a fresh one) removes those whose writer is
+/// gone, in the writer's naming with or without a per-save counter after the pid, and
+/// leaves a live writer's, other temporary files and everything else alone.
+#[test]
+fn stale_checkpoint_temporaries_of_dead_writers_are_removed() {
+    let dir = TempDir::new("stale");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
+    run(&mut tiny_model(19), &loader(32), &config, None).unwrap();
+    // A process that has exited: its id names no live process any more.
+    let mut child = std::process::Command::new("sh").arg("-c").arg("exit 0").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let live = std::process::id();
+    let stale = [format!(".checkpoint-00000003.safetensors.{dead}.tmp"), format!(".checkpoint-00000004.safetensors.{dead}.17.tmp")];
+    let kept = [
+        format!(".checkpoint-00000003.safetensors.{live}.2.tmp"),
+        format!(".model.safetensors.{dead}.tmp"),
+        format!(".checkpoint-latest.safetensors.{dead}.tmp"),
+        ".checkpoint-00000003.safetensors.writer.tmp".to_string(),
+        format!("checkpoint-00000003.safetensors.{dead}.tmp"),
+        "notes.txt".to_string(),
+    ];
+    for name in stale.iter().chain(&kept) {
+        dir.write(name, b"partial");
+    }
+    let resumed = with_recipe(&config, |r| Recipe { max_steps: Some(3), ..r });
+    run(&mut tiny_model(19), &loader(32), &resumed, Some(dir.path())).unwrap();
+    let mut want: Vec<String> = kept.to_vec();
+    want.extend((2..=3).map(|s| format!("checkpoint-{s:08}.safetensors")));
+    want.sort();
+    assert_eq!(dir.entries(), want);
+
+    // A fresh run into the folder cleans up too.
+    dir.write(&stale[0], b"partial");
+    run(&mut tiny_model(19), &loader(32), &with_recipe(&config, |r| Recipe { max_steps: Some(1), keep_last: 5, ..r }), None).unwrap();
+    assert!(!dir.join(&stale[0]).exists(), "{} should be gone", stale[0]);
+}
