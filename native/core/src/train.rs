@@ -461,7 +461,13 @@ fn train_steps(
     let batches = loader.batches_per_epoch();
     let steps_per_epoch = batches / recipe.accum_iter;
     if steps_per_epoch == 0 {
-        bail!(InvalidArgument, "the dataset gives {batches} batches per epoch, fewer than accumIter {}", recipe.accum_iter);
+        bail!(
+            InvalidArgument,
+            "{} gives {batches} full batches of {} an epoch (an incomplete last batch is left out), fewer than the {} of a step (accumIter): use a smaller batchSize or accumIter",
+            loader.describe(),
+            loader.batch_size(),
+            recipe.accum_iter
+        );
     }
     // As published, micro-batches left over after an epoch's last full step are not used.
     let used_batches = steps_per_epoch * recipe.accum_iter;
@@ -493,8 +499,8 @@ fn train_steps(
     };
 
     'epochs: while state.step < total_steps {
-        let mut accumulated = false;
         let mut step_losses = Vec::new();
+        let mut step_skipped = Vec::new();
         let mut epoch_losses = Vec::new();
         let mut lr = 0.0;
         for batch in loader.epoch(state.epoch, state.batch_in_epoch).take(used_batches - state.batch_in_epoch) {
@@ -505,6 +511,7 @@ fn train_steps(
                 skipped_images += batch.skipped.len();
                 on_event(TrainEvent::Skipped { step: state.step, count: batch.skipped.len(), first: first.clone() });
             }
+            step_skipped.extend(batch.skipped.iter().map(|(_, message)| message.clone()));
             // Published: the rate is set at the first micro-batch of each step.
             if i % recipe.accum_iter == 0 {
                 lr = schedule.at(state.epoch as f64 + i as f64 / batches as f64);
@@ -515,7 +522,6 @@ fn train_steps(
                 if !loss.is_finite() {
                     return Err(stopped(format!("loss is {loss}"), &state, &last_checkpoint));
                 }
-                accumulated = true;
                 step_losses.push(loss);
                 state.images_seen += n as u64;
                 images_this_run += n as u64;
@@ -523,14 +529,24 @@ fn train_steps(
             if (i + 1) % recipe.accum_iter != 0 {
                 continue;
             }
-            if std::mem::take(&mut accumulated) {
-                let norm = task.grad_norm()?;
-                if !norm.is_finite() {
-                    return Err(stopped(format!("the gradient norm is {norm} (with a finite loss)"), &state, &last_checkpoint));
-                }
-                if !task.apply(norm, recipe.clip_grad, lr)? {
-                    return Err(stopped(format!("the update at learning rate {lr:e} would make weights or the optimizer's moments non-finite"), &state, &last_checkpoint));
-                }
+            if step_losses.is_empty() {
+                bail!(
+                    InvalidArgument,
+                    "step {} (epoch {}) has no images: all {} images of its batches in {} were unreadable and skipped (the first: {}); remove or repair them",
+                    state.step + 1,
+                    state.epoch,
+                    step_skipped.len(),
+                    loader.describe(),
+                    step_skipped.first().map_or("", String::as_str)
+                );
+            }
+            step_skipped.clear();
+            let norm = task.grad_norm()?;
+            if !norm.is_finite() {
+                return Err(stopped(format!("the gradient norm is {norm} (with a finite loss)"), &state, &last_checkpoint));
+            }
+            if !task.apply(norm, recipe.clip_grad, lr)? {
+                return Err(stopped(format!("the update at learning rate {lr:e} would make weights or the optimizer's moments non-finite"), &state, &last_checkpoint));
             }
             state.step += 1;
             final_loss = mean(&step_losses);

@@ -106,6 +106,38 @@ impl Dataset for Poisoned {
     }
 }
 
+/// Items that cannot be read: item `i` fails when `unreadable[i]`, as a corrupt file
+/// in a folder does.
+struct Unreadable {
+    inner: InMemoryDataset,
+    unreadable: Vec<bool>,
+}
+
+impl Dataset for Unreadable {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn get(&self, index: usize) -> vit_mae_core::Result<RawImage> {
+        if self.unreadable[index] {
+            return Err(vit_mae_core::Error::new(ErrorCode::Io, format!("item{index}.png is not an image")));
+        }
+        self.inner.get(index)
+    }
+
+    fn label(&self, _index: usize) -> Option<i64> {
+        None
+    }
+
+    fn classes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn describe(&self) -> String {
+        "the unreadable folder".to_string()
+    }
+}
+
 /// No crop, no flip, mean/std 0.5: the loader's only randomness is the epoch order.
 fn augment() -> Augment {
     plain_augment(SIDE, CHANNELS, 0.5, 0.5)
@@ -1117,4 +1149,42 @@ fn stale_checkpoint_temporaries_of_dead_writers_are_removed() {
     dir.write(&stale[0], b"partial");
     run(&mut tiny_model(19), &loader(32), &with_recipe(&config, |r| Recipe { max_steps: Some(1), keep_last: 5, ..r }), None).unwrap();
     assert!(!dir.join(&stale[0]).exists(), "{} should be gone", stale[0]);
+}
+
+/// A step whose images were all unreadable has nothing to learn from: with
+/// `skip_corrupt` the run stops with an argument error naming the step, the dataset and
+/// the count, before any update or checkpoint. A step with some readable images trains.
+#[test]
+fn a_step_without_readable_images_is_an_error() {
+    let n = 32;
+    let unreadable = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> { Arc::new(Unreadable { inner: dataset(n, 29), unreadable: (0..n).map(which).collect() }) };
+    let skipping = |data: Arc<dyn Dataset>| {
+        let options = LoaderOptions { batch_size: BATCH, seed: 5, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: true };
+        Loader::new(data, augment(), options).unwrap()
+    };
+    for (what, which, step) in [("all unreadable", &(|_| true) as &dyn Fn(usize) -> bool, 1), ("the third batch unreadable", &|i| (2 * BATCH..3 * BATCH).contains(&i), 3)] {
+        let dir = TempDir::new("unreadable");
+        let mut model = tiny_model(29);
+        let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(4), checkpoint_dir: Some(dir.path().into()), ..r });
+        let mut steps = Vec::new();
+        let err = pretrain(&mut model, &skipping(unreadable(which)), &config, None, &mut |e| steps.extend(step_events(&[e])), &AtomicBool::new(false)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{what}: {err}");
+        assert!(names_step(&err.message, step), "{what}: the message should name step {step}: {}", err.message);
+        for part in ["the unreadable folder", &format!("all {BATCH} images"), "item"] {
+            assert!(err.message.contains(part), "{what}: the message should say {part:?}: {}", err.message);
+        }
+        assert_eq!(steps.len() as u64, step - 1, "{what}: steps before the empty one train");
+        assert!(dir.entries().is_empty(), "{what}: no checkpoint: {:?}", dir.entries());
+    }
+
+    // Half of each batch unreadable: every step still has images, and trains on them.
+    let mut model = tiny_model(29);
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(4), ..r });
+    let (summary, _) = run(&mut model, &skipping(unreadable(&|i| i % 2 == 0)), &config, None).unwrap();
+    assert_eq!((summary.steps, summary.skipped_images, summary.images_seen), (4, 16, 16));
+
+    // Fewer images than one batch: no step at all, said plainly.
+    let err = run(&mut tiny_model(29), &loader(BATCH - 1), &config, None).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    assert!(err.message.contains("0 full batches of 8"), "{}", err.message);
 }
