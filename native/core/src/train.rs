@@ -97,6 +97,10 @@ pub struct TrainState {
     /// The next loader batch of `epoch`.
     pub batch_in_epoch: usize,
     pub images_seen: u64,
+    /// The loader's batch size, which gives `batch_in_epoch` its meaning (absent from
+    /// checkpoints written before it was saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
 }
 
 /// What a run reports as it goes.
@@ -236,8 +240,9 @@ pub(crate) fn optimizer_entries(optimizer: &dyn OptimizerState) -> Vec<(String, 
 }
 
 /// Restores weights, optimizer state and position from a checkpoint file, or from
-/// the newest checkpoint in a folder.
-fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
+/// the newest checkpoint in a folder, once it is known that this run (its `recipe` and
+/// loader batch size) can continue from there.
+fn restore(task: &mut dyn Task, from: &Path, recipe: &Recipe, batch_size: usize) -> Result<(TrainState, PathBuf)> {
     let path = if from.is_dir() {
         match list_checkpoints(from).pop() {
             Some(p) => p,
@@ -251,6 +256,7 @@ fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
         bail!(CheckpointKeys, "{} is a model, not a training checkpoint (it has no train_state)", path.display());
     };
     let train_state: TrainState = serde_json::from_str(train_state).map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: bad train_state: {e}", path.display())))?;
+    check_same_position_settings(&path, &state.metadata, &train_state, recipe, batch_size)?;
     let optimizer_step: u64 = state.metadata.get("optimizer_step").and_then(|s| s.parse().ok()).unwrap_or(train_state.step);
     task.restore_weights(&state, &path)?;
     let optimizer_state = state.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix(OPTIMIZER_PREFIX)?.to_string(), t.clone()))).collect();
@@ -258,6 +264,35 @@ fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
     optimizer.load_state(&optimizer_state).map_err(|e| Error::new(e.code, format!("{}: {}", path.display(), e.message)))?;
     optimizer.set_steps_taken(optimizer_step);
     Ok((train_state, path))
+}
+
+/// Refuses to resume with another batch size, `accumIter` or `seed` than the checkpoint
+/// was written with: they fix which images its steps trained on and which come next
+/// (the position is a batch of an epoch's seeded order, and a step a number of
+/// micro-batches), so a run that changed them would repeat some images and skip others
+/// without saying so. The schedule (epochs, learning rates, warm-up) may change, as in
+/// the published code: lowering the rate after a divergence, for one.
+fn check_same_position_settings(path: &Path, metadata: &HashMap<String, String>, saved: &TrainState, recipe: &Recipe, batch_size: usize) -> Result<()> {
+    let saved_recipe = ["pretrain_config", "finetune_config"].iter().find_map(|key| metadata.get(*key));
+    let saved_recipe: Option<Recipe> = saved_recipe
+        .map(|json| serde_json::from_str(json))
+        .transpose()
+        .map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: bad recipe in the metadata: {e}", path.display())))?;
+    let fields = [
+        ("batchSize", saved.batch_size.map(|b| b as u64), batch_size as u64),
+        ("accumIter", saved_recipe.as_ref().map(|r| r.accum_iter as u64), recipe.accum_iter as u64),
+        ("seed", saved_recipe.as_ref().map(|r| r.seed), recipe.seed),
+    ];
+    for (name, saved, now) in fields {
+        if let Some(saved) = saved.filter(|&saved| saved != now) {
+            bail!(
+                InvalidArgument,
+                "cannot resume from {} with {name} {now}: it was written with {name} {saved}, which fixes the images each step trains on; resume with {name} {saved}, or start a new run from its weights (load it as a model)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs pre-training on `loader`'s batches, calling `on_event` as it goes, and leaves
@@ -450,11 +485,12 @@ fn train_steps(
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
-    let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0 };
+    let batch_size = Some(loader.batch_size());
+    let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0, batch_size };
     let mut last_checkpoint = None;
     if let Some(from) = resume {
-        let (restored, path) = restore(task, from)?;
-        state = restored;
+        let (restored, path) = restore(task, from, recipe, loader.batch_size())?;
+        state = TrainState { batch_size, ..restored };
         last_checkpoint = Some(path);
     }
 

@@ -1188,3 +1188,37 @@ fn a_step_without_readable_images_is_an_error() {
     assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
     assert!(err.message.contains("0 full batches of 8"), "{}", err.message);
 }
+
+/// A resumed run must keep the batch size, accumIter and seed the checkpoint was
+/// written with (they fix which images its steps saw and come next): each change is an
+/// argument error naming the setting and both values, with the weights left alone. The
+/// schedule may change (a lower learning rate, more epochs).
+#[test]
+fn resume_refuses_another_batch_size_accum_iter_or_seed() {
+    let dir = TempDir::new("resume-settings");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
+    run(&mut tiny_model(37), &loader(32), &config, None).unwrap();
+    let more = with_recipe(&config, |r| Recipe { max_steps: Some(4), checkpoint_dir: None, ..r });
+    let half_batch = {
+        let options = LoaderOptions { batch_size: BATCH / 2, seed: 5, shuffle: true, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+        Loader::new(Arc::new(dataset(32, 1234)), augment(), options).unwrap()
+    };
+    let cases = [
+        ("batchSize", &half_batch, more.clone(), "batchSize 4", "batchSize 8"),
+        ("accumIter", &loader(32), with_recipe(&more, |r| Recipe { accum_iter: 2, ..r }), "accumIter 2", "accumIter 1"),
+        ("seed", &loader(32), with_recipe(&more, |r| Recipe { seed: 4, ..r }), "seed 4", "seed 3"),
+    ];
+    for (field, loader, changed, now, saved) in cases {
+        let mut model = tiny_model(38);
+        let before = param_bits(&model);
+        let err = run(&mut model, loader, &changed, Some(dir.path())).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{field}: {err}");
+        for part in [now, saved, "checkpoint-00000002.safetensors", "resume with"] {
+            assert!(err.message.contains(part), "{field}: the message should say {part:?}: {}", err.message);
+        }
+        assert_eq!(param_bits(&model), before, "{field}: the weights must be left alone");
+    }
+    let lower = with_recipe(&more, |r| Recipe { lr: Some(1e-4), epochs: 20.0, ..r });
+    let (summary, _) = run(&mut tiny_model(38), &loader(32), &lower, Some(dir.path())).unwrap();
+    assert_eq!(summary.steps, 4);
+}
