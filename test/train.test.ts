@@ -4,6 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MaskedAutoencoder, VitMaeError, writeReconstructionGrid, type MaeConfig, type TrainingEvent } from '../ts/index.js';
+import { datasetSpec, passSpec } from '../ts/data.js';
+import { maeNatives, type Binding } from '../ts/native.js';
 import { encodePng, pngSize, randomTensor } from './helpers.js';
 
 const TINY: MaeConfig = {
@@ -136,6 +138,30 @@ describe('pretrain', () => {
     expect(error).toMatchObject({ code: 'E_NON_FINITE_LOSS', message: expect.stringMatching(/at step 2\b.*checkpoint-00000001\.safetensors/) });
     expect(existsSync(join(checkpointDir, 'checkpoint-00000001.safetensors'))).toBe(true);
     expect(existsSync(join(checkpointDir, 'checkpoint-00000002.safetensors'))).toBe(false);
+  });
+
+  it('the binding gives each event kind its own fields', async () => {
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 10 });
+    const native = maeNatives.get(mae);
+    if (!native) throw new Error('no native model');
+    const drain = async (job: Binding.NativeJob) => {
+      const events: Binding.NativeJobEvent[] = [];
+      for (;;) {
+        const event = await job.nextEvent();
+        events.push(event);
+        if (event.type === 'embedded' || event.type === 'trained' || event.type === 'evaluated') return events;
+      }
+    };
+    const data = datasetSpec({ kind: 'memory', images: images() });
+    const pass = await drain(native.embedDataset(data, passSpec(1, { batchSize: 8, workers: 1 }), 'mean'));
+    expect(pass).toEqual([...[8, 16, 24, 32].map((done) => ({ type: 'progress', images: done, totalImages: 32 })), { type: 'embedded' }]);
+
+    const config = JSON.stringify({ epochs: 1, warmupEpochs: 0, lr: 1e-3 });
+    const run = await drain(native.pretrain(data, passSpec(1, { batchSize: 8, workers: 1 }), config));
+    const keys = (type: string) => run.filter((e) => e.type === type).map((e) => Object.keys(e).sort());
+    expect(keys('step')).toEqual(Array(4).fill(['epoch', 'etaSeconds', 'imagesPerSec', 'loss', 'lr', 'step', 'totalSteps', 'type']));
+    expect(keys('epochEnd')).toEqual([['epoch', 'meanLoss', 'type']]);
+    expect(run.at(-1)).toMatchObject({ type: 'trained', summary: { steps: 4, epochsCompleted: 1, aborted: false } });
   });
 
   it('rejects bad options with clear errors', async () => {

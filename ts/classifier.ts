@@ -3,7 +3,7 @@ import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
-import { runJob, TrainingRun, type RecipeOptions } from './train.js';
+import { forwardProgress, runJob, TrainingRun, type RecipeOptions } from './train.js';
 import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
@@ -261,8 +261,8 @@ export class VitClassifier {
   async evaluate(data: DatasetSource, options: PassOptions = {}): Promise<Evaluation> {
     checkNotAborted(options.signal, 'evaluation');
     const job = callSync(() => this.#native.evaluate(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment)));
-    const done = await runJob(job, options.signal, (e) => options.onProgress?.(e.count!, e.totalSteps!));
-    return done.evaluation!;
+    const { evaluation } = await runJob(job, 'evaluated', options.signal, forwardProgress(options.onProgress));
+    return evaluation;
   }
 
   /** The features of every image of a dataset (what `embed` gives), optionally written to `output` as safetensors. */
@@ -270,7 +270,7 @@ export class VitClassifier {
     checkNotAborted(options.signal, 'embedding');
     const output = options.output === undefined ? undefined : checkPath(options.output);
     const job = callSync(() => this.#native.embedDataset(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment), output));
-    await runJob(job, options.signal, (e) => options.onProgress?.(e.count!, e.totalSteps!));
+    await runJob(job, 'embedded', options.signal, forwardProgress(options.onProgress));
     const e = job.takeEmbeddings()!;
     return { features: fromNative(e.features), labels: e.labels ? Int32Array.from(e.labels) : null, indices: Uint32Array.from(e.indices) };
   }

@@ -8,7 +8,7 @@ import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
-import { runJob } from './train.js';
+import { forwardProgress, runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
@@ -410,7 +410,7 @@ export class MaskedAutoencoder {
     const output = options.output === undefined ? undefined : checkPath(options.output);
     const spec = passSpec(this.#config.inChans, options, options.augment);
     const job = callSync(() => this.#native.embedDataset(datasetSpec(data), spec, options.pool ?? 'mean', output));
-    await runJob(job, options.signal, (e) => options.onProgress?.(e.count!, e.totalSteps!));
+    await runJob(job, 'embedded', options.signal, forwardProgress(options.onProgress));
     const e = job.takeEmbeddings()!;
     return { features: fromNative(e.features), labels: e.labels ? Int32Array.from(e.labels) : null, indices: Uint32Array.from(e.indices) };
   }
