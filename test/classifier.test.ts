@@ -497,6 +497,16 @@ describe('finetune', () => {
     expect(lrs[2]).toBeLessThan(FAST.lr / 2);
   });
 
+  it('stops the native run when onProgress throws, and the classifier is usable again', async () => {
+    const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
+    const handlerError = new Error('handler failed');
+    const run = clf.finetune({ ...FAST, data: LABELLED, epochs: 250, onProgress: () => {
+      throw handlerError;
+    } });
+    await expect(run.result).rejects.toBe(handlerError);
+    expect((await clf.forward(normalise(RAW))).shape).toEqual([N, 3]);
+  });
+
   it('stops on an AbortSignal with summary.aborted', async () => {
     const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
     const controller = new AbortController();

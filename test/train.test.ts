@@ -1,8 +1,9 @@
 // Pre-training through the facade: events, abort, resume, corrupt images, NaN, reconstruction.
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { MaskedAutoencoder, VitMaeError, writeReconstructionGrid, type MaeConfig, type TrainingEvent } from '../ts/index.js';
 import { datasetSpec, passSpec } from '../ts/data.js';
 import { maeNatives, type Binding } from '../ts/native.js';
@@ -138,6 +139,26 @@ describe('pretrain', () => {
     expect(error).toMatchObject({ code: 'E_NON_FINITE_LOSS', message: expect.stringMatching(/at step 2\b.*checkpoint-00000001\.safetensors/) });
     expect(existsSync(join(checkpointDir, 'checkpoint-00000001.safetensors'))).toBe(true);
     expect(existsSync(join(checkpointDir, 'checkpoint-00000002.safetensors'))).toBe(false);
+  });
+
+  it('stops the native run when onProgress throws: the result rejects with that error, nothing more is written, and the model is usable again', async () => {
+    const checkpointDir = join(dir, 'throwing');
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 5 });
+    const failure = new Error('the progress handler failed');
+    let events = 0;
+    // 500 epochs of 4 steps, a checkpoint after each: a run left going would keep writing.
+    const run = mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, epochs: 500, checkpointDir, checkpointEvery: 1, onProgress: () => {
+      events += 1;
+      if (events === 2) throw failure;
+    } });
+    await expect(run.result).rejects.toBe(failure);
+    const written = readdirSync(checkpointDir).sort();
+    expect(written.length).toBeGreaterThan(0);
+    await sleep(500);
+    expect(readdirSync(checkpointDir).sort()).toEqual(written);
+    expect(events).toBe(2);
+    const out = await mae.forward(images(2));
+    expect(Number.isFinite(out.loss)).toBe(true);
   });
 
   it('the binding gives each event kind its own fields', async () => {

@@ -27,7 +27,7 @@ export interface RecipeOptions extends LoaderOptions {
   resume?: string;
   /** Stops the run after the current step, leaving a checkpoint. */
   signal?: AbortSignal;
-  /** Called with every event. */
+  /** Called with every event. If it throws, the run stops (after its current step, with a checkpoint) and `result` rejects with that error. */
   onProgress?: (event: TrainingEvent) => void;
 }
 
@@ -158,7 +158,10 @@ function endsAs<End extends JobEnd['type']>(event: JobEnd, end: End): event is E
 
 /**
  * Pulls a native job's events until it ends, forwarding each to `onEvent`; `signal`
- * aborts it. Resolves with its last event, which must be of type `end`.
+ * aborts it. Resolves with its last event, which must be of type `end`. If `onEvent`
+ * throws, the job is stopped (training after its current step, with a checkpoint) and
+ * waited for before the promise rejects with that error, so that nothing goes on
+ * running, or holds its model, after the caller has failed.
  */
 export async function runJob<End extends JobEnd['type']>(
   job: Binding.NativeJob,
@@ -176,10 +179,24 @@ export async function runJob<End extends JobEnd['type']>(
         if (endsAs(event, end)) return event;
         throw new VitMaeError('E_INTERNAL', `a job expected to end with '${end}' ended with '${event.type}'`);
       }
-      onEvent(event);
+      try {
+        onEvent(event);
+      } catch (error) {
+        await stopJob(job);
+        throw error;
+      }
     }
   } finally {
     signal?.removeEventListener('abort', abort);
+  }
+}
+
+/** Aborts a job and waits for its thread to finish, whatever it ends with. */
+async function stopJob(job: Binding.NativeJob): Promise<void> {
+  job.abort();
+  for (;;) {
+    const event = await job.nextEvent().catch(() => null);
+    if (event === null || isEnd(event)) return;
   }
 }
 
