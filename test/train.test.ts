@@ -161,6 +161,17 @@ describe('pretrain', () => {
     expect(Number.isFinite(out.loss)).toBe(true);
   });
 
+  it('checks the checkpoint folder before the first step: one that cannot be written is E_IO naming it, with nothing trained', async () => {
+    const file = join(dir, 'not-a-folder');
+    writeFileSync(file, 'a file');
+    const checkpointDir = join(file, 'checkpoints');
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 6 });
+    const seen: TrainingEvent[] = [];
+    const run = mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, checkpointDir, onProgress: (e) => seen.push(e) });
+    await expect(run.result).rejects.toMatchObject({ code: 'E_IO', message: expect.stringContaining(checkpointDir) });
+    expect(seen).toEqual([]);
+  });
+
   it('the binding gives each event kind its own fields', async () => {
     const mae = MaskedAutoencoder.create({ config: TINY, seed: 10 });
     const native = maeNatives.get(mae);

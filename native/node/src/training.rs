@@ -419,6 +419,13 @@ impl Task for LoadImagesTask {
     }
 }
 
+/// Creates a folder if needed and checks that files can be written there (an `E_IO`
+/// naming it otherwise), so that a command fails before its work rather than after.
+#[napi]
+pub fn check_writable_folder(path: String) -> Result<()> {
+    guarded(|| vit_mae_core::checkpoint::check_writable_folder(Path::new(&path)))
+}
+
 /// Writes the reconstruction PNG grid (masked | reconstruction | pasted | original rows).
 #[napi(ts_return_type = "Promise<void>")]
 pub fn write_reconstruction_grid(path: String, masked: NativeTensor, reconstruction: NativeTensor, pasted: NativeTensor, originals: NativeTensor, mean: Vec<f64>, std: Vec<f64>) -> Result<AsyncTask<GridTask>> {
@@ -453,7 +460,8 @@ impl Task for GridTask {
 }
 
 /// Embeds `loader`'s images, reporting progress, then keeps the result for
-/// `takeEmbeddings()` and writes it to `output` if given.
+/// `takeEmbeddings()` and writes it to `output` if given (whose folder is created, and
+/// checked before the pass).
 pub(crate) fn embed_job(
     embedder: &Embedder,
     loader: &Loader,
@@ -462,6 +470,11 @@ pub(crate) fn embed_job(
     on_event: &mut dyn FnMut(NativeJobEvent),
     cancel: &AtomicBool,
 ) -> vit_mae_core::Result<NativeJobEvent> {
+    if let Some(path) = &output {
+        // Before the pass, not after it: a folder that cannot take the file fails at once.
+        let folder = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        vit_mae_core::checkpoint::check_writable_folder(folder)?;
+    }
     let total = loader.images_per_epoch();
     let embeddings = embed_dataset(embedder, loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
     if let Some(path) = output {
