@@ -172,6 +172,17 @@ describe('pretrain', () => {
     expect(seen).toEqual([]);
   });
 
+  it('fails on a folder whose images are all unreadable, naming it and the count, rather than training on nothing', async () => {
+    const folder = join(dir, 'all-broken');
+    mkdirSync(folder, { recursive: true });
+    for (let i = 0; i < 16; i++) writeFileSync(join(folder, `${i}.png`), Buffer.from(`not a png ${i}`));
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 7 });
+    const steps: TrainingEvent[] = [];
+    const run = mae.pretrain({ ...base, data: { kind: 'folder', path: folder }, epochs: 1, onProgress: (e) => e.type === 'step' && steps.push(e) });
+    await expect(run.result).rejects.toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/step 1 .*no images: all 8 images .*all-broken/) });
+    expect(steps).toEqual([]);
+  });
+
   it('the binding gives each event kind its own fields', async () => {
     const mae = MaskedAutoencoder.create({ config: TINY, seed: 10 });
     const native = maeNatives.get(mae);
