@@ -484,6 +484,8 @@ describe('finetune', () => {
     expect(await failure(() => clf.finetune(misspelt))).toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/unknown fine-tuning option 'warmupEpoch'/) });
     const native = { ...FAST, data: LABELLED, smoothing: 0.2 } as Parameters<typeof clf.finetune>[0];
     expect(await failure(() => clf.finetune(native))).toMatchObject({ code: 'E_ARGUMENT', message: "unknown fine-tuning option 'smoothing' (the option is 'labelSmoothing')" });
+    const single = { ...FAST, data: LABELLED, betas: 0.9 } as unknown as Parameters<typeof clf.finetune>[0];
+    expect(await failure(() => clf.finetune(single))).toMatchObject({ code: 'E_ARGUMENT', message: 'betas must be a pair of numbers [beta1, beta2], got 0.9' });
   });
 
   it('trains a fractional number of epochs to the nearest whole step', async () => {

@@ -183,6 +183,16 @@ describe('pretrain', () => {
     expect(steps).toEqual([]);
   });
 
+  it('refuses to resume with another batch size, naming both', async () => {
+    const checkpointDir = join(dir, 'resume-batch');
+    const data = { kind: 'memory', images: images() } as const;
+    await MaskedAutoencoder.create({ config: TINY, seed: 9 }).pretrain({ ...base, data, maxSteps: 2, checkpointDir }).result;
+    const other = MaskedAutoencoder.create({ config: TINY, seed: 9 });
+    const run = other.pretrain({ ...base, data, batchSize: 16, maxSteps: 4, checkpointDir, resume: checkpointDir });
+    await expect(run.result).rejects.toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/batchSize 16: it was written with batchSize 8/) });
+    expect((await other.pretrain({ ...base, data, maxSteps: 4, checkpointDir, resume: checkpointDir }).result).steps).toBe(4);
+  });
+
   it('the binding gives each event kind its own fields', async () => {
     const mae = MaskedAutoencoder.create({ config: TINY, seed: 10 });
     const native = maeNatives.get(mae);
@@ -226,6 +236,12 @@ describe('pretrain', () => {
     expect(() => mae.pretrain(callback)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: "unknown pre-training option 'onProgres'" }));
     const native = { ...base, data, beta2: 0.9 } as Parameters<typeof mae.pretrain>[0];
     expect(() => mae.pretrain(native)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: "unknown pre-training option 'beta2' (the option is 'betas')" }));
+    // betas is a pair: anything else would be ignored for the default.
+    for (const betas of [0.9, [0.9], [0.9, 0.95, 0.99], [0.9, '0.95'], null]) {
+      const options = { ...base, data, betas } as unknown as Parameters<typeof mae.pretrain>[0];
+      expect(() => mae.pretrain(options), JSON.stringify(betas)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/^betas must be a pair of numbers/) }));
+    }
+    expect(() => mae.pretrain({ ...base, data, betas: [0.9, 1] })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: 'beta2 must be in [0, 1), got 1' }));
   });
 });
 

@@ -46,6 +46,19 @@ export function checkRecipeKeys(recipe: object, what: string, renamed: Record<st
   }
 }
 
+/**
+ * The native recipe's `beta1` and `beta2` from the `betas` option: none when it is absent
+ * (the recipe's defaults), else a pair of numbers (the native side checks their range).
+ */
+export function betaFields(betas: unknown): { beta1?: number; beta2?: number } {
+  if (betas === undefined) return {};
+  if (!Array.isArray(betas) || betas.length !== 2 || !betas.every((b) => typeof b === 'number')) {
+    throw new VitMaeError('E_ARGUMENT', `betas must be a pair of numbers [beta1, beta2], got ${JSON.stringify(betas)}`);
+  }
+  const [beta1, beta2] = betas as [number, number];
+  return { beta1, beta2 };
+}
+
 export function checkDevice(device: unknown): string {
   if (device === undefined) return 'auto';
   if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);

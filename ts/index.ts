@@ -7,7 +7,7 @@
 import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import { forwardProgress, runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
@@ -384,10 +384,10 @@ export class MaskedAutoencoder {
     // What is not the data, the loader or the run's own plumbing is the recipe; the
     // native side refuses a key it does not know, so a misspelt option is an error
     // rather than a run with the default.
-    const { data, augment = {}, signal, onProgress, resume, betas = [0.9, 0.95], batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    const { data, augment = {}, signal, onProgress, resume, betas, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
     checkRecipeKeys(recipe, 'pre-training', { beta1: 'betas', beta2: 'betas' });
     const seed = checkSeed(recipe.seed);
-    const config = { ...recipe, beta1: betas[0], beta2: betas[1], seed };
+    const config = { ...recipe, ...betaFields(betas), seed };
     const loader = loaderSpec(this.#config.inChans, seed, { batchSize, workers, prefetch, skipCorrupt }, augment, true);
     const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, optionsJson(config, 'E_ARGUMENT'), resume));
     return new TrainingRun(native, onProgress, signal);

@@ -45,7 +45,7 @@ export interface PretrainOptions extends RecipeOptions {
   warmupEpochs?: number;
   /** AdamW weight decay (not applied to 1-D parameters and biases). Default 0.05. */
   weightDecay?: number;
-  /** AdamW betas. Default [0.9, 0.95]. */
+  /** AdamW betas, a pair. Default [0.9, 0.95]. */
   betas?: [number, number];
   /** Fraction of patches removed. Default 0.75. */
   maskRatio?: number;
