@@ -406,13 +406,22 @@ describe('finetune', () => {
   it('has the classifier to itself while it trains: other calls get E_BUSY, the getters answer', async () => {
     const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
     const x = normalise(RAW);
-    const run = clf.finetune({ ...FAST, data: LABELLED });
+    // Long enough to outlast the calls below; aborted after them.
+    const run = clf.finetune({ ...FAST, data: LABELLED, epochs: 500 });
     const busy = expect.objectContaining({ code: 'E_BUSY', message: expect.stringMatching(/classifier is training/) });
     await expect(clf.forward(x)).rejects.toEqual(busy);
+    await expect(clf.predict(x)).rejects.toEqual(busy);
+    await expect(clf.embed(x)).rejects.toEqual(busy);
+    await expect(clf.lossAndGradients(x, LABELS)).rejects.toEqual(busy);
     await expect(clf.evaluate(LABELLED, { workers: 1 })).rejects.toEqual(busy);
+    await expect(clf.embedDataset(LABELLED, { workers: 1 })).rejects.toEqual(busy);
+    await expect(clf.save(join(dir, 'busy-classifier.safetensors'))).rejects.toEqual(busy);
     expect(() => clf.finetune({ ...FAST, data: LABELLED })).toThrow(busy);
+    expect(() => clf.dispose()).toThrow(busy);
+    expect(existsSync(join(dir, 'busy-classifier.safetensors'))).toBe(false);
     expect(clf.parameterCount).toBeGreaterThan(0);
-    expect((await run.result).steps).toBe(4);
+    run.abort();
+    expect(await run.result).toMatchObject({ aborted: true });
     expect((await clf.forward(x)).shape).toEqual([N, 3]);
   });
 
