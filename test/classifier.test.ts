@@ -508,6 +508,15 @@ describe('finetune', () => {
     expect(lrs[2]).toBeLessThan(FAST.lr / 2);
   });
 
+  it('refuses an already-aborted signal at once with E_ABORTED, writing nothing', async () => {
+    const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
+    const checkpointDir = join(dir, 'finetune-pre-aborted');
+    const error = await failure(() => clf.finetune({ ...FAST, data: LABELLED, checkpointDir, signal: AbortSignal.abort() }));
+    expect(error).toMatchObject({ code: 'E_ABORTED', message: 'fine-tuning was aborted before it started' });
+    expect(existsSync(checkpointDir)).toBe(false);
+    expect((await clf.forward(normalise(RAW))).shape).toEqual([N, 3]);
+  });
+
   it('stops the native run when onProgress throws, and the classifier is usable again', async () => {
     const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
     const handlerError = new Error('handler failed');

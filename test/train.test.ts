@@ -190,6 +190,18 @@ describe('pretrain', () => {
     expect(steps).toEqual([]);
   });
 
+  it('refuses an already-aborted signal at once with E_ABORTED: no step, no checkpoint, the model free', async () => {
+    const checkpointDir = join(dir, 'pre-aborted');
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 8 });
+    for (let i = 0; i < 5; i++) {
+      expect(() => mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, checkpointDir, signal: AbortSignal.abort() })).toThrow(
+        expect.objectContaining({ code: 'E_ABORTED', message: expect.stringMatching(/pre-training was aborted before it started/) }),
+      );
+    }
+    expect(existsSync(checkpointDir)).toBe(false);
+    expect(Number.isFinite((await mae.forward(images(2))).loss)).toBe(true);
+  });
+
   it('refuses to resume with another batch size, naming both', async () => {
     const checkpointDir = join(dir, 'resume-batch');
     const data = { kind: 'memory', images: images() } as const;

@@ -289,6 +289,7 @@ export class VitClassifier {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'finetune needs an options object');
     // As in pre-training: the rest is the recipe, whose unknown keys the native side refuses.
     const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas, protocol = 'finetune', labelSmoothing, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    checkNotAborted(signal, 'fine-tuning');
     if (!PROTOCOLS.includes(protocol)) throw new VitMaeError('E_ARGUMENT', `protocol must be one of ${PROTOCOLS.join(', ')}, got ${String(protocol)}`);
     checkRecipeKeys(recipe, 'fine-tuning', { beta1: 'betas', beta2: 'betas', smoothing: 'labelSmoothing' });
     const seed = checkSeed(recipe.seed);

@@ -104,7 +104,7 @@ export function fromNative(t: Binding.NativeTensor): Tensor {
   return { data: t.data, shape: t.shape };
 }
 
-/** Rejects a pass whose signal is already aborted before any work starts. */
+/** Refuses work (a pass, a training run) whose signal is already aborted, before it starts. */
 export function checkNotAborted(signal: AbortSignal | undefined, what: string): void {
   if (signal?.aborted) throw new VitMaeError('E_ABORTED', `${what} was aborted before it started`);
 }

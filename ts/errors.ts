@@ -12,7 +12,7 @@
  * - `E_CHECKPOINT_SHAPE`: a checkpoint tensor's shape contradicts the configuration.
  * - `E_IO`: reading or writing a file failed.
  * - `E_NON_FINITE_LOSS`: a training step's loss, gradient or update was NaN or infinite, and the run stopped before that update (the message names the last good checkpoint).
- * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal.
+ * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal, or a training run was started with a signal already aborted.
  * - `E_BUSY`: the model is training; every other call on it is refused until the run ends.
  * - `E_DISPOSED`: the model was disposed (`dispose()`); its weights are freed.
  * - `E_NATIVE_LOAD`: the native addon could not be loaded.

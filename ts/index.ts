@@ -385,6 +385,7 @@ export class MaskedAutoencoder {
     // native side refuses a key it does not know, so a misspelt option is an error
     // rather than a run with the default.
     const { data, augment = {}, signal, onProgress, resume, betas, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    checkNotAborted(signal, 'pre-training');
     checkRecipeKeys(recipe, 'pre-training', { beta1: 'betas', beta2: 'betas' });
     const seed = checkSeed(recipe.seed);
     const config = { ...recipe, ...betaFields(betas), seed };

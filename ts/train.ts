@@ -25,7 +25,11 @@ export interface RecipeOptions extends LoaderOptions {
   keepLast?: number;
   /** Continue from a training checkpoint file, or the newest one in a folder. */
   resume?: string;
-  /** Stops the run after the current step, leaving a checkpoint. */
+  /**
+   * Stops the run after the current step, leaving a checkpoint (before the first step:
+   * ended, aborted, with none). A signal already aborted when the run is started is
+   * refused at once with `E_ABORTED`, as `evaluate` and `embedDataset` refuse one.
+   */
   signal?: AbortSignal;
   /** Called with every event. If it throws, the run stops (after its current step, with a checkpoint) and `result` rejects with that error. */
   onProgress?: (event: TrainingEvent) => void;
@@ -243,7 +247,10 @@ export class TrainingRun implements AsyncIterable<TrainingEvent> {
     this.result.catch(() => {});
   }
 
-  /** Stops after the current step, leaving a checkpoint of where it stopped. */
+  /**
+   * Stops after the current step, leaving a checkpoint of where it stopped (before the
+   * first step, it ends aborted with no step taken and no checkpoint written).
+   */
   abort(): void {
     this.#native.abort();
   }

@@ -456,7 +456,8 @@ pub(crate) fn copy_params(params: &[(String, candle_core::Var)], tensors: &std::
 /// The training loop shared by every recipe: per-iteration warm-up + cosine learning
 /// rate, gradient accumulation, optional clipping, events, cancellation, and
 /// checkpoints that resume exactly. A checkpoint folder that cannot be written to
-/// fails it before the first step.
+/// fails it before the first step; a cancel already set by then ends it, aborted,
+/// before that step, with no checkpoint written.
 pub(crate) fn run(
     task: &mut dyn Task,
     loader: &Loader,
@@ -524,17 +525,19 @@ fn train_steps(
 
     let started = Instant::now();
     let start_step = state.step;
+    // Checked again after every step; a cancel that came before the first one leaves
+    // nothing to train or to save.
+    let mut aborted = cancel.load(Ordering::SeqCst) && state.step < total_steps;
     let mut images_this_run = 0u64;
     let mut final_loss = f64::NAN;
     let mut skipped_images = 0;
-    let mut aborted = false;
     // Why a step stopped the run, with the checkpoint to go back to.
     let stopped = |what: String, state: &TrainState, last_checkpoint: &Option<PathBuf>| {
         let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p| format!("the last good checkpoint is {}", p.display()));
         Error::new(ErrorCode::NonFiniteLoss, format!("{what} at step {} (epoch {}); training stopped before the step's update and {kept}", state.step + 1, state.epoch))
     };
 
-    'epochs: while state.step < total_steps {
+    'epochs: while state.step < total_steps && !aborted {
         let mut step_losses = Vec::new();
         let mut step_skipped = Vec::new();
         let mut epoch_losses = Vec::new();

@@ -1222,3 +1222,32 @@ fn resume_refuses_another_batch_size_accum_iter_or_seed() {
     let (summary, _) = run(&mut tiny_model(38), &loader(32), &lower, Some(dir.path())).unwrap();
     assert_eq!(summary.steps, 4);
 }
+
+/// A cancel already set when the run starts ends it, aborted, before its first step: no
+/// step, no event, no checkpoint, the weights as they were (or as resumed).
+#[test]
+fn a_run_cancelled_before_its_first_step_trains_and_writes_nothing() {
+    let dir = TempDir::new("cancelled");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
+    let cancel = AtomicBool::new(true);
+    let mut model = tiny_model(43);
+    let before = param_bits(&model);
+    let mut events = Vec::new();
+    let summary = pretrain(&mut model, &loader(32), &config, None, &mut |e| events.push(e), &cancel).unwrap();
+    assert!(summary.aborted);
+    assert_eq!((summary.steps, summary.images_seen, summary.last_checkpoint.clone()), (0, 0, None));
+    assert!(events.is_empty(), "{events:?}");
+    assert!(dir.entries().is_empty(), "nothing may be written: {:?}", dir.entries());
+    assert_eq!(param_bits(&model), before);
+
+    // Resumed, it stops where the checkpoint left off, with the checkpoint's weights.
+    let mut first = tiny_model(44);
+    run(&mut first, &loader(32), &config, None).unwrap();
+    let written = dir.entries();
+    let summary = pretrain(&mut model, &loader(32), &with_recipe(&config, |r| Recipe { max_steps: Some(4), ..r }), Some(dir.path()), &mut |e| events.push(e), &cancel).unwrap();
+    assert!(summary.aborted);
+    assert_eq!((summary.steps, summary.last_checkpoint), (2, Some(checkpoint_file(dir.path(), 2))));
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(dir.entries(), written);
+    assert_same_weights(&model, &first, "resumed and stopped");
+}
