@@ -12,7 +12,7 @@ use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::mixup::MixupConfig;
 use crate::model::{MaskedAutoencoder, Pool};
-use crate::engine::{FlatOptimizer, VitEngine, VitMode};
+use crate::engine::{FlatOptimizer, Gradients, VitEngine, VitMode};
 use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState, ParamGroup};
 use crate::recipe::{self, Recipe};
 use crate::train::{self, Accumulated, Task, TrainEvent, TrainSummary};

@@ -9,7 +9,7 @@ use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, Masking};
 use crate::model::{MaskOptions, MaskedAutoencoder, Unloaded};
-use crate::engine::{FlatAdamW, MaeEngine, Mode};
+use crate::engine::{FlatAdamW, Gradients, MaeEngine, Mode};
 use crate::optim::{clip_to_norm, global_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
 use crate::recipe::{self, Recipe};
 use candle_core::Tensor;

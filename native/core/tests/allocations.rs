@@ -15,7 +15,7 @@ use common::SplitMix;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use vit_mae_core::classifier::{soft_targets, ClassifierConfig, Trainable, VitClassifier};
-use vit_mae_core::engine::{FlatAdamW, FlatOptimizer, MaeEngine, Mode, VitEngine, VitMode};
+use vit_mae_core::engine::{FlatAdamW, FlatOptimizer, Gradients, MaeEngine, Mode, VitEngine, VitMode};
 use vit_mae_core::optim::{layer_decay_groups, AdamWConfig};
 use vit_mae_core::{allocation_count, MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Precision};
 

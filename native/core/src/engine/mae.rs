@@ -426,26 +426,6 @@ impl MaeEngine {
         &self.mask
     }
 
-    fn all_grads(&self) -> Slot {
-        Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len }
-    }
-
-    pub fn zero_grad(&mut self) {
-        self.kernels.fill(self.all_grads(), 0.0);
-    }
-
-    /// The global L2 norm of every gradient at once.
-    pub fn grad_norm(&mut self) -> f64 {
-        self.kernels.norm(self.all_grads())
-    }
-
-    /// `torch.nn.utils.clip_grad_norm_` given the gradients' global norm `norm` (from
-    /// [`MaeEngine::grad_norm`]): scales them to a norm of at most `max_norm`.
-    pub fn clip_grads(&mut self, norm: f64, max_norm: f64) {
-        let grads = self.all_grads();
-        super::clip_to_norm(&mut self.kernels, grads, norm, max_norm);
-    }
-
     /// One AdamW update of every parameter from the accumulated gradients.
     pub fn adamw_step(&mut self, opt: &mut FlatAdamW, lr: f64) {
         opt.step += 1;
@@ -491,6 +471,12 @@ impl FlatAdamW {
             .collect();
         let len = engine.params().len();
         FlatAdamW { config, ranges: Vec::with_capacity(groups.len()), groups, exp_avg: vec![0.0; len], exp_avg_sq: vec![0.0; len], step: 0 }
+    }
+}
+
+impl super::Gradients for MaeEngine {
+    fn gradients(&mut self) -> (&mut CpuKernels, Slot) {
+        (&mut self.kernels, Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len })
     }
 }
 

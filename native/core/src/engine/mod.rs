@@ -243,10 +243,30 @@ pub(crate) fn adamw_constants(
     AdamWStep { beta1: beta1 as f32, beta2: beta2 as f32, eps: eps as f32, bias_correction2_sqrt: bias_correction2.sqrt() as f32 }
 }
 
-/// `torch.nn.utils.clip_grad_norm_`'s scaling of `grads`, whose global L2 norm is `norm`.
-pub(crate) fn clip_to_norm(kernels: &mut impl Kernels, grads: Slot, norm: f64, max_norm: f64) {
-    if let Some(scale) = crate::optim::clip_factor(norm, max_norm) {
-        kernels.scale(grads, scale as f32);
+/// An engine's gradient buffer, as training uses it: one slot over every parameter's
+/// gradient (a frozen parameter's stays 0).
+pub trait Gradients {
+    /// The engine's kernels and the slot of every gradient.
+    fn gradients(&mut self) -> (&mut cpu::CpuKernels, Slot);
+
+    fn zero_grad(&mut self) {
+        let (kernels, all) = self.gradients();
+        kernels.fill(all, 0.0);
+    }
+
+    /// The global L2 norm of every gradient at once.
+    fn grad_norm(&mut self) -> f64 {
+        let (kernels, all) = self.gradients();
+        kernels.norm(all)
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_` given the gradients' global norm `norm` (from
+    /// [`Gradients::grad_norm`]): scales them to a norm of at most `max_norm`.
+    fn clip_grads(&mut self, norm: f64, max_norm: f64) {
+        if let Some(scale) = crate::optim::clip_factor(norm, max_norm) {
+            let (kernels, all) = self.gradients();
+            kernels.scale(all, scale as f32);
+        }
     }
 }
 

@@ -327,26 +327,6 @@ impl VitEngine {
         Ok(loss)
     }
 
-    fn all_grads(&self) -> Slot {
-        Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len }
-    }
-
-    pub fn zero_grad(&mut self) {
-        self.kernels.fill(self.all_grads(), 0.0);
-    }
-
-    /// The global L2 norm of the gradients (of the trained parameters: the others are 0).
-    pub fn grad_norm(&mut self) -> f64 {
-        self.kernels.norm(self.all_grads())
-    }
-
-    /// `torch.nn.utils.clip_grad_norm_` given the gradients' global norm `norm` (from
-    /// [`VitEngine::grad_norm`]): scales them to a norm of at most `max_norm`.
-    pub fn clip_grads(&mut self, norm: f64, max_norm: f64) {
-        let grads = self.all_grads();
-        super::clip_to_norm(&mut self.kernels, grads, norm, max_norm);
-    }
-
     /// One optimizer step over the trained parameters' ranges.
     pub fn optimizer_step(&mut self, opt: &mut FlatOptimizer, lr: f64) {
         opt.steps += 1;
@@ -384,6 +364,12 @@ impl VitEngine {
 fn lars_ranges(groups: &[FlatParam], ranges: &mut Vec<LarsRange>) {
     ranges.clear();
     ranges.extend(groups.iter().map(|g| LarsRange { offset: g.offset, len: g.len, matrix: g.matrix }));
+}
+
+impl super::Gradients for VitEngine {
+    fn gradients(&mut self) -> (&mut CpuKernels, Slot) {
+        (&mut self.kernels, Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len })
+    }
 }
 
 const BN_EPS: f32 = 1e-6;

@@ -9,7 +9,7 @@
 //! copied from a run of the code under test.
 
 use candle_core::{Device, Tensor, Var};
-use crate::common::{bits, host, plain_augment, SplitMix, TempDir};
+use crate::common::{bits, host, plain_augment, Fault, Faulty, SplitMix, TempDir};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vit_mae_core::classifier::{load_classifier, resize_pos_embed, save_classifier, ClassifierConfig, ForwardMode, Trainable, VitClassifier};
-use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, RawImage};
+use vit_mae_core::data::{Augment, InMemoryDataset, Loader, LoaderOptions};
 use vit_mae_core::finetune::{embed_dataset, evaluate, finetune, Embedder, FinetuneConfig, Protocol};
 use vit_mae_core::mixup::MixupConfig;
 use vit_mae_core::nn::DropPathScales;
@@ -1108,39 +1108,6 @@ fn classifiers_round_trip_through_checkpoints() {
     assert_eq!(err.code, ErrorCode::CheckpointKeys);
 }
 
-/// Labelled images, item `i` with a NaN pixel when `poisoned[i]` (`InMemoryDataset`
-/// refuses NaN, as it should).
-struct Poisoned {
-    inner: InMemoryDataset,
-    poisoned: Vec<bool>,
-}
-
-impl Dataset for Poisoned {
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-
-    fn get(&self, index: usize) -> vit_mae_core::Result<RawImage> {
-        let mut image = self.inner.get(index)?;
-        if self.poisoned[index] {
-            image.data[index % IMAGE_LEN] = f32::NAN;
-        }
-        Ok(image)
-    }
-
-    fn label(&self, index: usize) -> Option<i64> {
-        self.inner.label(index)
-    }
-
-    fn classes(&self) -> Vec<String> {
-        self.inner.classes()
-    }
-
-    fn describe(&self) -> String {
-        format!("poisoned {}", self.inner.describe())
-    }
-}
-
 /// A fine-tuning step that would make something non-finite stops the run before its
 /// update, and the classifier keeps the weights of the last step taken: a NaN image in
 /// the third batch (its loss) leaves the weights of two steps, and an absurd learning
@@ -1149,7 +1116,7 @@ impl Dataset for Poisoned {
 #[test]
 fn finetuning_stops_before_a_non_finite_update_with_the_last_good_weights() {
     let poisoned = || {
-        let data = Poisoned { inner: bright_dark_dataset(16, 12), poisoned: (0..16).map(|i| (8..12).contains(&i)).collect() };
+        let data = Faulty { inner: bright_dark_dataset(16, 12), bad: (0..16).map(|i| (8..12).contains(&i)).collect(), fault: Fault::NanPixel };
         let options = LoaderOptions { batch_size: 4, seed: 0, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
         Loader::new(Arc::new(data), augment(), options).unwrap()
     };

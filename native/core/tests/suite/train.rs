@@ -7,12 +7,12 @@
 //! from a run of the code under test.
 
 use candle_core::{Device, Tensor, Var};
-use crate::common::{host, plain_augment, SplitMix, TempDir};
+use crate::common::{host, plain_augment, Fault, Faulty, SplitMix, TempDir};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, RawImage};
+use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions};
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
 use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent, TrainSummary};
@@ -70,72 +70,6 @@ fn image_data(n: usize, seed: u64) -> Vec<f32> {
 
 fn dataset(n: usize, seed: u64) -> InMemoryDataset {
     InMemoryDataset::new(image_data(n, seed), [n, CHANNELS, SIDE, SIDE], None).unwrap()
-}
-
-/// `InMemoryDataset` rejects values outside [0, 1] (NaN included), so images with a
-/// NaN pixel come from this wrapper: item `i` gets a NaN when `poisoned[i]`.
-struct Poisoned {
-    inner: InMemoryDataset,
-    poisoned: Vec<bool>,
-}
-
-impl Dataset for Poisoned {
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-
-    fn get(&self, index: usize) -> vit_mae_core::Result<RawImage> {
-        let mut image = self.inner.get(index)?;
-        if self.poisoned[index] {
-            let at = (index * 37) % image.data.len();
-            image.data[at] = f32::NAN;
-        }
-        Ok(image)
-    }
-
-    fn label(&self, _index: usize) -> Option<i64> {
-        None
-    }
-
-    fn classes(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    fn describe(&self) -> String {
-        format!("poisoned {}", self.inner.describe())
-    }
-}
-
-/// Items that cannot be read: item `i` fails when `unreadable[i]`, as a corrupt file
-/// in a folder does.
-struct Unreadable {
-    inner: InMemoryDataset,
-    unreadable: Vec<bool>,
-}
-
-impl Dataset for Unreadable {
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-
-    fn get(&self, index: usize) -> vit_mae_core::Result<RawImage> {
-        if self.unreadable[index] {
-            return Err(vit_mae_core::Error::new(ErrorCode::Io, format!("item{index}.png is not an image")));
-        }
-        self.inner.get(index)
-    }
-
-    fn label(&self, _index: usize) -> Option<i64> {
-        None
-    }
-
-    fn classes(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    fn describe(&self) -> String {
-        "the unreadable folder".to_string()
-    }
 }
 
 /// No crop, no flip, mean/std 0.5: the loader's only randomness is the epoch order.
@@ -747,7 +681,7 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
 fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
     let n = 32;
     let poisoned = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> {
-        Arc::new(Poisoned { inner: dataset(n, 77), poisoned: (0..n).map(which).collect() })
+        Arc::new(Faulty { inner: dataset(n, 77), bad: (0..n).map(which).collect(), fault: Fault::NanPixel })
     };
 
     // Every image has a NaN: step 1 fails, and there is no checkpoint to name.
@@ -1157,7 +1091,7 @@ fn stale_checkpoint_temporaries_of_dead_writers_are_removed() {
 #[test]
 fn a_step_without_readable_images_is_an_error() {
     let n = 32;
-    let unreadable = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> { Arc::new(Unreadable { inner: dataset(n, 29), unreadable: (0..n).map(which).collect() }) };
+    let unreadable = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> { Arc::new(Faulty { inner: dataset(n, 29), bad: (0..n).map(which).collect(), fault: Fault::Unreadable }) };
     let skipping = |data: Arc<dyn Dataset>| {
         let options = LoaderOptions { batch_size: BATCH, seed: 5, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: true };
         Loader::new(data, augment(), options).unwrap()
@@ -1170,7 +1104,7 @@ fn a_step_without_readable_images_is_an_error() {
         let err = pretrain(&mut model, &skipping(unreadable(which)), &config, None, &mut |e| steps.extend(step_events(&[e])), &AtomicBool::new(false)).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidArgument, "{what}: {err}");
         assert!(names_step(&err.message, step), "{what}: the message should name step {step}: {}", err.message);
-        for part in ["the unreadable folder", &format!("all {BATCH} images"), "item"] {
+        for part in ["faulty in-memory", &format!("all {BATCH} images"), "item"] {
             assert!(err.message.contains(part), "{what}: the message should say {part:?}: {}", err.message);
         }
         assert_eq!(steps.len() as u64, step - 1, "{what}: steps before the empty one train");
