@@ -31,7 +31,7 @@
 
 use std::time::Instant;
 use vit_mae_core::candle_core::{Device, Tensor};
-use vit_mae_core::engine::{FlatAdamW, MaeEngine, Mode};
+use vit_mae_core::engine::{FlatAdamW, Gradients, MaeEngine, Mode};
 use vit_mae_core::optim::{AdamW, AdamWConfig};
 use vit_mae_core::model::Unloaded;
 use vit_mae_core::{DeviceSpec, MaeConfig, MaskOptions, MaskedAutoencoder, Pool, Precision};

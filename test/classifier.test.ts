@@ -406,13 +406,22 @@ describe('finetune', () => {
   it('has the classifier to itself while it trains: other calls get E_BUSY, the getters answer', async () => {
     const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
     const x = normalise(RAW);
-    const run = clf.finetune({ ...FAST, data: LABELLED });
+    // Long enough to outlast the calls below; aborted after them.
+    const run = clf.finetune({ ...FAST, data: LABELLED, epochs: 500 });
     const busy = expect.objectContaining({ code: 'E_BUSY', message: expect.stringMatching(/classifier is training/) });
     await expect(clf.forward(x)).rejects.toEqual(busy);
+    await expect(clf.predict(x)).rejects.toEqual(busy);
+    await expect(clf.embed(x)).rejects.toEqual(busy);
+    await expect(clf.lossAndGradients(x, LABELS)).rejects.toEqual(busy);
     await expect(clf.evaluate(LABELLED, { workers: 1 })).rejects.toEqual(busy);
+    await expect(clf.embedDataset(LABELLED, { workers: 1 })).rejects.toEqual(busy);
+    await expect(clf.save(join(dir, 'busy-classifier.safetensors'))).rejects.toEqual(busy);
     expect(() => clf.finetune({ ...FAST, data: LABELLED })).toThrow(busy);
+    expect(() => clf.dispose()).toThrow(busy);
+    expect(existsSync(join(dir, 'busy-classifier.safetensors'))).toBe(false);
     expect(clf.parameterCount).toBeGreaterThan(0);
-    expect((await run.result).steps).toBe(4);
+    run.abort();
+    expect(await run.result).toMatchObject({ aborted: true });
     expect((await clf.forward(x)).shape).toEqual([N, 3]);
   });
 
@@ -484,6 +493,8 @@ describe('finetune', () => {
     expect(await failure(() => clf.finetune(misspelt))).toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/unknown fine-tuning option 'warmupEpoch'/) });
     const native = { ...FAST, data: LABELLED, smoothing: 0.2 } as Parameters<typeof clf.finetune>[0];
     expect(await failure(() => clf.finetune(native))).toMatchObject({ code: 'E_ARGUMENT', message: "unknown fine-tuning option 'smoothing' (the option is 'labelSmoothing')" });
+    const single = { ...FAST, data: LABELLED, betas: 0.9 } as unknown as Parameters<typeof clf.finetune>[0];
+    expect(await failure(() => clf.finetune(single))).toMatchObject({ code: 'E_ARGUMENT', message: 'betas must be a pair of numbers [beta1, beta2], got 0.9' });
   });
 
   it('trains a fractional number of epochs to the nearest whole step', async () => {
@@ -495,6 +506,25 @@ describe('finetune', () => {
     // The cosine runs over 1.5 epochs, so it is past its middle (half the peak) by the last step.
     expect(lrs[2]).toBeLessThan(lrs[0]);
     expect(lrs[2]).toBeLessThan(FAST.lr / 2);
+  });
+
+  it('refuses an already-aborted signal at once with E_ABORTED, writing nothing', async () => {
+    const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
+    const checkpointDir = join(dir, 'finetune-pre-aborted');
+    const error = await failure(() => clf.finetune({ ...FAST, data: LABELLED, checkpointDir, signal: AbortSignal.abort() }));
+    expect(error).toMatchObject({ code: 'E_ABORTED', message: 'fine-tuning was aborted before it started' });
+    expect(existsSync(checkpointDir)).toBe(false);
+    expect((await clf.forward(normalise(RAW))).shape).toEqual([N, 3]);
+  });
+
+  it('stops the native run when onProgress throws, and the classifier is usable again', async () => {
+    const clf = await VitClassifier.fromPretrained(tinyMae(), { numClasses: 3 });
+    const handlerError = new Error('handler failed');
+    const run = clf.finetune({ ...FAST, data: LABELLED, epochs: 250, onProgress: () => {
+      throw handlerError;
+    } });
+    await expect(run.result).rejects.toBe(handlerError);
+    expect((await clf.forward(normalise(RAW))).shape).toEqual([N, 3]);
   });
 
   it('stops on an AbortSignal with summary.aborted', async () => {

@@ -300,6 +300,23 @@ describe('vit-mae CLI: fine-tuning, evaluation and embeddings', () => {
     expect(existsSync(embeddings)).toBe(false);
   });
 
+  it('checks that each command can write its output before any work: E_IO naming the folder, exit 1, no events', () => {
+    const file = join(dir, 'plain-file');
+    writeFileSync(file, 'not a folder');
+    const runs = {
+      pretrain: run(pretrainArgs(join(file, 'pretrain'))),
+      finetune: train('finetune', join(file, 'finetune')),
+      linprobe: train('linprobe', join(file, 'linprobe')),
+      embed: run([cli, 'embed', mae, '--data', images, '--out', join(file, 'embed', 'embeddings.safetensors'), '--workers', '1', '--json']),
+    };
+    for (const [command, result] of Object.entries(runs)) {
+      expect(result.status, command).toBe(1);
+      expect(result.stderr, command).toMatch(/error \[E_IO\]: cannot write to /);
+      expect(result.stderr, command).toContain(join(file, command));
+      expect(result.stdout, command).toBe('');
+    }
+  });
+
   it('exits 1 with E_CHECKPOINT_KEYS when eval gets an MAE, and 2 on bad usage', () => {
     const notClassifier = run([cli, 'eval', mae, '--data', images, '--json']);
     expect(notClassifier.status).toBe(1);

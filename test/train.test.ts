@@ -1,9 +1,12 @@
 // Pre-training through the facade: events, abort, resume, corrupt images, NaN, reconstruction.
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { MaskedAutoencoder, VitMaeError, writeReconstructionGrid, type MaeConfig, type TrainingEvent } from '../ts/index.js';
+import { datasetSpec, passSpec } from '../ts/data.js';
+import { maeNatives, type Binding } from '../ts/native.js';
 import { encodePng, pngSize, randomTensor } from './helpers.js';
 
 const TINY: MaeConfig = {
@@ -59,17 +62,24 @@ describe('pretrain', () => {
     const data = { kind: 'memory', images: images() } as const;
     const x = images(2);
     const before = await mae.forward(x, { noise: randomTensor([2, 16], 3) });
-    const run = mae.pretrain({ ...base, data, epochs: 2 });
+    // Long enough to outlast the calls below; aborted after them.
+    const run = mae.pretrain({ ...base, data, epochs: 500, warmupEpochs: 0 });
     const busy = expect.objectContaining({ code: 'E_BUSY', message: expect.stringMatching(/training/) });
     await expect(mae.forward(x)).rejects.toEqual(busy);
     await expect(mae.embed(x)).rejects.toEqual(busy);
+    await expect(mae.reconstruct(x)).rejects.toEqual(busy);
+    await expect(mae.lossAndGradients(x)).rejects.toEqual(busy);
+    await expect(mae.embedDataset(data, { workers: 1 })).rejects.toEqual(busy);
     await expect(mae.save(join(dir, 'busy.safetensors'))).rejects.toEqual(busy);
     expect(() => mae.pretrain({ ...base, data })).toThrow(busy);
+    expect(() => mae.dispose()).toThrow(busy);
     expect(existsSync(join(dir, 'busy.safetensors'))).toBe(false);
     expect(mae.parameterCount).toBeGreaterThan(0);
     expect(mae.parameterShapes().cls_token).toEqual([1, 1, 16]);
+    run.abort();
     const summary = await run.result;
-    expect(summary.steps).toBe(8);
+    expect(summary.aborted).toBe(true);
+    expect(summary.steps).toBeGreaterThan(0);
     const after = await mae.forward(x, { noise: randomTensor([2, 16], 3) });
     expect(after.loss).not.toBe(before.loss);
     expect(Number.isFinite(after.loss)).toBe(true);
@@ -138,6 +148,94 @@ describe('pretrain', () => {
     expect(existsSync(join(checkpointDir, 'checkpoint-00000002.safetensors'))).toBe(false);
   });
 
+  it('stops the native run when onProgress throws: the result rejects with that error, nothing more is written, and the model is usable again', async () => {
+    const checkpointDir = join(dir, 'throwing');
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 5 });
+    const failure = new Error('the progress handler failed');
+    let events = 0;
+    // 500 epochs of 4 steps, a checkpoint after each: a run left going would keep writing.
+    const run = mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, epochs: 500, checkpointDir, checkpointEvery: 1, onProgress: () => {
+      events += 1;
+      if (events === 2) throw failure;
+    } });
+    await expect(run.result).rejects.toBe(failure);
+    const written = readdirSync(checkpointDir).sort();
+    expect(written.length).toBeGreaterThan(0);
+    await sleep(500);
+    expect(readdirSync(checkpointDir).sort()).toEqual(written);
+    expect(events).toBe(2);
+    const out = await mae.forward(images(2));
+    expect(Number.isFinite(out.loss)).toBe(true);
+  });
+
+  it('checks the checkpoint folder before the first step: one that cannot be written is E_IO naming it, with nothing trained', async () => {
+    const file = join(dir, 'not-a-folder');
+    writeFileSync(file, 'a file');
+    const checkpointDir = join(file, 'checkpoints');
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 6 });
+    const seen: TrainingEvent[] = [];
+    const run = mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, checkpointDir, onProgress: (e) => seen.push(e) });
+    await expect(run.result).rejects.toMatchObject({ code: 'E_IO', message: expect.stringContaining(checkpointDir) });
+    expect(seen).toEqual([]);
+  });
+
+  it('fails on a folder whose images are all unreadable, naming it and the count, rather than training on nothing', async () => {
+    const folder = join(dir, 'all-broken');
+    mkdirSync(folder, { recursive: true });
+    for (let i = 0; i < 16; i++) writeFileSync(join(folder, `${i}.png`), Buffer.from(`not a png ${i}`));
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 7 });
+    const steps: TrainingEvent[] = [];
+    const run = mae.pretrain({ ...base, data: { kind: 'folder', path: folder }, epochs: 1, onProgress: (e) => e.type === 'step' && steps.push(e) });
+    await expect(run.result).rejects.toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/step 1 .*no images: all 8 images .*all-broken/) });
+    expect(steps).toEqual([]);
+  });
+
+  it('refuses an already-aborted signal at once with E_ABORTED: no step, no checkpoint, the model free', async () => {
+    const checkpointDir = join(dir, 'pre-aborted');
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 8 });
+    for (let i = 0; i < 5; i++) {
+      expect(() => mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, checkpointDir, signal: AbortSignal.abort() })).toThrow(
+        expect.objectContaining({ code: 'E_ABORTED', message: expect.stringMatching(/pre-training was aborted before it started/) }),
+      );
+    }
+    expect(existsSync(checkpointDir)).toBe(false);
+    expect(Number.isFinite((await mae.forward(images(2))).loss)).toBe(true);
+  });
+
+  it('refuses to resume with another batch size, naming both', async () => {
+    const checkpointDir = join(dir, 'resume-batch');
+    const data = { kind: 'memory', images: images() } as const;
+    await MaskedAutoencoder.create({ config: TINY, seed: 9 }).pretrain({ ...base, data, maxSteps: 2, checkpointDir }).result;
+    const other = MaskedAutoencoder.create({ config: TINY, seed: 9 });
+    const run = other.pretrain({ ...base, data, batchSize: 16, maxSteps: 4, checkpointDir, resume: checkpointDir });
+    await expect(run.result).rejects.toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/batchSize 16: it was written with batchSize 8/) });
+    expect((await other.pretrain({ ...base, data, maxSteps: 4, checkpointDir, resume: checkpointDir }).result).steps).toBe(4);
+  });
+
+  it('the binding gives each event kind its own fields', async () => {
+    const mae = MaskedAutoencoder.create({ config: TINY, seed: 10 });
+    const native = maeNatives.get(mae);
+    if (!native) throw new Error('no native model');
+    const drain = async (job: Binding.NativeJob) => {
+      const events: Binding.NativeJobEvent[] = [];
+      for (;;) {
+        const event = await job.nextEvent();
+        events.push(event);
+        if (event.type === 'embedded' || event.type === 'trained' || event.type === 'evaluated') return events;
+      }
+    };
+    const data = datasetSpec({ kind: 'memory', images: images() });
+    const pass = await drain(native.embedDataset(data, passSpec(1, { batchSize: 8, workers: 1 }), 'mean'));
+    expect(pass).toEqual([...[8, 16, 24, 32].map((done) => ({ type: 'progress', images: done, totalImages: 32 })), { type: 'embedded' }]);
+
+    const config = JSON.stringify({ epochs: 1, warmupEpochs: 0, lr: 1e-3 });
+    const run = await drain(native.pretrain(data, passSpec(1, { batchSize: 8, workers: 1 }), config));
+    const keys = (type: string) => run.filter((e) => e.type === type).map((e) => Object.keys(e).sort());
+    expect(keys('step')).toEqual(Array(4).fill(['epoch', 'etaSeconds', 'imagesPerSec', 'loss', 'lr', 'step', 'totalSteps', 'type']));
+    expect(keys('epochEnd')).toEqual([['epoch', 'meanLoss', 'type']]);
+    expect(run.at(-1)).toMatchObject({ type: 'trained', summary: { steps: 4, epochsCompleted: 1, aborted: false } });
+  });
+
   it('rejects bad options with clear errors', async () => {
     const mae = MaskedAutoencoder.create({ config: TINY });
     const data = { kind: 'memory', images: images() } as const;
@@ -157,6 +255,12 @@ describe('pretrain', () => {
     expect(() => mae.pretrain(callback)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: "unknown pre-training option 'onProgres'" }));
     const native = { ...base, data, beta2: 0.9 } as Parameters<typeof mae.pretrain>[0];
     expect(() => mae.pretrain(native)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: "unknown pre-training option 'beta2' (the option is 'betas')" }));
+    // betas is a pair: anything else would be ignored for the default.
+    for (const betas of [0.9, [0.9], [0.9, 0.95, 0.99], [0.9, '0.95'], null]) {
+      const options = { ...base, data, betas } as unknown as Parameters<typeof mae.pretrain>[0];
+      expect(() => mae.pretrain(options), JSON.stringify(betas)).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: expect.stringMatching(/^betas must be a pair of numbers/) }));
+    }
+    expect(() => mae.pretrain({ ...base, data, betas: [0.9, 1] })).toThrow(expect.objectContaining({ code: 'E_ARGUMENT', message: 'beta2 must be in [0, 1), got 1' }));
   });
 });
 

@@ -3,8 +3,8 @@ import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
-import { runJob, TrainingRun, type RecipeOptions } from './train.js';
-import { checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { forwardProgress, runJob, TrainingRun, type RecipeOptions } from './train.js';
+import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
 /** Options for {@link VitClassifier.fromPretrained}. */
@@ -93,7 +93,7 @@ export interface FinetuneOptions extends RecipeOptions {
   weightDecay?: number;
   /** Layer-wise learning-rate decay. Default 0.75 (1 for partial and linprobe). */
   layerDecay?: number;
-  /** AdamW betas. Default [0.9, 0.999]. */
+  /** AdamW betas, a pair. Default [0.9, 0.999]. */
   betas?: [number, number];
   /** Stochastic depth rate of the last block (linear in depth). Default 0.1 (linprobe 0). */
   dropPath?: number;
@@ -261,8 +261,8 @@ export class VitClassifier {
   async evaluate(data: DatasetSource, options: PassOptions = {}): Promise<Evaluation> {
     checkNotAborted(options.signal, 'evaluation');
     const job = callSync(() => this.#native.evaluate(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment)));
-    const done = await runJob(job, options.signal, (e) => options.onProgress?.(e.count!, e.totalSteps!));
-    return done.evaluation!;
+    const { evaluation } = await runJob(job, 'evaluated', options.signal, forwardProgress(options.onProgress));
+    return evaluation;
   }
 
   /** The features of every image of a dataset (what `embed` gives), optionally written to `output` as safetensors. */
@@ -270,7 +270,7 @@ export class VitClassifier {
     checkNotAborted(options.signal, 'embedding');
     const output = options.output === undefined ? undefined : checkPath(options.output);
     const job = callSync(() => this.#native.embedDataset(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment), output));
-    await runJob(job, options.signal, (e) => options.onProgress?.(e.count!, e.totalSteps!));
+    await runJob(job, 'embedded', options.signal, forwardProgress(options.onProgress));
     const e = job.takeEmbeddings()!;
     return { features: fromNative(e.features), labels: e.labels ? Int32Array.from(e.labels) : null, indices: Uint32Array.from(e.indices) };
   }
@@ -288,11 +288,12 @@ export class VitClassifier {
   finetune(options: FinetuneOptions): TrainingRun {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'finetune needs an options object');
     // As in pre-training: the rest is the recipe, whose unknown keys the native side refuses.
-    const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas = [0.9, 0.999], protocol = 'finetune', labelSmoothing, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas, protocol = 'finetune', labelSmoothing, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    checkNotAborted(signal, 'fine-tuning');
     if (!PROTOCOLS.includes(protocol)) throw new VitMaeError('E_ARGUMENT', `protocol must be one of ${PROTOCOLS.join(', ')}, got ${String(protocol)}`);
     checkRecipeKeys(recipe, 'fine-tuning', { beta1: 'betas', beta2: 'betas', smoothing: 'labelSmoothing' });
     const seed = checkSeed(recipe.seed);
-    const config = { ...recipe, protocol, beta1: betas[0], beta2: betas[1], smoothing: labelSmoothing, seed };
+    const config = { ...recipe, protocol, ...betaFields(betas), smoothing: labelSmoothing, seed };
     const channels = this.#config.inChans;
     const loaderOptions = { batchSize, workers, prefetch, skipCorrupt };
     const loader = loaderSpec(channels, seed, loaderOptions, { ...FINETUNE_AUGMENT, ...augment }, true);

@@ -24,6 +24,7 @@ import {
   type MaskingStrategy,
   type PresetName,
 } from './index.js';
+import { binding, callSync } from './native.js';
 
 const EXIT_FAILURE = 1;
 const EXIT_USAGE = 2;
@@ -116,6 +117,11 @@ function passProgress(out: Output): { onProgress: (done: number, total: number) 
     },
     stop: () => bar?.stop(),
   };
+}
+
+/** Creates `dir` if needed and fails (E_IO naming it) unless files can be written there: before the work whose output goes there. */
+function checkWritable(dir: string): void {
+  callSync(() => binding.checkWritableFolder(dir));
 }
 
 /** A dataset from a path: a folder of images, or an IDX file (optionally with labels). */
@@ -238,6 +244,7 @@ addRecipeOptions(
 )
   .action(async (o) => {
     const out: Output = { json: Boolean(o.json) };
+    checkWritable(o.out);
     const checkpointDir = join(o.out, 'checkpoints');
     const mae = o.init
       ? await MaskedAutoencoder.load(o.init, { config: o.config, seed: o.seed, ...computeOptions(o) })
@@ -300,6 +307,7 @@ function trainingCommand(name: 'finetune' | 'linprobe', description: string): Co
   }
   return command.action(async (pretrained: string, o) => {
     const out: Output = { json: Boolean(o.json) };
+    checkWritable(o.out);
     const checkpointDir = join(o.out, 'checkpoints');
     const protocol: Protocol = name === 'linprobe' ? 'linprobe' : o.partialBlocks !== undefined ? 'partial' : 'finetune';
     const globalPool = name === 'linprobe' ? Boolean(o.globalPool) : !o.clsToken;
@@ -371,6 +379,7 @@ addComputeOptions(program
   .option('--json', 'print the result as JSON on stdout')
   .action(async (checkpoint: string, o) => {
     const out: Output = { json: Boolean(o.json) };
+    checkWritable(dirname(o.out));
     const controller = abortOnSignal(out, 'stopping...');
     const progress = passProgress(out);
     const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, output: o.out, signal: controller.signal, onProgress: progress.onProgress };

@@ -57,6 +57,19 @@ export function checkInteger(value: unknown, name: string, min: number): number 
   return value;
 }
 
+/**
+ * The native recipe's `beta1` and `beta2` from the `betas` option: none when it is absent
+ * (the recipe's defaults), else a pair of numbers (the native side checks their range).
+ */
+export function betaFields(betas: unknown): { beta1?: number; beta2?: number } {
+  if (betas === undefined) return {};
+  if (!Array.isArray(betas) || betas.length !== 2 || !betas.every((b) => typeof b === 'number')) {
+    throw new VitMaeError('E_ARGUMENT', `betas must be a pair of numbers [beta1, beta2], got ${JSON.stringify(betas)}`);
+  }
+  const [beta1, beta2] = betas as [number, number];
+  return { beta1, beta2 };
+}
+
 export function checkDevice(device: unknown): string {
   if (device === undefined) return 'auto';
   if (typeof device !== 'string') throw new VitMaeError('E_ARGUMENT', `device must be a string, got ${typeof device}`);
@@ -102,7 +115,7 @@ export function fromNative(t: Binding.NativeTensor): Tensor {
   return { data: t.data, shape: t.shape };
 }
 
-/** Rejects a pass whose signal is already aborted before any work starts. */
+/** Refuses work (a pass, a training run) whose signal is already aborted, before it starts. */
 export function checkNotAborted(signal: AbortSignal | undefined, what: string): void {
   if (signal?.aborted) throw new VitMaeError('E_ABORTED', `${what} was aborted before it started`);
 }

@@ -12,8 +12,8 @@
  * - `E_CHECKPOINT_KEYS`: the checkpoint has unknown keys or lacks required ones (the message lists them).
  * - `E_CHECKPOINT_SHAPE`: a checkpoint tensor's shape contradicts the configuration.
  * - `E_IO`: reading or writing a file failed.
- * - `E_NON_FINITE_LOSS`: training produced a NaN or infinite loss and stopped (the message names the last good checkpoint).
- * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal.
+ * - `E_NON_FINITE_LOSS`: a training step's loss, gradient or update was NaN or infinite, and the run stopped before that update (the message names the last good checkpoint).
+ * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal, or a training run was started with a signal already aborted.
  * - `E_BUSY`: the model is training; every other call on it is refused until the run ends.
  * - `E_DISPOSED`: the model was disposed (`dispose()`); its weights are freed.
  * - `E_OUT_OF_MEMORY`: a valid model (or batch of images) needs more memory than the process can allocate; the message says how much. Checked before anything is allocated.

@@ -25,9 +25,13 @@ export interface RecipeOptions extends LoaderOptions {
   keepLast?: number;
   /** Continue from a training checkpoint file, or the newest one in a folder. */
   resume?: string;
-  /** Stops the run after the current step, leaving a checkpoint. */
+  /**
+   * Stops the run after the current step, leaving a checkpoint (before the first step:
+   * ended, aborted, with none). A signal already aborted when the run is started is
+   * refused at once with `E_ABORTED`, as `evaluate` and `embedDataset` refuse one.
+   */
   signal?: AbortSignal;
-  /** Called with every event. */
+  /** Called with every event. If it throws, the run stops (after its current step, with a checkpoint) and `result` rejects with that error. */
   onProgress?: (event: TrainingEvent) => void;
 }
 
@@ -45,7 +49,7 @@ export interface PretrainOptions extends RecipeOptions {
   warmupEpochs?: number;
   /** AdamW weight decay (not applied to 1-D parameters and biases). Default 0.05. */
   weightDecay?: number;
-  /** AdamW betas. Default [0.9, 0.95]. */
+  /** AdamW betas, a pair. Default [0.9, 0.95]. */
   betas?: [number, number];
   /** Fraction of patches removed. Default 0.75. */
   maskRatio?: number;
@@ -142,44 +146,74 @@ export interface TrainingSummary {
   skippedImages: number;
 }
 
-function toEvent(e: Binding.NativeTrainEvent): TrainingEvent {
-  switch (e.kind) {
-    case 'step':
-      return { type: 'step', epoch: e.epoch!, step: e.step!, totalSteps: e.totalSteps!, loss: e.loss!, lr: e.lr!, imagesPerSec: e.imagesPerSec!, etaSeconds: e.etaSeconds! };
-    case 'checkpoint':
-      return { type: 'checkpoint', step: e.step!, path: e.path! };
-    case 'skipped':
-      return { type: 'skipped', step: e.step!, count: e.count!, message: e.message! };
-    case 'epochEnd':
-      return { type: 'epochEnd', epoch: e.epoch!, meanLoss: e.loss! };
-    case 'eval':
-      return { type: 'eval', epoch: e.epoch!, top1: e.top1!, top5: e.top5!, loss: e.loss! };
-    default:
-      throw new VitMaeError('E_INTERNAL', `unknown training event ${e.kind}`);
-  }
+/** The event that ends a native job, by kind of job. */
+type JobEnd = Extract<Binding.NativeJobEvent, { type: 'trained' | 'evaluated' | 'embedded' }>;
+
+/** What a native job reports before it ends. */
+type JobProgress = Exclude<Binding.NativeJobEvent, JobEnd>;
+
+function isEnd(event: Binding.NativeJobEvent): event is JobEnd {
+  return event.type === 'trained' || event.type === 'evaluated' || event.type === 'embedded';
+}
+
+function endsAs<End extends JobEnd['type']>(event: JobEnd, end: End): event is Extract<JobEnd, { type: End }> {
+  return event.type === end;
 }
 
 /**
- * Pulls a native job's events until it finishes, forwarding each to `onEvent`;
- * `signal` aborts it. Resolves with the final ('done') event.
+ * Pulls a native job's events until it ends, forwarding each to `onEvent`; `signal`
+ * aborts it. Resolves with its last event, which must be of type `end`. If `onEvent`
+ * throws, the job is stopped (training after its current step, with a checkpoint) and
+ * waited for before the promise rejects with that error, so that nothing goes on
+ * running, or holds its model, after the caller has failed.
  */
-export async function runJob(
+export async function runJob<End extends JobEnd['type']>(
   job: Binding.NativeJob,
+  end: End,
   signal: AbortSignal | undefined,
-  onEvent: (event: Binding.NativeTrainEvent) => void,
-): Promise<Binding.NativeTrainEvent> {
+  onEvent: (event: JobProgress) => void,
+): Promise<Extract<JobEnd, { type: End }>> {
   const abort = () => job.abort();
   if (signal?.aborted) abort();
   signal?.addEventListener('abort', abort, { once: true });
   try {
     for (;;) {
       const event = await call(() => job.nextEvent());
-      if (event.kind === 'done') return event;
-      onEvent(event);
+      if (isEnd(event)) {
+        if (endsAs(event, end)) return event;
+        throw new VitMaeError('E_INTERNAL', `a job expected to end with '${end}' ended with '${event.type}'`);
+      }
+      try {
+        onEvent(event);
+      } catch (error) {
+        await stopJob(job);
+        throw error;
+      }
     }
   } finally {
     signal?.removeEventListener('abort', abort);
   }
+}
+
+/** Aborts a job and waits for its thread to finish, whatever it ends with. */
+async function stopJob(job: Binding.NativeJob): Promise<void> {
+  job.abort();
+  for (;;) {
+    const event = await job.nextEvent().catch(() => null);
+    if (event === null || isEnd(event)) return;
+  }
+}
+
+/** `runJob`'s `onEvent` for a pass over a dataset: its progress to `onProgress(done, total)`. */
+export function forwardProgress(onProgress: ((done: number, total: number) => void) | undefined): (event: JobProgress) => void {
+  return (event) => {
+    if (event.type === 'progress') onProgress?.(event.images, event.totalImages);
+  };
+}
+
+function toEvent(event: JobProgress): TrainingEvent {
+  if (event.type === 'progress') throw new VitMaeError('E_INTERNAL', 'a training run reported a pass progress event');
+  return event;
 }
 
 /**
@@ -198,16 +232,13 @@ export class TrainingRun implements AsyncIterable<TrainingEvent> {
   /** @internal Created by `pretrain` and `finetune`. */
   constructor(native: Binding.NativeJob, onProgress?: (event: TrainingEvent) => void, signal?: AbortSignal) {
     this.#native = native;
-    this.result = runJob(native, signal, (next) => {
+    this.result = runJob(native, 'trained', signal, (next) => {
       const event = toEvent(next);
       onProgress?.(event);
       this.#buffered.push(event);
       this.#wake?.();
     })
-      .then((done) => {
-        const s = done.summary!;
-        return { ...s, lastCheckpoint: s.lastCheckpoint ?? null };
-      })
+      .then(({ summary }) => ({ ...summary, lastCheckpoint: summary.lastCheckpoint ?? null }))
       .finally(() => {
         this.#ended = true;
         this.#wake?.();
@@ -216,7 +247,10 @@ export class TrainingRun implements AsyncIterable<TrainingEvent> {
     this.result.catch(() => {});
   }
 
-  /** Stops after the current step, leaving a checkpoint of where it stopped. */
+  /**
+   * Stops after the current step, leaving a checkpoint of where it stopped (before the
+   * first step, it ends aborted with no step taken and no checkpoint written).
+   */
   abort(): void {
     this.#native.abort();
   }

@@ -9,7 +9,9 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::model::MaskedAutoencoder;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointFormat {
@@ -410,6 +412,18 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
     Ok(())
 }
 
+/// Creates `dir` if needed and checks that files can be created there (by creating and
+/// removing one of a name no other writer uses), so that work whose results go there
+/// fails before it starts rather than after.
+pub fn check_writable_folder(dir: &Path) -> Result<()> {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let io = |e: std::io::Error| Error::new(ErrorCode::Io, format!("cannot write to {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let probe = dir.join(format!(".vit-mae-write-test.{}.{}", std::process::id(), PROBES.fetch_add(1, Ordering::Relaxed)));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(&probe).map_err(io)?;
+    std::fs::remove_file(&probe).map_err(io)
+}
+
 /// Saves in the published key layout with the config in `__metadata__.config`.
 /// The file appears whole or not at all (written beside it, then renamed).
 pub fn save_model(model: &MaskedAutoencoder, path: &Path) -> Result<()> {
@@ -480,24 +494,50 @@ impl safetensors::View for Stored<'_> {
 compile_error!("checkpoints are written in the host's byte order, and safetensors is little-endian");
 
 /// Writes named tensors as safetensors with `config` in `__metadata__.config`,
-/// atomically, one tensor at a time (a checkpoint is never whole in memory).
-pub fn save_tensors(tensors: Vec<(String, Stored<'_>)>, config: serde_json::Value, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
-    let tensors = tensors
+/// atomically, one tensor at a time (a checkpoint is never whole in memory). The same
+/// tensors and metadata always give the same bytes.
+pub fn save_tensors(tensors: Vec<(String, Stored<'_>)>, config: serde_json::Value, metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let mut tensors = tensors
         .into_iter()
         .map(|(n, t)| Ok((n, match t {
             Stored::Tensor(t) => Stored::Tensor(t.to_device(&Device::Cpu)?),
             other => other,
         })))
         .collect::<Result<Vec<_>>>()?;
-    // safetensors writes metadata in hash-map order: a plain model save has this one
-    // entry, so the same model always gives the same bytes.
+    // The safetensors crate's layout (by falling dtype alignment, then name). Its writer is
+    // not used because it writes the metadata in hash-map order, which differs from run to
+    // run; the header here has its keys sorted.
+    tensors.sort_by(|(a, x), (b, y)| safetensors::View::dtype(y).cmp(&safetensors::View::dtype(x)).then_with(|| a.cmp(b)));
+    let mut metadata: BTreeMap<String, String> = metadata.into_iter().collect();
     metadata.insert("config".to_string(), config.to_string());
+    let header = safetensors_header(&tensors, metadata)?;
     write_atomic_with(path, |tmp| {
-        safetensors::tensor::serialize_to_file(tensors, Some(metadata), tmp).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(e) => e,
-            other => std::io::Error::other(format!("cannot serialise checkpoint: {other}")),
-        })
+        let mut file = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(&header)?;
+        for (_, t) in &tensors {
+            file.write_all(&safetensors::View::data(t))?;
+        }
+        file.flush()
     })
+}
+
+/// The JSON header of a safetensors file holding `tensors` in this order, keys sorted,
+/// padded with spaces to a multiple of 8 bytes as the format asks.
+fn safetensors_header(tensors: &[(String, Stored<'_>)], metadata: BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let internal = |e: serde_json::Error| Error::new(ErrorCode::Internal, format!("cannot serialise a checkpoint header: {e}"));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".to_string(), serde_json::to_value(metadata).map_err(internal)?);
+    let mut offset = 0;
+    for (name, t) in tensors {
+        let end = offset + safetensors::View::data_len(t);
+        let info = serde_json::json!({ "dtype": safetensors::View::dtype(t), "shape": safetensors::View::shape(t), "data_offsets": [offset, end] });
+        header.insert(name.clone(), info);
+        offset = end;
+    }
+    let mut bytes = serde_json::to_vec(&header).map_err(internal)?;
+    bytes.resize(bytes.len().next_multiple_of(8), b' ');
+    Ok(bytes)
 }
 
 /// Writes to a temporary file in the same folder, syncs it, and renames it over `path`.

@@ -7,7 +7,7 @@ use crate::checkpoint::{self, StateDict};
 use crate::config::{block_shapes, check_encoder, check_model_memory, largest_activation, linear_shapes, norm_shapes, patch_embed_shapes, snake_case, MaeConfig, NamedShape, PRESETS};
 use crate::data::interpolate_bicubic_torch;
 use crate::device::Precision;
-use crate::engine::{VitEngine, VitMode};
+use crate::engine::{Gradients, VitEngine, VitMode};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{MaskedAutoencoder, PatchEmbed, Pool};
 use crate::nn::{Block, DropPathScales, LayerNorm, Linear};

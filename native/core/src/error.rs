@@ -28,7 +28,7 @@ pub enum ErrorCode {
     CheckpointShape,
     /// Reading or writing a file failed.
     Io,
-    /// Training produced a NaN or infinite loss.
+    /// A training step's loss, gradient or update was NaN or infinite.
     NonFiniteLoss,
     /// The work was cancelled before it finished.
     Aborted,

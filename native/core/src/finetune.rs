@@ -12,7 +12,7 @@ use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::mixup::MixupConfig;
 use crate::model::{MaskedAutoencoder, Pool};
-use crate::engine::{FlatOptimizer, VitEngine, VitMode};
+use crate::engine::{FlatOptimizer, Gradients, VitEngine, VitMode};
 use crate::optim::{layer_decay_groups, AdamW, AdamWConfig, Lars, Optimizer, OptimizerState, ParamGroup};
 use crate::recipe::{self, Recipe};
 use crate::train::{self, Accumulated, Task, TrainEvent, TrainSummary};
@@ -209,8 +209,12 @@ impl Task for Finetuning<'_> {
         Ok(value)
     }
 
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
-        self.grads.apply(self.optimizer.as_mut(), clip_grad, lr)
+    fn grad_norm(&mut self) -> Result<f64> {
+        self.grads.norm()
+    }
+
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
+        self.grads.apply(self.optimizer.as_mut(), norm, clip_grad, lr)
     }
 
     fn optimizer(&mut self) -> &mut dyn OptimizerState {
@@ -310,13 +314,20 @@ impl Task for EngineFinetuning<'_> {
         self.engine.accumulate(&images, &targets, grad_scale as f32, Some(&mut rng)).map(f64::from)
     }
 
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+    fn grad_norm(&mut self) -> Result<f64> {
+        Ok(self.engine.grad_norm())
+    }
+
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
         if let Some(max_norm) = clip_grad {
-            self.engine.clip_grad_norm(max_norm);
+            self.engine.clip_grads(norm, max_norm);
+        }
+        if !self.engine.optimizer_step_stays_finite(&mut self.optimizer, lr) {
+            return Ok(false);
         }
         self.engine.optimizer_step(&mut self.optimizer, lr);
         self.engine.zero_grad();
-        Ok(())
+        Ok(true)
     }
 
     fn optimizer(&mut self) -> &mut dyn OptimizerState {

@@ -4,7 +4,7 @@
 use crate::bail;
 use crate::config::MaeConfig;
 use crate::device::Precision;
-use crate::engine::{MaeEngine, Mode};
+use crate::engine::{Gradients, MaeEngine, Mode};
 use crate::error::Result;
 use crate::masking::{self, MaskPlan, Masking};
 use crate::nn::{Block, LayerNorm, Linear};

@@ -13,6 +13,28 @@ use std::collections::BTreeMap;
 pub trait Optimizer: OptimizerState {
     /// One update with `grads` given in parameter order, at base learning rate `lr`.
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()>;
+    /// Whether that update would leave every parameter and buffer finite; changes nothing.
+    fn step_stays_finite(&self, grads: &[Tensor], lr: f64) -> Result<bool>;
+}
+
+/// Whether tensors are all finite: the sum of `t - t`, which is 0 where `t` is finite and
+/// NaN elsewhere, over every tensor added, kept on the device and read once.
+#[derive(Default)]
+struct FiniteCheck(Option<Tensor>);
+
+impl FiniteCheck {
+    fn add(&mut self, t: &Tensor) -> Result<()> {
+        let zeros = (t - t)?.sum_all()?.to_dtype(DType::F32)?;
+        self.0 = Some(match self.0.take() {
+            Some(sum) => (sum + zeros)?,
+            None => zeros,
+        });
+        Ok(())
+    }
+
+    fn all_finite(self) -> Result<bool> {
+        Ok(self.0.map_or(Ok(0.0), |sum| sum.to_scalar::<f32>())? == 0.0)
+    }
 }
 
 /// What checkpoints need of an optimizer: its step count and buffers.
@@ -103,6 +125,20 @@ struct Slot {
     exp_avg_sq: Tensor,
 }
 
+impl Slot {
+    /// The parameter and the moments after update number `t` with `grad`, computed with
+    /// composed ops beside the current ones: `(param, exp_avg, exp_avg_sq)`.
+    fn updated(&self, grad: &Tensor, config: &AdamWConfig, t: u64, update: &ParamUpdate) -> Result<(Tensor, Tensor, Tensor)> {
+        let AdamWConfig { beta1, beta2, eps, .. } = *config;
+        let exp_avg = ((&self.exp_avg * beta1)? + (grad * (1.0 - beta1))?)?;
+        let exp_avg_sq = ((&self.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+        let denom = ((exp_avg_sq.sqrt()? / (1.0 - beta2.powi(t as i32)).sqrt())? + eps)?;
+        let step = (exp_avg.div(&denom)? * update.step_size as f64)?;
+        let param = ((self.var.as_tensor() * update.decay_factor as f64)? - step)?;
+        Ok((param, exp_avg, exp_avg_sq))
+    }
+}
+
 impl AdamW {
     /// The pre-training groups: decay as `decays` says, one learning rate.
     pub fn new(params: &[(String, Var)], config: AdamWConfig) -> Result<Self> {
@@ -135,17 +171,9 @@ impl AdamW {
     /// same arithmetic as composed tensor ops.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
-        let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
-        let bias_correction2 = 1.0 - beta2.powi(self.step as i32);
+        let AdamWConfig { beta1, beta2, .. } = self.config;
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
-            let lr = lr * slot.group.lr_scale;
-            let update = ParamUpdate {
-                decay_factor: if slot.group.decays { 1.0 - lr * weight_decay } else { 1.0 } as f32,
-                step_size: (lr / bias_correction1) as f32,
-                bias_correction2_sqrt: bias_correction2.sqrt() as f32,
-                eps: eps as f32,
-            };
+            let update = ParamUpdate::new(&self.config, self.step, lr, slot.group);
             let param = slot.var.as_tensor();
             if param.device().is_cpu() && param.dtype() == DType::F32 {
                 let grad = grad.contiguous()?;
@@ -163,13 +191,25 @@ impl AdamW {
                 param.inplace_op3(&slot.exp_avg, &slot.exp_avg_sq, &fused)?;
                 continue;
             }
-            slot.exp_avg = ((&slot.exp_avg * beta1)? + (grad * (1.0 - beta1))?)?;
-            slot.exp_avg_sq = ((&slot.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let denom = ((slot.exp_avg_sq.sqrt()? / bias_correction2.sqrt())? + eps)?;
-            let step = (slot.exp_avg.div(&denom)? * update.step_size as f64)?;
-            slot.var.set(&((param * update.decay_factor as f64)? - step)?)?;
+            let (param, exp_avg, exp_avg_sq) = slot.updated(grad, &self.config, self.step, &update)?;
+            (slot.exp_avg, slot.exp_avg_sq) = (exp_avg, exp_avg_sq);
+            slot.var.set(&param)?;
         }
         Ok(())
+    }
+
+    /// Whether [`AdamW::step`] would leave every parameter and moment finite; changes
+    /// nothing. Computed with the composed ops of its portable path.
+    pub fn step_stays_finite(&self, grads: &[Tensor], lr: f64) -> Result<bool> {
+        let mut check = FiniteCheck::default();
+        let t = self.step + 1;
+        for (slot, grad) in self.slots.iter().zip(grads) {
+            let (param, exp_avg, exp_avg_sq) = slot.updated(grad, &self.config, t, &ParamUpdate::new(&self.config, t, lr, slot.group))?;
+            for updated in [&param, &exp_avg, &exp_avg_sq] {
+                check.add(updated)?;
+            }
+        }
+        check.all_finite()
     }
 
     /// The moments by name, for checkpoints: `(name, exp_avg, exp_avg_sq)`.
@@ -196,6 +236,10 @@ impl AdamW {
 impl Optimizer for AdamW {
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         AdamW::step(self, grads, lr)
+    }
+
+    fn step_stays_finite(&self, grads: &[Tensor], lr: f64) -> Result<bool> {
+        AdamW::step_stays_finite(self, grads, lr)
     }
 }
 
@@ -260,6 +304,19 @@ struct ParamUpdate {
     step_size: f32,
     bias_correction2_sqrt: f32,
     eps: f32,
+}
+
+impl ParamUpdate {
+    /// The constants of update number `t` at base learning rate `lr` for a parameter of `group`.
+    fn new(config: &AdamWConfig, t: u64, lr: f64, group: ParamGroup) -> Self {
+        let lr = lr * group.lr_scale;
+        ParamUpdate {
+            decay_factor: if group.decays { 1.0 - lr * config.weight_decay } else { 1.0 } as f32,
+            step_size: (lr / (1.0 - config.beta1.powi(t as i32))) as f32,
+            bias_correction2_sqrt: (1.0 - config.beta2.powi(t as i32)).sqrt() as f32,
+            eps: config.eps as f32,
+        }
+    }
 }
 
 impl InplaceOp3 for ParamUpdate {
@@ -335,26 +392,44 @@ impl Lars {
     }
 }
 
+impl Lars {
+    /// A parameter and its momentum after an update with `grad`: `(param, mu)`.
+    fn updated(&self, param: &Tensor, mu: &Tensor, grad: &Tensor, lr: f64) -> Result<(Tensor, Tensor)> {
+        let mut dp = grad.clone();
+        if param.rank() > 1 {
+            dp = (dp + (param * self.weight_decay)?)?;
+            let param_norm = param.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+            let update_norm = dp.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+            if param_norm > 0.0 && update_norm > 0.0 {
+                dp = (dp * (self.trust_coefficient * param_norm / update_norm))?;
+            }
+        }
+        let mu = ((mu * self.momentum)? + dp)?;
+        Ok(((param - (&mu * lr)?)?, mu))
+    }
+}
+
 impl Optimizer for Lars {
     fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.steps += 1;
-        for ((_, var, mu), grad) in self.slots.iter_mut().zip(grads) {
-            let param = var.as_tensor();
-            let mut dp = grad.clone();
-            if param.rank() > 1 {
-                dp = (dp + (param * self.weight_decay)?)?;
-                let param_norm = param.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-                let update_norm = dp.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-                if param_norm > 0.0 && update_norm > 0.0 {
-                    dp = (dp * (self.trust_coefficient * param_norm / update_norm))?;
-                }
-            }
-            *mu = ((&*mu * self.momentum)? + dp)?;
-            var.set(&(param - (&*mu * lr)?)?)?;
+        for (i, grad) in grads.iter().enumerate().take(self.slots.len()) {
+            let (_, var, mu) = &self.slots[i];
+            let (param, mu) = self.updated(var.as_tensor(), mu, grad, lr)?;
+            var.set(&param)?;
+            self.slots[i].2 = mu;
         }
         Ok(())
     }
 
+    fn step_stays_finite(&self, grads: &[Tensor], lr: f64) -> Result<bool> {
+        let mut check = FiniteCheck::default();
+        for ((_, var, mu), grad) in self.slots.iter().zip(grads) {
+            let (param, mu) = self.updated(var.as_tensor(), mu, grad, lr)?;
+            check.add(&param)?;
+            check.add(&mu)?;
+        }
+        check.all_finite()
+    }
 }
 
 impl OptimizerState for Lars {
@@ -386,13 +461,25 @@ impl OptimizerState for Lars {
 /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
-    let scale = max_norm / (norm + 1e-6);
-    if scale < 1.0 {
+    clip_to_norm(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// [`clip_grad_norm`] given the gradients' global norm `norm`.
+pub fn clip_to_norm(grads: &mut [Tensor], norm: f64, max_norm: f64) -> Result<()> {
+    if let Some(scale) = clip_factor(norm, max_norm) {
         for g in grads.iter_mut() {
             *g = (&*g * scale)?;
         }
     }
-    Ok(norm)
+    Ok(())
+}
+
+/// The factor `clip_grad_norm_` scales gradients of global norm `norm` by, when it
+/// scales them: `max_norm / (norm + 1e-6)` below 1.
+pub(crate) fn clip_factor(norm: f64, max_norm: f64) -> Option<f64> {
+    let scale = max_norm / (norm + 1e-6);
+    (scale < 1.0).then_some(scale)
 }
 
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {

@@ -9,8 +9,8 @@ use crate::data::{Batch, Loader};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, Masking};
 use crate::model::{MaskOptions, MaskedAutoencoder, Unloaded};
-use crate::engine::{FlatAdamW, MaeEngine, Mode};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
+use crate::engine::{FlatAdamW, Gradients, MaeEngine, Mode};
+use crate::optim::{clip_to_norm, global_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
 use crate::recipe::{self, Recipe};
 use candle_core::Tensor;
 use rand::SeedableRng;
@@ -97,6 +97,10 @@ pub struct TrainState {
     /// The next loader batch of `epoch`.
     pub batch_in_epoch: usize,
     pub images_seen: u64,
+    /// The loader's batch size, which gives `batch_in_epoch` its meaning (absent from
+    /// checkpoints written before it was saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
 }
 
 /// What a run reports as it goes.
@@ -156,10 +160,15 @@ pub fn list_checkpoints(dir: &Path) -> Vec<PathBuf> {
 pub(crate) trait Task {
     /// The loss of one micro-batch of `[n, C, H, W]` images; its gradients, times
     /// `grad_scale`, are added to the step's. `step` and `micro` key its randomness.
+    /// A non-finite loss ends the run, so its gradients never reach an update.
     fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64>;
-    /// Clips the step's gradients to `clip_grad` (global norm), updates the parameters at
-    /// learning rate `lr`, and starts the next step's gradients from zero.
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()>;
+    /// The global L2 norm of the step's gradients.
+    fn grad_norm(&mut self) -> Result<f64>;
+    /// Clips the step's gradients, of global norm `norm`, to `clip_grad`; then, unless the
+    /// update at learning rate `lr` would make a parameter or the optimizer's state
+    /// non-finite (false: both are left as they were), updates the parameters and
+    /// starts the next step's gradients from zero (true).
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool>;
     fn optimizer(&mut self) -> &mut dyn OptimizerState;
     /// Writes the model and the optimizer's state with `metadata` (plus the recipe) to `path`.
     fn save(&mut self, metadata: HashMap<String, String>, path: &Path) -> Result<()>;
@@ -169,7 +178,8 @@ pub(crate) trait Task {
     fn epoch_end(&mut self, _epoch: usize, _on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         Ok(())
     }
-    /// Called when the run stops (finished or aborted): leaves the trained weights in the model.
+    /// Called when the run stops (finished, aborted or failed): leaves the weights of
+    /// the last step taken in the model.
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
@@ -189,15 +199,22 @@ impl Accumulated {
         Ok(())
     }
 
-    /// Clips and applies the accumulated gradients with `optimizer`, and clears them.
-    pub fn apply(&mut self, optimizer: &mut dyn Optimizer, clip_grad: Option<f64>, lr: f64) -> Result<()> {
-        if let Some(mut grads) = self.0.take() {
-            if let Some(max_norm) = clip_grad {
-                clip_grad_norm(&mut grads, max_norm)?;
-            }
-            optimizer.step(&grads, lr)?;
+    /// The global L2 norm of the accumulated gradients (0 before any).
+    pub fn norm(&self) -> Result<f64> {
+        self.0.as_deref().map_or(Ok(0.0), global_norm)
+    }
+
+    /// [`Task::apply`] of the accumulated gradients with `optimizer`.
+    pub fn apply(&mut self, optimizer: &mut dyn Optimizer, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
+        let Some(mut grads) = self.0.take() else { return Ok(true) };
+        if let Some(max_norm) = clip_grad {
+            clip_to_norm(&mut grads, norm, max_norm)?;
         }
-        Ok(())
+        if !optimizer.step_stays_finite(&grads, lr)? {
+            return Ok(false);
+        }
+        optimizer.step(&grads, lr)?;
+        Ok(true)
     }
 }
 
@@ -223,8 +240,9 @@ pub(crate) fn optimizer_entries(optimizer: &dyn OptimizerState) -> Vec<(String, 
 }
 
 /// Restores weights, optimizer state and position from a checkpoint file, or from
-/// the newest checkpoint in a folder.
-fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
+/// the newest checkpoint in a folder, once it is known that this run (its `recipe` and
+/// loader batch size) can continue from there.
+fn restore(task: &mut dyn Task, from: &Path, recipe: &Recipe, batch_size: usize) -> Result<(TrainState, PathBuf)> {
     let path = if from.is_dir() {
         match list_checkpoints(from).pop() {
             Some(p) => p,
@@ -238,6 +256,7 @@ fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
         bail!(CheckpointKeys, "{} is a model, not a training checkpoint (it has no train_state)", path.display());
     };
     let train_state: TrainState = serde_json::from_str(train_state).map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: bad train_state: {e}", path.display())))?;
+    check_same_position_settings(&path, &state.metadata, &train_state, recipe, batch_size)?;
     let optimizer_step: u64 = state.metadata.get("optimizer_step").and_then(|s| s.parse().ok()).unwrap_or(train_state.step);
     task.restore_weights(&state, &path)?;
     let optimizer_state = state.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix(OPTIMIZER_PREFIX)?.to_string(), t.clone()))).collect();
@@ -245,6 +264,35 @@ fn restore(task: &mut dyn Task, from: &Path) -> Result<(TrainState, PathBuf)> {
     optimizer.load_state(&optimizer_state).map_err(|e| Error::new(e.code, format!("{}: {}", path.display(), e.message)))?;
     optimizer.set_steps_taken(optimizer_step);
     Ok((train_state, path))
+}
+
+/// Refuses to resume with another batch size, `accumIter` or `seed` than the checkpoint
+/// was written with: they fix which images its steps trained on and which come next
+/// (the position is a batch of an epoch's seeded order, and a step a number of
+/// micro-batches), so a run that changed them would repeat some images and skip others
+/// without saying so. The schedule (epochs, learning rates, warm-up) may change, as in
+/// the published code: lowering the rate after a divergence, for one.
+fn check_same_position_settings(path: &Path, metadata: &HashMap<String, String>, saved: &TrainState, recipe: &Recipe, batch_size: usize) -> Result<()> {
+    let saved_recipe = ["pretrain_config", "finetune_config"].iter().find_map(|key| metadata.get(*key));
+    let saved_recipe: Option<Recipe> = saved_recipe
+        .map(|json| serde_json::from_str(json))
+        .transpose()
+        .map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: bad recipe in the metadata: {e}", path.display())))?;
+    let fields = [
+        ("batchSize", saved.batch_size.map(|b| b as u64), batch_size as u64),
+        ("accumIter", saved_recipe.as_ref().map(|r| r.accum_iter as u64), recipe.accum_iter as u64),
+        ("seed", saved_recipe.as_ref().map(|r| r.seed), recipe.seed),
+    ];
+    for (name, saved, now) in fields {
+        if let Some(saved) = saved.filter(|&saved| saved != now) {
+            bail!(
+                InvalidArgument,
+                "cannot resume from {} with {name} {now}: it was written with {name} {saved}, which fixes the images each step trains on; resume with {name} {saved}, or start a new run from its weights (load it as a model)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs pre-training on `loader`'s batches, calling `on_event` as it goes, and leaves
@@ -302,8 +350,12 @@ impl Task for Pretraining<'_> {
         Ok(loss)
     }
 
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
-        self.grads.apply(&mut self.optimizer, clip_grad, lr)
+    fn grad_norm(&mut self) -> Result<f64> {
+        self.grads.norm()
+    }
+
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
+        self.grads.apply(&mut self.optimizer, norm, clip_grad, lr)
     }
 
     fn optimizer(&mut self) -> &mut dyn OptimizerState {
@@ -341,13 +393,20 @@ impl Task for EnginePretraining<'_> {
         self.engine.accumulate(&batch.images, &plan, grad_scale as f32).map(f64::from)
     }
 
-    fn apply(&mut self, clip_grad: Option<f64>, lr: f64) -> Result<()> {
+    fn grad_norm(&mut self) -> Result<f64> {
+        Ok(self.engine.grad_norm())
+    }
+
+    fn apply(&mut self, norm: f64, clip_grad: Option<f64>, lr: f64) -> Result<bool> {
         if let Some(max_norm) = clip_grad {
-            self.engine.clip_grad_norm(max_norm);
+            self.engine.clip_grads(norm, max_norm);
+        }
+        if !self.engine.adamw_step_stays_finite(&mut self.optimizer, lr) {
+            return Ok(false);
         }
         self.engine.adamw_step(&mut self.optimizer, lr);
         self.engine.zero_grad();
-        Ok(())
+        Ok(true)
     }
 
     fn optimizer(&mut self) -> &mut dyn OptimizerState {
@@ -396,7 +455,9 @@ pub(crate) fn copy_params(params: &[(String, candle_core::Var)], tensors: &std::
 
 /// The training loop shared by every recipe: per-iteration warm-up + cosine learning
 /// rate, gradient accumulation, optional clipping, events, cancellation, and
-/// checkpoints that resume exactly.
+/// checkpoints that resume exactly. A checkpoint folder that cannot be written to
+/// fails it before the first step; a cancel already set by then ends it, aborted,
+/// before that step, with no checkpoint written.
 pub(crate) fn run(
     task: &mut dyn Task,
     loader: &Loader,
@@ -405,18 +466,45 @@ pub(crate) fn run(
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
-    let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0 };
+    if let Some(dir) = &recipe.checkpoint_dir {
+        checkpoint::check_writable_folder(dir)?;
+        remove_stale_temporaries(dir);
+    }
+    let result = train_steps(task, loader, recipe, resume, on_event, cancel);
+    // Also after a failed step: the model gets the weights of the last step taken.
+    let finished = task.finish();
+    let summary = result?;
+    finished?;
+    Ok(summary)
+}
+
+fn train_steps(
+    task: &mut dyn Task,
+    loader: &Loader,
+    recipe: &Recipe,
+    resume: Option<&Path>,
+    on_event: &mut dyn FnMut(TrainEvent),
+    cancel: &AtomicBool,
+) -> Result<TrainSummary> {
+    let batch_size = Some(loader.batch_size());
+    let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0, batch_size };
     let mut last_checkpoint = None;
     if let Some(from) = resume {
-        let (restored, path) = restore(task, from)?;
-        state = restored;
+        let (restored, path) = restore(task, from, recipe, loader.batch_size())?;
+        state = TrainState { batch_size, ..restored };
         last_checkpoint = Some(path);
     }
 
     let batches = loader.batches_per_epoch();
     let steps_per_epoch = batches / recipe.accum_iter;
     if steps_per_epoch == 0 {
-        bail!(InvalidArgument, "the dataset gives {batches} batches per epoch, fewer than accumIter {}", recipe.accum_iter);
+        bail!(
+            InvalidArgument,
+            "{} gives {batches} full batches of {} an epoch (an incomplete last batch is left out), fewer than the {} of a step (accumIter): use a smaller batchSize or accumIter",
+            loader.describe(),
+            loader.batch_size(),
+            recipe.accum_iter
+        );
     }
     // As published, micro-batches left over after an epoch's last full step are not used.
     let used_batches = steps_per_epoch * recipe.accum_iter;
@@ -437,14 +525,21 @@ pub(crate) fn run(
 
     let started = Instant::now();
     let start_step = state.step;
+    // Checked again after every step; a cancel that came before the first one leaves
+    // nothing to train or to save.
+    let mut aborted = cancel.load(Ordering::SeqCst) && state.step < total_steps;
     let mut images_this_run = 0u64;
     let mut final_loss = f64::NAN;
     let mut skipped_images = 0;
-    let mut aborted = false;
+    // Why a step stopped the run, with the checkpoint to go back to.
+    let stopped = |what: String, state: &TrainState, last_checkpoint: &Option<PathBuf>| {
+        let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p| format!("the last good checkpoint is {}", p.display()));
+        Error::new(ErrorCode::NonFiniteLoss, format!("{what} at step {} (epoch {}); training stopped before the step's update and {kept}", state.step + 1, state.epoch))
+    };
 
-    'epochs: while state.step < total_steps {
-        let mut accumulated = false;
+    'epochs: while state.step < total_steps && !aborted {
         let mut step_losses = Vec::new();
+        let mut step_skipped = Vec::new();
         let mut epoch_losses = Vec::new();
         let mut lr = 0.0;
         for batch in loader.epoch(state.epoch, state.batch_in_epoch).take(used_batches - state.batch_in_epoch) {
@@ -455,6 +550,7 @@ pub(crate) fn run(
                 skipped_images += batch.skipped.len();
                 on_event(TrainEvent::Skipped { step: state.step, count: batch.skipped.len(), first: first.clone() });
             }
+            step_skipped.extend(batch.skipped.iter().map(|(_, message)| message.clone()));
             // Published: the rate is set at the first micro-batch of each step.
             if i % recipe.accum_iter == 0 {
                 lr = schedule.at(state.epoch as f64 + i as f64 / batches as f64);
@@ -463,10 +559,8 @@ pub(crate) fn run(
             if n > 0 {
                 let loss = task.micro_batch(batch, state.step, i % recipe.accum_iter, 1.0 / recipe.accum_iter as f64)?;
                 if !loss.is_finite() {
-                    let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p: &Path| format!("the last good checkpoint is {}", p.display()));
-                    bail!(NonFiniteLoss, "loss is {loss} at step {} (epoch {}); training stopped and {kept}", state.step + 1, state.epoch);
+                    return Err(stopped(format!("loss is {loss}"), &state, &last_checkpoint));
                 }
-                accumulated = true;
                 step_losses.push(loss);
                 state.images_seen += n as u64;
                 images_this_run += n as u64;
@@ -474,8 +568,24 @@ pub(crate) fn run(
             if (i + 1) % recipe.accum_iter != 0 {
                 continue;
             }
-            if std::mem::take(&mut accumulated) {
-                task.apply(recipe.clip_grad, lr)?;
+            if step_losses.is_empty() {
+                bail!(
+                    InvalidArgument,
+                    "step {} (epoch {}) has no images: all {} images of its batches in {} were unreadable and skipped (the first: {}); remove or repair them",
+                    state.step + 1,
+                    state.epoch,
+                    step_skipped.len(),
+                    loader.describe(),
+                    step_skipped.first().map_or("", String::as_str)
+                );
+            }
+            step_skipped.clear();
+            let norm = task.grad_norm()?;
+            if !norm.is_finite() {
+                return Err(stopped(format!("the gradient norm is {norm} (with a finite loss)"), &state, &last_checkpoint));
+            }
+            if !task.apply(norm, recipe.clip_grad, lr)? {
+                return Err(stopped(format!("the update at learning rate {lr:e} would make weights or the optimizer's moments non-finite"), &state, &last_checkpoint));
             }
             state.step += 1;
             final_loss = mean(&step_losses);
@@ -517,7 +627,6 @@ pub(crate) fn run(
         }
     }
 
-    task.finish()?;
     Ok(TrainSummary {
         steps: state.step,
         epochs_completed: state.epoch,
@@ -528,6 +637,43 @@ pub(crate) fn run(
         last_checkpoint,
         skipped_images,
     })
+}
+
+/// Removes the temporary files that checkpoint writes into `dir` left behind when their
+/// process was killed mid-write: `.<checkpoint file name>.<pid>….tmp`, as
+/// `checkpoint::write_atomic` names them, whose writing process is gone. Those of a
+/// live process are left alone (it may be writing them), and so is every other file.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let writer = entry.file_name().to_str().and_then(temporary_writer);
+        if writer.is_some_and(|pid| !process_alive(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The writing process's id in the name of a checkpoint's temporary file:
+/// `.checkpoint-<step>.safetensors.<pid>[.<anything>].tmp`.
+fn temporary_writer(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(".checkpoint-")?.strip_suffix(".tmp")?;
+    let (step, rest) = rest.split_once(".safetensors.")?;
+    if step.is_empty() || !step.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    rest.split('.').next()?.parse().ok()
+}
+
+#[cfg(target_os = "linux")]
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Without `/proc` there is no portable check: every writer counts as alive, so
+/// nothing is removed.
+#[cfg(not(target_os = "linux"))]
+fn process_alive(_pid: u32) -> bool {
+    true
 }
 
 fn mean(xs: &[f64]) -> f64 {

@@ -1,7 +1,7 @@
 //! The classifier for the binding: built from a pre-trained MAE or loaded, used for
 //! prediction, embedding and evaluation, and trained by the fine-tuning protocols.
 
-use crate::training::{done_event, embed_job, evaluation_event, make_loader, open_dataset, progress_event, spawn_job, to_native, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
+use crate::training::{embed_job, evaluated_event, make_loader, open_dataset, progress_event, spawn_job, to_native, trained_event, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
 use crate::{guarded, host_tensor, parse_json, seed_of, Coded, CodedTask, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
@@ -139,7 +139,7 @@ impl NativeClassifier {
         spawn_job("vit-mae-eval", Arc::default(), move |on_event, cancel| {
             let total = loader.images_per_epoch();
             let e = evaluate(&*model.read()?, &loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
-            Ok(evaluation_event(e))
+            Ok(evaluated_event(e))
         })
     }
 
@@ -187,7 +187,7 @@ impl NativeClassifier {
             let resume = resume.as_deref().map(PathBuf::from);
             let summary = finetune(&*claim.model()?, &loader, eval_loader.as_ref(), &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
             drop(claim);
-            Ok(done_event(summary))
+            Ok(trained_event(summary))
         })
     }
 

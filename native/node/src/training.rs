@@ -98,27 +98,28 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
     Loader::new(dataset, augment, options)
 }
 
-/// One training event, flattened: `kind` says which fields are set.
-#[napi(object)]
-pub struct NativeTrainEvent {
-    /// 'step' | 'checkpoint' | 'skipped' | 'epochEnd' | 'eval' | 'progress' | 'done'
-    pub kind: String,
-    pub epoch: Option<u32>,
-    pub step: Option<f64>,
-    pub total_steps: Option<f64>,
-    pub loss: Option<f64>,
-    pub lr: Option<f64>,
-    pub images_per_sec: Option<f64>,
-    pub eta_seconds: Option<f64>,
-    pub path: Option<String>,
-    pub count: Option<u32>,
-    pub message: Option<String>,
-    pub top1: Option<f64>,
-    pub top5: Option<f64>,
-    /// With kind 'done' of a training run.
-    pub summary: Option<NativeTrainSummary>,
-    /// With kind 'done' of an evaluation.
-    pub evaluation: Option<NativeEvaluation>,
+/// What a job reports: one variant per kind of event, told apart by `type` in
+/// JavaScript. A job's last event is `trained`, `evaluated` or `embedded`.
+#[napi(discriminant = "type", discriminant_case = "camelCase")]
+pub enum NativeJobEvent {
+    /// A training step finished.
+    Step { epoch: u32, step: f64, total_steps: f64, loss: f64, lr: f64, images_per_sec: f64, eta_seconds: f64 },
+    /// A training checkpoint was written.
+    Checkpoint { step: f64, path: String },
+    /// Unreadable images were left out of a batch; `message` is the first one's error.
+    Skipped { step: f64, count: u32, message: String },
+    /// A training epoch finished.
+    EpochEnd { epoch: u32, mean_loss: f64 },
+    /// Accuracy on the evaluation set after a fine-tuning epoch.
+    Eval { epoch: u32, top1: f64, top5: f64, loss: f64 },
+    /// Images done of a pass over a dataset (evaluation, embedding).
+    Progress { images: u32, total_images: u32 },
+    /// A training run ended.
+    Trained { summary: NativeTrainSummary },
+    /// An evaluation ended.
+    Evaluated { evaluation: NativeEvaluation },
+    /// An embedding pass ended; `takeEmbeddings()` gives its result.
+    Embedded,
 }
 
 #[napi(object)]
@@ -144,38 +145,18 @@ pub struct NativeTrainSummary {
 }
 
 enum Message {
-    Event(NativeTrainEvent),
-    Done(vit_mae_core::Result<NativeTrainEvent>),
-}
-
-fn blank(kind: &str) -> NativeTrainEvent {
-    NativeTrainEvent {
-        kind: kind.to_string(),
-        epoch: None,
-        step: None,
-        total_steps: None,
-        loss: None,
-        lr: None,
-        images_per_sec: None,
-        eta_seconds: None,
-        path: None,
-        count: None,
-        message: None,
-        top1: None,
-        top5: None,
-        summary: None,
-        evaluation: None,
-    }
+    Event(NativeJobEvent),
+    Done(vit_mae_core::Result<NativeJobEvent>),
 }
 
 /// A count of images done, for evaluation and embedding jobs.
-pub(crate) fn progress_event(done: usize, total: usize) -> NativeTrainEvent {
-    NativeTrainEvent { count: Some(done as u32), total_steps: Some(total as f64), ..blank("progress") }
+pub(crate) fn progress_event(done: usize, total: usize) -> NativeJobEvent {
+    NativeJobEvent::Progress { images: done as u32, total_images: total as u32 }
 }
 
-pub(crate) fn done_event(summary: TrainSummary) -> NativeTrainEvent {
-    NativeTrainEvent {
-        summary: Some(NativeTrainSummary {
+pub(crate) fn trained_event(summary: TrainSummary) -> NativeJobEvent {
+    NativeJobEvent::Trained {
+        summary: NativeTrainSummary {
             steps: summary.steps as f64,
             epochs_completed: summary.epochs_completed as u32,
             final_loss: summary.final_loss,
@@ -184,33 +165,29 @@ pub(crate) fn done_event(summary: TrainSummary) -> NativeTrainEvent {
             aborted: summary.aborted,
             last_checkpoint: summary.last_checkpoint.map(|p| p.display().to_string()),
             skipped_images: summary.skipped_images as u32,
-        }),
-        ..blank("done")
+        },
     }
 }
 
-pub(crate) fn evaluation_event(e: vit_mae_core::finetune::Evaluation) -> NativeTrainEvent {
-    NativeTrainEvent { evaluation: Some(NativeEvaluation { top1: e.top1, top5: e.top5, loss: e.loss, count: e.count as u32 }), ..blank("done") }
+pub(crate) fn evaluated_event(e: vit_mae_core::finetune::Evaluation) -> NativeJobEvent {
+    NativeJobEvent::Evaluated { evaluation: NativeEvaluation { top1: e.top1, top5: e.top5, loss: e.loss, count: e.count as u32 } }
 }
 
-pub(crate) fn to_native(event: TrainEvent) -> NativeTrainEvent {
+pub(crate) fn to_native(event: TrainEvent) -> NativeJobEvent {
     match event {
-        TrainEvent::Step { epoch, step, total_steps, loss, lr, images_per_sec, eta_seconds } => NativeTrainEvent {
-            epoch: Some(epoch as u32),
-            step: Some(step as f64),
-            total_steps: Some(total_steps as f64),
-            loss: Some(loss),
-            lr: Some(lr),
-            images_per_sec: Some(images_per_sec),
-            eta_seconds: Some(eta_seconds),
-            ..blank("step")
+        TrainEvent::Step { epoch, step, total_steps, loss, lr, images_per_sec, eta_seconds } => NativeJobEvent::Step {
+            epoch: epoch as u32,
+            step: step as f64,
+            total_steps: total_steps as f64,
+            loss,
+            lr,
+            images_per_sec,
+            eta_seconds,
         },
-        TrainEvent::Checkpoint { step, path } => NativeTrainEvent { step: Some(step as f64), path: Some(path.display().to_string()), ..blank("checkpoint") },
-        TrainEvent::Skipped { step, count, first } => NativeTrainEvent { step: Some(step as f64), count: Some(count as u32), message: Some(first), ..blank("skipped") },
-        TrainEvent::EpochEnd { epoch, mean_loss } => NativeTrainEvent { epoch: Some(epoch as u32), loss: Some(mean_loss), ..blank("epochEnd") },
-        TrainEvent::Eval { epoch, top1, top5, loss } => {
-            NativeTrainEvent { epoch: Some(epoch as u32), top1: Some(top1), top5: Some(top5), loss: Some(loss), ..blank("eval") }
-        }
+        TrainEvent::Checkpoint { step, path } => NativeJobEvent::Checkpoint { step: step as f64, path: path.display().to_string() },
+        TrainEvent::Skipped { step, count, first } => NativeJobEvent::Skipped { step: step as f64, count: count as u32, message: first },
+        TrainEvent::EpochEnd { epoch, mean_loss } => NativeJobEvent::EpochEnd { epoch: epoch as u32, mean_loss },
+        TrainEvent::Eval { epoch, top1, top5, loss } => NativeJobEvent::Eval { epoch: epoch as u32, top1, top5, loss },
     }
 }
 
@@ -225,8 +202,9 @@ pub struct NativeJob {
 
 #[napi]
 impl NativeJob {
-    /// The next event; the last one has kind 'done' (or the promise rejects with the job's error).
-    #[napi(ts_return_type = "Promise<NativeTrainEvent>")]
+    /// The next event; the last one is `trained`, `evaluated` or `embedded` (or the
+    /// promise rejects with the job's error).
+    #[napi(ts_return_type = "Promise<NativeJobEvent>")]
     pub fn next_event(&self) -> AsyncTask<Coded<NextEventTask>> {
         AsyncTask::new(Coded(NextEventTask { events: self.events.clone() }))
     }
@@ -262,7 +240,7 @@ pub struct NativeEmbeddings {
 pub(crate) fn spawn_job(
     name: &str,
     output: Arc<Mutex<Option<Embeddings>>>,
-    work: impl FnOnce(&mut dyn FnMut(NativeTrainEvent), &AtomicBool) -> vit_mae_core::Result<NativeTrainEvent> + Send + 'static,
+    work: impl FnOnce(&mut dyn FnMut(NativeJobEvent), &AtomicBool) -> vit_mae_core::Result<NativeJobEvent> + Send + 'static,
 ) -> Result<NativeJob, ErrorCode> {
     let (tx, rx) = channel();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -271,7 +249,7 @@ pub(crate) fn spawn_job(
         .name(name.into())
         .spawn(move || {
             let events = tx.clone();
-            let mut on_event = |e: NativeTrainEvent| {
+            let mut on_event = |e: NativeJobEvent| {
                 let _ = events.send(Message::Event(e));
             };
             let result = guarded_core(|| work(&mut on_event, &stop));
@@ -286,10 +264,10 @@ pub struct NextEventTask {
 }
 
 impl CodedTask for NextEventTask {
-    type Output = NativeTrainEvent;
-    type JsValue = NativeTrainEvent;
+    type Output = NativeJobEvent;
+    type JsValue = NativeJobEvent;
 
-    fn compute(&mut self) -> Result<NativeTrainEvent, ErrorCode> {
+    fn compute(&mut self) -> Result<NativeJobEvent, ErrorCode> {
         guarded(|| {
             let events = self.events.lock().map_err(|_| err(ErrorCode::Internal, "event channel poisoned"))?;
             match events.recv() {
@@ -300,7 +278,7 @@ impl CodedTask for NextEventTask {
         })
     }
 
-    fn resolve(&mut self, _env: Env, output: NativeTrainEvent) -> Result<NativeTrainEvent> {
+    fn resolve(&mut self, _env: Env, output: NativeJobEvent) -> Result<NativeJobEvent> {
         Ok(output)
     }
 }
@@ -322,7 +300,7 @@ impl NativeMae {
             let resume = resume.as_deref().map(PathBuf::from);
             let summary = train::pretrain(&mut *claim.model()?, &loader, &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
             drop(claim);
-            Ok(done_event(summary))
+            Ok(trained_event(summary))
         })
     }
 
@@ -441,6 +419,13 @@ impl CodedTask for LoadImagesTask {
     }
 }
 
+/// Creates a folder if needed and checks that files can be written there (an `E_IO`
+/// naming it otherwise), so that a command fails before its work rather than after.
+#[napi]
+pub fn check_writable_folder(path: String) -> Result<(), ErrorCode> {
+    guarded(|| vit_mae_core::checkpoint::check_writable_folder(Path::new(&path)))
+}
+
 /// Writes the reconstruction PNG grid (masked | reconstruction | pasted | original rows).
 #[napi(ts_return_type = "Promise<void>")]
 pub fn write_reconstruction_grid(path: String, masked: NativeTensor, reconstruction: NativeTensor, pasted: NativeTensor, originals: NativeTensor, mean: Vec<f64>, std: Vec<f64>) -> Result<AsyncTask<Coded<GridTask>>, ErrorCode> {
@@ -475,21 +460,26 @@ impl CodedTask for GridTask {
 }
 
 /// Embeds `loader`'s images, reporting progress, then keeps the result for
-/// `takeEmbeddings()` and writes it to `output` if given.
+/// `takeEmbeddings()` and writes it to `output` if given (whose folder is created, and
+/// checked before the pass).
 pub(crate) fn embed_job(
     embedder: &Embedder,
     loader: &Loader,
     output: Option<String>,
     result: &Mutex<Option<Embeddings>>,
-    on_event: &mut dyn FnMut(NativeTrainEvent),
+    on_event: &mut dyn FnMut(NativeJobEvent),
     cancel: &AtomicBool,
-) -> vit_mae_core::Result<NativeTrainEvent> {
+) -> vit_mae_core::Result<NativeJobEvent> {
+    if let Some(path) = &output {
+        // Before the pass, not after it: a folder that cannot take the file fails at once.
+        let folder = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        vit_mae_core::checkpoint::check_writable_folder(folder)?;
+    }
     let total = loader.images_per_epoch();
     let embeddings = embed_dataset(embedder, loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
     if let Some(path) = output {
         embeddings.save(Path::new(&path))?;
     }
-    let count = embeddings.indices.len();
     *result.lock().map_err(|_| err(ErrorCode::Internal, "result slot poisoned"))? = Some(embeddings);
-    Ok(NativeTrainEvent { count: Some(count as u32), ..blank("done") })
+    Ok(NativeJobEvent::Embedded)
 }

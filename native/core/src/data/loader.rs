@@ -141,6 +141,11 @@ impl Loader {
         self.options.batch_size
     }
 
+    /// What the dataset is, for messages (its folder or file, and size).
+    pub fn describe(&self) -> String {
+        self.dataset.describe()
+    }
+
     /// The dataset indices of `epoch` in the order they are batched: a Fisher-Yates
     /// permutation from the `(seed, epoch)` stream when shuffling, else `0..len`.
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {

@@ -325,18 +325,23 @@ impl Kernels for CpuKernels {
         let (params, grads) = (&mut self.params, &self.grads);
         for r in ranges {
             let (p, g, m) = (&mut params[r.offset..r.offset + r.len], &grads[r.offset..r.offset + r.len], &mut mu[r.offset..r.offset + r.len]);
-            let (wd, trust) = if r.matrix {
-                let p_norm = p.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                let u_norm = p.iter().zip(g).map(|(&p, &g)| ((g + weight_decay * p) as f64).powi(2)).sum::<f64>().sqrt();
-                (weight_decay, if p_norm > 0.0 && u_norm > 0.0 { (trust_coefficient as f64 * p_norm / u_norm) as f32 } else { 1.0 })
-            } else {
-                (0.0, 1.0)
-            };
+            let (wd, trust) = lars_factors(p, g, r.matrix, weight_decay, trust_coefficient);
             for i in 0..p.len() {
-                m[i] = m[i] * momentum + (g[i] + wd * p[i]) * trust;
-                p[i] -= lr * m[i];
+                (p[i], m[i]) = lars_element(p[i], m[i], g[i], lr, wd, momentum, trust);
             }
         }
+    }
+
+    fn lars_stays_finite(&self, mu: &[f32], ranges: &[LarsRange], lr: f32, weight_decay: f32, momentum: f32, trust_coefficient: f32) -> bool {
+        assert_eq!(mu.len(), self.params.len());
+        ranges.iter().all(|r| {
+            let (p, g, m) = (&self.params[r.offset..r.offset + r.len], &self.grads[r.offset..r.offset + r.len], &mu[r.offset..r.offset + r.len]);
+            let (wd, trust) = lars_factors(p, g, r.matrix, weight_decay, trust_coefficient);
+            (0..p.len()).all(|i| {
+                let (p, m) = lars_element(p[i], m[i], g[i], lr, wd, momentum, trust);
+                p.is_finite() && m.is_finite()
+            })
+        })
     }
 
     fn layer_norm(&mut self, x: Slot, w: Slot, b: Slot, y: Slot, stats: Slot, rows: usize, d: usize, eps: f32) {
@@ -588,7 +593,6 @@ impl Kernels for CpuKernels {
     }
 
     fn adamw(&mut self, m: &mut [f32], v: &mut [f32], ranges: &[AdamWRange], step: AdamWStep) {
-        let AdamWStep { beta1, beta2, eps, bias_correction2_sqrt } = step;
         assert!(m.len() == self.params.len() && v.len() == self.params.len());
         let (params, grads) = (&mut self.params, &self.grads);
         // One pass per parameter over its four ranges, with torch's arithmetic:
@@ -610,17 +614,56 @@ impl Kernels for CpuKernels {
             let (g0, g) = g.split_at(r.len);
             rest = (p, m, v, g);
             at = r.offset + r.len;
-            let (decay, step_size) = (r.decay_factor, r.step_size);
             p0.par_chunks_mut(CHUNK).zip(m0.par_chunks_mut(CHUNK)).zip(v0.par_chunks_mut(CHUNK).zip(g0.par_chunks(CHUNK))).for_each(|((p, m), (v, g))| {
                 for i in 0..p.len() {
-                    let gi = g[i];
-                    m[i] = m[i] * beta1 + gi * (1.0 - beta1);
-                    v[i] = v[i] * beta2 + gi * gi * (1.0 - beta2);
-                    p[i] = p[i] * decay - step_size * (m[i] / (v[i].sqrt() / bias_correction2_sqrt + eps));
+                    (p[i], m[i], v[i]) = adamw_element(p[i], m[i], v[i], g[i], r, &step);
                 }
             });
         }
     }
+
+    fn adamw_stays_finite(&self, m: &[f32], v: &[f32], ranges: &[AdamWRange], step: AdamWStep) -> bool {
+        assert!(m.len() == self.params.len() && v.len() == self.params.len());
+        ranges.iter().all(|r| {
+            let span = r.offset..r.offset + r.len;
+            let (p, g, m, v) = (&self.params[span.clone()], &self.grads[span.clone()], &m[span.clone()], &v[span]);
+            p.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK))).all(|((p, m), (v, g))| {
+                (0..p.len()).all(|i| {
+                    let (p, m, v) = adamw_element(p[i], m[i], v[i], g[i], r, &step);
+                    p.is_finite() && m.is_finite() && v.is_finite()
+                })
+            })
+        })
+    }
+}
+
+/// One value's AdamW update with torch's arithmetic: `m = b1 m + (1 - b1) g`,
+/// `v = b2 v + (1 - b2) g^2`, `p = p * decay - step_size * m / (sqrt(v) / sqrt(bc2) + eps)`;
+/// the new `(p, m, v)`.
+#[inline(always)]
+fn adamw_element(p: f32, m: f32, v: f32, g: f32, range: &AdamWRange, step: &AdamWStep) -> (f32, f32, f32) {
+    let AdamWStep { beta1, beta2, eps, bias_correction2_sqrt } = *step;
+    let m = m * beta1 + g * (1.0 - beta1);
+    let v = v * beta2 + g * g * (1.0 - beta2);
+    (p * range.decay_factor - range.step_size * (m / (v.sqrt() / bias_correction2_sqrt + eps)), m, v)
+}
+
+/// A LARS parameter's weight decay and trust ratio (`util/lars.py`): for a matrix,
+/// `weight_decay` and `trust_coefficient * |p| / |g + wd p|`; for a 1-D parameter, neither.
+fn lars_factors(p: &[f32], g: &[f32], matrix: bool, weight_decay: f32, trust_coefficient: f32) -> (f32, f32) {
+    if !matrix {
+        return (0.0, 1.0);
+    }
+    let p_norm = p.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+    let u_norm = p.iter().zip(g).map(|(&p, &g)| ((g + weight_decay * p) as f64).powi(2)).sum::<f64>().sqrt();
+    (weight_decay, if p_norm > 0.0 && u_norm > 0.0 { (trust_coefficient as f64 * p_norm / u_norm) as f32 } else { 1.0 })
+}
+
+/// One value's LARS update: `mu = momentum mu + (g + wd p) trust`, `p -= lr mu`; the new `(p, mu)`.
+#[inline(always)]
+fn lars_element(p: f32, mu: f32, g: f32, lr: f32, wd: f32, momentum: f32, trust: f32) -> (f32, f32) {
+    let mu = mu * momentum + (g + wd * p) * trust;
+    (p - lr * mu, mu)
 }
 
 /// Softmax of one row in place (the scale is already applied).

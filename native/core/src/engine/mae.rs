@@ -426,41 +426,18 @@ impl MaeEngine {
         &self.mask
     }
 
-    pub fn zero_grad(&mut self) {
-        let all = Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len };
-        self.kernels.fill(all, 0.0);
-    }
-
-    /// `torch.nn.utils.clip_grad_norm_` over every gradient at once; returns the norm
-    /// before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let all = Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len };
-        let norm = self.kernels.norm(all);
-        let scale = max_norm / (norm + 1e-6);
-        if scale < 1.0 {
-            self.kernels.scale(all, scale as f32);
-        }
-        norm
-    }
-
     /// One AdamW update of every parameter from the accumulated gradients.
     pub fn adamw_step(&mut self, opt: &mut FlatAdamW, lr: f64) {
         opt.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = opt.config;
-        let bias_correction1 = 1.0 - beta1.powi(opt.step as i32);
-        let bias_correction2 = 1.0 - beta2.powi(opt.step as i32);
-        opt.ranges.clear();
-        for g in &opt.groups {
-            let lr = lr * g.lr_scale;
-            opt.ranges.push(AdamWRange {
-                offset: g.offset,
-                len: g.len,
-                decay_factor: if g.decays { 1.0 - lr * weight_decay } else { 1.0 } as f32,
-                step_size: (lr / bias_correction1) as f32,
-            });
-        }
-        let step = AdamWStep { beta1: beta1 as f32, beta2: beta2 as f32, eps: eps as f32, bias_correction2_sqrt: bias_correction2.sqrt() as f32 };
+        let step = opt.prepare(opt.step, lr);
         self.kernels.adamw(&mut opt.exp_avg, &mut opt.exp_avg_sq, &opt.ranges, step);
+    }
+
+    /// Whether [`MaeEngine::adamw_step`] would leave every parameter and moment finite;
+    /// changes neither.
+    pub fn adamw_step_stays_finite(&self, opt: &mut FlatAdamW, lr: f64) -> bool {
+        let step = opt.prepare(opt.step + 1, lr);
+        self.kernels.adamw_stays_finite(&opt.exp_avg, &opt.exp_avg_sq, &opt.ranges, step)
     }
 }
 
@@ -494,6 +471,20 @@ impl FlatAdamW {
             .collect();
         let len = engine.params().len();
         FlatAdamW { config, ranges: Vec::with_capacity(groups.len()), groups, exp_avg: vec![0.0; len], exp_avg_sq: vec![0.0; len], step: 0 }
+    }
+}
+
+impl super::Gradients for MaeEngine {
+    fn gradients(&mut self) -> (&mut CpuKernels, Slot) {
+        (&mut self.kernels, Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len })
+    }
+}
+
+impl FlatAdamW {
+    /// The constants of update number `t` at learning rate `lr` (the ranges in `self.ranges`).
+    fn prepare(&mut self, t: u64, lr: f64) -> AdamWStep {
+        let params = self.groups.iter().map(|g| (g.offset, g.len, crate::optim::ParamGroup { decays: g.decays, lr_scale: g.lr_scale }));
+        super::adamw_constants(&self.config, t, lr, params, &mut self.ranges)
     }
 }
 

@@ -159,6 +159,9 @@ pub trait Kernels {
     /// One LARS step (`util/lars.py`) over the parameter ranges with the flat momentum
     /// `mu`: matrices get weight decay and the trust ratio, 1-D parameters neither.
     fn lars(&mut self, mu: &mut [f32], ranges: &[LarsRange], lr: f32, weight_decay: f32, momentum: f32, trust_coefficient: f32);
+    /// Whether [`Kernels::lars`] with these arguments would leave every parameter and
+    /// momentum finite; changes nothing.
+    fn lars_stays_finite(&self, mu: &[f32], ranges: &[LarsRange], lr: f32, weight_decay: f32, momentum: f32, trust_coefficient: f32) -> bool;
 
     /// LayerNorm over rows of `d` (biased variance): `y = (x - mean) * rstd * w + b`,
     /// keeping each row's mean and rstd in `stats` (`2 * rows`: means, then rstds).
@@ -202,6 +205,9 @@ pub trait Kernels {
     fn scale(&mut self, x: Slot, factor: f32);
     /// One AdamW step over the parameter ranges, with the flat moments `m` and `v`.
     fn adamw(&mut self, m: &mut [f32], v: &mut [f32], ranges: &[AdamWRange], step: AdamWStep);
+    /// Whether [`Kernels::adamw`] with these arguments would leave every parameter and
+    /// moment finite; changes nothing.
+    fn adamw_stays_finite(&self, m: &[f32], v: &[f32], ranges: &[AdamWRange], step: AdamWStep) -> bool;
 }
 
 /// Where [`Kernels::masked_mse`] finds its predictions and targets.
@@ -214,6 +220,54 @@ pub struct MseShape {
     /// Rows of `pred` per image: the cls token's, then one per patch.
     pub rows_per_image: usize,
     pub norm_pix: bool,
+}
+
+/// AdamW's constants for update number `t` at learning rate `lr`: a range for each
+/// parameter (`offset`, `len`, group) into `ranges`, and those every range shares.
+pub(crate) fn adamw_constants(
+    config: &crate::optim::AdamWConfig,
+    t: u64,
+    lr: f64,
+    params: impl Iterator<Item = (usize, usize, crate::optim::ParamGroup)>,
+    ranges: &mut Vec<AdamWRange>,
+) -> AdamWStep {
+    let crate::optim::AdamWConfig { beta1, beta2, eps, weight_decay } = *config;
+    let bias_correction1 = 1.0 - beta1.powi(t as i32);
+    let bias_correction2 = 1.0 - beta2.powi(t as i32);
+    ranges.clear();
+    for (offset, len, group) in params {
+        let lr = lr * group.lr_scale;
+        let decay_factor = if group.decays { 1.0 - lr * weight_decay } else { 1.0 } as f32;
+        ranges.push(AdamWRange { offset, len, decay_factor, step_size: (lr / bias_correction1) as f32 });
+    }
+    AdamWStep { beta1: beta1 as f32, beta2: beta2 as f32, eps: eps as f32, bias_correction2_sqrt: bias_correction2.sqrt() as f32 }
+}
+
+/// An engine's gradient buffer, as training uses it: one slot over every parameter's
+/// gradient (a frozen parameter's stays 0).
+pub trait Gradients {
+    /// The engine's kernels and the slot of every gradient.
+    fn gradients(&mut self) -> (&mut cpu::CpuKernels, Slot);
+
+    fn zero_grad(&mut self) {
+        let (kernels, all) = self.gradients();
+        kernels.fill(all, 0.0);
+    }
+
+    /// The global L2 norm of every gradient at once.
+    fn grad_norm(&mut self) -> f64 {
+        let (kernels, all) = self.gradients();
+        kernels.norm(all)
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_` given the gradients' global norm `norm` (from
+    /// [`Gradients::grad_norm`]): scales them to a norm of at most `max_norm`.
+    fn clip_grads(&mut self, norm: f64, max_norm: f64) {
+        if let Some(scale) = crate::optim::clip_factor(norm, max_norm) {
+            let (kernels, all) = self.gradients();
+            kernels.scale(all, scale as f32);
+        }
+    }
 }
 
 /// Checks that the outputs of a kernel call overlap nothing else it is given, so that

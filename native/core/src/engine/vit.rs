@@ -7,7 +7,7 @@
 
 use super::blocks::{grad, stack_acts, Linear, Norm, Params, Stack};
 use super::cpu::{CpuKernels, NONE};
-use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, LarsRange, Layout, Slot, Source};
+use super::{AdamWRange, Arena, Epilogue, Kernels, LarsRange, Layout, Slot, Source};
 use crate::bail;
 use crate::checkpoint::Stored;
 use crate::classifier::{ClassifierConfig, Trainable, VitClassifier};
@@ -327,48 +327,48 @@ impl VitEngine {
         Ok(loss)
     }
 
-    fn all_grads(&self) -> Slot {
-        Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len }
-    }
-
-    pub fn zero_grad(&mut self) {
-        self.kernels.fill(self.all_grads(), 0.0);
-    }
-
-    /// Clips the global gradient norm (of the trained parameters: the others are 0).
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let all = self.all_grads();
-        let norm = self.kernels.norm(all);
-        let scale = max_norm / (norm + 1e-6);
-        if scale < 1.0 {
-            self.kernels.scale(all, scale as f32);
-        }
-        norm
-    }
-
     /// One optimizer step over the trained parameters' ranges.
     pub fn optimizer_step(&mut self, opt: &mut FlatOptimizer, lr: f64) {
         opt.steps += 1;
+        let t = opt.steps;
         match &mut opt.kind {
             FlatKind::AdamW { config, exp_avg, exp_avg_sq, ranges } => {
-                let AdamWConfig { beta1, beta2, eps, weight_decay } = *config;
-                let bias_correction1 = 1.0 - beta1.powi(opt.steps as i32);
-                let bias_correction2 = 1.0 - beta2.powi(opt.steps as i32);
-                ranges.clear();
-                for g in &opt.groups {
-                    let lr = lr * g.group.lr_scale;
-                    let decay_factor = if g.group.decays { 1.0 - lr * weight_decay } else { 1.0 } as f32;
-                    ranges.push(AdamWRange { offset: g.offset, len: g.len, decay_factor, step_size: (lr / bias_correction1) as f32 });
-                }
-                let step = AdamWStep { beta1: beta1 as f32, beta2: beta2 as f32, eps: eps as f32, bias_correction2_sqrt: bias_correction2.sqrt() as f32 };
+                let step = super::adamw_constants(config, t, lr, opt.groups.iter().map(|g| (g.offset, g.len, g.group)), ranges);
                 self.kernels.adamw(exp_avg, exp_avg_sq, ranges, step);
             }
             FlatKind::Lars { weight_decay, momentum, trust_coefficient, mu, ranges } => {
-                ranges.clear();
-                ranges.extend(opt.groups.iter().map(|g| LarsRange { offset: g.offset, len: g.len, matrix: g.matrix }));
+                lars_ranges(&opt.groups, ranges);
                 self.kernels.lars(mu, ranges, lr as f32, *weight_decay as f32, *momentum as f32, *trust_coefficient as f32);
             }
         }
+    }
+
+    /// Whether [`VitEngine::optimizer_step`] would leave every parameter and the
+    /// optimizer's state finite; changes neither.
+    pub fn optimizer_step_stays_finite(&self, opt: &mut FlatOptimizer, lr: f64) -> bool {
+        let t = opt.steps + 1;
+        match &mut opt.kind {
+            FlatKind::AdamW { config, exp_avg, exp_avg_sq, ranges } => {
+                let step = super::adamw_constants(config, t, lr, opt.groups.iter().map(|g| (g.offset, g.len, g.group)), ranges);
+                self.kernels.adamw_stays_finite(exp_avg, exp_avg_sq, ranges, step)
+            }
+            FlatKind::Lars { weight_decay, momentum, trust_coefficient, mu, ranges } => {
+                lars_ranges(&opt.groups, ranges);
+                self.kernels.lars_stays_finite(mu, ranges, lr as f32, *weight_decay as f32, *momentum as f32, *trust_coefficient as f32)
+            }
+        }
+    }
+}
+
+/// The LARS ranges of the trained parameters, into `ranges`.
+fn lars_ranges(groups: &[FlatParam], ranges: &mut Vec<LarsRange>) {
+    ranges.clear();
+    ranges.extend(groups.iter().map(|g| LarsRange { offset: g.offset, len: g.len, matrix: g.matrix }));
+}
+
+impl super::Gradients for VitEngine {
+    fn gradients(&mut self) -> (&mut CpuKernels, Slot) {
+        (&mut self.kernels, Slot { arena: Arena::Grads, offset: 0, len: self.params.layout.len })
     }
 }
 

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use vit_mae_core::data::Augment;
+use vit_mae_core::data::{Augment, Dataset, RawImage};
 
 /// The repository's own PyTorch reference fixtures (`test/fixtures`, written by
 /// `test/fixtures/generate.py`).
@@ -138,5 +138,51 @@ pub fn plain_augment(img_size: usize, channels: usize, mean: f32, std: f32) -> A
         hflip: false,
         mean: vec![mean; channels],
         std: vec![std; channels],
+    }
+}
+
+/// What is wrong with a [`Faulty`] dataset's bad items.
+#[derive(Clone, Copy)]
+pub enum Fault {
+    /// A NaN pixel (`InMemoryDataset` refuses NaN, as it should, so bad pixels come from here).
+    NanPixel,
+    /// The item cannot be read, as a corrupt file in a folder.
+    Unreadable,
+}
+
+/// `inner` with `fault` in item `i` when `bad[i]`.
+pub struct Faulty<D> {
+    pub inner: D,
+    pub bad: Vec<bool>,
+    pub fault: Fault,
+}
+
+impl<D: Dataset> Dataset for Faulty<D> {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn get(&self, index: usize) -> vit_mae_core::Result<RawImage> {
+        let mut image = match (self.bad[index], self.fault) {
+            (true, Fault::Unreadable) => return Err(vit_mae_core::Error::new(vit_mae_core::ErrorCode::Io, format!("item{index}.png is not an image"))),
+            _ => self.inner.get(index)?,
+        };
+        if self.bad[index] {
+            let at = (index * 37) % image.data.len();
+            image.data[at] = f32::NAN;
+        }
+        Ok(image)
+    }
+
+    fn label(&self, index: usize) -> Option<i64> {
+        self.inner.label(index)
+    }
+
+    fn classes(&self) -> Vec<String> {
+        self.inner.classes()
+    }
+
+    fn describe(&self) -> String {
+        format!("faulty {}", self.inner.describe())
     }
 }

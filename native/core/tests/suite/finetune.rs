@@ -9,7 +9,7 @@
 //! copied from a run of the code under test.
 
 use candle_core::{Device, Tensor, Var};
-use crate::common::{bits, host, plain_augment, SplitMix, TempDir};
+use crate::common::{bits, host, plain_augment, Fault, Faulty, SplitMix, TempDir};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -1164,4 +1164,46 @@ fn a_classifier_checkpoint_that_contradicts_its_config_builds_nothing() {
     std::fs::write(&path, safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata)).unwrap()).unwrap();
     let e = load_classifier(&path, None, &Device::Cpu, Precision::F32, 0).err().expect("the load should fail");
     assert_eq!(e.code, ErrorCode::CheckpointShape, "{e}");
+}
+
+/// A fine-tuning step that would make something non-finite stops the run before its
+/// update, and the classifier keeps the weights of the last step taken: a NaN image in
+/// the third batch (its loss) leaves the weights of two steps, and an absurd learning
+/// rate (the update) the initial ones. Both protocols' optimizers (AdamW, LARS), on the
+/// engine and on the reference model.
+#[test]
+fn finetuning_stops_before_a_non_finite_update_with_the_last_good_weights() {
+    let poisoned = || {
+        let data = Faulty { inner: bright_dark_dataset(16, 12), bad: (0..16).map(|i| (8..12).contains(&i)).collect(), fault: Fault::NanPixel };
+        let options = LoaderOptions { batch_size: 4, seed: 0, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+        Loader::new(Arc::new(data), augment(), options).unwrap()
+    };
+    for (protocol, head_batch_norm) in [("finetune", false), ("linprobe", true)] {
+        for reference in [false, true] {
+            let what = format!("{protocol}, reference {reference}");
+            let new_classifier = || {
+                let mut c = classifier(1, 2, true, head_batch_norm, 13);
+                c.set_reference_only(reference);
+                c
+            };
+            let config = FinetuneConfig::from_json(&json!({ "protocol": protocol, "epochs": 2, "lr": 1e-2, "warmupEpochs": 0 })).unwrap();
+
+            let c = new_classifier();
+            let err = run_finetune(&c, &poisoned(), None, &config, None).err().expect("a NaN loss must fail the run");
+            assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{what}: {}", err.message);
+            assert!(err.message.contains("loss is NaN at step 3"), "{what}: {}", err.message);
+            let two_steps = new_classifier();
+            let limited = FinetuneConfig { recipe: Recipe { max_steps: Some(2), ..config.recipe.clone() }, ..config.clone() };
+            run_finetune(&two_steps, &poisoned(), None, &limited, None).unwrap();
+            assert_eq!(param_bits(c.params()), param_bits(two_steps.params()), "{what}: the weights after the error vs two steps");
+
+            let c = new_classifier();
+            let initial = param_bits(c.params());
+            let absurd = FinetuneConfig { recipe: Recipe { lr: Some(1e39), ..config.recipe.clone() }, ..config.clone() };
+            let err = run_finetune(&c, &loader(bright_dark_dataset(16, 12), 4, false, true, 0), None, &absurd, None).err().expect("an overflowing update must fail the run");
+            assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{what}: {}", err.message);
+            assert!(err.message.contains("at step 1"), "{what}: {}", err.message);
+            assert_eq!(param_bits(c.params()), initial, "{what}: the weights after the error vs the initial ones");
+        }
+    }
 }

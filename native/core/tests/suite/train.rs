@@ -7,12 +7,12 @@
 //! from a run of the code under test.
 
 use candle_core::{Device, Tensor, Var};
-use crate::common::{host, plain_augment, SplitMix, TempDir};
+use crate::common::{host, plain_augment, Fault, Faulty, SplitMix, TempDir};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, RawImage};
+use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions};
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
 use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent, TrainSummary};
@@ -70,40 +70,6 @@ fn image_data(n: usize, seed: u64) -> Vec<f32> {
 
 fn dataset(n: usize, seed: u64) -> InMemoryDataset {
     InMemoryDataset::new(image_data(n, seed), [n, CHANNELS, SIDE, SIDE], None).unwrap()
-}
-
-/// `InMemoryDataset` rejects values outside [0, 1] (NaN included), so images with a
-/// NaN pixel come from this wrapper: item `i` gets a NaN when `poisoned[i]`.
-struct Poisoned {
-    inner: InMemoryDataset,
-    poisoned: Vec<bool>,
-}
-
-impl Dataset for Poisoned {
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-
-    fn get(&self, index: usize) -> vit_mae_core::Result<RawImage> {
-        let mut image = self.inner.get(index)?;
-        if self.poisoned[index] {
-            let at = (index * 37) % image.data.len();
-            image.data[at] = f32::NAN;
-        }
-        Ok(image)
-    }
-
-    fn label(&self, _index: usize) -> Option<i64> {
-        None
-    }
-
-    fn classes(&self) -> Vec<String> {
-        Vec::new()
-    }
-
-    fn describe(&self) -> String {
-        format!("poisoned {}", self.inner.describe())
-    }
 }
 
 /// No crop, no flip, mean/std 0.5: the loader's only randomness is the epoch order.
@@ -715,7 +681,7 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
 fn non_finite_loss_stops_with_the_step_and_last_checkpoint() {
     let n = 32;
     let poisoned = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> {
-        Arc::new(Poisoned { inner: dataset(n, 77), poisoned: (0..n).map(which).collect() })
+        Arc::new(Faulty { inner: dataset(n, 77), bad: (0..n).map(which).collect(), fault: Fault::NanPixel })
     };
 
     // Every image has a NaN: step 1 fails, and there is no checkpoint to name.
@@ -941,4 +907,281 @@ fn resume_onto_a_shorter_epoch_returns() {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("checkpoint at step {stop}: pretrain panicked"),
         }
     }
+}
+
+// ---------------------------------------------------------------- failures and refusals
+
+/// The names of `path`'s tensors that hold a NaN or an infinity.
+fn non_finite_tensors(path: &Path) -> Vec<String> {
+    let state = read_state_dict(path).unwrap();
+    state.tensors.iter().filter(|(_, t)| host(t).iter().any(|v| !v.is_finite())).map(|(name, _)| name.clone()).collect()
+}
+
+/// A learning rate far too high blows the run up within a few steps, whether the first
+/// non-finite value would be a loss, a gradient or the result of the update itself. The
+/// step that would make something non-finite must stop the run before its update: every
+/// checkpoint written is finite, the error names the last one, and the model holds its
+/// weights (or its initial ones if none was written). On the engine, the reference
+/// model (candle's autograd) and in bf16.
+#[test]
+fn a_divergence_stops_before_the_update_and_leaves_finite_checkpoints() {
+    let loader = loader(32);
+    for (path, precision, reference) in [("engine", Precision::F32, false), ("reference", Precision::F32, true), ("bf16", Precision::Bf16, false)] {
+        for lr in [1e3, 1e6, 1e39] {
+            let what = format!("{path}, lr {lr:e}");
+            let dir = TempDir::new("diverge");
+            let mut model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 13).unwrap();
+            model.set_reference_only(reference);
+            let initial = param_bits(&model);
+            let config = with_recipe(&base_config(), |r| Recipe { lr: Some(lr), warmup_epochs: 0.0, epochs: 50.0, checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
+            let err = run(&mut model, &loader, &config, None).unwrap_err();
+            assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{what}: {err}");
+            for checkpoint in list_checkpoints(dir.path()) {
+                assert_eq!(non_finite_tensors(&checkpoint), Vec::<String>::new(), "{what}: {} holds non-finite values", checkpoint.display());
+            }
+            match list_checkpoints(dir.path()).pop() {
+                Some(last) => {
+                    assert!(err.message.ends_with(&format!("the last good checkpoint is {}", last.display())), "{what}: {}", err.message);
+                    let (saved, _) = load_model(&last, None, &Device::Cpu, precision, 0).unwrap();
+                    assert_same_weights(&model, &saved, &format!("{what}: the model after the error vs the last good checkpoint"));
+                }
+                None => {
+                    assert!(err.message.contains("no checkpoint had been written"), "{what}: {}", err.message);
+                    assert_eq!(param_bits(&model), initial, "{what}: the model after the error vs its initial weights");
+                }
+            }
+        }
+    }
+}
+
+/// A run that trained well and then blows up (here: resumed with an absurd learning
+/// rate) stops at its first bad step, naming the checkpoint before it and leaving the
+/// folder as it was; resumed from there with the good rate, it ends exactly where a run
+/// that never went wrong does.
+#[test]
+fn the_last_good_checkpoint_resumes_exactly() {
+    let loader = loader(32);
+    for (path, precision, reference) in [("engine", Precision::F32, false), ("reference", Precision::F32, true), ("bf16", Precision::Bf16, false)] {
+        let new_model = || {
+            let mut model = MaskedAutoencoder::new(tiny_config(), &Device::Cpu, precision, 14).unwrap();
+            model.set_reference_only(reference);
+            model
+        };
+        let dir = TempDir::new("last-good");
+        let good = with_recipe(&base_config(), |r| Recipe { max_steps: Some(3), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
+        run(&mut new_model(), &loader, &good, None).unwrap();
+        let last_good = checkpoint_file(dir.path(), 3);
+        let before = (dir.entries(), std::fs::read(&last_good).unwrap());
+
+        let mut diverged = new_model();
+        let absurd = with_recipe(&good, |r| Recipe { lr: Some(1e39), max_steps: Some(6), ..r });
+        let err = run(&mut diverged, &loader, &absurd, Some(dir.path())).unwrap_err();
+        assert_eq!(err.code, ErrorCode::NonFiniteLoss, "{path}: {err}");
+        assert!(names_step(&err.message, 4) && err.message.ends_with(&last_good.display().to_string()), "{path}: {}", err.message);
+        assert_eq!((dir.entries(), std::fs::read(&last_good).unwrap()), before, "{path}: the folder must be left as it was");
+        let (saved, _) = load_model(&last_good, None, &Device::Cpu, precision, 0).unwrap();
+        assert_same_weights(&diverged, &saved, &format!("{path}: the model after the error"));
+
+        let mut resumed = new_model();
+        let (summary, _) = run(&mut resumed, &loader, &with_recipe(&good, |r| Recipe { max_steps: Some(5), ..r }), Some(&last_good)).unwrap();
+        assert_eq!(summary.steps, 5, "{path}");
+        let mut straight = new_model();
+        run(&mut straight, &loader, &with_recipe(&good, |r| Recipe { max_steps: Some(5), checkpoint_dir: None, ..r }), None).unwrap();
+        assert_same_weights(&resumed, &straight, &format!("{path}: resumed from the last good checkpoint vs straight"));
+    }
+}
+
+/// The same run twice writes the same checkpoint bytes (the metadata used to come out in
+/// hash-map order, which changes from run to run), with the metadata keys sorted.
+#[test]
+fn equal_runs_write_byte_identical_checkpoints() {
+    let dir = TempDir::new("bytes");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_every: 1, checkpoint_dir: Some(dir.path().into()), ..r });
+    let read_all = || list_checkpoints(dir.path()).iter().map(|p| std::fs::read(p).unwrap()).collect::<Vec<_>>();
+    run(&mut tiny_model(23), &loader(32), &config, None).unwrap();
+    let first = read_all();
+    assert_eq!(first.len(), 2);
+    for path in list_checkpoints(dir.path()) {
+        std::fs::remove_file(path).unwrap();
+    }
+    for _ in 0..3 {
+        run(&mut tiny_model(23), &loader(32), &config, None).unwrap();
+        assert!(read_all() == first, "a second equal run wrote other bytes");
+    }
+    let bytes = &first[1];
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(header_len % 8, 0);
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let keys: Vec<&String> = header["__metadata__"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["config", "optimizer_step", "pretrain_config", "train_state"]);
+    let text = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    let at = |key: &str| text.find(&format!("\"{key}\"")).unwrap();
+    assert!(at("config") < at("optimizer_step") && at("optimizer_step") < at("pretrain_config") && at("pretrain_config") < at("train_state"), "metadata keys out of order: {text}");
+}
+
+/// A checkpoint folder that cannot be written to (here a path under a file) is an
+/// `Io` error naming it before the first step: nothing trains, the weights are as
+/// they were.
+#[test]
+fn an_unwritable_checkpoint_folder_fails_before_the_first_step() {
+    let dir = TempDir::new("unwritable");
+    let file = dir.write("plain-file", b"not a folder");
+    let target = file.join("checkpoints");
+    let mut model = tiny_model(17);
+    let before = param_bits(&model);
+    let mut events = Vec::new();
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(3), checkpoint_dir: Some(target.clone()), ..r });
+    let err = pretrain(&mut model, &loader(32), &config, None, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap_err();
+    assert_eq!(err.code, ErrorCode::Io, "{err}");
+    assert!(err.message.contains(&target.display().to_string()), "the message should name {}: {}", target.display(), err.message);
+    assert!(events.is_empty(), "no step may run: {events:?}");
+    assert_eq!(param_bits(&model), before);
+    assert_eq!(dir.entries(), vec!["plain-file".to_string()], "no probe may be left behind");
+
+    // A writable one is created and left with no probe file in it.
+    let fresh = dir.join("new/checkpoints");
+    let config = with_recipe(&config, |r| Recipe { max_steps: Some(1), checkpoint_dir: Some(fresh.clone()), ..r });
+    run(&mut model, &loader(32), &config, None).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&fresh).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["checkpoint-00000001.safetensors".to_string()]);
+}
+
+/// A process killed while writing a checkpoint leaves `.<name>.<pid>….tmp` behind. The
+/// next run in the folder (a resume, or a fresh one) removes those whose writer is
+/// gone, in the writer's naming with or without a per-save counter after the pid, and
+/// leaves a live writer's, other temporary files and everything else alone.
+#[test]
+fn stale_checkpoint_temporaries_of_dead_writers_are_removed() {
+    let dir = TempDir::new("stale");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
+    run(&mut tiny_model(19), &loader(32), &config, None).unwrap();
+    // A process that has exited: its id names no live process any more.
+    let mut child = std::process::Command::new("sh").arg("-c").arg("exit 0").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let live = std::process::id();
+    let stale = [format!(".checkpoint-00000003.safetensors.{dead}.tmp"), format!(".checkpoint-00000004.safetensors.{dead}.17.tmp")];
+    let kept = [
+        format!(".checkpoint-00000003.safetensors.{live}.2.tmp"),
+        format!(".model.safetensors.{dead}.tmp"),
+        format!(".checkpoint-latest.safetensors.{dead}.tmp"),
+        ".checkpoint-00000003.safetensors.writer.tmp".to_string(),
+        format!("checkpoint-00000003.safetensors.{dead}.tmp"),
+        "notes.txt".to_string(),
+    ];
+    for name in stale.iter().chain(&kept) {
+        dir.write(name, b"partial");
+    }
+    let resumed = with_recipe(&config, |r| Recipe { max_steps: Some(3), ..r });
+    run(&mut tiny_model(19), &loader(32), &resumed, Some(dir.path())).unwrap();
+    let mut want: Vec<String> = kept.to_vec();
+    want.extend((2..=3).map(|s| format!("checkpoint-{s:08}.safetensors")));
+    want.sort();
+    assert_eq!(dir.entries(), want);
+
+    // A fresh run into the folder cleans up too.
+    dir.write(&stale[0], b"partial");
+    run(&mut tiny_model(19), &loader(32), &with_recipe(&config, |r| Recipe { max_steps: Some(1), keep_last: 5, ..r }), None).unwrap();
+    assert!(!dir.join(&stale[0]).exists(), "{} should be gone", stale[0]);
+}
+
+/// A step whose images were all unreadable has nothing to learn from: with
+/// `skip_corrupt` the run stops with an argument error naming the step, the dataset and
+/// the count, before any update or checkpoint. A step with some readable images trains.
+#[test]
+fn a_step_without_readable_images_is_an_error() {
+    let n = 32;
+    let unreadable = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> { Arc::new(Faulty { inner: dataset(n, 29), bad: (0..n).map(which).collect(), fault: Fault::Unreadable }) };
+    let skipping = |data: Arc<dyn Dataset>| {
+        let options = LoaderOptions { batch_size: BATCH, seed: 5, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: true };
+        Loader::new(data, augment(), options).unwrap()
+    };
+    for (what, which, step) in [("all unreadable", &(|_| true) as &dyn Fn(usize) -> bool, 1), ("the third batch unreadable", &|i| (2 * BATCH..3 * BATCH).contains(&i), 3)] {
+        let dir = TempDir::new("unreadable");
+        let mut model = tiny_model(29);
+        let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(4), checkpoint_dir: Some(dir.path().into()), ..r });
+        let mut steps = Vec::new();
+        let err = pretrain(&mut model, &skipping(unreadable(which)), &config, None, &mut |e| steps.extend(step_events(&[e])), &AtomicBool::new(false)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{what}: {err}");
+        assert!(names_step(&err.message, step), "{what}: the message should name step {step}: {}", err.message);
+        for part in ["faulty in-memory", &format!("all {BATCH} images"), "item"] {
+            assert!(err.message.contains(part), "{what}: the message should say {part:?}: {}", err.message);
+        }
+        assert_eq!(steps.len() as u64, step - 1, "{what}: steps before the empty one train");
+        assert!(dir.entries().is_empty(), "{what}: no checkpoint: {:?}", dir.entries());
+    }
+
+    // Half of each batch unreadable: every step still has images, and trains on them.
+    let mut model = tiny_model(29);
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(4), ..r });
+    let (summary, _) = run(&mut model, &skipping(unreadable(&|i| i % 2 == 0)), &config, None).unwrap();
+    assert_eq!((summary.steps, summary.skipped_images, summary.images_seen), (4, 16, 16));
+
+    // Fewer images than one batch: no step at all, said plainly.
+    let err = run(&mut tiny_model(29), &loader(BATCH - 1), &config, None).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+    assert!(err.message.contains("0 full batches of 8"), "{}", err.message);
+}
+
+/// A resumed run must keep the batch size, accumIter and seed the checkpoint was
+/// written with (they fix which images its steps saw and come next): each change is an
+/// argument error naming the setting and both values, with the weights left alone. The
+/// schedule may change (a lower learning rate, more epochs).
+#[test]
+fn resume_refuses_another_batch_size_accum_iter_or_seed() {
+    let dir = TempDir::new("resume-settings");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
+    run(&mut tiny_model(37), &loader(32), &config, None).unwrap();
+    let more = with_recipe(&config, |r| Recipe { max_steps: Some(4), checkpoint_dir: None, ..r });
+    let half_batch = {
+        let options = LoaderOptions { batch_size: BATCH / 2, seed: 5, shuffle: true, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+        Loader::new(Arc::new(dataset(32, 1234)), augment(), options).unwrap()
+    };
+    let cases = [
+        ("batchSize", &half_batch, more.clone(), "batchSize 4", "batchSize 8"),
+        ("accumIter", &loader(32), with_recipe(&more, |r| Recipe { accum_iter: 2, ..r }), "accumIter 2", "accumIter 1"),
+        ("seed", &loader(32), with_recipe(&more, |r| Recipe { seed: 4, ..r }), "seed 4", "seed 3"),
+    ];
+    for (field, loader, changed, now, saved) in cases {
+        let mut model = tiny_model(38);
+        let before = param_bits(&model);
+        let err = run(&mut model, loader, &changed, Some(dir.path())).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{field}: {err}");
+        for part in [now, saved, "checkpoint-00000002.safetensors", "resume with"] {
+            assert!(err.message.contains(part), "{field}: the message should say {part:?}: {}", err.message);
+        }
+        assert_eq!(param_bits(&model), before, "{field}: the weights must be left alone");
+    }
+    let lower = with_recipe(&more, |r| Recipe { lr: Some(1e-4), epochs: 20.0, ..r });
+    let (summary, _) = run(&mut tiny_model(38), &loader(32), &lower, Some(dir.path())).unwrap();
+    assert_eq!(summary.steps, 4);
+}
+
+/// A cancel already set when the run starts ends it, aborted, before its first step: no
+/// step, no event, no checkpoint, the weights as they were (or as resumed).
+#[test]
+fn a_run_cancelled_before_its_first_step_trains_and_writes_nothing() {
+    let dir = TempDir::new("cancelled");
+    let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(2), checkpoint_dir: Some(dir.path().into()), ..r });
+    let cancel = AtomicBool::new(true);
+    let mut model = tiny_model(43);
+    let before = param_bits(&model);
+    let mut events = Vec::new();
+    let summary = pretrain(&mut model, &loader(32), &config, None, &mut |e| events.push(e), &cancel).unwrap();
+    assert!(summary.aborted);
+    assert_eq!((summary.steps, summary.images_seen, summary.last_checkpoint.clone()), (0, 0, None));
+    assert!(events.is_empty(), "{events:?}");
+    assert!(dir.entries().is_empty(), "nothing may be written: {:?}", dir.entries());
+    assert_eq!(param_bits(&model), before);
+
+    // Resumed, it stops where the checkpoint left off, with the checkpoint's weights.
+    let mut first = tiny_model(44);
+    run(&mut first, &loader(32), &config, None).unwrap();
+    let written = dir.entries();
+    let summary = pretrain(&mut model, &loader(32), &with_recipe(&config, |r| Recipe { max_steps: Some(4), ..r }), Some(dir.path()), &mut |e| events.push(e), &cancel).unwrap();
+    assert!(summary.aborted);
+    assert_eq!((summary.steps, summary.last_checkpoint), (2, Some(checkpoint_file(dir.path(), 2))));
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(dir.entries(), written);
+    assert_same_weights(&model, &first, "resumed and stopped");
 }
