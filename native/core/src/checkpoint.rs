@@ -206,7 +206,7 @@ fn hf_block_suffix(rest: &str) -> Option<&'static str> {
 fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     // (published prefix, "weight"|"bias") -> [query, key, value]
-    let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
+    let mut qkv: BTreeMap<(String, String), [Option<(String, Tensor)>; 3]> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (name, tensor) in hf {
         let key = name.strip_prefix("vit.").unwrap_or(&name);
@@ -248,7 +248,7 @@ fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
                             continue;
                         }
                     };
-                    qkv.entry((block, kind.to_string())).or_default()[slot] = Some(tensor);
+                    qkv.entry((block, kind.to_string())).or_default()[slot] = Some((name.clone(), tensor));
                 } else {
                     unknown.push(name.clone());
                 }
@@ -261,7 +261,17 @@ fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
     }
     for ((block, kind), parts) in qkv {
         match parts {
-            [Some(q), Some(k), Some(v)] => {
+            [Some((qn, q)), Some((kn, k)), Some((vn, v))] => {
+                // The published fused tensor stacks the three along their first dimension.
+                if q.rank() == 0 || q.dims() != k.dims() || q.dims() != v.dims() {
+                    bail!(
+                        CheckpointShape,
+                        "Hugging Face tensors {qn} {:?}, {kn} {:?} and {vn} {:?} must have one shape (of rank 1 or more) to form {block}.attn.qkv.{kind}",
+                        q.dims(),
+                        k.dims(),
+                        v.dims()
+                    );
+                }
                 out.insert(format!("{block}.attn.qkv.{kind}"), Tensor::cat(&[q, k, v], 0)?);
             }
             _ => bail!(CheckpointKeys, "Hugging Face checkpoint lacks some of query/key/value {kind} for {block}"),

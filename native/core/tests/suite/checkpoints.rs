@@ -383,3 +383,22 @@ fn encoder_mask_token_survives_save_and_load() {
     assert_eq!(token(&loaded), token(&model));
     assert!(token(&model).is_some());
 }
+
+#[test]
+fn hugging_face_tensor_of_the_wrong_shape_is_a_shape_error() {
+    // q, k and v of different shapes could not be stacked, which was reported as E_INTERNAL.
+    let dir = TempDir::new("hf-shape");
+    let folder = dir.join("model.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("mae-tiny.hf/config.json"), folder.join("config.json")).unwrap();
+    let (mut tensors, _) = read_fixture("mae-tiny.hf/model.safetensors");
+    let key = "vit.encoder.layer.0.attention.attention.key.weight";
+    assert_eq!(tensors[key].dims(), [48, 48]);
+    tensors.insert(key.to_string(), Tensor::zeros((48, 40), candle_core::DType::F32, &Device::Cpu).unwrap());
+    write_safetensors(&folder.join("model.safetensors"), &tensors, None);
+    let e = load_err(&folder, None);
+    assert_eq!(e.code, ErrorCode::CheckpointShape, "{e}");
+    for needle in [key, "[48, 40]", "[48, 48]", "blocks.0.attn.qkv.weight"] {
+        assert!(e.message.contains(needle), "the message should say {needle:?}: {}", e.message);
+    }
+}
