@@ -7,6 +7,7 @@ use crate::config::{ConfigPatch, MaeConfig, PRESETS};
 use crate::device::Precision;
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::MaskedAutoencoder;
+use crate::pth::PthFile;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -45,37 +46,84 @@ pub struct LoadReport {
     pub fresh_decoder: bool,
 }
 
-fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
+pub(crate) fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::CheckpointCorrupt, format!("{} is not a readable checkpoint: {detail}", path.display()))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> Error {
+    Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display()))
 }
 
 /// Reads every tensor of a checkpoint (as f32, on the CPU) under published names.
 pub fn read_state_dict(path: &Path) -> Result<StateDict> {
+    open_checkpoint(path)?.read(|_| true)
+}
+
+/// A checkpoint read up to its tensors' names and shapes. A `.pth` reads a tensor's data
+/// only when asked for it, so that its keys can be checked first; safetensors files are
+/// read whole (each of their bytes belongs to one tensor).
+struct OpenCheckpoint {
+    format: CheckpointFormat,
+    config: Option<ConfigPatch>,
+    metadata: HashMap<String, String>,
+    shapes: BTreeMap<String, Vec<usize>>,
+    tensors: Tensors,
+}
+
+enum Tensors {
+    Read(BTreeMap<String, Tensor>),
+    Pth(PthFile),
+}
+
+impl OpenCheckpoint {
+    /// The tensors `wanted` accepts, as f32 on the CPU.
+    fn read(self, wanted: impl Fn(&str) -> bool) -> Result<StateDict> {
+        let tensors = match self.tensors {
+            Tensors::Read(tensors) => tensors.into_iter().filter(|(name, _)| wanted(name)).collect(),
+            Tensors::Pth(mut pth) => {
+                let mut tensors = BTreeMap::new();
+                pth.read(wanted, |name, tensor, bytes| {
+                    let stored = Tensor::from_raw_buffer(&bytes, tensor.dtype, &tensor.shape, &Device::Cpu)?;
+                    tensors.insert(name.to_string(), stored.to_dtype(DType::F32)?);
+                    Ok(())
+                })?;
+                tensors
+            }
+        };
+        Ok(StateDict { tensors, config: self.config, format: self.format, metadata: self.metadata })
+    }
+}
+
+fn shapes_of(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Vec<usize>> {
+    tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect()
+}
+
+fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
     if !path.exists() {
         bail!(CheckpointNotFound, "no checkpoint at {}", path.display());
     }
     if path.is_dir() {
         return read_hugging_face(path);
     }
+    let mut file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
     let mut magic = [0u8; 2];
-    let is_zip = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .map(|_| &magic == b"PK")
-        .unwrap_or(false);
-    if is_zip {
-        read_pth(path)
-    } else {
-        let bytes = std::fs::read(path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display())))?;
-        let (tensors, metadata) = parse_safetensors(path, &bytes)?;
-        let config = match metadata.get("config") {
-            Some(json) => {
-                let value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(path, format!("metadata config is not JSON: {e}")))?;
-                Some(ConfigPatch::from_json(&value, false)?)
-            }
-            None => None,
-        };
-        Ok(StateDict { tensors, config, format: CheckpointFormat::Safetensors, metadata })
+    if std::io::Read::read_exact(&mut file, &mut magic).is_ok() && &magic == b"PK" {
+        let len = file.metadata().map_err(|e| io_error(path, e))?.len();
+        let pth = PthFile::open(path, file, len, |name, dtype, class| dtype.ok_or_else(|| corrupt(path, format!("tensor {name} has a {class}, which is not read"))))?;
+        let shapes = pth.tensors.iter().map(|(name, t)| (name.clone(), t.shape.clone())).collect();
+        return Ok(OpenCheckpoint { format: CheckpointFormat::Pth, config: None, metadata: HashMap::new(), shapes, tensors: Tensors::Pth(pth) });
     }
+    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
+    let (tensors, metadata) = parse_safetensors(path, &bytes)?;
+    let config = match metadata.get("config") {
+        Some(json) => {
+            let value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(path, format!("metadata config is not JSON: {e}")))?;
+            Some(ConfigPatch::from_json(&value, false)?)
+        }
+        None => None,
+    };
+    let shapes = shapes_of(&tensors);
+    Ok(OpenCheckpoint { format: CheckpointFormat::Safetensors, config, metadata, shapes, tensors: Tensors::Read(tensors) })
 }
 
 fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
@@ -90,50 +138,7 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tens
     Ok((tensors, metadata))
 }
 
-/// A PyTorch zip checkpoint. candle's unpickler interprets the pickle opcodes as
-/// data and never imports or calls anything named in the file.
-fn read_pth(path: &Path) -> Result<StateDict> {
-    let open = |key: Option<&str>| {
-        std::panic::catch_unwind(|| candle_core::pickle::PthTensors::new(path, key))
-            .map_err(|_| corrupt(path, "the pickle could not be parsed"))?
-            .map_err(|e| corrupt(path, e))
-    };
-    // Published checkpoints wrap the state dict as {"model": ...}; also accept a bare one.
-    let pth = match open(Some("model")) {
-        Ok(p) if !p.tensor_infos().is_empty() => p,
-        _ => open(None)?,
-    };
-    if pth.tensor_infos().is_empty() {
-        return Err(corrupt(path, "it holds no tensors (expected {\"model\": state_dict} or a state dict)"));
-    }
-    check_pth_storage_sizes(path, &pth)?;
-    let mut tensors = BTreeMap::new();
-    for name in pth.tensor_infos().keys() {
-        let tensor = std::panic::catch_unwind(|| pth.get(name))
-            .map_err(|_| corrupt(path, format!("tensor {name} could not be read")))?
-            .map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?
-            .ok_or_else(|| corrupt(path, format!("tensor {name} is missing its data")))?;
-        tensors.insert(name.clone(), tensor.to_dtype(DType::F32)?);
-    }
-    Ok(StateDict { tensors, config: None, format: CheckpointFormat::Pth, metadata: HashMap::new() })
-}
-
-/// Each tensor's declared extent must fit in its storage record, so that a
-/// corrupt shape is an error rather than a huge allocation.
-fn check_pth_storage_sizes(path: &Path, pth: &candle_core::pickle::PthTensors) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display())))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| corrupt(path, e))?;
-    for (name, info) in pth.tensor_infos() {
-        let needed = (info.layout.start_offset() + info.layout.shape().elem_count()) as u64 * info.dtype.size_in_bytes() as u64;
-        let available = zip.by_name(&info.path).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?.size();
-        if needed > available {
-            return Err(corrupt(path, format!("tensor {name} needs {needed} bytes but its storage has {available}")));
-        }
-    }
-    Ok(())
-}
-
-fn read_hugging_face(dir: &Path) -> Result<StateDict> {
+fn read_hugging_face(dir: &Path) -> Result<OpenCheckpoint> {
     let config_path = dir.join("config.json");
     let weights_path = dir.join("model.safetensors");
     for p in [&config_path, &weights_path] {
@@ -141,12 +146,14 @@ fn read_hugging_face(dir: &Path) -> Result<StateDict> {
             bail!(CheckpointNotFound, "{} is a folder but has no {} (expected a Hugging Face ViTMAE folder)", dir.display(), p.file_name().unwrap().to_string_lossy());
         }
     }
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", config_path.display())))?;
+    let text = std::fs::read_to_string(&config_path).map_err(|e| io_error(&config_path, e))?;
     let hf: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(&config_path, e))?;
     let config = hf_config(&hf)?;
-    let bytes = std::fs::read(&weights_path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", weights_path.display())))?;
+    let bytes = std::fs::read(&weights_path).map_err(|e| io_error(&weights_path, e))?;
     let (hf_tensors, _) = parse_safetensors(&weights_path, &bytes)?;
-    Ok(StateDict { tensors: hf_to_published(hf_tensors)?, config: Some(config), format: CheckpointFormat::HuggingFace, metadata: HashMap::new() })
+    let tensors = hf_to_published(hf_tensors)?;
+    let shapes = shapes_of(&tensors);
+    Ok(OpenCheckpoint { format: CheckpointFormat::HuggingFace, config: Some(config), metadata: HashMap::new(), shapes, tensors: Tensors::Read(tensors) })
 }
 
 fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
@@ -290,10 +297,10 @@ fn is_decoder_key(name: &str) -> bool {
 /// A config from tensor shapes alone. Head counts are not visible in shapes: they
 /// come from the preset with the same widths (all published models use 64-d
 /// heads in B/L, 80-d in H, and 16 decoder heads).
-fn infer_config(tensors: &BTreeMap<String, Tensor>) -> ConfigPatch {
-    let dim = |name: &str, i: usize| tensors.get(name).and_then(|t| t.dims().get(i).copied());
+fn infer_config(shapes: &BTreeMap<String, Vec<usize>>) -> ConfigPatch {
+    let dim = |name: &str, i: usize| shapes.get(name).and_then(|s| s.get(i).copied());
     let count_blocks = |prefix: &str| {
-        tensors
+        shapes
             .keys()
             .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
             .collect::<BTreeSet<_>>()
@@ -350,11 +357,12 @@ fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
 }
 
 /// Loads a model. The config is, in increasing priority: what the shapes imply,
-/// the checkpoint's own config, and `explicit`; the tensors are then checked against it.
+/// the checkpoint's own config, and `explicit`; the tensors' names and shapes are then
+/// checked against it before any tensor data is read.
 pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, precision: Precision, seed: u64) -> Result<(MaskedAutoencoder, LoadReport)> {
-    let state = read_state_dict(path)?;
-    let mut patch = infer_config(&state.tensors);
-    if let Some(c) = &state.config {
+    let checkpoint = open_checkpoint(path)?;
+    let mut patch = infer_config(&checkpoint.shapes);
+    if let Some(c) = &checkpoint.config {
         patch = merge(patch, c);
     }
     if let Some(c) = explicit {
@@ -365,28 +373,32 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
     })?;
     let mut model = MaskedAutoencoder::new(config, device, precision, seed)?;
     // A training checkpoint also holds optimizer moments; a model load leaves them.
-    let tensors = state.tensors.into_iter().filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX)).collect();
-    let fresh_decoder = assign(&mut model, tensors)?;
+    let is_model_key = |k: &str| !k.starts_with(OPTIMIZER_PREFIX);
+    let shapes = checkpoint.shapes.iter().filter(|(k, _)| is_model_key(k)).map(|(k, s)| (k.clone(), s.clone())).collect();
+    let fresh_decoder = check_keys(&model, &shapes)?;
+    let state = checkpoint.read(is_model_key)?;
+    assign(&mut model, state.tensors)?;
     Ok((model, LoadReport { format: state.format, fresh_decoder }))
 }
 
-/// Copies checkpoint tensors into the model; returns whether the decoder was absent.
-fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) -> Result<bool> {
+/// Checks a checkpoint's names and shapes against the model; returns whether the
+/// decoder is absent (an encoder-only checkpoint).
+fn check_keys(model: &MaskedAutoencoder, shapes: &BTreeMap<String, Vec<usize>>) -> Result<bool> {
     let expected: Vec<(String, Vec<usize>)> = model
         .params()
         .iter()
         .map(|(n, v)| (n.clone(), v.dims().to_vec()))
         .chain(model.buffers().iter().map(|(n, t)| (n.to_string(), t.dims().to_vec())))
         .collect();
-    let unknown: Vec<&String> = tensors.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
+    let unknown: Vec<&String> = shapes.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
     if !unknown.is_empty() {
         bail!(CheckpointKeys, "checkpoint has keys that this MAE does not: {unknown:?}");
     }
-    let has_decoder = tensors.keys().any(|k| is_decoder_key(k));
+    let has_decoder = shapes.keys().any(|k| is_decoder_key(k));
     let missing: Vec<&String> = expected
         .iter()
         .map(|(n, _)| n)
-        .filter(|n| !tensors.contains_key(*n) && (has_decoder || !is_decoder_key(n)) && !n.ends_with("pos_embed"))
+        .filter(|n| !shapes.contains_key(*n) && (has_decoder || !is_decoder_key(n)) && !n.ends_with("pos_embed"))
         .collect();
     if !missing.is_empty() {
         bail!(CheckpointKeys, "checkpoint lacks keys: {missing:?}");
@@ -394,13 +406,18 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
     let mismatched: Vec<String> = expected
         .iter()
         .filter_map(|(n, shape)| {
-            let t = tensors.get(n)?;
-            (t.dims() != shape.as_slice()).then(|| format!("{n}: checkpoint {:?}, config {:?}", t.dims(), shape))
+            let stored = shapes.get(n)?;
+            (stored != shape).then(|| format!("{n}: checkpoint {stored:?}, config {shape:?}"))
         })
         .collect();
     if !mismatched.is_empty() {
         bail!(CheckpointShape, "checkpoint shapes do not match the config: {}", mismatched.join("; "));
     }
+    Ok(!has_decoder)
+}
+
+/// Copies checked checkpoint tensors into the model.
+fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) -> Result<()> {
     let device = model.device().clone();
     for (name, var) in model.params() {
         if let Some(t) = tensors.remove(name) {
@@ -412,7 +429,7 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
             model.set_buffer(name, t)?;
         }
     }
-    Ok(!has_decoder)
+    Ok(())
 }
 
 /// Saves in the published key layout with the config in `__metadata__.config`.
@@ -550,11 +567,10 @@ pub struct Inspection {
 }
 
 pub fn inspect(path: &Path) -> Result<Inspection> {
-    let state = read_state_dict(path)?;
-    let mut config = infer_config(&state.tensors);
-    if let Some(c) = &state.config {
+    let checkpoint = open_checkpoint(path)?;
+    let mut config = infer_config(&checkpoint.shapes);
+    if let Some(c) = &checkpoint.config {
         config = merge(config, c);
     }
-    let tensors = state.tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect();
-    Ok(Inspection { format: state.format, tensors, config })
+    Ok(Inspection { format: checkpoint.format, tensors: checkpoint.shapes.into_iter().collect(), config })
 }
