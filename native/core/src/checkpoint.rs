@@ -98,23 +98,80 @@ fn shapes_of(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Vec<usize>>
     tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect()
 }
 
+/// What is at a path, from its metadata, before anything opens it.
+enum PathKind {
+    File { len: u64 },
+    Folder,
+}
+
+/// `None` when nothing is at `path`. Anything but a regular file or a folder is refused
+/// here: reading `/dev/zero` never ends, and opening a FIFO blocks until a writer comes.
+fn path_kind(path: &Path) -> Result<Option<PathKind>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path, e)),
+    };
+    let file_type = meta.file_type();
+    if file_type.is_dir() {
+        return Ok(Some(PathKind::Folder));
+    }
+    if file_type.is_file() {
+        return Ok(Some(PathKind::File { len: meta.len() }));
+    }
+    #[cfg(unix)]
+    let kind = {
+        use std::os::unix::fs::FileTypeExt;
+        match () {
+            _ if file_type.is_char_device() => "a character device",
+            _ if file_type.is_block_device() => "a block device",
+            _ if file_type.is_fifo() => "a FIFO",
+            _ if file_type.is_socket() => "a socket",
+            _ => "not a regular file",
+        }
+    };
+    #[cfg(not(unix))]
+    let kind = "not a regular file";
+    Err(Error::new(ErrorCode::CheckpointCorrupt, format!("{} is {kind}, not a checkpoint file", path.display())))
+}
+
+fn open_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| io_error(path, e))
+}
+
+/// At most `len` bytes of `file` from where it stands: a checkpoint is read no further
+/// than the size its metadata gave, even if it grows while it is read.
+fn read_up_to(path: &Path, file: &mut std::fs::File, len: u64) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, len), &mut bytes).map_err(|e| io_error(path, e))?;
+    Ok(bytes)
+}
+
+/// The first bytes of a `torch.save` file from before PyTorch 1.6: a protocol-2 pickle of
+/// its magic number, 0x1950a86a20f9469cfc6c.
+const LEGACY_TORCH_MAGIC: [u8; 14] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+/// The largest safetensors header the format allows (as the safetensors crate).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+/// How much of a file is read to tell its format.
+const SNIFFED_BYTES: u64 = LEGACY_TORCH_MAGIC.len() as u64;
+
 fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
-    if !path.exists() {
-        bail!(CheckpointNotFound, "no checkpoint at {}", path.display());
-    }
-    if path.is_dir() {
-        return read_hugging_face(path);
-    }
-    let mut file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
-    let mut magic = [0u8; 2];
-    if std::io::Read::read_exact(&mut file, &mut magic).is_ok() && &magic == b"PK" {
-        let len = file.metadata().map_err(|e| io_error(path, e))?.len();
+    let len = match path_kind(path)? {
+        None => bail!(CheckpointNotFound, "no checkpoint at {}", path.display()),
+        Some(PathKind::Folder) => return read_hugging_face(path),
+        Some(PathKind::File { len }) => len,
+    };
+    let mut file = open_file(path)?;
+    let head = read_up_to(path, &mut file, SNIFFED_BYTES)?;
+    if head.starts_with(b"PK\x03\x04") {
         let pth = PthFile::open(path, file, len, |name, dtype, class| dtype.ok_or_else(|| corrupt(path, format!("tensor {name} has a {class}, which is not read"))))?;
         let shapes = pth.tensors.iter().map(|(name, t)| (name.clone(), t.shape.clone())).collect();
         return Ok(OpenCheckpoint { format: CheckpointFormat::Pth, config: None, metadata: HashMap::new(), shapes, tensors: Tensors::Pth(pth) });
     }
-    let bytes = std::fs::read(path).map_err(|e| io_error(path, e))?;
-    let (tensors, metadata) = parse_safetensors(path, &bytes)?;
+    if head.starts_with(&LEGACY_TORCH_MAGIC) {
+        return Err(corrupt(path, "it is a torch.save file in the legacy format of PyTorch before 1.6, which is not read; load it in PyTorch and save it again with a current torch.save"));
+    }
+    let (tensors, metadata) = read_safetensors(path, file, &head, len, "it is not a safetensors file, a zip PyTorch checkpoint or a Hugging Face folder")?;
     let config = match metadata.get("config") {
         Some(json) => {
             let value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(path, format!("metadata config is not JSON: {e}")))?;
@@ -126,7 +183,29 @@ fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
     Ok(OpenCheckpoint { format: CheckpointFormat::Safetensors, config, metadata, shapes, tensors: Tensors::Read(tensors) })
 }
 
-fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+type Parsed = (BTreeMap<String, Tensor>, HashMap<String, String>);
+
+/// A safetensors file of `len` bytes whose first bytes `head` were read from `file`. Its
+/// header length must fit the file and the format's limit before the rest is read;
+/// `not_safetensors` is what to say of a file that does not start as safetensors do.
+fn read_safetensors(path: &Path, mut file: std::fs::File, head: &[u8], len: u64, not_safetensors: &str) -> Result<Parsed> {
+    // An 8-byte little-endian header length, then that much JSON.
+    match head.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) {
+        Some(h) if head.get(8) == Some(&b'{') => {
+            if h > len.saturating_sub(8) {
+                return Err(corrupt(path, format!("its safetensors header declares {h} bytes but only {} follow (is it truncated?)", len.saturating_sub(8))));
+            }
+            if h > MAX_SAFETENSORS_HEADER {
+                return Err(corrupt(path, format!("its safetensors header declares {h} bytes, more than the {MAX_SAFETENSORS_HEADER} the format allows")));
+            }
+        }
+        _ => return Err(corrupt(path, not_safetensors)),
+    }
+    std::io::Seek::rewind(&mut file).map_err(|e| io_error(path, e))?;
+    parse_safetensors(path, &read_up_to(path, &mut file, len)?)
+}
+
+fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, e))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e))?;
@@ -138,19 +217,28 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tens
     Ok((tensors, metadata))
 }
 
+/// The largest `config.json` read: Hugging Face's are a kilobyte or two.
+const MAX_HF_CONFIG_BYTES: u64 = 1 << 20;
+
 fn read_hugging_face(dir: &Path) -> Result<OpenCheckpoint> {
-    let config_path = dir.join("config.json");
-    let weights_path = dir.join("model.safetensors");
-    for p in [&config_path, &weights_path] {
-        if !p.exists() {
-            bail!(CheckpointNotFound, "{} is a folder but has no {} (expected a Hugging Face ViTMAE folder)", dir.display(), p.file_name().unwrap().to_string_lossy());
+    let file_in = |name: &str| -> Result<(PathBuf, u64)> {
+        let path = dir.join(name);
+        match path_kind(&path)? {
+            Some(PathKind::File { len }) => Ok((path, len)),
+            Some(PathKind::Folder) => Err(corrupt(&path, "it is a folder")),
+            None => bail!(CheckpointNotFound, "{} is a folder but has no {name} (expected a Hugging Face ViTMAE folder)", dir.display()),
         }
+    };
+    let (config_path, config_len) = file_in("config.json")?;
+    let (weights_path, weights_len) = file_in("model.safetensors")?;
+    if config_len > MAX_HF_CONFIG_BYTES {
+        return Err(corrupt(&config_path, format!("it is {config_len} bytes; a Hugging Face config.json is a few kilobytes (at most {MAX_HF_CONFIG_BYTES} are read)")));
     }
-    let text = std::fs::read_to_string(&config_path).map_err(|e| io_error(&config_path, e))?;
-    let hf: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(&config_path, e))?;
+    let hf: serde_json::Value = serde_json::from_slice(&read_up_to(&config_path, &mut open_file(&config_path)?, config_len)?).map_err(|e| corrupt(&config_path, e))?;
     let config = hf_config(&hf)?;
-    let bytes = std::fs::read(&weights_path).map_err(|e| io_error(&weights_path, e))?;
-    let (hf_tensors, _) = parse_safetensors(&weights_path, &bytes)?;
+    let mut weights = open_file(&weights_path)?;
+    let head = read_up_to(&weights_path, &mut weights, SNIFFED_BYTES)?;
+    let (hf_tensors, _) = read_safetensors(&weights_path, weights, &head, weights_len, "it is not a safetensors file")?;
     let tensors = hf_to_published(hf_tensors)?;
     let shapes = shapes_of(&tensors);
     Ok(OpenCheckpoint { format: CheckpointFormat::HuggingFace, config: Some(config), metadata: HashMap::new(), shapes, tensors: Tensors::Read(tensors) })

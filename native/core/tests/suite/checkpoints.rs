@@ -3,7 +3,7 @@
 //! `../shared/fixtures` (override with VIT_MAE_FIXTURES).
 
 use candle_core::{Device, Tensor};
-use crate::common::pth::{write_pth, write_state_dict, Pickle, Storage, View};
+use crate::common::pth::{pth_bytes, state_dict_pickle, write_pth, write_state_dict, Pickle, Storage, View};
 use crate::common::{bits, fixtures, TempDir};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -552,6 +552,77 @@ fn pickle_limits_and_foreign_globals_are_named() {
         write_pth(&path, &pickle.to_vec(), &[]);
         assert_corrupt(&read_err(&path), &[needle]);
     }
+}
+
+#[test]
+fn devices_and_fifos_are_refused_before_they_are_opened() {
+    // /dev/zero used to be read forever, and opening a FIFO blocked.
+    let dir = TempDir::new("special-files");
+    assert_corrupt(&load_err(Path::new("/dev/zero"), None), &["/dev/zero is a character device, not a checkpoint file"]);
+    let fifo = dir.join("pipe.pth");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert_corrupt(&load_err(&fifo, None), &["pipe.pth is a FIFO, not a checkpoint file"]);
+
+    let hf = fixtures().join("mae-tiny.hf");
+    let folder = dir.join("zero-config.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", folder.join("config.json")).unwrap();
+    std::fs::copy(hf.join("model.safetensors"), folder.join("model.safetensors")).unwrap();
+    assert_corrupt(&load_err(&folder, None), &["config.json is a character device"]);
+    let folder = dir.join("fifo-weights.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(hf.join("config.json"), folder.join("config.json")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(folder.join("model.safetensors")).status().unwrap().success());
+    assert_corrupt(&load_err(&folder, None), &["model.safetensors is a FIFO"]);
+}
+
+#[test]
+fn declared_sizes_must_fit_the_file() {
+    let dir = TempDir::new("declared-sizes");
+    // A safetensors header length far past the end of the file.
+    let mut huge_header = (u64::MAX / 2).to_le_bytes().to_vec();
+    huge_header.extend_from_slice(b"{\"a\": 1}");
+    let path = dir.join("huge-header.safetensors");
+    std::fs::write(&path, huge_header).unwrap();
+    assert_corrupt(&load_err(&path, None), &["header declares 9223372036854775807 bytes but only 8 follow"]);
+
+    // A Hugging Face config.json far larger than any real one.
+    let folder = dir.join("big-config.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("mae-tiny.hf/model.safetensors"), folder.join("model.safetensors")).unwrap();
+    std::fs::write(folder.join("config.json"), format!("{{{}}}", " ".repeat(2 << 20))).unwrap();
+    assert_corrupt(&load_err(&folder, None), &["config.json", "a Hugging Face config.json is a few kilobytes"]);
+
+    // A .pth whose data.pkl declares a gigabyte (in both of the zip's records of it).
+    let mut pth = pth_bytes(&state_dict_pickle(&[("w", View::contiguous(0, &[4]))], &[Storage::f32("0", &[1.0; 4])], true), &[Storage::f32("0", &[1.0; 4])]);
+    let name = b"archive/data.pkl";
+    for (signature, sizes_at, name_at) in [(b"PK\x03\x04", 18, 30), (b"PK\x01\x02", 20, 46)] {
+        let at = (0..pth.len() - name_at - name.len())
+            .find(|&i| pth[i..].starts_with(signature) && pth[i + name_at..].starts_with(name))
+            .expect("the zip has a record of data.pkl");
+        for field in [sizes_at, sizes_at + 4] {
+            pth[at + field..at + field + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        }
+    }
+    let path = dir.join("huge-pickle.pth");
+    std::fs::write(&path, pth).unwrap();
+    assert_corrupt(&load_err(&path, None), &["data.pkl declares 1073741824 bytes, more than the file holds"]);
+}
+
+#[test]
+fn files_that_are_not_checkpoints_say_what_they_are_not() {
+    // Both used to report a safetensors "header too large".
+    let dir = TempDir::new("not-checkpoints");
+    let mut legacy = vec![0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+    legacy.extend_from_slice(b".\x80\x02M\xe9\x03.");
+    let path = dir.join("legacy.pth");
+    std::fs::write(&path, legacy).unwrap();
+    assert_corrupt(&load_err(&path, None), &["legacy format of PyTorch before 1.6", "save it again with a current torch.save"]);
+    let mut rng = crate::common::SplitMix(7);
+    let random: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
+    let path = dir.join("random.bin");
+    std::fs::write(&path, random).unwrap();
+    assert_corrupt(&load_err(&path, None), &["is not a safetensors file, a zip PyTorch checkpoint or a Hugging Face folder"]);
 }
 
 #[test]
