@@ -36,6 +36,9 @@ pub struct StateDict {
     pub format: CheckpointFormat,
     /// safetensors `__metadata__` (training checkpoints keep their state here).
     pub metadata: HashMap<String, String>,
+    /// Tensors the file stores in another floating-point type (f16, bf16, f64), by their
+    /// names in the file, with that type; they were converted to f32.
+    pub converted: BTreeMap<String, DType>,
 }
 
 /// What loading found, besides the model.
@@ -44,6 +47,8 @@ pub struct LoadReport {
     pub format: CheckpointFormat,
     /// True when the checkpoint held only the encoder and the decoder is freshly initialised.
     pub fresh_decoder: bool,
+    /// Weights stored as f16, bf16 or f64 and converted to f32 (names as in the file).
+    pub converted: BTreeMap<String, DType>,
 }
 
 pub(crate) fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
@@ -71,31 +76,52 @@ struct OpenCheckpoint {
 }
 
 enum Tensors {
-    Read(BTreeMap<String, Tensor>),
+    Read { tensors: BTreeMap<String, Tensor>, converted: BTreeMap<String, DType> },
     Pth(PthFile),
 }
 
 impl OpenCheckpoint {
     /// The tensors `wanted` accepts, as f32 on the CPU.
     fn read(self, wanted: impl Fn(&str) -> bool) -> Result<StateDict> {
-        let tensors = match self.tensors {
-            Tensors::Read(tensors) => tensors.into_iter().filter(|(name, _)| wanted(name)).collect(),
+        let (tensors, converted) = match self.tensors {
+            Tensors::Read { tensors, converted } => (tensors.into_iter().filter(|(name, _)| wanted(name)).collect(), converted),
             Tensors::Pth(mut pth) => {
-                let mut tensors = BTreeMap::new();
+                let (mut tensors, mut converted) = (BTreeMap::new(), BTreeMap::new());
                 pth.read(wanted, |name, tensor, bytes| {
                     let stored = Tensor::from_raw_buffer(&bytes, tensor.dtype, &tensor.shape, &Device::Cpu)?;
+                    if is_converted(tensor.dtype) {
+                        converted.insert(name.to_string(), tensor.dtype);
+                    }
                     tensors.insert(name.to_string(), stored.to_dtype(DType::F32)?);
                     Ok(())
                 })?;
-                tensors
+                (tensors, converted)
             }
         };
-        Ok(StateDict { tensors, config: self.config, format: self.format, metadata: self.metadata })
+        Ok(StateDict { tensors, config: self.config, format: self.format, metadata: self.metadata, converted })
     }
 }
 
 fn shapes_of(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Vec<usize>> {
     tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect()
+}
+
+/// The model holds f32: floating-point tensors are converted, integer and boolean ones
+/// refused, except PyTorch's integer buffers (BatchNorm's `num_batches_tracked`), read as
+/// f32 as before. `stored_as` names a type candle lacks.
+fn checked_dtype(path: &Path, name: &str, dtype: Option<DType>, stored_as: &str) -> Result<DType> {
+    match dtype {
+        Some(d @ (DType::F32 | DType::F16 | DType::BF16 | DType::F64)) => Ok(d),
+        Some(DType::I64) if name.ends_with("num_batches_tracked") => Ok(DType::I64),
+        _ => Err(corrupt(
+            path,
+            format!("tensor {name} is stored as {}; weights must be floating-point (f32, f16, bf16 or f64)", dtype.map_or(stored_as, |d| d.as_str())),
+        )),
+    }
+}
+
+fn is_converted(dtype: DType) -> bool {
+    dtype != DType::F32 && dtype.is_float()
 }
 
 /// What is at a path, from its metadata, before anything opens it.
@@ -164,14 +190,15 @@ fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
     let mut file = open_file(path)?;
     let head = read_up_to(path, &mut file, SNIFFED_BYTES)?;
     if head.starts_with(b"PK\x03\x04") {
-        let pth = PthFile::open(path, file, len, |name, dtype, class| dtype.ok_or_else(|| corrupt(path, format!("tensor {name} has a {class}, which is not read"))))?;
+        let pth = PthFile::open(path, file, len, |name, dtype, stored_as| checked_dtype(path, name, dtype, stored_as))?;
         let shapes = pth.tensors.iter().map(|(name, t)| (name.clone(), t.shape.clone())).collect();
         return Ok(OpenCheckpoint { format: CheckpointFormat::Pth, config: None, metadata: HashMap::new(), shapes, tensors: Tensors::Pth(pth) });
     }
     if head.starts_with(&LEGACY_TORCH_MAGIC) {
         return Err(corrupt(path, "it is a torch.save file in the legacy format of PyTorch before 1.6, which is not read; load it in PyTorch and save it again with a current torch.save"));
     }
-    let (tensors, metadata) = read_safetensors(path, file, &head, len, "it is not a safetensors file, a zip PyTorch checkpoint or a Hugging Face folder")?;
+    let (tensors, metadata, converted) =
+        read_safetensors(path, file, &head, len, "it is not a safetensors file, a zip PyTorch checkpoint or a Hugging Face folder")?;
     let config = match metadata.get("config") {
         Some(json) => {
             let value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(path, format!("metadata config is not JSON: {e}")))?;
@@ -180,10 +207,10 @@ fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
         None => None,
     };
     let shapes = shapes_of(&tensors);
-    Ok(OpenCheckpoint { format: CheckpointFormat::Safetensors, config, metadata, shapes, tensors: Tensors::Read(tensors) })
+    Ok(OpenCheckpoint { format: CheckpointFormat::Safetensors, config, metadata, shapes, tensors: Tensors::Read { tensors, converted } })
 }
 
-type Parsed = (BTreeMap<String, Tensor>, HashMap<String, String>);
+type Parsed = (BTreeMap<String, Tensor>, HashMap<String, String>, BTreeMap<String, DType>);
 
 /// A safetensors file of `len` bytes whose first bytes `head` were read from `file`. Its
 /// header length must fit the file and the format's limit before the rest is read;
@@ -209,12 +236,17 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, e))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e))?;
-    let mut tensors = BTreeMap::new();
+    let (mut tensors, mut converted) = (BTreeMap::new(), BTreeMap::new());
     for (name, view) in st.tensors() {
+        let stored_as = format!("{:?}", view.dtype());
+        let dtype = checked_dtype(path, &name, DType::try_from(view.dtype()).ok(), &stored_as)?;
         let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
+        if is_converted(dtype) {
+            converted.insert(name.clone(), dtype);
+        }
         tensors.insert(name, tensor.to_dtype(DType::F32)?);
     }
-    Ok((tensors, metadata))
+    Ok((tensors, metadata, converted))
 }
 
 /// The largest `config.json` read: Hugging Face's are a kilobyte or two.
@@ -238,10 +270,10 @@ fn read_hugging_face(dir: &Path) -> Result<OpenCheckpoint> {
     let config = hf_config(&hf)?;
     let mut weights = open_file(&weights_path)?;
     let head = read_up_to(&weights_path, &mut weights, SNIFFED_BYTES)?;
-    let (hf_tensors, _) = read_safetensors(&weights_path, weights, &head, weights_len, "it is not a safetensors file")?;
+    let (hf_tensors, _, converted) = read_safetensors(&weights_path, weights, &head, weights_len, "it is not a safetensors file")?;
     let tensors = hf_to_published(hf_tensors)?;
     let shapes = shapes_of(&tensors);
-    Ok(OpenCheckpoint { format: CheckpointFormat::HuggingFace, config: Some(config), metadata: HashMap::new(), shapes, tensors: Tensors::Read(tensors) })
+    Ok(OpenCheckpoint { format: CheckpointFormat::HuggingFace, config: Some(config), metadata: HashMap::new(), shapes, tensors: Tensors::Read { tensors, converted } })
 }
 
 fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
@@ -466,7 +498,7 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
     let fresh_decoder = check_keys(&model, &shapes)?;
     let state = checkpoint.read(is_model_key)?;
     assign(&mut model, state.tensors)?;
-    Ok((model, LoadReport { format: state.format, fresh_decoder }))
+    Ok((model, LoadReport { format: state.format, fresh_decoder, converted: state.converted }))
 }
 
 /// Checks a checkpoint's names and shapes against the model; returns whether the

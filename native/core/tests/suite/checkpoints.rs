@@ -2,7 +2,7 @@
 //! error codes for every way a checkpoint can be wrong. Fixtures come from
 //! `../shared/fixtures` (override with VIT_MAE_FIXTURES).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use crate::common::pth::{pth_bytes, state_dict_pickle, write_pth, write_state_dict, Pickle, Storage, View};
 use crate::common::{bits, fixtures, TempDir};
 use std::collections::{BTreeMap, HashMap};
@@ -642,4 +642,68 @@ fn hugging_face_tensor_of_the_wrong_shape_is_a_shape_error() {
     for needle in [key, "[48, 40]", "[48, 48]", "blocks.0.attn.qkv.weight"] {
         assert!(e.message.contains(needle), "the message should say {needle:?}: {}", e.message);
     }
+}
+
+#[test]
+fn floating_point_weights_are_converted_and_reported() {
+    let dir = TempDir::new("dtypes");
+    let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+    let stored = [("cls_token", DType::F64), ("norm.weight", DType::BF16), ("patch_embed.proj.weight", DType::F16)];
+    for (name, dtype) in stored {
+        tensors.insert(name.to_string(), tensors[name].to_dtype(dtype).unwrap());
+    }
+    let path = dir.join("mixed.safetensors");
+    write_safetensors(&path, &tensors, Some(metadata));
+    let (model, report) = load_model(&path, None, &Device::Cpu, Precision::F32, 0).unwrap();
+    let converted: Vec<(&str, DType)> = report.converted.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+    assert_eq!(converted, stored, "every converted tensor, by name");
+    for (name, var) in model.params() {
+        assert_eq!(bits(var.as_tensor()), bits(&tensors[name].to_dtype(DType::F32).unwrap()), "{name}");
+    }
+
+    // The same from a .pth holding a HalfStorage.
+    let half = safetensors::View::data(&tensors["patch_embed.proj.weight"]).to_vec();
+    let mut storages = vec![Storage { key: "0".to_string(), class: "HalfStorage", element_size: 2, bytes: half }];
+    let mut views = vec![("patch_embed.proj.weight".to_string(), View::contiguous(0, &[48, 3, 4, 4]))];
+    for (name, t) in tensors.iter().filter(|(n, _)| *n != "patch_embed.proj.weight") {
+        storages.push(Storage::f32(&storages.len().to_string(), &t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+        views.push((name.clone(), View::contiguous(storages.len() - 1, &t.dims().iter().map(|&d| d as i64).collect::<Vec<_>>())));
+    }
+    let path = dir.join("half.pth");
+    write_views(&path, &views, &storages);
+    let (model, report) = load_model(&path, Some(&mae_tiny_heads()), &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(report.converted, BTreeMap::from([("patch_embed.proj.weight".to_string(), DType::F16)]));
+    let loaded = &model.params().iter().find(|(n, _)| n == "patch_embed.proj.weight").unwrap().1;
+    assert_eq!(bits(loaded.as_tensor()), bits(&tensors["patch_embed.proj.weight"].to_dtype(DType::F32).unwrap()));
+
+    // An all-f32 checkpoint reports nothing.
+    let (_, report) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert!(report.converted.is_empty());
+}
+
+#[test]
+fn integer_weights_are_refused_but_batch_norm_counts_are_read() {
+    // Integer weights used to be converted to f32 without a word.
+    let dir = TempDir::new("int-weights");
+    let name = "blocks.0.norm1.weight";
+    for dtype in [DType::I64, DType::U8, DType::U32] {
+        let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+        tensors.insert(name.to_string(), tensors[name].to_dtype(dtype).unwrap());
+        let path = dir.join(&format!("{}.safetensors", dtype.as_str()));
+        write_safetensors(&path, &tensors, Some(metadata));
+        assert_corrupt(&load_err(&path, None), &[name, &format!("stored as {}", dtype.as_str()), "must be floating-point"]);
+    }
+    let path = dir.join("long.pth");
+    let storage = Storage { key: "0".to_string(), class: "LongStorage", element_size: 8, bytes: vec![0; 48 * 8] };
+    write_state_dict(&path, &[(name, View::contiguous(0, &[48]))], &[storage]);
+    assert_corrupt(&read_err(&path), &[name, "stored as i64"]);
+    let path = dir.join("bool.pth");
+    let storage = Storage { key: "0".to_string(), class: "BoolStorage", element_size: 1, bytes: vec![1; 48] };
+    write_state_dict(&path, &[(name, View::contiguous(0, &[48]))], &[storage]);
+    assert_corrupt(&read_err(&path), &[name, "stored as BoolStorage"]);
+
+    // PyTorch's BatchNorm keeps its step count as int64: read, and not a conversion.
+    let state = read_state_dict(&fixtures().join("vit-linprobe.pth")).unwrap();
+    assert_eq!(state.tensors["head.0.num_batches_tracked"].dims(), [0usize; 0]);
+    assert!(state.converted.is_empty(), "{:?}", state.converted);
 }
