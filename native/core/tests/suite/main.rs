@@ -10,6 +10,7 @@ mod checkpoints;
 mod data;
 mod engine;
 mod finetune;
+mod fuzz;
 mod model;
 mod parity;
 mod train;
