@@ -1,5 +1,6 @@
 #!/bin/sh
-# The core's cargo tests, as `npm test` runs them: the whole suite, then the engine,
+# The core's cargo tests, as `npm test` runs them: the whole suite, with each reader of
+# untrusted files fuzzed for 30 s (tests/suite/fuzz.rs, 5 s by default), then the engine,
 # parity, training and allocation tests once more on each linked BLAS (VIT_MAE_GEMM),
 # with OpenBLAS choosing its own kernels (OPENBLAS_CORETYPE unset).
 #
@@ -10,7 +11,7 @@
 set -eu
 host=$(rustc -vV | sed -n 's/^host: //p')
 cargo_test="cargo test --release --target $host -p vit-mae-core -p vit-mae-node"
-$cargo_test
+VIT_MAE_FUZZ_SECONDS=${VIT_MAE_FUZZ_SECONDS:-30} $cargo_test
 for gemm in mkl openblas; do
   VIT_MAE_GEMM=$gemm env -u OPENBLAS_CORETYPE $cargo_test --test suite -- engine:: parity:: train:: finetune::
   VIT_MAE_GEMM=$gemm env -u OPENBLAS_CORETYPE $cargo_test --test allocations

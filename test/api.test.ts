@@ -172,6 +172,18 @@ describe('save and load', () => {
     const want = reference.tensors.latent.data;
     expect(out.latent.data.every((v, i) => Math.abs(v - want[i]) <= 1e-4)).toBe(true);
   });
+
+  it('converts weights stored in f64 to f32 and says which', async () => {
+    const full = readSafetensors(fixture('mae-tiny.weights.safetensors'));
+    const norm = full.tensors['norm.weight'];
+    const path = join(dir, 'f64.safetensors');
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(path, writeSafetensors({ ...full.tensors, 'norm.weight': { data: Float64Array.from(norm.data), shape: norm.shape } }, full.metadata));
+    const mae = await MaskedAutoencoder.load(path);
+    expect(mae.convertedDtypes).toEqual({ 'norm.weight': 'f64' });
+    expect((await MaskedAutoencoder.load(fixture('mae-tiny.weights.safetensors'))).convertedDtypes).toEqual({});
+    expect(MaskedAutoencoder.create({ config: SMALL }).convertedDtypes).toEqual({});
+  });
 });
 
 describe('precision', () => {

@@ -47,12 +47,14 @@ export function readSafetensors(path: string): SafetensorsFile {
   return out;
 }
 
-export function writeSafetensors(tensors: Record<string, Tensor>, metadata?: Record<string, string>): Buffer {
+/** Writes F32 tensors, and F64 ones for those given as a Float64Array. */
+export function writeSafetensors(tensors: Record<string, Tensor | { data: Float64Array; shape: number[] }>, metadata?: Record<string, string>): Buffer {
   const header: Record<string, unknown> = {};
   if (metadata) header.__metadata__ = metadata;
   let offset = 0;
   for (const [name, t] of Object.entries(tensors)) {
-    header[name] = { dtype: 'F32', shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
+    const dtype = t.data instanceof Float64Array ? 'F64' : 'F32';
+    header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + t.data.byteLength] };
     offset += t.data.byteLength;
   }
   let json = JSON.stringify(header);

@@ -324,6 +324,15 @@ export class MaskedAutoencoder {
     return this.#native.checkpointFormat as 'pth' | 'safetensors' | 'huggingface' | null;
   }
 
+  /**
+   * The weights the checkpoint stored in another floating-point type, by their names in the
+   * file, with that type; they were converted to f32 on loading. Empty for an f32 checkpoint
+   * or a created model.
+   */
+  get convertedDtypes(): Readonly<Record<string, 'f16' | 'bf16' | 'f64'>> {
+    return this.#native.convertedDtypes as Record<string, 'f16' | 'bf16' | 'f64'>;
+  }
+
   /** Where the model computes (`'cpu'`, `'cuda:0'`, ...). */
   get device(): string {
     return this.#native.device;

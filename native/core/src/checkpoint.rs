@@ -7,6 +7,7 @@ use crate::config::{ConfigPatch, MaeConfig, PRESETS};
 use crate::device::Precision;
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::MaskedAutoencoder;
+use crate::pth::PthFile;
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -37,6 +38,9 @@ pub struct StateDict {
     pub format: CheckpointFormat,
     /// safetensors `__metadata__` (training checkpoints keep their state here).
     pub metadata: HashMap<String, String>,
+    /// Tensors the file stores in another floating-point type (f16, bf16, f64), by their
+    /// names in the file, with that type; they were converted to f32.
+    pub converted: BTreeMap<String, DType>,
 }
 
 /// What loading found, besides the model.
@@ -45,110 +49,233 @@ pub struct LoadReport {
     pub format: CheckpointFormat,
     /// True when the checkpoint held only the encoder and the decoder is freshly initialised.
     pub fresh_decoder: bool,
+    /// Weights stored as f16, bf16 or f64 and converted to f32 (names as in the file).
+    pub converted: BTreeMap<String, DType>,
 }
 
-fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
+pub(crate) fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::CheckpointCorrupt, format!("{} is not a readable checkpoint: {detail}", path.display()))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> Error {
+    Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display()))
 }
 
 /// Reads every tensor of a checkpoint (as f32, on the CPU) under published names.
 pub fn read_state_dict(path: &Path) -> Result<StateDict> {
-    if !path.exists() {
-        bail!(CheckpointNotFound, "no checkpoint at {}", path.display());
-    }
-    if path.is_dir() {
-        return read_hugging_face(path);
-    }
-    let mut magic = [0u8; 2];
-    let is_zip = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .map(|_| &magic == b"PK")
-        .unwrap_or(false);
-    if is_zip {
-        read_pth(path)
-    } else {
-        let bytes = std::fs::read(path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display())))?;
-        let (tensors, metadata) = parse_safetensors(path, &bytes)?;
-        let config = match metadata.get("config") {
-            Some(json) => {
-                let value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(path, format!("metadata config is not JSON: {e}")))?;
-                Some(ConfigPatch::from_json(&value, false)?)
+    open_checkpoint(path)?.read(|_| true)
+}
+
+/// A checkpoint read up to its tensors' names and shapes. A `.pth` reads a tensor's data
+/// only when asked for it, so that its keys can be checked first; safetensors files are
+/// read whole (each of their bytes belongs to one tensor).
+struct OpenCheckpoint {
+    format: CheckpointFormat,
+    config: Option<ConfigPatch>,
+    metadata: HashMap<String, String>,
+    shapes: BTreeMap<String, Vec<usize>>,
+    tensors: Tensors,
+}
+
+enum Tensors {
+    Read { tensors: BTreeMap<String, Tensor>, converted: BTreeMap<String, DType> },
+    Pth(PthFile),
+}
+
+impl OpenCheckpoint {
+    /// The tensors `wanted` accepts, as f32 on the CPU.
+    fn read(self, wanted: impl Fn(&str) -> bool) -> Result<StateDict> {
+        let (tensors, converted) = match self.tensors {
+            Tensors::Read { tensors, converted } => (tensors.into_iter().filter(|(name, _)| wanted(name)).collect(), converted),
+            Tensors::Pth(mut pth) => {
+                let (mut tensors, mut converted) = (BTreeMap::new(), BTreeMap::new());
+                pth.read(wanted, |name, tensor, bytes| {
+                    let stored = Tensor::from_raw_buffer(&bytes, tensor.dtype, &tensor.shape, &Device::Cpu)?;
+                    if is_converted(tensor.dtype) {
+                        converted.insert(name.to_string(), tensor.dtype);
+                    }
+                    tensors.insert(name.to_string(), stored.to_dtype(DType::F32)?);
+                    Ok(())
+                })?;
+                (tensors, converted)
             }
-            None => None,
         };
-        Ok(StateDict { tensors, config, format: CheckpointFormat::Safetensors, metadata })
+        Ok(StateDict { tensors, config: self.config, format: self.format, metadata: self.metadata, converted })
     }
 }
 
-fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>)> {
+fn shapes_of(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Vec<usize>> {
+    tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect()
+}
+
+/// The model holds f32: floating-point tensors are converted, integer and boolean ones
+/// refused, except PyTorch's integer buffers (BatchNorm's `num_batches_tracked`), read as
+/// f32 as before. `stored_as` names a type candle lacks.
+fn checked_dtype(path: &Path, name: &str, dtype: Option<DType>, stored_as: &str) -> Result<DType> {
+    match dtype {
+        Some(d @ (DType::F32 | DType::F16 | DType::BF16 | DType::F64)) => Ok(d),
+        Some(DType::I64) if name.ends_with("num_batches_tracked") => Ok(DType::I64),
+        _ => Err(corrupt(
+            path,
+            format!("tensor {name} is stored as {}; weights must be floating-point (f32, f16, bf16 or f64)", dtype.map_or(stored_as, |d| d.as_str())),
+        )),
+    }
+}
+
+fn is_converted(dtype: DType) -> bool {
+    dtype != DType::F32 && dtype.is_float()
+}
+
+/// What is at a path, from its metadata, before anything opens it.
+enum PathKind {
+    File { len: u64 },
+    Folder,
+}
+
+/// `None` when nothing is at `path`. Anything but a regular file or a folder is refused
+/// here: reading `/dev/zero` never ends, and opening a FIFO blocks until a writer comes.
+fn path_kind(path: &Path) -> Result<Option<PathKind>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path, e)),
+    };
+    let file_type = meta.file_type();
+    if file_type.is_dir() {
+        return Ok(Some(PathKind::Folder));
+    }
+    if file_type.is_file() {
+        return Ok(Some(PathKind::File { len: meta.len() }));
+    }
+    #[cfg(unix)]
+    let kind = {
+        use std::os::unix::fs::FileTypeExt;
+        match () {
+            _ if file_type.is_char_device() => "a character device",
+            _ if file_type.is_block_device() => "a block device",
+            _ if file_type.is_fifo() => "a FIFO",
+            _ if file_type.is_socket() => "a socket",
+            _ => "not a regular file",
+        }
+    };
+    #[cfg(not(unix))]
+    let kind = "not a regular file";
+    Err(Error::new(ErrorCode::CheckpointCorrupt, format!("{} is {kind}, not a checkpoint file", path.display())))
+}
+
+fn open_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| io_error(path, e))
+}
+
+/// At most `len` bytes of `file` from where it stands: a checkpoint is read no further
+/// than the size its metadata gave, even if it grows while it is read.
+fn read_up_to(path: &Path, file: &mut std::fs::File, len: u64) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, len), &mut bytes).map_err(|e| io_error(path, e))?;
+    Ok(bytes)
+}
+
+/// The first bytes of a `torch.save` file from before PyTorch 1.6: a protocol-2 pickle of
+/// its magic number, 0x1950a86a20f9469cfc6c.
+const LEGACY_TORCH_MAGIC: [u8; 14] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+/// The largest safetensors header the format allows (as the safetensors crate).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+/// How much of a file is read to tell its format.
+const SNIFFED_BYTES: u64 = LEGACY_TORCH_MAGIC.len() as u64;
+
+fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
+    let len = match path_kind(path)? {
+        None => bail!(CheckpointNotFound, "no checkpoint at {}", path.display()),
+        Some(PathKind::Folder) => return read_hugging_face(path),
+        Some(PathKind::File { len }) => len,
+    };
+    let mut file = open_file(path)?;
+    let head = read_up_to(path, &mut file, SNIFFED_BYTES)?;
+    if head.starts_with(b"PK\x03\x04") {
+        let pth = PthFile::open(path, file, len, |name, dtype, stored_as| checked_dtype(path, name, dtype, stored_as))?;
+        let shapes = pth.tensors.iter().map(|(name, t)| (name.clone(), t.shape.clone())).collect();
+        return Ok(OpenCheckpoint { format: CheckpointFormat::Pth, config: None, metadata: HashMap::new(), shapes, tensors: Tensors::Pth(pth) });
+    }
+    if head.starts_with(&LEGACY_TORCH_MAGIC) {
+        return Err(corrupt(path, "it is a torch.save file in the legacy format of PyTorch before 1.6, which is not read; load it in PyTorch and save it again with a current torch.save"));
+    }
+    let (tensors, metadata, converted) =
+        read_safetensors(path, file, &head, len, "it is not a safetensors file, a zip PyTorch checkpoint or a Hugging Face folder")?;
+    let config = match metadata.get("config") {
+        Some(json) => {
+            let value: serde_json::Value = serde_json::from_str(json).map_err(|e| corrupt(path, format!("metadata config is not JSON: {e}")))?;
+            Some(ConfigPatch::from_json(&value, false)?)
+        }
+        None => None,
+    };
+    let shapes = shapes_of(&tensors);
+    Ok(OpenCheckpoint { format: CheckpointFormat::Safetensors, config, metadata, shapes, tensors: Tensors::Read { tensors, converted } })
+}
+
+type Parsed = (BTreeMap<String, Tensor>, HashMap<String, String>, BTreeMap<String, DType>);
+
+/// A safetensors file of `len` bytes whose first bytes `head` were read from `file`. Its
+/// header length must fit the file and the format's limit before the rest is read;
+/// `not_safetensors` is what to say of a file that does not start as safetensors do.
+fn read_safetensors(path: &Path, mut file: std::fs::File, head: &[u8], len: u64, not_safetensors: &str) -> Result<Parsed> {
+    // An 8-byte little-endian header length, then that much JSON.
+    match head.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) {
+        Some(h) if head.get(8) == Some(&b'{') => {
+            if h > len.saturating_sub(8) {
+                return Err(corrupt(path, format!("its safetensors header declares {h} bytes but only {} follow (is it truncated?)", len.saturating_sub(8))));
+            }
+            if h > MAX_SAFETENSORS_HEADER {
+                return Err(corrupt(path, format!("its safetensors header declares {h} bytes, more than the {MAX_SAFETENSORS_HEADER} the format allows")));
+            }
+        }
+        _ => return Err(corrupt(path, not_safetensors)),
+    }
+    std::io::Seek::rewind(&mut file).map_err(|e| io_error(path, e))?;
+    parse_safetensors(path, &read_up_to(path, &mut file, len)?)
+}
+
+fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| corrupt(path, e))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(path, e))?;
-    let mut tensors = BTreeMap::new();
+    let (mut tensors, mut converted) = (BTreeMap::new(), BTreeMap::new());
     for (name, view) in st.tensors() {
+        let stored_as = format!("{:?}", view.dtype());
+        let dtype = checked_dtype(path, &name, DType::try_from(view.dtype()).ok(), &stored_as)?;
         let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
+        if is_converted(dtype) {
+            converted.insert(name.clone(), dtype);
+        }
         tensors.insert(name, tensor.to_dtype(DType::F32)?);
     }
-    Ok((tensors, metadata))
+    Ok((tensors, metadata, converted))
 }
 
-/// A PyTorch zip checkpoint. candle's unpickler interprets the pickle opcodes as
-/// data and never imports or calls anything named in the file.
-fn read_pth(path: &Path) -> Result<StateDict> {
-    let open = |key: Option<&str>| {
-        std::panic::catch_unwind(|| candle_core::pickle::PthTensors::new(path, key))
-            .map_err(|_| corrupt(path, "the pickle could not be parsed"))?
-            .map_err(|e| corrupt(path, e))
-    };
-    // Published checkpoints wrap the state dict as {"model": ...}; also accept a bare one.
-    let pth = match open(Some("model")) {
-        Ok(p) if !p.tensor_infos().is_empty() => p,
-        _ => open(None)?,
-    };
-    if pth.tensor_infos().is_empty() {
-        return Err(corrupt(path, "it holds no tensors (expected {\"model\": state_dict} or a state dict)"));
-    }
-    check_pth_storage_sizes(path, &pth)?;
-    let mut tensors = BTreeMap::new();
-    for name in pth.tensor_infos().keys() {
-        let tensor = std::panic::catch_unwind(|| pth.get(name))
-            .map_err(|_| corrupt(path, format!("tensor {name} could not be read")))?
-            .map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?
-            .ok_or_else(|| corrupt(path, format!("tensor {name} is missing its data")))?;
-        tensors.insert(name.clone(), tensor.to_dtype(DType::F32)?);
-    }
-    Ok(StateDict { tensors, config: None, format: CheckpointFormat::Pth, metadata: HashMap::new() })
-}
+/// The largest `config.json` read: Hugging Face's are a kilobyte or two.
+const MAX_HF_CONFIG_BYTES: u64 = 1 << 20;
 
-/// Each tensor's declared extent must fit in its storage record, so that a
-/// corrupt shape is an error rather than a huge allocation.
-fn check_pth_storage_sizes(path: &Path, pth: &candle_core::pickle::PthTensors) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", path.display())))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| corrupt(path, e))?;
-    for (name, info) in pth.tensor_infos() {
-        let needed = (info.layout.start_offset() + info.layout.shape().elem_count()) as u64 * info.dtype.size_in_bytes() as u64;
-        let available = zip.by_name(&info.path).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?.size();
-        if needed > available {
-            return Err(corrupt(path, format!("tensor {name} needs {needed} bytes but its storage has {available}")));
+fn read_hugging_face(dir: &Path) -> Result<OpenCheckpoint> {
+    let file_in = |name: &str| -> Result<(PathBuf, u64)> {
+        let path = dir.join(name);
+        match path_kind(&path)? {
+            Some(PathKind::File { len }) => Ok((path, len)),
+            Some(PathKind::Folder) => Err(corrupt(&path, "it is a folder")),
+            None => bail!(CheckpointNotFound, "{} is a folder but has no {name} (expected a Hugging Face ViTMAE folder)", dir.display()),
         }
+    };
+    let (config_path, config_len) = file_in("config.json")?;
+    let (weights_path, weights_len) = file_in("model.safetensors")?;
+    if config_len > MAX_HF_CONFIG_BYTES {
+        return Err(corrupt(&config_path, format!("it is {config_len} bytes; a Hugging Face config.json is a few kilobytes (at most {MAX_HF_CONFIG_BYTES} are read)")));
     }
-    Ok(())
-}
-
-fn read_hugging_face(dir: &Path) -> Result<StateDict> {
-    let config_path = dir.join("config.json");
-    let weights_path = dir.join("model.safetensors");
-    for p in [&config_path, &weights_path] {
-        if !p.exists() {
-            bail!(CheckpointNotFound, "{} is a folder but has no {} (expected a Hugging Face ViTMAE folder)", dir.display(), p.file_name().unwrap().to_string_lossy());
-        }
-    }
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", config_path.display())))?;
-    let hf: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(&config_path, e))?;
+    let hf: serde_json::Value = serde_json::from_slice(&read_up_to(&config_path, &mut open_file(&config_path)?, config_len)?).map_err(|e| corrupt(&config_path, e))?;
     let config = hf_config(&hf)?;
-    let bytes = std::fs::read(&weights_path).map_err(|e| Error::new(ErrorCode::Io, format!("cannot read {}: {e}", weights_path.display())))?;
-    let (hf_tensors, _) = parse_safetensors(&weights_path, &bytes)?;
-    Ok(StateDict { tensors: hf_to_published(hf_tensors)?, config: Some(config), format: CheckpointFormat::HuggingFace, metadata: HashMap::new() })
+    let mut weights = open_file(&weights_path)?;
+    let head = read_up_to(&weights_path, &mut weights, SNIFFED_BYTES)?;
+    let (hf_tensors, _, converted) = read_safetensors(&weights_path, weights, &head, weights_len, "it is not a safetensors file")?;
+    let tensors = hf_to_published(hf_tensors)?;
+    let shapes = shapes_of(&tensors);
+    Ok(OpenCheckpoint { format: CheckpointFormat::HuggingFace, config: Some(config), metadata: HashMap::new(), shapes, tensors: Tensors::Read { tensors, converted } })
 }
 
 fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
@@ -208,7 +335,7 @@ fn hf_block_suffix(rest: &str) -> Option<&'static str> {
 fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     // (published prefix, "weight"|"bias") -> [query, key, value]
-    let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
+    let mut qkv: BTreeMap<(String, String), [Option<(String, Tensor)>; 3]> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (name, tensor) in hf {
         let key = name.strip_prefix("vit.").unwrap_or(&name);
@@ -250,7 +377,7 @@ fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
                             continue;
                         }
                     };
-                    qkv.entry((block, kind.to_string())).or_default()[slot] = Some(tensor);
+                    qkv.entry((block, kind.to_string())).or_default()[slot] = Some((name.clone(), tensor));
                 } else {
                     unknown.push(name.clone());
                 }
@@ -263,7 +390,17 @@ fn hf_to_published(hf: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tens
     }
     for ((block, kind), parts) in qkv {
         match parts {
-            [Some(q), Some(k), Some(v)] => {
+            [Some((qn, q)), Some((kn, k)), Some((vn, v))] => {
+                // The published fused tensor stacks the three along their first dimension.
+                if q.rank() == 0 || q.dims() != k.dims() || q.dims() != v.dims() {
+                    bail!(
+                        CheckpointShape,
+                        "Hugging Face tensors {qn} {:?}, {kn} {:?} and {vn} {:?} must have one shape (of rank 1 or more) to form {block}.attn.qkv.{kind}",
+                        q.dims(),
+                        k.dims(),
+                        v.dims()
+                    );
+                }
                 out.insert(format!("{block}.attn.qkv.{kind}"), Tensor::cat(&[q, k, v], 0)?);
             }
             _ => bail!(CheckpointKeys, "Hugging Face checkpoint lacks some of query/key/value {kind} for {block}"),
@@ -282,10 +419,10 @@ fn is_decoder_key(name: &str) -> bool {
 /// A config from tensor shapes alone. Head counts are not visible in shapes: they
 /// come from the preset with the same widths (all published models use 64-d
 /// heads in B/L, 80-d in H, and 16 decoder heads).
-fn infer_config(tensors: &BTreeMap<String, Tensor>) -> ConfigPatch {
-    let dim = |name: &str, i: usize| tensors.get(name).and_then(|t| t.dims().get(i).copied());
+fn infer_config(shapes: &BTreeMap<String, Vec<usize>>) -> ConfigPatch {
+    let dim = |name: &str, i: usize| shapes.get(name).and_then(|s| s.get(i).copied());
     let count_blocks = |prefix: &str| {
-        tensors
+        shapes
             .keys()
             .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
             .collect::<BTreeSet<_>>()
@@ -342,11 +479,12 @@ fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
 }
 
 /// Loads a model. The config is, in increasing priority: what the shapes imply,
-/// the checkpoint's own config, and `explicit`; the tensors are then checked against it.
+/// the checkpoint's own config, and `explicit`; the tensors' names and shapes are then
+/// checked against it before any tensor data is read.
 pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, precision: Precision, seed: u64) -> Result<(MaskedAutoencoder, LoadReport)> {
-    let state = read_state_dict(path)?;
-    let mut patch = infer_config(&state.tensors);
-    if let Some(c) = &state.config {
+    let checkpoint = open_checkpoint(path)?;
+    let mut patch = infer_config(&checkpoint.shapes);
+    if let Some(c) = &checkpoint.config {
         patch = merge(patch, c);
     }
     if let Some(c) = explicit {
@@ -356,29 +494,32 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
         Error::new(e.code, format!("cannot configure the model from {}: {}; pass the config explicitly", path.display(), e.message))
     })?;
     // A training checkpoint also holds optimizer moments; a model load leaves them.
-    let tensors: BTreeMap<String, Tensor> = state.tensors.into_iter().filter(|(k, _)| !k.starts_with(OPTIMIZER_PREFIX)).collect();
-    // Checked before the model is built: a config that does not match the tensors (or
-    // fit in memory) allocates nothing.
-    let has_decoder = check_tensors(&config, &tensors)?;
+    let is_model_key = |k: &str| !k.starts_with(OPTIMIZER_PREFIX);
+    let shapes = checkpoint.shapes.iter().filter(|(k, _)| is_model_key(k)).map(|(k, s)| (k.clone(), s.clone())).collect();
+    // Checked before the model is built or any tensor is read: a config that does not
+    // match the checkpoint (or fit in memory) allocates nothing.
+    let has_decoder = check_shapes(&config, &shapes)?;
     let mut model = MaskedAutoencoder::new(config, device, precision, seed)?;
-    assign(&mut model, tensors)?;
-    Ok((model, LoadReport { format: state.format, fresh_decoder: !has_decoder }))
+    let state = checkpoint.read(is_model_key)?;
+    assign(&mut model, state.tensors)?;
+    Ok((model, LoadReport { format: state.format, fresh_decoder: !has_decoder, converted: state.converted }))
 }
 
-/// Checks checkpoint tensors against the model `config` describes: no unknown keys,
-/// every parameter there (the decoder's may all be absent, and the fixed position
-/// tables may be), and every shape as the config says. Returns whether the decoder is there.
-fn check_tensors(config: &MaeConfig, tensors: &BTreeMap<String, Tensor>) -> Result<bool> {
+/// Checks a checkpoint's names and shapes against the model `config` describes: no
+/// unknown keys, every parameter there (the decoder's may all be absent, and the fixed
+/// position tables may be), and every shape as the config says. Returns whether the
+/// decoder is there.
+fn check_shapes(config: &MaeConfig, shapes: &BTreeMap<String, Vec<usize>>) -> Result<bool> {
     let expected: Vec<(String, Vec<usize>)> = config.parameter_shapes().into_iter().chain(config.buffer_shapes()).collect();
-    let unknown: Vec<&String> = tensors.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
+    let unknown: Vec<&String> = shapes.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
     if !unknown.is_empty() {
         bail!(CheckpointKeys, "checkpoint has keys that this MAE does not: {unknown:?}");
     }
-    let has_decoder = tensors.keys().any(|k| is_decoder_key(k));
+    let has_decoder = shapes.keys().any(|k| is_decoder_key(k));
     let missing: Vec<&String> = expected
         .iter()
         .map(|(n, _)| n)
-        .filter(|n| !tensors.contains_key(*n) && (has_decoder || !is_decoder_key(n)) && !n.ends_with("pos_embed"))
+        .filter(|n| !shapes.contains_key(*n) && (has_decoder || !is_decoder_key(n)) && !n.ends_with("pos_embed"))
         .collect();
     if !missing.is_empty() {
         bail!(CheckpointKeys, "checkpoint lacks keys: {missing:?}");
@@ -386,8 +527,8 @@ fn check_tensors(config: &MaeConfig, tensors: &BTreeMap<String, Tensor>) -> Resu
     let mismatched: Vec<String> = expected
         .iter()
         .filter_map(|(n, shape)| {
-            let t = tensors.get(n)?;
-            (t.dims() != shape.as_slice()).then(|| format!("{n}: checkpoint {:?}, config {:?}", t.dims(), shape))
+            let stored = shapes.get(n)?;
+            (stored != shape).then(|| format!("{n}: checkpoint {stored:?}, config {shape:?}"))
         })
         .collect();
     if !mismatched.is_empty() {
@@ -396,7 +537,7 @@ fn check_tensors(config: &MaeConfig, tensors: &BTreeMap<String, Tensor>) -> Resu
     Ok(has_decoder)
 }
 
-/// Copies checked checkpoint tensors (`check_tensors`) into the model.
+/// Copies checked checkpoint tensors (`check_shapes`) into the model.
 fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) -> Result<()> {
     let device = model.device().clone();
     for (name, var) in model.params() {
@@ -596,11 +737,10 @@ pub struct Inspection {
 }
 
 pub fn inspect(path: &Path) -> Result<Inspection> {
-    let state = read_state_dict(path)?;
-    let mut config = infer_config(&state.tensors);
-    if let Some(c) = &state.config {
+    let checkpoint = open_checkpoint(path)?;
+    let mut config = infer_config(&checkpoint.shapes);
+    if let Some(c) = &checkpoint.config {
         config = merge(config, c);
     }
-    let tensors = state.tensors.iter().map(|(name, t)| (name.clone(), t.dims().to_vec())).collect();
-    Ok(Inspection { format: state.format, tensors, config })
+    Ok(Inspection { format: checkpoint.format, tensors: checkpoint.shapes.into_iter().collect(), config })
 }

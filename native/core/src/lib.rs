@@ -19,6 +19,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod params;
+mod pth;
 pub mod pos_embed;
 pub mod recipe;
 mod sgemm;

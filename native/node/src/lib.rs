@@ -11,6 +11,7 @@ mod training;
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use cell::Cell;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use vit_mae_core::{
@@ -155,6 +156,7 @@ pub struct NativeMae {
     pub(crate) model: Shared,
     fresh_decoder: bool,
     checkpoint_format: Option<String>,
+    converted_dtypes: HashMap<String, String>,
 }
 
 #[napi]
@@ -178,7 +180,7 @@ impl NativeMae {
             };
             let device = DeviceSpec::parse(&device)?.resolve()?;
             let model = MaskedAutoencoder::new(config, &device, Precision::parse(&precision)?, seed_of(seed)?)?;
-            Ok(NativeMae { model: Cell::new(model), fresh_decoder: false, checkpoint_format: None })
+            Ok(NativeMae { model: Cell::new(model), fresh_decoder: false, checkpoint_format: None, converted_dtypes: HashMap::new() })
         })
     }
 
@@ -213,6 +215,12 @@ impl NativeMae {
     #[napi(getter)]
     pub fn checkpoint_format(&self) -> Option<String> {
         self.checkpoint_format.clone()
+    }
+
+    /// The weights the checkpoint stored as f16, bf16 or f64 (converted to f32), by name.
+    #[napi(getter, ts_return_type = "Record<string, string>")]
+    pub fn converted_dtypes(&self) -> HashMap<String, String> {
+        self.converted_dtypes.clone()
     }
 
     #[napi(getter)]
@@ -303,6 +311,7 @@ impl CodedTask for LoadTask {
             model: Cell::new(model),
             fresh_decoder: report.fresh_decoder,
             checkpoint_format: Some(report.format.as_str().to_string()),
+            converted_dtypes: report.converted.into_iter().map(|(name, dtype)| (name, dtype.as_str().to_string())).collect(),
         })
     }
 }

@@ -3,7 +3,7 @@
 use super::{Dataset, RawImage};
 use crate::bail;
 use crate::error::{Error, ErrorCode, Result};
-use image::DynamicImage;
+use image::{DynamicImage, ImageDecoder};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -106,6 +106,12 @@ fn io_error(what: &str, path: &Path, e: &dyn std::fmt::Display) -> Error {
     Error::new(ErrorCode::Io, format!("{what} {}: {e}", path.display()))
 }
 
+/// The most pixels an image may have: 32 megapixels (8192x4096), 384 MB as the f32 RGB
+/// this module makes of it. The size is checked before decoding, as a GIF of a few
+/// hundred bytes may declare a canvas of 16390x4808 that would take seconds and
+/// gigabytes to fill.
+const MAX_IMAGE_PIXELS: u64 = 1 << 25;
+
 /// Decodes an image file. Grayscale files give 1 channel and everything else 3; alpha is
 /// dropped without compositing, as PIL's `convert("RGB")` in the published loader does.
 /// The format is sniffed from the content, so a PNG named `.jpg` still decodes.
@@ -113,7 +119,12 @@ pub(super) fn decode_file(path: &Path) -> Result<RawImage> {
     let reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| io_error("cannot read image", path, &e))?;
-    let decoded = reader.decode().map_err(|e| io_error("cannot decode image", path, &e))?;
+    let decoder = reader.into_decoder().map_err(|e| io_error("cannot decode image", path, &e))?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+        bail!(Io, "cannot decode image {}: it is {width}x{height}, more than the {MAX_IMAGE_PIXELS} pixels an image may have", path.display());
+    }
+    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| io_error("cannot decode image", path, &e))?;
     Ok(to_raw(&decoded))
 }
 

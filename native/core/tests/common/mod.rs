@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests: temporary folders, the tests' own random
-//! generator, the fixture folder and a few small tensor and augmentation helpers.
+//! generator, the fixture folder, `.pth` files written without PyTorch (`pth.rs`) and a
+//! few small tensor and augmentation helpers.
 //! Each test binary compiles this module and uses only part of it.
 
 #![allow(dead_code)]
+
+pub mod pth;
 
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};

@@ -2,12 +2,13 @@
 //! error codes for every way a checkpoint can be wrong. Fixtures come from
 //! `../shared/fixtures` (override with VIT_MAE_FIXTURES).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use crate::common::pth::{pth_bytes, state_dict_pickle, write_pth, write_state_dict, Pickle, Storage, View};
 use crate::common::{bits, fixtures, TempDir};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use vit_mae_core::checkpoint::CheckpointFormat;
-use vit_mae_core::{load_model, save_model, ConfigPatch, Precision, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
+use vit_mae_core::{load_model, read_state_dict, save_model, ConfigPatch, Precision, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
 
 /// A fixture's tensors and its `__metadata__`.
 fn read_fixture(name: &str) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
@@ -172,17 +173,22 @@ fn encoder_only_checkpoint_gets_a_fresh_decoder() {
     assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
 }
 
-#[test]
-fn full_fixture_loads_bit_exact() {
-    let (tensors, _) = read_fixture("mae-tiny.weights.safetensors");
-    let (model, report) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, Precision::F32, 0).unwrap();
-    assert!(!report.fresh_decoder);
+/// Every parameter and fixed table of `model` is, bit for bit, the tensor of its name.
+fn assert_holds(model: &MaskedAutoencoder, tensors: &BTreeMap<String, Tensor>) {
     for (name, var) in model.params() {
         assert_eq!(bits(var.as_tensor()), bits(&tensors[name]), "{name}");
     }
     for (name, t) in model.buffers() {
         assert_eq!(bits(t), bits(&tensors[name]), "{name}");
     }
+}
+
+#[test]
+fn full_fixture_loads_bit_exact() {
+    let (tensors, _) = read_fixture("mae-tiny.weights.safetensors");
+    let (model, report) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert!(!report.fresh_decoder);
+    assert_holds(&model, &tensors);
 }
 
 // ---------------------------------------------------------------- errors
@@ -431,6 +437,112 @@ fn a_config_that_contradicts_the_tensors_is_refused_before_the_model_is_built() 
     }
 }
 
+// ---------------------------------------------------------------- crafted files
+
+fn read_err(path: &Path) -> vit_mae_core::Error {
+    match read_state_dict(path) {
+        Ok(_) => panic!("reading {} should fail", path.display()),
+        Err(e) => e,
+    }
+}
+
+fn assert_corrupt(e: &vit_mae_core::Error, needles: &[&str]) {
+    assert_eq!(e.code, ErrorCode::CheckpointCorrupt, "{e}");
+    for needle in needles {
+        assert!(e.message.contains(needle), "the message should say {needle:?}: {}", e.message);
+    }
+}
+
+/// mae-tiny's head counts, which a `.pth` does not hold.
+fn mae_tiny_heads() -> ConfigPatch {
+    ConfigPatch { num_heads: Some(3), decoder_num_heads: Some(4), ..Default::default() }
+}
+
+/// Every tensor as a view of one shared storage, as `torch.save` keeps slices of one
+/// buffer: a gap before each, offsets > 0, and matrices stored column-major (strides
+/// `[1, rows]`, as a transposed tensor is).
+fn shared_storage_state_dict(tensors: &BTreeMap<String, Tensor>) -> (Vec<(String, View)>, Storage) {
+    let mut data = Vec::new();
+    let mut views = Vec::new();
+    for (name, t) in tensors {
+        data.extend([f32::NAN; 3]);
+        let offset = data.len() as i64;
+        let sizes: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+        let view = if let [rows, _] = sizes[..] {
+            data.extend(t.t().unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            View { storage: 0, offset, sizes, strides: vec![1, rows] }
+        } else {
+            data.extend(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            View { offset, ..View::contiguous(0, &sizes) }
+        };
+        views.push((name.clone(), view));
+    }
+    (views, Storage::f32("0", &data))
+}
+
+fn write_views(path: &Path, views: &[(String, View)], storages: &[Storage]) {
+    let named: Vec<(&str, View)> = views.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+    write_state_dict(path, &named, storages);
+}
+
+#[test]
+fn pth_views_of_one_storage_load_bit_exact() {
+    // A tensor with storage_offset > 0 used to be refused ("needs 960 bytes but its
+    // storage has 384": the offset was multiplied by the element size twice), and a
+    // non-contiguous one could not be read.
+    let dir = TempDir::new("pth-views");
+    let (tensors, _) = read_fixture("mae-tiny.weights.safetensors");
+    let (views, storage) = shared_storage_state_dict(&tensors);
+    assert!(views.iter().any(|(_, v)| v.strides == [1, v.sizes[0]] && v.sizes[1] > 1), "some view is transposed");
+    let path = dir.join("views.pth");
+    write_views(&path, &views, &[storage]);
+    let (model, report) = load_model(&path, Some(&mae_tiny_heads()), &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(report.format, CheckpointFormat::Pth);
+    assert_holds(&model, &tensors);
+}
+
+#[test]
+fn pth_views_read_the_elements_their_strides_select() {
+    let dir = TempDir::new("pth-strides");
+    let values: Vec<f32> = (0..200).map(|i| i as f32).collect();
+    let view = View { storage: 0, offset: 37, sizes: vec![3, 2, 2], strides: vec![40, 7, 2] };
+    let broadcast = View { storage: 0, offset: 5, sizes: vec![2, 3], strides: vec![0, 1] };
+    let path = dir.join("strided.pth");
+    write_state_dict(&path, &[("strided", view), ("broadcast", broadcast), ("empty", View::contiguous(0, &[0, 4]))], &[Storage::f32("0", &values)]);
+    let state = read_state_dict(&path).unwrap();
+    let expected: Vec<f32> = (0..3).flat_map(|i| (0..2).flat_map(move |j| (0..2).map(move |k| (37 + 40 * i + 7 * j + 2 * k) as f32))).collect();
+    assert_eq!(state.tensors["strided"].dims(), [3, 2, 2]);
+    assert_eq!(state.tensors["strided"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+    assert_eq!(state.tensors["broadcast"].to_vec2::<f32>().unwrap(), [[5.0, 6.0, 7.0], [5.0, 6.0, 7.0]]);
+    assert_eq!(state.tensors["empty"].dims(), [0, 4]);
+}
+
+#[test]
+fn pth_tensor_geometry_outside_its_storage_is_named() {
+    // Such a tensor used to be passed over, so that the load failed with "lacks keys".
+    let dir = TempDir::new("pth-geometry");
+    let (tensors, _) = read_fixture("mae-tiny.weights.safetensors");
+    let name = "blocks.0.norm1.weight";
+    let cases = [
+        ("past-end", View { storage: 0, offset: 1, sizes: vec![48], strides: vec![1] }, "reaches past the end of its storage"),
+        ("strides", View { storage: 0, offset: 0, sizes: vec![48], strides: vec![1, 1] }, "has 1 sizes but 2 strides"),
+        ("negative", View { storage: 0, offset: -4, sizes: vec![48], strides: vec![1] }, "negative offset, size or stride"),
+        ("huge", View { storage: 0, offset: 0, sizes: vec![1 << 40, 1 << 30], strides: vec![0, 0] }, "more elements than the"),
+    ];
+    for (label, bad, problem) in cases {
+        let mut storages = vec![Storage::f32("0", &[0.0; 48])];
+        let mut views = vec![(name.to_string(), bad)];
+        for (other, t) in tensors.iter().filter(|(n, _)| *n != name) {
+            storages.push(Storage::f32(&storages.len().to_string(), &t.flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+            let sizes: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+            views.push((other.clone(), View::contiguous(storages.len() - 1, &sizes)));
+        }
+        let path = dir.join(&format!("{label}.pth"));
+        write_views(&path, &views, &storages);
+        assert_corrupt(&load_err(&path, Some(&mae_tiny_heads())), &[name, problem]);
+    }
+}
+
 #[test]
 fn a_config_the_tensors_allow_but_memory_does_not_is_out_of_memory() {
     // An encoder-only file does not hold the decoder its config describes: a decoder of
@@ -477,4 +589,216 @@ fn concurrent_saves_to_one_path_each_write_a_whole_file() {
     let written = std::fs::read(&path).unwrap();
     assert!(expected.contains(&written), "the file is neither model ({} bytes)", written.len());
     assert_eq!(dir.entries(), vec!["m.safetensors".to_string()], "temporary files were left behind");
+}
+
+#[test]
+fn pth_storage_aliases_cannot_multiply_memory() {
+    // Every alias of a storage used to be read in full before the keys were checked:
+    // 3000 keys viewing one 4 MB storage took many gigabytes.
+    let dir = TempDir::new("pth-aliases");
+    let storage_len = 1 << 18;
+    let aliases: Vec<String> = (0..100).map(|i| format!("alias.{i}")).collect();
+    let path = dir.join("aliases.pth");
+    let views: Vec<(String, View)> = aliases.iter().map(|n| (n.clone(), View::contiguous(0, &[storage_len]))).collect();
+    write_views(&path, &views, &[Storage::f32("0", &vec![0.5; storage_len as usize])]);
+    assert_corrupt(&read_err(&path), &["more than the", "views of one storage overlap"]);
+
+    // A model load checks the names first, so the same aliases beside a whole model are
+    // unknown keys, found before any tensor is read.
+    let (tensors, _) = read_fixture("mae-tiny.weights.safetensors");
+    let (mut views, model_storage) = shared_storage_state_dict(&tensors);
+    views.extend(aliases.iter().map(|n| (n.clone(), View::contiguous(1, &[storage_len]))));
+    let path = dir.join("model-and-aliases.pth");
+    write_views(&path, &views, &[model_storage, Storage::f32("1", &vec![0.5; storage_len as usize])]);
+    let e = load_err(&path, Some(&mae_tiny_heads()));
+    assert_eq!(e.code, ErrorCode::CheckpointKeys, "{e}");
+    assert!(e.message.contains("alias.0"), "{}", e.message);
+}
+
+#[test]
+fn deeply_nested_pickle_is_refused_without_recursion() {
+    // 300,000 nested one-element tuples (a 300 KB file) overflowed the stack of the
+    // recursive unpickler used before and killed the process.
+    let dir = TempDir::new("pth-nested");
+    let mut pickle = Pickle::new();
+    pickle.op(b")").op(&vec![0x85; 300_000]).op(b".");
+    let path = dir.join("nested.pth");
+    write_pth(&path, &pickle.to_vec(), &[]);
+    assert_corrupt(&load_err(&path, None), &["objects nest deeper than 64 levels"]);
+}
+
+#[test]
+fn pickle_limits_and_foreign_globals_are_named() {
+    let dir = TempDir::new("pth-limits");
+    let repeat = |op: &[u8], n: usize| op.repeat(n);
+    let cases: [(&str, Vec<u8>, &str); 7] = [
+        ("marks", repeat(b"(", 65), "MARKs nest deeper than 64 levels"),
+        ("stack", repeat(b"N", (1 << 16) + 1), "stack grows past 65536 entries"),
+        ("memo", [b")".to_vec(), repeat(&[0x94], (1 << 20) + 1)].concat(), "memo grows past 1048576 entries"),
+        ("objects", [b"]".to_vec(), repeat(b"Na", 1 << 20)].concat(), "more than 1048576 objects"),
+        ("global", b"cos\nsystem\n".to_vec(), "the Python global os.system"),
+        ("opcode", b"I12\n".to_vec(), "opcode 0x49"),
+        ("memo-get", b"h\x07".to_vec(), "memo entry 7, which was never stored"),
+    ];
+    for (label, body, needle) in cases {
+        let mut pickle = Pickle::new();
+        pickle.op(&body).op(b".");
+        let path = dir.join(&format!("{label}.pth"));
+        write_pth(&path, &pickle.to_vec(), &[]);
+        assert_corrupt(&read_err(&path), &[needle]);
+    }
+}
+
+#[test]
+fn devices_and_fifos_are_refused_before_they_are_opened() {
+    // /dev/zero used to be read forever, and opening a FIFO blocked.
+    let dir = TempDir::new("special-files");
+    assert_corrupt(&load_err(Path::new("/dev/zero"), None), &["/dev/zero is a character device, not a checkpoint file"]);
+    let fifo = dir.join("pipe.pth");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert_corrupt(&load_err(&fifo, None), &["pipe.pth is a FIFO, not a checkpoint file"]);
+
+    let hf = fixtures().join("mae-tiny.hf");
+    let folder = dir.join("zero-config.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", folder.join("config.json")).unwrap();
+    std::fs::copy(hf.join("model.safetensors"), folder.join("model.safetensors")).unwrap();
+    assert_corrupt(&load_err(&folder, None), &["config.json is a character device"]);
+    let folder = dir.join("fifo-weights.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(hf.join("config.json"), folder.join("config.json")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(folder.join("model.safetensors")).status().unwrap().success());
+    assert_corrupt(&load_err(&folder, None), &["model.safetensors is a FIFO"]);
+}
+
+#[test]
+fn declared_sizes_must_fit_the_file() {
+    let dir = TempDir::new("declared-sizes");
+    // A safetensors header length far past the end of the file.
+    let mut huge_header = (u64::MAX / 2).to_le_bytes().to_vec();
+    huge_header.extend_from_slice(b"{\"a\": 1}");
+    let path = dir.join("huge-header.safetensors");
+    std::fs::write(&path, huge_header).unwrap();
+    assert_corrupt(&load_err(&path, None), &["header declares 9223372036854775807 bytes but only 8 follow"]);
+
+    // A Hugging Face config.json far larger than any real one.
+    let folder = dir.join("big-config.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("mae-tiny.hf/model.safetensors"), folder.join("model.safetensors")).unwrap();
+    std::fs::write(folder.join("config.json"), format!("{{{}}}", " ".repeat(2 << 20))).unwrap();
+    assert_corrupt(&load_err(&folder, None), &["config.json", "a Hugging Face config.json is a few kilobytes"]);
+
+    // A .pth whose data.pkl declares a gigabyte (in both of the zip's records of it).
+    let mut pth = pth_bytes(&state_dict_pickle(&[("w", View::contiguous(0, &[4]))], &[Storage::f32("0", &[1.0; 4])], true), &[Storage::f32("0", &[1.0; 4])]);
+    let name = b"archive/data.pkl";
+    for (signature, sizes_at, name_at) in [(b"PK\x03\x04", 18, 30), (b"PK\x01\x02", 20, 46)] {
+        let at = (0..pth.len() - name_at - name.len())
+            .find(|&i| pth[i..].starts_with(signature) && pth[i + name_at..].starts_with(name))
+            .expect("the zip has a record of data.pkl");
+        for field in [sizes_at, sizes_at + 4] {
+            pth[at + field..at + field + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        }
+    }
+    let path = dir.join("huge-pickle.pth");
+    std::fs::write(&path, pth).unwrap();
+    assert_corrupt(&load_err(&path, None), &["data.pkl declares 1073741824 bytes, more than the file holds"]);
+}
+
+#[test]
+fn files_that_are_not_checkpoints_say_what_they_are_not() {
+    // Both used to report a safetensors "header too large".
+    let dir = TempDir::new("not-checkpoints");
+    let mut legacy = vec![0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+    legacy.extend_from_slice(b".\x80\x02M\xe9\x03.");
+    let path = dir.join("legacy.pth");
+    std::fs::write(&path, legacy).unwrap();
+    assert_corrupt(&load_err(&path, None), &["legacy format of PyTorch before 1.6", "save it again with a current torch.save"]);
+    let mut rng = crate::common::SplitMix(7);
+    let random: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
+    let path = dir.join("random.bin");
+    std::fs::write(&path, random).unwrap();
+    assert_corrupt(&load_err(&path, None), &["is not a safetensors file, a zip PyTorch checkpoint or a Hugging Face folder"]);
+}
+
+#[test]
+fn hugging_face_tensor_of_the_wrong_shape_is_a_shape_error() {
+    // q, k and v of different shapes could not be stacked, which was reported as E_INTERNAL.
+    let dir = TempDir::new("hf-shape");
+    let folder = dir.join("model.hf");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("mae-tiny.hf/config.json"), folder.join("config.json")).unwrap();
+    let (mut tensors, _) = read_fixture("mae-tiny.hf/model.safetensors");
+    let key = "vit.encoder.layer.0.attention.attention.key.weight";
+    assert_eq!(tensors[key].dims(), [48, 48]);
+    tensors.insert(key.to_string(), Tensor::zeros((48, 40), candle_core::DType::F32, &Device::Cpu).unwrap());
+    write_safetensors(&folder.join("model.safetensors"), &tensors, None);
+    let e = load_err(&folder, None);
+    assert_eq!(e.code, ErrorCode::CheckpointShape, "{e}");
+    for needle in [key, "[48, 40]", "[48, 48]", "blocks.0.attn.qkv.weight"] {
+        assert!(e.message.contains(needle), "the message should say {needle:?}: {}", e.message);
+    }
+}
+
+#[test]
+fn floating_point_weights_are_converted_and_reported() {
+    let dir = TempDir::new("dtypes");
+    let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+    let stored = [("cls_token", DType::F64), ("norm.weight", DType::BF16), ("patch_embed.proj.weight", DType::F16)];
+    for (name, dtype) in stored {
+        tensors.insert(name.to_string(), tensors[name].to_dtype(dtype).unwrap());
+    }
+    let path = dir.join("mixed.safetensors");
+    write_safetensors(&path, &tensors, Some(metadata));
+    let (model, report) = load_model(&path, None, &Device::Cpu, Precision::F32, 0).unwrap();
+    let converted: Vec<(&str, DType)> = report.converted.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+    assert_eq!(converted, stored, "every converted tensor, by name");
+    for (name, var) in model.params() {
+        assert_eq!(bits(var.as_tensor()), bits(&tensors[name].to_dtype(DType::F32).unwrap()), "{name}");
+    }
+
+    // The same from a .pth holding a HalfStorage.
+    let half = safetensors::View::data(&tensors["patch_embed.proj.weight"]).to_vec();
+    let mut storages = vec![Storage { key: "0".to_string(), class: "HalfStorage", element_size: 2, bytes: half }];
+    let mut views = vec![("patch_embed.proj.weight".to_string(), View::contiguous(0, &[48, 3, 4, 4]))];
+    for (name, t) in tensors.iter().filter(|(n, _)| *n != "patch_embed.proj.weight") {
+        storages.push(Storage::f32(&storages.len().to_string(), &t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()));
+        views.push((name.clone(), View::contiguous(storages.len() - 1, &t.dims().iter().map(|&d| d as i64).collect::<Vec<_>>())));
+    }
+    let path = dir.join("half.pth");
+    write_views(&path, &views, &storages);
+    let (model, report) = load_model(&path, Some(&mae_tiny_heads()), &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(report.converted, BTreeMap::from([("patch_embed.proj.weight".to_string(), DType::F16)]));
+    let loaded = &model.params().iter().find(|(n, _)| n == "patch_embed.proj.weight").unwrap().1;
+    assert_eq!(bits(loaded.as_tensor()), bits(&tensors["patch_embed.proj.weight"].to_dtype(DType::F32).unwrap()));
+
+    // An all-f32 checkpoint reports nothing.
+    let (_, report) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert!(report.converted.is_empty());
+}
+
+#[test]
+fn integer_weights_are_refused_but_batch_norm_counts_are_read() {
+    // Integer weights used to be converted to f32 without a word.
+    let dir = TempDir::new("int-weights");
+    let name = "blocks.0.norm1.weight";
+    for dtype in [DType::I64, DType::U8, DType::U32] {
+        let (mut tensors, metadata) = read_fixture("mae-tiny.weights.safetensors");
+        tensors.insert(name.to_string(), tensors[name].to_dtype(dtype).unwrap());
+        let path = dir.join(&format!("{}.safetensors", dtype.as_str()));
+        write_safetensors(&path, &tensors, Some(metadata));
+        assert_corrupt(&load_err(&path, None), &[name, &format!("stored as {}", dtype.as_str()), "must be floating-point"]);
+    }
+    let path = dir.join("long.pth");
+    let storage = Storage { key: "0".to_string(), class: "LongStorage", element_size: 8, bytes: vec![0; 48 * 8] };
+    write_state_dict(&path, &[(name, View::contiguous(0, &[48]))], &[storage]);
+    assert_corrupt(&read_err(&path), &[name, "stored as i64"]);
+    let path = dir.join("bool.pth");
+    let storage = Storage { key: "0".to_string(), class: "BoolStorage", element_size: 1, bytes: vec![1; 48] };
+    write_state_dict(&path, &[(name, View::contiguous(0, &[48]))], &[storage]);
+    assert_corrupt(&read_err(&path), &[name, "stored as BoolStorage"]);
+
+    // PyTorch's BatchNorm keeps its step count as int64: read, and not a conversion.
+    let state = read_state_dict(&fixtures().join("vit-linprobe.pth")).unwrap();
+    assert_eq!(state.tensors["head.0.num_batches_tracked"].dims(), [0usize; 0]);
+    assert!(state.converted.is_empty(), "{:?}", state.converted);
 }

@@ -246,6 +246,22 @@ fn image_folder_errors_name_the_path() {
 }
 
 #[test]
+fn an_image_declaring_more_than_32_megapixels_is_refused_before_decoding() {
+    // A GIF of a few hundred bytes whose logical screen is 16390x4808 used to be decoded
+    // into a canvas of 315 MB and then gigabytes of f32, which took seconds (found by
+    // tests/suite/fuzz.rs).
+    let dir = TempDir::new("huge-canvas");
+    let mut gif = encoded_rgb(3, 2, image::ImageFormat::Gif);
+    gif[6..10].copy_from_slice(&[0x06, 0x40, 0xc8, 0x12]);
+    let path = dir.write("huge.gif", &gif);
+    let ds = ImageFolder::open(dir.path()).unwrap();
+    let started = Instant::now();
+    let message = expect_err(ds.get(0), ErrorCode::Io, "it is 16390x4808, more than the 33554432 pixels an image may have");
+    assert!(message.contains(path.to_str().unwrap()), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refusing it took {:?}", started.elapsed());
+}
+
+#[test]
 fn corrupt_image_fails_get_and_is_skipped_or_reported_by_the_loader() {
     let dir = TempDir::new("folder-corrupt");
     for i in 0..5 {

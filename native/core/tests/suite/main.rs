@@ -11,6 +11,7 @@ mod data;
 mod engine;
 mod errors;
 mod finetune;
+mod fuzz;
 mod model;
 mod parity;
 mod train;
