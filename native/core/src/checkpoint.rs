@@ -5,7 +5,7 @@
 use crate::bail;
 use crate::config::{ConfigPatch, MaeConfig, PRESETS};
 use crate::device::Precision;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{candle_message, Error, ErrorCode, Result};
 use crate::model::MaskedAutoencoder;
 use crate::pth::PthFile;
 use candle_core::{DType, Device, Tensor};
@@ -242,7 +242,7 @@ fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     for (name, view) in st.tensors() {
         let stored_as = format!("{:?}", view.dtype());
         let dtype = checked_dtype(path, &name, DType::try_from(view.dtype()).ok(), &stored_as)?;
-        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| corrupt(path, format!("tensor {name}: {e}")))?;
+        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu).map_err(|e| corrupt(path, format!("tensor {name}: {}", candle_message(&e))))?;
         if is_converted(dtype) {
             converted.insert(name.clone(), dtype);
         }
