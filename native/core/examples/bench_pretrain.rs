@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 use vit_mae_core::candle_core::Device;
-use vit_mae_core::data::{Augment, IdxDataset, Loader, LoaderOptions, FASHION_MNIST_MEAN, FASHION_MNIST_STD};
+use vit_mae_core::data::{Augment, IdxDataset, Loader, LoaderOptions, Shard, FASHION_MNIST_MEAN, FASHION_MNIST_STD};
 use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{pretrain, PretrainConfig, TrainEvent};
 use vit_mae_core::{MaeConfig, MaskedAutoencoder, Precision};
@@ -22,7 +22,7 @@ fn main() -> vit_mae_core::Result<()> {
     let dataset = Arc::new(IdxDataset::open(&images, None)?);
     let config = MaeConfig::preset("mae_vit_fmnist_patch4_32")?;
     let augment = Augment { pad_to: Some(32), ..Augment::pretrain(config.img_size, FASHION_MNIST_MEAN.to_vec(), FASHION_MNIST_STD.to_vec()) };
-    let options = LoaderOptions { batch_size: 128, seed: 0, shuffle: true, drop_last: true, workers, prefetch: 4, skip_corrupt: true };
+    let options = LoaderOptions { batch_size: 128, seed: 0, shuffle: true, drop_last: true, workers, prefetch: 4, skip_corrupt: true, shard: Shard::default() };
     let loader = Loader::new(dataset, augment, options)?;
 
     let start = Instant::now();

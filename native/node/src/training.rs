@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use vit_mae_core::data::{Augment, Dataset, IdxDataset, ImageFolder, InMemoryDataset, Loader, LoaderOptions};
+use vit_mae_core::data::{Augment, Dataset, IdxDataset, ImageFolder, InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::finetune::{embed_dataset, Embedder, Embeddings};
 use vit_mae_core::Pool;
 use vit_mae_core::train::{self, PretrainConfig, TrainEvent, TrainSummary};
@@ -94,6 +94,7 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
         workers: o.workers as usize,
         prefetch: o.prefetch as usize,
         skip_corrupt: o.skip_corrupt,
+        shard: Shard::default(),
     };
     Loader::new(dataset, augment, options)
 }

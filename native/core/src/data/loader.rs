@@ -4,6 +4,11 @@
 //! drawn from `(seed, epoch)` alone and each item's augmentation from `(seed, epoch,
 //! dataset index)` alone, workers fill fixed slots, and batches are handed out in
 //! order. So a batch is the same for any worker count, timing or starting batch.
+//!
+//! A loader can serve one shard of the data, as PyTorch's `DistributedSampler` does
+//! for data-parallel training: every rank draws the same epoch order and batches its
+//! own positions of it, while an item's augmentation stays keyed by its dataset index,
+//! so it does not depend on which rank loads it.
 
 use super::{below, stream_rng, Augment, Dataset, AUGMENT_STREAM, ORDER_STREAM};
 use crate::bail;
@@ -33,6 +38,29 @@ pub struct LoaderOptions {
     /// Leave items whose `Dataset::get` fails out of their batch (listing them in
     /// `Batch::skipped`) instead of ending the epoch with an error.
     pub skip_corrupt: bool,
+    /// The part of every epoch this loader batches (all of it by default).
+    pub shard: Shard,
+}
+
+/// Rank `rank` of `ranks` data-parallel processes, each batching every `ranks`-th
+/// position of the epoch order from position `rank` on (`order[rank::ranks]`), as
+/// PyTorch's `DistributedSampler`. With `drop_last` (training) the order is first
+/// padded to a multiple of `ranks` by repeating its first items, so that every rank
+/// takes as many steps; without it (evaluation) it is not, so that the ranks together
+/// see every item exactly once (their shards differ in length by at most one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank, below `ranks`.
+    pub rank: usize,
+    /// The number of processes sharing the data, at least 1.
+    pub ranks: usize,
+}
+
+impl Default for Shard {
+    /// The whole epoch: rank 0 of 1.
+    fn default() -> Self {
+        Shard { rank: 0, ranks: 1 }
+    }
 }
 
 impl Default for LoaderOptions {
@@ -47,6 +75,7 @@ impl Default for LoaderOptions {
             workers: 1,
             prefetch: 2,
             skip_corrupt: false,
+            shard: Shard::default(),
         }
     }
 }
@@ -109,6 +138,13 @@ impl Loader {
         if options.prefetch == 0 {
             bail!(InvalidArgument, "prefetch must be at least 1");
         }
+        let Shard { rank, ranks } = options.shard;
+        if ranks == 0 {
+            bail!(InvalidArgument, "ranks must be at least 1");
+        }
+        if rank >= ranks {
+            bail!(InvalidArgument, "rank must be below ranks ({ranks}), got {rank}");
+        }
         augment.validate()?;
         check_memory(&augment, &options)?;
         if dataset.is_empty() {
@@ -117,9 +153,28 @@ impl Loader {
         Ok(Loader { dataset, augment: Arc::new(augment), options })
     }
 
-    /// Batches in every epoch: `len / batch_size`, rounded down with `drop_last` and up without.
+    /// The length of an epoch's order before it is sharded: the dataset's, padded under
+    /// `drop_last` to a multiple of `ranks` (see [`Shard`]).
+    fn padded_len(&self) -> usize {
+        let (len, ranks) = (self.dataset.len(), self.options.shard.ranks);
+        if self.options.drop_last {
+            len.div_ceil(ranks) * ranks
+        } else {
+            len
+        }
+    }
+
+    /// Items of an epoch in this loader's shard: the padded order's positions `rank,
+    /// rank + ranks, ...`.
+    fn shard_len(&self) -> usize {
+        let Shard { rank, ranks } = self.options.shard;
+        self.padded_len().saturating_sub(rank).div_ceil(ranks)
+    }
+
+    /// Batches in every epoch: the shard's items over `batch_size`, rounded down with
+    /// `drop_last` and up without.
     pub fn batches_per_epoch(&self) -> usize {
-        let (len, size) = (self.dataset.len(), self.options.batch_size);
+        let (len, size) = (self.shard_len(), self.options.batch_size);
         if self.options.drop_last {
             len / size
         } else {
@@ -127,12 +182,12 @@ impl Loader {
         }
     }
 
-    /// Items an epoch yields (fewer than the dataset holds under `drop_last`).
+    /// Items an epoch yields (fewer than the shard holds under `drop_last`).
     pub fn images_per_epoch(&self) -> usize {
         if self.options.drop_last {
             self.batches_per_epoch() * self.options.batch_size
         } else {
-            self.dataset.len()
+            self.shard_len()
         }
     }
 
@@ -146,10 +201,14 @@ impl Loader {
         self.dataset.describe()
     }
 
-    /// The dataset indices of `epoch` in the order they are batched: a Fisher-Yates
-    /// permutation from the `(seed, epoch)` stream when shuffling, else `0..len`.
+    /// The dataset indices of `epoch` in the order this loader batches them: every
+    /// `ranks`-th position, from `rank` on, of the epoch's order (see [`Shard`]), which is
+    /// a Fisher-Yates permutation from the `(seed, epoch)` stream when shuffling, else
+    /// `0..len`, padded under `drop_last` to a multiple of `ranks` by repeating its first
+    /// items (cyclically, should the padding outnumber them, as PyTorch).
     pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+        let len = self.dataset.len();
+        let mut order: Vec<usize> = (0..len).collect();
         if self.options.shuffle {
             let mut rng = stream_rng(self.options.seed, epoch as u64, ORDER_STREAM, 0);
             for i in (1..order.len()).rev() {
@@ -157,7 +216,8 @@ impl Loader {
                 order.swap(i, j);
             }
         }
-        order
+        let Shard { rank, ranks } = self.options.shard;
+        (rank..self.padded_len()).step_by(ranks).map(|position| order[position % len]).collect()
     }
 
     /// Batches of `epoch`, starting at batch `start_batch` (for exact resume), produced by
@@ -167,8 +227,7 @@ impl Loader {
     /// `batches_per_epoch()` gives no batches.
     pub fn epoch(&self, epoch: usize, start_batch: usize) -> EpochBatches {
         let end_batch = self.batches_per_epoch();
-        let len = self.dataset.len();
-        let end_item = if self.options.drop_last { end_batch * self.options.batch_size } else { len };
+        let end_item = self.images_per_epoch();
         let start_batch = start_batch.min(end_batch);
         let shared = Arc::new(Shared {
             dataset: self.dataset.clone(),

@@ -17,7 +17,7 @@ pub use augment::{
 };
 pub use dataset::{ImageFolder, InMemoryDataset, IMAGE_EXTENSIONS};
 pub use idx::{IdxDataset, FASHION_MNIST_CLASSES};
-pub use loader::{Batch, EpochBatches, Loader, LoaderOptions};
+pub use loader::{Batch, EpochBatches, Loader, LoaderOptions, Shard};
 
 use crate::bail;
 use crate::error::Result;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vit_mae_core::data::{
     dataset_statistics, random_resized_crop_params, resize_bicubic, Augment, Batch, Dataset, IdxDataset, ImageFolder,
-    InMemoryDataset, Loader, LoaderOptions, RawImage, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+    InMemoryDataset, Loader, LoaderOptions, RawImage, Shard, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
 };
 use vit_mae_core::{ErrorCode, Result};
 
@@ -280,6 +280,7 @@ fn corrupt_image_fails_get_and_is_skipped_or_reported_by_the_loader() {
         workers: 2,
         prefetch: 2,
         skip_corrupt: true,
+        shard: Shard::default(),
     };
     let loader = Loader::new(ds.clone(), plain(6, 1), options.clone()).unwrap();
     let batches = collect(&loader, 0, 0);
@@ -508,7 +509,7 @@ fn synthetic(n: usize) -> Arc<InMemoryDataset> {
 }
 
 fn options(workers: usize, prefetch: usize) -> LoaderOptions {
-    LoaderOptions { batch_size: 5, seed: 11, shuffle: true, drop_last: false, workers, prefetch, skip_corrupt: false }
+    LoaderOptions { batch_size: 5, seed: 11, shuffle: true, drop_last: false, workers, prefetch, skip_corrupt: false, shard: Shard::default() }
 }
 
 #[test]
@@ -594,6 +595,107 @@ fn batches_per_epoch_respects_drop_last() {
     ] {
         expect_err(Loader::new(ds.clone(), augment.clone(), bad), ErrorCode::InvalidArgument, "at least 1");
     }
+}
+
+/// Loaders of every rank of `ranks` over `ds`, the rest of the options as `base`.
+fn shard_loaders(ds: &Arc<InMemoryDataset>, ranks: usize, base: &LoaderOptions) -> Vec<Loader> {
+    let augment = Augment::pretrain(8, vec![0.5; 3], vec![0.2; 3]);
+    (0..ranks)
+        .map(|rank| Loader::new(ds.clone(), augment.clone(), LoaderOptions { shard: Shard { rank, ranks }, ..base.clone() }).unwrap())
+        .collect()
+}
+
+/// Item `at` of a batch: its dataset index, label and pixels.
+fn batch_item(batch: &Batch, at: usize) -> (usize, i64, Vec<f32>) {
+    let len = batch.shape[1..].iter().product::<usize>();
+    (batch.indices[at], batch.labels[at], batch.images[at * len..(at + 1) * len].to_vec())
+}
+
+#[test]
+fn training_shards_pad_the_epoch_and_interleave_the_single_process_batches() {
+    let batch = 2;
+    let training = LoaderOptions { batch_size: batch, drop_last: true, ..options(2, 2) };
+    for len in [1, 3, 12, 13, 14, 15] {
+        let ds = synthetic(len);
+        for ranks in 1..=4 {
+            let what = format!("{len} items, {ranks} ranks");
+            let shards = shard_loaders(&ds, ranks, &training);
+            let whole = Loader::new(ds.clone(), Augment::pretrain(8, vec![0.5; 3], vec![0.2; 3]), LoaderOptions { batch_size: ranks * batch, ..training.clone() }).unwrap();
+            for epoch in [0, 3] {
+                let full = whole.epoch_order(epoch);
+                let orders: Vec<Vec<usize>> = shards.iter().map(|s| s.epoch_order(epoch)).collect();
+                // Equal shards, together the epoch plus the padding: its first items again.
+                let shard_len = len.div_ceil(ranks);
+                assert!(orders.iter().all(|o| o.len() == shard_len), "{what}: shard lengths {:?}", orders.iter().map(Vec::len).collect::<Vec<_>>());
+                let padding = ranks * shard_len - len;
+                let mut counts = vec![0; len];
+                orders.iter().flatten().for_each(|&i| counts[i] += 1);
+                for (position, &index) in full.iter().enumerate() {
+                    // Repeated cyclically, should the padding outnumber the items.
+                    let taken = (len + padding - position).div_ceil(len);
+                    assert_eq!(counts[index], taken, "{what}: item {index} at position {position} of the epoch");
+                }
+
+                let batches: Vec<Vec<Batch>> = shards.iter().map(|s| collect(s, epoch, 0)).collect();
+                for (rank, (shard, loader)) in batches.iter().zip(&shards).enumerate() {
+                    assert_eq!(shard.len(), shard_len / batch, "{what}: rank {rank}'s batches");
+                    assert_eq!(loader.batches_per_epoch(), shard.len());
+                    assert_eq!(loader.images_per_epoch(), shard.len() * batch);
+                    assert_eq!(shard.iter().flat_map(|b| b.indices.clone()).collect::<Vec<_>>(), orders[rank][..shard.len() * batch]);
+                    // Resuming mid-epoch gives the same batches.
+                    for start in 0..=shard.len() {
+                        assert_eq!(collect(loader, epoch, start), shard[start..], "{what}: rank {rank} from batch {start}");
+                    }
+                }
+                // Rank r's batch b is the single process's batch b of ranks x batch items at
+                // positions r, r + ranks, ...: the same images, augmented alike. (The ranks can
+                // have one batch more, of the padding.)
+                let single = collect(&whole, epoch, 0);
+                assert!(!single.is_empty() || len < ranks * batch, "{what}");
+                assert!(single.len() <= batches[0].len() && batches[0].len() <= single.len() + 1, "{what}: {} single batches", single.len());
+                for (b, global) in single.iter().enumerate() {
+                    for (rank, shard) in batches.iter().enumerate() {
+                        for i in 0..batch {
+                            assert_eq!(batch_item(&shard[b], i), batch_item(global, rank + ranks * i), "{what}, epoch {epoch}: rank {rank}, batch {b}, item {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn evaluation_shards_split_the_dataset_exactly_once() {
+    let evaluation = LoaderOptions { batch_size: 2, shuffle: false, drop_last: false, ..options(2, 2) };
+    for len in [3, 12, 13, 14, 15] {
+        let ds = synthetic(len);
+        for ranks in 1..=4 {
+            let what = format!("{len} items, {ranks} ranks");
+            let shards = shard_loaders(&ds, ranks, &evaluation);
+            let mut seen = Vec::new();
+            for (rank, loader) in shards.iter().enumerate() {
+                let indices: Vec<usize> = collect(loader, 0, 0).iter().flat_map(|b| b.indices.clone()).collect();
+                assert_eq!(indices, (rank..len).step_by(ranks).collect::<Vec<_>>(), "{what}: rank {rank}");
+                assert_eq!(loader.images_per_epoch(), indices.len(), "{what}: rank {rank}");
+                assert_eq!(loader.batches_per_epoch(), indices.len().div_ceil(2), "{what}: rank {rank}");
+                seen.extend(indices);
+            }
+            let lengths: Vec<usize> = shards.iter().map(Loader::images_per_epoch).collect();
+            assert!(lengths.iter().max().unwrap() - lengths.iter().min().unwrap() <= 1, "{what}: shard lengths {lengths:?}");
+            seen.sort();
+            assert_eq!(seen, (0..len).collect::<Vec<_>>(), "{what}: every item exactly once");
+        }
+    }
+}
+
+#[test]
+fn a_shard_must_be_one_of_at_least_one_rank() {
+    let ds = synthetic(12);
+    for (shard, mentions) in [(Shard { rank: 0, ranks: 0 }, "ranks must be at least 1"), (Shard { rank: 2, ranks: 2 }, "rank must be below ranks (2), got 2")] {
+        expect_err(Loader::new(ds.clone(), plain(12, 3), LoaderOptions { shard, ..options(1, 1) }), ErrorCode::InvalidArgument, mentions);
+    }
+    assert_eq!(LoaderOptions::default().shard, Shard { rank: 0, ranks: 1 });
 }
 
 /// Counts `get` calls and takes a little time over each, like a slow disk.

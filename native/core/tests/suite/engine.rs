@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vit_mae_core::classifier::{ClassifierConfig, VitClassifier};
-use vit_mae_core::data::{InMemoryDataset, Loader, LoaderOptions};
+use vit_mae_core::data::{InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::engine::mae::{MaeEngine, Mode};
 use vit_mae_core::finetune::{finetune, FinetuneConfig};
 use vit_mae_core::train::{pretrain, PretrainConfig, TrainEvent};
@@ -180,7 +180,7 @@ fn loader(config_side: usize, channels: usize, n: usize, batch_size: usize, labe
         })
         .collect();
     let dataset = InMemoryDataset::new(data, [n, channels, config_side, config_side], labels).unwrap();
-    let options = LoaderOptions { batch_size, seed, shuffle: true, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+    let options = LoaderOptions { batch_size, seed, shuffle: true, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false, shard: Shard::default() };
     Loader::new(Arc::new(dataset), plain_augment(config_side, channels, 0.5, 0.5), options).unwrap()
 }
 

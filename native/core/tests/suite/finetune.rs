@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vit_mae_core::classifier::{load_classifier, resize_pos_embed, save_classifier, ClassifierConfig, ForwardMode, Trainable, VitClassifier};
-use vit_mae_core::data::{Augment, InMemoryDataset, Loader, LoaderOptions};
+use vit_mae_core::data::{Augment, InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::finetune::{embed_dataset, evaluate, finetune, Embedder, FinetuneConfig, Protocol};
 use vit_mae_core::mixup::MixupConfig;
 use vit_mae_core::nn::DropPathScales;
@@ -118,7 +118,7 @@ fn augment() -> Augment {
 }
 
 fn loader(data: InMemoryDataset, batch_size: usize, shuffle: bool, drop_last: bool, seed: u64) -> Loader {
-    let options = LoaderOptions { batch_size, seed, shuffle, drop_last, workers: 1, prefetch: 2, skip_corrupt: false };
+    let options = LoaderOptions { batch_size, seed, shuffle, drop_last, workers: 1, prefetch: 2, skip_corrupt: false, shard: Shard::default() };
     Loader::new(Arc::new(data), augment(), options).unwrap()
 }
 
@@ -1175,7 +1175,7 @@ fn a_classifier_checkpoint_that_contradicts_its_config_builds_nothing() {
 fn finetuning_stops_before_a_non_finite_update_with_the_last_good_weights() {
     let poisoned = || {
         let data = Faulty { inner: bright_dark_dataset(16, 12), bad: (0..16).map(|i| (8..12).contains(&i)).collect(), fault: Fault::NanPixel };
-        let options = LoaderOptions { batch_size: 4, seed: 0, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+        let options = LoaderOptions { batch_size: 4, seed: 0, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false, shard: Shard::default() };
         Loader::new(Arc::new(data), augment(), options).unwrap()
     };
     for (protocol, head_batch_norm) in [("finetune", false), ("linprobe", true)] {

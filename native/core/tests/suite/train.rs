@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions};
+use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
 use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent, TrainSummary};
@@ -78,7 +78,7 @@ fn augment() -> Augment {
 }
 
 fn loader_with(data: Arc<dyn Dataset>, seed: u64, shuffle: bool) -> Loader {
-    let options = LoaderOptions { batch_size: BATCH, seed, shuffle, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+    let options = LoaderOptions { batch_size: BATCH, seed, shuffle, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false, shard: Shard::default() };
     Loader::new(data, augment(), options).unwrap()
 }
 
@@ -1093,7 +1093,7 @@ fn a_step_without_readable_images_is_an_error() {
     let n = 32;
     let unreadable = |which: &dyn Fn(usize) -> bool| -> Arc<dyn Dataset> { Arc::new(Faulty { inner: dataset(n, 29), bad: (0..n).map(which).collect(), fault: Fault::Unreadable }) };
     let skipping = |data: Arc<dyn Dataset>| {
-        let options = LoaderOptions { batch_size: BATCH, seed: 5, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: true };
+        let options = LoaderOptions { batch_size: BATCH, seed: 5, shuffle: false, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: true, shard: Shard::default() };
         Loader::new(data, augment(), options).unwrap()
     };
     for (what, which, step) in [("all unreadable", &(|_| true) as &dyn Fn(usize) -> bool, 1), ("the third batch unreadable", &|i| (2 * BATCH..3 * BATCH).contains(&i), 3)] {
@@ -1134,7 +1134,7 @@ fn resume_refuses_another_batch_size_accum_iter_or_seed() {
     run(&mut tiny_model(37), &loader(32), &config, None).unwrap();
     let more = with_recipe(&config, |r| Recipe { max_steps: Some(4), checkpoint_dir: None, ..r });
     let half_batch = {
-        let options = LoaderOptions { batch_size: BATCH / 2, seed: 5, shuffle: true, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false };
+        let options = LoaderOptions { batch_size: BATCH / 2, seed: 5, shuffle: true, drop_last: true, workers: 1, prefetch: 2, skip_corrupt: false, shard: Shard::default() };
         Loader::new(Arc::new(dataset(32, 1234)), augment(), options).unwrap()
     };
     let cases = [
