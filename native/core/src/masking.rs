@@ -87,58 +87,100 @@ pub fn random_from_noise(noise: &[Vec<f32>], mask_ratio: f64) -> Result<MaskPlan
     if noise.iter().flatten().any(|v| !v.is_finite()) {
         bail!(InvalidNoise, "noise must be finite");
     }
-    let ids_shuffle = noise
-        .iter()
-        .map(|row| {
-            let mut ids: Vec<u32> = (0..row.len() as u32).collect();
-            ids.sort_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]));
-            ids
-        })
-        .collect();
+    let ids_shuffle = noise.iter().map(|row| order_by_noise(row)).collect();
     Ok(MaskPlan { ids_shuffle, len_keep: len_keep(num_patches, mask_ratio) })
+}
+
+/// The published `argsort` of one sample's noise: patches by increasing noise.
+fn order_by_noise(row: &[f32]) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+    ids.sort_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize]));
+    ids
 }
 
 /// Uniform noise in [0, 1) for `random_from_noise`, as the published `torch.rand`.
 pub fn uniform_noise(rng: &mut impl Rng, batch: usize, num_patches: usize) -> Vec<Vec<f32>> {
-    (0..batch).map(|_| (0..num_patches).map(|_| rng.random::<f32>()).collect()).collect()
+    (0..batch).map(|_| noise_row(rng, num_patches)).collect()
 }
 
-/// Keeps the top-left patch of every 2x2 cell; the ratio is 0.75 by construction.
-pub fn grid(batch: usize, grid_size: usize, mask_ratio: f64) -> Result<MaskPlan> {
-    if !((mask_ratio - 0.75).abs() <= 1e-9) {
-        bail!(InvalidMaskRatio, "grid masking keeps one patch of every 2x2, so maskRatio must be 0.75, got {mask_ratio}");
+fn noise_row(rng: &mut impl Rng, num_patches: usize) -> Vec<f32> {
+    (0..num_patches).map(|_| rng.random::<f32>()).collect()
+}
+
+/// How every sample of a batch is masked, checked once: the strategy, the grid of
+/// patches and how many of them stay visible. Each sample's mask is drawn on its own
+/// ([`MaskSampler::sample_order`]), from one generator for the whole batch or from a
+/// generator per sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskSampler {
+    masking: Masking,
+    grid_size: usize,
+    len_keep: usize,
+}
+
+impl MaskSampler {
+    /// Refuses a ratio outside [0, 1) (`InvalidMaskRatio`); grid masking keeps one patch
+    /// of every 2x2, so it also needs a ratio of 0.75 and an even grid (`InvalidArgument`).
+    pub fn new(masking: Masking, grid_size: usize, mask_ratio: f64) -> Result<Self> {
+        check_mask_ratio(mask_ratio)?;
+        let num_patches = grid_size * grid_size;
+        if masking == Masking::Grid {
+            if !((mask_ratio - 0.75).abs() <= 1e-9) {
+                bail!(InvalidMaskRatio, "grid masking keeps one patch of every 2x2, so maskRatio must be 0.75, got {mask_ratio}");
+            }
+            if grid_size % 2 != 0 {
+                bail!(InvalidArgument, "grid masking needs an even number of patches per side, got {grid_size}");
+            }
+        }
+        let len_keep = if masking == Masking::Grid { num_patches / 4 } else { len_keep(num_patches, mask_ratio) };
+        Ok(MaskSampler { masking, grid_size, len_keep })
     }
-    if grid_size % 2 != 0 {
-        bail!(InvalidArgument, "grid masking needs an even number of patches per side, got {grid_size}");
+
+    /// Visible patches per sample.
+    pub fn len_keep(&self) -> usize {
+        self.len_keep
     }
-    let (kept, removed): (Vec<u32>, Vec<u32>) =
-        (0..(grid_size * grid_size) as u32).partition(|&l| (l as usize / grid_size) % 2 == 0 && (l as usize % grid_size) % 2 == 0);
-    let len_keep = kept.len();
-    let order: Vec<u32> = kept.into_iter().chain(removed).collect();
-    Ok(MaskPlan { ids_shuffle: vec![order; batch], len_keep })
+
+    /// One sample's patch order, visible patches first, drawn from `rng`: the published
+    /// argsort of `L` uniform draws (random), BEiT's blocks (block), or, without a draw,
+    /// the top-left patch of every 2x2 cell (grid).
+    pub fn sample_order(&self, rng: &mut impl Rng) -> Vec<u32> {
+        let (g, num_patches) = (self.grid_size, self.grid_size * self.grid_size);
+        match self.masking {
+            Masking::Random => order_by_noise(&noise_row(rng, num_patches)),
+            Masking::Block => {
+                // BEiT uses 16-patch blocks on its 14x14 grid; scale that to the grid at hand.
+                let min_block = ((16 * num_patches) as f64 / 196.0).round().max(1.0) as usize;
+                let mask = block_mask(rng, g, num_patches - self.len_keep, min_block);
+                visible_first(num_patches, |l| !mask[l])
+            }
+            Masking::Grid => visible_first(num_patches, |l| (l / g) % 2 == 0 && (l % g) % 2 == 0),
+        }
+    }
+
+    /// The masks of `n` samples drawn one after the other from `rng`, as `torch.rand(N, L)`
+    /// draws its rows.
+    pub fn batch(&self, rng: &mut impl Rng, n: usize) -> MaskPlan {
+        MaskPlan { ids_shuffle: (0..n).map(|_| self.sample_order(rng)).collect(), len_keep: self.len_keep }
+    }
+
+    /// One mask per generator, each sample's drawn from its own, so that it does not
+    /// depend on the other samples of the batch or on its place among them.
+    pub fn per_sample<R: Rng>(&self, rngs: impl IntoIterator<Item = R>) -> MaskPlan {
+        MaskPlan { ids_shuffle: rngs.into_iter().map(|mut rng| self.sample_order(&mut rng)).collect(), len_keep: self.len_keep }
+    }
+}
+
+/// The patches `0..num_patches` in the order of a plan: the visible ones first.
+fn visible_first(num_patches: usize, visible: impl Fn(usize) -> bool) -> Vec<u32> {
+    let (kept, removed): (Vec<u32>, Vec<u32>) = (0..num_patches as u32).partition(|&l| visible(l as usize));
+    kept.into_iter().chain(removed).collect()
 }
 
 /// BEiT's block-wise masking generator (blocks of at least `min_block` patches,
-/// aspect ratio in [0.3, 1/0.3]), run until exactly `L - len_keep` patches are
-/// removed: when no block of the minimum size fits the remainder any more,
-/// smaller blocks fill it, so every sample has the same number of visible patches.
-pub fn block(rng: &mut impl Rng, batch: usize, grid_size: usize, mask_ratio: f64) -> Result<MaskPlan> {
-    check_mask_ratio(mask_ratio)?;
-    let num_patches = grid_size * grid_size;
-    let keep = len_keep(num_patches, mask_ratio);
-    let to_mask = num_patches - keep;
-    // BEiT uses 16-patch blocks on its 14x14 grid; scale that to the grid at hand.
-    let min_block = ((16 * num_patches) as f64 / 196.0).round().max(1.0) as usize;
-    let ids_shuffle = (0..batch)
-        .map(|_| {
-            let mask = block_mask(rng, grid_size, to_mask, min_block);
-            let (kept, removed): (Vec<u32>, Vec<u32>) = (0..num_patches as u32).partition(|&l| !mask[l as usize]);
-            kept.into_iter().chain(removed).collect()
-        })
-        .collect();
-    Ok(MaskPlan { ids_shuffle, len_keep: keep })
-}
-
+/// aspect ratio in [0.3, 1/0.3]), run until exactly `to_mask` patches are removed: when
+/// no block of the minimum size fits the remainder any more, smaller blocks fill it, so
+/// every sample has the same number of visible patches.
 fn block_mask(rng: &mut impl Rng, grid_size: usize, to_mask: usize, min_block: usize) -> Vec<bool> {
     let mut mask = vec![false; grid_size * grid_size];
     let mut count = 0;

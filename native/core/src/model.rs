@@ -6,7 +6,7 @@ use crate::config::MaeConfig;
 use crate::device::Precision;
 use crate::engine::{Gradients, MaeEngine, Mode};
 use crate::error::Result;
-use crate::masking::{self, MaskPlan, Masking};
+use crate::masking::{self, MaskPlan, MaskSampler, Masking};
 use crate::nn::{Block, LayerNorm, Linear};
 use crate::ops;
 use crate::params::{Init, ParamBuilder, Values};
@@ -93,10 +93,8 @@ impl MaskOptions {
                 let rows: Vec<Vec<f32>> = noise.data.chunks(l).map(<[f32]>::to_vec).collect();
                 masking::random_from_noise(&rows, self.mask_ratio)
             }
-            (Masking::Random, None) => masking::random_from_noise(&masking::uniform_noise(rng, n, l), self.mask_ratio),
             (_, Some(_)) => bail!(InvalidNoise, "noise applies only to random masking"),
-            (Masking::Block, None) => masking::block(rng, n, config.grid_size(), self.mask_ratio),
-            (Masking::Grid, None) => masking::grid(n, config.grid_size(), self.mask_ratio),
+            (masking, None) => Ok(MaskSampler::new(masking, config.grid_size(), self.mask_ratio)?.batch(rng, n)),
         }
     }
 }

@@ -5,16 +5,14 @@
 use crate::bail;
 use crate::checkpoint::{self, Stored, OPTIMIZER_PREFIX};
 use crate::config::MaeConfig;
-use crate::data::{Batch, Loader};
+use crate::data::{stream_rng, Batch, Loader, MASK_STREAM};
 use crate::error::{Error, ErrorCode, Result};
-use crate::masking::{self, MaskPlan, Masking};
-use crate::model::{MaskOptions, MaskedAutoencoder, Unloaded};
+use crate::masking::{self, MaskPlan, MaskSampler, Masking};
+use crate::model::{MaskedAutoencoder, Unloaded};
 use crate::engine::{FlatAdamW, Gradients, MaeEngine, Mode};
 use crate::optim::{clip_to_norm, global_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
 use crate::recipe::{self, Recipe};
 use candle_core::Tensor;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -128,12 +126,13 @@ pub struct TrainSummary {
     pub skipped_images: usize,
 }
 
-/// The masks for one step, from a generator of its own so a resumed run draws
-/// the same ones.
-fn step_plan(config: &PretrainConfig, model: &MaeConfig, n: usize, step: u64, micro: usize) -> Result<MaskPlan> {
-    let mut rng = ChaCha8Rng::seed_from_u64(config.recipe.seed ^ 0x6d61_736b);
-    rng.set_stream(step * 1024 + micro as u64);
-    MaskOptions { mask_ratio: config.mask_ratio, masking: config.masking, noise: None }.plan(model, &mut rng, n)
+/// The masks of a step's images of dataset indices `indices`, each drawn from a
+/// generator of its own keyed by the step and the image's index, so that an image is
+/// masked alike whichever batch, place in it or data-parallel rank it is in, and a
+/// resumed run draws the same masks.
+fn step_plan(config: &PretrainConfig, model: &MaeConfig, indices: &[usize], step: u64) -> Result<MaskPlan> {
+    let sampler = MaskSampler::new(config.masking, model.grid_size(), config.mask_ratio)?;
+    Ok(sampler.per_sample(indices.iter().map(|&index| stream_rng(config.recipe.seed, step, MASK_STREAM, index as u64))))
 }
 
 fn checkpoint_name(step: u64) -> String {
@@ -159,7 +158,9 @@ pub fn list_checkpoints(dir: &Path) -> Vec<PathBuf> {
 /// What the training loop trains: pre-training or one of the fine-tuning protocols.
 pub(crate) trait Task {
     /// The loss of one micro-batch of `[n, C, H, W]` images; its gradients, times
-    /// `grad_scale`, are added to the step's. `step` and `micro` key its randomness.
+    /// `grad_scale`, are added to the step's. `step` and each image's dataset index key
+    /// that image's randomness (masks, stochastic depth); `step` and `micro` the batch's
+    /// (mixing).
     /// A non-finite loss ends the run, so its gradients never reach an update.
     fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64>;
     /// The global L2 norm of the step's gradients.
@@ -336,9 +337,9 @@ struct Pretraining<'a> {
 }
 
 impl Task for Pretraining<'_> {
-    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, _micro: usize, grad_scale: f64) -> Result<f64> {
+        let plan = step_plan(self.config, &self.model.config, &batch.indices, step)?;
         let imgs = Tensor::from_vec(batch.images, batch.shape.as_slice(), self.model.device())?;
-        let plan = step_plan(self.config, &self.model.config, batch.shape[0], step, micro)?;
         let out = self.model.forward_with_plan(&imgs, &plan)?;
         // The backward pass is queued before the loss is read, so a GPU never waits
         // for the host mid-step; a non-finite loss still discards the gradients.
@@ -383,9 +384,9 @@ struct EnginePretraining<'a> {
 }
 
 impl Task for EnginePretraining<'_> {
-    fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64> {
+    fn micro_batch(&mut self, batch: Batch, step: u64, _micro: usize, grad_scale: f64) -> Result<f64> {
         let n = batch.shape[0];
-        let plan = step_plan(self.config, &self.engine.config, n, step, micro)?;
+        let plan = step_plan(self.config, &self.engine.config, &batch.indices, step)?;
         if n != self.engine.batch {
             // A batch short of skipped images: a plan of its size, sharing the weights.
             self.engine.reshape(n)?;
@@ -680,3 +681,30 @@ fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image's mask depends on the step and its dataset index only: the same in any
+    /// batch and at any place in it (so on any data-parallel rank), another at another step.
+    #[test]
+    fn an_image_is_masked_alike_in_any_batch_and_place() {
+        let model = MaeConfig::preset("mae_vit_fmnist_patch4_32").unwrap();
+        for masking in [Masking::Random, Masking::Block, Masking::Grid] {
+            let config = PretrainConfig { masking, ..PretrainConfig::default() };
+            let batch = step_plan(&config, &model, &[4, 9, 2, 7], 3).unwrap();
+            let other = step_plan(&config, &model, &[7, 11, 4], 3).unwrap();
+            assert_eq!(other.ids_shuffle[0], batch.ids_shuffle[3], "{masking:?}: image 7");
+            assert_eq!(other.ids_shuffle[2], batch.ids_shuffle[0], "{masking:?}: image 4");
+            assert_eq!(other.len_keep, batch.len_keep);
+            if masking == Masking::Grid {
+                continue;
+            }
+            assert_ne!(batch.ids_shuffle[0], batch.ids_shuffle[1], "{masking:?}: other images, other masks");
+            let next_step = step_plan(&config, &model, &[4], 4).unwrap();
+            assert_ne!(next_step.ids_shuffle[0], batch.ids_shuffle[0], "{masking:?}: another step, another mask");
+            let reseeded = PretrainConfig { recipe: Recipe { seed: 1, ..config.recipe.clone() }, ..config.clone() };
+            assert_ne!(step_plan(&reseeded, &model, &[4], 3).unwrap().ids_shuffle[0], batch.ids_shuffle[0], "{masking:?}: another seed");
+        }
+    }
+}

@@ -3,8 +3,9 @@
 //! bit-for-bit reproducible (and resumable mid-epoch) whatever the thread count.
 //!
 //! Every random draw comes from a ChaCha8 stream keyed by `(seed, epoch, stream,
-//! index)`, and draws are turned into numbers by this module's own helpers rather than
-//! `rand`'s distributions, so a `rand` upgrade cannot silently change a training run.
+//! index)` (see [`stream_rng`]), and draws are turned into numbers by this module's own
+//! helpers rather than `rand`'s distributions, so a `rand` upgrade cannot silently
+//! change a training run.
 
 mod augment;
 mod dataset;
@@ -87,16 +88,22 @@ pub trait Dataset: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Stream tags keep the epoch order and the per-item augmentations independent even
-/// where their other key parts coincide.
+/// Stream tags keep the streams of each kind of draw independent even where their
+/// other key parts coincide: the epoch order and the items' augmentations (keyed by
+/// epoch), and the training steps' masks (keyed by step).
 const ORDER_STREAM: u64 = 0;
 const AUGMENT_STREAM: u64 = 1;
+pub(crate) const MASK_STREAM: u64 = 2;
 
-/// The RNG of one stream: ChaCha8 whose 32-byte key is the four numbers, little-endian.
+/// The RNG of one stream: ChaCha8 whose 32-byte key is `(seed, round, stream, index)`,
+/// little-endian, where `round` is the epoch for the data's draws and the optimizer
+/// step for a step's masks, and `index` a dataset index (0 for the
+/// epoch order). Keying an image's draws by its dataset index rather than its place in a
+/// batch makes them the same whichever batch, or data-parallel rank, it lands in.
 /// Packing (rather than hashing) the key makes distinct tuples distinct streams.
-fn stream_rng(seed: u64, epoch: u64, stream: u64, index: u64) -> ChaCha8Rng {
+pub(crate) fn stream_rng(seed: u64, round: u64, stream: u64, index: u64) -> ChaCha8Rng {
     let mut key = [0u8; 32];
-    for (chunk, part) in key.chunks_exact_mut(8).zip([seed, epoch, stream, index]) {
+    for (chunk, part) in key.chunks_exact_mut(8).zip([seed, round, stream, index]) {
         chunk.copy_from_slice(&part.to_le_bytes());
     }
     ChaCha8Rng::from_seed(key)

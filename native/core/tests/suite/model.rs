@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
-use vit_mae_core::masking::{self, MaskPlan};
+use vit_mae_core::masking::{self, MaskPlan, MaskSampler};
 use vit_mae_core::pos_embed::sincos_2d_with_cls;
 use vit_mae_core::{ConfigPatch, ErrorCode, HostTensor, Precision, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
 
@@ -236,6 +236,46 @@ fn unpatchify_rejects_non_square_patch_count() {
 const RATIOS: [(f64, usize); 5] = [(0.0, 0), (0.25, 25), (0.5, 50), (0.75, 75), (0.9, 90)];
 const GRIDS: [usize; 4] = [4, 7, 8, 14];
 
+/// `n` block masks drawn one after the other from `rng`.
+fn block(rng: &mut ChaCha8Rng, n: usize, g: usize, ratio: f64) -> vit_mae_core::Result<MaskPlan> {
+    Ok(MaskSampler::new(Masking::Block, g, ratio)?.batch(rng, n))
+}
+
+/// `n` grid masks (which draw nothing).
+fn grid(n: usize, g: usize, ratio: f64) -> vit_mae_core::Result<MaskPlan> {
+    Ok(MaskSampler::new(Masking::Grid, g, ratio)?.batch(&mut ChaCha8Rng::seed_from_u64(0), n))
+}
+
+/// A batch's masks drawn from one generator are, sample by sample, those drawn from
+/// generators of their own in the same states: one way of masking a sample, whether
+/// the model's generator masks a whole batch or training masks each image on its own.
+/// Random masking draws exactly the published noise and keeps its smallest values.
+#[test]
+fn masks_drawn_per_sample_are_those_of_a_batch() {
+    for masking in [Masking::Random, Masking::Block, Masking::Grid] {
+        for g in [4, 8, 14] {
+            let sampler = MaskSampler::new(masking, g, 0.75).unwrap();
+            let seeds = [3u64, 1, 4, 1, 5];
+            let per_sample = sampler.per_sample(seeds.map(ChaCha8Rng::seed_from_u64));
+            check_plan(&per_sample, seeds.len(), g * g, sampler.len_keep());
+            for (row, &seed) in per_sample.ids_shuffle.iter().zip(&seeds) {
+                assert_eq!(*row, sampler.batch(&mut ChaCha8Rng::seed_from_u64(seed), 1).ids_shuffle[0], "{masking:?} grid {g} seed {seed}");
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let batch = sampler.batch(&mut rng.clone(), 4);
+            let one_by_one: Vec<Vec<u32>> = (0..4).map(|_| sampler.sample_order(&mut rng)).collect();
+            assert_eq!(batch.ids_shuffle, one_by_one, "{masking:?} grid {g}");
+            if masking == Masking::Random {
+                let from_noise = masking::random_from_noise(&masking::uniform_noise(&mut ChaCha8Rng::seed_from_u64(9), 4, g * g), 0.75).unwrap();
+                assert_eq!(batch, from_noise, "grid {g}: random masks are the argsort of torch.rand's noise");
+            }
+            if masking != Masking::Grid {
+                assert_ne!(per_sample.ids_shuffle[0], per_sample.ids_shuffle[1], "{masking:?} grid {g}: other generators, other masks");
+            }
+        }
+    }
+}
+
 #[test]
 fn random_masking_invariants_and_len_keep() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
@@ -291,7 +331,7 @@ fn block_masking_invariants_and_len_keep() {
     for g in GRIDS {
         let l = g * g;
         for (ratio, percent) in RATIOS {
-            let plan = masking::block(&mut rng, 5, g, ratio).unwrap();
+            let plan = block(&mut rng, 5, g, ratio).unwrap();
             check_plan(&plan, 5, l, expected_keep(l, percent));
         }
     }
@@ -301,7 +341,7 @@ fn block_masking_invariants_and_len_keep() {
 fn grid_masking_keeps_even_rows_and_columns() {
     for g in [2, 4, 8, 14] {
         let l = g * g;
-        let plan = masking::grid(3, g, 0.75).unwrap();
+        let plan = grid(3, g, 0.75).unwrap();
         check_plan(&plan, 3, l, l / 4);
         let want: BTreeSet<usize> = (0..l).filter(|&i| (i / g) % 2 == 0 && (i % g) % 2 == 0).collect();
         for (n, mask) in plan.mask().iter().enumerate() {
@@ -314,10 +354,10 @@ fn grid_masking_keeps_even_rows_and_columns() {
 #[test]
 fn grid_masking_rejects_other_ratios_and_odd_grids() {
     for ratio in [0.0, 0.5, 0.7, 0.8, 0.9, 1.0, -0.75] {
-        assert_eq!(err_code(masking::grid(1, 8, ratio)), ErrorCode::InvalidMaskRatio, "ratio {ratio}");
+        assert_eq!(err_code(grid(1, 8, ratio)), ErrorCode::InvalidMaskRatio, "ratio {ratio}");
     }
     for g in [1, 3, 7, 15] {
-        assert_eq!(err_code(masking::grid(1, g, 0.75)), ErrorCode::InvalidArgument, "grid {g}");
+        assert_eq!(err_code(grid(1, g, 0.75)), ErrorCode::InvalidArgument, "grid {g}");
     }
 }
 
@@ -327,7 +367,7 @@ fn block_masking_is_blockier_than_random() {
     let l = g * g;
     let samples = 64;
     let mut rng = ChaCha8Rng::seed_from_u64(24);
-    let block = masking::block(&mut rng, samples, g, 0.75).unwrap();
+    let block = block(&mut rng, samples, g, 0.75).unwrap();
     let random = masking::random_from_noise(&masking::uniform_noise(&mut rng, samples, l), 0.75).unwrap();
     let mean_edges = |plan: &MaskPlan| plan.mask().iter().map(|m| boundary_edges(m, g)).sum::<usize>() as f64 / samples as f64;
     let (b, r) = (mean_edges(&block), mean_edges(&random));
@@ -348,7 +388,7 @@ fn mask_ratio_outside_unit_interval_is_rejected() {
     for ratio in [-0.1, 1.0, 1.5, f64::NAN, f64::INFINITY, -f64::INFINITY] {
         assert_eq!(err_code(masking::random_from_noise(&noise, ratio)), ErrorCode::InvalidMaskRatio, "random, ratio {ratio}");
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        assert_eq!(err_code(masking::block(&mut rng, 1, 4, ratio)), ErrorCode::InvalidMaskRatio, "block, ratio {ratio}");
+        assert_eq!(err_code(block(&mut rng, 1, 4, ratio)), ErrorCode::InvalidMaskRatio, "block, ratio {ratio}");
         assert_eq!(err_code(masking::check_mask_ratio(ratio)), ErrorCode::InvalidMaskRatio);
     }
     let m = model(small_config(), 0);
@@ -377,9 +417,9 @@ fn non_finite_noise_is_rejected() {
 #[test]
 fn block_masks_are_reproducible_from_the_seed() {
     for g in [7, 14] {
-        let a = masking::block(&mut ChaCha8Rng::seed_from_u64(5), 4, g, 0.75).unwrap();
-        let b = masking::block(&mut ChaCha8Rng::seed_from_u64(5), 4, g, 0.75).unwrap();
-        let c = masking::block(&mut ChaCha8Rng::seed_from_u64(6), 4, g, 0.75).unwrap();
+        let a = block(&mut ChaCha8Rng::seed_from_u64(5), 4, g, 0.75).unwrap();
+        let b = block(&mut ChaCha8Rng::seed_from_u64(5), 4, g, 0.75).unwrap();
+        let c = block(&mut ChaCha8Rng::seed_from_u64(6), 4, g, 0.75).unwrap();
         assert_eq!(a.mask(), b.mask(), "grid {g}: same seed, different block masks");
         assert_ne!(a.mask(), c.mask(), "grid {g}: different seeds gave the same block masks");
     }
@@ -964,9 +1004,9 @@ fn config_published_json_round_trips() {
 
 #[test]
 fn grid_masking_rejects_nan_ratio() {
-    // NaN is not 0.75; the public function must not accept it (the model's
-    // mask_plan checks the ratio first, but masking::grid is public on its own).
-    assert_eq!(err_code(masking::grid(1, 8, f64::NAN)), ErrorCode::InvalidMaskRatio);
+    // NaN is not 0.75; the public sampler must not accept it (the model's
+    // mask_plan checks the ratio first, but MaskSampler is public on its own).
+    assert_eq!(err_code(grid(1, 8, f64::NAN)), ErrorCode::InvalidMaskRatio);
 }
 
 #[test]
