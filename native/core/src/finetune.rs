@@ -242,7 +242,7 @@ fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, mic
     let mixup = config.mixup_config(k);
     let mut images = batch.images;
     let targets = if mixup.enabled() {
-        mixup.mix(&mut images, batch.shape, &batch.labels, &mut rng)?.0
+        mixup.mix(&mut images, batch.shape, &batch.labels, None, &mut rng)?.0
     } else {
         soft_targets(&batch.labels, k, config.smoothing)
     };

@@ -1,6 +1,7 @@
 //! Mixup and CutMix as timm's `Mixup` in its default 'batch' mode, which the
 //! published fine-tuning uses: one mixing coefficient per batch, each image mixed
-//! with the image at the mirrored position of the batch.
+//! with the image at the mirrored position of the batch (or, across data-parallel
+//! ranks, of the partner rank's batch).
 
 use crate::bail;
 use crate::classifier::soft_targets;
@@ -69,17 +70,40 @@ impl MixupConfig {
         })
     }
 
-    /// Mixes `images` (`[N, C, H, W]`, in place) and returns the soft targets `[N, K]`:
-    /// `lam * smoothed(y) + (1 - lam) * smoothed(y reversed)`. The batch size must be even.
-    pub fn mix(&self, images: &mut [f32], shape: [usize; 4], labels: &[i64], rng: &mut impl Rng) -> Result<(Vec<f32>, Mixing)> {
+    /// Mixes `images` (`[N, C, H, W]`, in place) with a partner batch of the same shape
+    /// and returns the soft targets `[N, K]`: image `i` is mixed with the partner's image
+    /// `N - 1 - i`, and the targets are `lam * smoothed(y) + (1 - lam) * smoothed(partner's
+    /// y reversed)`. The partner is this batch itself when `None` (timm's `x.flip(0)`; the
+    /// batch size must then be even); data-parallel training passes the batch of the
+    /// mirrored rank (global position `j`'s partner is `W*B - 1 - j`), the same `rng` on
+    /// every rank giving them one coefficient and one box.
+    pub fn mix(&self, images: &mut [f32], shape: [usize; 4], labels: &[i64], partner: Option<(&[f32], &[i64])>, rng: &mut impl Rng) -> Result<(Vec<f32>, Mixing)> {
         let [n, c, h, w] = shape;
-        if n % 2 != 0 {
+        if let Some((partner_images, partner_labels)) = partner {
+            if partner_images.len() != images.len() || partner_labels.len() != labels.len() {
+                bail!(
+                    InvalidArgument,
+                    "the partner batch has {} values and {} labels where this one has {} and {}",
+                    partner_images.len(),
+                    partner_labels.len(),
+                    images.len(),
+                    labels.len()
+                );
+            }
+        } else if n % 2 != 0 {
             bail!(InvalidArgument, "mixup and cutmix need an even batch size, got {n}");
         }
         let (mut lam, cut) = self.draw(rng)?;
         let mut cutmix_box = None;
         if lam < 1.0 {
-            let original = images.to_vec();
+            let own;
+            let partner_images = match partner {
+                Some((partner_images, _)) => partner_images,
+                None => {
+                    own = images.to_vec();
+                    &own
+                }
+            };
             let image_len = c * h * w;
             if cut {
                 let [y0, y1, x0, x1] = cutmix_bbox(h, w, lam, rng);
@@ -90,7 +114,7 @@ impl MixupConfig {
                     for ch in 0..c {
                         for y in y0..y1 {
                             let row = ch * h * w + y * w;
-                            images[dst + row + x0..dst + row + x1].copy_from_slice(&original[src + row + x0..src + row + x1]);
+                            images[dst + row + x0..dst + row + x1].copy_from_slice(&partner_images[src + row + x0..src + row + x1]);
                         }
                     }
                 }
@@ -98,14 +122,14 @@ impl MixupConfig {
                 for i in 0..n {
                     let (dst, src) = (i * image_len, (n - 1 - i) * image_len);
                     for k in 0..image_len {
-                        images[dst + k] = (original[dst + k] as f64 * lam + original[src + k] as f64 * (1.0 - lam)) as f32;
+                        images[dst + k] = (images[dst + k] as f64 * lam + partner_images[src + k] as f64 * (1.0 - lam)) as f32;
                     }
                 }
             }
         }
         let k = self.num_classes;
         let own = soft_targets(labels, k, self.label_smoothing);
-        let reversed: Vec<i64> = labels.iter().rev().copied().collect();
+        let reversed: Vec<i64> = partner.map_or(labels, |(_, partner_labels)| partner_labels).iter().rev().copied().collect();
         let other = soft_targets(&reversed, k, self.label_smoothing);
         let targets = own.iter().zip(&other).map(|(a, b)| (*a as f64 * lam + *b as f64 * (1.0 - lam)) as f32).collect();
         Ok((targets, Mixing { lam, cutmix_box }))

@@ -386,7 +386,7 @@ fn mixup_blends_images_and_labels_with_the_mirrored_image() {
     let mut lams = Vec::new();
     for seed in 0..5 {
         let mut images = original.clone();
-        let (targets, mixing) = config.mix(&mut images, MIX_SHAPE, &MIX_LABELS, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let (targets, mixing) = config.mix(&mut images, MIX_SHAPE, &MIX_LABELS, None, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
         let lam = mixing.lam;
         assert!(lam > 0.0 && lam < 1.0, "Beta(1, 1) draw {lam}");
         assert_eq!(mixing.cutmix_box, None);
@@ -410,7 +410,7 @@ fn cutmix_pastes_the_mirrored_box_and_corrects_lam() {
     let mut nonempty = 0;
     for seed in 0..20 {
         let mut images = original.clone();
-        let (targets, mixing) = config.mix(&mut images, MIX_SHAPE, &MIX_LABELS, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let (targets, mixing) = config.mix(&mut images, MIX_SHAPE, &MIX_LABELS, None, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
         let Some([y0, y1, x0, x1]) = mixing.cutmix_box else {
             // Only an unmixed batch (lam 1) has no box.
             assert_eq!(mixing.lam, 1.0);
@@ -443,7 +443,7 @@ fn mixing_probability_switch_errors_and_determinism() {
     let original = mix_images();
     // prob 0: nothing mixed, plain smoothed one-hot targets.
     let mut images = original.clone();
-    let (targets, mixing) = mix_config(1.0, 1.0, 0.0, 0.5).mix(&mut images, MIX_SHAPE, &MIX_LABELS, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+    let (targets, mixing) = mix_config(1.0, 1.0, 0.0, 0.5).mix(&mut images, MIX_SHAPE, &MIX_LABELS, None, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
     assert_eq!(mixing.lam, 1.0);
     assert_eq!(mixing.cutmix_box, None);
     assert_eq!(images, original);
@@ -455,27 +455,84 @@ fn mixing_probability_switch_errors_and_determinism() {
     // Both on: switch 1 always cuts, switch 0 never does.
     for seed in 0..6 {
         let mut images = original.clone();
-        let (_, m) = mix_config(1.0, 1.0, 1.0, 1.0).mix(&mut images, MIX_SHAPE, &MIX_LABELS, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let (_, m) = mix_config(1.0, 1.0, 1.0, 1.0).mix(&mut images, MIX_SHAPE, &MIX_LABELS, None, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
         assert!(m.cutmix_box.is_some() || m.lam == 1.0, "switch 1 must cut");
         let mut images = original.clone();
-        let (_, m) = mix_config(1.0, 1.0, 1.0, 0.0).mix(&mut images, MIX_SHAPE, &MIX_LABELS, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let (_, m) = mix_config(1.0, 1.0, 1.0, 0.0).mix(&mut images, MIX_SHAPE, &MIX_LABELS, None, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
         assert!(m.cutmix_box.is_none() && m.lam < 1.0, "switch 0 must blend");
     }
 
     // An odd batch is refused.
     let mut odd = original[..3 * 40].to_vec();
-    let err = mix_config(1.0, 0.0, 1.0, 0.5).mix(&mut odd, [3, 2, 4, 5], &MIX_LABELS[..3], &mut ChaCha8Rng::seed_from_u64(0)).unwrap_err();
+    let err = mix_config(1.0, 0.0, 1.0, 0.5).mix(&mut odd, [3, 2, 4, 5], &MIX_LABELS[..3], None, &mut ChaCha8Rng::seed_from_u64(0)).unwrap_err();
     assert_eq!(err.code, ErrorCode::InvalidArgument);
 
     // The same generator state gives the same mixing; other seeds give others.
     let config = mix_config(0.8, 1.0, 1.0, 0.5);
     let run = |seed: u64| {
         let mut images = original.clone();
-        let (targets, mixing) = config.mix(&mut images, MIX_SHAPE, &MIX_LABELS, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+        let (targets, mixing) = config.mix(&mut images, MIX_SHAPE, &MIX_LABELS, None, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
         (images, targets, mixing)
     };
     assert_eq!(run(11), run(11));
     assert!((12..16).any(|s| run(s) != run(11)));
+}
+
+/// Mixing with the batch itself as the partner is timm's mixing of the batch. And
+/// ranks holding the interleaved parts of a batch (rank r of W the positions r, r + W,
+/// ...), each mixing with the batch of the mirrored rank W - 1 - r under the same
+/// generator, reproduce the whole batch's mixing exactly: images, targets, coefficient
+/// and box.
+#[test]
+fn mixing_with_the_mirrored_rank_reproduces_the_whole_batch() {
+    let original = mix_images();
+    let [n, c, h, w] = MIX_SHAPE;
+    let image_len = c * h * w;
+    let mut cut = 0;
+    for (mixup, cutmix) in [(1.0, 0.0), (0.0, 1.0), (0.8, 1.0)] {
+        let config = mix_config(mixup, cutmix, 1.0, 0.5);
+        for seed in 0..6 {
+            let rng = || ChaCha8Rng::seed_from_u64(seed);
+            let mut whole = original.clone();
+            let (targets, mixing) = config.mix(&mut whole, MIX_SHAPE, &MIX_LABELS, None, &mut rng()).unwrap();
+            // Prob 1 always mixes (a cut box can still be empty, leaving lam at 1).
+            assert!(mixing.lam < 1.0 || mixing.cutmix_box.is_some(), "seed {seed}: not mixed");
+            cut += usize::from(mixing.cutmix_box.is_some_and(|[y0, y1, x0, x1]| y1 > y0 && x1 > x0));
+            let mut itself = original.clone();
+            let own = config.mix(&mut itself, MIX_SHAPE, &MIX_LABELS, Some((&original, &MIX_LABELS)), &mut rng()).unwrap();
+            assert_eq!((itself, own), (whole.clone(), (targets.clone(), mixing)), "seed {seed}: the batch as its own partner");
+
+            for ranks in [2, 4] {
+                let local = n / ranks;
+                let shard = |rank: usize| {
+                    let positions: Vec<usize> = (0..local).map(|i| rank + ranks * i).collect();
+                    let images: Vec<f32> = positions.iter().flat_map(|&j| original[j * image_len..(j + 1) * image_len].to_vec()).collect();
+                    let labels: Vec<i64> = positions.iter().map(|&j| MIX_LABELS[j]).collect();
+                    (positions, images, labels)
+                };
+                for rank in 0..ranks {
+                    let (positions, mut images, labels) = shard(rank);
+                    let (_, partner_images, partner_labels) = shard(ranks - 1 - rank);
+                    let (rank_targets, rank_mixing) =
+                        config.mix(&mut images, [local, c, h, w], &labels, Some((&partner_images, &partner_labels)), &mut rng()).unwrap();
+                    assert_eq!(rank_mixing, mixing, "seed {seed}, rank {rank} of {ranks}");
+                    for (i, &j) in positions.iter().enumerate() {
+                        let what = format!("seed {seed}, rank {rank} of {ranks}, image {i} (position {j})");
+                        assert_eq!(images[i * image_len..(i + 1) * image_len], whole[j * image_len..(j + 1) * image_len], "{what}");
+                        assert_eq!(rank_targets[i * 3..(i + 1) * 3], targets[j * 3..(j + 1) * 3], "{what}: targets");
+                    }
+                }
+            }
+        }
+    }
+    assert!(cut >= 3, "only {cut} mixings cut a non-empty box");
+
+    // A partner of another size is refused.
+    let mut images = original.clone();
+    let err = mix_config(1.0, 0.0, 1.0, 0.5)
+        .mix(&mut images, MIX_SHAPE, &MIX_LABELS, Some((&original[image_len..], &MIX_LABELS[1..])), &mut ChaCha8Rng::seed_from_u64(0))
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
 }
 
 // ---------------------------------------------------------------- 4. drop path
