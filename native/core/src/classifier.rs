@@ -250,8 +250,9 @@ pub enum Trainable {
 /// How a forward pass runs.
 pub struct ForwardMode<'a> {
     /// Training mode: BatchNorm uses (and updates) batch statistics, and stochastic
-    /// depth drops branches at `drop_path` (the last block's rate) from this generator.
-    pub train: Option<(&'a mut ChaCha8Rng, f64)>,
+    /// depth drops branches at `drop_path` (the last block's rate), image `i`'s drawn
+    /// from the `i`-th generator (one per image).
+    pub train: Option<(&'a mut [ChaCha8Rng], f64)>,
     /// Parameters before the trainable ones are cut from the graph, so their
     /// gradients are never computed.
     pub trainable: Trainable,
@@ -437,11 +438,14 @@ impl VitClassifier {
                 x = x.detach();
             }
             x = match &mut mode.train {
-                Some((rng, rate)) if *rate > 0.0 => {
+                Some((rngs, rate)) if *rate > 0.0 => {
+                    if rngs.len() != n {
+                        bail!(Internal, "stochastic depth needs a generator per image: {} for {n} images", rngs.len());
+                    }
                     // Stochastic depth rises linearly from 0 at the first block to `rate` at the
                     // last (`torch.linspace(0, rate, depth)`: a single block gets 0).
                     let block_rate = if depth > 1 { *rate * i as f64 / (depth - 1) as f64 } else { 0.0 };
-                    let scales = DropPathScales::draw(*rng, n, block_rate, &self.device)?;
+                    let scales = DropPathScales::draw(rngs, block_rate, &self.device)?;
                     blk.forward_dropping(&x, Some(&scales))?
                 }
                 _ => blk.forward(&x)?,

@@ -8,7 +8,7 @@ use crate::bail;
 use crate::checkpoint::StateDict;
 use crate::checkpoint::Stored;
 use crate::classifier::{save_classifier, soft_targets, ForwardMode, Trainable, VitClassifier};
-use crate::data::{Batch, Loader};
+use crate::data::{stream_rng, Batch, Loader, DROP_PATH_STREAM};
 use crate::error::{Error, ErrorCode, Result};
 use crate::mixup::MixupConfig;
 use crate::model::{MaskedAutoencoder, Pool};
@@ -190,10 +190,11 @@ impl Task for Finetuning<'_> {
         c.check_labels(&batch.labels, n)?;
         let k = c.config.num_classes;
         let shape = batch.shape;
-        let (mut rng, targets, images) = batch_targets(self.config, k, batch, step, micro)?;
+        let mut rngs = drop_path_rngs(self.config, step, &batch.indices);
+        let (targets, images) = batch_targets(self.config, k, batch, step, micro)?;
         let imgs = Tensor::from_vec(images, shape.as_slice(), c.device())?;
         let targets = Tensor::from_vec(targets, (n, k), c.device())?;
-        let mut mode = ForwardMode { train: Some((&mut rng, self.config.drop_path)), trainable: self.config.trainable() };
+        let mut mode = ForwardMode { train: Some((&mut rngs, self.config.drop_path)), trainable: self.config.trainable() };
         let loss = c.loss(&c.forward_mode(&imgs, &mut mode)?, &targets)?;
         // The backward pass is queued before the loss is read (no GPU wait mid-step).
         let grads = loss.backward()?;
@@ -234,9 +235,10 @@ impl Task for Finetuning<'_> {
     }
 }
 
-/// A micro-batch's generator (keyed by step and micro-batch, for drop path and mixing),
-/// soft targets `[n, K]` (mixed, or smoothed one-hot) and images (mixed in place).
-fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, micro: usize) -> Result<(ChaCha8Rng, Vec<f32>, Vec<f32>)> {
+/// A micro-batch's soft targets `[n, K]` (mixed, or smoothed one-hot) and images (mixed
+/// in place), the mixing drawn from a generator of the batch, keyed by step and
+/// micro-batch, as timm draws one mixing per batch.
+fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, micro: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.recipe.seed ^ 0x6674);
     rng.set_stream(step * 1024 + micro as u64);
     let mixup = config.mixup_config(k);
@@ -246,7 +248,14 @@ fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, mic
     } else {
         soft_targets(&batch.labels, k, config.smoothing)
     };
-    Ok((rng, targets, images))
+    Ok((targets, images))
+}
+
+/// The stochastic-depth generators of a step's images of dataset indices `indices`, each
+/// keyed by the step and the image's index, so that an image's branches are dropped
+/// alike whichever batch, place in it or data-parallel rank it is in.
+fn drop_path_rngs(config: &FinetuneConfig, step: u64, indices: &[usize]) -> Vec<ChaCha8Rng> {
+    indices.iter().map(|&index| stream_rng(config.recipe.seed, step, DROP_PATH_STREAM, index as u64)).collect()
 }
 
 fn save_finetuning(classifier: &VitClassifier, config: &FinetuneConfig, extra: Vec<(String, Stored<'_>)>, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
@@ -310,8 +319,9 @@ impl Task for EngineFinetuning<'_> {
             other.take_grads_from(&mut self.engine);
             self.engine = other;
         }
-        let (mut rng, targets, images) = batch_targets(self.config, c.config.num_classes, batch, step, micro)?;
-        self.engine.accumulate(&images, &targets, grad_scale as f32, Some(&mut rng)).map(f64::from)
+        let mut rngs = drop_path_rngs(self.config, step, &batch.indices);
+        let (targets, images) = batch_targets(self.config, c.config.num_classes, batch, step, micro)?;
+        self.engine.accumulate(&images, &targets, grad_scale as f32, Some(&mut rngs)).map(f64::from)
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
@@ -501,5 +511,43 @@ impl Embeddings {
         let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
             .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise embeddings: {e}")))?;
         crate::checkpoint::write_atomic(path, &bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::DropPathScales;
+    use candle_core::Device;
+
+    /// Per block (attention, then MLP), the scales of each image of a batch drawn from
+    /// `drop_path_rngs`.
+    fn scales(config: &FinetuneConfig, step: u64, indices: &[usize], blocks: usize) -> Vec<Vec<f32>> {
+        let mut rngs = drop_path_rngs(config, step, indices);
+        (0..blocks)
+            .flat_map(|_| {
+                let s = DropPathScales::draw(&mut rngs, 0.5, &Device::Cpu).unwrap();
+                [s.attn, s.mlp]
+            })
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    }
+
+    /// An image's stochastic depth depends on the step and its dataset index only: the
+    /// same in any batch and at any place in it (so on any data-parallel rank).
+    #[test]
+    fn an_image_drops_the_same_branches_in_any_batch_and_place() {
+        let config = FinetuneConfig::defaults(Protocol::Finetune);
+        let blocks = 6;
+        let batch = scales(&config, 3, &[4, 9, 2, 7], blocks);
+        let other = scales(&config, 3, &[7, 11, 4], blocks);
+        let column = |draws: &[Vec<f32>], at: usize| draws.iter().map(|branch| branch[at]).collect::<Vec<f32>>();
+        assert_eq!(column(&other, 0), column(&batch, 3), "image 7");
+        assert_eq!(column(&other, 2), column(&batch, 0), "image 4");
+        // Over 12 branches at rate 0.5, other keys drop others.
+        assert_ne!(column(&batch, 0), column(&batch, 1), "other images");
+        assert_ne!(column(&scales(&config, 4, &[4], blocks), 0), column(&batch, 0), "another step");
+        let reseeded = FinetuneConfig { recipe: Recipe { seed: 1, ..config.recipe.clone() }, ..config.clone() };
+        assert_ne!(column(&scales(&reseeded, 3, &[4], blocks), 0), column(&batch, 0), "another seed");
     }
 }

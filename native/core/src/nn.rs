@@ -144,21 +144,25 @@ pub struct DropPathScales {
 }
 
 impl DropPathScales {
-    /// timm's `drop_path`: each sample keeps a branch with probability `1 - rate`, and
-    /// kept branches are scaled by `1 / (1 - rate)` so the expectation is unchanged.
-    pub fn draw(rng: &mut impl rand::Rng, n: usize, rate: f64, device: &candle_core::Device) -> Result<Self> {
+    /// timm's `drop_path` over a batch whose sample `i` draws from `rngs[i]`: each sample
+    /// keeps a branch with probability `1 - rate`, and kept branches are scaled by
+    /// `1 / (1 - rate)` so the expectation is unchanged. A sample draws once for the
+    /// attention branch, then once for the MLP.
+    pub fn draw(rngs: &mut [impl rand::Rng], rate: f64, device: &candle_core::Device) -> Result<Self> {
+        let n = rngs.len();
         let mut draw = || -> Result<Tensor> {
             let mut values = Vec::with_capacity(n);
-            drop_path_scales(rng, n, rate, &mut values);
+            drop_path_scales(rngs, rate, &mut values);
             Tensor::from_vec(values, (n, 1, 1), device)
         };
         Ok(DropPathScales { attn: draw()?, mlp: draw()? })
     }
 }
 
-/// `n` per-sample scales of one residual branch under stochastic depth at `rate`,
+/// One residual branch's per-sample scales under stochastic depth at `rate`, sample
+/// `i`'s drawn from `rngs[i]` (so that it does not depend on the other samples),
 /// appended to `out`: `1 / (1 - rate)` with probability `1 - rate`, else 0.
-pub fn drop_path_scales(rng: &mut impl rand::Rng, n: usize, rate: f64, out: &mut Vec<f32>) {
+pub fn drop_path_scales(rngs: &mut [impl rand::Rng], rate: f64, out: &mut Vec<f32>) {
     let keep = 1.0 - rate;
-    out.extend((0..n).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }));
+    out.extend(rngs.iter_mut().map(|rng| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }));
 }

@@ -105,10 +105,11 @@ fn steps_allocate_nothing() {
     let named: Vec<_> = trained.iter().map(|(name, _)| name.clone()).zip(groups).collect();
     let mut optimizer = FlatOptimizer::adamw(&engine, &named, AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 }).unwrap();
     let targets = soft_targets(&(0..n as i64).map(|i| i % 10).collect::<Vec<_>>(), 10, 0.1);
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    // Stochastic depth's generators, one per image, are the caller's.
+    let mut rngs: Vec<ChaCha8Rng> = (0..n as u64).map(ChaCha8Rng::seed_from_u64).collect();
     let finetuning = allocations_in_third_step(|s| {
         engine.zero_grad();
-        engine.accumulate(&images[s], &targets, 1.0, Some(&mut rng)).unwrap();
+        engine.accumulate(&images[s], &targets, 1.0, Some(&mut rngs)).unwrap();
         let norm = engine.grad_norm();
         engine.clip_grads(norm, 1.0);
         engine.optimizer_step(&mut optimizer, 1e-3);

@@ -90,14 +90,15 @@ pub trait Dataset: Send + Sync {
 
 /// Stream tags keep the streams of each kind of draw independent even where their
 /// other key parts coincide: the epoch order and the items' augmentations (keyed by
-/// epoch), and the training steps' masks (keyed by step).
+/// epoch), and the training steps' masks and stochastic depth (keyed by step).
 const ORDER_STREAM: u64 = 0;
 const AUGMENT_STREAM: u64 = 1;
 pub(crate) const MASK_STREAM: u64 = 2;
+pub(crate) const DROP_PATH_STREAM: u64 = 3;
 
 /// The RNG of one stream: ChaCha8 whose 32-byte key is `(seed, round, stream, index)`,
 /// little-endian, where `round` is the epoch for the data's draws and the optimizer
-/// step for a step's masks, and `index` a dataset index (0 for the
+/// step for a step's masks and stochastic depth, and `index` a dataset index (0 for the
 /// epoch order). Keying an image's draws by its dataset index rather than its place in a
 /// batch makes them the same whichever batch, or data-parallel rank, it lands in.
 /// Packing (rather than hashing) the key makes distinct tuples distinct streams.

@@ -209,23 +209,27 @@ impl VitEngine {
         matches!(self.mode, VitMode::Grad { train: true, .. })
     }
 
-    /// The forward pass to the logits. In training mode, `rng` draws stochastic depth as
-    /// the reference model does (every block, attention then MLP).
-    fn forward(&mut self, imgs: &[f32], rng: Option<&mut rand_chacha::ChaCha8Rng>) -> Result<()> {
+    /// The forward pass to the logits. In training mode, `drop_path` (a generator per
+    /// image) draws stochastic depth as the reference model does (every block, attention
+    /// then MLP).
+    fn forward(&mut self, imgs: &[f32], drop_path: Option<&mut [rand_chacha::ChaCha8Rng]>) -> Result<()> {
         let c = &self.config;
         let (n, d, t, eps) = (self.batch, c.embed_dim, 1 + c.num_patches(), c.layer_norm_eps as f32);
         if imgs.len() != n * c.in_chans * c.img_size * c.img_size {
             bail!(Internal, "engine plan for {n} images given {} values", imgs.len());
         }
-        if let (Some(dp), VitMode::Grad { drop_path, .. }) = (&self.stack.drop_path, self.mode) {
-            let Some(rng) = rng else { bail!(Internal, "stochastic depth needs a generator") };
+        if let (Some(dp), VitMode::Grad { drop_path: last_rate, .. }) = (&self.stack.drop_path, self.mode) {
+            let rngs = match drop_path {
+                Some(rngs) if rngs.len() == n => rngs,
+                _ => bail!(Internal, "stochastic depth needs a generator per image"),
+            };
             let depth = c.depth;
             for (i, (attn, mlp)) in dp.scales.iter().enumerate() {
                 // `torch.linspace(0, rate, depth)`: a single block gets 0.
-                let rate = if depth > 1 { drop_path * i as f64 / (depth - 1) as f64 } else { 0.0 };
+                let rate = if depth > 1 { last_rate * i as f64 / (depth - 1) as f64 } else { 0.0 };
                 for slot in [attn, mlp] {
                     self.drop_scales.clear();
-                    crate::nn::drop_path_scales(rng, n, rate, &mut self.drop_scales);
+                    crate::nn::drop_path_scales(rngs, rate, &mut self.drop_scales);
                     self.kernels.upload(*slot, &self.drop_scales);
                 }
             }
@@ -284,10 +288,11 @@ impl VitEngine {
     }
 
     /// Forward and backward of one micro-batch against soft targets `[N, K]`: returns the
-    /// loss and adds `grad_scale` times the trained parameters' gradients.
-    pub fn accumulate(&mut self, imgs: &[f32], targets: &[f32], grad_scale: f32, rng: Option<&mut rand_chacha::ChaCha8Rng>) -> Result<f32> {
+    /// loss and adds `grad_scale` times the trained parameters' gradients. A plan with
+    /// stochastic depth needs `drop_path`, a generator per image.
+    pub fn accumulate(&mut self, imgs: &[f32], targets: &[f32], grad_scale: f32, drop_path: Option<&mut [rand_chacha::ChaCha8Rng]>) -> Result<f32> {
         let VitMode::Grad { trainable, .. } = self.mode else { bail!(Internal, "accumulate needs a gradient plan") };
-        self.forward(imgs, rng)?;
+        self.forward(imgs, drop_path)?;
         let training = self.training();
         let c = &self.config;
         let (n, d, t, kc) = (self.batch, c.embed_dim, 1 + c.num_patches(), c.num_classes);

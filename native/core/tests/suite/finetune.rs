@@ -561,8 +561,8 @@ fn drop_path_is_off_in_evaluation_and_on_in_training() {
     assert_eq!(bits(&eval), bits(&c.forward_mode(&imgs, &mut ForwardMode::eval()).unwrap()), "evaluation is deterministic");
 
     let train = |rate: f64, seed: u64| {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut mode = ForwardMode { train: Some((&mut rng, rate)), trainable: Trainable::All };
+        let mut rngs = sample_rngs(4, seed);
+        let mut mode = ForwardMode { train: Some((&mut rngs, rate)), trainable: Trainable::All };
         c.forward_mode(&imgs, &mut mode).unwrap()
     };
     assert_eq!(bits(&train(0.0, 1)), bits(&eval), "training at rate 0 equals evaluation (no BatchNorm head)");
@@ -573,11 +573,15 @@ fn drop_path_is_off_in_evaluation_and_on_in_training() {
     assert_eq!(bits(&train(0.5, 7)), bits(&train(0.5, 7)));
 }
 
+/// `n` generators of stochastic depth, one per image.
+fn sample_rngs(n: usize, seed: u64) -> Vec<ChaCha8Rng> {
+    (0..n as u64).map(|i| ChaCha8Rng::seed_from_u64(seed * 1_000_003 + i)).collect()
+}
+
 #[test]
 fn drop_path_scales_are_zero_or_inverse_keep() {
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
     let n = 20_000;
-    let scales = DropPathScales::draw(&mut rng, n, 0.25, &Device::Cpu).unwrap();
+    let scales = DropPathScales::draw(&mut sample_rngs(n, 5), 0.25, &Device::Cpu).unwrap();
     assert_eq!(scales.attn.dims(), [n, 1, 1]);
     assert_eq!(scales.mlp.dims(), [n, 1, 1]);
     let keep_value = (1.0 / 0.75f64) as f32;
@@ -591,7 +595,7 @@ fn drop_path_scales_are_zero_or_inverse_keep() {
         assert!((mean - 1.0).abs() < 0.02, "{what}: mean scale {mean} (expectation is preserved)");
     }
     assert_ne!(bits(&scales.attn), bits(&scales.mlp), "the two branches draw independently");
-    let none = DropPathScales::draw(&mut rng, 100, 0.0, &Device::Cpu).unwrap();
+    let none = DropPathScales::draw(&mut sample_rngs(100, 6), 0.0, &Device::Cpu).unwrap();
     assert!(host(&none.attn).iter().chain(host(&none.mlp).iter()).all(|&v| v == 1.0), "rate 0 keeps everything at scale 1");
 }
 
@@ -604,8 +608,8 @@ fn drop_path_of_a_single_block_is_zero_as_torch_linspace() {
     let imgs = random_images(4, 4);
     let eval = c.forward_mode(&imgs, &mut ForwardMode::eval()).unwrap();
     for seed in 0..5 {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut mode = ForwardMode { train: Some((&mut rng, 0.5)), trainable: Trainable::All };
+        let mut rngs = sample_rngs(4, seed);
+        let mut mode = ForwardMode { train: Some((&mut rngs, 0.5)), trainable: Trainable::All };
         assert_eq!(bits(&c.forward_mode(&imgs, &mut mode).unwrap()), bits(&eval), "seed {seed}");
     }
 }
@@ -1138,8 +1142,8 @@ fn classifiers_round_trip_through_checkpoints() {
         widen_head(&c, 20);
         if head_batch_norm {
             // Move the running statistics away from their initial values.
-            let mut rng = ChaCha8Rng::seed_from_u64(0);
-            let mut mode = ForwardMode { train: Some((&mut rng, 0.0)), trainable: Trainable::Head };
+            let mut rngs = sample_rngs(3, 0);
+            let mut mode = ForwardMode { train: Some((&mut rngs, 0.0)), trainable: Trainable::Head };
             c.forward_mode(&imgs, &mut mode).unwrap();
             assert_eq!(batches_tracked(&c), 1);
         }
