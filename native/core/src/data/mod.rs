@@ -3,7 +3,7 @@
 //! bit-for-bit reproducible (and resumable mid-epoch) whatever the thread count.
 //!
 //! Every random draw comes from a ChaCha8 stream keyed by `(seed, epoch, stream,
-//! index)` (see [`stream_rng`]), and draws are turned into numbers by this module's own
+//! index)` (see `stream_rng`), and draws are turned into numbers by this module's own
 //! helpers rather than `rand`'s distributions, so a `rand` upgrade cannot silently
 //! change a training run.
 
