@@ -511,9 +511,9 @@ impl World {
         let failed = |e: MpiError| Error::new(ErrorCode::Distributed, format!("{name}: {} failed with MPI error {}", e.function, e.code));
         let (initialised_here, provided) = operations.initialise().map_err(failed)?;
         if initialised_here {
-            // SAFETY: registers a function that takes no arguments and only locks and
-            // reads statics; it runs at exit() (Node's process.exit and normal end, a Rust
-            // main's return) before libraries are unloaded.
+            // SAFETY: registers a function that takes no arguments, locks a static and
+            // calls MPI_Finalize; it runs at exit() (Node's process.exit and normal end, a
+            // Rust main's return) before libraries are unloaded.
             if unsafe { libc::atexit(finalize_at_exit) } != 0 {
                 return Err(Error::new(ErrorCode::Distributed, "could not register MPI_Finalize to run at exit"));
             }

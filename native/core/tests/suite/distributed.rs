@@ -86,9 +86,10 @@ fn run(mut command: Command, limit: Duration, label: &str) -> Job {
             break Some(status);
         }
         if start.elapsed() > limit {
-            // SAFETY: signals the process (group) this test started.
+            // SAFETY: signals the process this test started (its own process group).
             unsafe { libc::kill(pid, libc::SIGTERM) };
             std::thread::sleep(Duration::from_secs(5));
+            // SAFETY: signals that process group, whatever is left of it.
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             child.wait().unwrap();
             break None;
