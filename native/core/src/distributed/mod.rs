@@ -168,7 +168,8 @@ impl Group {
 
     /// Joins the processes training together (see [`Distributed`]); every collective
     /// waits at most `timeout` for the other ranks. The first join in a process is
-    /// collective under MPI: every rank calls it.
+    /// collective under MPI: every rank calls it. After a collective failed, MPI in this
+    /// process is unusable and joining fails.
     pub fn join(kind: Distributed, timeout: Duration) -> Result<Group> {
         if timeout.is_zero() {
             return Err(Error::new(ErrorCode::InvalidArgument, "the distributed timeout must be longer than 0 s"));
@@ -195,6 +196,9 @@ impl Group {
                     ),
                 ));
             }
+        }
+        if let Some(why) = &world.lock().unusable {
+            return Err(Error::new(ErrorCode::Distributed, format!("rank {} of {}: cannot join: {why}", world.rank, world.size)));
         }
         let mut group = Group { rank: world.rank, size: world.size, local_rank: 0, timeout, world: Some(world) };
         group.local_rank = group.find_local_rank(world)?;

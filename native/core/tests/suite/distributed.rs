@@ -375,6 +375,8 @@ fn rank_skips_a_collective() {
     println!("rank 0: later_ms={}", start.elapsed().as_millis());
     println!("rank 0: later={later}");
     assert_eq!(later.code, ErrorCode::Distributed);
+    let rejoin = Group::join(Distributed::Auto, SHORT_TIMEOUT).unwrap_err();
+    println!("rank 0: rejoin={rejoin}");
     println!("rank 0: done=yes");
 }
 
@@ -395,6 +397,11 @@ fn a_collective_that_another_rank_skips_fails_after_the_timeout_and_breaks_the_g
     assert!(
         message.starts_with("E_DISTRIBUTED: rank 0 of 2: the barrier of step 8 cannot run: the process group is broken since the gradient all-reduce of step 7 did not complete within 2 s"),
         "{message}"
+    );
+    assert!(
+        job.said(0, "rejoin").starts_with("E_DISTRIBUTED: rank 0 of 2: cannot join: the process group is broken since the gradient all-reduce of step 7"),
+        "{}",
+        job.describe()
     );
     assert_eq!(job.said(0, "done"), "yes");
     // Rank 0 left without MPI_Finalize (its peer may be gone), while rank 1 still slept:
