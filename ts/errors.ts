@@ -17,6 +17,7 @@
  * - `E_BUSY`: the model is training; every other call on it is refused until the run ends.
  * - `E_DISPOSED`: the model was disposed (`dispose()`); its weights are freed.
  * - `E_OUT_OF_MEMORY`: a valid model (or batch of images) needs more memory than the process can allocate; the message says how much. Checked before anything is allocated.
+ * - `E_DISTRIBUTED`: distributed training failed: no MPI library could be loaded (the message names the libraries tried and the packages that provide one), the launcher and the library disagree, an MPI call failed, or a collective did not complete within the timeout because another process died, failed or fell behind (the message names the operation, the rank and the timeout). The process group is unusable afterwards.
  * - `E_NATIVE_LOAD`: the native addon could not be loaded.
  * - `E_INTERNAL`: a bug in vit-mae; please report it.
  */
@@ -40,6 +41,7 @@ export const ERROR_CODES = [
   'E_BUSY',
   'E_DISPOSED',
   'E_OUT_OF_MEMORY',
+  'E_DISTRIBUTED',
   'E_NATIVE_LOAD',
   'E_INTERNAL',
 ] as const;

@@ -38,13 +38,16 @@ pub enum ErrorCode {
     Disposed,
     /// A valid request needs more memory than the process can allocate.
     OutOfMemory,
+    /// Distributed training failed: no usable MPI library, a launcher that disagrees with
+    /// it, an MPI error, or a collective that did not complete within the timeout.
+    Distributed,
     /// A bug: the computation failed where valid input cannot make it fail.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for checks that the facade knows each one.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidShape,
         ErrorCode::InvalidInput,
         ErrorCode::InvalidMaskRatio,
@@ -61,6 +64,7 @@ impl ErrorCode {
         ErrorCode::Busy,
         ErrorCode::Disposed,
         ErrorCode::OutOfMemory,
+        ErrorCode::Distributed,
         ErrorCode::Internal,
     ];
 
@@ -82,6 +86,7 @@ impl ErrorCode {
             ErrorCode::Busy => "E_BUSY",
             ErrorCode::Disposed => "E_DISPOSED",
             ErrorCode::OutOfMemory => "E_OUT_OF_MEMORY",
+            ErrorCode::Distributed => "E_DISTRIBUTED",
             ErrorCode::Internal => "E_INTERNAL",
         }
     }

@@ -8,6 +8,7 @@ pub mod config;
 #[cfg(feature = "cuda")] mod cuda;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod finetune;
