@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 use vit_mae_core::candle_core::Device;
+use vit_mae_core::distributed::Group;
 use vit_mae_core::data::{Augment, IdxDataset, Loader, LoaderOptions, Shard, FASHION_MNIST_MEAN, FASHION_MNIST_STD};
 use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{pretrain, PretrainConfig, TrainEvent};
@@ -36,7 +37,7 @@ fn main() -> vit_mae_core::Result<()> {
     let defaults = PretrainConfig::default();
     let train = PretrainConfig { recipe: Recipe { epochs: 1.0, warmup_epochs: 0.2, blr: 1.5e-3, max_steps: Some(steps), ..defaults.recipe }, ..defaults };
     let mut rate = 0.0;
-    let summary = pretrain(&mut model, &loader, &train, None, &mut |e| {
+    let summary = pretrain(&mut model, &loader, &train, None, &Group::single(), &mut |e| {
         if let TrainEvent::Step { images_per_sec, .. } = e {
             rate = images_per_sec;
         }

@@ -8,6 +8,7 @@ use crate::bail;
 use crate::checkpoint::StateDict;
 use crate::checkpoint::Stored;
 use crate::classifier::{save_classifier, soft_targets, ForwardMode, Trainable, VitClassifier};
+use crate::distributed::Group;
 use crate::data::{stream_rng, Batch, Loader, DROP_PATH_STREAM};
 use crate::error::{Error, ErrorCode, Result};
 use crate::mixup::MixupConfig;
@@ -178,6 +179,7 @@ struct Finetuning<'a> {
     optimizer: Box<dyn Optimizer>,
     grads: Accumulated,
     eval_loader: Option<&'a Loader>,
+    group: &'a Group,
 }
 
 impl Task for Finetuning<'_> {
@@ -191,7 +193,7 @@ impl Task for Finetuning<'_> {
         let k = c.config.num_classes;
         let shape = batch.shape;
         let mut rngs = drop_path_rngs(self.config, step, &batch.indices);
-        let (targets, images) = batch_targets(self.config, k, batch, step, micro)?;
+        let (targets, images) = batch_targets(self.config, k, batch, self.group, step, micro)?;
         let imgs = Tensor::from_vec(images, shape.as_slice(), c.device())?;
         let targets = Tensor::from_vec(targets, (n, k), c.device())?;
         let mut mode = ForwardMode { train: Some((&mut rngs, self.config.drop_path)), trainable: self.config.trainable() };
@@ -208,6 +210,14 @@ impl Task for Finetuning<'_> {
             self.grads.add(grads, grad_scale)?;
         }
         Ok(value)
+    }
+
+    fn average_gradients(&mut self, group: &Group, what: &str) -> Result<()> {
+        self.grads.average_over(group, what)
+    }
+
+    fn broadcast_weights(&mut self, group: &Group) -> Result<()> {
+        train::broadcast_params(self.classifier.params(), group)
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
@@ -231,24 +241,52 @@ impl Task for Finetuning<'_> {
     }
 
     fn epoch_end(&mut self, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
-        evaluate_after_epoch(self.classifier, self.eval_loader, epoch, on_event)
+        evaluate_after_epoch(self.classifier, self.eval_loader, self.group, epoch, on_event)
     }
 }
 
 /// A micro-batch's soft targets `[n, K]` (mixed, or smoothed one-hot) and images (mixed
 /// in place), the mixing drawn from a generator of the batch, keyed by step and
-/// micro-batch, as timm draws one mixing per batch.
-fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, step: u64, micro: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+/// micro-batch, as timm draws one mixing per batch. Data-parallel, each image is mixed
+/// with the one a single process would pair it with (see [`mirror_batch`]).
+fn batch_targets(config: &FinetuneConfig, k: usize, batch: Batch, group: &Group, step: u64, micro: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(config.recipe.seed ^ 0x6674);
     rng.set_stream(step * 1024 + micro as u64);
     let mixup = config.mixup_config(k);
     let mut images = batch.images;
     let targets = if mixup.enabled() {
-        mixup.mix(&mut images, batch.shape, &batch.labels, None, &mut rng)?.0
+        let mirror = mirror_batch(group, &images, &batch.labels, &format!("the mixing exchange of step {} (micro-batch {micro})", step + 1))?;
+        let partner = mirror.as_ref().map(|(images, labels)| (images.as_slice(), labels.as_slice()));
+        mixup.mix(&mut images, batch.shape, &batch.labels, partner, &mut rng)?.0
     } else {
         soft_targets(&batch.labels, k, config.smoothing)
     };
     Ok((targets, images))
+}
+
+/// The batch to mix with, from the mirror rank. timm mixes a batch with itself flipped:
+/// in a single process's batch of W x B images, position j with W x B - 1 - j. Data-
+/// parallel, position j = r + W i is rank r's image i (the loader's shards interleave),
+/// so its partner is rank W - 1 - r's image B - 1 - i: the two ranks swap batches and
+/// each mixes with the other's flipped. `None` (mix with this batch) alone, for the
+/// middle rank of an odd number, and when the two batches differ in size (one left out
+/// unreadable images), where no pairing by position exists; both ranks see the sizes, so
+/// both fall back alike.
+fn mirror_batch(group: &Group, images: &[f32], labels: &[i64], what: &str) -> Result<Option<(Vec<f32>, Vec<i64>)>> {
+    let peer = group.size() - 1 - group.rank();
+    if peer == group.rank() {
+        return Ok(None);
+    }
+    let mut their_len = [0u8; 8];
+    group.exchange(&(images.len() as u64).to_le_bytes(), peer, &mut their_len, what)?;
+    if u64::from_le_bytes(their_len) != images.len() as u64 {
+        return Ok(None);
+    }
+    let mut their_images = vec![0f32; images.len()];
+    group.exchange(bytemuck::cast_slice(images), peer, bytemuck::cast_slice_mut(&mut their_images), what)?;
+    let mut their_labels = vec![0i64; labels.len()];
+    group.exchange(bytemuck::cast_slice(labels), peer, bytemuck::cast_slice_mut(&mut their_labels), what)?;
+    Ok(Some((their_images, their_labels)))
 }
 
 /// The stochastic-depth generators of a step's images of dataset indices `indices`, each
@@ -276,12 +314,29 @@ fn restore_finetuning(classifier: &VitClassifier, state: &StateDict, path: &Path
     classifier.assign(&model_tensors)
 }
 
-fn evaluate_after_epoch(classifier: &VitClassifier, eval_loader: Option<&Loader>, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+fn evaluate_after_epoch(classifier: &VitClassifier, eval_loader: Option<&Loader>, group: &Group, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
     if let Some(loader) = eval_loader {
-        let e = evaluate(classifier, loader, &mut |_| {}, &AtomicBool::new(false))?;
+        // Each rank's probe BatchNorm kept statistics of its own batches (as DDP without
+        // SyncBatchNorm); every rank evaluates with rank 0's, the ones its checkpoints keep.
+        broadcast_batch_norm(classifier, group)?;
+        let e = evaluate(classifier, loader, group, &mut |_| {}, &AtomicBool::new(false))?;
         on_event(TrainEvent::Eval { epoch, top1: e.top1, top5: e.top5, loss: e.loss });
     }
     Ok(())
+}
+
+/// Sets the probe BatchNorm's running statistics to rank 0's (a no-op alone or without one).
+fn broadcast_batch_norm(classifier: &VitClassifier, group: &Group) -> Result<()> {
+    if group.size() == 1 {
+        return Ok(());
+    }
+    let Some((mut mean, mut var, tracked)) = classifier.batch_norm_stats()? else { return Ok(()) };
+    let what = "the broadcast of the BatchNorm statistics";
+    group.broadcast(bytemuck::cast_slice_mut(&mut mean), 0, what)?;
+    group.broadcast(bytemuck::cast_slice_mut(&mut var), 0, what)?;
+    let mut tracked = tracked.to_le_bytes();
+    group.broadcast(&mut tracked, 0, what)?;
+    classifier.set_batch_norm_stats(mean, var, i64::from_le_bytes(tracked))
 }
 
 /// Fine-tuning on the engine (the CPU in f32): the weights, gradients and optimizer
@@ -296,6 +351,19 @@ struct EngineFinetuning<'a> {
     /// Whether the engine holds the classifier's weights (copied in on the first
     /// micro-batch, after any resume has set them).
     loaded: bool,
+    group: &'a Group,
+}
+
+impl EngineFinetuning<'_> {
+    /// Copies the classifier's weights into the engine, once.
+    fn load(&mut self) -> Result<()> {
+        if !self.loaded {
+            self.engine.load_from(self.classifier)?;
+            self.engine.zero_grad();
+            self.loaded = true;
+        }
+        Ok(())
+    }
 }
 
 impl Task for EngineFinetuning<'_> {
@@ -306,11 +374,7 @@ impl Task for EngineFinetuning<'_> {
             bail!(InvalidArgument, "fine-tuning needs labelled data: the dataset gives no labels");
         }
         c.check_labels(&batch.labels, n)?;
-        if !self.loaded {
-            self.engine.load_from(c)?;
-            self.engine.zero_grad();
-            self.loaded = true;
-        }
+        self.load()?;
         if n != self.engine.batch {
             // A batch short of skipped images: a plan of its size, sharing the weights.
             let mut other = VitEngine::new(&c.config, n, self.engine.mode)?;
@@ -320,8 +384,17 @@ impl Task for EngineFinetuning<'_> {
             self.engine = other;
         }
         let mut rngs = drop_path_rngs(self.config, step, &batch.indices);
-        let (targets, images) = batch_targets(self.config, c.config.num_classes, batch, step, micro)?;
+        let (targets, images) = batch_targets(self.config, c.config.num_classes, batch, self.group, step, micro)?;
         self.engine.accumulate(&images, &targets, grad_scale as f32, Some(&mut rngs)).map(f64::from)
+    }
+
+    fn average_gradients(&mut self, group: &Group, what: &str) -> Result<()> {
+        self.engine.average_gradients(group, what)
+    }
+
+    fn broadcast_weights(&mut self, group: &Group) -> Result<()> {
+        self.load()?;
+        self.engine.broadcast_params(group)
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
@@ -357,7 +430,7 @@ impl Task for EngineFinetuning<'_> {
 
     fn epoch_end(&mut self, epoch: usize, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
         self.finish()?;
-        evaluate_after_epoch(self.classifier, self.eval_loader, epoch, on_event)
+        evaluate_after_epoch(self.classifier, self.eval_loader, self.group, epoch, on_event)
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -369,14 +442,17 @@ impl Task for EngineFinetuning<'_> {
 }
 
 /// Trains `classifier` in place by `config`'s protocol on `loader`'s labelled batches,
-/// evaluating on `eval_loader` after every epoch. Events, cancellation and
-/// checkpoints as `train::pretrain`.
+/// evaluating on `eval_loader` after every epoch. Events, cancellation, checkpoints and
+/// data-parallel training over `group` as `train::pretrain`; mixing pairs images across
+/// ranks as one process would (so 2 ranks of 16 train as 1 of 32), and the probe's
+/// BatchNorm keeps each rank's statistics, as DDP without SyncBatchNorm.
 pub fn finetune(
     classifier: &VitClassifier,
     loader: &Loader,
     eval_loader: Option<&Loader>,
     config: &FinetuneConfig,
     resume: Option<&Path>,
+    group: &Group,
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
@@ -391,12 +467,12 @@ pub fn finetune(
             Protocol::Linprobe => FlatOptimizer::lars(&engine, &named, config.recipe.weight_decay)?,
             Protocol::Finetune | Protocol::Partial => FlatOptimizer::adamw(&engine, &named, adamw_config(config))?,
         };
-        let mut task = EngineFinetuning { classifier, config, engine, optimizer, eval_loader, loaded: false };
-        return train::run(&mut task, loader, &config.recipe, resume, on_event, cancel);
+        let mut task = EngineFinetuning { classifier, config, engine, optimizer, eval_loader, loaded: false, group };
+        return train::run(&mut task, loader, &config.recipe, resume, group, on_event, cancel);
     }
     let optimizer = optimizer_for(classifier, config)?;
-    let mut task = Finetuning { classifier, config, trained, optimizer, grads: Accumulated::default(), eval_loader };
-    train::run(&mut task, loader, &config.recipe, resume, on_event, cancel)
+    let mut task = Finetuning { classifier, config, trained, optimizer, grads: Accumulated::default(), eval_loader, group };
+    train::run(&mut task, loader, &config.recipe, resume, group, on_event, cancel)
 }
 
 /// Accuracy of a classifier on a labelled dataset.
@@ -413,8 +489,21 @@ pub struct Evaluation {
 
 /// Evaluates every batch of `loader`'s first epoch (give it `shuffle: false` and no
 /// `drop_last` to see the whole dataset once), calling `progress` with the images
-/// done so far. Fails with `Aborted` when `cancel` is set.
-pub fn evaluate(classifier: &VitClassifier, loader: &Loader, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Evaluation> {
+/// done so far. Fails with `Aborted` when `cancel` is set. Data-parallel over `group`,
+/// each rank evaluates its shard and the counts are summed: top-1 and top-5 are exactly
+/// one process's.
+pub fn evaluate(classifier: &VitClassifier, loader: &Loader, group: &Group, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Evaluation> {
+    check_shard(loader, group)?;
+    let local = evaluate_shard(classifier, loader, progress, cancel);
+    let [top1, top5, loss_sum, count] = group.agree_sum(local, "the evaluation")?;
+    if count == 0.0 {
+        bail!(InvalidArgument, "the evaluation dataset gave no images");
+    }
+    Ok(Evaluation { top1: top1 / count, top5: top5 / count, loss: loss_sum / count, count: count as usize })
+}
+
+/// This rank's correct top-1 and top-5 counts, summed loss and image count.
+fn evaluate_shard(classifier: &VitClassifier, loader: &Loader, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<[f64; 4]> {
     let k = classifier.config.num_classes;
     let (mut top1, mut top5, mut loss_sum, mut count) = (0usize, 0usize, 0f64, 0usize);
     for batch in loader.epoch(0, 0) {
@@ -442,10 +531,16 @@ pub fn evaluate(classifier: &VitClassifier, loader: &Loader, progress: &mut dyn 
         count += n;
         progress(count);
     }
-    if count == 0 {
-        bail!(InvalidArgument, "the evaluation dataset gave no images");
+    Ok([top1 as f64, top5 as f64, loss_sum, count as f64])
+}
+
+/// Refuses a loader that does not serve `group`'s rank its shard.
+fn check_shard(loader: &Loader, group: &Group) -> Result<()> {
+    let shard = loader.shard();
+    if (shard.rank, shard.ranks) != (group.rank(), group.size()) {
+        bail!(InvalidArgument, "the loader serves shard {} of {}, but this process is rank {} of {}", shard.rank, shard.ranks, group.rank(), group.size());
     }
-    Ok(Evaluation { top1: top1 as f64 / count as f64, top5: top5 as f64 / count as f64, loss: loss_sum / count as f64, count })
+    Ok(())
 }
 
 /// What can embed images: a pre-trained MAE (pooled encoder output) or a classifier
@@ -466,8 +561,20 @@ pub struct Embeddings {
 }
 
 /// Embeds every image of `loader`'s first epoch, batch by batch, calling `progress`
-/// with the images done so far. Fails with `Aborted` when `cancel` is set.
-pub fn embed_dataset(embedder: &Embedder, loader: &Loader, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Embeddings> {
+/// with the images done so far. Fails with `Aborted` when `cancel` is set. Data-parallel
+/// over `group`, each rank embeds its shard and every rank gets them all, in dataset
+/// order: exactly one process's embeddings.
+pub fn embed_dataset(embedder: &Embedder, loader: &Loader, group: &Group, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Embeddings> {
+    check_shard(loader, group)?;
+    let local = group.agree(embed_shard(embedder, loader, progress, cancel), "the embedding")?;
+    if group.size() == 1 {
+        return Ok(local);
+    }
+    let shards = group.all_gather(&local.to_bytes(), "gathering the embeddings")?;
+    Embeddings::merge(shards.iter().map(|bytes| Embeddings::from_bytes(bytes)).collect::<Result<Vec<_>>>()?)
+}
+
+fn embed_shard(embedder: &Embedder, loader: &Loader, progress: &mut dyn FnMut(usize), cancel: &AtomicBool) -> Result<Embeddings> {
     let mut out = Embeddings { features: Vec::new(), dim: 0, labels: Vec::new(), indices: Vec::new() };
     for batch in loader.epoch(0, 0) {
         check_cancel(cancel, "embedding")?;
@@ -511,6 +618,56 @@ impl Embeddings {
         let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
             .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot serialise embeddings: {e}")))?;
         crate::checkpoint::write_atomic(path, &bytes)
+    }
+
+    /// One rank's share, to gather: rows, dim and whether labelled (u64 each), then the
+    /// indices (u64), labels (i64) and features (f32), little-endian.
+    fn to_bytes(&self) -> Vec<u8> {
+        let n = self.indices.len();
+        let mut bytes = Vec::with_capacity(24 + n * 16 + self.features.len() * 4);
+        for header in [n as u64, self.dim as u64, u64::from(!self.labels.is_empty())] {
+            bytes.extend(header.to_le_bytes());
+        }
+        bytes.extend(self.indices.iter().flat_map(|&i| (i as u64).to_le_bytes()));
+        bytes.extend(self.labels.iter().flat_map(|l| l.to_le_bytes()));
+        bytes.extend(self.features.iter().flat_map(|f| f.to_le_bytes()));
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Embeddings> {
+        let word = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        let malformed = || Error::new(ErrorCode::Internal, "a rank sent malformed embeddings");
+        let (n, dim, labelled) = (word(0).ok_or_else(malformed)? as usize, word(8).ok_or_else(malformed)? as usize, word(16).ok_or_else(malformed)? == 1);
+        let labels_at = 24 + n * 8;
+        let features_at = labels_at + if labelled { n * 8 } else { 0 };
+        if bytes.len() != features_at + n * dim * 4 {
+            return Err(malformed());
+        }
+        Ok(Embeddings {
+            indices: (0..n).map(|i| word(24 + i * 8).map(|v| v as usize).ok_or_else(malformed)).collect::<Result<_>>()?,
+            labels: if labelled { (0..n).map(|i| word(labels_at + i * 8).map(|v| v as i64).ok_or_else(malformed)).collect::<Result<_>>()? } else { Vec::new() },
+            features: bytes[features_at..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+            dim,
+        })
+    }
+
+    /// The ranks' shares as one process's embeddings: rows in dataset order.
+    fn merge(shards: Vec<Embeddings>) -> Result<Embeddings> {
+        let dim = shards.iter().map(|s| s.dim).max().unwrap_or(0);
+        let labelled = shards.iter().any(|s| !s.labels.is_empty());
+        let mut rows: Vec<(usize, i64, &[f32])> = Vec::new();
+        for shard in &shards {
+            for (i, &index) in shard.indices.iter().enumerate() {
+                rows.push((index, shard.labels.get(i).copied().unwrap_or(0), &shard.features[i * dim..(i + 1) * dim]));
+            }
+        }
+        rows.sort_by_key(|&(index, ..)| index);
+        Ok(Embeddings {
+            features: rows.iter().flat_map(|&(.., f)| f.iter().copied()).collect(),
+            dim,
+            labels: if labelled { rows.iter().map(|&(_, l, _)| l).collect() } else { Vec::new() },
+            indices: rows.iter().map(|&(i, ..)| i).collect(),
+        })
     }
 }
 

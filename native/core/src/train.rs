@@ -6,6 +6,7 @@ use crate::bail;
 use crate::checkpoint::{self, Stored, OPTIMIZER_PREFIX};
 use crate::config::MaeConfig;
 use crate::data::{stream_rng, Batch, Loader, MASK_STREAM};
+use crate::distributed::Group;
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, MaskSampler, Masking};
 use crate::model::{MaskedAutoencoder, Unloaded};
@@ -99,6 +100,10 @@ pub struct TrainState {
     /// checkpoints written before it was saved).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// The data-parallel ranks that shared each step (absent from checkpoints written
+    /// before it was saved, all of one process).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
 }
 
 /// What a run reports as it goes.
@@ -163,6 +168,11 @@ pub(crate) trait Task {
     /// (mixing).
     /// A non-finite loss ends the run, so its gradients never reach an update.
     fn micro_batch(&mut self, batch: Batch, step: u64, micro: usize, grad_scale: f64) -> Result<f64>;
+    /// Averages the step's gradients over `group`'s ranks (a no-op alone); `what` names
+    /// the all-reduce in errors.
+    fn average_gradients(&mut self, group: &Group, what: &str) -> Result<()>;
+    /// Sets every rank's weights to rank 0's (a no-op alone).
+    fn broadcast_weights(&mut self, group: &Group) -> Result<()>;
     /// The global L2 norm of the step's gradients.
     fn grad_norm(&mut self) -> Result<f64>;
     /// Clips the step's gradients, of global norm `norm`, to `clip_grad`; then, unless the
@@ -200,6 +210,25 @@ impl Accumulated {
         Ok(())
     }
 
+    /// Averages the accumulated gradients over `group`'s ranks, through the host.
+    pub fn average_over(&mut self, group: &Group, what: &str) -> Result<()> {
+        let Some(grads) = self.0.as_mut().filter(|_| group.size() > 1) else { return Ok(()) };
+        let mut flat = Vec::with_capacity(grads.iter().map(Tensor::elem_count).sum());
+        for g in grads.iter() {
+            flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
+        }
+        group.all_reduce_sum_f32(&mut flat, what)?;
+        let scale = 1.0 / group.size() as f32;
+        let mut rest = flat.as_slice();
+        for g in grads.iter_mut() {
+            let (mine, others) = rest.split_at(g.elem_count());
+            rest = others;
+            let averaged: Vec<f32> = mine.iter().map(|v| v * scale).collect();
+            *g = Tensor::from_vec(averaged, g.shape(), g.device())?.to_dtype(g.dtype())?;
+        }
+        Ok(())
+    }
+
     /// The global L2 norm of the accumulated gradients (0 before any).
     pub fn norm(&self) -> Result<f64> {
         self.0.as_deref().map_or(Ok(0.0), global_norm)
@@ -219,10 +248,14 @@ impl Accumulated {
     }
 }
 
+/// Where the checkpoint of `state`'s step goes; none without a checkpoint folder.
+fn checkpoint_path(state: &TrainState, recipe: &Recipe) -> Option<PathBuf> {
+    recipe.checkpoint_dir.as_ref().map(|dir| dir.join(checkpoint_name(state.step)))
+}
+
 fn save_checkpoint(task: &mut dyn Task, state: &TrainState, recipe: &Recipe) -> Result<Option<PathBuf>> {
-    let Some(dir) = &recipe.checkpoint_dir else { return Ok(None) };
+    let (Some(dir), Some(path)) = (&recipe.checkpoint_dir, checkpoint_path(state, recipe)) else { return Ok(None) };
     std::fs::create_dir_all(dir).map_err(|e| Error::new(ErrorCode::Io, format!("cannot create {}: {e}", dir.display())))?;
-    let path = dir.join(checkpoint_name(state.step));
     let metadata = HashMap::from([
         ("train_state".to_string(), serde_json::to_string(state).map_err(|e| Error::new(ErrorCode::Internal, e.to_string()))?),
         ("optimizer_step".to_string(), task.optimizer().steps_taken().to_string()),
@@ -241,9 +274,9 @@ pub(crate) fn optimizer_entries(optimizer: &dyn OptimizerState) -> Vec<(String, 
 }
 
 /// Restores weights, optimizer state and position from a checkpoint file, or from
-/// the newest checkpoint in a folder, once it is known that this run (its `recipe` and
-/// loader batch size) can continue from there.
-fn restore(task: &mut dyn Task, from: &Path, recipe: &Recipe, batch_size: usize) -> Result<(TrainState, PathBuf)> {
+/// the newest checkpoint in a folder, once it is known that this run (its `recipe`,
+/// loader batch size and number of ranks) can continue from there.
+fn restore(task: &mut dyn Task, from: &Path, recipe: &Recipe, batch_size: usize, ranks: usize) -> Result<(TrainState, PathBuf)> {
     let path = if from.is_dir() {
         match list_checkpoints(from).pop() {
             Some(p) => p,
@@ -257,7 +290,7 @@ fn restore(task: &mut dyn Task, from: &Path, recipe: &Recipe, batch_size: usize)
         bail!(CheckpointKeys, "{} is a model, not a training checkpoint (it has no train_state)", path.display());
     };
     let train_state: TrainState = serde_json::from_str(train_state).map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: bad train_state: {e}", path.display())))?;
-    check_same_position_settings(&path, &state.metadata, &train_state, recipe, batch_size)?;
+    check_same_position_settings(&path, &state.metadata, &train_state, recipe, batch_size, ranks)?;
     let optimizer_step: u64 = state.metadata.get("optimizer_step").and_then(|s| s.parse().ok()).unwrap_or(train_state.step);
     task.restore_weights(&state, &path)?;
     let optimizer_state = state.tensors.iter().filter_map(|(k, t)| Some((k.strip_prefix(OPTIMIZER_PREFIX)?.to_string(), t.clone()))).collect();
@@ -267,23 +300,34 @@ fn restore(task: &mut dyn Task, from: &Path, recipe: &Recipe, batch_size: usize)
     Ok((train_state, path))
 }
 
-/// Refuses to resume with another batch size, `accumIter` or `seed` than the checkpoint
-/// was written with: they fix which images its steps trained on and which come next
-/// (the position is a batch of an epoch's seeded order, and a step a number of
-/// micro-batches), so a run that changed them would repeat some images and skip others
-/// without saying so. The schedule (epochs, learning rates, warm-up) may change, as in
-/// the published code: lowering the rate after a divergence, for one.
-fn check_same_position_settings(path: &Path, metadata: &HashMap<String, String>, saved: &TrainState, recipe: &Recipe, batch_size: usize) -> Result<()> {
+/// Refuses to resume with another global batch (`batchSize` x ranks), `accumIter` or
+/// `seed` than the checkpoint was written with: they fix which images its steps trained
+/// on and which come next (the position is a global batch of an epoch's seeded order,
+/// and a step a number of micro-batches), so a run that changed them would repeat some
+/// images and skip others without saying so. The number of ranks may change when the
+/// global batch does not (8 ranks of 16 resume as 4 of 32), as may the schedule
+/// (epochs, learning rates, warm-up), as in the published code: lowering the rate after
+/// a divergence, for one.
+fn check_same_position_settings(path: &Path, metadata: &HashMap<String, String>, saved: &TrainState, recipe: &Recipe, batch_size: usize, ranks: usize) -> Result<()> {
     let saved_recipe = ["pretrain_config", "finetune_config"].iter().find_map(|key| metadata.get(*key));
     let saved_recipe: Option<Recipe> = saved_recipe
         .map(|json| serde_json::from_str(json))
         .transpose()
         .map_err(|e| Error::new(ErrorCode::CheckpointCorrupt, format!("{}: bad recipe in the metadata: {e}", path.display())))?;
-    let fields = [
-        ("batchSize", saved.batch_size.map(|b| b as u64), batch_size as u64),
-        ("accumIter", saved_recipe.as_ref().map(|r| r.accum_iter as u64), recipe.accum_iter as u64),
-        ("seed", saved_recipe.as_ref().map(|r| r.seed), recipe.seed),
-    ];
+    if let Some(saved_batch) = saved.batch_size {
+        let saved_ranks = saved.ranks.unwrap_or(1);
+        if saved_batch * saved_ranks != batch_size * ranks {
+            bail!(
+                InvalidArgument,
+                "cannot resume from {} with batchSize {batch_size} on {ranks} rank(s) (a global batch of {}): it was written with batchSize {saved_batch} on {saved_ranks} rank(s) (a global batch of {}), which fixes the images each step trains on; resume with a global batch of {} (batchSize x ranks), or start a new run from its weights (load it as a model)",
+                path.display(),
+                batch_size * ranks,
+                saved_batch * saved_ranks,
+                saved_batch * saved_ranks
+            );
+        }
+    }
+    let fields = [("accumIter", saved_recipe.as_ref().map(|r| r.accum_iter as u64), recipe.accum_iter as u64), ("seed", saved_recipe.as_ref().map(|r| r.seed), recipe.seed)];
     for (name, saved, now) in fields {
         if let Some(saved) = saved.filter(|&saved| saved != now) {
             bail!(
@@ -299,12 +343,15 @@ fn check_same_position_settings(path: &Path, metadata: &HashMap<String, String>,
 /// Runs pre-training on `loader`'s batches, calling `on_event` as it goes, and leaves
 /// the trained weights in `model`. Stops after the current step when `cancel` is set,
 /// and always leaves a checkpoint of where it stopped (when a checkpoint folder is
-/// configured).
+/// configured). Data-parallel over `group`, whose rank's shard `loader` serves: every
+/// rank starts from rank 0's weights, averages each step's gradients with the others,
+/// and stops with them (rank 0 alone writes checkpoints).
 pub fn pretrain(
     model: &mut MaskedAutoencoder,
     loader: &Loader,
     config: &PretrainConfig,
     resume: Option<&Path>,
+    group: &Group,
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
@@ -312,7 +359,7 @@ pub fn pretrain(
     let adamw = AdamWConfig { beta1: config.recipe.beta1, beta2: config.recipe.beta2, eps: 1e-8, weight_decay: config.recipe.weight_decay };
     if !model.uses_engine() {
         let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)?, grads: Accumulated::default() };
-        return run(&mut task, loader, &config.recipe, resume, on_event, cancel);
+        return run(&mut task, loader, &config.recipe, resume, group, on_event, cancel);
     }
     let len_keep = masking::len_keep(model.config.num_patches(), config.mask_ratio);
     let mut engine = MaeEngine::new(&model.config, loader.batch_size(), len_keep, Mode::Train)?;
@@ -321,7 +368,7 @@ pub fn pretrain(
     // The engine holds the weights for the run; the model gets them back at the end.
     let mut task = EnginePretraining { unloaded: model.unload()?, config, engine, optimizer };
     crate::release_freed_memory();
-    let result = run(&mut task, loader, &config.recipe, resume, on_event, cancel);
+    let result = run(&mut task, loader, &config.recipe, resume, group, on_event, cancel);
     let EnginePretraining { unloaded, engine, optimizer, .. } = task;
     drop(optimizer);
     engine.store_into(unloaded, model)?;
@@ -349,6 +396,14 @@ impl Task for Pretraining<'_> {
             self.grads.add(grads, grad_scale)?;
         }
         Ok(loss)
+    }
+
+    fn average_gradients(&mut self, group: &Group, what: &str) -> Result<()> {
+        self.grads.average_over(group, what)
+    }
+
+    fn broadcast_weights(&mut self, group: &Group) -> Result<()> {
+        broadcast_params(self.model.params(), group)
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
@@ -392,6 +447,14 @@ impl Task for EnginePretraining<'_> {
             self.engine.reshape(n)?;
         }
         self.engine.accumulate(&batch.images, &plan, grad_scale as f32).map(f64::from)
+    }
+
+    fn average_gradients(&mut self, group: &Group, what: &str) -> Result<()> {
+        self.engine.average_gradients(group, what)
+    }
+
+    fn broadcast_weights(&mut self, group: &Group) -> Result<()> {
+        self.engine.broadcast_params(group)
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
@@ -442,6 +505,19 @@ fn check_pretraining_config(model: &MaeConfig, state: &checkpoint::StateDict, pa
     Ok(())
 }
 
+/// Sets every rank's parameters to rank 0's (a no-op alone).
+pub(crate) fn broadcast_params(params: &[(String, candle_core::Var)], group: &Group) -> Result<()> {
+    if group.size() == 1 {
+        return Ok(());
+    }
+    for (name, var) in params {
+        let mut values = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        group.broadcast(bytemuck::cast_slice_mut(&mut values), 0, &format!("the broadcast of {name}"))?;
+        var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 /// Sets each parameter from the tensor of the same name.
 pub(crate) fn copy_params(params: &[(String, candle_core::Var)], tensors: &std::collections::BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     for (name, var) in params {
@@ -459,19 +535,27 @@ pub(crate) fn copy_params(params: &[(String, candle_core::Var)], tensors: &std::
 /// checkpoints that resume exactly. A checkpoint folder that cannot be written to
 /// fails it before the first step; a cancel already set by then ends it, aborted,
 /// before that step, with no checkpoint written.
+///
+/// Data-parallel over `group` (`loader` serving this rank's shard): every rank starts
+/// from rank 0's weights, each step's gradients are averaged over the ranks before the
+/// update (so every rank updates alike), the ranks agree at every step on whether one
+/// failed or was cancelled (all then stop, with the failed rank's error code), and rank
+/// 0 alone writes checkpoints.
 pub(crate) fn run(
     task: &mut dyn Task,
     loader: &Loader,
     recipe: &Recipe,
     resume: Option<&Path>,
+    group: &Group,
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
-    if let Some(dir) = &recipe.checkpoint_dir {
-        checkpoint::check_writable_folder(dir)?;
-        remove_stale_temporaries(dir);
-    }
-    let result = train_steps(task, loader, recipe, resume, on_event, cancel);
+    let folder = match &recipe.checkpoint_dir {
+        Some(dir) if group.rank() == 0 => checkpoint::check_writable_folder(dir).map(|()| remove_stale_temporaries(dir)),
+        _ => Ok(()),
+    };
+    group.agree(folder, "checking the checkpoint folder")?;
+    let result = train_steps(task, loader, recipe, resume, group, on_event, cancel);
     // Also after a failed step: the model gets the weights of the last step taken.
     let finished = task.finish();
     let summary = result?;
@@ -484,17 +568,25 @@ fn train_steps(
     loader: &Loader,
     recipe: &Recipe,
     resume: Option<&Path>,
+    group: &Group,
     on_event: &mut dyn FnMut(TrainEvent),
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
+    let ranks = group.size();
+    let shard = loader.shard();
+    if (shard.rank, shard.ranks) != (group.rank(), ranks) {
+        bail!(InvalidArgument, "the loader serves shard {} of {}, but this process is rank {} of {}", shard.rank, shard.ranks, group.rank(), ranks);
+    }
     let batch_size = Some(loader.batch_size());
-    let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0, batch_size };
+    let mut state = TrainState { step: 0, epoch: 0, batch_in_epoch: 0, images_seen: 0, batch_size, ranks: Some(ranks) };
     let mut last_checkpoint = None;
-    if let Some(from) = resume {
-        let (restored, path) = restore(task, from, recipe, loader.batch_size())?;
-        state = TrainState { batch_size, ..restored };
+    let restored = resume.map(|from| restore(task, from, recipe, loader.batch_size(), ranks)).transpose();
+    if let Some((restored, path)) = group.agree(restored, "resuming")? {
+        state = TrainState { batch_size, ranks: Some(ranks), ..restored };
         last_checkpoint = Some(path);
     }
+    // Every rank starts from rank 0's weights, as DDP broadcasts them.
+    task.broadcast_weights(group)?;
 
     let batches = loader.batches_per_epoch();
     let steps_per_epoch = batches / recipe.accum_iter;
@@ -522,65 +614,32 @@ fn train_steps(
     // (at least one); the schedule still reaches its end there.
     let epoch_steps = ((steps_per_epoch as f64 * recipe.epochs).round() as u64).max(1);
     let total_steps = epoch_steps.min(recipe.max_steps.unwrap_or(u64::MAX));
-    let schedule = LrSchedule { lr: recipe.peak_lr(loader.batch_size()), min_lr: recipe.min_lr, warmup_epochs: recipe.warmup_epochs, epochs: recipe.epochs };
+    // Published: the rate scales with the effective batch, batchSize x accumIter x ranks.
+    let schedule = LrSchedule { lr: recipe.peak_lr(loader.batch_size() * ranks), min_lr: recipe.min_lr, warmup_epochs: recipe.warmup_epochs, epochs: recipe.epochs };
 
     let started = Instant::now();
     let start_step = state.step;
-    // Checked again after every step; a cancel that came before the first one leaves
-    // nothing to train or to save.
-    let mut aborted = cancel.load(Ordering::SeqCst) && state.step < total_steps;
+    // Checked again at every step, and agreed by every rank; a cancel that came before
+    // the first step leaves nothing to train or to save.
+    let [cancels] = group.agree_sum(Ok([f64::from(u8::from(cancel.load(Ordering::SeqCst)))]), "starting")?;
+    let mut aborted = cancels > 0.0 && state.step < total_steps;
     let mut images_this_run = 0u64;
     let mut final_loss = f64::NAN;
     let mut skipped_images = 0;
-    // Why a step stopped the run, with the checkpoint to go back to.
-    let stopped = |what: String, state: &TrainState, last_checkpoint: &Option<PathBuf>| {
-        let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p| format!("the last good checkpoint is {}", p.display()));
-        Error::new(ErrorCode::NonFiniteLoss, format!("{what} at step {} (epoch {}); training stopped before the step's update and {kept}", state.step + 1, state.epoch))
-    };
 
     'epochs: while state.step < total_steps && !aborted {
-        let mut step_losses = Vec::new();
-        let mut step_skipped = Vec::new();
         let mut epoch_losses = Vec::new();
-        let mut lr = 0.0;
-        for batch in loader.epoch(state.epoch, state.batch_in_epoch).take(used_batches - state.batch_in_epoch) {
-            let batch = batch?;
-            let i = state.batch_in_epoch;
-            state.batch_in_epoch += 1;
-            if let Some((_, first)) = batch.skipped.first() {
-                skipped_images += batch.skipped.len();
-                on_event(TrainEvent::Skipped { step: state.step, count: batch.skipped.len(), first: first.clone() });
-            }
-            step_skipped.extend(batch.skipped.iter().map(|(_, message)| message.clone()));
+        let mut epoch_batches = loader.epoch(state.epoch, state.batch_in_epoch).take(used_batches - state.batch_in_epoch);
+        while state.batch_in_epoch < used_batches {
             // Published: the rate is set at the first micro-batch of each step.
-            if i % recipe.accum_iter == 0 {
-                lr = schedule.at(state.epoch as f64 + i as f64 / batches as f64);
-            }
-            let n = batch.shape[0];
-            if n > 0 {
-                let loss = task.micro_batch(batch, state.step, i % recipe.accum_iter, 1.0 / recipe.accum_iter as f64)?;
-                if !loss.is_finite() {
-                    return Err(stopped(format!("loss is {loss}"), &state, &last_checkpoint));
-                }
-                step_losses.push(loss);
-                state.images_seen += n as u64;
-                images_this_run += n as u64;
-            }
-            if (i + 1) % recipe.accum_iter != 0 {
-                continue;
-            }
-            if step_losses.is_empty() {
-                bail!(
-                    InvalidArgument,
-                    "step {} (epoch {}) has no images: all {} images of its batches in {} were unreadable and skipped (the first: {}); remove or repair them",
-                    state.step + 1,
-                    state.epoch,
-                    step_skipped.len(),
-                    loader.describe(),
-                    step_skipped.first().map_or("", String::as_str)
-                );
-            }
-            step_skipped.clear();
+            let lr = schedule.at(state.epoch as f64 + state.batch_in_epoch as f64 / batches as f64);
+            let work = micro_batches(task, &mut epoch_batches, recipe.accum_iter, loader, &mut state, &last_checkpoint, on_event);
+            skipped_images += work.as_ref().map_or(0, |w| w.skipped);
+            // Every rank's outcome before any gradient moves: a rank that failed stops
+            // them all, with its error.
+            let what = format!("step {}", state.step + 1);
+            let [loss_sum, micro_count, images] = group.agree_sum(work.map(|w| [w.loss_sum, w.micro_batches as f64, w.images as f64]), &what)?;
+            task.average_gradients(group, &format!("the gradient all-reduce of {what}"))?;
             let norm = task.grad_norm()?;
             if !norm.is_finite() {
                 return Err(stopped(format!("the gradient norm is {norm} (with a finite loss)"), &state, &last_checkpoint));
@@ -589,8 +648,9 @@ fn train_steps(
                 return Err(stopped(format!("the update at learning rate {lr:e} would make weights or the optimizer's moments non-finite"), &state, &last_checkpoint));
             }
             state.step += 1;
-            final_loss = mean(&step_losses);
-            step_losses.clear();
+            state.images_seen += images as u64;
+            images_this_run += images as u64;
+            final_loss = loss_sum / micro_count;
             epoch_losses.push(final_loss);
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
             let steps_done = (state.step - start_step) as f64;
@@ -612,9 +672,13 @@ fn train_steps(
                 state.batch_in_epoch = 0;
             }
             let finished = state.step >= total_steps;
-            aborted = cancel.load(Ordering::SeqCst) && !finished;
+            // A cancel stops every rank after the same step.
+            let [cancels] = group.agree_sum(Ok([f64::from(u8::from(cancel.load(Ordering::SeqCst)))]), &format!("the end of step {}", state.step))?;
+            aborted = cancels > 0.0 && !finished;
             if finished || aborted || (recipe.checkpoint_every > 0 && state.step % recipe.checkpoint_every == 0) {
-                if let Some(path) = save_checkpoint(task, &state, recipe)? {
+                // Rank 0 writes it; the others wait to hear that it did.
+                let written = if group.rank() == 0 { save_checkpoint(task, &state, recipe) } else { Ok(checkpoint_path(&state, recipe)) };
+                if let Some(path) = group.agree(written, &format!("the checkpoint of step {}", state.step))? {
                     on_event(TrainEvent::Checkpoint { step: state.step, path: path.clone() });
                     last_checkpoint = Some(path);
                 }
@@ -638,6 +702,73 @@ fn train_steps(
         last_checkpoint,
         skipped_images,
     })
+}
+
+/// What one rank's micro-batches of a step came to.
+struct StepWork {
+    /// The sum of the micro-batches' mean losses.
+    loss_sum: f64,
+    /// Micro-batches that had images.
+    micro_batches: usize,
+    images: usize,
+    /// Unreadable images left out.
+    skipped: usize,
+}
+
+/// Runs a step's `accum_iter` micro-batches from `batches`, adding their gradients up,
+/// and moves `state` past them. Fails on a non-finite loss (before its gradients reach
+/// an update) and on a step whose images were all unreadable.
+fn micro_batches(
+    task: &mut dyn Task,
+    batches: &mut impl Iterator<Item = Result<Batch>>,
+    accum_iter: usize,
+    loader: &Loader,
+    state: &mut TrainState,
+    last_checkpoint: &Option<PathBuf>,
+    on_event: &mut dyn FnMut(TrainEvent),
+) -> Result<StepWork> {
+    let mut work = StepWork { loss_sum: 0.0, micro_batches: 0, images: 0, skipped: 0 };
+    let mut first_skipped = None;
+    for micro in 0..accum_iter {
+        let Some(batch) = batches.next() else {
+            bail!(Internal, "the loader ended inside step {}", state.step + 1);
+        };
+        let batch = batch?;
+        state.batch_in_epoch += 1;
+        if let Some((_, first)) = batch.skipped.first() {
+            work.skipped += batch.skipped.len();
+            first_skipped.get_or_insert_with(|| first.clone());
+            on_event(TrainEvent::Skipped { step: state.step, count: batch.skipped.len(), first: first.clone() });
+        }
+        let n = batch.shape[0];
+        if n > 0 {
+            let loss = task.micro_batch(batch, state.step, micro, 1.0 / accum_iter as f64)?;
+            if !loss.is_finite() {
+                return Err(stopped(format!("loss is {loss}"), state, last_checkpoint));
+            }
+            work.loss_sum += loss;
+            work.micro_batches += 1;
+            work.images += n;
+        }
+    }
+    if work.micro_batches == 0 {
+        bail!(
+            InvalidArgument,
+            "step {} (epoch {}) has no images: all {} images of its batches in {} were unreadable and skipped (the first: {}); remove or repair them",
+            state.step + 1,
+            state.epoch,
+            work.skipped,
+            loader.describe(),
+            first_skipped.as_deref().unwrap_or("")
+        );
+    }
+    Ok(work)
+}
+
+/// Why a step stopped the run, with the checkpoint to go back to.
+fn stopped(what: String, state: &TrainState, last_checkpoint: &Option<PathBuf>) -> Error {
+    let kept = last_checkpoint.as_deref().map_or("no checkpoint had been written".to_string(), |p| format!("the last good checkpoint is {}", p.display()));
+    Error::new(ErrorCode::NonFiniteLoss, format!("{what} at step {} (epoch {}); training stopped before the step's update and {kept}", state.step + 1, state.epoch))
 }
 
 /// Removes the temporary files that checkpoint writes into `dir` left behind when their

@@ -1,11 +1,12 @@
 //! The classifier for the binding: built from a pre-trained MAE or loaded, used for
 //! prediction, embedding and evaluation, and trained by the fine-tuning protocols.
 
-use crate::training::{embed_job, evaluated_event, make_loader, open_dataset, progress_event, spawn_job, to_native, trained_event, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
+use crate::training::{embed_job, evaluated_event, DistributedSpec, NativeDistributedOptions, make_loader, open_dataset, progress_event, spawn_job, to_native, trained_event, NativeDatasetSpec, NativeJob, NativeLoaderOptions};
 use crate::{guarded, host_tensor, parse_json, seed_of, Coded, CodedTask, NativeMae, NativeNamedShape, NativeNamedTensor, NativeTensor};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::path::PathBuf;
+use vit_mae_core::data::Shard;
 use crate::cell::{named_shapes, Cell};
 use std::sync::Arc;
 use vit_mae_core::classifier::{config_fields, load_classifier, save_classifier, ClassifierConfig, VitClassifier};
@@ -130,32 +131,34 @@ impl NativeClassifier {
 
     /// Top-1/top-5 accuracy on a labelled dataset.
     #[napi]
-    pub fn evaluate(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions) -> Result<NativeJob, ErrorCode> {
+    pub fn evaluate(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, distributed: Option<NativeDistributedOptions>) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
-        let loader = guarded(|| {
+        let (loader, distributed) = guarded(|| {
             let c = model.read()?.config.clone();
-            make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)
+            Ok((make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?, DistributedSpec::parse(distributed.as_ref())?))
         })?;
         spawn_job("vit-mae-eval", Arc::default(), move |on_event, cancel| {
+            let (group, _group_claim, loader) = distributed.join(&loader, on_event)?;
             let total = loader.images_per_epoch();
-            let e = evaluate(&*model.read()?, &loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
+            let e = evaluate(&*model.read()?, &loader, &group, &mut |done| on_event(progress_event(done, total)), cancel)?;
             Ok(evaluated_event(e))
         })
     }
 
     /// Embeds a whole dataset; writes the embeddings to `output` when given.
     #[napi]
-    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, output: Option<String>) -> Result<NativeJob, ErrorCode> {
+    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, output: Option<String>, distributed: Option<NativeDistributedOptions>) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
-        let loader = guarded(|| {
+        let (loader, distributed) = guarded(|| {
             let c = model.read()?.config.clone();
-            make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)
+            Ok((make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?, DistributedSpec::parse(distributed.as_ref())?))
         })?;
         let slot: Arc<std::sync::Mutex<Option<vit_mae_core::finetune::Embeddings>>> = Arc::default();
         let result = slot.clone();
         spawn_job("vit-mae-embed", slot, move |on_event, cancel| {
+            let (group, _group_claim, loader) = distributed.join(&loader, on_event)?;
             let model = model.read()?;
-            embed_job(&Embedder::Classifier(&model), &loader, output, &result, on_event, cancel)
+            embed_job(&Embedder::Classifier(&model), &loader, &group, output, &result, on_event, cancel)
         })
     }
 
@@ -170,9 +173,10 @@ impl NativeClassifier {
         eval_loader: Option<NativeLoaderOptions>,
         config_json: String,
         resume: Option<String>,
+        distributed: Option<NativeDistributedOptions>,
     ) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
-        let (config, loader, eval_loader) = guarded(|| {
+        let (config, loader, eval_loader, distributed) = guarded(|| {
             let config = FinetuneConfig::from_json(&parse_json(&config_json, "fine-tuning options")?)?;
             let c = model.read()?.config.clone();
             let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
@@ -180,12 +184,14 @@ impl NativeClassifier {
                 (Some(d), Some(o)) => Some(make_loader(open_dataset(d)?, o, c.img_size, c.in_chans)?),
                 _ => None,
             };
-            Ok((config, loader, eval_loader))
+            Ok((config, loader, eval_loader, DistributedSpec::parse(distributed.as_ref())?))
         })?;
         let claim = guarded(|| model.claim())?;
         spawn_job("vit-mae-finetune", Arc::default(), move |on_event, cancel| {
+            let (group, _group_claim, loader) = distributed.join(&loader, on_event)?;
+            let eval_loader = eval_loader.map(|l| l.sharded(Shard { rank: group.rank(), ranks: group.size() })).transpose()?;
             let resume = resume.as_deref().map(PathBuf::from);
-            let summary = finetune(&*claim.model()?, &loader, eval_loader.as_ref(), &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            let summary = finetune(&*claim.model()?, &loader, eval_loader.as_ref(), &config, resume.as_deref(), &group, &mut |e| on_event(to_native(e)), cancel)?;
             drop(claim);
             Ok(trained_event(summary))
         })

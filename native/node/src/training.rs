@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use vit_mae_core::data::{Augment, Dataset, IdxDataset, ImageFolder, InMemoryDataset, Loader, LoaderOptions, Shard};
+use vit_mae_core::distributed::{Distributed, Group, DEFAULT_TIMEOUT};
 use vit_mae_core::finetune::{embed_dataset, Embedder, Embeddings};
 use vit_mae_core::Pool;
 use vit_mae_core::train::{self, PretrainConfig, TrainEvent, TrainSummary};
@@ -99,10 +101,69 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
     Loader::new(dataset, augment, options)
 }
 
+/// Whether and how a job works with other processes.
+#[napi(object)]
+pub struct NativeDistributedOptions {
+    /// 'auto' (join the MPI job this process was launched in, if any), 'mpi' or 'none'.
+    pub kind: String,
+    /// How long a collective waits for the other ranks, in seconds.
+    pub timeout_seconds: f64,
+}
+
+/// A job's distributed options, checked before the job starts.
+pub(crate) struct DistributedSpec {
+    kind: Distributed,
+    timeout: Duration,
+}
+
+/// Set while a job of several ranks runs in this process: the collectives of two such
+/// jobs would interleave on the one MPI communicator.
+static GROUP_IN_USE: AtomicBool = AtomicBool::new(false);
+
+/// A job's hold on the process's group of several ranks; released when dropped.
+pub(crate) struct GroupClaim(bool);
+
+impl Drop for GroupClaim {
+    fn drop(&mut self) {
+        if self.0 {
+            GROUP_IN_USE.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+impl DistributedSpec {
+    pub(crate) fn parse(options: Option<&NativeDistributedOptions>) -> vit_mae_core::Result<Self> {
+        let Some(o) = options else { return Ok(DistributedSpec { kind: Distributed::Auto, timeout: DEFAULT_TIMEOUT }) };
+        if !(o.timeout_seconds.is_finite() && o.timeout_seconds > 0.0) {
+            return Err(err(ErrorCode::InvalidArgument, format!("distributedTimeout must be a number of seconds above 0, got {}", o.timeout_seconds)));
+        }
+        Ok(DistributedSpec { kind: Distributed::parse(&o.kind)?, timeout: Duration::from_secs_f64(o.timeout_seconds) })
+    }
+
+    /// Joins the processes working together, on the job's thread (MPI's start and the
+    /// first collective wait for the other ranks), reports them as the job's first
+    /// event, and holds the group for this job; with it, `loader` serving this rank's shard.
+    pub(crate) fn join(&self, loader: &Loader, on_event: &mut dyn FnMut(NativeJobEvent)) -> vit_mae_core::Result<(Group, GroupClaim, Loader)> {
+        let group = Group::join(self.kind, self.timeout)?;
+        let claim = GroupClaim(group.size() > 1);
+        if claim.0 && GROUP_IN_USE.swap(true, Ordering::SeqCst) {
+            std::mem::forget(claim);
+            return Err(err(ErrorCode::Busy, "another job of several ranks is running in this process: their collectives would interleave; run one at a time"));
+        }
+        on_event(NativeJobEvent::Started { rank: group.rank() as u32, world_size: group.size() as u32, local_rank: group.local_rank() as u32, backend: group.backend().to_string() });
+        let loader = loader.sharded(Shard { rank: group.rank(), ranks: group.size() })?;
+        Ok((group, claim, loader))
+    }
+}
+
 /// What a job reports: one variant per kind of event, told apart by `type` in
-/// JavaScript. A job's last event is `trained`, `evaluated` or `embedded`.
+/// JavaScript. A job's first event is `started`, its last `trained`, `evaluated` or
+/// `embedded`.
 #[napi(discriminant = "type", discriminant_case = "camelCase")]
 pub enum NativeJobEvent {
+    /// The job started: this process's rank among `worldSize` working together (0 of 1
+    /// alone), its index among those on its machine, and the backend ('none' or 'mpi').
+    Started { rank: u32, world_size: u32, local_rank: u32, backend: String },
     /// A training step finished.
     Step { epoch: u32, step: f64, total_steps: f64, loss: f64, lr: f64, images_per_sec: f64, eta_seconds: f64 },
     /// A training checkpoint was written.
@@ -288,18 +349,26 @@ impl CodedTask for NextEventTask {
 impl NativeMae {
     /// Starts pre-training on a thread of its own.
     #[napi]
-    pub fn pretrain(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, config_json: String, resume: Option<String>) -> Result<NativeJob, ErrorCode> {
+    pub fn pretrain(
+        &self,
+        dataset: NativeDatasetSpec,
+        loader: NativeLoaderOptions,
+        config_json: String,
+        resume: Option<String>,
+        distributed: Option<NativeDistributedOptions>,
+    ) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
-        let (config, loader) = guarded(|| {
+        let (config, loader, distributed) = guarded(|| {
             let config = PretrainConfig::from_json(&parse_json(&config_json, "training options")?)?;
             let c = model.read()?.config.clone();
             let loader = make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?;
-            Ok((config, loader))
+            Ok((config, loader, DistributedSpec::parse(distributed.as_ref())?))
         })?;
         let claim = guarded(|| model.claim())?;
         spawn_job("vit-mae-train", Arc::default(), move |on_event, cancel| {
+            let (group, _group_claim, loader) = distributed.join(&loader, on_event)?;
             let resume = resume.as_deref().map(PathBuf::from);
-            let summary = train::pretrain(&mut *claim.model()?, &loader, &config, resume.as_deref(), &mut |e| on_event(to_native(e)), cancel)?;
+            let summary = train::pretrain(&mut *claim.model()?, &loader, &config, resume.as_deref(), &group, &mut |e| on_event(to_native(e)), cancel)?;
             drop(claim);
             Ok(trained_event(summary))
         })
@@ -308,17 +377,25 @@ impl NativeMae {
     /// Embeds a whole dataset with the encoder (pooled 'mean' or 'cls'); writes the
     /// embeddings to `output` (safetensors) when given.
     #[napi]
-    pub fn embed_dataset(&self, dataset: NativeDatasetSpec, loader: NativeLoaderOptions, pool: String, output: Option<String>) -> Result<NativeJob, ErrorCode> {
+    pub fn embed_dataset(
+        &self,
+        dataset: NativeDatasetSpec,
+        loader: NativeLoaderOptions,
+        pool: String,
+        output: Option<String>,
+        distributed: Option<NativeDistributedOptions>,
+    ) -> Result<NativeJob, ErrorCode> {
         let model = self.model.clone();
-        let (loader, pool) = guarded(|| {
+        let (loader, pool, distributed) = guarded(|| {
             let c = model.read()?.config.clone();
-            Ok((make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?, Pool::parse(&pool)?))
+            Ok((make_loader(open_dataset(&dataset)?, &loader, c.img_size, c.in_chans)?, Pool::parse(&pool)?, DistributedSpec::parse(distributed.as_ref())?))
         })?;
         let slot: Arc<Mutex<Option<Embeddings>>> = Arc::default();
         let result = slot.clone();
         spawn_job("vit-mae-embed", slot, move |on_event, cancel| {
+            let (group, _group_claim, loader) = distributed.join(&loader, on_event)?;
             let model = model.read()?;
-            embed_job(&Embedder::Mae(&model, pool), &loader, output, &result, on_event, cancel)
+            embed_job(&Embedder::Mae(&model, pool), &loader, &group, output, &result, on_event, cancel)
         })
     }
 
@@ -466,21 +543,23 @@ impl CodedTask for GridTask {
 pub(crate) fn embed_job(
     embedder: &Embedder,
     loader: &Loader,
+    group: &Group,
     output: Option<String>,
     result: &Mutex<Option<Embeddings>>,
     on_event: &mut dyn FnMut(NativeJobEvent),
     cancel: &AtomicBool,
 ) -> vit_mae_core::Result<NativeJobEvent> {
-    if let Some(path) = &output {
+    // Rank 0 alone writes the file, which holds every rank's embeddings.
+    let output = output.filter(|_| group.rank() == 0);
+    let writable = output.as_deref().map_or(Ok(()), |path| {
         // Before the pass, not after it: a folder that cannot take the file fails at once.
         let folder = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        vit_mae_core::checkpoint::check_writable_folder(folder)?;
-    }
+        vit_mae_core::checkpoint::check_writable_folder(folder)
+    });
+    group.agree(writable, "checking the output folder")?;
     let total = loader.images_per_epoch();
-    let embeddings = embed_dataset(embedder, loader, &mut |done| on_event(progress_event(done, total)), cancel)?;
-    if let Some(path) = output {
-        embeddings.save(Path::new(&path))?;
-    }
+    let embeddings = embed_dataset(embedder, loader, group, &mut |done| on_event(progress_event(done, total)), cancel)?;
+    group.agree(output.as_deref().map_or(Ok(()), |path| embeddings.save(Path::new(path))), "writing the embeddings")?;
     *result.lock().map_err(|_| err(ErrorCode::Internal, "result slot poisoned"))? = Some(embeddings);
     Ok(NativeJobEvent::Embedded)
 }

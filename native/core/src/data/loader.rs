@@ -153,6 +153,13 @@ impl Loader {
         Ok(Loader { dataset, augment: Arc::new(augment), options })
     }
 
+    /// This loader's data and options serving `shard` instead: for a process that learns
+    /// its rank only once it has joined its group.
+    pub fn sharded(&self, shard: Shard) -> Result<Loader> {
+        let options = LoaderOptions { shard, ..self.options.clone() };
+        Loader::new(self.dataset.clone(), (*self.augment).clone(), options)
+    }
+
     /// The length of an epoch's order before it is sharded: the dataset's, padded under
     /// `drop_last` to a multiple of `ranks` (see [`Shard`]).
     fn padded_len(&self) -> usize {
@@ -189,6 +196,11 @@ impl Loader {
         } else {
             self.shard_len()
         }
+    }
+
+    /// Which shard of the data this loader serves.
+    pub fn shard(&self) -> Shard {
+        self.options.shard
     }
 
     /// Items per (full) batch.

@@ -49,6 +49,7 @@
 //! Collectives must be called by every rank of the group in the same order, with the same
 //! lengths (all-gather excepted) and the same root.
 
+mod agreement;
 mod launch;
 mod mpi;
 

@@ -46,6 +46,10 @@ impl CpuKernels {
         &self.grads
     }
 
+    pub fn grads_mut(&mut self) -> &mut [f32] {
+        &mut self.grads
+    }
+
     /// The parameters alone; every other buffer is freed.
     pub fn into_params(self) -> Vec<f32> {
         self.params

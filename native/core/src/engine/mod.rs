@@ -19,6 +19,9 @@ pub mod vit;
 pub use mae::{FlatAdamW, MaeEngine, Mode};
 pub use vit::{FlatOptimizer, VitEngine, VitMode};
 
+use crate::distributed::Group;
+use crate::error::Result;
+
 /// Which of a plan's buffers a tensor lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arena {
@@ -258,6 +261,27 @@ pub trait Gradients {
     fn grad_norm(&mut self) -> f64 {
         let (kernels, all) = self.gradients();
         kernels.norm(all)
+    }
+
+    /// Averages the gradients over `group`'s ranks: one all-reduce of the whole flat
+    /// buffer, then a scale by 1 / ranks (DDP's mean). A no-op alone.
+    fn average_gradients(&mut self, group: &Group, what: &str) -> Result<()> {
+        if group.size() == 1 {
+            return Ok(());
+        }
+        let (kernels, all) = self.gradients();
+        group.all_reduce_sum_f32(kernels.grads_mut(), what)?;
+        kernels.scale(all, 1.0 / group.size() as f32);
+        Ok(())
+    }
+
+    /// Sets the parameters to rank 0's of `group`. A no-op alone.
+    fn broadcast_params(&mut self, group: &Group) -> Result<()> {
+        if group.size() == 1 {
+            return Ok(());
+        }
+        let (kernels, _) = self.gradients();
+        group.broadcast(bytemuck::cast_slice_mut(kernels.params_mut()), 0, "the broadcast of the weights")
     }
 
     /// `torch.nn.utils.clip_grad_norm_` given the gradients' global norm `norm` (from

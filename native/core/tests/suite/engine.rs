@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vit_mae_core::classifier::{ClassifierConfig, VitClassifier};
+use vit_mae_core::distributed::Group;
 use vit_mae_core::data::{InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::engine::mae::{MaeEngine, Mode};
 use vit_mae_core::finetune::{finetune, FinetuneConfig};
@@ -209,7 +210,7 @@ fn pretraining_follows_the_reference_loss_curve() {
     .unwrap();
     let run = |model: &mut MaskedAutoencoder| {
         let mut events = Vec::new();
-        let summary = pretrain(model, &loader(15, 3, 16, 4, None, 11), &recipe, None, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
+        let summary = pretrain(model, &loader(15, 3, 16, 4, None, 11), &recipe, None, &Group::single(), &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
         assert_eq!(summary.steps, 20);
         step_losses(&events)
     };
@@ -269,7 +270,7 @@ fn finetune_curves(config: &ClassifierConfig, recipe: serde_json::Value) -> (Vec
     let run = |classifier: &VitClassifier| {
         let mut events = Vec::new();
         let train = loader(15, 3, 40, 8, Some(labels.clone()), 21);
-        let summary = finetune(classifier, &train, None, &recipe, None, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
+        let summary = finetune(classifier, &train, None, &recipe, None, &Group::single(), &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
         assert_eq!(summary.steps, 20);
         step_losses(&events)
     };

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vit_mae_core::classifier::{load_classifier, resize_pos_embed, save_classifier, ClassifierConfig, ForwardMode, Trainable, VitClassifier};
+use vit_mae_core::distributed::Group;
 use vit_mae_core::data::{Augment, InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::finetune::{embed_dataset, evaluate, finetune, Embedder, FinetuneConfig, Protocol};
 use vit_mae_core::mixup::MixupConfig;
@@ -152,7 +153,7 @@ fn run_finetune(
 ) -> vit_mae_core::Result<(TrainSummary, Vec<TrainEvent>)> {
     let mut events = Vec::new();
     let cancel = AtomicBool::new(false);
-    let summary = finetune(c, train, eval, config, resume, &mut |e| events.push(e), &cancel)?;
+    let summary = finetune(c, train, eval, config, resume, &Group::single(), &mut |e| events.push(e), &cancel)?;
     Ok((summary, events))
 }
 
@@ -816,7 +817,7 @@ fn full_finetuning_learns_a_separable_task_and_evaluates_every_epoch() {
             assert!(matches!(events[i - 1], TrainEvent::EpochEnd { epoch: ended, .. } if ended == *epoch));
         }
     }
-    let result = evaluate(&c, &eval, &mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let result = evaluate(&c, &eval, &Group::single(), &mut |_| {}, &AtomicBool::new(false)).unwrap();
     assert_eq!(result.count, 10);
     assert!(result.top1 >= 0.9, "top1 {} after fine-tuning", result.top1);
     assert_eq!(result.top5, 1.0, "two classes are always in the top 5");
@@ -1068,7 +1069,7 @@ fn evaluate_counts_top1_top5_and_mean_loss() {
     let data = SplitMix(13).values(n * IMAGE_LEN, 0.0, 1.0);
     let eval = loader(InMemoryDataset::new(data.clone(), [n, CHANNELS, SIDE, SIDE], Some(labels.clone())).unwrap(), 3, false, false, 0);
     let mut progress = Vec::new();
-    let result = evaluate(&c, &eval, &mut |done| progress.push(done), &AtomicBool::new(false)).unwrap();
+    let result = evaluate(&c, &eval, &Group::single(), &mut |done| progress.push(done), &AtomicBool::new(false)).unwrap();
     assert_eq!(result.count, n);
     assert_eq!(progress, [3, 6, 7]);
     assert!((result.top1 - 2.0 / 7.0).abs() < 1e-12, "top1 {}", result.top1);
@@ -1079,10 +1080,10 @@ fn evaluate_counts_top1_top5_and_mean_loss() {
 
     let unlabelled = loader(InMemoryDataset::new(data, [n, CHANNELS, SIDE, SIDE], None).unwrap(), 3, false, false, 0);
     let no_progress = &mut |_: usize| {};
-    assert_eq!(evaluate(&c, &unlabelled, no_progress, &AtomicBool::new(false)).unwrap_err().code, ErrorCode::InvalidArgument);
-    assert_eq!(evaluate(&c, &eval, no_progress, &AtomicBool::new(true)).unwrap_err().code, ErrorCode::Aborted);
+    assert_eq!(evaluate(&c, &unlabelled, &Group::single(), no_progress, &AtomicBool::new(false)).unwrap_err().code, ErrorCode::InvalidArgument);
+    assert_eq!(evaluate(&c, &eval, &Group::single(), no_progress, &AtomicBool::new(true)).unwrap_err().code, ErrorCode::Aborted);
     let out_of_range = loader(InMemoryDataset::new(SplitMix(1).values(2 * IMAGE_LEN, 0.0, 1.0), [2, CHANNELS, SIDE, SIDE], Some(vec![0, 7])).unwrap(), 2, false, false, 0);
-    assert_eq!(evaluate(&c, &out_of_range, no_progress, &AtomicBool::new(false)).unwrap_err().code, ErrorCode::InvalidArgument);
+    assert_eq!(evaluate(&c, &out_of_range, &Group::single(), no_progress, &AtomicBool::new(false)).unwrap_err().code, ErrorCode::InvalidArgument);
 }
 
 #[test]
@@ -1097,7 +1098,7 @@ fn embed_dataset_follows_the_loader_order() {
     assert_ne!(order, (0..n).collect::<Vec<_>>(), "the test wants a shuffled order");
 
     let mut progress = Vec::new();
-    let out = embed_dataset(&Embedder::Mae(&mae, Pool::Mean), &shuffled, &mut |done| progress.push(done), &AtomicBool::new(false)).unwrap();
+    let out = embed_dataset(&Embedder::Mae(&mae, Pool::Mean), &shuffled, &Group::single(), &mut |done| progress.push(done), &AtomicBool::new(false)).unwrap();
     assert_eq!(out.dim, DIM);
     assert_eq!(out.features.len(), n * DIM);
     assert_eq!(out.indices, order);
@@ -1114,7 +1115,7 @@ fn embed_dataset_follows_the_loader_order() {
 
     // A classifier embeds what its head sees.
     let c = classifier(1, 3, true, false, 17);
-    let out = embed_dataset(&Embedder::Classifier(&c), &shuffled, &mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let out = embed_dataset(&Embedder::Classifier(&c), &shuffled, &Group::single(), &mut |_| {}, &AtomicBool::new(false)).unwrap();
     assert_eq!((out.dim, out.features.len()), (DIM, n * DIM));
     let all = host(&c.embed(&tensor(&normalised, &[n, CHANNELS, SIDE, SIDE])).unwrap());
     for (row, &index) in order.iter().enumerate() {
@@ -1124,10 +1125,10 @@ fn embed_dataset_follows_the_loader_order() {
 
     // Unlabelled data: no labels; cancelled: Aborted.
     let unlabelled = loader(InMemoryDataset::new(data.clone(), [n, CHANNELS, SIDE, SIDE], None).unwrap(), 3, false, false, 0);
-    let out = embed_dataset(&Embedder::Mae(&mae, Pool::Cls), &unlabelled, &mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let out = embed_dataset(&Embedder::Mae(&mae, Pool::Cls), &unlabelled, &Group::single(), &mut |_| {}, &AtomicBool::new(false)).unwrap();
     assert!(out.labels.is_empty());
     assert_eq!(out.indices, (0..n).collect::<Vec<_>>());
-    let err = embed_dataset(&Embedder::Mae(&mae, Pool::Cls), &unlabelled, &mut |_| {}, &AtomicBool::new(true)).err().expect("cancelled");
+    let err = embed_dataset(&Embedder::Mae(&mae, Pool::Cls), &unlabelled, &Group::single(), &mut |_| {}, &AtomicBool::new(true)).err().expect("cancelled");
     assert_eq!(err.code, ErrorCode::Aborted);
 }
 

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use vit_mae_core::distributed::Group;
 use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
 use vit_mae_core::recipe::Recipe;
@@ -104,7 +105,7 @@ fn run(
 ) -> vit_mae_core::Result<(TrainSummary, Vec<TrainEvent>)> {
     let mut events = Vec::new();
     let cancel = AtomicBool::new(false);
-    let summary = pretrain(model, loader, config, resume, &mut |e| events.push(e), &cancel)?;
+    let summary = pretrain(model, loader, config, resume, &Group::single(), &mut |e| events.push(e), &cancel)?;
     Ok((summary, events))
 }
 
@@ -624,6 +625,7 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
         &loader,
         &config,
         None,
+        &Group::single(),
         &mut |e| match e {
             TrainEvent::Step { step, .. } => {
                 steps.push(step);
@@ -665,6 +667,7 @@ fn cancel_stops_after_the_step_and_leaves_a_resumable_checkpoint() {
         &loader,
         &short,
         None,
+        &Group::single(),
         &mut |e| {
             if let TrainEvent::Step { step: 3, .. } = e {
                 cancel.store(true, Ordering::SeqCst)
@@ -759,6 +762,7 @@ fn check_events(n_images: usize, accum_iter: usize, epochs: f64, max_steps: Opti
         &loader,
         &config,
         None,
+        &Group::single(),
         &mut |e| {
             if let TrainEvent::Checkpoint { path, .. } = &e {
                 assert!(path.is_file(), "checkpoint event names a missing file {}", path.display());
@@ -1031,7 +1035,7 @@ fn an_unwritable_checkpoint_folder_fails_before_the_first_step() {
     let before = param_bits(&model);
     let mut events = Vec::new();
     let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(3), checkpoint_dir: Some(target.clone()), ..r });
-    let err = pretrain(&mut model, &loader(32), &config, None, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap_err();
+    let err = pretrain(&mut model, &loader(32), &config, None, &Group::single(), &mut |e| events.push(e), &AtomicBool::new(false)).unwrap_err();
     assert_eq!(err.code, ErrorCode::Io, "{err}");
     assert!(err.message.contains(&target.display().to_string()), "the message should name {}: {}", target.display(), err.message);
     assert!(events.is_empty(), "no step may run: {events:?}");
@@ -1101,7 +1105,7 @@ fn a_step_without_readable_images_is_an_error() {
         let mut model = tiny_model(29);
         let config = with_recipe(&base_config(), |r| Recipe { max_steps: Some(4), checkpoint_dir: Some(dir.path().into()), ..r });
         let mut steps = Vec::new();
-        let err = pretrain(&mut model, &skipping(unreadable(which)), &config, None, &mut |e| steps.extend(step_events(&[e])), &AtomicBool::new(false)).unwrap_err();
+        let err = pretrain(&mut model, &skipping(unreadable(which)), &config, None, &Group::single(), &mut |e| steps.extend(step_events(&[e])), &AtomicBool::new(false)).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidArgument, "{what}: {err}");
         assert!(names_step(&err.message, step), "{what}: the message should name step {step}: {}", err.message);
         for part in ["faulty in-memory", &format!("all {BATCH} images"), "item"] {
@@ -1167,7 +1171,7 @@ fn a_run_cancelled_before_its_first_step_trains_and_writes_nothing() {
     let mut model = tiny_model(43);
     let before = param_bits(&model);
     let mut events = Vec::new();
-    let summary = pretrain(&mut model, &loader(32), &config, None, &mut |e| events.push(e), &cancel).unwrap();
+    let summary = pretrain(&mut model, &loader(32), &config, None, &Group::single(), &mut |e| events.push(e), &cancel).unwrap();
     assert!(summary.aborted);
     assert_eq!((summary.steps, summary.images_seen, summary.last_checkpoint.clone()), (0, 0, None));
     assert!(events.is_empty(), "{events:?}");
@@ -1178,7 +1182,7 @@ fn a_run_cancelled_before_its_first_step_trains_and_writes_nothing() {
     let mut first = tiny_model(44);
     run(&mut first, &loader(32), &config, None).unwrap();
     let written = dir.entries();
-    let summary = pretrain(&mut model, &loader(32), &with_recipe(&config, |r| Recipe { max_steps: Some(4), ..r }), Some(dir.path()), &mut |e| events.push(e), &cancel).unwrap();
+    let summary = pretrain(&mut model, &loader(32), &with_recipe(&config, |r| Recipe { max_steps: Some(4), ..r }), Some(dir.path()), &Group::single(), &mut |e| events.push(e), &cancel).unwrap();
     assert!(summary.aborted);
     assert_eq!((summary.steps, summary.last_checkpoint), (2, Some(checkpoint_file(dir.path(), 2))));
     assert!(events.is_empty(), "{events:?}");
