@@ -22,7 +22,7 @@ use vit_mae_core::ErrorCode;
 const SCENARIO: &str = "VIT_MAE_MPI_SCENARIO";
 
 /// Whether this process is a rank of scenario `name`.
-fn acting_as(name: &str) -> bool {
+pub(crate) fn acting_as(name: &str) -> bool {
     std::env::var(SCENARIO).as_deref() == Ok(name)
 }
 
@@ -32,16 +32,16 @@ fn now_ms() -> u128 {
 }
 
 /// How a launched job ended.
-struct Job {
+pub(crate) struct Job {
     /// `None` when it was still running at its time limit (and was killed).
-    status: Option<ExitStatus>,
-    output: String,
-    elapsed: Duration,
+    pub(crate) status: Option<ExitStatus>,
+    pub(crate) output: String,
+    pub(crate) elapsed: Duration,
     ended_ms: u128,
 }
 
 impl Job {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let status = match self.status {
             None => "still running at its time limit".to_string(),
             Some(status) => match status.signal() {
@@ -52,17 +52,17 @@ impl Job {
         format!("{status} after {:.1} s; its output:\n{}", self.elapsed.as_secs_f64(), self.output)
     }
 
-    fn succeeded(&self) -> bool {
+    pub(crate) fn succeeded(&self) -> bool {
         self.status.is_some_and(|status| status.success())
     }
 
     /// The value of `key=` on rank `rank`'s lines (`rank R: key=value`).
-    fn value(&self, rank: usize, key: &str) -> Option<String> {
+    pub(crate) fn value(&self, rank: usize, key: &str) -> Option<String> {
         let prefix = format!("rank {rank}: {key}=");
         self.output.lines().find_map(|line| line.find(&prefix).map(|at| line[at + prefix.len()..].to_string()))
     }
 
-    fn said(&self, rank: usize, key: &str) -> String {
+    pub(crate) fn said(&self, rank: usize, key: &str) -> String {
         self.value(rank, key).unwrap_or_else(|| panic!("rank {rank} did not print {key}; the job ended with {}", self.describe()))
     }
 }
@@ -114,7 +114,7 @@ fn launcher() -> (String, bool) {
 
 /// What the launcher does when a rank dies.
 #[derive(Clone, Copy, PartialEq)]
-enum OnDeath {
+pub(crate) enum OnDeath {
     /// Its default: end the job.
     EndTheJob,
     /// Let the other ranks run on (Open MPI's `--enable-recovery`, hydra's
@@ -124,6 +124,15 @@ enum OnDeath {
 
 /// This test binary as `processes` ranks of scenario `name`, under the launcher.
 fn launch(name: &str, processes: usize, on_death: OnDeath, limit: Duration) -> Job {
+    launch_test("distributed", name, &[], processes, on_death, limit)
+}
+
+/// This test binary as `processes` ranks of scenario `module::name`, with `env` set.
+pub(crate) fn launch_test(module: &str, name: &str, env: &[(&str, &str)], processes: usize, on_death: OnDeath, limit: Duration) -> Job {
+    // One job at a time: mpiruns started together can collide on their session
+    // folders, and ranks of two jobs sharing the cores would stretch the timeouts.
+    static ONE_JOB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_job = ONE_JOB.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let (program, open_mpi) = launcher();
     let mut command = Command::new(program);
     if open_mpi {
@@ -134,8 +143,8 @@ fn launch(name: &str, processes: usize, on_death: OnDeath, limit: Duration) -> J
         command.arg(if open_mpi { "--enable-recovery" } else { "-disable-auto-cleanup" });
     }
     command.args(["-n", &processes.to_string()]);
-    command.arg(std::env::current_exe().unwrap()).args(["--exact", &format!("distributed::{name}"), "--nocapture", "--test-threads=1"]);
-    command.env(SCENARIO, name).env_remove("VIT_MAE_MPI_LIBRARY");
+    command.arg(std::env::current_exe().unwrap()).args(["--exact", &format!("{module}::{name}"), "--nocapture", "--test-threads=1"]);
+    command.env(SCENARIO, name).env_remove("VIT_MAE_MPI_LIBRARY").envs(env.iter().copied());
     run(command, limit, name)
 }
 

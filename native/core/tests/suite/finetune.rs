@@ -53,7 +53,7 @@ fn cls_config(depth: usize, num_classes: usize, global_pool: bool, head_batch_no
     }
 }
 
-fn classifier(depth: usize, num_classes: usize, global_pool: bool, head_batch_norm: bool, seed: u64) -> VitClassifier {
+pub(crate) fn classifier(depth: usize, num_classes: usize, global_pool: bool, head_batch_norm: bool, seed: u64) -> VitClassifier {
     VitClassifier::new(cls_config(depth, num_classes, global_pool, head_batch_norm), &Device::Cpu, Precision::F32, seed).unwrap()
 }
 
@@ -89,7 +89,7 @@ fn param<'a>(c: &'a VitClassifier, name: &str) -> &'a Var {
 }
 
 /// Every parameter's f32 bit patterns, by name.
-fn param_bits(params: &[(String, Var)]) -> BTreeMap<String, Vec<u32>> {
+pub(crate) fn param_bits(params: &[(String, Var)]) -> BTreeMap<String, Vec<u32>> {
     params.iter().map(|(n, v)| (n.clone(), bits(v.as_tensor()))).collect()
 }
 
@@ -114,7 +114,7 @@ fn smoothed(label: i64, k: usize, s: f64) -> Vec<f64> {
 }
 
 /// No crop, no flip, mean/std 0.5: a pixel `v` becomes `2v - 1`.
-fn augment() -> Augment {
+pub(crate) fn augment() -> Augment {
     plain_augment(SIDE, CHANNELS, 0.5, 0.5)
 }
 
@@ -139,7 +139,7 @@ fn bright_dark(n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
     (data, labels)
 }
 
-fn bright_dark_dataset(n: usize, seed: u64) -> InMemoryDataset {
+pub(crate) fn bright_dark_dataset(n: usize, seed: u64) -> InMemoryDataset {
     let (data, labels) = bright_dark(n, seed);
     InMemoryDataset::new(data, [n, CHANNELS, SIDE, SIDE], Some(labels)).unwrap()
 }

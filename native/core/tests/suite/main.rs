@@ -8,6 +8,7 @@ mod common;
 
 mod checkpoints;
 mod data;
+mod data_parallel;
 mod distributed;
 mod engine;
 mod errors;

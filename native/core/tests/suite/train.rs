@@ -26,7 +26,7 @@ const CHANNELS: usize = 3;
 const BATCH: usize = 8;
 
 /// img 16, patch 4 (4x4 grid), embed 16, depth 1, 2 heads; decoder 8 / 1 / 2.
-fn tiny_config() -> MaeConfig {
+pub(crate) fn tiny_config() -> MaeConfig {
     MaeConfig {
         img_size: SIDE,
         patch_size: 4,
@@ -44,7 +44,7 @@ fn tiny_config() -> MaeConfig {
     }
 }
 
-fn tiny_model(seed: u64) -> MaskedAutoencoder {
+pub(crate) fn tiny_model(seed: u64) -> MaskedAutoencoder {
     MaskedAutoencoder::new(tiny_config(), &Device::Cpu, Precision::F32, seed).expect("valid config")
 }
 
@@ -69,12 +69,12 @@ fn image_data(n: usize, seed: u64) -> Vec<f32> {
     data
 }
 
-fn dataset(n: usize, seed: u64) -> InMemoryDataset {
+pub(crate) fn dataset(n: usize, seed: u64) -> InMemoryDataset {
     InMemoryDataset::new(image_data(n, seed), [n, CHANNELS, SIDE, SIDE], None).unwrap()
 }
 
 /// No crop, no flip, mean/std 0.5: the loader's only randomness is the epoch order.
-fn augment() -> Augment {
+pub(crate) fn augment() -> Augment {
     plain_augment(SIDE, CHANNELS, 0.5, 0.5)
 }
 
