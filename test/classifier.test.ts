@@ -370,7 +370,7 @@ describe('finetune', () => {
     const summary = await run.result;
     expect(iterated).toEqual(seen);
     expect(iterated.map((e) => `${e.type}:${e.type === 'step' ? e.step : 'epoch' in e ? e.epoch : ''}`)).toEqual([
-      'step:1', 'step:2', 'epochEnd:0', 'eval:0', 'step:3', 'step:4', 'epochEnd:1', 'eval:1',
+      'started:', 'step:1', 'step:2', 'epochEnd:0', 'eval:0', 'step:3', 'step:4', 'epochEnd:1', 'eval:1',
     ]);
     for (const e of iterated) {
       if (e.type === 'step') expect(e.totalSteps === 4 && Number.isFinite(e.loss) && e.lr > 0).toBe(true);

@@ -62,8 +62,10 @@ describe('pretrain', () => {
     const data = { kind: 'memory', images: images() } as const;
     const x = images(2);
     const before = await mae.forward(x, { noise: randomTensor([2, 16], 3) });
-    // Long enough to outlast the calls below; aborted after them.
-    const run = mae.pretrain({ ...base, data, epochs: 500, warmupEpochs: 0 });
+    // Long enough to outlast the calls below; aborted after them and its first step.
+    let stepped: () => void = () => {};
+    const firstStep = new Promise<void>((resolve) => (stepped = resolve));
+    const run = mae.pretrain({ ...base, data, epochs: 500, warmupEpochs: 0, onProgress: (e) => e.type === 'step' && stepped() });
     const busy = expect.objectContaining({ code: 'E_BUSY', message: expect.stringMatching(/training/) });
     await expect(mae.forward(x)).rejects.toEqual(busy);
     await expect(mae.embed(x)).rejects.toEqual(busy);
@@ -76,6 +78,7 @@ describe('pretrain', () => {
     expect(existsSync(join(dir, 'busy.safetensors'))).toBe(false);
     expect(mae.parameterCount).toBeGreaterThan(0);
     expect(mae.parameterShapes().cls_token).toEqual([1, 1, 16]);
+    await firstStep;
     run.abort();
     const summary = await run.result;
     expect(summary.aborted).toBe(true);
@@ -176,7 +179,7 @@ describe('pretrain', () => {
     const seen: TrainingEvent[] = [];
     const run = mae.pretrain({ ...base, data: { kind: 'memory', images: images() }, checkpointDir, onProgress: (e) => seen.push(e) });
     await expect(run.result).rejects.toMatchObject({ code: 'E_IO', message: expect.stringContaining(checkpointDir) });
-    expect(seen).toEqual([]);
+    expect(seen).toEqual([{ type: 'started', rank: 0, worldSize: 1, localRank: 0, backend: 'none' }]);
   });
 
   it('fails on a folder whose images are all unreadable, naming it and the count, rather than training on nothing', async () => {
@@ -208,7 +211,7 @@ describe('pretrain', () => {
     await MaskedAutoencoder.create({ config: TINY, seed: 9 }).pretrain({ ...base, data, maxSteps: 2, checkpointDir }).result;
     const other = MaskedAutoencoder.create({ config: TINY, seed: 9 });
     const run = other.pretrain({ ...base, data, batchSize: 16, maxSteps: 4, checkpointDir, resume: checkpointDir });
-    await expect(run.result).rejects.toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/batchSize 16: it was written with batchSize 8/) });
+    await expect(run.result).rejects.toMatchObject({ code: 'E_ARGUMENT', message: expect.stringMatching(/batchSize 16 on 1 rank\(s\).*written with batchSize 8 on 1 rank/) });
     expect((await other.pretrain({ ...base, data, maxSteps: 4, checkpointDir, resume: checkpointDir }).result).steps).toBe(4);
   });
 
@@ -226,11 +229,13 @@ describe('pretrain', () => {
     };
     const data = datasetSpec({ kind: 'memory', images: images() });
     const pass = await drain(native.embedDataset(data, passSpec(1, { batchSize: 8, workers: 1 }), 'mean'));
-    expect(pass).toEqual([...[8, 16, 24, 32].map((done) => ({ type: 'progress', images: done, totalImages: 32 })), { type: 'embedded' }]);
+    const started = { type: 'started', rank: 0, worldSize: 1, localRank: 0, backend: 'none' };
+    expect(pass).toEqual([started, ...[8, 16, 24, 32].map((done) => ({ type: 'progress', images: done, totalImages: 32 })), { type: 'embedded' }]);
 
     const config = JSON.stringify({ epochs: 1, warmupEpochs: 0, lr: 1e-3 });
     const run = await drain(native.pretrain(data, passSpec(1, { batchSize: 8, workers: 1 }), config));
     const keys = (type: string) => run.filter((e) => e.type === type).map((e) => Object.keys(e).sort());
+    expect(run[0]).toEqual(started);
     expect(keys('step')).toEqual(Array(4).fill(['epoch', 'etaSeconds', 'imagesPerSec', 'loss', 'lr', 'step', 'totalSteps', 'type']));
     expect(keys('epochEnd')).toEqual([['epoch', 'meanLoss', 'type']]);
     expect(run.at(-1)).toMatchObject({ type: 'trained', summary: { steps: 4, epochsCompleted: 1, aborted: false } });

@@ -4,7 +4,7 @@ import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { forwardProgress, runJob, TrainingRun, type RecipeOptions } from './train.js';
-import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
 /** Options for {@link VitClassifier.fromPretrained}. */
@@ -260,8 +260,9 @@ export class VitClassifier {
   /** Top-1/top-5 accuracy and loss on a labelled dataset, in one ordered pass (no augmentation). */
   async evaluate(data: DatasetSource, options: PassOptions = {}): Promise<Evaluation> {
     checkNotAborted(options.signal, 'evaluation');
-    const job = callSync(() => this.#native.evaluate(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment)));
-    const { evaluation } = await runJob(job, 'evaluated', options.signal, forwardProgress(options.onProgress));
+    const group = distributedSpec(options);
+    const job = callSync(() => this.#native.evaluate(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment), group));
+    const { evaluation } = await runJob(job, 'evaluated', options.signal, forwardProgress(options));
     return evaluation;
   }
 
@@ -269,8 +270,9 @@ export class VitClassifier {
   async embedDataset(data: DatasetSource, options: PassOptions & { output?: string } = {}): Promise<Embeddings> {
     checkNotAborted(options.signal, 'embedding');
     const output = options.output === undefined ? undefined : checkPath(options.output);
-    const job = callSync(() => this.#native.embedDataset(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment), output));
-    await runJob(job, 'embedded', options.signal, forwardProgress(options.onProgress));
+    const group = distributedSpec(options);
+    const job = callSync(() => this.#native.embedDataset(datasetSpec(data), passSpec(this.#config.inChans, options, options.augment), output, group));
+    await runJob(job, 'embedded', options.signal, forwardProgress(options));
     const e = job.takeEmbeddings()!;
     return { features: fromNative(e.features), labels: e.labels ? Int32Array.from(e.labels) : null, indices: Uint32Array.from(e.indices) };
   }
@@ -288,7 +290,7 @@ export class VitClassifier {
   finetune(options: FinetuneOptions): TrainingRun {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'finetune needs an options object');
     // As in pre-training: the rest is the recipe, whose unknown keys the native side refuses.
-    const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas, protocol = 'finetune', labelSmoothing, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    const { data, evalData, augment = FINETUNE_AUGMENT, signal, onProgress, resume, betas, protocol = 'finetune', labelSmoothing, batchSize, workers, prefetch, skipCorrupt, distributed, distributedTimeout, ...recipe } = options;
     checkNotAborted(signal, 'fine-tuning');
     if (!PROTOCOLS.includes(protocol)) throw new VitMaeError('E_ARGUMENT', `protocol must be one of ${PROTOCOLS.join(', ')}, got ${String(protocol)}`);
     checkRecipeKeys(recipe, 'fine-tuning', { beta1: 'betas', beta2: 'betas', smoothing: 'labelSmoothing' });
@@ -299,7 +301,8 @@ export class VitClassifier {
     const loader = loaderSpec(channels, seed, loaderOptions, { ...FINETUNE_AUGMENT, ...augment }, true);
     const evalSpec = evalData === undefined ? undefined : datasetSpec(evalData);
     const evalLoader = evalData === undefined ? undefined : passSpec(channels, loaderOptions, { padTo: augment.padTo, mean: augment.mean, std: augment.std });
-    const native = callSync(() => this.#native.finetune(datasetSpec(data), loader, evalSpec, evalLoader, optionsJson(config, 'E_ARGUMENT'), resume));
+    const group = distributedSpec({ distributed, distributedTimeout });
+    const native = callSync(() => this.#native.finetune(datasetSpec(data), loader, evalSpec, evalLoader, optionsJson(config, 'E_ARGUMENT'), resume, group));
     return new TrainingRun(native, onProgress, signal);
   }
 

@@ -23,6 +23,8 @@ import {
   type MaeConfig,
   type MaskingStrategy,
   type PresetName,
+  type DistributedOptions,
+  type StartedEvent,
 } from './index.js';
 import { binding, callSync } from './native.js';
 
@@ -57,7 +59,14 @@ async function follow(run: TrainingRun, out: Output): Promise<TrainingSummary> {
     : null;
   let barStarted = false;
   for await (const e of run) {
+    if (e.type === 'started') {
+      // Under mpirun every rank runs this command; rank 0 alone speaks and writes.
+      out.quiet = e.rank !== 0;
+      emit(out, { ...e }, e.worldSize > 1 ? `training on ${e.worldSize} ranks (${e.backend}); batch size and workers are per rank` : undefined);
+      continue;
+    }
     emit(out, { ...e });
+    if (out.quiet) continue;
     if (e.type === 'step') {
       const fields = { epoch: e.epoch, loss: e.loss.toFixed(4), lr: e.lr.toExponential(2), ips: e.imagesPerSec.toFixed(1), etaText: `${Math.round(e.etaSeconds)}s` };
       if (bar) {
@@ -107,6 +116,7 @@ function passProgress(out: Output): { onProgress: (done: number, total: number) 
   let batches = 0;
   return {
     onProgress: (done, total) => {
+      if (out.quiet) return;
       batches += 1;
       if (bar) {
         if (batches === 1) bar.start(total, done);
@@ -131,9 +141,12 @@ function dataset(path: string, labels?: string): DatasetSource {
 
 interface Output {
   json: boolean;
+  /** Set on the ranks other than 0 of a distributed run: they print nothing but errors. */
+  quiet?: boolean;
 }
 
 function emit(out: Output, record: Record<string, unknown>, text?: string): void {
+  if (out.quiet) return;
   if (out.json) process.stdout.write(`${JSON.stringify(record)}\n`);
   else if (text !== undefined) process.stderr.write(`${text}\n`);
 }
@@ -176,9 +189,28 @@ function computeOptions(o: Record<string, unknown>): { device: Device; precision
   return { device: o.device as Device, precision: o.precision as Precision };
 }
 
+/** How a command works with the other ranks of an MPI job: `--distributed`, `--distributed-timeout`. */
+function addDistributedOptions(command: Command): Command {
+  return command
+    .addOption(new Option('--distributed <kind>', "'auto': join the MPI job this process was launched in (mpirun, srun), if any; 'mpi': always; 'none': never").choices(['auto', 'mpi', 'none']).default('auto'))
+    .option('--distributed-timeout <s>', 'seconds a rank waits for the others before failing (a rank died or hangs)', number, 300);
+}
+
+/** The distributed options as training or pass options. */
+function distributedOptions(o: Record<string, unknown>): DistributedOptions {
+  return { distributed: o.distributed as DistributedOptions['distributed'], distributedTimeout: o.distributedTimeout as number };
+}
+
+/** Quiets `out` on ranks other than 0 of a distributed pass, from its started event. */
+function quietUnlessRankZero(out: Output): (event: StartedEvent) => void {
+  return (event) => {
+    out.quiet = event.rank !== 0;
+  };
+}
+
 /** The options every training command has. */
 function addRecipeOptions(command: Command, d: RecipeDefaults): Command {
-  return addComputeOptions(command)
+  return addDistributedOptions(addComputeOptions(command))
     .option('--out <dir>', 'run folder: checkpoints and the final model', d.out)
     .option('--resume [checkpoint]', 'continue from a training checkpoint (default: the newest in <out>/checkpoints)')
     .option('--epochs <n>', 'epochs (a fraction ends the last one early)', number, d.epochs)
@@ -220,6 +252,7 @@ function recipeOptions(o: Record<string, unknown>, checkpointDir: string, signal
     checkpointEvery: o.checkpointEvery as number,
     keepLast: o.keepLast as number,
     resume: o.resume === true ? checkpointDir : (o.resume as string | undefined),
+    ...distributedOptions(o),
     signal,
   };
 }
@@ -259,6 +292,8 @@ addRecipeOptions(
       masking: o.masking as MaskingStrategy,
     });
     const summary = await follow(run, out);
+    if (summary.aborted) process.exitCode = EXIT_INTERRUPTED;
+    if (out.quiet) return;
     const modelPath = join(o.out, 'model.safetensors');
     await mae.save(modelPath);
     const png = join(o.out, 'reconstruction.png');
@@ -266,7 +301,6 @@ addRecipeOptions(
     emit(out, { type: 'summary', ...summary, model: modelPath, reconstruction: png, reconstructionLoss },
       `${summary.aborted ? 'stopped' : 'done'}: ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.imagesSeen} images in ${summary.seconds.toFixed(1)} s` +
       `${summary.skippedImages ? `, ${summary.skippedImages} unreadable images skipped` : ''}\nmodel: ${modelPath}\nreconstruction: ${png}`);
-    if (summary.aborted) process.exitCode = EXIT_INTERRUPTED;
   });
 
 /** The recipe defaults of a protocol (`main_finetune.py` / `main_linprobe.py`), for the help text. */
@@ -332,8 +366,9 @@ function trainingCommand(name: 'finetune' | 'linprobe', description: string): Co
     });
     const summary = await follow(run, out);
     const modelPath = join(o.out, 'model.safetensors');
-    await clf.save(modelPath);
-    const evaluation = evalData === undefined ? undefined : await clf.evaluate(evalData, { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo } });
+    if (!out.quiet) await clf.save(modelPath);
+    // Every rank takes its shard of the evaluation, as during training.
+    const evaluation = evalData === undefined ? undefined : await clf.evaluate(evalData, { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, ...distributedOptions(o) });
     const accuracy = evaluation ? `\ntest: top-1 ${(100 * evaluation.top1).toFixed(2)}%, top-5 ${(100 * evaluation.top5).toFixed(2)}% on ${evaluation.count} images` : '';
     emit(out, { type: 'summary', ...summary, model: modelPath, evaluation },
       `${summary.aborted ? 'stopped' : 'done'}: ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.imagesSeen} images in ${summary.seconds.toFixed(1)} s${accuracy}\nmodel: ${modelPath}`);
@@ -344,8 +379,8 @@ function trainingCommand(name: 'finetune' | 'linprobe', description: string): Co
 trainingCommand('finetune', 'fine-tune a classifier on a pre-trained encoder (all blocks, or the last k with --partial-blocks)');
 trainingCommand('linprobe', 'linear probing: a BatchNorm + linear head on the frozen pre-trained encoder, trained with LARS');
 
-program
-  .command('eval')
+addDistributedOptions(program
+  .command('eval'))
   .description('top-1/top-5 accuracy of a classifier checkpoint on labelled images')
   .argument('<checkpoint>', 'classifier: .safetensors or .pth (published fine-tuning or linear-probe layout)')
   .requiredOption('--data <path>', 'labelled images: class sub-folders, or an IDX images file with --labels')
@@ -360,12 +395,12 @@ program
     const clf = await VitClassifier.load(checkpoint, { config: o.config });
     const controller = abortOnSignal(out, 'stopping...');
     const progress = passProgress(out);
-    const e = await clf.evaluate(dataset(o.data, o.labels), { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, signal: controller.signal, onProgress: progress.onProgress }).finally(progress.stop);
+    const e = await clf.evaluate(dataset(o.data, o.labels), { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress }).finally(progress.stop);
     emit(out, { type: 'evaluation', path: checkpoint, ...e }, `top-1 ${(100 * e.top1).toFixed(2)}%  top-5 ${(100 * e.top5).toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.count} images)`);
   });
 
-addComputeOptions(program
-  .command('embed'))
+addDistributedOptions(addComputeOptions(program
+  .command('embed')))
   .description('write the embeddings of a dataset (safetensors: embeddings [N, D], indices, labels) from a classifier or MAE checkpoint')
   .argument('<checkpoint>', 'a classifier (its head input) or an MAE (pooled encoder output)')
   .requiredOption('--data <path>', 'image folder or IDX file')
@@ -382,7 +417,7 @@ addComputeOptions(program
     checkWritable(dirname(o.out));
     const controller = abortOnSignal(out, 'stopping...');
     const progress = passProgress(out);
-    const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, output: o.out, signal: controller.signal, onProgress: progress.onProgress };
+    const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, output: o.out, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress };
     const source = dataset(o.data, o.labels);
     // A checkpoint with a classification head embeds as a classifier, any other as an MAE.
     const compute = computeOptions(o);

@@ -3,15 +3,52 @@ import { VitMaeError } from './errors.js';
 import type { Binding } from './native.js';
 import type { Tensor } from './tensor.js';
 import type { AugmentOptions, LoaderOptions } from './data.js';
+import type { StartedEvent } from './train.js';
+
+/**
+ * How a training run or a pass over a dataset works with the other processes of an
+ * MPI job (`mpirun -np 4 node train.js`, or Slurm's `srun`): each process is a rank,
+ * trains on its shard of the data and averages gradients with the others every step.
+ */
+export interface DistributedOptions {
+  /**
+   * `'auto'` (default): join the MPI job this process was launched in, if any, else work
+   * alone. `'mpi'`: join MPI even as a single process, failing with `E_DISTRIBUTED` when
+   * it cannot be loaded. `'none'`: work alone, even under a launcher.
+   */
+  distributed?: 'auto' | 'mpi' | 'none';
+  /**
+   * Seconds a rank waits for the others at a collective (gradient average, agreement
+   * after a step) before failing with `E_DISTRIBUTED`: a rank that died or hangs stops
+   * the others within this time. Default 300.
+   */
+  distributedTimeout?: number;
+}
+
+const DISTRIBUTED_KINDS = ['auto', 'mpi', 'none'];
+const DEFAULT_DISTRIBUTED_TIMEOUT_S = 300;
+
+/** The binding's distributed options from the facade's. */
+export function distributedSpec({ distributed = 'auto', distributedTimeout = DEFAULT_DISTRIBUTED_TIMEOUT_S }: DistributedOptions): Binding.NativeDistributedOptions {
+  if (!DISTRIBUTED_KINDS.includes(distributed)) {
+    throw new VitMaeError('E_ARGUMENT', `distributed must be one of ${DISTRIBUTED_KINDS.join(', ')}, got ${String(distributed)}`);
+  }
+  if (typeof distributedTimeout !== 'number' || !Number.isFinite(distributedTimeout) || distributedTimeout <= 0) {
+    throw new VitMaeError('E_ARGUMENT', `distributedTimeout must be a number of seconds above 0, got ${String(distributedTimeout)}`);
+  }
+  return { kind: distributed, timeoutSeconds: distributedTimeout };
+}
 
 /** Options for one ordered pass over a dataset (evaluation, embedding): no shuffling or augmentation. */
-export interface PassOptions extends LoaderOptions {
+export interface PassOptions extends LoaderOptions, DistributedOptions {
   /** Padding and normalisation, as in training. */
   augment?: Pick<AugmentOptions, 'padTo' | 'mean' | 'std'>;
   /** Cancels the pass; the promise rejects with `E_ABORTED`. */
   signal?: AbortSignal;
   /** Called after every batch with the images done and the total. */
   onProgress?: (done: number, total: number) => void;
+  /** Called once the pass has started, with this process's rank among those sharing the pass (see {@link DistributedOptions}). */
+  onStarted?: (event: StartedEvent) => void;
 }
 
 /** The features of a dataset, in dataset order. */

@@ -14,7 +14,7 @@
  * - `E_IO`: reading or writing a file failed.
  * - `E_NON_FINITE_LOSS`: a training step's loss, gradient or update was NaN or infinite, and the run stopped before that update (the message names the last good checkpoint).
  * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal, or a training run was started with a signal already aborted.
- * - `E_BUSY`: the model is training; every other call on it is refused until the run ends.
+ * - `E_BUSY`: the model is training; every other call on it is refused until the run ends. Also: a second job of several ranks while one runs in this process (their collectives would interleave).
  * - `E_DISPOSED`: the model was disposed (`dispose()`); its weights are freed.
  * - `E_OUT_OF_MEMORY`: a valid model (or batch of images) needs more memory than the process can allocate; the message says how much. Checked before anything is allocated.
  * - `E_DISTRIBUTED`: distributed training failed: no MPI library could be loaded (the message names the libraries tried and the packages that provide one), the launcher and the library disagree, an MPI call failed, or a collective did not complete within the timeout because another process died, failed or fell behind (the message names the operation, the rank and the timeout). The process group is unusable afterwards.

@@ -7,14 +7,14 @@
 import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { betaFields, checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { betaFields, checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
 import { forwardProgress, runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
 
 export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision } from './config.js';
-export type { Embeddings, PassOptions } from './common.js';
+export type { DistributedOptions, Embeddings, PassOptions } from './common.js';
 export {
   VitClassifier,
   type FromPretrainedOptions,
@@ -44,6 +44,7 @@ export {
   type PretrainOptions,
   type RecipeOptions,
   type TrainingEvent,
+  type StartedEvent,
   type StepEvent,
   type CheckpointEvent,
   type SkippedEvent,
@@ -407,13 +408,14 @@ export class MaskedAutoencoder {
     // What is not the data, the loader or the run's own plumbing is the recipe; the
     // native side refuses a key it does not know, so a misspelt option is an error
     // rather than a run with the default.
-    const { data, augment = {}, signal, onProgress, resume, betas, batchSize, workers, prefetch, skipCorrupt, ...recipe } = options;
+    const { data, augment = {}, signal, onProgress, resume, betas, batchSize, workers, prefetch, skipCorrupt, distributed, distributedTimeout, ...recipe } = options;
     checkNotAborted(signal, 'pre-training');
     checkRecipeKeys(recipe, 'pre-training', { beta1: 'betas', beta2: 'betas' });
     const seed = checkSeed(recipe.seed);
     const config = { ...recipe, ...betaFields(betas), seed };
     const loader = loaderSpec(this.#config.inChans, seed, { batchSize, workers, prefetch, skipCorrupt }, augment, true);
-    const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, optionsJson(config, 'E_ARGUMENT'), resume));
+    const group = distributedSpec({ distributed, distributedTimeout });
+    const native = callSync(() => this.#native.pretrain(datasetSpec(data), loader, optionsJson(config, 'E_ARGUMENT'), resume, group));
     return new TrainingRun(native, onProgress, signal);
   }
 
@@ -433,8 +435,9 @@ export class MaskedAutoencoder {
     checkNotAborted(options.signal, 'embedding');
     const output = options.output === undefined ? undefined : checkPath(options.output);
     const spec = passSpec(this.#config.inChans, options, options.augment);
-    const job = callSync(() => this.#native.embedDataset(datasetSpec(data), spec, options.pool ?? 'mean', output));
-    await runJob(job, 'embedded', options.signal, forwardProgress(options.onProgress));
+    const group = distributedSpec(options);
+    const job = callSync(() => this.#native.embedDataset(datasetSpec(data), spec, options.pool ?? 'mean', output, group));
+    await runJob(job, 'embedded', options.signal, forwardProgress(options));
     const e = job.takeEmbeddings()!;
     return { features: fromNative(e.features), labels: e.labels ? Int32Array.from(e.labels) : null, indices: Uint32Array.from(e.indices) };
   }

@@ -2,9 +2,10 @@ import type { MaskingStrategy } from './index.js';
 import type { AugmentOptions, DatasetSource, LoaderOptions } from './data.js';
 import { VitMaeError } from './errors.js';
 import { call, type Binding } from './native.js';
+import type { DistributedOptions, PassOptions } from './common.js';
 
 /** What every training recipe (pre-training, fine-tuning) takes besides its own settings. */
-export interface RecipeOptions extends LoaderOptions {
+export interface RecipeOptions extends LoaderOptions, DistributedOptions {
   /** The training images (labelled, for fine-tuning). */
   data: DatasetSource;
   /** Micro-batches per optimizer step. Default 1. */
@@ -55,6 +56,24 @@ export interface PretrainOptions extends RecipeOptions {
   maskRatio?: number;
   /** Masking strategy. Default 'random'. */
   masking?: MaskingStrategy;
+}
+
+/**
+ * The run started: always its first event. `rank` of `worldSize` processes training
+ * together (0 of 1 alone); `batchSize` is per rank, so a step trains on
+ * `batchSize * accumIter * worldSize` images.
+ */
+export interface StartedEvent {
+  /** Which event this is. */
+  type: 'started';
+  /** This process's rank, from 0. */
+  rank: number;
+  /** Processes training together. */
+  worldSize: number;
+  /** This process's rank among those on its machine (which GPU it takes). */
+  localRank: number;
+  /** How the ranks talk: 'none' alone, else 'mpi'. */
+  backend: string;
 }
 
 /** A step finished. */
@@ -124,7 +143,7 @@ export interface EvalEvent {
 }
 
 /** What a training run reports. */
-export type TrainingEvent = StepEvent | CheckpointEvent | SkippedEvent | EpochEndEvent | EvalEvent;
+export type TrainingEvent = StartedEvent | StepEvent | CheckpointEvent | SkippedEvent | EpochEndEvent | EvalEvent;
 
 /** How a run ended. */
 export interface TrainingSummary {
@@ -204,10 +223,11 @@ async function stopJob(job: Binding.NativeJob): Promise<void> {
   }
 }
 
-/** `runJob`'s `onEvent` for a pass over a dataset: its progress to `onProgress(done, total)`. */
-export function forwardProgress(onProgress: ((done: number, total: number) => void) | undefined): (event: JobProgress) => void {
+/** `runJob`'s `onEvent` for a pass over a dataset: its start to `onStarted`, its progress to `onProgress(done, total)`. */
+export function forwardProgress({ onStarted, onProgress }: Pick<PassOptions, 'onStarted' | 'onProgress'>): (event: JobProgress) => void {
   return (event) => {
-    if (event.type === 'progress') onProgress?.(event.images, event.totalImages);
+    if (event.type === 'started') onStarted?.(event);
+    else if (event.type === 'progress') onProgress?.(event.images, event.totalImages);
   };
 }
 
