@@ -178,7 +178,7 @@ interface RecipeDefaults {
 /** Where and in what a command computes: `--device`, `--precision`, `--tf32`. */
 function addComputeOptions(command: Command): Command {
   return command
-    .option('--device <device>', "'auto' (a working GPU, else the CPU), 'cpu', 'cuda' or 'cuda:N'", 'auto')
+    .option('--device <device>', "'auto' (a working GPU, else the CPU), 'cpu', 'cuda' or 'cuda:N'; under mpirun or srun, 'auto' and 'cuda' take the GPU of the local rank", 'auto')
     .addOption(new Option('--precision <p>', 'f32, or bf16 mixed precision (for GPUs)').choices(['f32', 'bf16']).default('f32'))
     .option('--tf32', 'let f32 matrix products on CUDA use TF32 tensor cores');
 }

@@ -56,7 +56,9 @@ export type PresetName =
 
 /**
  * Where a model computes: `'cpu'`, `'cuda'` (the first GPU), `'cuda:N'`, or
- * `'auto'` (a GPU when one works, else the CPU).
+ * `'auto'` (a GPU when one works, else the CPU). In a process an MPI launcher started
+ * (`mpirun`, `srun`), `'cuda'` and `'auto'` take the GPU of its local rank (modulo the
+ * GPUs it sees), so the ranks on a machine use its GPUs one each.
  */
 export type Device = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
 

@@ -2,6 +2,7 @@
 //! this module is the one place that turns a user's choice into one.
 
 use crate::bail;
+use crate::distributed::launch;
 use crate::error::Result;
 use candle_core::{DType, Device};
 
@@ -10,6 +11,8 @@ use candle_core::{DType, Device};
 pub enum DeviceSpec {
     Auto,
     Cpu,
+    /// `cuda`: this process's GPU (see [`DeviceSpec::resolve`]).
+    AnyCuda,
     Cuda(usize),
 }
 
@@ -18,7 +21,7 @@ impl DeviceSpec {
         match s {
             "auto" => Ok(DeviceSpec::Auto),
             "cpu" => Ok(DeviceSpec::Cpu),
-            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "cuda" => Ok(DeviceSpec::AnyCuda),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(ordinal)) => Ok(DeviceSpec::Cuda(ordinal)),
                 _ => bail!(InvalidArgument, "unknown device '{s}': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
@@ -26,11 +29,16 @@ impl DeviceSpec {
         }
     }
 
-    /// The device to run on. `Auto` falls back to the CPU when no GPU works.
+    /// The device to run on. `Auto` falls back to the CPU when no GPU works. `Auto` and
+    /// `AnyCuda` take GPU 0, or, in a process an MPI launcher started, the GPU of its
+    /// local rank (modulo the GPUs it sees), so the ranks on a machine share its GPUs
+    /// one each, as `LOCAL_RANK` does for PyTorch.
     pub fn resolve(self) -> Result<Device> {
+        let this_process_gpu = || launch::local_rank(|name| std::env::var(name).ok()).map_or(0, |local| local % cuda_device_count().max(1));
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Auto => Ok(cuda_device(0).unwrap_or(Device::Cpu)),
+            DeviceSpec::Auto => Ok(cuda_device(this_process_gpu()).unwrap_or(Device::Cpu)),
+            DeviceSpec::AnyCuda => cuda_device(this_process_gpu()),
             DeviceSpec::Cuda(ordinal) => cuda_device(ordinal),
         }
     }
@@ -46,6 +54,17 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_ordinal: usize) -> Result<Device> {
     bail!(InvalidArgument, "this build of vit-mae has no CUDA support; use device 'cpu' or 'auto'")
+}
+
+/// The GPUs this process sees (0 when CUDA does not work).
+#[cfg(feature = "cuda")]
+fn cuda_device_count() -> usize {
+    candle_core::cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device_count() -> usize {
+    0
 }
 
 /// The arithmetic a model computes in. Parameters, gradients and optimizer state

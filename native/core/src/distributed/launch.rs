@@ -58,6 +58,13 @@ pub fn detect(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
     Ok(var("PMIX_RANK").map(|_| Launch { launcher: Launcher::Pmix, size: None }))
 }
 
+/// This process's index among those its launcher started on this machine, from the
+/// variable `var` gives: Open MPI's, MPICH hydra's, PMIx's or srun's. Read before MPI is
+/// loaded, to pick a GPU before the model is made.
+pub fn local_rank(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "SLURM_LOCALID"].iter().find_map(|name| var(name)?.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +75,17 @@ mod tests {
 
     fn launched(launcher: Launcher, size: Option<usize>) -> Option<Launch> {
         Some(Launch { launcher, size })
+    }
+
+    #[test]
+    fn local_rank_from_each_launcher() {
+        let local_rank_in = |env: &[(&str, &str)]| local_rank(|name| env.iter().find(|(key, _)| *key == name).map(|(_, value)| value.to_string()));
+        assert_eq!(local_rank_in(&[("OMPI_COMM_WORLD_LOCAL_RANK", "3"), ("SLURM_LOCALID", "0")]), Some(3));
+        assert_eq!(local_rank_in(&[("MPI_LOCALRANKID", "1")]), Some(1));
+        assert_eq!(local_rank_in(&[("PMIX_LOCAL_RANK", "2")]), Some(2));
+        assert_eq!(local_rank_in(&[("SLURM_LOCALID", "7")]), Some(7));
+        assert_eq!(local_rank_in(&[("SLURM_LOCALID", "x")]), None);
+        assert_eq!(local_rank_in(&[]), None);
     }
 
     #[test]

@@ -50,7 +50,7 @@
 //! lengths (all-gather excepted) and the same root.
 
 mod agreement;
-mod launch;
+pub(crate) mod launch;
 mod mpi;
 
 use crate::error::{Error, ErrorCode, Result};
