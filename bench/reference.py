@@ -6,6 +6,9 @@
 
 `modes` (default `train,embed,reconstruct`) picks what runs; the others are null.
 `threads` defaults to the CPU count (`npm run bench` always passes it).
+VIT_MAE_BENCH_BATCH overrides the workload's batch. Under Open MPI's mpirun with more than
+one process (bench/distributed.mjs), training is data-parallel: DistributedDataParallel on
+gloo over loopback, each rank with that batch, and rank 0 prints the images/s of all ranks.
 
 Prints one JSON line: images/s for a pre-training step (forward, backward, AdamW),
 for embedding (encoder over every patch) and for reconstruction (forward with
@@ -278,7 +281,17 @@ def main():
     modes = (args[3] if len(args) > 3 else "train,embed,reconstruct").split(",")
     torch.manual_seed(0)
     *arch, batch = WORKLOADS[name]
+    batch = int(os.environ.get("VIT_MAE_BENCH_BATCH", batch))
     model = MAE(*arch).to(device)
+    world = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+    trained = model
+    if world > 1:
+        import torch.distributed as dist
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        trained = nn.parallel.DistributedDataParallel(model)
     for module in model.modules():
         if isinstance(module, Attention):
             module.sdpa = on_gpu
@@ -292,7 +305,7 @@ def main():
 
     def train_step():
         with autocast():
-            loss, _, _ = model(imgs)
+            loss, _, _ = trained(imgs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -309,6 +322,10 @@ def main():
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     train = rate(train_step, steps, batch, warmup, sync) if "train" in modes else None
+    if world > 1:
+        train *= world  # every rank trains its own batch in the same time
+        if rank != 0:
+            return
     # Peak RSS of the training steps, read before the forward-only passes (as bench.rs does).
     train_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     embed_rate = rate(embed, steps, batch, warmup, sync) if "embed" in modes else None
