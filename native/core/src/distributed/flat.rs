@@ -93,6 +93,15 @@ impl Group {
         Ok(())
     }
 
+    /// How this group moves tensors: `"nccl"` once prepared for CUDA, else [`Group::backend`].
+    pub fn tensor_backend(&self) -> &'static str {
+        #[cfg(feature = "cuda")]
+        if self.gpus.get().is_some() {
+            return "nccl";
+        }
+        self.backend()
+    }
+
     /// Replaces `flat` by its mean over the ranks. Collective.
     pub fn all_reduce_mean(&self, flat: &mut FlatBuffer, what: &str) -> Result<()> {
         if self.size() == 1 {
