@@ -150,6 +150,27 @@ fn wait(operations: &mut dyn Operations, timeout: Duration) -> std::result::Resu
     }
 }
 
+/// Opens the first of `names` (MPI's or NCCL's libraries) that loads with `flags`, or fails
+/// naming what was tried (only the library `variable` named, when one did), that it is
+/// needed (`needed`) and how to get one (`hint`).
+fn open_first(names: &[String], flags: std::ffi::c_int, variable: Option<&str>, needed: &str, hint: &str) -> Result<(libloading::os::unix::Library, String)> {
+    let mut failures = Vec::new();
+    for name in names {
+        // SAFETY: loading runs the library's initialisers: MPI's and NCCL's are sound to
+        // run once, and a path the user named is theirs to vouch for.
+        match unsafe { libloading::os::unix::Library::open(Some(name.as_str()), flags) } {
+            Ok(library) => return Ok((library, name.clone())),
+            // libloading's error says "dlopen failed"; its source is dlerror's text.
+            Err(e) => failures.push(std::error::Error::source(&e).map_or_else(|| e.to_string(), |source| source.to_string())),
+        }
+    }
+    let message = match variable {
+        Some(variable) => format!("{variable}={} could not be loaded ({}); {hint}", names[0], failures[0]),
+        None => format!("{needed}, and none of {} could be loaded ({}); {hint}", names.join(", "), failures.join("; ")),
+    };
+    Err(Error::new(ErrorCode::Distributed, message))
+}
+
 fn seconds(duration: Duration) -> String {
     format!("{} s", duration.as_secs_f64())
 }

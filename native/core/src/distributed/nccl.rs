@@ -97,25 +97,12 @@ impl Nccl {
         .map_err(Clone::clone)
     }
 
-    /// Opens the first of `names` that loads and has every function vit-mae calls.
+    /// Opens the first of `names` that loads (`RTLD_LOCAL`: nothing else resolves symbols
+    /// against NCCL), which must have every function vit-mae calls.
     pub fn open(names: &[String], explicit: bool) -> Result<Nccl> {
-        let mut failures = Vec::new();
-        for name in names {
-            // SAFETY: loading runs the library's initialisers: NCCL's are sound to run,
-            // and a path the user named is theirs to vouch for. RTLD_LOCAL: nothing else
-            // resolves symbols against NCCL.
-            match unsafe { Library::open(Some(name.as_str()), RTLD_NOW | RTLD_LOCAL) } {
-                Ok(library) => return Nccl::recognise(library, name),
-                // libloading's error says "dlopen failed"; its source is dlerror's text.
-                Err(e) => failures.push(std::error::Error::source(&e).map_or_else(|| e.to_string(), |source| source.to_string())),
-            }
-        }
-        let message = if explicit {
-            format!("{LIBRARY_VARIABLE}={} could not be loaded ({}); {INSTALL_HINT}", names[0], failures[0])
-        } else {
-            format!("training on several GPUs needs NCCL, and none of {} could be loaded ({}); {INSTALL_HINT}", names.join(", "), failures.join("; "))
-        };
-        Err(Error::new(ErrorCode::Distributed, message))
+        let variable = explicit.then_some(LIBRARY_VARIABLE);
+        let (library, name) = super::open_first(names, RTLD_NOW | RTLD_LOCAL, variable, "training on several GPUs needs NCCL", INSTALL_HINT)?;
+        Nccl::recognise(library, &name)
     }
 
     fn recognise(library: Library, name: &str) -> Result<Nccl> {
