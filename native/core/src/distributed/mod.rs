@@ -1,5 +1,6 @@
 //! Data-parallel process groups: N processes started by `mpirun` or `srun`, each training on
-//! its shard, averaging gradients with MPI collectives on the CPU.
+//! its shard, averaging gradients with MPI collectives on the CPU, or with NCCL on the GPUs
+//! when every rank trains on CUDA (`nccl.rs`, `flat.rs`; NCCL's unique id goes over MPI).
 //!
 //! **MPI is opened at run time.** Neither `npm install` nor a single-process user needs
 //! MPI, so nothing links to it: [`Group::join`] `dlopen`s the library only when
