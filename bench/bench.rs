@@ -6,7 +6,14 @@
 //! achieved training TFLOP/s and MFU, and the peak RSS of the process once the training steps are done.
 //!
 //!   cargo run --release -p vit-mae-core --example bench -- [--device cpu|cuda|cuda:N] \
-//!       [--precision f32|bf16] <tiny|base|fmnist|base224|large224|gemm> [steps] [modes]
+//!       [--precision f32|bf16] [--distributed mpi] <tiny|base|fmnist|base224|large224|gemm> [steps] [modes]
+//!
+//! `--distributed mpi` (under `mpirun`, on the candle path: `--device cuda`): every rank
+//! joins the MPI group, takes the GPU of its local rank, trains on images of its own and
+//! averages each step's gradients with the others (`Group::all_reduce_mean`: NCCL when
+//! every rank is on CUDA), as `pretrain` does. Each rank prints its JSON line, with its
+//! rank, the group's size, how it moved tensors and a checksum of its final weights
+//! (equal on every rank when the averaging works).
 //!
 //! `modes` (default `train,embed,reconstruct`) picks what runs, e.g. `train` alone
 //! under a profiler; the others are then reported as null. Workloads: `tiny`, `base`
@@ -30,7 +37,8 @@
 //! (Fine-tuning's and the forward passes' shapes are a subset of these.)
 
 use std::time::Instant;
-use vit_mae_core::candle_core::{Device, Tensor};
+use vit_mae_core::candle_core::{DType, Device, Tensor};
+use vit_mae_core::distributed::{Distributed, FlatBuffer, Group, DEFAULT_TIMEOUT};
 use vit_mae_core::engine::{FlatAdamW, Gradients, MaeEngine, Mode};
 use vit_mae_core::optim::{AdamW, AdamWConfig};
 use vit_mae_core::model::Unloaded;
@@ -174,9 +182,17 @@ fn gemm_peak_device(device: &Device, precision: Precision, n: usize) -> vit_mae_
     Ok(best)
 }
 
-/// `--device X` and `--precision Y` (anywhere, also as `--device=X`), and the positional arguments.
-fn parse_args() -> vit_mae_core::Result<(String, Precision, Vec<String>)> {
-    let (mut device, mut precision, mut positional) = ("cpu".to_string(), Precision::F32, Vec::new());
+/// The command line: `--device X`, `--precision Y`, `--distributed Z` (anywhere, also as
+/// `--device=X`), and the positional arguments.
+struct Args {
+    device: String,
+    precision: Precision,
+    distributed: Distributed,
+    positional: Vec<String>,
+}
+
+fn parse_args() -> vit_mae_core::Result<Args> {
+    let mut parsed = Args { device: "cpu".to_string(), precision: Precision::F32, distributed: Distributed::None, positional: Vec::new() };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -185,13 +201,26 @@ fn parse_args() -> vit_mae_core::Result<(String, Precision, Vec<String>)> {
         };
         let mut value = || inline.clone().or_else(|| args.next()).unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
-            "--device" => device = value(),
-            "--precision" => precision = Precision::parse(&value())?,
-            f if f.starts_with("--") => panic!("unknown flag {f}: --device <cpu|cuda|cuda:N>, --precision <f32|bf16>"),
-            _ => positional.push(arg),
+            "--device" => parsed.device = value(),
+            "--precision" => parsed.precision = Precision::parse(&value())?,
+            "--distributed" => parsed.distributed = Distributed::parse(&value())?,
+            f if f.starts_with("--") => panic!("unknown flag {f}: --device <cpu|cuda|cuda:N>, --precision <f32|bf16>, --distributed <mpi|auto|none>"),
+            _ => parsed.positional.push(arg),
         }
     }
-    Ok((device, precision, positional))
+    Ok(parsed)
+}
+
+/// The sum and the sum of squares of every parameter, in f64: equal on ranks whose
+/// weights are.
+fn weights_checksum(model: &MaskedAutoencoder) -> vit_mae_core::Result<String> {
+    let (mut sum, mut squares) = (0f64, 0f64);
+    for (_, var) in model.params() {
+        let values = var.as_tensor().to_dtype(DType::F64)?;
+        sum += values.sum_all()?.to_scalar::<f64>()?;
+        squares += values.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    }
+    Ok(format!("{sum:e}/{squares:e}"))
 }
 
 /// What a training step runs on: the engine (CPU, f32) or the candle model (CUDA, bf16).
@@ -206,7 +235,12 @@ fn main() -> vit_mae_core::Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let (device_name, precision, args) = parse_args()?;
+    let Args { device: mut device_name, precision, distributed, positional: args } = parse_args()?;
+    let group = Group::join(distributed, DEFAULT_TIMEOUT)?;
+    if group.size() > 1 && device_name == "cuda" {
+        // One GPU per rank on its machine.
+        device_name = format!("cuda:{}", group.local_rank());
+    }
     let device = DeviceSpec::parse(&device_name)?.resolve()?;
     let workload = args.first().map(String::as_str).unwrap_or("tiny");
     let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
@@ -224,7 +258,7 @@ fn main() -> vit_mae_core::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "workload": "gemm", "device": device_name, "precision": precision.name(), "n": n,
+                    "workload": "gemm", "device": &device_name, "precision": precision.name(), "n": n,
                     "gflops": gflops, "tflops": gflops / 1e3,
                     "fraction_of_peak": if on_gpu { Some(gflops / 1e3 / PEAK_TFLOPS) } else { None },
                 })
@@ -237,7 +271,9 @@ fn main() -> vit_mae_core::Result<()> {
         (other, _) => panic!("unknown workload {other}: tiny, base, fmnist, base224, large224 or gemm"),
     };
     let mut model = MaskedAutoencoder::new(config.clone(), &device, precision, 0)?;
-    let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?;
+    // Each rank's images its own (shifted by the rank), so only averaged gradients keep
+    // the ranks' weights equal.
+    let imgs = Tensor::randn(0f32, 1f32, (batch, config.in_chans, config.img_size, config.img_size), &device)?.affine(1.0, 0.1 * group.rank() as f64)?;
     let options = MaskOptions::default();
     // On the CPU in f32 a training step runs on the engine, as `pretrain` does; only the
     // path that runs gets an optimizer (candle's AdamW allocates its moments up front).
@@ -253,6 +289,11 @@ fn main() -> vit_mae_core::Result<()> {
         }
         false => Trainer::Candle(AdamW::new(model.params(), AdamWConfig::default())?),
     };
+    if group.size() > 1 && matches!(trainer, Trainer::Engine { .. }) {
+        panic!("--distributed runs the candle path's training step: use --device cuda (or --precision bf16)");
+    }
+    // Every rank starts from the same weights (the same seed); this joins NCCL on CUDA.
+    group.prepare_for(&device)?;
     // The engine's masks, as `pretrain` draws them, from a generator of their own.
     let mut mask_rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     // On a GPU the first calls also load (JIT-compile) kernels and grow the allocator's pool.
@@ -269,7 +310,12 @@ fn main() -> vit_mae_core::Result<()> {
         }
         Trainer::Candle(optimizer) => {
             let out = model.forward(&imgs, &options)?;
-            let grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
+            let mut grads: Vec<Tensor> = model.gradients(&out)?.into_iter().map(|(_, g)| g).collect();
+            if group.size() > 1 {
+                let mut flat = FlatBuffer::pack(&grads)?;
+                group.all_reduce_mean(&mut flat, "the gradient all-reduce")?;
+                grads = flat.unpack(&grads)?;
+            }
             optimizer.step(&grads, 1e-4)
         }
     })?;
@@ -287,7 +333,7 @@ fn main() -> vit_mae_core::Result<()> {
         "{}",
         serde_json::json!({
             "workload": workload,
-            "device": device_name,
+            "device": &device_name,
             "precision": precision.name(),
             "batch": batch,
             "steps": steps,
@@ -302,6 +348,10 @@ fn main() -> vit_mae_core::Result<()> {
             "train_mfu": if on_gpu { train_tflops.map(|t| t / PEAK_TFLOPS) } else { None },
             "mfu_peak_tflops": PEAK_TFLOPS,
             "peak_rss_mb": train_peak_rss_mb,
+            "rank": group.rank(),
+            "ranks": group.size(),
+            "tensor_backend": group.tensor_backend(),
+            "weights_checksum": if group.size() > 1 { Some(weights_checksum(&model)?) } else { None },
         })
     );
     Ok(())

@@ -13,7 +13,14 @@
 #    (.gpu/bin/bench) and then PyTorch eager (bench/reference.py: bf16 autocast,
 #    scaled_dot_product_attention, torch.optim.AdamW), each under bench/memwatch.py for
 #    its peak GPU memory (NVML, device-wide, from before the process started).
-# 4. A table: images/s, their ratio, MFU (model matmul FLOPs / 989 TFLOP/s, the H200's
+# 4. A 2-process NCCL data-parallel step, on a machine with 2 GPUs or more and mpirun
+#    (else recorded as skipped, saying why): mae_vit_base_patch16 at batch 256 per rank,
+#    2 ranks of .gpu/bin/bench under mpirun (--distributed mpi: each rank on the GPU of its
+#    local rank, gradients averaged with one NCCL all-reduce per step), its images/s over
+#    both ranks against step 3's single process, and whether both ranks' final weights
+#    agree. NCCL: VIT_MAE_NCCL_LIBRARY is pointed at the nvidia/nccl/lib/libnccl.so.2 of
+#    $PYTHON's site-packages when there is one (pip install nvidia-nccl-cu13).
+# 5. A table: images/s, their ratio, MFU (model matmul FLOPs / 989 TFLOP/s, the H200's
 #    dense bf16 peak; and against the best measured GEMM peak) and peak GPU memory.
 #
 # Everything is printed; with $OUT set the table goes to $OUT/gpu-results.md, the
@@ -123,7 +130,31 @@ for w in $workloads; do
   run "torch-$w" 150 "$python" bench/reference.py --device cuda --precision bf16 "$w" "$steps" "$(nproc)" train
 done
 
-say "4. summary"
+say "4. 2-process NCCL data-parallel step"
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+mpirun=$(command -v mpirun || true)
+skipped=
+if (( gpus < 2 )); then
+  skipped="it needs 2 GPUs, this machine has $gpus"
+elif [[ -z $mpirun ]]; then
+  skipped="it needs mpirun (Debian/Ubuntu: apt-get install openmpi-bin libopenmpi-dev)"
+elif [[ ! -x $gpu/run/bench ]]; then
+  skipped="$gpu/bin/bench is missing"
+fi
+if [[ -n $skipped ]]; then
+  echo "skipped: $skipped" | tee "$logs/dp-base224.log"
+else
+  nccl=$(find $site -path '*nvidia/nccl/lib/libnccl.so.2' 2>/dev/null | head -1)
+  if [[ -n $nccl ]]; then
+    export VIT_MAE_NCCL_LIBRARY=$nccl
+  else
+    echo "no nvidia/nccl/lib/libnccl.so.2 under $site: NCCL is looked for as libnccl.so.2 (pip install nvidia-nccl-cu13)"
+  fi
+  echo "VIT_MAE_NCCL_LIBRARY=${VIT_MAE_NCCL_LIBRARY:-}"
+  run dp-base224 240 "$mpirun" --allow-run-as-root -n 2 "$gpu/run/bench" --device cuda --precision bf16 --distributed mpi base224 "$steps" train
+fi
+
+say "5. summary"
 OUT_DIR=$out WORKLOADS_LIST=$workloads PARITY=$parity "$python" - <<'EOF'
 import datetime, json, os
 
@@ -186,6 +217,34 @@ for w in os.environ["WORKLOADS_LIST"].split():
         goals.insert(1, f">= 50% MFU: {met(ta / 989 >= 0.5 if ok(ta) else None)}")
     verdicts.append(f"- {w}: " + "; ".join(goals))
 
+# The data-parallel step: one JSON line per rank, or a line saying why it was skipped.
+try:
+    dp_lines = open(os.path.join(logs, "dp-base224.log"), errors="replace").read().splitlines()
+except OSError:
+    dp_lines = []
+dp_ranks = []
+for line in dp_lines:
+    try:
+        obj = json.loads(line.strip()) if line.strip().startswith("{") else {}
+    except ValueError:
+        obj = {}
+    if "rank" in obj and "workload" in obj:
+        dp_ranks.append(obj)
+dp_skipped = next((line for line in dp_lines if line.startswith("skipped: ")), None)
+single = raw["workloads"].get("base224", {}).get("vit-mae", {}).get("train")
+if dp_skipped:
+    dp_md = f"2-process NCCL data-parallel step: {dp_skipped}."
+elif len(dp_ranks) == 2 and all(isinstance(r.get("train"), (int, float)) for r in dp_ranks):
+    total = sum(r["train"] for r in dp_ranks)
+    agree = len({r.get("weights_checksum") for r in dp_ranks}) == 1
+    backends = "/".join(sorted({str(r.get("tensor_backend")) for r in dp_ranks}))
+    scaling = f"{total / single:.2f}x the single process's {single:.1f}" if isinstance(single, (int, float)) and single else "no single-process run to compare"
+    dp_md = (f"2-process NCCL data-parallel step (base224, batch 256 per rank, tensors moved by {backends}): {total:.1f} img/s over both ranks, "
+             f"{scaling}; final weights {'agree' if agree else 'DIFFER'} across the ranks ({', '.join(str(r.get('weights_checksum')) for r in dp_ranks)}).")
+else:
+    dp_md = f"2-process NCCL data-parallel step: FAILED ({len(dp_ranks)} of 2 ranks reported; see logs/dp-base224.log)."
+raw["data_parallel"] = {"ranks": dp_ranks, "skipped": dp_skipped, "single_process_train": single}
+
 try:
     import torch
     gpu_name = f"{torch.cuda.get_device_name(0)}, PyTorch {torch.__version__} (CUDA {torch.version.cuda})"
@@ -213,7 +272,7 @@ Peak GPU memory: NVML device memory used above what it was before the process st
 
 | workload | vit-mae img/s | PyTorch img/s | ratio | MFU of 989 (vit-mae / PyTorch) | of GEMM peak (vit-mae / PyTorch) | peak GPU MB (vit-mae / PyTorch) | memory ratio |
 |---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n\nTargets (issue 6):\n" + "\n".join(verdicts) + "\n"
+""" + "\n".join(rows) + "\n\nTargets (issue 6):\n" + "\n".join(verdicts) + "\n\n" + dp_md + "\n"
 print(md)
 with open(os.path.join(out, "gpu-results.md"), "w") as f:
     f.write(md)

@@ -6,7 +6,7 @@ use crate::bail;
 use crate::checkpoint::{self, Stored, OPTIMIZER_PREFIX};
 use crate::config::MaeConfig;
 use crate::data::{stream_rng, Batch, Loader, MASK_STREAM};
-use crate::distributed::Group;
+use crate::distributed::{FlatBuffer, Group};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, MaskSampler, Masking};
 use crate::model::{MaskedAutoencoder, Unloaded};
@@ -210,22 +210,13 @@ impl Accumulated {
         Ok(())
     }
 
-    /// Averages the accumulated gradients over `group`'s ranks, through the host.
+    /// Averages the accumulated gradients over `group`'s ranks: one all-reduce of them
+    /// packed into a flat buffer (on the GPUs with NCCL when the group prepared for it).
     pub fn average_over(&mut self, group: &Group, what: &str) -> Result<()> {
         let Some(grads) = self.0.as_mut().filter(|_| group.size() > 1) else { return Ok(()) };
-        let mut flat = Vec::with_capacity(grads.iter().map(Tensor::elem_count).sum());
-        for g in grads.iter() {
-            flat.extend(g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?);
-        }
-        group.all_reduce_sum_f32(&mut flat, what)?;
-        let scale = 1.0 / group.size() as f32;
-        let mut rest = flat.as_slice();
-        for g in grads.iter_mut() {
-            let (mine, others) = rest.split_at(g.elem_count());
-            rest = others;
-            let averaged: Vec<f32> = mine.iter().map(|v| v * scale).collect();
-            *g = Tensor::from_vec(averaged, g.shape(), g.device())?.to_dtype(g.dtype())?;
-        }
+        let mut flat = FlatBuffer::pack(grads.iter())?;
+        group.all_reduce_mean(&mut flat, what)?;
+        *grads = flat.unpack(grads.iter())?;
         Ok(())
     }
 
@@ -505,15 +496,16 @@ fn check_pretraining_config(model: &MaeConfig, state: &checkpoint::StateDict, pa
     Ok(())
 }
 
-/// Sets every rank's parameters to rank 0's (a no-op alone).
+/// Sets every rank's parameters to rank 0's (a no-op alone), in one broadcast. Every rank
+/// calls it as a run starts, so the group prepares here for the parameters' device.
 pub(crate) fn broadcast_params(params: &[(String, candle_core::Var)], group: &Group) -> Result<()> {
-    if group.size() == 1 {
-        return Ok(());
-    }
-    for (name, var) in params {
-        let mut values = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-        group.broadcast(bytemuck::cast_slice_mut(&mut values), 0, &format!("the broadcast of {name}"))?;
-        var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+    let Some((_, first)) = params.first().filter(|_| group.size() > 1) else { return Ok(()) };
+    group.prepare_for(first.device())?;
+    let tensors = || params.iter().map(|(_, var)| var.as_tensor());
+    let mut flat = FlatBuffer::pack(tensors())?;
+    group.broadcast_flat(&mut flat, 0, "the broadcast of the initial weights")?;
+    for ((_, var), value) in params.iter().zip(flat.unpack(tensors())?) {
+        var.set(&value)?;
     }
     Ok(())
 }

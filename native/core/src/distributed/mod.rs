@@ -1,5 +1,6 @@
 //! Data-parallel process groups: N processes started by `mpirun` or `srun`, each training on
-//! its shard, averaging gradients with MPI collectives on the CPU.
+//! its shard, averaging gradients with MPI collectives on the CPU, or with NCCL on the GPUs
+//! when every rank trains on CUDA (`nccl.rs`, `flat.rs`; NCCL's unique id goes over MPI).
 //!
 //! **MPI is opened at run time.** Neither `npm install` nor a single-process user needs
 //! MPI, so nothing links to it: [`Group::join`] `dlopen`s the library only when
@@ -50,14 +51,18 @@
 //! lengths (all-gather excepted) and the same root.
 
 mod agreement;
+mod flat;
 pub(crate) mod launch;
 mod mpi;
+pub mod nccl;
 
 use crate::error::{Error, ErrorCode, Result};
 use launch::{Launch, Launcher};
 use mpi::{Element, MpiError, Operations, Reduction, Staging, World};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+pub use flat::FlatBuffer;
 
 /// The timeout of a group joined without one: long enough for a step's imbalance (a rank
 /// writing a checkpoint or loading a slow batch while the others wait in the next
@@ -104,6 +109,10 @@ pub struct Group {
     timeout: Duration,
     /// `None` for a group of one, whose collectives move nothing.
     world: Option<&'static World>,
+    /// The communicator of the ranks' GPUs, once every rank has said that it trains on
+    /// one (`Group::prepare_for`).
+    #[cfg(feature = "cuda")]
+    gpus: std::sync::OnceLock<std::sync::Arc<nccl::Communicator>>,
 }
 
 /// Why an operation did not complete.
@@ -118,18 +127,49 @@ impl From<MpiError> for Failure {
     }
 }
 
-/// Polls the operations in flight until they complete, or fails when `timeout` passes.
-fn wait(operations: &mut dyn Operations, timeout: Duration) -> std::result::Result<(), Failure> {
+/// Calls `done` until it says yes (`true`), with pauses that grow to [`LONGEST_PAUSE`];
+/// `false` when `timeout` passes first.
+fn poll_until<E>(timeout: Duration, mut done: impl FnMut() -> std::result::Result<bool, E>) -> std::result::Result<bool, E> {
     let start = Instant::now();
     let mut pause = FIRST_PAUSE;
-    while !operations.test()? {
+    while !done()? {
         if start.elapsed() >= timeout {
-            return Err(Failure::TimedOut);
+            return Ok(false);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(LONGEST_PAUSE);
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Polls the operations in flight until they complete, or fails when `timeout` passes.
+fn wait(operations: &mut dyn Operations, timeout: Duration) -> std::result::Result<(), Failure> {
+    if poll_until(timeout, || operations.test())? {
+        Ok(())
+    } else {
+        Err(Failure::TimedOut)
+    }
+}
+
+/// Opens the first of `names` (MPI's or NCCL's libraries) that loads with `flags`, or fails
+/// naming what was tried (only the library `variable` named, when one did), that it is
+/// needed (`needed`) and how to get one (`hint`).
+fn open_first(names: &[String], flags: std::ffi::c_int, variable: Option<&str>, needed: &str, hint: &str) -> Result<(libloading::os::unix::Library, String)> {
+    let mut failures = Vec::new();
+    for name in names {
+        // SAFETY: loading runs the library's initialisers: MPI's and NCCL's are sound to
+        // run once, and a path the user named is theirs to vouch for.
+        match unsafe { libloading::os::unix::Library::open(Some(name.as_str()), flags) } {
+            Ok(library) => return Ok((library, name.clone())),
+            // libloading's error says "dlopen failed"; its source is dlerror's text.
+            Err(e) => failures.push(std::error::Error::source(&e).map_or_else(|| e.to_string(), |source| source.to_string())),
+        }
+    }
+    let message = match variable {
+        Some(variable) => format!("{variable}={} could not be loaded ({}); {hint}", names[0], failures[0]),
+        None => format!("{needed}, and none of {} could be loaded ({}); {hint}", names.join(", "), failures.join("; ")),
+    };
+    Err(Error::new(ErrorCode::Distributed, message))
 }
 
 fn seconds(duration: Duration) -> String {
@@ -162,9 +202,21 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
+    fn new(rank: usize, size: usize, timeout: Duration, world: Option<&'static World>) -> Group {
+        Group {
+            rank,
+            size,
+            local_rank: 0,
+            timeout,
+            world,
+            #[cfg(feature = "cuda")]
+            gpus: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Rank 0 of 1, without MPI.
     pub fn single() -> Group {
-        Group { rank: 0, size: 1, local_rank: 0, timeout: DEFAULT_TIMEOUT, world: None }
+        Group::new(0, 1, DEFAULT_TIMEOUT, None)
     }
 
     /// Joins the processes training together (see [`Distributed`]); every collective
@@ -201,7 +253,7 @@ impl Group {
         if let Some(why) = &world.lock().unusable {
             return Err(Error::new(ErrorCode::Distributed, format!("rank {} of {}: cannot join: {why}", world.rank, world.size)));
         }
-        let mut group = Group { rank: world.rank, size: world.size, local_rank: 0, timeout, world: Some(world) };
+        let mut group = Group::new(world.rank, world.size, timeout, Some(world));
         group.local_rank = group.find_local_rank(world)?;
         Ok(group)
     }

@@ -406,22 +406,8 @@ fn candidates(explicit: Option<String>, prefer_mpich: bool) -> Vec<String> {
 /// Opens the first of `names` that loads, with global symbol visibility, for Open MPI's
 /// plugins (see the module documentation).
 pub(super) fn open(names: &[String], explicit: bool) -> Result<(Library, String)> {
-    let mut failures = Vec::new();
-    for name in names {
-        // SAFETY: loading runs the library's initialisers: an MPI library's are sound to
-        // run once, and a path the user named is theirs to vouch for.
-        match unsafe { Library::open(Some(name.as_str()), RTLD_NOW | RTLD_GLOBAL) } {
-            Ok(library) => return Ok((library, name.clone())),
-            // libloading's error says "dlopen failed"; its source is dlerror's text.
-            Err(e) => failures.push(std::error::Error::source(&e).map_or_else(|| e.to_string(), |source| source.to_string())),
-        }
-    }
-    let message = if explicit {
-        format!("VIT_MAE_MPI_LIBRARY={} could not be loaded ({}); {INSTALL_HINT}", names[0], failures[0])
-    } else {
-        format!("distributed training needs an MPI library, and none of {} could be loaded ({}); {INSTALL_HINT}", names.join(", "), failures.join("; "))
-    };
-    Err(Error::new(ErrorCode::Distributed, message))
+    let variable = explicit.then_some("VIT_MAE_MPI_LIBRARY");
+    super::open_first(names, RTLD_NOW | RTLD_GLOBAL, variable, "distributed training needs an MPI library", INSTALL_HINT)
 }
 
 /// The library's ABI: Open MPI exports its predefined objects, MPICH-ABI libraries do not.

@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use vit_mae_core::distributed::{Distributed, Group, CHUNK_BYTES, DEFAULT_TIMEOUT};
+use vit_mae_core::candle_core::{self, Device, Tensor};
+use vit_mae_core::distributed::nccl::{self, Nccl, UniqueId};
+use vit_mae_core::distributed::{Distributed, FlatBuffer, Group, CHUNK_BYTES, DEFAULT_TIMEOUT};
 use vit_mae_core::ErrorCode;
 
 const SCENARIO: &str = "VIT_MAE_MPI_SCENARIO";
@@ -355,6 +357,129 @@ fn mpi_is_used_when_asked_for_even_by_a_single_process() {
     // A singleton: MPI without a launcher.
     let job = alone("rank_mpi_alone", &[]);
     assert!(job.succeeded() && job.said(0, "done") == "yes", "without a launcher: {}", job.describe());
+}
+
+// ---------------------------------------------------------------- NCCL and flat buffers
+
+#[test]
+fn rank_nccl_without_a_usable_library() {
+    if !acting_as("rank_nccl_without_a_usable_library") {
+        return;
+    }
+    let e = Nccl::get().err().expect("no usable NCCL");
+    println!("rank 0: error={e}");
+    // The outcome is kept.
+    assert_eq!(Nccl::get().err().expect("still none").message, e.message);
+    println!("rank 0: done=yes");
+}
+
+#[test]
+fn a_missing_or_foreign_nccl_library_is_named_with_the_package_that_provides_one() {
+    let cases = [
+        ("/nonexistent/libnccl.so.2", "VIT_MAE_NCCL_LIBRARY=/nonexistent/libnccl.so.2 could not be loaded (/nonexistent/libnccl.so.2: cannot open shared object file: No such file or directory); install NCCL"),
+        // A shared library that is no NCCL.
+        ("libm.so.6", "libm.so.6 is not an NCCL library of version 2.14 or later: it has no ncclGetVersion; install NCCL"),
+    ];
+    for (library, message) in cases {
+        let job = alone("rank_nccl_without_a_usable_library", &[(nccl::LIBRARY_VARIABLE, library)]);
+        assert!(job.succeeded() && job.said(0, "done") == "yes", "{}", job.describe());
+        let error = job.said(0, "error");
+        assert!(error.starts_with(&format!("E_DISTRIBUTED: {message}")), "{}", job.describe());
+        for needed in ["pip install nvidia-nccl-cu13", "libnccl.so.2", "VIT_MAE_NCCL_LIBRARY"] {
+            assert!(error.contains(needed), "the message lacks {needed}: {error}");
+        }
+    }
+}
+
+/// Rank 0's id from NCCL when it can be opened (it needs no GPU), else from a stand-in.
+fn generated_id(rank: usize) -> (std::result::Result<UniqueId, vit_mae_core::Error>, String) {
+    match Nccl::get() {
+        Ok(nccl) => (nccl.unique_id(), format!("ncclGetUniqueId of {} (version code {})", nccl.library, nccl.version)),
+        Err(why) => {
+            let stamp = now_ms().to_le_bytes();
+            let id = UniqueId(std::array::from_fn(|i| stamp[i % stamp.len()] ^ (i as u8) ^ (rank as u8 + 1)));
+            (Ok(id), format!("a stand-in, since {why}"))
+        }
+    }
+}
+
+#[test]
+fn rank_nccl_unique_id() {
+    if !acting_as("rank_nccl_unique_id") {
+        return;
+    }
+    let group = Group::join(Distributed::Auto, Duration::from_secs(30)).unwrap();
+    let rank = group.rank();
+    let mut generated = false;
+    let id = nccl::exchange_unique_id(&group, || {
+        generated = true;
+        let (id, source) = generated_id(rank);
+        println!("rank {rank}: source={source}");
+        id
+    })
+    .unwrap();
+    println!("rank {rank}: generated={}", if generated { "yes" } else { "no" });
+    println!("rank {rank}: id={id:?}");
+
+    // Rank 0 failing to make one fails both ranks, neither waiting for the bytes.
+    let e = nccl::exchange_unique_id(&group, || Err(vit_mae_core::Error::new(ErrorCode::Distributed, "ncclGetUniqueId failed: no network interface"))).unwrap_err();
+    println!("rank {rank}: error={e}");
+    group.barrier("the last barrier").unwrap();
+    println!("rank {rank}: done=yes");
+}
+
+#[test]
+fn two_ranks_end_with_rank_0_s_nccl_unique_id() {
+    let job = launch("rank_nccl_unique_id", 2, OnDeath::EndTheJob, Duration::from_secs(120));
+    assert!(job.succeeded(), "{}", job.describe());
+    println!("rank 0's id came from {}", job.said(0, "source"));
+    assert_eq!((job.said(0, "generated"), job.said(1, "generated")), ("yes".to_string(), "no".to_string()), "{}", job.describe());
+    let id = job.said(0, "id");
+    assert_eq!(id.len(), 256, "{}", job.describe());
+    assert_ne!(id, "0".repeat(256), "{}", job.describe());
+    assert_eq!(job.said(1, "id"), id, "{}", job.describe());
+    assert_eq!(job.said(0, "error"), "E_DISTRIBUTED: ncclGetUniqueId failed: no network interface");
+    assert_eq!(job.said(1, "error"), "E_DISTRIBUTED: rank 0 of 2 failed (generating the NCCL unique id): ncclGetUniqueId failed: no network interface");
+    for rank in 0..2 {
+        assert_eq!(job.said(rank, "done"), "yes", "{}", job.describe());
+    }
+}
+
+#[test]
+fn rank_flat_buffers() {
+    if !acting_as("rank_flat_buffers") {
+        return;
+    }
+    let group = Group::join(Distributed::Auto, Duration::from_secs(30)).unwrap();
+    let rank = group.rank() as f32;
+    // Off CUDA the group moves tensors with MPI through the host.
+    group.prepare_for(&Device::Cpu).unwrap();
+    let device = Device::Cpu;
+    let tensors = [
+        Tensor::new(&[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &device).unwrap().affine(1.0, f64::from(rank)).unwrap(),
+        Tensor::new(&[10f32 * (rank + 1.0)], &device).unwrap().to_dtype(candle_core::DType::BF16).unwrap(),
+    ];
+    let mut flat = FlatBuffer::pack(&tensors).unwrap();
+    group.all_reduce_mean(&mut flat, "the gradient all-reduce").unwrap();
+    let mean = flat.unpack(&tensors).unwrap();
+    println!("rank {}: mean={:?} {:?}", group.rank(), mean[0].to_vec2::<f32>().unwrap(), mean[1].to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap());
+
+    let mut flat = FlatBuffer::pack(&tensors).unwrap();
+    group.broadcast_flat(&mut flat, 1, "the broadcast of the initial weights").unwrap();
+    let broadcast = flat.unpack(&tensors).unwrap();
+    println!("rank {}: broadcast={:?} {:?}", group.rank(), broadcast[0].to_vec2::<f32>().unwrap(), broadcast[1].to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap());
+    println!("rank {}: done=yes", group.rank());
+}
+
+#[test]
+fn two_ranks_average_and_broadcast_flat_buffers_of_tensors() {
+    let job = launch("rank_flat_buffers", 2, OnDeath::EndTheJob, Duration::from_secs(120));
+    assert!(job.succeeded(), "{}", job.describe());
+    for rank in 0..2 {
+        assert_eq!(job.said(rank, "mean"), "[[1.5, 2.5, 3.5], [4.5, 5.5, 6.5]] [15.0]", "{}", job.describe());
+        assert_eq!(job.said(rank, "broadcast"), "[[2.0, 3.0, 4.0], [5.0, 6.0, 7.0]] [20.0]", "{}", job.describe());
+        assert_eq!(job.said(rank, "done"), "yes", "{}", job.describe());
+    }
 }
 
 // ---------------------------------------------------------------- faults
