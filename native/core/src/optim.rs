@@ -23,6 +23,7 @@ pub trait Optimizer: OptimizerState {
 struct FiniteCheck(Option<Tensor>);
 
 impl FiniteCheck {
+    #[allow(clippy::eq_op)] // `t - t` is the test: NaN exactly where `t` is not finite
     fn add(&mut self, t: &Tensor) -> Result<()> {
         let zeros = (t - t)?.sum_all()?.to_dtype(DType::F32)?;
         self.0 = Some(match self.0.take() {
