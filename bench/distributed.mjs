@@ -46,15 +46,18 @@ function vitMae(ranks, threads) {
   return globalBatch / times[Math.floor(times.length / 2)];
 }
 
-/** PyTorch's images/s (DDP on gloo when `ranks` > 1), as rank 0 of bench/reference.py reports it. */
+/** PyTorch's images/s (`train`; DDP on gloo when `ranks` > 1) and version (`torch`), as rank 0 of bench/reference.py reports them. */
 function pytorch(ranks, threads) {
   const stdout = launch(ranks, threads, [python, 'bench/reference.py', 'fmnist', String(steps), String(threads), 'train'], { VIT_MAE_BENCH_BATCH: String(globalBatch / ranks) });
-  return JSON.parse(stdout.trim().split('\n').pop()).train;
+  return JSON.parse(stdout.trim().split('\n').pop());
 }
 
 const hasTorch = spawnSync(python, ['-c', 'import torch'], { encoding: 'utf8' }).status === 0;
 const layouts = [[1, cores], [cores, 1]];
-const rows = layouts.map(([ranks, threads]) => ({ ranks, threads, vitMae: vitMae(ranks, threads), torch: hasTorch ? pytorch(ranks, threads) : null }));
+const rows = layouts.map(([ranks, threads]) => {
+  const torch = hasTorch ? pytorch(ranks, threads) : null;
+  return { ranks, threads, vitMae: vitMae(ranks, threads), torch: torch?.train ?? null, torchVersion: torch?.torch };
+});
 rmSync(out, { recursive: true, force: true });
 
 const cpu = cpus()[0]?.model ?? 'unknown CPU';
@@ -62,7 +65,7 @@ const fmt = (x) => (x === null ? 'n/a' : x.toFixed(0));
 const table = [
   `### Data-parallel scaling, ${new Date().toISOString().slice(0, 10)}: ${cpu}, ${cores} cores`,
   '',
-  `mae_vit_fmnist_patch4_32, global batch ${globalBatch}, the median of ${steps} steps after ${warmup} of warm-up (PyTorch: 1). vit-mae: \`vit-mae pretrain\` on the shipped Fashion-MNIST images; PyTorch ${hasTorch ? '' : '(not installed) '}: bench/reference.py, DistributedDataParallel on gloo, random images.`,
+  `mae_vit_fmnist_patch4_32, global batch ${globalBatch}, the median of ${steps} steps after ${warmup} of warm-up (PyTorch: 1). vit-mae: \`vit-mae pretrain\` on the shipped Fashion-MNIST images; PyTorch${hasTorch ? ` ${rows[0].torchVersion}` : ' (not installed)'}: bench/reference.py, DistributedDataParallel on gloo, random images.`,
   '',
   '| layout | vit-mae images/s | PyTorch images/s | vit-mae / PyTorch |',
   '|---|---|---|---|',
