@@ -72,7 +72,7 @@ export interface StartedEvent {
   worldSize: number;
   /** This process's rank among those on its machine (which GPU it takes). */
   localRank: number;
-  /** How the ranks talk: 'none' alone, else 'mpi'. */
+  /** How the ranks talk: 'none' alone, else 'mpi' (whose GPU ranks average gradients through NCCL). */
   backend: string;
 }
 
