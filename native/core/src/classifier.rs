@@ -6,6 +6,7 @@ use crate::checkpoint::Stored;
 use crate::checkpoint::{self, StateDict};
 use crate::config::{block_shapes, check_encoder, check_model_memory, largest_activation, linear_shapes, norm_shapes, patch_embed_shapes, snake_case, MaeConfig, NamedShape, PRESETS};
 use crate::data::interpolate_bicubic_torch;
+use crate::features;
 use crate::device::Precision;
 use crate::engine::{Gradients, VitEngine, VitMode};
 use crate::error::{Error, ErrorCode, Result};
@@ -357,7 +358,7 @@ impl VitClassifier {
         let (_, pos_embed) = mae.buffers()[0];
         for (name, var) in &classifier.params {
             let source = if name == "pos_embed" {
-                Some(resize_pos_embed(pos_embed, classifier.config.grid_size())?)
+                Some(resize_pos_embed(pos_embed, classifier.config.grid_size(), classifier.config.grid_size())?)
             } else {
                 mae.params().iter().find(|(n, _)| n == name).map(|(_, v)| v.as_tensor().clone())
             };
@@ -524,6 +525,17 @@ impl VitClassifier {
         Ok(Tensor::from_vec(features, (n, self.config.embed_dim), &self.device)?)
     }
 
+    /// Dense features of the encoder, as [`MaskedAutoencoder::feature_maps`]: the outputs
+    /// of blocks `layers` over every patch of `imgs` (any size whose sides are multiples
+    /// of the patch size), each as a map `[N, D, H/p, W/p]`, without `norm` or `fc_norm`.
+    pub fn feature_maps(&self, imgs: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
+        let n = imgs.dim(0)?;
+        let engine = self.uses_engine().then(|| -> features::EngineBlocks<'_> { Box::new(|pixels| self.with_engine(n, VitMode::Eval, |e| e.block_outputs(pixels, layers))) });
+        let c = &self.config;
+        let encoder = features::Encoder { patch_embed: &self.patch_embed, patch_size: c.patch_size, cls_token: &self.cls_token, pos_embed: &self.pos_embed, grid: c.grid_size(), blocks: &self.blocks };
+        encoder.feature_maps(imgs, layers, engine)
+    }
+
     /// Whether calls run on the engine (`crate::engine`): f32 on the CPU, unless
     /// [`VitClassifier::set_reference_only`].
     pub fn uses_engine(&self) -> bool {
@@ -679,21 +691,22 @@ pub fn soft_targets(labels: &[i64], num_classes: usize, smoothing: f64) -> Vec<f
 }
 
 /// The published `interpolate_pos_embed`: the grid part of a `[1, 1 + g*g, D]` table
-/// resized bicubically (torch semantics) to `new_grid`, the cls row kept.
-pub fn resize_pos_embed(pos_embed: &Tensor, new_grid: usize) -> Result<Tensor> {
+/// resized bicubically (torch semantics) to `new_h` x `new_w` patches, the cls row
+/// kept; at the table's own grid, the table itself.
+pub fn resize_pos_embed(pos_embed: &Tensor, new_h: usize, new_w: usize) -> Result<Tensor> {
     let (_, rows, d) = pos_embed.dims3()?;
     let grid = ((rows - 1) as f64).sqrt().round() as usize;
     if grid * grid + 1 != rows {
         bail!(CheckpointShape, "pos_embed has {rows} rows, not 1 + a square grid");
     }
-    if grid == new_grid {
+    if (grid, grid) == (new_h, new_w) {
         return Ok(pos_embed.clone());
     }
     let cls = pos_embed.narrow(1, 0, 1)?;
     // [1, g*g, D] -> planes [D, g, g]
     let planes = pos_embed.narrow(1, 1, grid * grid)?.squeeze(0)?.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let resized = interpolate_bicubic_torch(&planes, d, grid, grid, new_grid, new_grid);
-    let resized = Tensor::from_vec(resized, (d, new_grid * new_grid), pos_embed.device())?.t()?.unsqueeze(0)?;
+    let resized = interpolate_bicubic_torch(&planes, d, grid, grid, new_h, new_w);
+    let resized = Tensor::from_vec(resized, (d, new_h * new_w), pos_embed.device())?.t()?.unsqueeze(0)?;
     Ok(Tensor::cat(&[&cls, &resized], 1)?.contiguous()?)
 }
 
@@ -760,7 +773,7 @@ pub fn load_classifier(path: &Path, explicit: Option<&serde_json::Value>, device
     config.check_memory()?;
     // At another resolution than the checkpoint's, the position embedding is resized as published.
     if let Some(pos_embed) = model_tensors.get_mut("pos_embed") {
-        *pos_embed = resize_pos_embed(pos_embed, config.grid_size())?;
+        *pos_embed = resize_pos_embed(pos_embed, config.grid_size(), config.grid_size())?;
     }
     let classifier = VitClassifier::new(config, device, precision, seed)?;
     classifier.assign(&model_tensors)?;

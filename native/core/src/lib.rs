@@ -11,6 +11,7 @@ pub mod device;
 pub mod distributed;
 pub mod engine;
 pub mod error;
+pub mod features;
 pub mod finetune;
 pub mod masking;
 pub mod memory;

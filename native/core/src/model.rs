@@ -5,6 +5,7 @@ use crate::bail;
 use crate::config::MaeConfig;
 use crate::device::Precision;
 use crate::engine::{Gradients, MaeEngine, Mode};
+use crate::features;
 use crate::error::Result;
 use crate::masking::{self, MaskPlan, MaskSampler, Masking};
 use crate::nn::{Block, LayerNorm, Linear};
@@ -617,6 +618,24 @@ impl MaskedAutoencoder {
             Ok(engine.latent())
         })?;
         pool.apply(&Tensor::from_vec(latent, (n, 1 + l, d), &self.device)?)
+    }
+}
+
+impl MaskedAutoencoder {
+    /// Dense features: the outputs of encoder blocks `layers` (from
+    /// [`features::resolve_layers`]) over every patch of `imgs` `[N, C, H, W]`, `H` and
+    /// `W` multiples of the patch size, each as a map `[N, D, H/p, W/p]` (see
+    /// [`features::Encoder::feature_maps`]). On the engine at the model's image size on
+    /// the CPU in f32, else the reference model.
+    pub fn feature_maps(&self, imgs: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
+        let (n, l) = (imgs.dim(0)?, self.config.num_patches());
+        let plan = MaskPlan::keep_all(n, l);
+        let engine = self.uses_engine().then(|| -> features::EngineBlocks<'_> {
+            Box::new(|pixels| self.with_engine(n, l, Mode::Encode, |e| e.block_outputs(pixels, &plan, layers)))
+        });
+        let c = &self.config;
+        let encoder = features::Encoder { patch_embed: &self.patch_embed, patch_size: c.patch_size, cls_token: &self.cls_token, pos_embed: &self.pos_embed, grid: c.grid_size(), blocks: &self.blocks };
+        encoder.feature_maps(imgs, layers, engine)
     }
 }
 

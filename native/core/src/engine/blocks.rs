@@ -1,6 +1,7 @@
 //! The transformer blocks and parameter tables the engine's models share: timm's
 //! `Block` (pre-norm attention and MLP) written out forward and backward.
 
+use super::cpu::CpuKernels;
 use super::{Arena, Epilogue, Kernels, Layout, Slot};
 
 /// A linear layer's parameters (the gradients sit at the same offsets in `Grads`).
@@ -190,7 +191,13 @@ impl Stack {
         self.blocks.last().expect("at least one block").1.x_out
     }
 
-    pub(crate) fn forward(&self, k: &mut impl Kernels, eps: f32) {
+    pub(crate) fn forward<K: Kernels>(&self, k: &mut K, eps: f32) {
+        self.forward_observed(k, eps, |_, _, _| ());
+    }
+
+    /// The forward pass, handing `observe` each block's index and output slot as soon as
+    /// it is computed (a forward-only prefix reuses its buffers block after block).
+    pub(crate) fn forward_observed<K: Kernels>(&self, k: &mut K, eps: f32, mut observe: impl FnMut(&K, usize, Slot)) {
         let (rows, d, t) = (self.rows(), self.dim, self.tokens);
         for (i, (p, a)) in self.blocks.iter().enumerate() {
             let drop = self.drop_path.as_ref().map(|dp| (dp.scales[i], dp.branch));
@@ -214,6 +221,7 @@ impl Stack {
                     k.scaled_add(Some(a.x_mid), branch, mlp_scale, a.x_out, t, d);
                 }
             }
+            observe(k, i, a.x_out);
         }
     }
 
@@ -248,6 +256,16 @@ impl Stack {
             k.attention_backward(s.dattn, a.qkv, a.probs.expect("a trained block"), s.dqkv, self.batch, self.tokens, d, self.heads);
             k.linear_backward(s.dqkv, a.ln1, p.qkv.w, Some(s.dln), false, Some((grad(p.qkv.w), grad(p.qkv.b))), rows, d, 3 * d);
             k.layer_norm_backward(s.dln, a.x_in, p.norm1.w, a.ln1_stats, s.dres, grad(p.norm1.w), grad(p.norm1.b), rows, d);
+        }
+    }
+}
+
+/// An observer for [`Stack::forward_observed`] that downloads the output of each block
+/// of `layers` into the matching entry of `outputs` (a block may be asked for twice).
+pub(crate) fn keep_outputs<'a>(layers: &'a [usize], outputs: &'a mut [Vec<f32>]) -> impl FnMut(&CpuKernels, usize, Slot) + 'a {
+    move |k, block, x_out| {
+        for (out, _) in outputs.iter_mut().zip(layers).filter(|(_, &layer)| layer == block) {
+            *out = k.download(x_out);
         }
     }
 }

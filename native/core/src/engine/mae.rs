@@ -3,7 +3,7 @@
 //! `train_gpt2.c`. Names follow the published model.
 
 use super::cpu::CpuKernels;
-use super::blocks::{grad, stack_acts, BlockParams, Linear, Norm, Params, Stack};
+use super::blocks::{grad, keep_outputs, stack_acts, BlockParams, Linear, Norm, Params, Stack};
 use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, Layout, MseShape, Slot, Source};
 use super::cpu::NONE;
 use crate::bail;
@@ -335,18 +335,10 @@ impl MaeEngine {
     /// Returns the loss (0 for `Mode::Encode`); in training, `dpred` is filled with
     /// `grad_scale` times the loss's gradient.
     fn forward(&mut self, imgs: &[f32], plan: &MaskPlan, grad_scale: f32) -> Result<f32> {
-        self.set_plan(plan)?;
+        self.encode(imgs, plan, |_, _, _| ())?;
         let c = &self.config;
         let (n, d, eps) = (self.batch, c.embed_dim, c.layer_norm_eps as f32);
         let k = &mut self.kernels;
-        k.upload(self.imgs, imgs);
-        // PatchEmbed on the patches the encoder sees, then cls + position embeddings.
-        k.patch_rows(self.imgs, &self.patch_ids, self.embedded, self.patches, c.in_chans, c.patch_size, c.grid_size());
-        let pe = self.patch_embed;
-        k.linear(self.patches, pe.w, pe.b, None, self.emb, n * self.embedded, pe.k, pe.n, Epilogue::None);
-        let tokens = [self.cls_token, self.encoder_mask_token.unwrap_or(NONE)];
-        k.gather_rows(self.emb, &self.encoder_index, tokens, Some((self.pos_embed, &self.encoder_positions)), self.encoder.input(), d);
-        self.encoder.forward(k, eps);
         let rows = self.encoder.rows();
         k.layer_norm(self.encoder.output(), self.norm.w, self.norm.b, self.latent, self.norm_stats, rows, d, eps);
         let Some(dec) = &self.decoder else { return Ok(0.0) };
@@ -360,6 +352,32 @@ impl MaeEngine {
         k.linear(dec.norm_out, dec.pred.w, dec.pred.b, None, dec.pred_out, dec_rows, dd, c.patch_dim(), Epilogue::None);
         let shape = MseShape { batch: n, channels: c.in_chans, patch: c.patch_size, grid: c.grid_size(), rows_per_image: 1 + c.num_patches(), norm_pix: c.norm_pix_loss };
         Ok(k.masked_mse(self.imgs, dec.pred_out, &self.mask, dec.dpred, shape, grad_scale))
+    }
+
+    /// The encoder's blocks over `imgs` with `plan`'s masks (its final norm not applied),
+    /// handing `observe` each block's index and output `[N, 1 + embedded, D]`.
+    fn encode(&mut self, imgs: &[f32], plan: &MaskPlan, observe: impl FnMut(&CpuKernels, usize, Slot)) -> Result<()> {
+        self.set_plan(plan)?;
+        let c = &self.config;
+        let (n, d, eps) = (self.batch, c.embed_dim, c.layer_norm_eps as f32);
+        let k = &mut self.kernels;
+        k.upload(self.imgs, imgs);
+        // PatchEmbed on the patches the encoder sees, then cls + position embeddings.
+        k.patch_rows(self.imgs, &self.patch_ids, self.embedded, self.patches, c.in_chans, c.patch_size, c.grid_size());
+        let pe = self.patch_embed;
+        k.linear(self.patches, pe.w, pe.b, None, self.emb, n * self.embedded, pe.k, pe.n, Epilogue::None);
+        let tokens = [self.cls_token, self.encoder_mask_token.unwrap_or(NONE)];
+        k.gather_rows(self.emb, &self.encoder_index, tokens, Some((self.pos_embed, &self.encoder_positions)), self.encoder.input(), d);
+        self.encoder.forward_observed(k, eps, observe);
+        Ok(())
+    }
+
+    /// The outputs `[N, 1 + embedded, D]` of encoder blocks `layers` (indices, in the
+    /// order given) over `imgs` with `plan`'s masks: dense features.
+    pub fn block_outputs(&mut self, imgs: &[f32], plan: &MaskPlan, layers: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let mut outputs = vec![Vec::new(); layers.len()];
+        self.encode(imgs, plan, keep_outputs(layers, &mut outputs))?;
+        Ok(outputs)
     }
 
     /// Backpropagates the last training forward pass, adding every parameter's gradient.

@@ -5,7 +5,7 @@
 //! one buffer plan. Frozen parameters get no gradient work: the backward pass stops
 //! at the first trained block (or at the head).
 
-use super::blocks::{grad, stack_acts, Linear, Norm, Params, Stack};
+use super::blocks::{grad, keep_outputs, stack_acts, Linear, Norm, Params, Stack};
 use super::cpu::{CpuKernels, NONE};
 use super::{AdamWRange, Arena, Epilogue, Kernels, LarsRange, Layout, Slot, Source};
 use crate::bail;
@@ -213,35 +213,11 @@ impl VitEngine {
     /// image) draws stochastic depth as the reference model does (every block, attention
     /// then MLP).
     fn forward(&mut self, imgs: &[f32], drop_path: Option<&mut [rand_chacha::ChaCha8Rng]>) -> Result<()> {
+        self.encode(imgs, drop_path, |_, _, _| ())?;
         let c = &self.config;
         let (n, d, t, eps) = (self.batch, c.embed_dim, 1 + c.num_patches(), c.layer_norm_eps as f32);
-        if imgs.len() != n * c.in_chans * c.img_size * c.img_size {
-            bail!(Internal, "engine plan for {n} images given {} values", imgs.len());
-        }
-        if let (Some(dp), VitMode::Grad { drop_path: last_rate, .. }) = (&self.stack.drop_path, self.mode) {
-            let rngs = match drop_path {
-                Some(rngs) if rngs.len() == n => rngs,
-                _ => bail!(Internal, "stochastic depth needs a generator per image"),
-            };
-            let depth = c.depth;
-            for (i, (attn, mlp)) in dp.scales.iter().enumerate() {
-                // `torch.linspace(0, rate, depth)`: a single block gets 0.
-                let rate = if depth > 1 { last_rate * i as f64 / (depth - 1) as f64 } else { 0.0 };
-                for slot in [attn, mlp] {
-                    self.drop_scales.clear();
-                    crate::nn::drop_path_scales(rngs, rate, &mut self.drop_scales);
-                    self.kernels.upload(*slot, &self.drop_scales);
-                }
-            }
-        }
         let training = self.training();
         let k = &mut self.kernels;
-        k.upload(self.imgs, imgs);
-        k.patch_rows(self.imgs, &self.patch_ids, c.num_patches(), self.patches, c.in_chans, c.patch_size, c.grid_size());
-        let pe = self.patch_embed;
-        k.linear(self.patches, pe.w, pe.b, None, self.emb, n * c.num_patches(), pe.k, pe.n, Epilogue::None);
-        k.gather_rows(self.emb, &self.index, [self.cls_token, NONE], Some((self.pos_embed, &self.positions)), self.stack.input(), d);
-        self.stack.forward(k, eps);
         k.pool(self.stack.output(), self.pooled, n, t, d, c.global_pool);
         // Cls pooling takes the cls token of `norm` over every token: LayerNorm is per
         // token, so normalising the cls tokens alone gives the same features.
@@ -274,6 +250,49 @@ impl VitEngine {
             self.batches_tracked += 1;
         }
         Ok(())
+    }
+
+    /// Patch embedding, cls token and position embedding, and the blocks (drawing
+    /// stochastic depth as [`VitEngine::forward`] says), handing `observe` each block's
+    /// index and output `[N, 1 + L, D]`.
+    fn encode(&mut self, imgs: &[f32], drop_path: Option<&mut [rand_chacha::ChaCha8Rng]>, observe: impl FnMut(&CpuKernels, usize, Slot)) -> Result<()> {
+        let c = &self.config;
+        let (n, d, eps) = (self.batch, c.embed_dim, c.layer_norm_eps as f32);
+        if imgs.len() != n * c.in_chans * c.img_size * c.img_size {
+            bail!(Internal, "engine plan for {n} images given {} values", imgs.len());
+        }
+        if let (Some(dp), VitMode::Grad { drop_path: last_rate, .. }) = (&self.stack.drop_path, self.mode) {
+            let rngs = match drop_path {
+                Some(rngs) if rngs.len() == n => rngs,
+                _ => bail!(Internal, "stochastic depth needs a generator per image"),
+            };
+            let depth = c.depth;
+            for (i, (attn, mlp)) in dp.scales.iter().enumerate() {
+                // `torch.linspace(0, rate, depth)`: a single block gets 0.
+                let rate = if depth > 1 { last_rate * i as f64 / (depth - 1) as f64 } else { 0.0 };
+                for slot in [attn, mlp] {
+                    self.drop_scales.clear();
+                    crate::nn::drop_path_scales(rngs, rate, &mut self.drop_scales);
+                    self.kernels.upload(*slot, &self.drop_scales);
+                }
+            }
+        }
+        let k = &mut self.kernels;
+        k.upload(self.imgs, imgs);
+        k.patch_rows(self.imgs, &self.patch_ids, c.num_patches(), self.patches, c.in_chans, c.patch_size, c.grid_size());
+        let pe = self.patch_embed;
+        k.linear(self.patches, pe.w, pe.b, None, self.emb, n * c.num_patches(), pe.k, pe.n, Epilogue::None);
+        k.gather_rows(self.emb, &self.index, [self.cls_token, NONE], Some((self.pos_embed, &self.positions)), self.stack.input(), d);
+        self.stack.forward_observed(k, eps, observe);
+        Ok(())
+    }
+
+    /// The outputs `[N, 1 + L, D]` of blocks `layers` (indices, in the order given) over
+    /// `imgs`, in this plan's mode without stochastic depth: dense features.
+    pub fn block_outputs(&mut self, imgs: &[f32], layers: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let mut outputs = vec![Vec::new(); layers.len()];
+        self.encode(imgs, None, keep_outputs(layers, &mut outputs))?;
+        Ok(outputs)
     }
 
     /// Logits `[N, K]` of `imgs` (an `Eval` plan, or any plan in its mode).

@@ -58,7 +58,7 @@ pub(crate) fn classifier(depth: usize, num_classes: usize, global_pool: bool, he
 }
 
 /// The MAE whose encoder matches `cls_config(depth, ..)`.
-fn mae_config(depth: usize) -> MaeConfig {
+pub(crate) fn mae_config(depth: usize) -> MaeConfig {
     MaeConfig {
         img_size: SIDE,
         patch_size: 4,
@@ -942,10 +942,10 @@ fn resize_pos_embed_matches_torch_bicubic() {
     let d = 3;
     let table: Vec<f32> = SplitMix(21).values(5 * d, -1.0, 1.0);
     let pos = tensor(&table, &[1, 5, d]);
-    assert_eq!(bits(&resize_pos_embed(&pos, 2).unwrap()), bits(&pos), "same grid: unchanged");
+    assert_eq!(bits(&resize_pos_embed(&pos, 2, 2).unwrap()), bits(&pos), "same grid: unchanged");
 
     for out in [4, 3, 1] {
-        let resized = resize_pos_embed(&pos, out).unwrap();
+        let resized = resize_pos_embed(&pos, out, out).unwrap();
         assert_eq!(resized.dims(), [1, 1 + out * out, d]);
         let got = host(&resized);
         assert_eq!(&got[..d], &table[..d].iter().map(|&v| v as f64).collect::<Vec<_>>()[..], "cls row kept");
@@ -961,7 +961,7 @@ fn resize_pos_embed_matches_torch_bicubic() {
         }
     }
     // One element written out by hand: 2 -> 4, output (0, 1), so src = (-0.25, 0.25).
-    let resized = host(&resize_pos_embed(&pos, 4).unwrap());
+    let resized = host(&resize_pos_embed(&pos, 4, 4).unwrap());
     let v = |y: usize, x: usize| table[(1 + y * 2 + x) * d] as f64;
     let wy = [keys_kernel(1.75), keys_kernel(0.75), keys_kernel(0.25), keys_kernel(1.25)]; // taps -2..1 around -0.25
     let wx = [keys_kernel(1.25), keys_kernel(0.25), keys_kernel(0.75), keys_kernel(1.75)]; // taps -1..2 around 0.25
@@ -971,14 +971,14 @@ fn resize_pos_embed_matches_torch_bicubic() {
 
     // A table constant per channel stays constant (the weights sum to 1).
     let constant: Vec<f32> = (0..5).flat_map(|r| [if r == 0 { 9.0 } else { 0.5 }, -2.0, 3.25]).collect();
-    let resized = host(&resize_pos_embed(&tensor(&constant, &[1, 5, 3]), 5).unwrap());
+    let resized = host(&resize_pos_embed(&tensor(&constant, &[1, 5, 3]), 5, 5).unwrap());
     for (i, v) in resized.iter().enumerate().skip(3) {
         let want = [0.5, -2.0, 3.25][i % 3];
         assert!((v - want).abs() < 1e-6, "constant channel {} became {v}", i % 3);
     }
     assert_eq!(&resized[..3], &[9.0, -2.0, 3.25]);
 
-    assert_eq!(resize_pos_embed(&tensor(&[0.0; 6 * 3], &[1, 6, 3]), 2).unwrap_err().code, ErrorCode::CheckpointShape);
+    assert_eq!(resize_pos_embed(&tensor(&[0.0; 6 * 3], &[1, 6, 3]), 2, 2).unwrap_err().code, ErrorCode::CheckpointShape);
 }
 
 // ---------------------------------------------------------------- 9. classifier from a pre-trained encoder
@@ -1030,7 +1030,7 @@ fn from_encoder_copies_the_encoder_and_starts_a_fresh_head() {
     // A larger image: the table is resized to the new grid.
     let config = ClassifierConfig { img_size: 12, ..ClassifierConfig::from_encoder(&mae.config, 7, true, false) };
     let c = VitClassifier::from_encoder(&mae, config, 9).unwrap();
-    assert_eq!(bits(param(&c, "pos_embed").as_tensor()), bits(&resize_pos_embed(mae.buffers()[0].1, 3).unwrap()));
+    assert_eq!(bits(param(&c, "pos_embed").as_tensor()), bits(&resize_pos_embed(mae.buffers()[0].1, 3, 3).unwrap()));
 
     // The linear probe's head: BatchNorm stats at their start, trunc-normal(0.01) weight.
     let probe = VitClassifier::from_encoder(&mae, ClassifierConfig::from_encoder(&mae.config, 7, false, true), 9).unwrap();

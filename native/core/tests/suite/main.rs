@@ -12,6 +12,7 @@ mod data_parallel;
 mod distributed;
 mod engine;
 mod errors;
+mod features;
 mod finetune;
 mod fuzz;
 mod model;
