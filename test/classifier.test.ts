@@ -11,30 +11,14 @@ import {
   MaskedAutoencoder,
   VitClassifier,
   VitMaeError,
-  type MaeConfig,
   type Tensor,
   type TrainingEvent,
 } from '../ts/index.js';
-import { FIXTURE_DIRS, FIXTURES, fixture, randomTensor, readSafetensors, worstMismatch } from './helpers.js';
+import { FIXTURE_DIRS, FIXTURES, TINY, fixture, randomTensor, readSafetensors, worstMismatch } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'vit-mae-classifier-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-/** A tiny RGB MAE: 16x16 images, 4x4 patches, 2 blocks of width 16. */
-const TINY: MaeConfig = {
-  imgSize: 16,
-  patchSize: 4,
-  inChans: 3,
-  embedDim: 16,
-  depth: 2,
-  numHeads: 2,
-  decoderEmbedDim: 8,
-  decoderDepth: 1,
-  decoderNumHeads: 2,
-  mlpRatio: 4,
-  normPixLoss: false,
-  layerNormEps: 1e-6,
-};
 const D = TINY.embedDim;
 
 /** `n` smooth images `[n, 3, 16, 16]` with values in [0, 1]. */

@@ -4,7 +4,7 @@ import zlib from 'node:zlib';
 import { expect } from 'vitest';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Tensor } from '../ts/index.js';
+import type { MaeConfig, Tensor } from '../ts/index.js';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -64,6 +64,22 @@ export function writeSafetensors(tensors: Record<string, Tensor | { data: Float6
   const parts = Object.values(tensors).map((t) => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength));
   return Buffer.concat([head, Buffer.from(json), ...parts]);
 }
+
+/** A tiny RGB MAE: 16x16 images, 4x4 patches, 2 blocks of width 16. */
+export const TINY: MaeConfig = {
+  imgSize: 16,
+  patchSize: 4,
+  inChans: 3,
+  embedDim: 16,
+  depth: 2,
+  numHeads: 2,
+  decoderEmbedDim: 8,
+  decoderDepth: 1,
+  decoderNumHeads: 2,
+  mlpRatio: 4,
+  normPixLoss: false,
+  layerNormEps: 1e-6,
+};
 
 /** Deterministic pseudo-random values (mulberry32) for test inputs. */
 export function randomTensor(shape: number[], seed = 1): Tensor {

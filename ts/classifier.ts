@@ -4,7 +4,7 @@ import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { forwardProgress, runJob, TrainingRun, type RecipeOptions } from './train.js';
-import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
 /** Options for {@link VitClassifier.fromPretrained}. */
@@ -255,6 +255,15 @@ export class VitClassifier {
   async embed(images: Tensor): Promise<Tensor> {
     checkImages(images);
     return fromNative((await call(() => this.#native.embed(images.data, images.shape))).tensor!);
+  }
+
+  /**
+   * Dense features of the encoder, as {@link MaskedAutoencoder.featureMaps}: the chosen
+   * blocks' outputs as maps `[N, embedDim, H/p, W/p]` (before `norm` / `fc_norm`), at this
+   * classifier's image size or any other whose sides are multiples of the patch size.
+   */
+  featureMaps(images: Tensor, options: FeatureMapOptions = {}): Promise<FeatureMaps> {
+    return featureMapsOf(this.#native, images, options);
   }
 
   /** Top-1/top-5 accuracy and loss on a labelled dataset, in one ordered pass (no augmentation). */

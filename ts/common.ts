@@ -1,7 +1,7 @@
 // Argument checks and types shared by the model classes.
 import { VitMaeError } from './errors.js';
-import type { Binding } from './native.js';
-import type { Tensor } from './tensor.js';
+import { call, type Binding } from './native.js';
+import { checkTensor, type Tensor } from './tensor.js';
 import type { AugmentOptions, LoaderOptions } from './data.js';
 import type { StartedEvent } from './train.js';
 
@@ -155,4 +155,46 @@ export function fromNative(t: Binding.NativeTensor): Tensor {
 /** Refuses work (a pass, a training run) whose signal is already aborted, before it starts. */
 export function checkNotAborted(signal: AbortSignal | undefined, what: string): void {
   if (signal?.aborted) throw new VitMaeError('E_ABORTED', `${what} was aborted before it started`);
+}
+
+/** Options of `featureMaps`: dense features for detection and segmentation. */
+export interface FeatureMapOptions {
+  /**
+   * The encoder blocks whose outputs become maps, 0-based, in the order wanted; negative
+   * indices count from the end. Default `[-1]`, the last block (as ViTDet). A block out of
+   * range is refused with `E_ARGUMENT`.
+   */
+  layers?: number[];
+  /** Also resample the last map into the simple feature pyramid ({@link FeatureMaps.pyramid}). Default false. */
+  pyramid?: boolean;
+}
+
+/** Dense features of a batch of images `[N, C, H, W]`, H and W multiples of the patch size `p`. */
+export interface FeatureMaps {
+  /**
+   * One map `[N, embedDim, H/p, W/p]` per entry of `layers`, row-major: the block's output
+   * tokens without the cls token and without the encoder's final norm, the token of
+   * patch row `i`, column `j` at `[n, :, i, j]`.
+   */
+  maps: Tensor[];
+  /**
+   * With `pyramid`: the last map at 4x, 2x, 1x and 1/2 its size, finest first (strides
+   * p/4, p/2, p and 2p: 4, 8, 16 and 32 at patch 16), by nearest-neighbour upsampling and
+   * a 2x2 max-pool with stride 2 (odd sides floored). This is ViTDet's simple feature
+   * pyramid without its learnable layers, which a detector adds and trains. Else null.
+   */
+  pyramid: Tensor[] | null;
+}
+
+/** `featureMaps` of either model: the options checked, the maps of its native model. */
+export async function featureMapsOf(native: Pick<Binding.NativeMae, 'featureMaps'>, images: Tensor, options: FeatureMapOptions): Promise<FeatureMaps> {
+  checkTensor(images, 'images', 'E_SHAPE');
+  if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'featureMaps options must be an object');
+  const { layers = [-1], pyramid = false } = options;
+  if (!Array.isArray(layers) || layers.length === 0 || !layers.every((l) => Number.isSafeInteger(l))) {
+    throw new VitMaeError('E_ARGUMENT', `layers must be a non-empty array of block indices (integers, negative from the end), got ${JSON.stringify(layers)}`);
+  }
+  if (typeof pyramid !== 'boolean') throw new VitMaeError('E_ARGUMENT', `pyramid must be a boolean, got ${String(pyramid)}`);
+  const m = await call(() => native.featureMaps(images.data, images.shape, layers, pyramid));
+  return { maps: m.maps.map(fromNative), pyramid: m.pyramid ? m.pyramid.map(fromNative) : null };
 }

@@ -7,14 +7,14 @@
 import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { betaFields, checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, fromNative, optionsJson, type Embeddings, type PassOptions } from './common.js';
+import { betaFields, checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
 import { forwardProgress, runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
 
 export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision } from './config.js';
-export type { DistributedOptions, Embeddings, PassOptions } from './common.js';
+export type { DistributedOptions, Embeddings, FeatureMapOptions, FeatureMaps, PassOptions } from './common.js';
 export {
   VitClassifier,
   type FromPretrainedOptions,
@@ -428,6 +428,17 @@ export class MaskedAutoencoder {
     checkTensor(images, 'images', 'E_SHAPE');
     const pool = options.pool ?? 'mean';
     return fromNative(await call(() => this.#native.embed(images.data, images.shape, pool)));
+  }
+
+  /**
+   * Dense features for detection and segmentation (the paper's Tables 4-5, through
+   * ViTDet): the encoder over every patch (no masking) of images `[N, C, H, W]` of this
+   * model's size or any other whose sides are multiples of the patch size (the position
+   * embedding then resized bicubically, as the published `interpolate_pos_embed`), the
+   * outputs of the chosen blocks as maps `[N, embedDim, H/p, W/p]`. See {@link FeatureMaps}.
+   */
+  featureMaps(images: Tensor, options: FeatureMapOptions = {}): Promise<FeatureMaps> {
+    return featureMapsOf(this.#native, images, options);
   }
 
   /** The features (as {@link MaskedAutoencoder.embed}) of every image of a dataset, optionally written to `output` as safetensors. */

@@ -117,6 +117,12 @@ impl NativeClassifier {
         self.task(Compute::Embed, images, shape)
     }
 
+    /// Dense features of the encoder, as `NativeMae::feature_maps`.
+    #[napi(ts_return_type = "Promise<NativeFeatureMaps>")]
+    pub fn feature_maps(&self, images: Float32Array, shape: Vec<u32>, layers: Vec<i64>, pyramid: bool) -> Result<AsyncTask<Coded<crate::features::FeatureMapsTask<VitClassifier>>>, ErrorCode> {
+        crate::features::feature_maps_task(&self.model, images, shape, layers, pyramid)
+    }
+
     /// Probabilities and the top classes.
     #[napi(ts_return_type = "Promise<NativeClassifierOutput>")]
     pub fn predict(&self, images: Float32Array, shape: Vec<u32>) -> Result<AsyncTask<Coded<ClassifierTask>>, ErrorCode> {

@@ -6,6 +6,7 @@
 
 mod cell;
 mod classifier;
+mod features;
 mod training;
 
 use napi::bindgen_prelude::*;
@@ -256,6 +257,13 @@ impl NativeMae {
     pub fn embed(&self, images: Float32Array, shape: Vec<u32>, pool: String) -> Result<AsyncTask<Coded<EmbedTask>>, ErrorCode> {
         let input = guarded(|| Ok((host_tensor(&images, &shape)?, vit_mae_core::Pool::parse(&pool)?)))?;
         Ok(AsyncTask::new(Coded(EmbedTask { model: self.model.clone(), images: input.0, pool: input.1 })))
+    }
+
+    /// Dense features: the outputs of encoder blocks `layers` (negative from the end) as
+    /// maps `[N, D, H/p, W/p]`, with the simple feature pyramid of the last when `pyramid`.
+    #[napi(ts_return_type = "Promise<NativeFeatureMaps>")]
+    pub fn feature_maps(&self, images: Float32Array, shape: Vec<u32>, layers: Vec<i64>, pyramid: bool) -> Result<AsyncTask<Coded<features::FeatureMapsTask<MaskedAutoencoder>>>, ErrorCode> {
+        features::feature_maps_task(&self.model, images, shape, layers, pyramid)
     }
 
     /// Writes safetensors in the published layout, atomically.
