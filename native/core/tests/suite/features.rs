@@ -1,7 +1,8 @@
 //! Dense features (Tables 4-5, through ViTDet): which blocks `layers` names, the maps'
 //! layout (a block's output tokens, the cls token dropped), the engine against the
-//! reference model, other image sizes through the published position-embedding
-//! interpolation (against PyTorch), and the parameter-free simple feature pyramid.
+//! reference model, the maps and the published position-embedding interpolation at
+//! other image sizes against PyTorch (test/fixtures/dense_features.py), and the
+//! parameter-free simple feature pyramid.
 
 use crate::common::{bits, fixtures, host, SplitMix};
 // img 8, patch 4 (a 2x2 grid), embed 16, 2 heads.
@@ -9,7 +10,7 @@ use crate::finetune::mae_config;
 use candle_core::{Device, Tensor};
 use vit_mae_core::classifier::{resize_pos_embed, ClassifierConfig, VitClassifier};
 use vit_mae_core::features::{check_images, resolve_layers, simple_pyramid};
-use vit_mae_core::{ErrorCode, HostTensor, MaskOptions, MaskedAutoencoder, Masking, Precision};
+use vit_mae_core::{load_model, ErrorCode, HostTensor, MaskOptions, MaskedAutoencoder, Masking, Precision};
 
 fn mae(depth: usize, reference_only: bool) -> MaskedAutoencoder {
     let mut model = MaskedAutoencoder::new(mae_config(depth), &Device::Cpu, Precision::F32, 5).unwrap();
@@ -130,6 +131,23 @@ fn the_position_embedding_resizes_as_pytorch_does() {
         let (h, w) = (resized["height"].as_u64().unwrap() as usize, resized["width"].as_u64().unwrap() as usize);
         let want = Tensor::from_vec(floats(&resized["table"]), (1, 1 + h * w, 3), &Device::Cpu).unwrap();
         assert_close(&resize_pos_embed(&table, h, w).unwrap(), &want, 1e-6, &format!("4x4 -> {h}x{w}"));
+    }
+}
+
+#[test]
+fn the_maps_match_pytorch_at_the_models_size_and_at_another() {
+    // mae-tiny (32x32, patch 4) over a 32x32 and a 24x40 image, every block, as
+    // test/fixtures/dense_features.py computes them with the published code.
+    let case = candle_core::safetensors::load(fixtures().join("mae-tiny.features.safetensors"), &Device::Cpu).unwrap();
+    for reference_only in [false, true] {
+        let (mut model, _) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, Precision::F32, 0).unwrap();
+        model.set_reference_only(reference_only);
+        for (imgs, maps) in [("imgs", "maps"), ("imgs_other", "maps_other")] {
+            let got = model.feature_maps(&case[imgs], &[0, 1]).unwrap();
+            for (i, map) in got.iter().enumerate() {
+                assert_close(map, &case[&format!("{maps}.{i}")], 1e-4, &format!("{maps}.{i}, engine {}", !reference_only));
+            }
+        }
     }
 }
 
