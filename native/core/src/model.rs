@@ -624,9 +624,10 @@ impl MaskedAutoencoder {
 impl MaskedAutoencoder {
     /// Dense features: the outputs of encoder blocks `layers` (from
     /// [`features::resolve_layers`]) over every patch of `imgs` `[N, C, H, W]`, `H` and
-    /// `W` multiples of the patch size, each as a map `[N, D, H/p, W/p]` (see
-    /// [`features::Encoder::feature_maps`]). On the engine at the model's image size on
-    /// the CPU in f32, else the reference model.
+    /// `W` multiples of the patch size, each as a map `[N, D, H/p, W/p]`: the cls token
+    /// dropped, no final norm (as ViTDet), the position embedding resized bicubically at
+    /// other sizes. On the engine at the model's image size on the CPU in f32, else the
+    /// reference model.
     pub fn feature_maps(&self, imgs: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
         let (n, l) = (imgs.dim(0)?, self.config.num_patches());
         let plan = MaskPlan::keep_all(n, l);
