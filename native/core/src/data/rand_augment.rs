@@ -157,16 +157,17 @@ fn apply_op(op: Op, level: f64, increasing: bool, mut negate: impl FnMut() -> bo
             image.into_iter().map(|v| v & mask).collect()
         }
         Op::Solarize => {
-            let threshold = (level * 256.0) as i32;
+            let threshold = ((level * 256.0) as i32).min(256);
             let threshold = if increasing { 256 - threshold } else { threshold };
             image.into_iter().map(|v| if i32::from(v) < threshold { v } else { 255 - v }).collect()
         }
         Op::SolarizeAdd => {
-            let add = (level * 110.0) as i32;
+            let add = ((level * 110.0) as i32).min(128);
             image.into_iter().map(|v| if v < 128 { (i32::from(v) + add).min(255) as u8 } else { v }).collect()
         }
         Op::Color | Op::Contrast | Op::Brightness | Op::Sharpness => {
-            let factor = if increasing { 1.0 + signed(level * 0.9) } else { level * 1.8 + 0.1 };
+            // timm keeps the increasing factor at 0.1 or more (reachable with mmax > 10).
+            let factor = if increasing { (1.0 + signed(level * 0.9)).max(0.1) } else { level * 1.8 + 0.1 };
             let degenerate = match op {
                 Op::Color => gray_planes(&image, plane),
                 Op::Contrast => {
@@ -362,6 +363,8 @@ mod tests {
         // - 255 is 254.99999999999994 in floating point, so 254, as Pillow gives).
         assert_eq!(op(Op::AutoContrast, 0.0, true, false, &image, 2, 4), image);
         assert_eq!(op(Op::AutoContrast, 0.0, true, false, &[50, 60, 75, 100], 2, 2), [0, 51, 127, 254]);
+        // Beyond m10 (mmax15, level 1.5) timm caps SolarizeAdd's addition at 128.
+        assert_eq!(op(Op::SolarizeAdd, 1.5, true, false, &[0, 127, 128, 200], 2, 2), [128, 255, 128, 200]);
         // Equalize of 8 pixels: step (8 - 1) / 256 = 0, identity.
         assert_eq!(op(Op::Equalize, 0.0, true, false, &image, 2, 4), image);
     }
@@ -384,6 +387,8 @@ mod tests {
         assert_eq!(op(Op::Brightness, 0.9, true, false, &gray, 2, 2), [181, 255, 181, 255]);
         // Contrast: mean 150; 150 + 0.19 * (100 - 150) = 140.5 -> 140, 159.5 -> 159.
         assert_eq!(op(Op::Contrast, 0.9, true, true, &gray, 2, 2), [140, 159, 140, 159]);
+        // Beyond m10, negated: 1 - 1.35 is kept at 0.1.
+        assert_eq!(op(Op::Brightness, 1.5, true, true, &gray, 2, 2), [10, 20, 10, 20]);
         // Color (saturation) of a gray image is the identity.
         assert_eq!(op(Op::Color, 0.9, true, false, &gray, 2, 2), gray);
         // Color of RGB (255, 0, 0): gray (19595 * 255 + 0x8000) >> 16 = 76; factor 0.19:
