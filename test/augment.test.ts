@@ -54,12 +54,14 @@ describe('augmentation options', () => {
     await refused({ crop: 'fixed', randomResizedCrop: true }, /contradicts randomResizedCrop/);
     await refused({ cropFraction: 0 }, /cropFraction must be in \(0, 1\]/);
     await refused({ cropFraction: 1.5 }, /cropFraction/);
+    await refused({ cropFraction: 'half' }, /cropFraction must be a number, got string/);
     await refused({ colorJitter: -1 }, /colorJitter must be/);
     await refused({ colorJitter: [0.4, 0.4] }, /colorJitter must be/);
     await refused({ randAugment: 'm9' }, /must start with 'rand'/);
     await refused({ randAugment: 'rand-m9-w0' }, /bad section 'w0'/);
     await refused({ randAugment: 9 }, /randAugment must be a string/);
     await refused({ randomErasing: 1.5 }, /randomErasing must be a probability/);
+    await refused({ randomErasing: '0.25' }, /randomErasing must be a number/);
   });
 
   it('pre-training takes the whole fine-tuning recipe of augmentations', async () => {

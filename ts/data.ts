@@ -162,9 +162,16 @@ export function cropMode(augment: AugmentOptions, fallback: CropMode = 'randomRe
   return implied;
 }
 
+/** `value` if it is a number (the native side checks its range), else `E_ARGUMENT`. */
+function checkNumber(value: unknown, name: string): number {
+  if (typeof value !== 'number') throw new VitMaeError('E_ARGUMENT', `${name} must be a number, got ${typeof value}`);
+  return value;
+}
+
 /** The central-crop fraction of evaluation passes for a model trained with `augment`. */
 export function cropFraction(augment: AugmentOptions): number {
-  return augment.cropFraction ?? (cropMode(augment) === 'fixed' ? PUBLISHED_CROP_FRACTION : 1);
+  if (augment.cropFraction !== undefined) return checkNumber(augment.cropFraction, 'cropFraction');
+  return cropMode(augment) === 'fixed' ? PUBLISHED_CROP_FRACTION : 1;
 }
 
 function jitterStrengths(jitter: AugmentOptions['colorJitter'] = 0): number[] {
@@ -193,7 +200,7 @@ export function loaderSpec(channels: number, seed: number, loader: LoaderOptions
     hflip: augment.hflip ?? true,
     colorJitter: jitterStrengths(augment.colorJitter),
     randAugment: augment.randAugment,
-    randomErasing: augment.randomErasing ?? 0,
+    randomErasing: augment.randomErasing === undefined ? 0 : checkNumber(augment.randomErasing, 'randomErasing'),
     padTo: augment.padTo === undefined ? undefined : checkInteger(augment.padTo, 'padTo', 1),
     ...normalisation(channels, augment),
   };
