@@ -604,6 +604,27 @@ mod tests {
         assert_eq!(desaturated, [0.2989, 0.0, 0.2989, 0.0, 0.2989, 0.0]);
     }
 
+    /// torchvision 0.29's `adjust_brightness`, `adjust_contrast` and `adjust_saturation` of
+    /// float tensors (test/fixtures/augment/reference_ops.py prints them).
+    #[test]
+    fn color_adjustments_match_torchvision() {
+        let rgb = [0.9f32, 0.2, 0.5, 0.1, 0.7, 0.3, 0.4, 0.8, 0.1, 0.6, 0.0, 1.0, 0.3, 0.5, 0.9, 0.2, 0.4, 0.6];
+        let mut jittered = rgb.to_vec();
+        adjust_color(&mut jittered, 6, 0, 1.3);
+        adjust_color(&mut jittered, 6, 1, 0.7);
+        adjust_color(&mut jittered, 6, 2, 1.6);
+        let torchvision = [
+            1.0, 0.152015, 0.737587, 0.095647, 1.0, 0.275071, 0.481105, 0.980815, 0.155187, 0.823647, 0.03198, 0.958271, 0.335505, 0.588815, 1.0,
+            0.241247, 0.61438, 0.711871,
+        ];
+        assert!(jittered.iter().zip(torchvision).all(|(a, b)| (a - b).abs() < 2e-6), "{jittered:?}");
+        let mut gray = rgb[..6].to_vec();
+        adjust_color(&mut gray, 6, 2, 0.2);
+        adjust_color(&mut gray, 6, 1, 1.4);
+        let torchvision = [1.0, 0.1, 0.52, 0.0, 0.8, 0.24];
+        assert!(gray.iter().zip(torchvision).all(|(a, b)| (a - b).abs() < 2e-6), "{gray:?}");
+    }
+
     #[test]
     fn color_jitter_factors_stay_in_range() {
         // Brightness alone at strength 0.4 scales by a factor in [0.6, 1.4], and zero

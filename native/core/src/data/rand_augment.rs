@@ -428,7 +428,7 @@ mod tests {
 
     /// Pillow 13's `transform(AFFINE, (1, 0.27, 0, 0, 1, 0), BICUBIC, fillcolor=124)` and
     /// `rotate(-27, BICUBIC, fillcolor=124)` of a random 6x7 image, as timm's ShearX and
-    /// Rotate call them (level 0.9, the rotation negated); test/fixtures/augment/pillow_ops.py
+    /// Rotate call them (level 0.9, the rotation negated); test/fixtures/augment/reference_ops.py
     /// prints these and the other tests' Pillow values.
     #[test]
     fn shear_and_rotate_match_pillow() {
