@@ -90,7 +90,8 @@ impl RandAugment {
                 "m" => policy.magnitude = f64::from(int()?),
                 "n" => policy.num_layers = int()? as usize,
                 "mstd" => policy.magnitude_std = float().map(|v| if v > 100.0 { f64::INFINITY } else { v })?,
-                "mmax" => policy.magnitude_max = f64::from(int()?),
+                // timm reads `mmax0` as unset, the default 10.
+                "mmax" => policy.magnitude_max = match int()? { 0 => LEVEL_DENOM, v => f64::from(v) },
                 "p" => policy.prob = float()?,
                 "inc" => policy.increasing = int()? != 0,
                 _ => bail!(InvalidArgument, "{}", bad()),
@@ -341,6 +342,7 @@ mod tests {
         assert_eq!(p, RandAugment { magnitude: 9.0, magnitude_std: 0.5, magnitude_max: 10.0, num_layers: 2, prob: 0.5, increasing: true });
         let p = RandAugment::parse("rand-n3-m5-p1-mmax12-mstd101").unwrap();
         assert_eq!((p.num_layers, p.magnitude, p.prob, p.magnitude_max, p.magnitude_std), (3, 5.0, 1.0, 12.0, f64::INFINITY));
+        assert_eq!(RandAugment::parse("rand-mmax0").unwrap().magnitude_max, 10.0);
         for bad in ["m9", "rand-x1", "rand-m", "rand-w0", "rand-p2", "rand-mstd-1"] {
             let e = RandAugment::parse(bad).unwrap_err();
             assert_eq!(e.code, crate::ErrorCode::InvalidArgument, "{bad}");
