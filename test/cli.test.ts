@@ -173,6 +173,26 @@ describe('vit-mae CLI: fine-tuning, evaluation and embeddings', () => {
     }
   });
 
+  it('takes the augmentation settings of Table 1e and the fine-tuning recipe', () => {
+    for (const command of ['pretrain', 'finetune', 'linprobe']) {
+      const help = run([cli, command, '--help']).stdout.replace(/\s+/g, ' ');
+      for (const flag of ['--augment <setting>', '"none", "crop-fixed", "crop", "crop-jitter"', '--crop-fraction <f>', '--rand-augment <spec>', '--reprob <p>']) expect(help, `${command} ${flag}`).toContain(flag);
+    }
+    expect(run([cli, 'eval', '--help']).stdout).toContain('--crop-fraction <f>');
+    const out = join(dir, 'finetune-recipe');
+    const recipe = train('finetune', out, ['--augment', 'crop-jitter', '--rand-augment', 'rand-m9-mstd0.5-inc1', '--reprob', '0.25', '--crop-fraction', '0.875', '--eval-data', images]);
+    expect(recipe.status, recipe.stderr).toBe(0);
+    expect(jsonLines(recipe.stdout).at(-1)).toMatchObject({ type: 'summary', steps: 2, evaluation: { count: 6 } });
+    for (const setting of ['none', 'crop-fixed']) expect(train('linprobe', join(dir, `linprobe-${setting}`), ['--augment', setting]).status, setting).toBe(0);
+    expect(train('finetune', join(dir, 'bad-setting'), ['--augment', 'jitter']).status).toBe(2);
+    const badSpec = train('finetune', join(dir, 'bad-spec'), ['--rand-augment', 'rand-q3']);
+    expect(badSpec.status).toBe(1);
+    expect(badSpec.stderr).toMatch(/E_ARGUMENT.*bad section 'q3'/);
+    const both = train('finetune', join(dir, 'both'), ['--augment', 'none', '--no-crop']);
+    expect(both.status).toBe(1);
+    expect(both.stderr).toMatch(/--no-crop and --augment/);
+  });
+
   it('finetune writes the model and prints JSON steps and a summary; with --eval-data the summary has an evaluation', async () => {
     const out = join(dir, 'finetune');
     const result = train('finetune', out);

@@ -2,7 +2,7 @@ import type { ClassifierConfig, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
-import { datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
+import { cropFraction, datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { forwardProgress, runJob, TrainingRun, type RecipeOptions } from './train.js';
 import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
@@ -73,8 +73,9 @@ export interface FinetuneOptions extends RecipeOptions {
   evalData?: DatasetSource;
   /**
    * Training augmentation and normalisation. Default: RandomResizedCrop with scale
-   * [0.08, 1] and flips (published; RandAugment and random erasing are not
-   * implemented). Evaluation uses the same normalisation and padding without crop or flip.
+   * [0.08, 1] and flips. The published recipe adds `randAugment: 'rand-m9-mstd0.5-inc1'`,
+   * `randomErasing: 0.25` and `cropFraction: 224 / 256` (evaluation's central crop).
+   * Evaluation uses the same normalisation, padding and central crop, nothing random.
    */
   augment?: AugmentOptions;
   /** Default 'finetune'. */
@@ -307,9 +308,10 @@ export class VitClassifier {
     const config = { ...recipe, protocol, ...betaFields(betas), smoothing: labelSmoothing, seed };
     const channels = this.#config.inChans;
     const loaderOptions = { batchSize, workers, prefetch, skipCorrupt };
-    const loader = loaderSpec(channels, seed, loaderOptions, { ...FINETUNE_AUGMENT, ...augment }, true);
+    const training = { ...FINETUNE_AUGMENT, ...augment };
+    const loader = loaderSpec(channels, seed, loaderOptions, training, true);
     const evalSpec = evalData === undefined ? undefined : datasetSpec(evalData);
-    const evalLoader = evalData === undefined ? undefined : passSpec(channels, loaderOptions, { padTo: augment.padTo, mean: augment.mean, std: augment.std });
+    const evalLoader = evalData === undefined ? undefined : passSpec(channels, loaderOptions, { ...training, cropFraction: cropFraction(training) });
     const group = distributedSpec({ distributed, distributedTimeout });
     const native = callSync(() => this.#native.finetune(datasetSpec(data), loader, evalSpec, evalLoader, optionsJson(config, 'E_ARGUMENT'), resume, group));
     return new TrainingRun(native, onProgress, signal);

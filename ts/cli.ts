@@ -25,7 +25,9 @@ import {
   type PresetName,
   type DistributedOptions,
   type StartedEvent,
+  type AugmentOptions,
 } from './index.js';
+import { cropFraction } from './data.js';
 import { binding, callSync } from './native.js';
 
 const EXIT_FAILURE = 1;
@@ -208,6 +210,28 @@ function quietUnlessRankZero(out: Output): (event: StartedEvent) => void {
   };
 }
 
+/** The augmentation settings of the paper's Table 1e, as `--augment` names them. */
+const AUGMENT_SETTINGS: Record<string, AugmentOptions> = {
+  none: { crop: 'center', hflip: false },
+  'crop-fixed': { crop: 'fixed' },
+  crop: { crop: 'randomResized' },
+  'crop-jitter': { crop: 'randomResized', colorJitter: 0.4 },
+};
+
+/** The training augmentation the options of `addRecipeOptions` ask for. */
+function augmentOptions(o: Record<string, unknown>): AugmentOptions {
+  if (o.augment !== undefined && o.crop === false) throw new VitMaeError('E_ARGUMENT', '--no-crop and --augment both choose the crop: give one');
+  const setting: AugmentOptions = o.augment === undefined ? { crop: o.crop === false ? 'center' : 'randomResized' } : AUGMENT_SETTINGS[o.augment as string];
+  return {
+    ...setting,
+    ...(o.flip === false ? { hflip: false } : {}),
+    padTo: o.padTo as number | undefined,
+    cropFraction: o.cropFraction as number | undefined,
+    randAugment: o.randAugment as string | undefined,
+    randomErasing: o.reprob as number,
+  };
+}
+
 /** The options every training command has. */
 function addRecipeOptions(command: Command, d: RecipeDefaults): Command {
   return addDistributedOptions(addComputeOptions(command))
@@ -227,8 +251,12 @@ function addRecipeOptions(command: Command, d: RecipeDefaults): Command {
     .option('--checkpoint-every <n>', 'checkpoint every n steps (and at the end)', integer, 0)
     .option('--keep-last <n>', 'checkpoints to keep', integer, 3)
     .option('--pad-to <n>', 'zero-pad images to this side first (e.g. 32 for 28x28 Fashion-MNIST)', integer)
-    .option('--no-crop', 'resize instead of RandomResizedCrop')
+    .option('--no-crop', 'resize instead of RandomResizedCrop (as --augment none, with flips)')
     .option('--no-flip', 'no horizontal flips')
+    .addOption(new Option('--augment <setting>', "the paper's Table 1e: none (central crop, no flip), crop-fixed (random crop of --crop-fraction, flip), crop (RandomResizedCrop, flip; the default), crop-jitter (crop + ColorJitter 0.4)").choices(Object.keys(AUGMENT_SETTINGS)))
+    .option('--crop-fraction <f>', 'side of the crop-fixed crop and of the evaluation\'s central crop, as a fraction of the shorter side (published evaluation: 0.875)', number)
+    .option('--rand-augment <spec>', "timm's RandAugment, e.g. rand-m9-mstd0.5-inc1 (the published fine-tuning's)")
+    .option('--reprob <p>', "timm's random erasing probability, pixel mode (the published fine-tuning's: 0.25)", number, 0)
     .option('--workers <n>', 'data threads', integer, 2)
     .option('--json', 'print one JSON object per event on stdout');
 }
@@ -287,7 +315,7 @@ addRecipeOptions(
     const run = mae.pretrain({
       ...recipeOptions(o, checkpointDir, controller.signal),
       data: source,
-      augment: { padTo: o.padTo, randomResizedCrop: o.crop, hflip: o.flip },
+      augment: augmentOptions(o),
       maskRatio: o.maskRatio,
       masking: o.masking as MaskingStrategy,
     });
@@ -347,7 +375,7 @@ function trainingCommand(name: 'finetune' | 'linprobe', description: string): Co
     const globalPool = name === 'linprobe' ? Boolean(o.globalPool) : !o.clsToken;
     const clf = await VitClassifier.fromPretrained(pretrained, { numClasses: o.numClasses, globalPool, headBatchNorm: name === 'linprobe', config: o.config, seed: o.seed, ...computeOptions(o) });
     const controller = abortOnSignal(out, 'stopping after this step and writing a checkpoint...');
-    const augment = { padTo: o.padTo, randomResizedCrop: o.crop, scale: [o.cropScale, 1] as [number, number], hflip: o.flip };
+    const augment: AugmentOptions = { ...augmentOptions(o), scale: [o.cropScale, 1] };
     const evalData = o.evalData === undefined ? undefined : dataset(o.evalData, o.evalLabels);
     const run = clf.finetune({
       ...recipeOptions(o, checkpointDir, controller.signal),
@@ -368,7 +396,7 @@ function trainingCommand(name: 'finetune' | 'linprobe', description: string): Co
     const modelPath = join(o.out, 'model.safetensors');
     if (!out.quiet) await clf.save(modelPath);
     // Every rank takes its shard of the evaluation, as during training.
-    const evaluation = evalData === undefined ? undefined : await clf.evaluate(evalData, { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, ...distributedOptions(o) });
+    const evaluation = evalData === undefined ? undefined : await clf.evaluate(evalData, { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo, cropFraction: cropFraction(augment) }, ...distributedOptions(o) });
     const accuracy = evaluation ? `\ntest: top-1 ${(100 * evaluation.top1).toFixed(2)}%, top-5 ${(100 * evaluation.top5).toFixed(2)}% on ${evaluation.count} images` : '';
     emit(out, { type: 'summary', ...summary, model: modelPath, evaluation },
       `${summary.aborted ? 'stopped' : 'done'}: ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.imagesSeen} images in ${summary.seconds.toFixed(1)} s${accuracy}\nmodel: ${modelPath}`);
@@ -387,6 +415,7 @@ addDistributedOptions(program
   .option('--labels <path>', 'IDX labels file for --data')
   .option('--batch-size <n>', 'images per batch', integer, 64)
   .option('--pad-to <n>', 'zero-pad images to this side first', integer)
+  .option('--crop-fraction <f>', 'resize the central square of this fraction of the shorter side (published evaluation: 0.875)', number)
   .option('--workers <n>', 'data threads', integer, 2)
   .option('--config <json>', 'classifier config fields the checkpoint does not tell', json)
   .option('--json', 'print the result as JSON on stdout')
@@ -395,7 +424,7 @@ addDistributedOptions(program
     const clf = await VitClassifier.load(checkpoint, { config: o.config });
     const controller = abortOnSignal(out, 'stopping...');
     const progress = passProgress(out);
-    const e = await clf.evaluate(dataset(o.data, o.labels), { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress }).finally(progress.stop);
+    const e = await clf.evaluate(dataset(o.data, o.labels), { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo, cropFraction: o.cropFraction }, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress }).finally(progress.stop);
     emit(out, { type: 'evaluation', path: checkpoint, ...e }, `top-1 ${(100 * e.top1).toFixed(2)}%  top-5 ${(100 * e.top5).toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.count} images)`);
   });
 
@@ -409,6 +438,7 @@ addDistributedOptions(addComputeOptions(program
   .addOption(new Option('--pool <kind>', 'MAE pooling: mean of the patch tokens or the cls token').choices(['mean', 'cls']).default('mean'))
   .option('--batch-size <n>', 'images per batch', integer, 64)
   .option('--pad-to <n>', 'zero-pad images to this side first', integer)
+  .option('--crop-fraction <f>', 'resize the central square of this fraction of the shorter side (published evaluation: 0.875)', number)
   .option('--workers <n>', 'data threads', integer, 2)
   .option('--config <json>', 'config fields the checkpoint does not tell', json)
   .option('--json', 'print the result as JSON on stdout')
@@ -417,7 +447,7 @@ addDistributedOptions(addComputeOptions(program
     checkWritable(dirname(o.out));
     const controller = abortOnSignal(out, 'stopping...');
     const progress = passProgress(out);
-    const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo }, output: o.out, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress };
+    const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo, cropFraction: o.cropFraction }, output: o.out, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress };
     const source = dataset(o.data, o.labels);
     // A checkpoint with a classification head embeds as a classifier, any other as an MAE.
     const compute = computeOptions(o);

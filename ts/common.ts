@@ -2,7 +2,7 @@
 import { VitMaeError } from './errors.js';
 import { call, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
-import type { AugmentOptions, LoaderOptions } from './data.js';
+import type { LoaderOptions, PassAugment } from './data.js';
 import type { StartedEvent } from './train.js';
 
 /**
@@ -41,8 +41,8 @@ export function distributedSpec({ distributed = 'auto', distributedTimeout = DEF
 
 /** Options for one ordered pass over a dataset (evaluation, embedding): no shuffling or augmentation. */
 export interface PassOptions extends LoaderOptions, DistributedOptions {
-  /** Padding and normalisation, as in training. */
-  augment?: Pick<AugmentOptions, 'padTo' | 'mean' | 'std'>;
+  /** Padding, central-crop fraction and normalisation, as in training. */
+  augment?: PassAugment;
   /** Cancels the pass; the promise rejects with `E_ABORTED`. */
   signal?: AbortSignal;
   /** Called after every batch with the images done and the total. */

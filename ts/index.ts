@@ -10,7 +10,7 @@ import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { betaFields, checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
 import { forwardProgress, runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
-import { datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
+import { cropMode, datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
 
 export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision } from './config.js';
@@ -36,7 +36,10 @@ export {
   type FolderSource,
   type IdxSource,
   type MemorySource,
+  PUBLISHED_CROP_FRACTION,
   type AugmentOptions,
+  type CropMode,
+  type PassAugment,
   type LoaderOptions,
 } from './data.js';
 export {
@@ -212,7 +215,7 @@ export async function loadImages(
   const inChans = checkInteger(options.inChans, 'inChans', 1);
   const count = checkInteger(options.count, 'count', 1);
   const start = checkInteger(options.start ?? 0, 'start', 0);
-  const loader = loaderSpec(inChans, 0, { batchSize: count, workers: 1, prefetch: 1, skipCorrupt: false }, { hflip: false, randomResizedCrop: false, ...augment }, false);
+  const loader = loaderSpec(inChans, 0, { batchSize: count, workers: 1, prefetch: 1, skipCorrupt: false }, { hflip: false, ...augment, crop: cropMode(augment, 'center'), randomResizedCrop: undefined }, false);
   return fromNative(await call(() => binding.loadImages(datasetSpec(source), loader, imgSize, inChans, start, count)));
 }
 

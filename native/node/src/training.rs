@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vit_mae_core::data::{Augment, Dataset, IdxDataset, ImageFolder, InMemoryDataset, Loader, LoaderOptions, Shard};
+use vit_mae_core::data::{Augment, Crop, Dataset, IdxDataset, ImageFolder, InMemoryDataset, Loader, LoaderOptions, RandAugment, Shard};
 use vit_mae_core::distributed::{Distributed, Group, DEFAULT_TIMEOUT};
 use vit_mae_core::finetune::{embed_dataset, Embedder, Embeddings};
 use vit_mae_core::Pool;
@@ -39,10 +39,17 @@ pub struct NativeLoaderOptions {
     pub skip_corrupt: bool,
     /// Leave out an epoch's last incomplete batch (training); default true.
     pub drop_last: Option<bool>,
-    pub random_resized_crop: bool,
+    /// 'center', 'fixed' or 'randomResized'.
+    pub crop: String,
+    pub crop_fraction: f64,
     pub scale: Vec<f64>,
     pub ratio: Vec<f64>,
     pub hflip: bool,
+    /// Brightness, contrast and saturation strengths.
+    pub color_jitter: Vec<f64>,
+    /// timm's RandAugment string, e.g. 'rand-m9-mstd0.5-inc1'.
+    pub rand_augment: Option<String>,
+    pub random_erasing: f64,
     pub mean: Vec<f64>,
     pub std: Vec<f64>,
     pub pad_to: Option<u32>,
@@ -76,14 +83,27 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
         [a, b] => Ok((*a, *b)),
         _ => Err(err(ErrorCode::InvalidArgument, format!("{name} must be [min, max]"))),
     };
+    let crop = match o.crop.as_str() {
+        "center" => Crop::Center,
+        "fixed" => Crop::Fixed,
+        "randomResized" => Crop::RandomResized,
+        other => return Err(err(ErrorCode::InvalidArgument, format!("unknown crop '{other}': expected center, fixed or randomResized"))),
+    };
+    let [brightness, contrast, saturation] = o.color_jitter[..] else {
+        return Err(err(ErrorCode::InvalidArgument, "colorJitter must be [brightness, contrast, saturation]"));
+    };
     let augment = Augment {
         img_size,
         channels,
         pad_to: o.pad_to.map(|p| p as usize),
-        random_resized_crop: o.random_resized_crop,
+        crop,
+        crop_fraction: o.crop_fraction,
         scale: pair(&o.scale, "scale")?,
         ratio: pair(&o.ratio, "ratio")?,
         hflip: o.hflip,
+        color_jitter: [brightness, contrast, saturation],
+        rand_augment: o.rand_augment.as_deref().map(RandAugment::parse).transpose()?,
+        random_erasing: o.random_erasing,
         mean: o.mean.iter().map(|&v| v as f32).collect(),
         std: o.std.iter().map(|&v| v as f32).collect(),
     };

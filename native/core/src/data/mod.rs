@@ -11,11 +11,13 @@ mod augment;
 mod dataset;
 mod idx;
 mod loader;
+mod rand_augment;
 
 pub use augment::{
-    dataset_statistics, interpolate_bicubic_torch, random_resized_crop_params, resize_bicubic, Augment, CropBox, FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD,
+    color_jitter, dataset_statistics, interpolate_bicubic_torch, random_erasing, random_resized_crop_params, resize_bicubic, Augment,
+    Crop, CropBox, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD,
 };
+pub use rand_augment::RandAugment;
 pub use dataset::{ImageFolder, InMemoryDataset, IMAGE_EXTENSIONS};
 pub use idx::{IdxDataset, FASHION_MNIST_CLASSES};
 pub use loader::{Batch, EpochBatches, Loader, LoaderOptions, Shard};
@@ -113,6 +115,14 @@ pub(crate) fn stream_rng(seed: u64, round: u64, stream: u64, index: u64) -> ChaC
 /// Uniform in [0, 1) from the top 53 bits of one draw (as torch's `uniform_` on f64).
 fn uniform01<R: RngCore + ?Sized>(rng: &mut R) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Standard normal by Box-Muller from two uniform draws (the second's sine half unused,
+/// so every value costs the same two draws).
+fn standard_normal<R: RngCore + ?Sized>(rng: &mut R) -> f64 {
+    let u1 = 1.0 - uniform01(rng); // in (0, 1]: ln is finite
+    let u2 = uniform01(rng);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Uniform in `0..n` without modulo bias (Lemire's multiply-and-reject). `n` must be > 0.

@@ -10,7 +10,7 @@ pub mod pth;
 use candle_core::Tensor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use vit_mae_core::data::{Augment, Dataset, RawImage};
+use vit_mae_core::data::{Augment, Crop, Dataset, RawImage};
 
 /// The repository's own PyTorch reference fixtures (`test/fixtures`, written by
 /// `test/fixtures/generate.py`).
@@ -131,17 +131,7 @@ pub fn host(t: &Tensor) -> Vec<f64> {
 /// No padding, no crop (the central square, resized if needed), no flip; `mean` and
 /// `std` the same in every channel.
 pub fn plain_augment(img_size: usize, channels: usize, mean: f32, std: f32) -> Augment {
-    Augment {
-        img_size,
-        channels,
-        pad_to: None,
-        random_resized_crop: false,
-        scale: (0.2, 1.0),
-        ratio: (3.0 / 4.0, 4.0 / 3.0),
-        hflip: false,
-        mean: vec![mean; channels],
-        std: vec![std; channels],
-    }
+    Augment { crop: Crop::Center, hflip: false, ..Augment::pretrain(img_size, vec![mean; channels], vec![std; channels]) }
 }
 
 /// What is wrong with a [`Faulty`] dataset's bad items.

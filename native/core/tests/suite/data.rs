@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vit_mae_core::data::{
-    dataset_statistics, random_resized_crop_params, resize_bicubic, Augment, Batch, Dataset, IdxDataset, ImageFolder,
-    InMemoryDataset, Loader, LoaderOptions, RawImage, Shard, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+    dataset_statistics, random_resized_crop_params, resize_bicubic, Augment, Batch, Crop, Dataset, IdxDataset, ImageFolder,
+    InMemoryDataset, Loader, LoaderOptions, RandAugment, RawImage, Shard, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
 };
 use vit_mae_core::{ErrorCode, Result};
 
@@ -609,6 +609,40 @@ fn shard_loaders(ds: &Arc<InMemoryDataset>, ranks: usize, base: &LoaderOptions) 
 fn batch_item(batch: &Batch, at: usize) -> (usize, i64, Vec<f32>) {
     let len = batch.shape[1..].iter().product::<usize>();
     (batch.indices[at], batch.labels[at], batch.images[at * len..(at + 1) * len].to_vec())
+}
+
+/// Every random part of the augmentation (fixed crop, flip, color jitter, RandAugment,
+/// random erasing) is keyed by (seed, epoch, dataset index): an item comes out alike
+/// whatever the batch size, order, thread count or data-parallel rank that loads it.
+#[test]
+fn the_whole_augmentation_depends_only_on_seed_epoch_and_index() {
+    let ds = synthetic(13);
+    let augment = Augment {
+        crop: Crop::Fixed,
+        crop_fraction: 0.75,
+        color_jitter: [0.4; 3],
+        rand_augment: Some(RandAugment::parse("rand-m9-mstd0.5-inc1").unwrap()),
+        random_erasing: 0.25,
+        ..Augment::pretrain(8, vec![0.5; 3], vec![0.2; 3])
+    };
+    let items = |options: LoaderOptions, epoch: usize| -> std::collections::BTreeMap<usize, Vec<f32>> {
+        let loader = Loader::new(ds.clone(), augment.clone(), options).unwrap();
+        let batches = collect(&loader, epoch, 0);
+        batches.iter().flat_map(|b| (0..b.indices.len()).map(|at| batch_item(b, at)).map(|(index, _, pixels)| (index, pixels)).collect::<Vec<_>>()).collect()
+    };
+    let reference = items(options(1, 1), 1);
+    assert_eq!(reference.len(), 13);
+    assert_eq!(items(LoaderOptions { batch_size: 3, shuffle: false, ..options(2, 2) }, 1), reference);
+    for rank in 0..3 {
+        let shard = items(LoaderOptions { batch_size: 2, drop_last: true, shard: Shard { rank, ranks: 3 }, ..options(2, 2) }, 1);
+        assert!(!shard.is_empty());
+        for (index, pixels) in shard {
+            assert_eq!(pixels, reference[&index], "rank {rank}, item {index}");
+        }
+    }
+    // Another epoch draws anew.
+    let next = items(options(1, 1), 2);
+    assert!((0..13).all(|i| next[&i] != reference[&i]));
 }
 
 #[test]
