@@ -219,13 +219,28 @@ export async function loadImages(
   return fromNative(await call(() => binding.loadImages(datasetSpec(source), loader, imgSize, inChans, start, count)));
 }
 
+/** How {@link encodeReconstructionGrid} and {@link writeReconstructionGrid} map pixels back. */
+export interface GridOptions {
+  mean?: number[];
+  std?: number[];
+}
+
 /**
- * Writes a PNG grid of a reconstruction, one row per image: masked |
- * reconstruction | reconstruction + visible | original. `mean` and `std` map
- * the normalised pixels back (defaults as {@link AugmentOptions}). Every tensor is
- * `[N, C, H, W]` of one shape, else `E_SHAPE` naming the one that is not.
+ * A PNG grid of a reconstruction, as the file's bytes (for a web response, say), one
+ * row per image: masked | reconstruction | reconstruction + visible | original.
+ * `mean` and `std` map the normalised pixels back (defaults as {@link AugmentOptions}).
+ * Every tensor is `[N, C, H, W]` of one shape, else `E_SHAPE` naming the one that is not.
  */
-export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals: Tensor, options: { mean?: number[]; std?: number[] } = {}): Promise<void> {
+export async function encodeReconstructionGrid(reconstruction: Reconstruction, originals: Tensor, options: GridOptions = {}): Promise<Buffer> {
+  return reconstructionGrid(null, reconstruction, originals, options);
+}
+
+/** Writes {@link encodeReconstructionGrid}'s PNG to `path` (whole or not at all). */
+export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals: Tensor, options: GridOptions = {}): Promise<void> {
+  await reconstructionGrid(checkPath(path), reconstruction, originals, options);
+}
+
+async function reconstructionGrid(path: string | null, reconstruction: Reconstruction, originals: Tensor, options: GridOptions): Promise<Buffer> {
   if (typeof reconstruction !== 'object' || reconstruction === null) throw new VitMaeError('E_ARGUMENT', 'reconstruction must be what reconstruct() returns');
   const columns = { 'reconstruction.masked': reconstruction.masked, 'reconstruction.reconstruction': reconstruction.reconstruction, 'reconstruction.pasted': reconstruction.pasted, originals };
   for (const [name, tensor] of Object.entries(columns)) {
@@ -233,8 +248,7 @@ export async function writeReconstructionGrid(path: string, reconstruction: Reco
     if (tensor.shape.length !== 4) throw new VitMaeError('E_SHAPE', `${name} must be [N, C, H, W], got [${tensor.shape.join(', ')}]`);
   }
   const { mean, std } = normalisation(originals.shape[1], options);
-  const checkedPath = checkPath(path);
-  await call(() => binding.writeReconstructionGrid(checkedPath, reconstruction.masked, reconstruction.reconstruction, reconstruction.pasted, originals, mean, std));
+  return call(() => binding.reconstructionGrid(path, reconstruction.masked, reconstruction.reconstruction, reconstruction.pasted, originals, mean, std));
 }
 
 /**
