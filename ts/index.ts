@@ -291,8 +291,10 @@ export class MaskedAutoencoder {
    * Loads a checkpoint: a published `.pth` (`{"model": state_dict}`, read without
    * running any code from it), a `.safetensors` file in the published key layout
    * (config from `__metadata__.config` when present), or a Hugging Face
-   * `ViTMAEForPreTraining` folder. An encoder-only checkpoint loads with a freshly
-   * initialised decoder and {@link MaskedAutoencoder.freshDecoder} set.
+   * `ViTMAEForPreTraining` or `ViTMAEModel` folder. An encoder-only checkpoint (a
+   * `ViTMAEModel` folder is one) loads with a freshly initialised decoder and
+   * {@link MaskedAutoencoder.freshDecoder} set; fields of a Hugging Face config that
+   * are not followed are listed in {@link MaskedAutoencoder.ignoredConfigFields}.
    */
   static async load(path: string, options: LoadOptions = {}): Promise<MaskedAutoencoder> {
     const { config, seed, device, precision } = options;
@@ -349,6 +351,18 @@ export class MaskedAutoencoder {
    */
   get convertedDtypes(): Readonly<Record<string, 'f16' | 'bf16' | 'f64'>> {
     return this.#native.convertedDtypes as Record<string, 'f16' | 'bf16' | 'f64'>;
+  }
+
+  /**
+   * The warning a Hugging Face folder can carry: the fields of its `config.json` that
+   * describe the model but were not followed (not read, and not at a value this MAE
+   * follows anyway, such as a `mask_ratio` other than 0.75, dropout, or a field of a newer
+   * Transformers), sorted. Empty for other formats or a created model. Fields that would
+   * change what the model computes and cannot be followed (`hidden_act` other than
+   * `'gelu'`, `qkv_bias: false`) fail the load with `E_CONFIG` instead.
+   */
+  get ignoredConfigFields(): readonly string[] {
+    return this.#native.ignoredConfigFields;
   }
 
   /** Where the model computes (`'cpu'`, `'cuda:0'`, ...). */
