@@ -1,10 +1,10 @@
 // The facade's behaviour: creation, presets, forward outputs, masking, save/load.
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MaskedAutoencoder, inspectCheckpoint, setAllowTf32, type MaeConfig } from '../ts/index.js';
-import { fixture, randomTensor, readSafetensors, writeSafetensors } from './helpers.js';
+import { fixture, randomTensor, readSafetensors, writeHuggingFaceEncoder, writeSafetensors } from './helpers.js';
 
 const SMALL: MaeConfig = {
   imgSize: 32,
@@ -162,7 +162,6 @@ describe('save and load', () => {
       Object.entries(full.tensors).filter(([k]) => !k.startsWith('decoder') && k !== 'mask_token'),
     );
     const path = join(dir, 'encoder.safetensors');
-    const { writeFileSync } = await import('node:fs');
     writeFileSync(path, writeSafetensors(encoder, full.metadata));
     const mae = await MaskedAutoencoder.load(path);
     expect(mae.freshDecoder).toBe(true);
@@ -177,12 +176,33 @@ describe('save and load', () => {
     const full = readSafetensors(fixture('mae-tiny.weights.safetensors'));
     const norm = full.tensors['norm.weight'];
     const path = join(dir, 'f64.safetensors');
-    const { writeFileSync } = await import('node:fs');
     writeFileSync(path, writeSafetensors({ ...full.tensors, 'norm.weight': { data: Float64Array.from(norm.data), shape: norm.shape } }, full.metadata));
     const mae = await MaskedAutoencoder.load(path);
     expect(mae.convertedDtypes).toEqual({ 'norm.weight': 'f64' });
     expect((await MaskedAutoencoder.load(fixture('mae-tiny.weights.safetensors'))).convertedDtypes).toEqual({});
     expect(MaskedAutoencoder.create({ config: SMALL }).convertedDtypes).toEqual({});
+  });
+
+  it('loads a Hugging Face ViTMAEModel folder (the encoder alone) with a fresh decoder', async () => {
+    const folder = join(dir, 'encoder.hf');
+    writeHuggingFaceEncoder(folder);
+    const mae = await MaskedAutoencoder.load(folder);
+    expect([mae.checkpointFormat, mae.freshDecoder, mae.ignoredConfigFields]).toEqual(['huggingface', true, []]);
+    const reference = readSafetensors(fixture('mae-tiny.case.safetensors'));
+    const out = await mae.forward(reference.tensors.imgs, { noise: reference.tensors.noise });
+    const want = reference.tensors.latent.data;
+    expect(out.latent.data.every((v, i) => Math.abs(v - want[i]) <= 1e-4)).toBe(true);
+  });
+
+  it('lists the Hugging Face config fields it does not follow', async () => {
+    const folder = join(dir, 'extra.hf');
+    mkdirSync(folder);
+    copyFileSync(fixture('mae-tiny.hf/model.safetensors'), join(folder, 'model.safetensors'));
+    const config = JSON.parse(readFileSync(fixture('mae-tiny.hf/config.json'), 'utf8'));
+    writeFileSync(join(folder, 'config.json'), JSON.stringify({ ...config, mask_ratio: 0.6, hidden_dropout_prob: 0.1, transformers_version: '5.25.0' }));
+    expect((await MaskedAutoencoder.load(folder)).ignoredConfigFields).toEqual(['hidden_dropout_prob', 'mask_ratio']);
+    expect((await MaskedAutoencoder.load(fixture('mae-tiny.hf'))).ignoredConfigFields).toEqual([]);
+    expect(MaskedAutoencoder.create({ config: SMALL }).ignoredConfigFields).toEqual([]);
   });
 });
 

@@ -7,7 +7,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MaskedAutoencoder, VitClassifier, type MaeConfig } from '../ts/index.js';
-import { encodeIdxImages, encodeIdxLabels, fixture, pngSize, readSafetensors, writeImageFolder } from './helpers.js';
+import { encodeIdxImages, encodeIdxLabels, fixture, pngSize, readSafetensors, writeHuggingFaceEncoder, writeImageFolder } from './helpers.js';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const cli = join(root, 'dist', 'cli.js');
@@ -63,6 +63,16 @@ describe('vit-mae CLI', () => {
     const info = JSON.parse(out.stdout);
     expect(info).toMatchObject({ format: 'safetensors', freshDecoder: false, config: { embedDim: 48, depth: 2, numHeads: 3 } });
     expect(run([cli, 'info', fixture('mae-tiny.hf')]).stdout).toMatch(/format: huggingface/);
+    const encoder = join(dir, 'encoder.hf');
+    writeHuggingFaceEncoder(encoder);
+    const text = run([cli, 'info', encoder]);
+    expect(text.status, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/format: huggingface\n[^]*decoder: not in the checkpoint \(encoder only\)/);
+    const extra = join(dir, 'extra.hf');
+    writeHuggingFaceEncoder(extra);
+    writeFileSync(join(extra, 'config.json'), JSON.stringify({ ...JSON.parse(readFileSync(join(extra, 'config.json'), 'utf8')), mask_ratio: 0.6 }));
+    expect(run([cli, 'info', extra]).stdout).toMatch(/ignored config\.json fields: mask_ratio\n/);
+    expect(JSON.parse(run([cli, 'info', extra, '--json']).stdout)).toMatchObject({ freshDecoder: true, ignoredConfigFields: ['mask_ratio'] });
   });
 
   it('info on a .pth whose widths match no preset says what it holds and which fields to pass, and exits 0', () => {

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { ERROR_CODES, MaskedAutoencoder, VitClassifier, VitMaeError, loadImages, setAllowTf32, writeReconstructionGrid, type ErrorCode, type MaeConfig, type Tensor } from '../ts/index.js';
+import { ERROR_CODES, MaskedAutoencoder, VitClassifier, VitMaeError, encodeReconstructionGrid, loadImages, setAllowTf32, writeReconstructionGrid, type ErrorCode, type MaeConfig, type Tensor } from '../ts/index.js';
 import { binding, rethrow } from '../ts/native.js';
 import { fixture, randomTensor, readSafetensors, writeSafetensors, zip } from './helpers.js';
 
@@ -220,7 +220,7 @@ describe('oversized configs and arguments', () => {
     expect((await load({ imgSize: 16 })).shape).toEqual([4, 1, 16, 16]);
   });
 
-  it('writeReconstructionGrid names the argument that is not a [N, C, H, W] tensor', async () => {
+  it('writeReconstructionGrid and encodeReconstructionGrid name the argument that is not a [N, C, H, W] tensor', async () => {
     const png = join(dir, 'grid.png');
     const t = randomTensor([1, 1, 8, 8]);
     const reconstruction = { loss: 0, mask: randomTensor([1, 4]), masked: t, reconstruction: t, pasted: t };
@@ -229,6 +229,7 @@ describe('oversized configs and arguments', () => {
     await expectCode(writeReconstructionGrid(png, { ...reconstruction, pasted: randomTensor([1, 8, 8]) }, t), 'E_SHAPE', /reconstruction\.pasted must be \[N, C, H, W\], got \[1, 8, 8\]/);
     await expectCode(writeReconstructionGrid(png, reconstruction, randomTensor([3, 1, 8])), 'E_SHAPE', /originals must be \[N, C, H, W\]/);
     await expectCode(writeReconstructionGrid(png, reconstruction, randomTensor([1, 1, 4, 4])), 'E_SHAPE', /one shape/);
+    await expectCode(encodeReconstructionGrid(reconstruction, randomTensor([1, 1, 4, 4])), 'E_SHAPE', /one shape/);
   });
 });
 

@@ -129,6 +129,19 @@ export function encodePng(width: number, height: number, pixel: (x: number, y: n
   ]);
 }
 
+/**
+ * The `mae-tiny` fixture as Transformers saves a `ViTMAEModel` in `folder`: the encoder
+ * alone, without `ViTMAEForPreTraining`'s `vit.` prefix.
+ */
+export function writeHuggingFaceEncoder(folder: string): void {
+  const hf = readSafetensors(fixture('mae-tiny.hf/model.safetensors'));
+  const encoder = Object.fromEntries(Object.entries(hf.tensors).flatMap(([k, t]) => (k.startsWith('vit.') ? [[k.slice('vit.'.length), t]] : [])));
+  mkdirSync(folder, { recursive: true });
+  writeFileSync(join(folder, 'model.safetensors'), writeSafetensors(encoder));
+  const config = JSON.parse(readFileSync(fixture('mae-tiny.hf/config.json'), 'utf8'));
+  writeFileSync(join(folder, 'config.json'), JSON.stringify({ ...config, architectures: ['ViTMAEModel'] }));
+}
+
 /** Width and height from a PNG's IHDR. */
 export function pngSize(png: Buffer): { width: number; height: number } {
   expect(png.subarray(1, 4).toString('ascii')).toBe('PNG');

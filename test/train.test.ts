@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { MaskedAutoencoder, VitMaeError, writeReconstructionGrid, type MaeConfig, type TrainingEvent } from '../ts/index.js';
+import { MaskedAutoencoder, VitMaeError, encodeReconstructionGrid, writeReconstructionGrid, type MaeConfig, type TrainingEvent } from '../ts/index.js';
 import { datasetSpec, passSpec } from '../ts/data.js';
 import { maeNatives, type Binding } from '../ts/native.js';
 import { encodePng, pngSize, randomTensor } from './helpers.js';
@@ -287,5 +287,19 @@ describe('reconstruct', () => {
     await writeReconstructionGrid(png, r, x, { mean: [0.5], std: [0.25] });
     // 4 columns and 2 rows of 128-pixel cells (16 px enlarged 8x) with 2-pixel gaps.
     expect(pngSize(readFileSync(png))).toEqual({ width: 4 * 128 + 5 * 2, height: 2 * 128 + 3 * 2 });
+  });
+
+  it('encodes the grid as PNG bytes, the same as the file written', async () => {
+    const mae = MaskedAutoencoder.create({ config: { ...TINY, normPixLoss: false }, seed: 4 });
+    const x = randomTensor([3, 1, 16, 16], 6);
+    const r = await mae.reconstruct(x, { maskRatio: 0.5 });
+    const bytes = await encodeReconstructionGrid(r, x, { mean: [0.5], std: [0.25] });
+    expect(bytes).toBeInstanceOf(Buffer);
+    expect(bytes.subarray(0, 8)).toEqual(Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]));
+    expect(bytes.subarray(12, 16).toString('ascii')).toBe('IHDR');
+    expect(pngSize(bytes)).toEqual({ width: 4 * 128 + 5 * 2, height: 3 * 128 + 4 * 2 });
+    const png = join(dir, 'grid-bytes.png');
+    await writeReconstructionGrid(png, r, x, { mean: [0.5], std: [0.25] });
+    expect(readFileSync(png).equals(bytes)).toBe(true);
   });
 });

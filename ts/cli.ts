@@ -523,11 +523,12 @@ program
       return;
     }
     const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config });
-    const info = { path: checkpoint, kind: 'mae', format: mae.checkpointFormat, tensors: inspection.tensors, parameterCount: mae.parameterCount, freshDecoder: mae.freshDecoder, config: mae.config };
+    const info = { path: checkpoint, kind: 'mae', format: mae.checkpointFormat, tensors: inspection.tensors, parameterCount: mae.parameterCount, freshDecoder: mae.freshDecoder, ignoredConfigFields: mae.ignoredConfigFields, config: mae.config };
     if (o.json) process.stdout.write(`${JSON.stringify(info)}\n`);
     else {
       const decoder = info.freshDecoder ? { decoder: 'not in the checkpoint (encoder only)' } : {};
-      describe('mae', { parameters: info.parameterCount.toLocaleString(), ...decoder }, info.config);
+      const ignored = info.ignoredConfigFields.length > 0 ? { 'ignored config.json fields': info.ignoredConfigFields.join(', ') } : {};
+      describe('mae', { parameters: info.parameterCount.toLocaleString(), ...decoder, ...ignored }, info.config);
     }
   });
 

@@ -219,13 +219,28 @@ export async function loadImages(
   return fromNative(await call(() => binding.loadImages(datasetSpec(source), loader, imgSize, inChans, start, count)));
 }
 
+/** How {@link encodeReconstructionGrid} and {@link writeReconstructionGrid} map pixels back. */
+export interface GridOptions {
+  mean?: number[];
+  std?: number[];
+}
+
 /**
- * Writes a PNG grid of a reconstruction, one row per image: masked |
- * reconstruction | reconstruction + visible | original. `mean` and `std` map
- * the normalised pixels back (defaults as {@link AugmentOptions}). Every tensor is
- * `[N, C, H, W]` of one shape, else `E_SHAPE` naming the one that is not.
+ * A PNG grid of a reconstruction, as the file's bytes (for a web response, say), one
+ * row per image: masked | reconstruction | reconstruction + visible | original.
+ * `mean` and `std` map the normalised pixels back (defaults as {@link AugmentOptions}).
+ * Every tensor is `[N, C, H, W]` of one shape, else `E_SHAPE` naming the one that is not.
  */
-export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals: Tensor, options: { mean?: number[]; std?: number[] } = {}): Promise<void> {
+export async function encodeReconstructionGrid(reconstruction: Reconstruction, originals: Tensor, options: GridOptions = {}): Promise<Buffer> {
+  return reconstructionGrid(null, reconstruction, originals, options);
+}
+
+/** Writes {@link encodeReconstructionGrid}'s PNG to `path` (whole or not at all). */
+export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals: Tensor, options: GridOptions = {}): Promise<void> {
+  await reconstructionGrid(checkPath(path), reconstruction, originals, options);
+}
+
+async function reconstructionGrid(path: string | null, reconstruction: Reconstruction, originals: Tensor, options: GridOptions): Promise<Buffer> {
   if (typeof reconstruction !== 'object' || reconstruction === null) throw new VitMaeError('E_ARGUMENT', 'reconstruction must be what reconstruct() returns');
   const columns = { 'reconstruction.masked': reconstruction.masked, 'reconstruction.reconstruction': reconstruction.reconstruction, 'reconstruction.pasted': reconstruction.pasted, originals };
   for (const [name, tensor] of Object.entries(columns)) {
@@ -233,8 +248,7 @@ export async function writeReconstructionGrid(path: string, reconstruction: Reco
     if (tensor.shape.length !== 4) throw new VitMaeError('E_SHAPE', `${name} must be [N, C, H, W], got [${tensor.shape.join(', ')}]`);
   }
   const { mean, std } = normalisation(originals.shape[1], options);
-  const checkedPath = checkPath(path);
-  await call(() => binding.writeReconstructionGrid(checkedPath, reconstruction.masked, reconstruction.reconstruction, reconstruction.pasted, originals, mean, std));
+  return call(() => binding.reconstructionGrid(path, reconstruction.masked, reconstruction.reconstruction, reconstruction.pasted, originals, mean, std));
 }
 
 /**
@@ -277,8 +291,10 @@ export class MaskedAutoencoder {
    * Loads a checkpoint: a published `.pth` (`{"model": state_dict}`, read without
    * running any code from it), a `.safetensors` file in the published key layout
    * (config from `__metadata__.config` when present), or a Hugging Face
-   * `ViTMAEForPreTraining` folder. An encoder-only checkpoint loads with a freshly
-   * initialised decoder and {@link MaskedAutoencoder.freshDecoder} set.
+   * `ViTMAEForPreTraining` or `ViTMAEModel` folder. An encoder-only checkpoint (a
+   * `ViTMAEModel` folder is one) loads with a freshly initialised decoder and
+   * {@link MaskedAutoencoder.freshDecoder} set; fields of a Hugging Face config that
+   * are not followed are listed in {@link MaskedAutoencoder.ignoredConfigFields}.
    */
   static async load(path: string, options: LoadOptions = {}): Promise<MaskedAutoencoder> {
     const { config, seed, device, precision } = options;
@@ -335,6 +351,18 @@ export class MaskedAutoencoder {
    */
   get convertedDtypes(): Readonly<Record<string, 'f16' | 'bf16' | 'f64'>> {
     return this.#native.convertedDtypes as Record<string, 'f16' | 'bf16' | 'f64'>;
+  }
+
+  /**
+   * The warning a Hugging Face folder can carry: the fields of its `config.json` that
+   * describe the model but were not followed (not read, and not at a value this MAE
+   * follows anyway, such as a `mask_ratio` other than 0.75, dropout, or a field of a newer
+   * Transformers), sorted. Empty for other formats or a created model. Fields that would
+   * change what the model computes and cannot be followed (`hidden_act` other than
+   * `'gelu'`, `qkv_bias: false`) fail the load with `E_CONFIG` instead.
+   */
+  get ignoredConfigFields(): readonly string[] {
+    return this.#native.ignoredConfigFields;
   }
 
   /** Where the model computes (`'cpu'`, `'cuda:0'`, ...). */

@@ -1,6 +1,7 @@
 //! Reading and writing MAE checkpoints: the published `.pth` (`{"model": state_dict}`,
 //! parsed without executing anything), safetensors in the published key layout, and
-//! Hugging Face `ViTMAEForPreTraining` folders. Writes are atomic.
+//! Hugging Face `ViTMAEForPreTraining` and `ViTMAEModel` (encoder-only) folders. Writes
+//! are atomic.
 
 use crate::bail;
 use crate::config::{ConfigPatch, MaeConfig, PRESETS};
@@ -51,6 +52,9 @@ pub struct LoadReport {
     pub fresh_decoder: bool,
     /// Weights stored as f16, bf16 or f64 and converted to f32 (names as in the file).
     pub converted: BTreeMap<String, DType>,
+    /// Fields of a Hugging Face `config.json` that describe the model and were not
+    /// followed (see `hf_ignored_fields`), sorted; empty for other formats.
+    pub ignored_config_fields: Vec<String>,
 }
 
 pub(crate) fn corrupt(path: &Path, detail: impl std::fmt::Display) -> Error {
@@ -72,6 +76,7 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
 struct OpenCheckpoint {
     format: CheckpointFormat,
     config: Option<ConfigPatch>,
+    ignored_config_fields: Vec<String>,
     metadata: HashMap<String, String>,
     shapes: BTreeMap<String, Vec<usize>>,
     tensors: Tensors,
@@ -194,7 +199,7 @@ fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
     if head.starts_with(b"PK\x03\x04") {
         let pth = PthFile::open(path, file, len, |name, dtype, stored_as| checked_dtype(path, name, dtype, stored_as))?;
         let shapes = pth.tensors.iter().map(|(name, t)| (name.clone(), t.shape.clone())).collect();
-        return Ok(OpenCheckpoint { format: CheckpointFormat::Pth, config: None, metadata: HashMap::new(), shapes, tensors: Tensors::Pth(pth) });
+        return Ok(OpenCheckpoint { format: CheckpointFormat::Pth, config: None, ignored_config_fields: Vec::new(), metadata: HashMap::new(), shapes, tensors: Tensors::Pth(pth) });
     }
     if head.starts_with(&LEGACY_TORCH_MAGIC) {
         return Err(corrupt(path, "it is a torch.save file in the legacy format of PyTorch before 1.6, which is not read; load it in PyTorch and save it again with a current torch.save"));
@@ -209,7 +214,7 @@ fn open_checkpoint(path: &Path) -> Result<OpenCheckpoint> {
         None => None,
     };
     let shapes = shapes_of(&tensors);
-    Ok(OpenCheckpoint { format: CheckpointFormat::Safetensors, config, metadata, shapes, tensors: Tensors::Read { tensors, converted } })
+    Ok(OpenCheckpoint { format: CheckpointFormat::Safetensors, config, ignored_config_fields: Vec::new(), metadata, shapes, tensors: Tensors::Read { tensors, converted } })
 }
 
 type Parsed = (BTreeMap<String, Tensor>, HashMap<String, String>, BTreeMap<String, DType>);
@@ -270,12 +275,56 @@ fn read_hugging_face(dir: &Path) -> Result<OpenCheckpoint> {
     }
     let hf: serde_json::Value = serde_json::from_slice(&read_up_to(&config_path, &mut open_file(&config_path)?, config_len)?).map_err(|e| corrupt(&config_path, e))?;
     let config = hf_config(&hf)?;
+    let ignored_config_fields = hf_ignored_fields(&hf);
     let mut weights = open_file(&weights_path)?;
     let head = read_up_to(&weights_path, &mut weights, SNIFFED_BYTES)?;
     let (hf_tensors, _, converted) = read_safetensors(&weights_path, weights, &head, weights_len, "it is not a safetensors file")?;
     let tensors = hf_to_published(hf_tensors)?;
     let shapes = shapes_of(&tensors);
-    Ok(OpenCheckpoint { format: CheckpointFormat::HuggingFace, config: Some(config), metadata: HashMap::new(), shapes, tensors: Tensors::Read { tensors, converted } })
+    Ok(OpenCheckpoint { format: CheckpointFormat::HuggingFace, config: Some(config), ignored_config_fields, metadata: HashMap::new(), shapes, tensors: Tensors::Read { tensors, converted } })
+}
+
+/// The `config.json` fields `hf_config` reads.
+const HF_READ_FIELDS: [&str; 15] = [
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_num_attention_heads",
+    "decoder_intermediate_size",
+    "hidden_act",
+    "qkv_bias",
+    "norm_pix_loss",
+    "layer_norm_eps",
+];
+
+/// `config.json` fields that say nothing of what the loaded model computes: the file's
+/// metadata, and how Transformers initialises a model from scratch (loaded weights do not
+/// depend on it; a fresh decoder is initialised as published).
+const HF_NOT_MODEL_FIELDS: [&str; 7] = ["architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "initializer_range"];
+
+/// Fields not read whose values here are what this MAE does anyway (no dropout, and
+/// `forward`'s and training's default mask ratio); other values are ignored fields.
+const HF_FOLLOWED_VALUES: [(&str, f64); 3] = [("hidden_dropout_prob", 0.0), ("attention_probs_dropout_prob", 0.0), ("mask_ratio", 0.75)];
+
+/// The fields of a Hugging Face config that describe the model but are not followed:
+/// neither read nor at a value this MAE follows anyway (a `mask_ratio` of 0.6, dropout, a
+/// field of a newer Transformers). Loading goes on; the report lists them.
+fn hf_ignored_fields(hf: &serde_json::Value) -> Vec<String> {
+    let followed = |name: &str, value: &serde_json::Value| HF_FOLLOWED_VALUES.iter().any(|(n, v)| *n == name && value.as_f64() == Some(*v));
+    let Some(fields) = hf.as_object() else { return Vec::new() };
+    let mut ignored: Vec<String> = fields
+        .iter()
+        .filter(|(name, value)| !HF_READ_FIELDS.contains(&name.as_str()) && !HF_NOT_MODEL_FIELDS.contains(&name.as_str()) && !followed(name, value))
+        .map(|(name, _)| name.clone())
+        .collect();
+    ignored.sort();
+    ignored
 }
 
 fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
@@ -483,6 +532,7 @@ fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
 /// checked against it before any tensor data is read.
 pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, precision: Precision, seed: u64) -> Result<(MaskedAutoencoder, LoadReport)> {
     let checkpoint = open_checkpoint(path)?;
+    let ignored_config_fields = checkpoint.ignored_config_fields.clone();
     let mut patch = infer_config(&checkpoint.shapes);
     if let Some(c) = &checkpoint.config {
         patch = merge(patch, c);
@@ -502,7 +552,7 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
     let mut model = MaskedAutoencoder::new(config, device, precision, seed)?;
     let state = checkpoint.read(is_model_key)?;
     assign(&mut model, state.tensors)?;
-    Ok((model, LoadReport { format: state.format, fresh_decoder: !has_decoder, converted: state.converted }))
+    Ok((model, LoadReport { format: state.format, fresh_decoder: !has_decoder, converted: state.converted, ignored_config_fields }))
 }
 
 /// Checks a checkpoint's names and shapes against the model `config` describes: no

@@ -1,15 +1,13 @@
 //! Pictures of reconstructions, like the paper's Figure 2.
 
-use crate::checkpoint::write_atomic;
 use crate::error::{Error, ErrorCode, Result};
 use candle_core::Tensor;
-use std::path::Path;
 
-/// Writes a PNG grid, one row per image and one column per tensor `[N, C, H, W]`
-/// (for a reconstruction: masked | reconstruction | reconstruction + visible |
-/// original). Pixels are mapped back with `mean` and `std` (per channel) and each
+/// A PNG grid (the file's bytes), one row per image and one column per tensor
+/// `[N, C, H, W]` (for a reconstruction: masked | reconstruction | reconstruction +
+/// visible | original). Pixels are mapped back with `mean` and `std` (per channel) and each
 /// image is enlarged to at least 128 pixels.
-pub fn write_reconstruction_grid(path: &Path, columns: [&Tensor; 4], mean: &[f32], std: &[f32]) -> Result<()> {
+pub fn reconstruction_grid_png(columns: [&Tensor; 4], mean: &[f32], std: &[f32]) -> Result<Vec<u8>> {
     let dims = columns[3].dims();
     if dims.len() != 4 || dims.contains(&0) || columns.iter().any(|t| t.dims() != dims) {
         let shapes: Vec<&[usize]> = columns.iter().map(|t| t.dims()).collect();
@@ -46,5 +44,5 @@ pub fn write_reconstruction_grid(path: &Path, columns: [&Tensor; 4], mean: &[f32
     canvas
         .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
         .map_err(|e| Error::new(ErrorCode::Internal, format!("cannot encode PNG: {e}")))?;
-    write_atomic(path, &bytes)
+    Ok(bytes)
 }

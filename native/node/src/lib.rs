@@ -158,6 +158,7 @@ pub struct NativeMae {
     fresh_decoder: bool,
     checkpoint_format: Option<String>,
     converted_dtypes: HashMap<String, String>,
+    ignored_config_fields: Vec<String>,
 }
 
 #[napi]
@@ -181,7 +182,7 @@ impl NativeMae {
             };
             let device = DeviceSpec::parse(&device)?.resolve()?;
             let model = MaskedAutoencoder::new(config, &device, Precision::parse(&precision)?, seed_of(seed)?)?;
-            Ok(NativeMae { model: Cell::new(model), fresh_decoder: false, checkpoint_format: None, converted_dtypes: HashMap::new() })
+            Ok(NativeMae { model: Cell::new(model), fresh_decoder: false, checkpoint_format: None, converted_dtypes: HashMap::new(), ignored_config_fields: Vec::new() })
         })
     }
 
@@ -222,6 +223,12 @@ impl NativeMae {
     #[napi(getter, ts_return_type = "Record<string, string>")]
     pub fn converted_dtypes(&self) -> HashMap<String, String> {
         self.converted_dtypes.clone()
+    }
+
+    /// The Hugging Face `config.json` fields that describe the model but were not followed.
+    #[napi(getter)]
+    pub fn ignored_config_fields(&self) -> Vec<String> {
+        self.ignored_config_fields.clone()
     }
 
     #[napi(getter)]
@@ -320,6 +327,7 @@ impl CodedTask for LoadTask {
             fresh_decoder: report.fresh_decoder,
             checkpoint_format: Some(report.format.as_str().to_string()),
             converted_dtypes: report.converted.into_iter().map(|(name, dtype)| (name, dtype.as_str().to_string())).collect(),
+            ignored_config_fields: report.ignored_config_fields,
         })
     }
 }

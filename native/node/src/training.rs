@@ -524,36 +524,50 @@ pub fn check_writable_folder(path: String) -> Result<(), ErrorCode> {
     guarded(|| vit_mae_core::checkpoint::check_writable_folder(Path::new(&path)))
 }
 
-/// Writes the reconstruction PNG grid (masked | reconstruction | pasted | original rows).
-#[napi(ts_return_type = "Promise<void>")]
-pub fn write_reconstruction_grid(path: String, masked: NativeTensor, reconstruction: NativeTensor, pasted: NativeTensor, originals: NativeTensor, mean: Vec<f64>, std: Vec<f64>) -> Result<AsyncTask<Coded<GridTask>>, ErrorCode> {
+/// Encodes the reconstruction PNG grid (masked | reconstruction | pasted | original
+/// rows), writes it to `path` when one is given, and returns its bytes.
+#[napi(ts_return_type = "Promise<Buffer>")]
+pub fn reconstruction_grid(
+    path: Option<String>,
+    masked: NativeTensor,
+    reconstruction: NativeTensor,
+    pasted: NativeTensor,
+    originals: NativeTensor,
+    mean: Vec<f64>,
+    std: Vec<f64>,
+) -> Result<AsyncTask<Coded<GridTask>>, ErrorCode> {
     let tensors = guarded(|| {
         Ok([&masked, &reconstruction, &pasted, &originals].map(|t| host_tensor(&t.data, &t.shape)).into_iter().collect::<vit_mae_core::Result<Vec<_>>>()?)
     })?;
-    Ok(AsyncTask::new(Coded(GridTask { path: PathBuf::from(path), tensors, mean: mean.iter().map(|&v| v as f32).collect(), std: std.iter().map(|&v| v as f32).collect() })))
+    let to_f32 = |v: Vec<f64>| v.iter().map(|&v| v as f32).collect();
+    Ok(AsyncTask::new(Coded(GridTask { path: path.map(PathBuf::from), tensors, mean: to_f32(mean), std: to_f32(std) })))
 }
 
 pub struct GridTask {
-    path: PathBuf,
+    path: Option<PathBuf>,
     tensors: Vec<HostTensor>,
     mean: Vec<f32>,
     std: Vec<f32>,
 }
 
 impl CodedTask for GridTask {
-    type Output = ();
-    type JsValue = ();
+    type Output = Vec<u8>;
+    type JsValue = Buffer;
 
-    fn compute(&mut self) -> Result<(), ErrorCode> {
+    fn compute(&mut self) -> Result<Vec<u8>, ErrorCode> {
         guarded(|| {
             let device = vit_mae_core::candle_core::Device::Cpu;
             let t = self.tensors.iter().map(|t| t.to_tensor(&device)).collect::<vit_mae_core::Result<Vec<_>>>()?;
-            vit_mae_core::visualize::write_reconstruction_grid(&self.path, [&t[0], &t[1], &t[2], &t[3]], &self.mean, &self.std)
+            let png = vit_mae_core::visualize::reconstruction_grid_png([&t[0], &t[1], &t[2], &t[3]], &self.mean, &self.std)?;
+            if let Some(path) = &self.path {
+                vit_mae_core::checkpoint::write_atomic(path, &png)?;
+            }
+            Ok(png)
         })
     }
 
-    fn resolve(&mut self, _env: Env, _output: ()) -> Result<()> {
-        Ok(())
+    fn resolve(&mut self, _env: Env, png: Vec<u8>) -> Result<Buffer> {
+        Ok(png.into())
     }
 }
 

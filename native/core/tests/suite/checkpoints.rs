@@ -357,6 +357,69 @@ fn hugging_face_folder_without_config_is_not_found() {
     assert_eq!(e.code, ErrorCode::CheckpointCorrupt, "{e}");
 }
 
+/// The tiny Hugging Face folder as Transformers saves a `ViTMAEModel`: the encoder alone,
+/// its keys without `ViTMAEForPreTraining`'s `vit.` prefix, and the config as Transformers
+/// 5.25 writes it (with fields not read, at values this MAE follows).
+fn hugging_face_encoder_only(dir: &TempDir) -> std::path::PathBuf {
+    let folder = dir.join("encoder.hf");
+    std::fs::create_dir(&folder).unwrap();
+    let (tensors, _) = read_fixture("mae-tiny.hf/model.safetensors");
+    let encoder = tensors.into_iter().filter_map(|(k, t)| Some((k.strip_prefix("vit.")?.to_string(), t))).collect();
+    write_safetensors(&folder.join("model.safetensors"), &encoder, None);
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("mae-tiny.hf/config.json")).unwrap()).unwrap();
+    let transformers = serde_json::json!({
+        "architectures": ["ViTMAEModel"], "dtype": "float32", "transformers_version": "5.25.0", "initializer_range": 0.02,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "mask_ratio": 0.75,
+    });
+    config.as_object_mut().unwrap().extend(transformers.as_object().unwrap().clone());
+    std::fs::write(folder.join("config.json"), config.to_string()).unwrap();
+    folder
+}
+
+#[test]
+fn hugging_face_encoder_only_folder_gets_a_fresh_decoder() {
+    let dir = TempDir::new("hf-encoder");
+    let (model, report) = load_model(&hugging_face_encoder_only(&dir), None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(report.format, CheckpointFormat::HuggingFace);
+    assert!(report.fresh_decoder, "a ViTMAEModel folder must report a fresh decoder");
+    assert!(report.ignored_config_fields.is_empty(), "{:?}", report.ignored_config_fields);
+    let (full, _) = load_model(&fixtures().join("mae-tiny.hf"), None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(model.config, full.config);
+    let mut checked = 0;
+    for (name, var) in model.params().iter().filter(|(name, _)| !is_decoder_key(name)) {
+        let want = full.params().iter().find(|(n, _)| n == name).map(|(_, v)| bits(v.as_tensor()));
+        assert_eq!(Some(bits(var.as_tensor())), want, "{name}");
+        checked += 1;
+    }
+    assert!(checked > 10, "only {checked} encoder parameters compared");
+}
+
+#[test]
+fn hugging_face_config_fields_not_followed_are_reported() {
+    let dir = TempDir::new("hf-ignored");
+    let folder = hugging_face_with_config(&dir, "extra.hf", |c| {
+        c["mask_ratio"] = 0.6.into();
+        c["hidden_dropout_prob"] = 0.1.into();
+        c["attention_probs_dropout_prob"] = 0.0.into();
+        c["initializer_range"] = 0.01.into();
+        c["transformers_version"] = "5.25.0".into();
+        c["a_newer_field"] = true.into();
+    });
+    let (_, report) = load_model(&folder, None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(report.ignored_config_fields, ["a_newer_field", "hidden_dropout_prob", "mask_ratio"]);
+    let (_, report) = load_model(&fixtures().join("mae-tiny.hf"), None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert!(report.ignored_config_fields.is_empty(), "{:?}", report.ignored_config_fields);
+
+    // Fields that would change what the model computes are refused, not listed.
+    let relu = hugging_face_with_config(&dir, "relu.hf", |c| c["hidden_act"] = "relu".into());
+    let no_bias = hugging_face_with_config(&dir, "no-qkv-bias.hf", |c| c["qkv_bias"] = false.into());
+    for (path, field) in [(relu, "hidden_act"), (no_bias, "qkv_bias")] {
+        let e = load_err(&path, None);
+        assert_eq!(e.code, ErrorCode::InvalidConfig, "{e}");
+        assert!(e.message.contains(field), "{}", e.message);
+    }
+}
+
 #[test]
 fn pth_without_config_needs_head_counts() {
     for name in ["mae-tiny.pth", "mae-tiny-normpix.pth"] {
