@@ -63,7 +63,7 @@ async function follow(run: TrainingRun, out: Output): Promise<TrainingSummary> {
   for await (const e of run) {
     if (e.type === 'started') {
       // Under mpirun every rank runs this command; rank 0 alone speaks and writes.
-      out.quiet = e.rank !== 0;
+      quietUnlessRankZero(out, e);
       emit(out, { ...e }, e.worldSize > 1 ? `training on ${e.worldSize} ranks (${e.backend}); batch size and workers are per rank` : undefined);
       continue;
     }
@@ -203,11 +203,9 @@ function distributedOptions(o: Record<string, unknown>): DistributedOptions {
   return { distributed: o.distributed as DistributedOptions['distributed'], distributedTimeout: o.distributedTimeout as number };
 }
 
-/** Quiets `out` on ranks other than 0 of a distributed pass, from its started event. */
-function quietUnlessRankZero(out: Output): (event: StartedEvent) => void {
-  return (event) => {
-    out.quiet = event.rank !== 0;
-  };
+/** Quiets `out` on ranks other than 0 of a distributed run or pass, from its started event. */
+function quietUnlessRankZero(out: Output, event: StartedEvent): void {
+  out.quiet = event.rank !== 0;
 }
 
 /** The augmentation settings of the paper's Table 1e, as `--augment` names them. */
@@ -424,7 +422,7 @@ addDistributedOptions(program
     const clf = await VitClassifier.load(checkpoint, { config: o.config });
     const controller = abortOnSignal(out, 'stopping...');
     const progress = passProgress(out);
-    const e = await clf.evaluate(dataset(o.data, o.labels), { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo, cropFraction: o.cropFraction }, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress }).finally(progress.stop);
+    const e = await clf.evaluate(dataset(o.data, o.labels), { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo, cropFraction: o.cropFraction }, ...distributedOptions(o), signal: controller.signal, onStarted: (e) => quietUnlessRankZero(out, e), onProgress: progress.onProgress }).finally(progress.stop);
     emit(out, { type: 'evaluation', path: checkpoint, ...e }, `top-1 ${(100 * e.top1).toFixed(2)}%  top-5 ${(100 * e.top5).toFixed(2)}%  loss ${e.loss.toFixed(4)}  (${e.count} images)`);
   });
 
@@ -447,7 +445,7 @@ addDistributedOptions(addComputeOptions(program
     checkWritable(dirname(o.out));
     const controller = abortOnSignal(out, 'stopping...');
     const progress = passProgress(out);
-    const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo, cropFraction: o.cropFraction }, output: o.out, ...distributedOptions(o), signal: controller.signal, onStarted: quietUnlessRankZero(out), onProgress: progress.onProgress };
+    const options = { batchSize: o.batchSize, workers: o.workers, augment: { padTo: o.padTo, cropFraction: o.cropFraction }, output: o.out, ...distributedOptions(o), signal: controller.signal, onStarted: (e: StartedEvent) => quietUnlessRankZero(out, e), onProgress: progress.onProgress };
     const source = dataset(o.data, o.labels);
     // A checkpoint with a classification head embeds as a classifier, any other as an MAE.
     const compute = computeOptions(o);
