@@ -106,21 +106,29 @@ export function worstMismatch(got: Float32Array, want: Float32Array, tolerance: 
 
 /** A minimal 8-bit grayscale PNG, for image-folder tests. */
 export function encodePng(width: number, height: number, pixel: (x: number, y: number) => number): Buffer {
-  const chunk = (type: string, data: Buffer) => {
+  const data = new Uint8Array(width * height);
+  for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) data[y * width + x] = pixel(x, y);
+  return encodePngPixels(width, height, 1, data);
+}
+
+/** A minimal 8-bit PNG of interleaved pixels: gray (1 channel), RGB (3) or RGBA (4). */
+export function encodePngPixels(width: number, height: number, channels: 1 | 3 | 4, data: Uint8Array): Buffer {
+  const chunk = (type: string, body: Buffer) => {
     const length = Buffer.alloc(4);
-    length.writeUInt32BE(data.length);
-    const body = Buffer.concat([Buffer.from(type, 'ascii'), data]);
+    length.writeUInt32BE(body.length);
+    const typed = Buffer.concat([Buffer.from(type, 'ascii'), body]);
     const crc = Buffer.alloc(4);
-    crc.writeUInt32BE(zlib.crc32(body));
-    return Buffer.concat([length, body, crc]);
+    crc.writeUInt32BE(zlib.crc32(typed));
+    return Buffer.concat([length, typed, crc]);
   };
   const header = Buffer.alloc(13);
   header.writeUInt32BE(width, 0);
   header.writeUInt32BE(height, 4);
   header.writeUInt8(8, 8); // bit depth
-  header.writeUInt8(0, 9); // grayscale
-  const rows = Buffer.alloc((width + 1) * height);
-  for (let y = 0; y < height; y++) for (let x = 0; x < width; x++) rows[y * (width + 1) + 1 + x] = pixel(x, y);
+  header.writeUInt8({ 1: 0, 3: 2, 4: 6 }[channels], 9); // colour type: gray, RGB, RGBA
+  const stride = width * channels;
+  const rows = Buffer.alloc((stride + 1) * height); // each row: filter 0 (none), then its bytes
+  for (let y = 0; y < height; y++) rows.set(data.subarray(y * stride, (y + 1) * stride), y * (stride + 1) + 1);
   return Buffer.concat([
     Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
     chunk('IHDR', header),

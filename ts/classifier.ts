@@ -2,6 +2,7 @@ import type { ClassifierConfig, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
+import { embedInChunks, modelInput, type Images, type TransformOptions } from './images.js';
 import { cropFraction, datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { forwardProgress, runJob, TrainingRun, type RecipeOptions } from './train.js';
 import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
@@ -244,18 +245,29 @@ export class VitClassifier {
     return { loss: out.loss!, gradients };
   }
 
-  /** Class probabilities and the top classes of each image. */
-  async predict(images: Tensor): Promise<Prediction> {
-    checkImages(images);
-    const out = await call(() => this.#native.predict(images.data, images.shape));
+  /**
+   * Class probabilities and the top classes of each image: a normalised tensor
+   * `[N, inChans, imgSize, imgSize]`, or images as paths, bytes or pixels, made into one
+   * batch by `transform` (see {@link preprocess}).
+   */
+  async predict(images: Tensor | Images, options: { transform?: TransformOptions } = {}): Promise<Prediction> {
+    const input = await this.#input(images, options.transform);
+    const out = await call(() => this.#native.predict(input.data, input.shape));
     const top5 = out.top!.map((row) => Int32Array.from(row));
     return { top1: Int32Array.from(top5, (row) => row[0]), top5, probabilities: fromNative(out.tensor!) };
   }
 
-  /** Features `[N, embedDim]` for downstream use: what the head sees (pooled, normalised), in evaluation mode. */
-  async embed(images: Tensor): Promise<Tensor> {
-    checkImages(images);
-    return fromNative((await call(() => this.#native.embed(images.data, images.shape))).tensor!);
+  /**
+   * Features `[N, embedDim]` for downstream use: what the head sees (pooled, normalised), in
+   * evaluation mode. Images given as paths, bytes or pixels are preprocessed by `transform`
+   * (see {@link preprocess}) a chunk at a time, so memory stays flat however many there are.
+   */
+  async embed(images: Tensor | Images, options: { transform?: TransformOptions } = {}): Promise<Tensor> {
+    const { imgSize, inChans } = this.#config;
+    return embedInChunks(images, imgSize, inChans, options.transform, async (input) => {
+      checkImages(input);
+      return fromNative((await call(() => this.#native.embed(input.data, input.shape))).tensor!);
+    });
   }
 
   /**
@@ -263,8 +275,15 @@ export class VitClassifier {
    * blocks' outputs as maps `[N, embedDim, H/p, W/p]` (before `norm` / `fc_norm`), at this
    * classifier's image size or any other whose sides are multiples of the patch size.
    */
-  featureMaps(images: Tensor, options: FeatureMapOptions = {}): Promise<FeatureMaps> {
-    return featureMapsOf(this.#native, images, options);
+  async featureMaps(images: Tensor | Images, options: FeatureMapOptions = {}): Promise<FeatureMaps> {
+    return featureMapsOf(this.#native, await this.#input(images, options?.transform), options);
+  }
+
+  /** `images` as this model's input: a tensor as given, images preprocessed (see {@link preprocess}). */
+  async #input(images: Tensor | Images, transform: TransformOptions | undefined): Promise<Tensor> {
+    const input = await modelInput(images, this.#config.imgSize, this.#config.inChans, transform);
+    checkImages(input);
+    return input;
   }
 
   /** Top-1/top-5 accuracy and loss on a labelled dataset, in one ordered pass (no augmentation). */

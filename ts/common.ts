@@ -4,6 +4,7 @@ import { call, type Binding } from './native.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import type { LoaderOptions, PassAugment } from './data.js';
 import type { StartedEvent } from './train.js';
+import type { TransformOptions } from './images.js';
 
 /**
  * How a training run or a pass over a dataset works with the other processes of an
@@ -167,6 +168,8 @@ export interface FeatureMapOptions {
   layers?: number[];
   /** Also resample the last map into the simple feature pyramid ({@link FeatureMaps.pyramid}). Default false. */
   pyramid?: boolean;
+  /** How images given as paths, bytes or pixels become the model input, at the model's own size (not for a tensor). */
+  transform?: TransformOptions;
 }
 
 /** Dense features of a batch of images `[N, C, H, W]`, H and W multiples of the patch size `p`. */

@@ -11,7 +11,8 @@
  * - `E_CHECKPOINT_CORRUPT`: the file is not a readable checkpoint (corrupt, truncated, another format).
  * - `E_CHECKPOINT_KEYS`: the checkpoint has unknown keys or lacks required ones (the message lists them).
  * - `E_CHECKPOINT_SHAPE`: a checkpoint tensor's shape contradicts the configuration.
- * - `E_IO`: reading or writing a file failed.
+ * - `E_IO`: reading or writing a file failed (for an image input: the file is missing or unreadable; the message names it and its index).
+ * - `E_IMAGE`: an image input is unusable: bytes that are no image (PNG, JPEG, GIF, BMP, WebP, TIFF), a zero side, an unsupported channel count, or raw pixels that do not fill `width x height x channels`; the message names the item by its index (and path).
  * - `E_NON_FINITE_LOSS`: a training step's loss, gradient or update was NaN or infinite, and the run stopped before that update (the message names the last good checkpoint).
  * - `E_ABORTED`: an evaluation or embedding was cancelled by its AbortSignal, or a training run was started with a signal already aborted.
  * - `E_BUSY`: the model is training; every other call on it is refused until the run ends. Also: a second job of several ranks while one runs in this process (their collectives would interleave).
@@ -36,6 +37,7 @@ export const ERROR_CODES = [
   'E_CHECKPOINT_KEYS',
   'E_CHECKPOINT_SHAPE',
   'E_IO',
+  'E_IMAGE',
   'E_NON_FINITE_LOSS',
   'E_ABORTED',
   'E_BUSY',

@@ -12,6 +12,7 @@ import { forwardProgress, runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { cropMode, datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
+import { embedInChunks, modelInput, type Images, type TransformOptions } from './images.js';
 
 export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision } from './config.js';
 export type { DistributedOptions, Embeddings, FeatureMapOptions, FeatureMaps, PassOptions } from './common.js';
@@ -27,6 +28,7 @@ export {
 export { VitMaeError, ERROR_CODES, type ErrorCode } from './errors.js';
 export { nativeBackend, type NativeBackend } from './native.js';
 export type { Tensor } from './tensor.js';
+export { preprocess, type ImageInput, type Images, type RawPixels, type TransformOptions, type PreprocessOptions } from './images.js';
 export {
   IMAGENET_MEAN,
   IMAGENET_STD,
@@ -74,6 +76,8 @@ export interface ForwardOptions {
   noise?: Tensor;
   /** Masking strategy. Default `'random'`. */
   masking?: MaskingStrategy;
+  /** How images given as paths, bytes or pixels become the model input (not for a tensor). */
+  transform?: TransformOptions;
 }
 
 /** What a forward pass returns: the published `(loss, pred, mask)` and more. */
@@ -113,6 +117,8 @@ export interface Reconstruction {
   reconstruction: Tensor;
   /** The visible patches pasted onto the prediction. */
   pasted: Tensor;
+  /** The model input: the tensor given, or the images preprocessed (the grid's originals). */
+  input: Tensor;
 }
 
 /** Options for {@link MaskedAutoencoder.create}. */
@@ -228,20 +234,22 @@ export interface GridOptions {
 /**
  * A PNG grid of a reconstruction, as the file's bytes (for a web response, say), one
  * row per image: masked | reconstruction | reconstruction + visible | original.
- * `mean` and `std` map the normalised pixels back (defaults as {@link AugmentOptions}).
- * Every tensor is `[N, C, H, W]` of one shape, else `E_SHAPE` naming the one that is not.
+ * `originals` defaults to the reconstruction's own input. `mean` and `std` map the
+ * normalised pixels back (defaults as {@link AugmentOptions}). Every tensor is
+ * `[N, C, H, W]` of one shape, else `E_SHAPE` naming the one that is not.
  */
-export async function encodeReconstructionGrid(reconstruction: Reconstruction, originals: Tensor, options: GridOptions = {}): Promise<Buffer> {
+export async function encodeReconstructionGrid(reconstruction: Reconstruction, originals?: Tensor, options: GridOptions = {}): Promise<Buffer> {
   return reconstructionGrid(null, reconstruction, originals, options);
 }
 
 /** Writes {@link encodeReconstructionGrid}'s PNG to `path` (whole or not at all). */
-export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals: Tensor, options: GridOptions = {}): Promise<void> {
+export async function writeReconstructionGrid(path: string, reconstruction: Reconstruction, originals?: Tensor, options: GridOptions = {}): Promise<void> {
   await reconstructionGrid(checkPath(path), reconstruction, originals, options);
 }
 
-async function reconstructionGrid(path: string | null, reconstruction: Reconstruction, originals: Tensor, options: GridOptions): Promise<Buffer> {
+async function reconstructionGrid(path: string | null, reconstruction: Reconstruction, originals: Tensor | undefined, options: GridOptions): Promise<Buffer> {
   if (typeof reconstruction !== 'object' || reconstruction === null) throw new VitMaeError('E_ARGUMENT', 'reconstruction must be what reconstruct() returns');
+  originals ??= reconstruction.input;
   const columns = { 'reconstruction.masked': reconstruction.masked, 'reconstruction.reconstruction': reconstruction.reconstruction, 'reconstruction.pasted': reconstruction.pasted, originals };
   for (const [name, tensor] of Object.entries(columns)) {
     checkTensor(tensor, name, 'E_SHAPE');
@@ -384,10 +392,10 @@ export class MaskedAutoencoder {
    * The published forward pass on normalised images `[N, inChans, imgSize, imgSize]`.
    * Runs off the JS thread.
    */
-  async forward(images: Tensor, options?: ForwardOptions): Promise<ForwardOutput> {
-    checkTensor(images, 'images', 'E_SHAPE');
+  async forward(images: Tensor | Images, options?: ForwardOptions): Promise<ForwardOutput> {
     const mask = maskOptions(options);
-    const out = await call(() => this.#native.forward(images.data, images.shape, mask));
+    const input = await this.#input(images, options?.transform);
+    const out = await call(() => this.#native.forward(input.data, input.shape, mask));
     return {
       loss: out.loss,
       pred: fromNative(out.pred),
@@ -398,10 +406,10 @@ export class MaskedAutoencoder {
   }
 
   /** The loss of a forward pass and the gradient of every trainable parameter. Runs off the JS thread. */
-  async lossAndGradients(images: Tensor, options?: ForwardOptions): Promise<LossAndGradients> {
-    checkTensor(images, 'images', 'E_SHAPE');
+  async lossAndGradients(images: Tensor | Images, options?: ForwardOptions): Promise<LossAndGradients> {
     const mask = maskOptions(options);
-    const out = await call(() => this.#native.lossAndGradients(images.data, images.shape, mask));
+    const input = await this.#input(images, options?.transform);
+    const out = await call(() => this.#native.lossAndGradients(input.data, input.shape, mask));
     const gradients: Record<string, Tensor> = {};
     for (const g of out.gradients) gradients[g.name] = { data: g.data, shape: g.shape };
     return { loss: out.loss, gradients };
@@ -411,11 +419,11 @@ export class MaskedAutoencoder {
    * Reconstructs images as the paper's Figure 2: the masked input, the
    * reconstruction, and the reconstruction with the visible patches pasted back.
    */
-  async reconstruct(images: Tensor, options?: ForwardOptions): Promise<Reconstruction> {
-    checkTensor(images, 'images', 'E_SHAPE');
+  async reconstruct(images: Tensor | Images, options?: ForwardOptions): Promise<Reconstruction> {
     const mask = maskOptions(options);
-    const r = await call(() => this.#native.reconstruct(images.data, images.shape, mask));
-    return { loss: r.loss, mask: fromNative(r.mask), masked: fromNative(r.masked), reconstruction: fromNative(r.reconstruction), pasted: fromNative(r.pasted) };
+    const input = await this.#input(images, options?.transform);
+    const r = await call(() => this.#native.reconstruct(input.data, input.shape, mask));
+    return { loss: r.loss, mask: fromNative(r.mask), masked: fromNative(r.masked), reconstruction: fromNative(r.reconstruction), pasted: fromNative(r.pasted), input };
   }
 
   /**
@@ -455,10 +463,13 @@ export class MaskedAutoencoder {
    * masking), after its final norm, pooled as the mean of the patch tokens (default)
    * or the cls token.
    */
-  async embed(images: Tensor, options: { pool?: 'mean' | 'cls' } = {}): Promise<Tensor> {
-    checkTensor(images, 'images', 'E_SHAPE');
+  async embed(images: Tensor | Images, options: { pool?: 'mean' | 'cls'; transform?: TransformOptions } = {}): Promise<Tensor> {
     const pool = options.pool ?? 'mean';
-    return fromNative(await call(() => this.#native.embed(images.data, images.shape, pool)));
+    const { imgSize, inChans } = this.#config;
+    return embedInChunks(images, imgSize, inChans, options.transform, async (input) => {
+      checkTensor(input, 'images', 'E_SHAPE');
+      return fromNative(await call(() => this.#native.embed(input.data, input.shape, pool)));
+    });
   }
 
   /**
@@ -468,8 +479,8 @@ export class MaskedAutoencoder {
    * embedding then resized bicubically, as the published `interpolate_pos_embed`), the
    * outputs of the chosen blocks as maps `[N, embedDim, H/p, W/p]`. See {@link FeatureMaps}.
    */
-  featureMaps(images: Tensor, options: FeatureMapOptions = {}): Promise<FeatureMaps> {
-    return featureMapsOf(this.#native, images, options);
+  async featureMaps(images: Tensor | Images, options: FeatureMapOptions = {}): Promise<FeatureMaps> {
+    return featureMapsOf(this.#native, await this.#input(images, options?.transform), options);
   }
 
   /** The features (as {@link MaskedAutoencoder.embed}) of every image of a dataset, optionally written to `output` as safetensors. */
@@ -482,6 +493,13 @@ export class MaskedAutoencoder {
     await runJob(job, 'embedded', options.signal, forwardProgress(options));
     const e = job.takeEmbeddings()!;
     return { features: fromNative(e.features), labels: e.labels ? Int32Array.from(e.labels) : null, indices: Uint32Array.from(e.indices) };
+  }
+
+  /** `images` as this model's input: a tensor as given, images preprocessed (see {@link preprocess}). */
+  async #input(images: Tensor | Images, transform: TransformOptions | undefined): Promise<Tensor> {
+    const input = await modelInput(images, this.#config.imgSize, this.#config.inChans, transform);
+    checkTensor(input, 'images', 'E_SHAPE');
+    return input;
   }
 
   /**

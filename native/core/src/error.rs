@@ -28,6 +28,9 @@ pub enum ErrorCode {
     CheckpointShape,
     /// Reading or writing a file failed.
     Io,
+    /// An image given to preprocessing is unusable: bytes that do not decode, a zero
+    /// side, an unsupported channel count, or pixels that do not fill its size.
+    InvalidImage,
     /// A training step's loss, gradient or update was NaN or infinite.
     NonFiniteLoss,
     /// The work was cancelled before it finished.
@@ -47,7 +50,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for checks that the facade knows each one.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidShape,
         ErrorCode::InvalidInput,
         ErrorCode::InvalidMaskRatio,
@@ -59,6 +62,7 @@ impl ErrorCode {
         ErrorCode::CheckpointKeys,
         ErrorCode::CheckpointShape,
         ErrorCode::Io,
+        ErrorCode::InvalidImage,
         ErrorCode::NonFiniteLoss,
         ErrorCode::Aborted,
         ErrorCode::Busy,
@@ -81,6 +85,7 @@ impl ErrorCode {
             ErrorCode::CheckpointKeys => "E_CHECKPOINT_KEYS",
             ErrorCode::CheckpointShape => "E_CHECKPOINT_SHAPE",
             ErrorCode::Io => "E_IO",
+            ErrorCode::InvalidImage => "E_IMAGE",
             ErrorCode::NonFiniteLoss => "E_NON_FINITE_LOSS",
             ErrorCode::Aborted => "E_ABORTED",
             ErrorCode::Busy => "E_BUSY",

@@ -7,6 +7,7 @@
 mod cell;
 mod classifier;
 mod features;
+mod images;
 mod training;
 
 use napi::bindgen_prelude::*;

@@ -39,7 +39,7 @@ pub struct NativeLoaderOptions {
     pub skip_corrupt: bool,
     /// Leave out an epoch's last incomplete batch (training); default true.
     pub drop_last: Option<bool>,
-    /// 'center', 'fixed' or 'randomResized'.
+    /// 'center', 'fixed', 'randomResized' or 'whole'.
     pub crop: String,
     pub crop_fraction: f64,
     pub scale: Vec<f64>,
@@ -78,7 +78,8 @@ pub(crate) fn open_dataset(spec: &NativeDatasetSpec) -> vit_mae_core::Result<Arc
     })
 }
 
-pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, img_size: usize, channels: usize) -> vit_mae_core::Result<Loader> {
+/// The augmentation `o` describes, for images of `img_size` and `channels`.
+pub(crate) fn augment_of(o: &NativeLoaderOptions, img_size: usize, channels: usize) -> vit_mae_core::Result<Augment> {
     let pair = |v: &[f64], name: &str| match v {
         [a, b] => Ok((*a, *b)),
         _ => Err(err(ErrorCode::InvalidArgument, format!("{name} must be [min, max]"))),
@@ -87,12 +88,13 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
         "center" => Crop::Center,
         "fixed" => Crop::Fixed,
         "randomResized" => Crop::RandomResized,
-        other => return Err(err(ErrorCode::InvalidArgument, format!("unknown crop '{other}': expected center, fixed or randomResized"))),
+        "whole" => Crop::Whole,
+        other => return Err(err(ErrorCode::InvalidArgument, format!("unknown crop '{other}': expected center, fixed, randomResized or whole"))),
     };
     let [brightness, contrast, saturation] = o.color_jitter[..] else {
         return Err(err(ErrorCode::InvalidArgument, "colorJitter must be [brightness, contrast, saturation]"));
     };
-    let augment = Augment {
+    Ok(Augment {
         img_size,
         channels,
         pad_to: o.pad_to.map(|p| p as usize),
@@ -106,7 +108,11 @@ pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, im
         random_erasing: o.random_erasing,
         mean: o.mean.iter().map(|&v| v as f32).collect(),
         std: o.std.iter().map(|&v| v as f32).collect(),
-    };
+    })
+}
+
+pub(crate) fn make_loader(dataset: Arc<dyn Dataset>, o: &NativeLoaderOptions, img_size: usize, channels: usize) -> vit_mae_core::Result<Loader> {
+    let augment = augment_of(o, img_size, channels)?;
     let seed = u64::try_from(o.seed).map_err(|_| err(ErrorCode::InvalidArgument, "seed must be non-negative"))?;
     let options = LoaderOptions {
         batch_size: o.batch_size as usize,

@@ -71,6 +71,9 @@ pub enum Crop {
     Fixed,
     /// torchvision's `RandomResizedCrop(scale, ratio)` ("crop, rand size").
     RandomResized,
+    /// The whole image, resized to a square whatever its aspect ratio: a plain resize, as
+    /// torchvision's `Resize((size, size))` (an option for preprocessing users' images).
+    Whole,
 }
 
 /// A crop rectangle in pixels, as torchvision's `get_params` returns it (`i, j, h, w`).
@@ -205,6 +208,7 @@ impl Augment {
                 let left = below(rng, (width - side + 1) as u64) as usize;
                 CropBox { top, left, height: side, width: side }
             }
+            Crop::Whole => CropBox { top: 0, left: 0, height, width },
         };
         let size = self.img_size;
         let mut pixels = resize_region(&work, region, size, size);

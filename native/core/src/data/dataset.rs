@@ -119,18 +119,41 @@ pub(super) fn decode_file(path: &Path) -> Result<RawImage> {
     let reader = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(|e| io_error("cannot read image", path, &e))?;
-    let decoder = reader.into_decoder().map_err(|e| io_error("cannot decode image", path, &e))?;
+    decode(reader, &path.display(), ErrorCode::Io)
+}
+
+/// Decodes an encoded image held in memory, as `decode_file` decodes a file; bytes that
+/// are no image this crate decodes fail with `code`, their `name` in the message.
+pub(super) fn decode_bytes(bytes: &[u8], name: &dyn std::fmt::Display, code: ErrorCode) -> Result<RawImage> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::new(code, format!("cannot read image {name}: {e}")))?;
+    decode(reader, name, code)
+}
+
+fn decode<R: std::io::BufRead + std::io::Seek>(reader: image::ImageReader<R>, name: &dyn std::fmt::Display, code: ErrorCode) -> Result<RawImage> {
+    let failed = |e: &dyn std::fmt::Display| Error::new(code, format!("cannot decode image {name}: {e}"));
+    let decoder = reader.into_decoder().map_err(|e| failed(&e))?;
     let (width, height) = decoder.dimensions();
-    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
-        bail!(Io, "cannot decode image {}: it is {width}x{height}, more than the {MAX_IMAGE_PIXELS} pixels an image may have", path.display());
+    check_pixel_count(u64::from(width), u64::from(height)).map_err(|e| failed(&e))?;
+    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| failed(&e))?;
+    if decoded.width() == 0 || decoded.height() == 0 {
+        return Err(failed(&format_args!("it is {}x{}", decoded.width(), decoded.height())));
     }
-    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| io_error("cannot decode image", path, &e))?;
     Ok(to_raw(&decoded))
+}
+
+/// Refuses images of more than [`MAX_IMAGE_PIXELS`] before they are decoded or copied.
+pub(super) fn check_pixel_count(width: u64, height: u64) -> std::result::Result<(), String> {
+    if width * height > MAX_IMAGE_PIXELS {
+        return Err(format!("it is {width}x{height}, more than the {MAX_IMAGE_PIXELS} pixels an image may have"));
+    }
+    Ok(())
 }
 
 /// Interleaved pixels to channels-first f32. 8- and 16-bit samples map to [0, 1] by their
 /// maximum; float samples (HDR TIFF) are clamped into it.
-fn to_raw(decoded: &DynamicImage) -> RawImage {
+pub(super) fn to_raw(decoded: &DynamicImage) -> RawImage {
     let (width, height) = (decoded.width() as usize, decoded.height() as usize);
     let (channels, interleaved) = if decoded.color().has_color() {
         (3, decoded.to_rgb32f().into_raw())

@@ -10,6 +10,7 @@
 mod augment;
 mod dataset;
 mod idx;
+mod input;
 mod loader;
 mod rand_augment;
 
@@ -20,6 +21,7 @@ pub use augment::{
 pub use rand_augment::RandAugment;
 pub use dataset::{ImageFolder, InMemoryDataset, IMAGE_EXTENSIONS};
 pub use idx::{IdxDataset, FASHION_MNIST_CLASSES};
+pub use input::{preprocess, ImageInput};
 pub use loader::{Batch, EpochBatches, Loader, LoaderOptions, Shard};
 
 use crate::bail;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vit_mae_core::data::{
     dataset_statistics, random_resized_crop_params, resize_bicubic, Augment, Batch, Crop, Dataset, IdxDataset, ImageFolder,
-    InMemoryDataset, Loader, LoaderOptions, RandAugment, RawImage, Shard, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+    preprocess, ImageInput, InMemoryDataset, Loader, LoaderOptions, RandAugment, RawImage, Shard, FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
 };
 use vit_mae_core::{ErrorCode, Result};
 
@@ -814,4 +814,73 @@ fn fashion_mnist_through_the_loader() {
         assert_eq!(b.labels.len(), 64);
         assert!(b.images.iter().all(|&v| v >= low - 1e-5 && v <= high + 1e-5));
     }
+}
+
+// ---------------------------------------------------------------- images as callers hold them
+
+/// RGBA pixels with a varying alpha, and the same image as a PNG.
+fn rgba_and_png(w: u32, h: u32) -> (Vec<u8>, Vec<u8>) {
+    let image = image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([(x * 9) as u8, (y * 13) as u8, ((x + y) * 5) as u8, ((x * 7 + y) % 256) as u8]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    (image.into_raw(), png.into_inner())
+}
+
+/// The published evaluation crop, at ImageNet's normalisation.
+fn evaluation(img_size: usize, channels: usize) -> Augment {
+    let (mean, std) = if channels == 1 { (FASHION_MNIST_MEAN.to_vec(), FASHION_MNIST_STD.to_vec()) } else { (vit_mae_core::data::IMAGENET_MEAN.to_vec(), vit_mae_core::data::IMAGENET_STD.to_vec()) };
+    Augment { crop_fraction: 224.0 / 256.0, ..Augment::pretrain(img_size, mean, std).evaluation() }
+}
+
+#[test]
+fn preprocess_gives_the_loader_s_evaluation_batch_for_every_input_kind() {
+    let dir = TempDir::new("preprocess");
+    let (rgba, png) = rgba_and_png(23, 17);
+    let jpeg = encoded_rgb(6, 6, image::ImageFormat::Jpeg);
+    dir.write("a.png", &png);
+    dir.write("b.jpg", &jpeg);
+    for channels in [1, 3] {
+        let augment = evaluation(12, channels);
+        let folder = Arc::new(ImageFolder::open(dir.path()).unwrap());
+        let options = LoaderOptions { batch_size: 2, shuffle: false, drop_last: false, ..LoaderOptions::default() };
+        let loader = Loader::new(folder, augment.clone(), options).unwrap();
+        let want = collect(&loader, 0, 0).remove(0).images;
+        let inputs = vec![
+            ImageInput::Pixels { data: rgba.clone(), width: 23, height: 17, channels: 4 },
+            ImageInput::Path(dir.path().join("b.jpg")),
+        ];
+        assert_eq!(preprocess(inputs, &augment).unwrap(), want, "{channels} channels");
+        let encoded = vec![ImageInput::Encoded(png.clone()), ImageInput::Encoded(jpeg.clone())];
+        assert_eq!(preprocess(encoded, &augment).unwrap(), want, "{channels} channels, encoded");
+    }
+}
+
+#[test]
+fn preprocess_resizes_the_whole_image_with_the_whole_crop() {
+    // 8x4 (wide): left half 255, right half 0, gray; a 4x4 output keeps the halves apart.
+    let data: Vec<u8> = (0..32).map(|i| if i % 8 < 4 { 255 } else { 0 }).collect();
+    let augment = Augment { crop: Crop::Whole, ..plain(4, 1) };
+    let out = preprocess(vec![ImageInput::Pixels { data, width: 8, height: 4, channels: 1 }], &augment).unwrap();
+    for row in out.chunks_exact(4) {
+        assert!(row[0] > 0.99 && row[3] < 0.01, "{row:?}");
+        assert!((row[1] + row[2] - 1.0).abs() < 1e-6, "symmetric about the middle: {row:?}");
+    }
+}
+
+#[test]
+fn preprocess_errors_name_the_first_bad_item() {
+    let augment = evaluation(8, 3);
+    let (rgba, png) = rgba_and_png(5, 5);
+    let good = || ImageInput::Encoded(png.clone());
+    let pixels = |data: Vec<u8>, width, height, channels| ImageInput::Pixels { data, width, height, channels };
+    expect_err(preprocess(vec![good(), ImageInput::Encoded(b"junk".to_vec()), ImageInput::Encoded(vec![])], &augment), ErrorCode::InvalidImage, "image 1: cannot decode image of 4 bytes");
+    let missing = std::env::temp_dir().join("vit-mae-no-such-image.png");
+    expect_err(preprocess(vec![good(), ImageInput::Path(missing.clone())], &augment), ErrorCode::Io, &format!("image 1 ({}): cannot read", missing.display()));
+    expect_err(preprocess(vec![pixels(vec![], 0, 5, 3)], &augment), ErrorCode::InvalidImage, "image 0: raw pixels of size 0x5 have an empty side");
+    expect_err(preprocess(vec![good(), pixels(rgba.clone(), 5, 5, 2)], &augment), ErrorCode::InvalidImage, "image 1: raw pixels have 2 channels");
+    expect_err(preprocess(vec![pixels(rgba, 5, 4, 4)], &augment), ErrorCode::InvalidImage, "raw pixels hold 100 bytes but 5x4x4 needs 80");
+    expect_err(preprocess(vec![pixels(vec![0; 3], 1 << 13, 1 << 13, 3)], &augment), ErrorCode::InvalidImage, "more than the 33554432 pixels");
+    expect_err(preprocess(vec![], &augment), ErrorCode::InvalidArgument, "no images");
+    let random = Augment::pretrain(8, vec![0.5; 3], vec![0.5; 3]);
+    expect_err(preprocess(vec![good()], &random), ErrorCode::InvalidArgument, "no random transform");
 }
