@@ -3,7 +3,7 @@ import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { MaskedAutoencoder, inspectCheckpoint, setAllowTf32, type MaeConfig } from '../ts/index.js';
+import { MaskedAutoencoder, VitClassifier, inspectCheckpoint, setAllowTf32, type MaeConfig } from '../ts/index.js';
 import { fixture, randomTensor, readSafetensors, writeHuggingFaceEncoder, writeSafetensors } from './helpers.js';
 
 const SMALL: MaeConfig = {
@@ -200,8 +200,21 @@ describe('save and load', () => {
     copyFileSync(fixture('mae-tiny.hf/model.safetensors'), join(folder, 'model.safetensors'));
     const config = JSON.parse(readFileSync(fixture('mae-tiny.hf/config.json'), 'utf8'));
     writeFileSync(join(folder, 'config.json'), JSON.stringify({ ...config, mask_ratio: 0.6, hidden_dropout_prob: 0.1, transformers_version: '5.25.0' }));
-    expect((await MaskedAutoencoder.load(folder)).ignoredConfigFields).toEqual(['hidden_dropout_prob', 'mask_ratio']);
-    expect((await MaskedAutoencoder.load(fixture('mae-tiny.hf'))).ignoredConfigFields).toEqual([]);
+    const warnings: Error[] = [];
+    const onWarning = (w: Error) => warnings.push(w);
+    process.on('warning', onWarning);
+    try {
+      expect((await MaskedAutoencoder.load(folder)).ignoredConfigFields).toEqual(['hidden_dropout_prob', 'mask_ratio']);
+      expect((await MaskedAutoencoder.load(fixture('mae-tiny.hf'))).ignoredConfigFields).toEqual([]);
+      await VitClassifier.fromPretrained(folder, { numClasses: 2 });
+      await new Promise((resolve) => setImmediate(resolve)); // warnings are emitted on the next tick
+    } finally {
+      process.off('warning', onWarning);
+    }
+    // One warning per load of the folder with extra fields (the MAE, the classifier's), none for the other.
+    expect(warnings.map((w) => [w.name, (w as Error & { code?: string }).code, w.message])).toEqual(
+      Array(2).fill(['VitMaeWarning', 'VIT_MAE_IGNORED_CONFIG_FIELDS', `${folder}: config.json fields not followed: hidden_dropout_prob, mask_ratio`]),
+    );
     expect(MaskedAutoencoder.create({ config: SMALL }).ignoredConfigFields).toEqual([]);
   });
 });

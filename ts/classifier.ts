@@ -5,7 +5,7 @@ import { checkTensor, type Tensor } from './tensor.js';
 import { embedInChunks, modelInput, type Images, type TransformOptions } from './images.js';
 import { cropFraction, datasetSpec, loaderSpec, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { forwardProgress, runJob, TrainingRun, type RecipeOptions } from './train.js';
-import { betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
+import { warnIgnoredConfigFields, betaFields, checkDevice, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
 import type { MaskedAutoencoder, LossAndGradients, LoadOptions } from './index.js';
 
 /** Options for {@link VitClassifier.fromPretrained}. */
@@ -151,10 +151,12 @@ export class VitClassifier {
     if (typeof options !== 'object' || options === null) throw new VitMaeError('E_ARGUMENT', 'fromPretrained needs options with numClasses');
     const { numClasses, globalPool, headBatchNorm, imgSize, seed, config, device, precision } = options;
     if (!Number.isInteger(numClasses) || numClasses < 1) throw new VitMaeError('E_CONFIG', `numClasses must be a positive integer, got ${String(numClasses)}`);
-    const native =
-      typeof mae === 'string'
-        ? await call(() => binding.NativeMae.load(checkPath(mae), configJson(config), checkSeed(seed), checkDevice(device), checkPrecision(precision)))
-        : maeNatives.get(mae);
+    let native: Binding.NativeMae | undefined;
+    if (typeof mae === 'string') {
+      const path = checkPath(mae);
+      native = await call(() => binding.NativeMae.load(path, configJson(config), checkSeed(seed), checkDevice(device), checkPrecision(precision)));
+      warnIgnoredConfigFields(native, path);
+    } else native = maeNatives.get(mae);
     if (!native) throw new VitMaeError('E_ARGUMENT', 'fromPretrained needs a MaskedAutoencoder or a checkpoint path');
     const head = optionsJson({ numClasses, globalPool, headBatchNorm, imgSize }, 'E_CONFIG');
     return new VitClassifier(callSync(() => binding.NativeClassifier.fromMae(native, head, checkSeed(seed))));

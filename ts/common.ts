@@ -201,3 +201,13 @@ export async function featureMapsOf(native: Pick<Binding.NativeMae, 'featureMaps
   const m = await call(() => native.featureMaps(images.data, images.shape, layers, pyramid));
   return { maps: m.maps.map(fromNative), pyramid: m.pyramid ? m.pyramid.map(fromNative) : null };
 }
+
+/**
+ * Warns (a Node process warning, `VIT_MAE_IGNORED_CONFIG_FIELDS`) when the checkpoint at
+ * `path` was a Hugging Face folder whose `config.json` has fields the model does not follow.
+ */
+export function warnIgnoredConfigFields(native: Pick<Binding.NativeMae, 'ignoredConfigFields'>, path: string): void {
+  const ignored = native.ignoredConfigFields;
+  if (ignored.length === 0) return;
+  process.emitWarning(`${path}: config.json fields not followed: ${ignored.join(', ')}`, { type: 'VitMaeWarning', code: 'VIT_MAE_IGNORED_CONFIG_FIELDS' });
+}

@@ -7,7 +7,7 @@
 import type { MaeConfig, PresetName, Device, Precision } from './config.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, callSync, maeNatives, type Binding } from './native.js';
-import { betaFields, checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
+import { warnIgnoredConfigFields, betaFields, checkDevice, checkInteger, checkNotAborted, checkPath, checkPrecision, checkRecipeKeys, checkSeed, configJson, distributedSpec, featureMapsOf, fromNative, optionsJson, type Embeddings, type FeatureMapOptions, type FeatureMaps, type PassOptions } from './common.js';
 import { forwardProgress, runJob } from './train.js';
 import { checkTensor, type Tensor } from './tensor.js';
 import { cropMode, datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
@@ -302,12 +302,14 @@ export class MaskedAutoencoder {
    * `ViTMAEForPreTraining` or `ViTMAEModel` folder. An encoder-only checkpoint (a
    * `ViTMAEModel` folder is one) loads with a freshly initialised decoder and
    * {@link MaskedAutoencoder.freshDecoder} set; fields of a Hugging Face config that
-   * are not followed are listed in {@link MaskedAutoencoder.ignoredConfigFields}.
+   * are not followed are listed in {@link MaskedAutoencoder.ignoredConfigFields} and in a
+   * process warning (`VitMaeWarning`, code `VIT_MAE_IGNORED_CONFIG_FIELDS`).
    */
   static async load(path: string, options: LoadOptions = {}): Promise<MaskedAutoencoder> {
     const { config, seed, device, precision } = options;
     const checkedPath = checkPath(path);
     const native = await call(() => binding.NativeMae.load(checkedPath, configJson(config), checkSeed(seed), checkDevice(device), checkPrecision(precision)));
+    warnIgnoredConfigFields(native, checkedPath);
     return new MaskedAutoencoder(native);
   }
 
