@@ -72,7 +72,7 @@ export function isTensor(value: unknown): value is Tensor {
   return typeof value === 'object' && value !== null && !(value instanceof Uint8Array) && !Array.isArray(value) && 'shape' in value;
 }
 
-/** `images` as a list, each checked for its kind (`E_IMAGE` naming the first that is none). */
+/** `images` as a list (a lone image is a list of one); none at all is `E_ARGUMENT`. */
 export function imageList(images: Images): readonly ImageInput[] {
   const list = Array.isArray(images) ? (images as readonly ImageInput[]) : [images as ImageInput];
   if (list.length === 0) throw new VitMaeError('E_ARGUMENT', 'no images given');
