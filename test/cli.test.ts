@@ -114,6 +114,22 @@ describe('vit-mae CLI', () => {
     expect(rec.status, rec.stderr).toBe(0);
     expect(JSON.parse(rec.stdout)).toMatchObject({ type: 'reconstruction', path: png });
     expect(pngSize(readFileSync(png)).height).toBe(3 * 128 + 4 * 2);
+
+    // Image files instead of a dataset: one row each; not both, not neither.
+    const images = ['photo.jpg', 'alpha.webp'].map((f) => join(root, 'test', 'fixtures', 'images', f));
+    const filesPng = join(dir, 'files.png');
+    const fromFiles = run([cli, 'reconstruct', join(out, 'model.safetensors'), ...images, '--crop-fraction', '1', '--out', filesPng, '--json']);
+    expect(fromFiles.status, fromFiles.stderr).toBe(0);
+    expect(JSON.parse(fromFiles.stdout)).toMatchObject({ type: 'reconstruction', path: filesPng });
+    expect(pngSize(readFileSync(filesPng)).height).toBe(2 * 128 + 3 * 2);
+    for (const args of [[...images, '--data', data], []]) {
+      const refused = run([cli, 'reconstruct', join(out, 'model.safetensors'), ...args, '--out', join(dir, 'never.png')]);
+      expect(refused.status).toBe(2);
+      expect(refused.stderr).toContain('reconstruct takes image files or --data, not both and not neither');
+    }
+    const missing = run([cli, 'reconstruct', join(out, 'model.safetensors'), join(dir, 'gone.png'), '--out', join(dir, 'never.png')]);
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toMatch(/^error \[E_IO\]: image 0 \(.*gone\.png\): cannot read/m);
   });
 
   it('resumes after SIGKILL to the same weights as an uninterrupted run', async () => {

@@ -153,17 +153,24 @@ function emit(out: Output, record: Record<string, unknown>, text?: string): void
   else if (text !== undefined) process.stderr.write(`${text}\n`);
 }
 
-async function reconstructionPng(mae: MaskedAutoencoder, source: DatasetSource, path: string, opts: { count: number; maskRatio: number; masking: MaskingStrategy; seed: number; padTo?: number }): Promise<number> {
+/** Where `reconstruct` takes its images from: the first `count` of a dataset, or image files. */
+type ReconstructionInput = { dataset: DatasetSource; count: number } | { files: string[]; cropFraction?: number };
+
+async function reconstructionPng(mae: MaskedAutoencoder, input: ReconstructionInput, path: string, opts: { maskRatio: number; masking: MaskingStrategy; seed: number; padTo?: number }): Promise<number> {
   const { imgSize, inChans } = mae.config;
-  const images = await loadImages(source, { imgSize, inChans, count: opts.count, augment: { padTo: opts.padTo } });
-  const n = images.shape[0];
+  const images =
+    'files' in input
+      ? input.files
+      : await loadImages(input.dataset, { imgSize, inChans, count: input.count, augment: { padTo: opts.padTo } });
+  const transform = 'files' in input ? { padTo: opts.padTo, cropFraction: input.cropFraction } : undefined;
+  const n = 'files' in input ? input.files.length : input.count;
   const L = (imgSize / mae.config.patchSize) ** 2;
   // Noise from a fixed generator, so the same checkpoint always shows the same masks.
   let state = opts.seed + 1;
   const noise = { data: Float32Array.from({ length: n * L }, () => ((state = (state * 1103515245 + 12345) % 2147483648) / 2147483648)), shape: [n, L] };
-  const rec = await mae.reconstruct(images, { maskRatio: opts.maskRatio, masking: opts.masking, noise: opts.masking === 'random' ? noise : undefined });
+  const rec = await mae.reconstruct(images, { maskRatio: opts.maskRatio, masking: opts.masking, noise: opts.masking === 'random' ? noise : undefined, transform });
   mkdirSync(dirname(path), { recursive: true });
-  await writeReconstructionGrid(path, rec, images);
+  await writeReconstructionGrid(path, rec);
   return rec.loss;
 }
 
@@ -323,7 +330,7 @@ addRecipeOptions(
     const modelPath = join(o.out, 'model.safetensors');
     await mae.save(modelPath);
     const png = join(o.out, 'reconstruction.png');
-    const reconstructionLoss = await reconstructionPng(mae, source, png, { count: 8, maskRatio: o.maskRatio, masking: o.masking, seed: o.seed, padTo: o.padTo });
+    const reconstructionLoss = await reconstructionPng(mae, { dataset: source, count: 8 }, png, { maskRatio: o.maskRatio, masking: o.masking, seed: o.seed, padTo: o.padTo });
     emit(out, { type: 'summary', ...summary, model: modelPath, reconstruction: png, reconstructionLoss },
       `${summary.aborted ? 'stopped' : 'done'}: ${summary.steps} steps, final loss ${summary.finalLoss.toFixed(4)}, ${summary.imagesSeen} images in ${summary.seconds.toFixed(1)} s` +
       `${summary.skippedImages ? `, ${summary.skippedImages} unreadable images skipped` : ''}\nmodel: ${modelPath}\nreconstruction: ${png}`);
@@ -462,20 +469,24 @@ addDistributedOptions(addComputeOptions(program
 
 addComputeOptions(program
   .command('reconstruct'))
-  .description('write a PNG grid (masked | reconstruction | reconstruction + visible | original) for images of a dataset')
+  .description('write a PNG grid (masked | reconstruction | reconstruction + visible | original) for image files, or for the first images of a dataset')
   .argument('<checkpoint>', 'model: .safetensors, .pth or a Hugging Face folder')
-  .requiredOption('--data <path>', 'image folder or IDX file')
+  .argument('[images...]', 'image files (PNG, JPEG, WebP, ...), one row each; or give --data')
+  .option('--data <path>', 'image folder or IDX file, instead of image files')
   .option('--out <png>', 'output PNG', 'reconstruction.png')
-  .option('--count <n>', 'images (rows)', integer, 8)
+  .option('--count <n>', 'images (rows) of --data', integer, 8)
   .option('--mask-ratio <r>', 'fraction of patches removed', number, 0.75)
   .addOption(new Option('--masking <kind>', 'masking strategy').choices(['random', 'block', 'grid']).default('random'))
   .option('--seed <n>', 'seed for the masks', integer, 0)
   .option('--pad-to <n>', 'zero-pad images to this side first', integer)
+  .option('--crop-fraction <f>', 'image files: resize the central square of this fraction of the shorter side (default 0.875, the published evaluation)', number)
   .option('--config <json>', 'model config fields the checkpoint does not tell', json)
   .option('--json', 'print the result as JSON on stdout')
-  .action(async (checkpoint: string, o) => {
+  .action(async (checkpoint: string, files: string[], o, command: Command) => {
+    if ((files.length > 0) === (o.data !== undefined)) command.error('error: reconstruct takes image files or --data, not both and not neither', { code: 'commander.usage' });
     const mae = await MaskedAutoencoder.load(checkpoint, { config: o.config, ...computeOptions(o) });
-    const loss = await reconstructionPng(mae, dataset(o.data), o.out, { count: o.count, maskRatio: o.maskRatio, masking: o.masking, seed: o.seed, padTo: o.padTo });
+    const input: ReconstructionInput = files.length > 0 ? { files, cropFraction: o.cropFraction } : { dataset: dataset(o.data), count: o.count };
+    const loss = await reconstructionPng(mae, input, o.out, { maskRatio: o.maskRatio, masking: o.masking, seed: o.seed, padTo: o.padTo });
     emit({ json: Boolean(o.json) }, { type: 'reconstruction', path: o.out, loss }, `wrote ${o.out} (loss ${loss.toFixed(4)})`);
   });
 
