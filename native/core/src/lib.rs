@@ -21,6 +21,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod pca;
 mod pth;
 pub mod pos_embed;
 pub mod recipe;
