@@ -55,7 +55,7 @@ impl PatchMoments {
 
     /// Adds rows of `dim` values.
     pub fn add_rows(&mut self, rows: &[f32]) -> Result<()> {
-        if rows.len() % self.dim != 0 {
+        if !rows.len().is_multiple_of(self.dim) {
             bail!(Internal, "{} values are not whole patches of {}", rows.len(), self.dim);
         }
         let m = rows.len() / self.dim;
