@@ -63,6 +63,12 @@ describe('vit-mae CLI', () => {
     const info = JSON.parse(out.stdout);
     expect(info).toMatchObject({ format: 'safetensors', freshDecoder: false, config: { embedDim: 48, depth: 2, numHeads: 3 } });
     expect(run([cli, 'info', fixture('mae-tiny.hf')]).stdout).toMatch(/format: huggingface/);
+    // A PCA target names itself and its coefficients; its basis is among the tensors.
+    const pca = run([cli, 'info', fixture('mae-tiny-pca.weights.safetensors')]);
+    expect(pca.status, pca.stderr).toBe(0);
+    expect(pca.stdout).toMatch(/normPixLoss: false\n\s*target: pca\n\s*pcaComponents: 10\n/);
+    const pcaJson = JSON.parse(run([cli, 'info', fixture('mae-tiny-pca.weights.safetensors'), '--json']).stdout);
+    expect(pcaJson).toMatchObject({ config: { target: 'pca', pcaComponents: 10 }, tensors: { pca_mean: [48], pca_components: [10, 48], 'decoder_pred.weight': [10, 32] } });
     const encoder = join(dir, 'encoder.hf');
     writeHuggingFaceEncoder(encoder);
     const text = run([cli, 'info', encoder]);

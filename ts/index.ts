@@ -13,7 +13,7 @@ import { checkTensor, type Tensor } from './tensor.js';
 import { cropMode, datasetSpec, loaderSpec, normalisation, passSpec, type AugmentOptions, type DatasetSource } from './data.js';
 import { TrainingRun, type PretrainOptions } from './train.js';
 
-export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision } from './config.js';
+export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision, Target } from './config.js';
 export type { DistributedOptions, Embeddings, FeatureMapOptions, FeatureMaps, PassOptions } from './common.js';
 export {
   VitClassifier,
@@ -53,6 +53,7 @@ export {
   type SkippedEvent,
   type EpochEndEvent,
   type EvalEvent,
+  type PcaBasisEvent,
   type TrainingSummary,
 } from './train.js';
 
@@ -109,7 +110,7 @@ export interface Reconstruction {
   mask: Tensor;
   /** The input with the removed patches zeroed. */
   masked: Tensor;
-  /** The prediction in pixel space (for `normPixLoss` models, mapped back with each patch's own mean and std). */
+  /** The prediction in pixel space (for `normPixLoss` models, mapped back with each patch's own mean and std; for `'pca'` targets, the coefficients through the basis: `coef @ components + mean`). */
   reconstruction: Tensor;
   /** The visible patches pasted onto the prediction. */
   pasted: Tensor;
