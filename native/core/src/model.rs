@@ -389,8 +389,6 @@ impl MaskedAutoencoder {
         }
         let on_device = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?) };
         self.pca = Some(PcaBasis { mean: on_device(mean)?, components: on_device(components)? });
-        // A cached engine plan holds the old basis.
-        *self.engine.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
     }
 
