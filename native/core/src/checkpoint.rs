@@ -516,10 +516,18 @@ fn infer_config(shapes: &BTreeMap<String, Vec<usize>>) -> ConfigPatch {
 
 fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
     // `normPixLoss`, `target` and `pcaComponents` are one choice: one that `over` makes
-    // replaces the base's whole (a checkpoint's `norm_pix_loss: true` does not contradict
-    // an explicit `target: 'pixels'`).
-    let target_from = if over.norm_pix_loss.is_some() || over.target.is_some() { over } else { &base };
-    let (norm_pix_loss, target, pca_components) = (target_from.norm_pix_loss, target_from.target, over.pca_components.or(target_from.pca_components));
+    // replaces the base's (a checkpoint's `norm_pix_loss: true` does not contradict an
+    // explicit `target: 'pixels'`), but `normPixLoss: false` alone only says "not
+    // normalised pixels", which keeps a PCA target (and the base's coefficient count
+    // stays with it, as `ConfigPatch::apply_to` keeps it).
+    let target = match (over.target, over.norm_pix_loss) {
+        (Some(name), _) => Some(name),
+        (None, Some(false)) if base.target == Some(TargetName::Pca) => base.target,
+        (None, Some(_)) => None,
+        (None, None) => base.target,
+    };
+    let norm_pix_loss = over.norm_pix_loss.or(if over.target.is_some() { None } else { base.norm_pix_loss });
+    let pca_components = over.pca_components.or(if target == Some(TargetName::Pca) { base.pca_components } else { None });
     ConfigPatch {
         img_size: over.img_size.or(base.img_size),
         patch_size: over.patch_size.or(base.patch_size),

@@ -905,6 +905,16 @@ fn pca_basis_round_trips_and_is_optional_but_whole() {
     vit_mae_core::checkpoint::save_tensors(tensors, serde_json::json!({}), Default::default(), &plain).unwrap();
     let (inferred, _) = load_model(&plain, Some(&explicit), &Device::Cpu, Precision::F32, 0).unwrap();
     assert_eq!(inferred.config, config);
+    // Explicit fields that say "not normalised pixels" or "pca" keep what the file tells.
+    for target in [serde_json::json!({"normPixLoss": false}), serde_json::json!({"target": "pca"}), serde_json::json!({"target": "pca", "normPixLoss": false})] {
+        let mut fields = explicit.known();
+        fields.extend(target.as_object().unwrap().clone());
+        let explicit = ConfigPatch::from_json(&serde_json::Value::Object(fields), true).unwrap();
+        for file in [&plain, &path] {
+            let (loaded, _) = load_model(file, Some(&explicit), &Device::Cpu, Precision::F32, 0).unwrap_or_else(|e| panic!("{target} over {}: {e}", file.display()));
+            assert_eq!(loaded.config, config, "{target} over {}", file.display());
+        }
+    }
 
     // Half a basis, or a basis for a pixel target, is refused.
     let half = dir.join("half.safetensors");
