@@ -1192,7 +1192,7 @@ fn a_run_cancelled_before_its_first_step_trains_and_writes_nothing() {
 
 // ---------------------------------------------------------------- the PCA target
 
-fn tiny_pca_model(seed: u64) -> MaskedAutoencoder {
+pub(crate) fn tiny_pca_model(seed: u64) -> MaskedAutoencoder {
     // Patches of 48 values, 8 coefficients.
     MaskedAutoencoder::new(MaeConfig { target: Target::Pca { components: 8 }, ..tiny_config() }, &Device::Cpu, Precision::F32, seed).unwrap()
 }
