@@ -170,9 +170,15 @@ fn rank_pca_pretraining() {
     let mut events = Vec::new();
     pretrain(&mut model, &loader, &pretrain_config(None), None, &group, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
     print_losses(group.rank(), &losses(&events));
-    let basis = model.pca_basis().unwrap();
-    let values: Vec<f32> = [&basis.mean, &basis.components].iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
-    println!("rank {}: basis={}", group.rank(), values.iter().map(|v| format!("{:08x}", v.to_bits())).collect::<String>());
+    // A file, not a printed line: the ranks' long lines could interleave on the way out.
+    let bytes: Vec<u8> = basis_values(&model).iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(scenario_dir().join(format!("basis-{}.bin", group.rank())), bytes).unwrap();
+}
+
+/// A PCA model's mean patch, then its axes.
+fn basis_values(model: &vit_mae_core::MaskedAutoencoder) -> Vec<f32> {
+    let basis = model.pca_basis().expect("a fitted basis");
+    [&basis.mean, &basis.components].iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
 /// The ranks fit the PCA basis on the same images as one process (the whole data's, not
@@ -182,16 +188,18 @@ fn two_ranks_fit_one_pca_basis_and_pretrain_as_one_process() {
     let dir = TempDir::new("data-parallel-pca");
     let job = launch("rank_pca_pretraining", dir.path(), OnDeath::EndTheJob);
     assert!(job.succeeded(), "{}", job.describe());
-    assert_eq!(job.said(0, "basis"), job.said(1, "basis"), "the ranks' bases");
+    let rank_basis = |rank: usize| -> Vec<f32> {
+        let bytes = std::fs::read(dir.path().join(format!("basis-{rank}.bin"))).unwrap();
+        bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let parallel = rank_basis(0);
+    assert_eq!(parallel.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), rank_basis(1).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "the ranks' bases");
     let mut alone = pt::tiny_pca_model(51);
     let mut events = Vec::new();
     let single = loader(pretrain_data(), GLOBAL_BATCH, true, true, Shard::default());
     pretrain(&mut alone, &single, &pretrain_config(None), None, &Group::single(), &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
     // The same images, summed in batches of 16 there and 32 here: within f32 rounding.
-    let said = job.said(0, "basis");
-    let parallel: Vec<f32> = (0..said.len() / 8).map(|i| f32::from_bits(u32::from_str_radix(&said[8 * i..8 * i + 8], 16).unwrap())).collect();
-    let basis = alone.pca_basis().unwrap();
-    let here: Vec<f32> = [&basis.mean, &basis.components].iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect();
+    let here = basis_values(&alone);
     assert_eq!(parallel.len(), here.len());
     let worst = parallel.iter().zip(&here).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(worst <= 1e-5, "the ranks' basis and one process's differ by up to {worst}");
