@@ -122,6 +122,20 @@ describe('vit-mae CLI', () => {
     expect(pngSize(readFileSync(png)).height).toBe(3 * 128 + 4 * 2);
   });
 
+  it("pretrains a 'pca' target given in --config: the basis event first, then a model info describes", () => {
+    const out = join(dir, 'pca');
+    const config = JSON.stringify({ ...JSON.parse(TINY), target: 'pca', pcaComponents: 4 });
+    const result = run(pretrainArgs(out, ['--max-steps', '2']).map((arg) => (arg === TINY ? config : arg)));
+    expect(result.status, result.stderr).toBe(0);
+    const events = jsonLines(result.stdout);
+    const types = events.map((e) => e.type);
+    expect(types.indexOf('pcaBasis')).toBeLessThan(types.indexOf('step'));
+    // The first 256 images of the first epoch, 16 patches of 4x4 each.
+    expect(events.find((e) => e.type === 'pcaBasis')).toMatchObject({ components: 4, images: 256, patches: 256 * 16 });
+    const info = JSON.parse(run([cli, 'info', join(out, 'model.safetensors'), '--json']).stdout);
+    expect(info).toMatchObject({ config: { target: 'pca', pcaComponents: 4, normPixLoss: false }, tensors: { pca_mean: [16], pca_components: [4, 16] } });
+  });
+
   it('resumes after SIGKILL to the same weights as an uninterrupted run', async () => {
     const steps = ['--max-steps', '40', '--checkpoint-every', '4'];
     const straight = join(dir, 'straight');
