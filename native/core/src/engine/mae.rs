@@ -366,7 +366,7 @@ impl MaeEngine {
             (Target::Pixels, _) => MseTarget::Pixels,
             (Target::NormPixels, _) => MseTarget::NormPixels,
             (Target::Pca { components: k }, Some((mean, components))) => MseTarget::Pca { mean, components, k },
-            (Target::Pca { .. }, None) => bail!(Internal, "a PCA target's plan has a basis"),
+            (Target::Pca { .. }, None) => bail!(Internal, "the engine plan of a PCA target lacks its basis slots"),
         };
         let shape = MseShape { batch: n, channels: c.in_chans, patch: c.patch_size, grid: c.grid_size(), rows_per_image: 1 + c.num_patches(), target };
         Ok(k.masked_mse(self.imgs, dec.pred_out, &self.mask, dec.dpred, shape, grad_scale))
