@@ -63,6 +63,12 @@ describe('vit-mae CLI', () => {
     const info = JSON.parse(out.stdout);
     expect(info).toMatchObject({ format: 'safetensors', freshDecoder: false, config: { embedDim: 48, depth: 2, numHeads: 3 } });
     expect(run([cli, 'info', fixture('mae-tiny.hf')]).stdout).toMatch(/format: huggingface/);
+    // A PCA target names itself and its coefficients; its basis is among the tensors.
+    const pca = run([cli, 'info', fixture('mae-tiny-pca.weights.safetensors')]);
+    expect(pca.status, pca.stderr).toBe(0);
+    expect(pca.stdout).toMatch(/normPixLoss: false\n\s*target: pca\n\s*pcaComponents: 10\n/);
+    const pcaJson = JSON.parse(run([cli, 'info', fixture('mae-tiny-pca.weights.safetensors'), '--json']).stdout);
+    expect(pcaJson).toMatchObject({ config: { target: 'pca', pcaComponents: 10 }, tensors: { pca_mean: [48], pca_components: [10, 48], 'decoder_pred.weight': [10, 32] } });
     const encoder = join(dir, 'encoder.hf');
     writeHuggingFaceEncoder(encoder);
     const text = run([cli, 'info', encoder]);
@@ -130,6 +136,20 @@ describe('vit-mae CLI', () => {
     const missing = run([cli, 'reconstruct', join(out, 'model.safetensors'), join(dir, 'gone.png'), '--out', join(dir, 'never.png')]);
     expect(missing.status).toBe(1);
     expect(missing.stderr).toMatch(/^error \[E_IO\]: image 0 \(.*gone\.png\): cannot read/m);
+  });
+
+  it("pretrains a 'pca' target given in --config: the basis event first, then a model info describes", () => {
+    const out = join(dir, 'pca');
+    const config = JSON.stringify({ ...JSON.parse(TINY), target: 'pca', pcaComponents: 4 });
+    const result = run(pretrainArgs(out, ['--max-steps', '2']).map((arg) => (arg === TINY ? config : arg)));
+    expect(result.status, result.stderr).toBe(0);
+    const events = jsonLines(result.stdout);
+    const types = events.map((e) => e.type);
+    expect(types.indexOf('pcaBasis')).toBeLessThan(types.indexOf('step'));
+    // The first 256 images of the first epoch, 16 patches of 4x4 each.
+    expect(events.find((e) => e.type === 'pcaBasis')).toMatchObject({ components: 4, images: 256, patches: 256 * 16 });
+    const info = JSON.parse(run([cli, 'info', join(out, 'model.safetensors'), '--json']).stdout);
+    expect(info).toMatchObject({ config: { target: 'pca', pcaComponents: 4, normPixLoss: false }, tensors: { pca_mean: [16], pca_components: [4, 16] } });
   });
 
   it('resumes after SIGKILL to the same weights as an uninterrupted run', async () => {

@@ -289,6 +289,48 @@ describe('reconstruct', () => {
     expect(pngSize(readFileSync(png))).toEqual({ width: 4 * 128 + 5 * 2, height: 2 * 128 + 3 * 2 });
   });
 
+  it("pre-trains a 'pca' target: fits its basis first, lowers the loss, saves the basis, and reconstructs pixels", async () => {
+    // Patches of 16 values, 4 coefficients.
+    const config = { ...TINY, normPixLoss: false, target: 'pca' as const, pcaComponents: 4 };
+    const mae = MaskedAutoencoder.create({ config, seed: 2 });
+    expect(mae.config).toMatchObject({ target: 'pca', pcaComponents: 4, normPixLoss: false });
+    const x = randomTensor([2, 1, 16, 16], 5);
+    await expect(mae.reconstruct(x)).rejects.toMatchObject({ code: 'E_CONFIG', message: expect.stringMatching(/no PCA basis/) });
+    const run = mae.pretrain({ ...base, data: { kind: 'memory', images: images() } });
+    const events: TrainingEvent[] = [];
+    for await (const e of run) events.push(e);
+    await run.result;
+    const fitted = events.filter((e) => e.type === 'pcaBasis');
+    expect(fitted).toEqual([{ type: 'pcaBasis', components: 4, keptVariance: expect.any(Number), images: 32, patches: 32 * 16 }]);
+    const kept = fitted[0].type === 'pcaBasis' ? fitted[0].keptVariance : NaN;
+    expect(kept).toBeGreaterThan(4 / 16);
+    expect(kept).toBeLessThanOrEqual(1);
+    expect(events.findIndex((e) => e.type === 'pcaBasis')).toBeLessThan(events.findIndex((e) => e.type === 'step'));
+    const losses = events.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    expect(mean(losses.slice(-4))).toBeLessThan(mean(losses.slice(0, 4)));
+
+    const r = await mae.reconstruct(x, { maskRatio: 0.5 });
+    for (const t of [r.masked, r.reconstruction, r.pasted]) expect(t.shape).toEqual([2, 1, 16, 16]);
+    expect(r.reconstruction.data.every(Number.isFinite)).toBe(true);
+    expect((await mae.forward(x)).pred.shape).toEqual([2, 16, 4]);
+
+    const path = join(dir, 'pca.safetensors');
+    await mae.save(path);
+    const loaded = await MaskedAutoencoder.load(path);
+    expect(loaded.config).toEqual(mae.config);
+    const noise = randomTensor([2, 16], 6);
+    expect((await loaded.forward(x, { noise })).loss).toBe((await mae.forward(x, { noise })).loss);
+  });
+
+  it("refuses a target that contradicts normPixLoss, and pcaComponents without a 'pca' target", () => {
+    expect(() => MaskedAutoencoder.create({ config: { ...TINY, target: 'pixels' } })).toThrow(expect.objectContaining({ code: 'E_CONFIG', message: expect.stringMatching(/contradicts/) }));
+    expect(() => MaskedAutoencoder.create({ config: { ...TINY, normPixLoss: false, pcaComponents: 3 } })).toThrow(expect.objectContaining({ code: 'E_CONFIG', message: expect.stringMatching(/only to target 'pca'/) }));
+    expect(() => MaskedAutoencoder.create({ config: { ...TINY, normPixLoss: false, target: 'pca', pcaComponents: 17 } })).toThrow(expect.objectContaining({ code: 'E_CONFIG' }));
+    expect(MaskedAutoencoder.create({ config: { ...TINY, target: 'normPixels' } }).config.normPixLoss).toBe(true);
+    expect(MaskedAutoencoder.create({ config: { ...TINY, normPixLoss: false, target: 'pca' } }).config.pcaComponents).toBe(2);
+  });
+
   it('encodes the grid as PNG bytes, the same as the file written', async () => {
     const mae = MaskedAutoencoder.create({ config: { ...TINY, normPixLoss: false }, seed: 4 });
     const x = randomTensor([3, 1, 16, 16], 6);

@@ -80,6 +80,8 @@ async function follow(run: TrainingRun, out: Output): Promise<TrainingSummary> {
       }
     } else if (e.type === 'skipped') {
       process.stderr.write(`warning: skipped ${e.count} unreadable image(s): ${e.message}\n`);
+    } else if (e.type === 'pcaBasis' && !out.json) {
+      process.stderr.write(`PCA target: ${e.components} components keep ${(100 * e.keptVariance).toFixed(2)}% of the variance of ${e.patches} patches of ${e.images} images\n`);
     } else if (e.type === 'eval' && !out.json) {
       const line = `epoch ${e.epoch}: test top-1 ${(100 * e.top1).toFixed(2)}% top-5 ${(100 * e.top5).toFixed(2)}% loss ${e.loss.toFixed(4)}`;
       if (bar) {

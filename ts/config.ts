@@ -29,8 +29,31 @@ export interface MaeConfig extends EncoderConfig {
   decoderDepth: number;
   /** Decoder attention heads. */
   decoderNumHeads: number;
-  /** Whether the loss targets per-patch normalised pixels. */
+  /**
+   * Whether the loss targets per-patch normalised pixels (the published flag): true
+   * exactly when `target` is `'normPixels'`. As input it names the target too (true:
+   * `'normPixels'`; false: `'pixels'`, or keeps a `'pca'` target); given with a `target`
+   * it contradicts, it is `E_CONFIG`.
+   */
   normPixLoss: boolean;
+  /**
+   * What the decoder predicts for each removed patch, as the paper's Table 1d compares:
+   * its pixels, its pixels normalised by their own mean and std (as `normPixLoss`), or
+   * its `pcaComponents` leading PCA coefficients (`(patch - mean) @ components^T`). A
+   * `'pca'` model's basis (the mean patch and the components, kept in checkpoints as
+   * `pca_mean` and `pca_components`) is fitted when pre-training starts, in f64, on
+   * the first 256 images of the training data's first epoch (all of them when fewer);
+   * until then its forward pass, loss and reconstruction are `E_CONFIG`. Configs the
+   * library returns name it only for `'pca'` (for the pixel targets `normPixLoss`
+   * says which); absent means `'pixels'` or `'normPixels'` as `normPixLoss` says.
+   */
+  target?: Target;
+  /**
+   * The PCA coefficients a `'pca'` target keeps, from 1 to a patch's
+   * `patchSize² × inChans` values; by default an eighth of them (at least 1): the
+   * paper's 96 of 768 for 16×16 RGB patches. Only with `target: 'pca'`.
+   */
+  pcaComponents?: number;
   /**
    * The paper's Table 1c ablation, not the published model: the encoder also takes
    * the removed patches, each replaced by a learned `encoder_mask_token` (plus its
@@ -39,6 +62,9 @@ export interface MaeConfig extends EncoderConfig {
    */
   encoderMaskToken?: boolean;
 }
+
+/** What an MAE's decoder predicts for each removed patch (see {@link MaeConfig.target}). */
+export type Target = 'pixels' | 'normPixels' | 'pca';
 
 /**
  * Built-in configurations: the paper's three (`mae_vit_base_patch16`,

@@ -14,7 +14,7 @@ import { cropMode, datasetSpec, loaderSpec, normalisation, passSpec, type Augmen
 import { TrainingRun, type PretrainOptions } from './train.js';
 import { embedInChunks, modelInput, type Images, type TransformOptions } from './images.js';
 
-export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision } from './config.js';
+export type { EncoderConfig, MaeConfig, ClassifierConfig, PresetName, Device, Precision, Target } from './config.js';
 export type { DistributedOptions, Embeddings, FeatureMapOptions, FeatureMaps, PassOptions } from './common.js';
 export {
   VitClassifier,
@@ -55,6 +55,7 @@ export {
   type SkippedEvent,
   type EpochEndEvent,
   type EvalEvent,
+  type PcaBasisEvent,
   type TrainingSummary,
 } from './train.js';
 
@@ -113,7 +114,7 @@ export interface Reconstruction {
   mask: Tensor;
   /** The input with the removed patches zeroed. */
   masked: Tensor;
-  /** The prediction in pixel space (for `normPixLoss` models, mapped back with each patch's own mean and std). */
+  /** The prediction in pixel space (for `normPixLoss` models, mapped back with each patch's own mean and std; for `'pca'` targets, the coefficients through the basis: `coef @ components + mean`). */
   reconstruction: Tensor;
   /** The visible patches pasted onto the prediction. */
   pasted: Tensor;

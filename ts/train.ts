@@ -142,8 +142,25 @@ export interface EvalEvent {
   loss: number;
 }
 
+/**
+ * A `'pca'` target's basis was fitted before the first step (pre-training of a model
+ * that had none; a resumed run keeps its checkpoint's).
+ */
+export interface PcaBasisEvent {
+  /** Which event this is. */
+  type: 'pcaBasis';
+  /** The principal axes kept (`pcaComponents`). */
+  components: number;
+  /** The fraction of the sampled patches' variance those axes hold. */
+  keptVariance: number;
+  /** Images the basis was fitted on. */
+  images: number;
+  /** Their patches. */
+  patches: number;
+}
+
 /** What a training run reports. */
-export type TrainingEvent = StartedEvent | StepEvent | CheckpointEvent | SkippedEvent | EpochEndEvent | EvalEvent;
+export type TrainingEvent = StartedEvent | StepEvent | CheckpointEvent | SkippedEvent | EpochEndEvent | EvalEvent | PcaBasisEvent;
 
 /** How a run ended. */
 export interface TrainingSummary {

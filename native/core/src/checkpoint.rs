@@ -4,7 +4,7 @@
 //! are atomic.
 
 use crate::bail;
-use crate::config::{ConfigPatch, MaeConfig, PRESETS};
+use crate::config::{ConfigPatch, MaeConfig, TargetName, PCA_COMPONENTS, PCA_MEAN, PRESETS};
 use crate::device::Precision;
 use crate::error::{candle_message, Error, ErrorCode, Result};
 use crate::model::MaskedAutoencoder;
@@ -359,6 +359,8 @@ fn hf_config(hf: &serde_json::Value) -> Result<ConfigPatch> {
         decoder_num_heads: int("decoder_num_attention_heads"),
         mlp_ratio,
         norm_pix_loss: hf.get("norm_pix_loss").and_then(|v| v.as_bool()),
+        target: None,
+        pca_components: None,
         layer_norm_eps: hf.get("layer_norm_eps").and_then(|v| v.as_f64()),
         encoder_mask_token: None,
     })
@@ -504,12 +506,28 @@ fn infer_config(shapes: &BTreeMap<String, Vec<usize>>) -> ConfigPatch {
         decoder_num_heads: decoder_preset.map(|c| c.decoder_num_heads),
         mlp_ratio,
         norm_pix_loss: None,
+        // A basis in the file is a PCA target's, of as many components as it has rows.
+        target: dim(PCA_COMPONENTS, 0).map(|_| TargetName::Pca),
+        pca_components: dim(PCA_COMPONENTS, 0),
         layer_norm_eps: None,
         encoder_mask_token: dim("encoder_mask_token", 2).map(|_| true),
     }
 }
 
 fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
+    // `normPixLoss`, `target` and `pcaComponents` are one choice: one that `over` makes
+    // replaces the base's (a checkpoint's `norm_pix_loss: true` does not contradict an
+    // explicit `target: 'pixels'`), but `normPixLoss: false` alone only says "not
+    // normalised pixels", which keeps a PCA target (and the base's coefficient count
+    // stays with it, as `ConfigPatch::apply_to` keeps it).
+    let target = match (over.target, over.norm_pix_loss) {
+        (Some(name), _) => Some(name),
+        (None, Some(false)) if base.target == Some(TargetName::Pca) => base.target,
+        (None, Some(_)) => None,
+        (None, None) => base.target,
+    };
+    let norm_pix_loss = over.norm_pix_loss.or(if over.target.is_some() { None } else { base.norm_pix_loss });
+    let pca_components = over.pca_components.or(if target == Some(TargetName::Pca) { base.pca_components } else { None });
     ConfigPatch {
         img_size: over.img_size.or(base.img_size),
         patch_size: over.patch_size.or(base.patch_size),
@@ -521,7 +539,9 @@ fn merge(base: ConfigPatch, over: &ConfigPatch) -> ConfigPatch {
         decoder_depth: over.decoder_depth.or(base.decoder_depth),
         decoder_num_heads: over.decoder_num_heads.or(base.decoder_num_heads),
         mlp_ratio: over.mlp_ratio.or(base.mlp_ratio),
-        norm_pix_loss: over.norm_pix_loss.or(base.norm_pix_loss),
+        norm_pix_loss,
+        target,
+        pca_components,
         layer_norm_eps: over.layer_norm_eps.or(base.layer_norm_eps),
         encoder_mask_token: over.encoder_mask_token.or(base.encoder_mask_token),
     }
@@ -555,10 +575,16 @@ pub fn load_model(path: &Path, explicit: Option<&ConfigPatch>, device: &Device, 
     Ok((model, LoadReport { format: state.format, fresh_decoder: !has_decoder, converted: state.converted, ignored_config_fields }))
 }
 
+/// The fixed tensors a checkpoint may lack: the position tables (the config gives them),
+/// and a PCA target's basis (a model saved before pre-training fitted one).
+fn is_optional_buffer(name: &str) -> bool {
+    name.ends_with("pos_embed") || name == PCA_MEAN || name == PCA_COMPONENTS
+}
+
 /// Checks a checkpoint's names and shapes against the model `config` describes: no
 /// unknown keys, every parameter there (the decoder's may all be absent, and the fixed
-/// position tables may be), and every shape as the config says. Returns whether the
-/// decoder is there.
+/// position tables and the PCA basis may be), the PCA basis whole or absent, and every
+/// shape as the config says. Returns whether the decoder is there.
 fn check_shapes(config: &MaeConfig, shapes: &BTreeMap<String, Vec<usize>>) -> Result<bool> {
     let expected: Vec<(String, Vec<usize>)> = config.parameter_shapes().into_iter().chain(config.buffer_shapes()).collect();
     let unknown: Vec<&String> = shapes.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
@@ -569,10 +595,13 @@ fn check_shapes(config: &MaeConfig, shapes: &BTreeMap<String, Vec<usize>>) -> Re
     let missing: Vec<&String> = expected
         .iter()
         .map(|(n, _)| n)
-        .filter(|n| !shapes.contains_key(*n) && (has_decoder || !is_decoder_key(n)) && !n.ends_with("pos_embed"))
+        .filter(|n| !shapes.contains_key(*n) && (has_decoder || !is_decoder_key(n)) && !is_optional_buffer(n))
         .collect();
     if !missing.is_empty() {
         bail!(CheckpointKeys, "checkpoint lacks keys: {missing:?}");
+    }
+    if shapes.contains_key(PCA_MEAN) != shapes.contains_key(PCA_COMPONENTS) {
+        bail!(CheckpointKeys, "checkpoint holds one of {PCA_MEAN} and {PCA_COMPONENTS} without the other: a PCA basis needs both");
     }
     let mismatched: Vec<String> = expected
         .iter()
@@ -599,6 +628,9 @@ fn assign(model: &mut MaskedAutoencoder, mut tensors: BTreeMap<String, Tensor>) 
         if let Some(t) = tensors.remove(name) {
             model.set_buffer(name, t)?;
         }
+    }
+    if let (Some(mean), Some(components)) = (tensors.remove(PCA_MEAN), tensors.remove(PCA_COMPONENTS)) {
+        model.set_pca_basis(&mean, &components)?;
     }
     Ok(())
 }
@@ -632,7 +664,7 @@ pub fn save_with(model: &MaskedAutoencoder, extra: Vec<(String, Stored<'_>)>, me
 pub fn save_weights(
     config: &MaeConfig,
     params: Vec<(String, Stored<'_>)>,
-    buffers: [(&str, &Tensor); 2],
+    buffers: Vec<(&str, &Tensor)>,
     extra: Vec<(String, Stored<'_>)>,
     metadata: HashMap<String, String>,
     path: &Path,
@@ -769,6 +801,13 @@ fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<(
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// A checkpoint's PCA basis (`pca_mean`, `pca_components`), when it holds one; nothing
+/// else of it is read (beyond what its format must).
+pub fn read_pca_basis(path: &Path) -> Result<Option<(Tensor, Tensor)>> {
+    let mut state = open_checkpoint(path)?.read(|name| name == PCA_MEAN || name == PCA_COMPONENTS)?;
+    Ok(state.tensors.remove(PCA_MEAN).zip(state.tensors.remove(PCA_COMPONENTS)))
 }
 
 /// The config a checkpoint implies, for inspection without building the model.

@@ -3,10 +3,85 @@
 use crate::bail;
 use crate::error::Result;
 use crate::memory;
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 
+/// What the decoder predicts for each removed patch: the paper's Table 1d.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The patch's pixels (the published `norm_pix_loss=False`).
+    Pixels,
+    /// The patch's pixels normalised by their own mean and (unbiased) standard deviation
+    /// (the published `norm_pix_loss=True`).
+    NormPixels,
+    /// The patch's coefficients on the `components` leading principal axes of the training
+    /// set's patches (`(patch - mean) @ components^T`): the paper's "PCA" row, 96 of 768.
+    Pca { components: usize },
+}
+
+/// The names `target` takes in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TargetName {
+    Pixels,
+    NormPixels,
+    Pca,
+}
+
+impl Target {
+    /// The published `norm_pix_loss` flag: true exactly for [`Target::NormPixels`].
+    pub fn norm_pix_loss(self) -> bool {
+        self == Target::NormPixels
+    }
+
+    /// Values `pred` holds per patch for a patch of `patch_dim` pixels.
+    pub fn pred_dim(self, patch_dim: usize) -> usize {
+        match self {
+            Target::Pca { components } => components,
+            Target::Pixels | Target::NormPixels => patch_dim,
+        }
+    }
+
+    /// The PCA coefficients kept, for a PCA target.
+    pub fn pca_components(self) -> Option<usize> {
+        match self {
+            Target::Pca { components } => Some(components),
+            Target::Pixels | Target::NormPixels => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Pixels => "pixels",
+            Target::NormPixels => "normPixels",
+            Target::Pca { .. } => "pca",
+        }
+    }
+}
+
+/// `normPixLoss` always (the published flag); `target` and `pcaComponents` only for a
+/// PCA target, so that the JSON of every pixel-target config stays as it was before
+/// targets were named (the two pixel targets are what `normPixLoss` says).
+impl Serialize for Target {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("normPixLoss", &self.norm_pix_loss())?;
+        if let Target::Pca { components } = self {
+            map.serialize_entry("target", self.name())?;
+            map.serialize_entry("pcaComponents", components)?;
+        }
+        map.end()
+    }
+}
+
+/// The PCA coefficients a `target: 'pca'` config keeps when it does not say: an eighth of
+/// a patch's values (at least one), the paper's 96 of 768 for 16x16x3 patches.
+pub fn default_pca_components(patch_dim: usize) -> usize {
+    (patch_dim / 8).max(1)
+}
+
 /// The arguments of the published `MaskedAutoencoderViT`, camelCased.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MaeConfig {
     pub img_size: usize,
@@ -19,7 +94,9 @@ pub struct MaeConfig {
     pub decoder_depth: usize,
     pub decoder_num_heads: usize,
     pub mlp_ratio: f64,
-    pub norm_pix_loss: bool,
+    /// Serialised as `normPixLoss` (and, for PCA, `target` and `pcaComponents`).
+    #[serde(flatten)]
+    pub target: Target,
     pub layer_norm_eps: f64,
     /// Table 1c of the paper: the encoder also takes the removed patches, as a learned
     /// `encoder_mask_token` plus their position embedding (not the published model,
@@ -54,15 +131,19 @@ pub struct ConfigPatch {
     pub mlp_ratio: Option<f64>,
     #[serde(alias = "norm_pix_loss")]
     pub norm_pix_loss: Option<bool>,
+    /// The same choice as `norm_pix_loss`, named; the two must agree when both are given.
+    pub target: Option<TargetName>,
+    #[serde(alias = "pca_components")]
+    pub pca_components: Option<usize>,
     #[serde(alias = "layer_norm_eps")]
     pub layer_norm_eps: Option<f64>,
     #[serde(alias = "encoder_mask_token")]
     pub encoder_mask_token: Option<bool>,
 }
 
-const FIELDS: [&str; 13] = [
+const FIELDS: [&str; 15] = [
     "imgSize", "patchSize", "inChans", "embedDim", "depth", "numHeads", "decoderEmbedDim",
-    "decoderDepth", "decoderNumHeads", "mlpRatio", "normPixLoss", "layerNormEps", "encoderMaskToken",
+    "decoderDepth", "decoderNumHeads", "mlpRatio", "normPixLoss", "target", "pcaComponents", "layerNormEps", "encoderMaskToken",
 ];
 
 /// `imgSize` -> `img_size`: the published spelling of a camelCase field name.
@@ -96,9 +177,32 @@ impl ConfigPatch {
             .map_err(|e| crate::error::Error::new(crate::error::ErrorCode::InvalidConfig, format!("invalid config: {e}")))
     }
 
-    /// Fills the fields this patch sets into `base`.
-    pub fn apply_to(&self, base: &MaeConfig) -> MaeConfig {
-        MaeConfig {
+    /// Fills the fields this patch sets into `base`. `normPixLoss` and `target` name one
+    /// choice: contradicting each other, or `pcaComponents` without a PCA target, is
+    /// `E_CONFIG`.
+    pub fn apply_to(&self, base: &MaeConfig) -> Result<MaeConfig> {
+        let name = match (self.target, self.norm_pix_loss) {
+            (Some(name), Some(norm_pix)) if norm_pix != (name == TargetName::NormPixels) => {
+                bail!(InvalidConfig, "normPixLoss {norm_pix} contradicts target '{}': normPixLoss is true exactly for target 'normPixels'", target_name(name))
+            }
+            (Some(name), _) => name,
+            (None, Some(true)) => TargetName::NormPixels,
+            // Not normalised pixels: raw pixels in place of normalised ones, else the base's.
+            (None, Some(false)) if base.target == Target::NormPixels => TargetName::Pixels,
+            (None, _) => base_name(base.target),
+        };
+        let patch_dim = self.patch_size.unwrap_or(base.patch_size).saturating_mul(self.patch_size.unwrap_or(base.patch_size)).saturating_mul(self.in_chans.unwrap_or(base.in_chans));
+        let target = match name {
+            TargetName::Pixels | TargetName::NormPixels if self.pca_components.is_some() => {
+                bail!(InvalidConfig, "pcaComponents applies only to target 'pca' (the target here is '{}')", target_name(name))
+            }
+            TargetName::Pixels => Target::Pixels,
+            TargetName::NormPixels => Target::NormPixels,
+            TargetName::Pca => Target::Pca {
+                components: self.pca_components.or(base.target.pca_components()).unwrap_or_else(|| default_pca_components(patch_dim)),
+            },
+        };
+        Ok(MaeConfig {
             img_size: self.img_size.unwrap_or(base.img_size),
             patch_size: self.patch_size.unwrap_or(base.patch_size),
             in_chans: self.in_chans.unwrap_or(base.in_chans),
@@ -109,10 +213,10 @@ impl ConfigPatch {
             decoder_depth: self.decoder_depth.unwrap_or(base.decoder_depth),
             decoder_num_heads: self.decoder_num_heads.unwrap_or(base.decoder_num_heads),
             mlp_ratio: self.mlp_ratio.unwrap_or(base.mlp_ratio),
-            norm_pix_loss: self.norm_pix_loss.unwrap_or(base.norm_pix_loss),
+            target,
             layer_norm_eps: self.layer_norm_eps.unwrap_or(base.layer_norm_eps),
             encoder_mask_token: self.encoder_mask_token.unwrap_or(base.encoder_mask_token),
-        }
+        })
     }
 
     /// The complete config this patch describes, with the published defaults
@@ -137,7 +241,7 @@ impl ConfigPatch {
 
     /// The fields this config sets, as camelCase JSON.
     pub fn known(&self) -> serde_json::Map<String, serde_json::Value> {
-        let fields: [(&str, Option<serde_json::Value>); 13] = [
+        let fields: [(&str, Option<serde_json::Value>); 15] = [
             ("imgSize", self.img_size.map(Into::into)),
             ("patchSize", self.patch_size.map(Into::into)),
             ("inChans", self.in_chans.map(Into::into)),
@@ -149,6 +253,8 @@ impl ConfigPatch {
             ("decoderNumHeads", self.decoder_num_heads.map(Into::into)),
             ("mlpRatio", self.mlp_ratio.map(Into::into)),
             ("normPixLoss", self.norm_pix_loss.map(Into::into)),
+            ("target", self.target.map(|name| target_name(name).into())),
+            ("pcaComponents", self.pca_components.map(Into::into)),
             ("layerNormEps", self.layer_norm_eps.map(Into::into)),
             ("encoderMaskToken", self.encoder_mask_token.map(Into::into)),
         ];
@@ -160,8 +266,8 @@ impl ConfigPatch {
         if !missing.is_empty() {
             bail!(InvalidConfig, "config is missing field(s) {missing:?} (or name a preset)");
         }
-        let defaults = MaeConfig { mlp_ratio: 4.0, norm_pix_loss: false, layer_norm_eps: 1e-6, encoder_mask_token: false, ..PRESETS[0].1.clone() };
-        let config = self.apply_to(&defaults);
+        let defaults = MaeConfig { mlp_ratio: 4.0, target: Target::Pixels, layer_norm_eps: 1e-6, encoder_mask_token: false, ..PRESETS[0].1.clone() };
+        let config = self.apply_to(&defaults)?;
         config.validate()?;
         Ok(config)
     }
@@ -205,7 +311,7 @@ pub const fn preset(
         decoder_depth,
         decoder_num_heads,
         mlp_ratio: 4.0,
-        norm_pix_loss,
+        target: if norm_pix_loss { Target::NormPixels } else { Target::Pixels },
         layer_norm_eps: 1e-6,
         encoder_mask_token: false,
     }
@@ -270,7 +376,12 @@ impl MaeConfig {
         if patch_values.is_none_or(|v| v > MAX_SIZE) {
             bail!(InvalidConfig, "patchSize {} and inChans {} make patches of more than {MAX_SIZE} values", self.patch_size, self.in_chans);
         }
-        if self.norm_pix_loss && self.patch_dim() == 1 {
+        if let Target::Pca { components } = self.target {
+            if !(1..=self.patch_dim()).contains(&components) {
+                bail!(InvalidConfig, "pcaComponents must be an integer from 1 to the {} values of a patch (patchSize^2 x inChans), got {components}", self.patch_dim());
+            }
+        }
+        if self.target == Target::NormPixels && self.patch_dim() == 1 {
             bail!(
                 InvalidConfig,
                 "normPixLoss needs patches of at least two values (patchSize^2 x inChans is 1 here): it divides each patch by the unbiased variance of its values, which is NaN for a single value"
@@ -310,14 +421,25 @@ impl MaeConfig {
         shapes.push(("mask_token".to_string(), vec![1, 1, dd]));
         shapes.extend((0..self.decoder_depth).flat_map(|i| block_shapes(&format!("decoder_blocks.{i}"), dd, self.decoder_mlp_hidden())));
         shapes.extend(norm_shapes("decoder_norm", dd));
-        shapes.extend(linear_shapes("decoder_pred", dd, self.patch_dim()));
+        shapes.extend(linear_shapes("decoder_pred", dd, self.pred_dim()));
         shapes
     }
 
-    /// The fixed sin-cos position tables, by name.
-    pub fn buffer_shapes(&self) -> [NamedShape; 2] {
+    /// Values `pred` holds per patch: `p*p*C` pixels, or the PCA coefficients kept.
+    pub fn pred_dim(&self) -> usize {
+        self.target.pred_dim(self.patch_dim())
+    }
+
+    /// The fixed tensors that are not trained, by name: the sin-cos position tables, and
+    /// for a PCA target the basis (`pca_mean` `[p*p*C]`, `pca_components` `[k, p*p*C]`).
+    pub fn buffer_shapes(&self) -> Vec<NamedShape> {
         let rows = 1 + self.num_patches();
-        [("pos_embed".to_string(), vec![1, rows, self.embed_dim]), ("decoder_pos_embed".to_string(), vec![1, rows, self.decoder_embed_dim])]
+        let mut shapes = vec![("pos_embed".to_string(), vec![1, rows, self.embed_dim]), ("decoder_pos_embed".to_string(), vec![1, rows, self.decoder_embed_dim])];
+        if let Target::Pca { components } = self.target {
+            shapes.push((PCA_MEAN.to_string(), vec![self.patch_dim()]));
+            shapes.push((PCA_COMPONENTS.to_string(), vec![components, self.patch_dim()]));
+        }
+        shapes
     }
 
     /// Refuses (`E_OUT_OF_MEMORY`) a valid config whose parameters (position tables
@@ -344,13 +466,37 @@ impl MaeConfig {
             "decoder_depth": self.decoder_depth,
             "decoder_num_heads": self.decoder_num_heads,
             "mlp_ratio": self.mlp_ratio,
-            "norm_pix_loss": self.norm_pix_loss,
+            "norm_pix_loss": self.target.norm_pix_loss(),
             "layer_norm_eps": self.layer_norm_eps,
         });
         if self.encoder_mask_token {
             json["encoder_mask_token"] = true.into();
         }
+        if let Target::Pca { components } = self.target {
+            json["target"] = "pca".into();
+            json["pca_components"] = components.into();
+        }
         json
+    }
+}
+
+/// Checkpoint keys of a PCA target's basis.
+pub const PCA_MEAN: &str = "pca_mean";
+pub const PCA_COMPONENTS: &str = "pca_components";
+
+fn target_name(name: TargetName) -> &'static str {
+    match name {
+        TargetName::Pixels => "pixels",
+        TargetName::NormPixels => "normPixels",
+        TargetName::Pca => "pca",
+    }
+}
+
+fn base_name(target: Target) -> TargetName {
+    match target {
+        Target::Pixels => TargetName::Pixels,
+        Target::NormPixels => TargetName::NormPixels,
+        Target::Pca { .. } => TargetName::Pca,
     }
 }
 

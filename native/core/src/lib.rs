@@ -21,6 +21,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod pca;
 mod pth;
 pub mod pos_embed;
 pub mod recipe;
@@ -106,7 +107,7 @@ pub fn release_freed_memory() {
 
 pub use candle_core;
 pub use checkpoint::{load_model, read_state_dict, save_model, CheckpointFormat, LoadReport};
-pub use config::{ConfigPatch, MaeConfig, PRESETS};
+pub use config::{ConfigPatch, MaeConfig, Target, PRESETS};
 pub use sgemm::{gemm_libraries, gemm_library, linear_products, openblas_core};
 pub use device::{DeviceSpec, Precision};
 pub use error::{Error, ErrorCode, Result};

@@ -2,7 +2,7 @@
 //! name for name.
 
 use crate::bail;
-use crate::config::MaeConfig;
+use crate::config::{MaeConfig, Target, PCA_COMPONENTS, PCA_MEAN};
 use crate::device::Precision;
 use crate::engine::{Gradients, MaeEngine, Mode};
 use crate::features;
@@ -105,7 +105,7 @@ impl MaskOptions {
 pub struct ForwardOutput {
     /// Scalar.
     pub loss: Tensor,
-    /// `[N, L, p*p*C]`.
+    /// `[N, L, pred_dim]`: pixels (`p*p*C`), or a PCA target's coefficients.
     pub pred: Tensor,
     /// `[N, L]`, 1 where a patch was removed.
     pub mask: Tensor,
@@ -153,6 +153,30 @@ impl PatchEmbed {
     }
 }
 
+/// A PCA target's basis (`crate::pca`), f32 on the model's device: the mean patch
+/// `[p*p*C]` and the kept principal axes `[k, p*p*C]` (orthonormal rows).
+#[derive(Clone)]
+pub struct PcaBasis {
+    pub mean: Tensor,
+    pub components: Tensor,
+}
+
+impl PcaBasis {
+    /// Patches `[N, L, p*p*C]` -> their coefficients `[N, L, k]`: `(x - mean) @ components^T`.
+    pub fn coefficients(&self, patches: &Tensor) -> Result<Tensor> {
+        let (n, l, d) = patches.dims3()?;
+        let centred = patches.broadcast_sub(&self.mean)?.reshape((n * l, d))?;
+        Ok(centred.matmul(&self.components.t()?)?.reshape((n, l, ()))?)
+    }
+
+    /// Coefficients `[N, L, k]` -> patches `[N, L, p*p*C]`: `coef @ components + mean`.
+    pub fn patches(&self, coefficients: &Tensor) -> Result<Tensor> {
+        let (n, l, k) = coefficients.dims3()?;
+        let flat = coefficients.reshape((n * l, k))?.matmul(&self.components)?;
+        Ok(flat.broadcast_add(&self.mean)?.reshape((n, l, ()))?)
+    }
+}
+
 pub struct MaskedAutoencoder {
     pub config: MaeConfig,
     device: Device,
@@ -161,6 +185,8 @@ pub struct MaskedAutoencoder {
     /// Fixed (not trainable) tables, `[1, 1 + L, D]` and `[1, 1 + L, D_dec]`.
     pos_embed: Tensor,
     decoder_pos_embed: Tensor,
+    /// The basis of a PCA target, once fitted (pre-training fits it) or loaded.
+    pca: Option<PcaBasis>,
     /// Drawn from when a forward pass is not given noise.
     mask_rng: Mutex<ChaCha8Rng>,
     /// The engine plan of the last call on the CPU in f32, reused while the batch shape
@@ -190,14 +216,25 @@ pub struct Unloaded {
     precision: Precision,
     pos_embed: Tensor,
     decoder_pos_embed: Tensor,
+    pca: Option<PcaBasis>,
     mask_rng: ChaCha8Rng,
     reference_only: bool,
 }
 
+/// The fixed tensors of a model, by checkpoint name: the position tables, and the PCA
+/// basis when there is one.
+fn fixed_tensors<'a>(pos_embed: &'a Tensor, decoder_pos_embed: &'a Tensor, pca: Option<&'a PcaBasis>) -> Vec<(&'static str, &'a Tensor)> {
+    let mut buffers = vec![("pos_embed", pos_embed), ("decoder_pos_embed", decoder_pos_embed)];
+    if let Some(basis) = pca {
+        buffers.extend([(PCA_MEAN, &basis.mean), (PCA_COMPONENTS, &basis.components)]);
+    }
+    buffers
+}
+
 impl Unloaded {
-    /// The fixed position-embedding tables, by published name.
-    pub(crate) fn buffers(&self) -> [(&'static str, &Tensor); 2] {
-        [("pos_embed", &self.pos_embed), ("decoder_pos_embed", &self.decoder_pos_embed)]
+    /// The fixed tensors (position tables, PCA basis), by checkpoint name.
+    pub(crate) fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        fixed_tensors(&self.pos_embed, &self.decoder_pos_embed, self.pca.as_ref())
     }
 
     /// Makes `model` whole again, each parameter (in the published order) set from `values`.
@@ -227,10 +264,10 @@ impl Unloaded {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let decoder_norm = LayerNorm::new(&mut p, "decoder_norm", c.decoder_embed_dim, c.layer_norm_eps)?;
-        let decoder_pred = Linear::new(&mut p, "decoder_pred", c.decoder_embed_dim, c.patch_dim())?;
+        let decoder_pred = Linear::new(&mut p, "decoder_pred", c.decoder_embed_dim, c.pred_dim())?;
         let params = p.finish();
 
-        let Unloaded { config, device, precision, pos_embed, decoder_pos_embed, mask_rng, reference_only } = self;
+        let Unloaded { config, device, precision, pos_embed, decoder_pos_embed, pca, mask_rng, reference_only } = self;
         Ok(MaskedAutoencoder {
             config,
             device,
@@ -238,6 +275,7 @@ impl Unloaded {
             params,
             pos_embed,
             decoder_pos_embed,
+            pca,
             mask_rng: Mutex::new(mask_rng),
             engine: Mutex::new(None),
             reference_only,
@@ -270,6 +308,7 @@ impl MaskedAutoencoder {
             precision,
             pos_embed,
             decoder_pos_embed,
+            pca: None,
             // A stream of its own, so masks do not depend on how many weights were drawn.
             mask_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6d61_736b),
             reference_only: false,
@@ -294,6 +333,7 @@ impl MaskedAutoencoder {
             precision: self.precision,
             pos_embed: self.pos_embed.clone(),
             decoder_pos_embed: self.decoder_pos_embed.clone(),
+            pca: self.pca.clone(),
             mask_rng: self.mask_rng.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             reference_only: self.reference_only,
         }
@@ -316,9 +356,40 @@ impl MaskedAutoencoder {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// The fixed position-embedding tables, by published name.
-    pub fn buffers(&self) -> [(&'static str, &Tensor); 2] {
-        [("pos_embed", &self.pos_embed), ("decoder_pos_embed", &self.decoder_pos_embed)]
+    /// The fixed tensors (the position tables, and a PCA target's basis once there is
+    /// one), by checkpoint name.
+    pub fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        fixed_tensors(&self.pos_embed, &self.decoder_pos_embed, self.pca.as_ref())
+    }
+
+    /// A PCA target's basis, when it has one.
+    pub fn pca_basis(&self) -> Option<&PcaBasis> {
+        self.pca.as_ref()
+    }
+
+    /// The basis of a PCA target, or `E_CONFIG` saying how to get one.
+    pub(crate) fn require_pca_basis(&self) -> Result<&PcaBasis> {
+        match &self.pca {
+            Some(basis) => Ok(basis),
+            None => bail!(
+                InvalidConfig,
+                "this model's target is 'pca' and it has no PCA basis yet: pre-training computes one from the training images, and checkpoints of such a model hold it (pca_mean, pca_components)"
+            ),
+        }
+    }
+
+    /// Sets a PCA target's basis: `mean` `[p*p*C]` and `components` `[k, p*p*C]`.
+    pub fn set_pca_basis(&mut self, mean: &Tensor, components: &Tensor) -> Result<()> {
+        let Target::Pca { components: k } = self.config.target else {
+            bail!(InvalidConfig, "a PCA basis applies only to a model whose target is 'pca'");
+        };
+        let d = self.config.patch_dim();
+        if mean.dims() != [d] || components.dims() != [k, d] {
+            bail!(CheckpointShape, "the PCA basis must be {PCA_MEAN} [{d}] and {PCA_COMPONENTS} [{k}, {d}] for this config, got {:?} and {:?}", mean.dims(), components.dims());
+        }
+        let on_device = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?) };
+        self.pca = Some(PcaBasis { mean: on_device(mean)?, components: on_device(components)? });
+        Ok(())
     }
 
     /// Replaces a fixed table (loaded checkpoints carry their own copy).
@@ -395,7 +466,7 @@ impl MaskedAutoencoder {
         Ok(x.gather(&ids_keep, 1)?)
     }
 
-    /// Decoder over all patches: `[N, L, p*p*C]`.
+    /// Decoder over all patches: `[N, L, pred_dim]` (`p*p*C`, or the PCA coefficients).
     pub fn forward_decoder(&self, latent: &Tensor, plan: &MaskPlan) -> Result<Tensor> {
         let x = self.decoder_embed.forward(latent)?.to_dtype(DType::F32)?;
         let (n, _, d) = x.dims3()?;
@@ -447,15 +518,20 @@ impl MaskedAutoencoder {
         Ok(x.reshape((n, g, g, p, p, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((n, c, g * p, g * p))?)
     }
 
-    /// Mean squared error on the removed patches only, against per-patch
-    /// normalised pixels when `normPixLoss` (unbiased variance, as published).
+    /// Mean squared error on the removed patches only, against the config's target:
+    /// pixels, per-patch normalised pixels (unbiased variance, as published), or the
+    /// patches' PCA coefficients.
     pub fn forward_loss(&self, imgs: &Tensor, pred: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let mut target = self.patchify(imgs)?;
-        if self.config.norm_pix_loss {
-            let mean = target.mean_keepdim(D::Minus1)?;
-            let var = target.var_keepdim(D::Minus1)?;
-            target = target.broadcast_sub(&mean)?.broadcast_div(&(var + 1e-6)?.sqrt()?)?;
-        }
+        let patches = self.patchify(imgs)?;
+        let target = match self.config.target {
+            Target::Pixels => patches,
+            Target::NormPixels => {
+                let mean = patches.mean_keepdim(D::Minus1)?;
+                let var = patches.var_keepdim(D::Minus1)?;
+                patches.broadcast_sub(&mean)?.broadcast_div(&(var + 1e-6)?.sqrt()?)?
+            }
+            Target::Pca { .. } => self.require_pca_basis()?.coefficients(&patches)?,
+        };
         let loss = (pred - target)?.sqr()?.mean(D::Minus1)?;
         // Published: sum / mask.sum(). With nothing removed (ratio 0) both are 0
         // and the loss is defined as 0 rather than NaN. Divided on the device: no
@@ -480,7 +556,7 @@ impl MaskedAutoencoder {
             let ids_restore: Vec<f32> = plan.ids_restore().into_iter().flatten().map(|i| i as f32).collect();
             Ok(ForwardOutput {
                 loss: Tensor::new(loss, &self.device)?,
-                pred: Tensor::from_vec(engine.pred(), (n, l, self.config.patch_dim()), &self.device)?,
+                pred: Tensor::from_vec(engine.pred(), (n, l, self.config.pred_dim()), &self.device)?,
                 mask: Tensor::from_slice(engine.mask(), (n, l), &self.device)?,
                 ids_restore: Tensor::from_vec(ids_restore, (n, l), &self.device)?,
                 latent: Tensor::from_vec(engine.latent(), (n, 1 + tokens, self.config.embed_dim), &self.device)?,
@@ -649,7 +725,8 @@ pub struct Reconstruction {
     /// The input with removed patches zeroed: `x * (1 - mask)`.
     pub masked: Tensor,
     /// The decoder's prediction in pixel space (norm-pix predictions mapped back
-    /// with each patch's own mean and standard deviation).
+    /// with each patch's own mean and standard deviation, PCA coefficients through the
+    /// basis: `coef @ components + mean`).
     pub reconstruction: Tensor,
     /// The visible patches pasted onto the prediction: `x * (1 - mask) + y * mask`.
     pub pasted: Tensor,
@@ -658,13 +735,17 @@ pub struct Reconstruction {
 impl MaskedAutoencoder {
     pub fn reconstruct(&self, imgs: &Tensor, options: &MaskOptions) -> Result<Reconstruction> {
         let out = self.forward(imgs, options)?;
-        let mut pred = out.pred.detach();
-        if self.config.norm_pix_loss {
-            let target = self.patchify(imgs)?;
-            let mean = target.mean_keepdim(D::Minus1)?;
-            let std = (target.var_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
-            pred = pred.broadcast_mul(&std)?.broadcast_add(&mean)?;
-        }
+        let pred = out.pred.detach();
+        let pred = match self.config.target {
+            Target::Pixels => pred,
+            Target::NormPixels => {
+                let target = self.patchify(imgs)?;
+                let mean = target.mean_keepdim(D::Minus1)?;
+                let std = (target.var_keepdim(D::Minus1)? + 1e-6)?.sqrt()?;
+                pred.broadcast_mul(&std)?.broadcast_add(&mean)?
+            }
+            Target::Pca { .. } => self.require_pca_basis()?.patches(&pred)?,
+        };
         let reconstruction = self.unpatchify(&pred)?;
         let (n, l) = out.mask.dims2()?;
         let mask = self.unpatchify(&out.mask.unsqueeze(2)?.broadcast_as((n, l, self.config.patch_dim()))?.contiguous()?)?;

@@ -4,13 +4,14 @@
 
 use crate::bail;
 use crate::checkpoint::{self, Stored, OPTIMIZER_PREFIX};
-use crate::config::MaeConfig;
-use crate::data::{stream_rng, Batch, Loader, MASK_STREAM};
+use crate::config::{MaeConfig, Target, PCA_COMPONENTS, PCA_MEAN};
+use crate::data::{stream_rng, Batch, Loader, Shard, MASK_STREAM};
 use crate::distributed::{FlatBuffer, Group};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::{self, MaskPlan, MaskSampler, Masking};
 use crate::model::{MaskedAutoencoder, Unloaded};
 use crate::engine::{FlatAdamW, Gradients, MaeEngine, Mode};
+use crate::pca::PatchMoments;
 use crate::optim::{clip_to_norm, global_norm, AdamW, AdamWConfig, LrSchedule, Optimizer, OptimizerState};
 use crate::recipe::{self, Recipe};
 use candle_core::Tensor;
@@ -116,6 +117,9 @@ pub enum TrainEvent {
     EpochEnd { epoch: usize, mean_loss: f64 },
     /// Accuracy on the evaluation set after an epoch (fine-tuning).
     Eval { epoch: usize, top1: f64, top5: f64, loss: f64 },
+    /// A PCA target's basis was fitted before the first step: `components` axes keeping
+    /// `kept_variance` (a fraction) of the variance of `patches` patches of `images` images.
+    PcaBasis { components: usize, kept_variance: f64, images: usize, patches: usize },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -267,15 +271,19 @@ pub(crate) fn optimizer_entries(optimizer: &dyn OptimizerState) -> Vec<(String, 
 /// Restores weights, optimizer state and position from a checkpoint file, or from
 /// the newest checkpoint in a folder, once it is known that this run (its `recipe`,
 /// loader batch size and number of ranks) can continue from there.
+/// The checkpoint a run resumes from: `from`, or the newest in the folder `from`.
+fn resume_path(from: &Path) -> Result<PathBuf> {
+    if !from.is_dir() {
+        return Ok(from.to_path_buf());
+    }
+    match list_checkpoints(from).pop() {
+        Some(p) => Ok(p),
+        None => bail!(CheckpointNotFound, "no checkpoint-*.safetensors in {}", from.display()),
+    }
+}
+
 fn restore(task: &mut dyn Task, from: &Path, recipe: &Recipe, batch_size: usize, ranks: usize) -> Result<(TrainState, PathBuf)> {
-    let path = if from.is_dir() {
-        match list_checkpoints(from).pop() {
-            Some(p) => p,
-            None => bail!(CheckpointNotFound, "no checkpoint-*.safetensors in {}", from.display()),
-        }
-    } else {
-        from.to_path_buf()
-    };
+    let path = resume_path(from)?;
     let state = checkpoint::read_state_dict(&path)?;
     let Some(train_state) = state.metadata.get("train_state") else {
         bail!(CheckpointKeys, "{} is a model, not a training checkpoint (it has no train_state)", path.display());
@@ -347,6 +355,7 @@ pub fn pretrain(
     cancel: &AtomicBool,
 ) -> Result<TrainSummary> {
     config.validate()?;
+    ensure_pca_basis(model, loader, resume, group, on_event)?;
     let adamw = AdamWConfig { beta1: config.recipe.beta1, beta2: config.recipe.beta2, eps: 1e-8, weight_decay: config.recipe.weight_decay };
     if !model.uses_engine() {
         let mut task = Pretraining { model, config, optimizer: AdamW::new(model.params(), adamw)?, grads: Accumulated::default() };
@@ -364,6 +373,63 @@ pub fn pretrain(
     drop(optimizer);
     engine.store_into(unloaded, model)?;
     result
+}
+
+/// The images of the training data a PCA target's basis is fitted on: the first this
+/// many of epoch 0 as the loader serves them (its order, augmentation and seed), all of
+/// them when an epoch has fewer. Every patch of each counts (256 images of 224x224 in
+/// patches of 16 are 50,176 patches for 768 values each).
+pub const PCA_SAMPLE_IMAGES: usize = 256;
+
+/// Gives a model whose target is 'pca' a basis when it has none: the one of the
+/// checkpoint a run resumes from, else one fitted (`crate::pca`) on [`PCA_SAMPLE_IMAGES`]
+/// images of the whole data (every rank the same ones; rank 0's basis is broadcast, so
+/// that the ranks agree to the bit), reported as a `PcaBasis` event.
+fn ensure_pca_basis(model: &mut MaskedAutoencoder, loader: &Loader, resume: Option<&Path>, group: &Group, on_event: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+    let Target::Pca { components: k } = model.config.target else { return Ok(()) };
+    if model.pca_basis().is_some() {
+        return Ok(());
+    }
+    if let Some((mean, components)) = resume.map(|from| checkpoint::read_pca_basis(&resume_path(from)?)).transpose()?.flatten() {
+        return model.set_pca_basis(&mean, &components);
+    }
+    let c = model.config.clone();
+    let (d, whole) = (c.patch_dim(), loader.sharded(Shard::default())?);
+    let mut moments = PatchMoments::new(d)?;
+    let mut images = 0;
+    for batch in whole.epoch(0, 0) {
+        let batch = batch?;
+        let n = batch.shape[0].min(PCA_SAMPLE_IMAGES - images);
+        moments.add_images(&batch.images, n, c.in_chans, c.img_size, c.patch_size)?;
+        images += n;
+        if images == PCA_SAMPLE_IMAGES {
+            break;
+        }
+    }
+    let fit = group.agree(moments.fit(k), "fitting the PCA basis")?;
+    let mut basis: Vec<f32> = fit.mean.iter().chain(&fit.components).map(|&v| v as f32).collect();
+    if group.size() > 1 {
+        group.broadcast(bytemuck::cast_slice_mut(&mut basis), 0, "the broadcast of the PCA basis")?;
+    }
+    let device = candle_core::Device::Cpu;
+    let mean = Tensor::from_slice(&basis[..d], d, &device)?;
+    let components = Tensor::from_slice(&basis[d..], (k, d), &device)?;
+    model.set_pca_basis(&mean, &components)?;
+    on_event(TrainEvent::PcaBasis { components: k, kept_variance: fit.kept_variance(), images, patches: fit.patches });
+    Ok(())
+}
+
+/// Refuses to resume from a checkpoint whose PCA basis is not the model's: its weights
+/// learnt to predict the coefficients of its own basis.
+fn check_same_pca_basis(buffers: &[(&str, &Tensor)], state: &checkpoint::StateDict, path: &Path) -> Result<()> {
+    for name in [PCA_MEAN, PCA_COMPONENTS] {
+        let Some(saved) = state.tensors.get(name) else { continue };
+        let ours = buffers.iter().find(|(n, _)| *n == name).map(|(_, t)| t.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        if ours.as_deref() != Some(&saved.flatten_all()?.to_vec1::<f32>()?[..]) {
+            bail!(InvalidConfig, "{} was trained with another PCA basis than this model's ({name} differs)", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// Pre-training on the reference model (CUDA, bf16).
@@ -415,6 +481,7 @@ impl Task for Pretraining<'_> {
 
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
         check_pretraining_config(&self.model.config, state, path)?;
+        check_same_pca_basis(&self.model.buffers(), state, path)?;
         copy_params(self.model.params(), &state.tensors, path)
     }
 }
@@ -475,6 +542,7 @@ impl Task for EnginePretraining<'_> {
 
     fn restore_weights(&mut self, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
         check_pretraining_config(&self.engine.config, state, path)?;
+        check_same_pca_basis(&self.unloaded.buffers(), state, path)?;
         self.engine.load_state(&state.tensors, path)
     }
 }
@@ -489,7 +557,7 @@ fn with_recipe(config: &PretrainConfig, mut metadata: HashMap<String, String>) -
 /// Refuses a checkpoint written by a model with another config.
 fn check_pretraining_config(model: &MaeConfig, state: &checkpoint::StateDict, path: &Path) -> Result<()> {
     if let Some(patch) = &state.config {
-        if patch.apply_to(model) != *model {
+        if patch.apply_to(model)? != *model {
             bail!(InvalidConfig, "{} was written by a model with another config", path.display());
         }
     }

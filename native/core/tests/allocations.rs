@@ -52,7 +52,7 @@ fn steps_allocate_nothing() {
         decoder_depth: 1,
         decoder_num_heads: 4,
         mlp_ratio: 4.0,
-        norm_pix_loss: true,
+        target: vit_mae_core::Target::NormPixels,
         layer_norm_eps: 1e-6,
         encoder_mask_token: false,
     };

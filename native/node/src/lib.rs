@@ -175,7 +175,7 @@ impl NativeMae {
             };
             let config = match &preset {
                 Some(name) => {
-                    let config = patch.apply_to(&MaeConfig::preset(name)?);
+                    let config = patch.apply_to(&MaeConfig::preset(name)?)?;
                     config.validate()?;
                     config
                 }

@@ -200,6 +200,9 @@ pub enum NativeJobEvent {
     EpochEnd { epoch: u32, mean_loss: f64 },
     /// Accuracy on the evaluation set after a fine-tuning epoch.
     Eval { epoch: u32, top1: f64, top5: f64, loss: f64 },
+    /// A PCA target's basis was fitted before the first step: `components` axes keeping
+    /// the fraction `keptVariance` of the variance of `patches` patches of `images` images.
+    PcaBasis { components: u32, kept_variance: f64, images: u32, patches: f64 },
     /// Images done of a pass over a dataset (evaluation, embedding).
     Progress { images: u32, total_images: u32 },
     /// A training run ended.
@@ -276,6 +279,9 @@ pub(crate) fn to_native(event: TrainEvent) -> NativeJobEvent {
         TrainEvent::Skipped { step, count, first } => NativeJobEvent::Skipped { step: step as f64, count: count as u32, message: first },
         TrainEvent::EpochEnd { epoch, mean_loss } => NativeJobEvent::EpochEnd { epoch: epoch as u32, mean_loss },
         TrainEvent::Eval { epoch, top1, top5, loss } => NativeJobEvent::Eval { epoch: epoch as u32, top1, top5, loss },
+        TrainEvent::PcaBasis { components, kept_variance, images, patches } => {
+            NativeJobEvent::PcaBasis { components: components as u32, kept_variance, images: images as u32, patches: patches as f64 }
+        }
     }
 }
 

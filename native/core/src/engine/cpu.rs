@@ -4,7 +4,7 @@
 //! step gives the same bits every time (resumed runs continue exactly).
 
 use super::rows::*;
-use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Kernels, LarsRange, MseShape, Slot, Source};
+use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Kernels, LarsRange, MseShape, MseTarget, Slot, Source};
 use crate::sgemm::{sgemm, Library, Threads};
 use rayon::prelude::*;
 
@@ -519,23 +519,30 @@ impl Kernels for CpuKernels {
     }
 
     fn masked_mse(&mut self, imgs: Slot, pred: Slot, mask: &[f32], dpred: Option<Slot>, shape: MseShape, grad_scale: f32) -> f32 {
-        let MseShape { batch, channels: c, patch: p, grid: g, rows_per_image, norm_pix } = shape;
+        let MseShape { batch, channels: c, patch: p, grid: g, rows_per_image, target } = shape;
         let (l, width, side) = (g * g, p * p * c, g * p);
+        // Values per row of `pred`: the patch's, or its PCA coefficients.
+        let (pred_width, basis) = match target {
+            MseTarget::Pca { mean, components, k } => (k, [mean, components]),
+            MseTarget::Pixels | MseTarget::NormPixels => (width, [NONE, NONE]),
+        };
+        let norm_pix = matches!(target, MseTarget::NormPixels);
         assert_eq!(mask.len(), batch * l);
         let denom = mask.iter().map(|&m| m as f64).sum::<f64>().max(1.0);
         let mut partials = std::mem::take(&mut self.partials);
         if partials.len() < batch {
             partials = vec![0.0; batch];
         }
-        let ([imgs, pred], [dpred]) = self.views([imgs, pred], [dpred.unwrap_or(NONE)]);
-        assert!(pred.len() == batch * rows_per_image * width && (dpred.is_empty() || dpred.len() == pred.len()));
+        let ([imgs, pred, basis_mean, basis_components], [dpred]) = self.views([imgs, pred, basis[0], basis[1]], [dpred.unwrap_or(NONE)]);
+        assert!(pred.len() == batch * rows_per_image * pred_width && (dpred.is_empty() || dpred.len() == pred.len()));
+        assert!(basis_mean.is_empty() || (basis_mean.len() == width && basis_components.len() == pred_width * width));
         let dpred = SharedMut(if dpred.is_empty() { std::ptr::null_mut() } else { dpred.as_mut_ptr() });
-        let coef = (2.0 / width as f64 / denom) as f32 * grad_scale;
+        let coef = (2.0 / pred_width as f64 / denom) as f32 * grad_scale;
         partials[..batch].par_iter_mut().enumerate().for_each(|(n, image_loss)| {
             let dpred = dpred;
             // SAFETY: image n's rows of dpred, which only this task writes (dpred has
             // pred's length, asserted, and overlaps no input: checked by `views`).
-            let mut dimage = (!dpred.0.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(dpred.0.add(n * rows_per_image * width), rows_per_image * width) });
+            let mut dimage = (!dpred.0.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(dpred.0.add(n * rows_per_image * pred_width), rows_per_image * pred_width) });
             if let Some(di) = dimage.as_deref_mut() {
                 di.fill(0.0);
             }
@@ -546,9 +553,9 @@ impl Kernels for CpuKernels {
                 if m == 0.0 {
                     continue;
                 }
-                let row = &pred[(n * rows_per_image + 1 + j) * width..][..width];
+                let row = &pred[(n * rows_per_image + 1 + j) * pred_width..][..pred_width];
                 let (gi, gj) = (j / g, j % g);
-                // The target in (i, j, c) order, as `patchify`.
+                // The pixels in (i, j, c) order, as `patchify`.
                 let value = |q: usize| {
                     let (i, rest) = (q / (p * c), q % (p * c));
                     let (jj, ch) = (rest / c, rest % c);
@@ -561,15 +568,22 @@ impl Kernels for CpuKernels {
                 } else {
                     (0.0, 1.0)
                 };
+                let target = |q: usize| {
+                    if basis_mean.is_empty() {
+                        return (value(q) - mean) * inv_std;
+                    }
+                    let axis = &basis_components[q * width..][..width];
+                    (0..width).map(|x| (value(x) - basis_mean[x]) as f64 * axis[x] as f64).sum::<f64>() as f32
+                };
                 let mut sum = 0f64;
-                for q in 0..width {
-                    let diff = row[q] - (value(q) - mean) * inv_std;
+                for q in 0..pred_width {
+                    let diff = row[q] - target(q);
                     sum += diff as f64 * diff as f64;
                     if let Some(di) = dimage.as_deref_mut() {
-                        di[(1 + j) * width + q] = coef * m * diff;
+                        di[(1 + j) * pred_width + q] = coef * m * diff;
                     }
                 }
-                *image_loss += sum / width as f64 * m as f64;
+                *image_loss += sum / pred_width as f64 * m as f64;
             }
         });
         let loss = (partials[..batch].iter().sum::<f64>() / denom) as f32;

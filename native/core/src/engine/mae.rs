@@ -4,11 +4,11 @@
 
 use super::cpu::CpuKernels;
 use super::blocks::{grad, keep_outputs, stack_acts, BlockParams, Linear, Norm, Params, Stack};
-use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, Layout, MseShape, Slot, Source};
+use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, Layout, MseShape, MseTarget, Slot, Source};
 use super::cpu::NONE;
 use crate::bail;
 use crate::checkpoint::Stored;
-use crate::config::MaeConfig;
+use crate::config::{MaeConfig, Target, PCA_COMPONENTS, PCA_MEAN};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::MaskPlan;
 use crate::model::{MaskedAutoencoder, Unloaded};
@@ -40,8 +40,10 @@ struct Decoder {
     emb: Slot,
     norm_out: Slot,
     norm_stats: Slot,
-    /// `[N, 1 + L, p*p*C]`, the cls row included.
+    /// `[N, 1 + L, pred_dim]`, the cls row included.
     pred_out: Slot,
+    /// A PCA target's basis: the mean patch `[p*p*C]` and the axes `[k, p*p*C]`.
+    pca: Option<(Slot, Slot)>,
     /// Training: the gradients of `pred_out`, `emb` and the decoder norm's output.
     dpred: Option<Slot>,
     demb: Option<Slot>,
@@ -109,7 +111,7 @@ impl MaeEngine {
             let mask_token = p.take("mask_token", &[1, 1, dd]);
             let blocks: Vec<BlockParams> = (0..c.decoder_depth).map(|i| p.block(&format!("decoder_blocks.{i}"), dd, c.decoder_mlp_hidden())).collect();
             let norm = p.norm("decoder_norm", dd);
-            let pred = p.linear("decoder_pred", dd, c.patch_dim());
+            let pred = p.linear("decoder_pred", dd, c.pred_dim());
             (embed, mask_token, blocks, norm, pred)
         });
 
@@ -136,11 +138,12 @@ impl MaeEngine {
             let stack = stack_acts(&mut a, trained_from, false, blocks, batch, dec_tokens, dd, c.decoder_num_heads, c.decoder_mlp_hidden());
             let norm_out = take(&mut a, batch * dec_tokens * dd);
             let norm_stats = take(&mut a, 2 * batch * dec_tokens);
-            let pred_out = take(&mut a, batch * dec_tokens * c.patch_dim());
-            let dpred = train.then(|| take(&mut a, batch * dec_tokens * c.patch_dim()));
+            let pred_out = take(&mut a, batch * dec_tokens * c.pred_dim());
+            let pca = c.target.pca_components().map(|k| (take(&mut a, c.patch_dim()), take(&mut a, k * c.patch_dim())));
+            let dpred = train.then(|| take(&mut a, batch * dec_tokens * c.pred_dim()));
             let demb = train.then(|| take(&mut a, batch * tokens * dd));
             let dnorm = train.then(|| take(&mut a, batch * dec_tokens * dd));
-            Decoder { embed, mask_token, stack, norm, pred, pos_embed, emb, norm_out, norm_stats, pred_out, dpred, demb, dnorm }
+            Decoder { embed, mask_token, stack, norm, pred, pos_embed, emb, norm_out, norm_stats, pred_out, pca, dpred, demb, dnorm }
         });
         let kernels = CpuKernels::new(p.layout.len, a.len);
         Ok(MaeEngine {
@@ -210,11 +213,18 @@ impl MaeEngine {
         if ours.next().is_some() {
             bail!(Internal, "the model has fewer parameters than the engine plan");
         }
+        if self.decoder.as_ref().is_some_and(|dec| dec.pca.is_some()) {
+            // The loss needs the basis; the encoder alone does not.
+            model.require_pca_basis()?;
+        }
         for (name, table) in model.buffers() {
             let values = table.flatten_all()?.to_vec1::<f32>()?;
-            match (name, &self.decoder) {
-                ("pos_embed", _) => self.kernels.upload(self.pos_embed, &values),
-                ("decoder_pos_embed", Some(dec)) => self.kernels.upload(dec.pos_embed, &values),
+            let pca = self.decoder.as_ref().and_then(|dec| dec.pca);
+            match (name, &self.decoder, pca) {
+                ("pos_embed", _, _) => self.kernels.upload(self.pos_embed, &values),
+                ("decoder_pos_embed", Some(dec), _) => self.kernels.upload(dec.pos_embed, &values),
+                (PCA_MEAN, _, Some((mean, _))) => self.kernels.upload(mean, &values),
+                (PCA_COMPONENTS, _, Some((_, components))) => self.kernels.upload(components, &values),
                 _ => {}
             }
         }
@@ -266,7 +276,9 @@ impl MaeEngine {
     pub fn reshape(&mut self, batch: usize) -> Result<()> {
         let mut other = MaeEngine::new(&self.config, batch, self.len_keep, self.mode)?;
         other.kernels.take_weights_from(&mut self.kernels);
-        let tables = [(self.pos_embed, other.pos_embed)].into_iter().chain(self.decoder.as_ref().zip(other.decoder.as_ref()).map(|(a, b)| (a.pos_embed, b.pos_embed)));
+        let decoders = self.decoder.as_ref().zip(other.decoder.as_ref());
+        let pca = decoders.and_then(|(a, b)| a.pca.zip(b.pca)).map(|((am, ac), (bm, bc))| [(am, bm), (ac, bc)]);
+        let tables = [(self.pos_embed, other.pos_embed)].into_iter().chain(decoders.map(|(a, b)| (a.pos_embed, b.pos_embed))).chain(pca.into_iter().flatten());
         for (from, to) in tables.collect::<Vec<_>>() {
             let values = self.kernels.download(from);
             other.kernels.upload(to, &values);
@@ -349,8 +361,14 @@ impl MaeEngine {
         dec.stack.forward(k, eps);
         let dec_rows = dec.stack.rows();
         k.layer_norm(dec.stack.output(), dec.norm.w, dec.norm.b, dec.norm_out, dec.norm_stats, dec_rows, dd, eps);
-        k.linear(dec.norm_out, dec.pred.w, dec.pred.b, None, dec.pred_out, dec_rows, dd, c.patch_dim(), Epilogue::None);
-        let shape = MseShape { batch: n, channels: c.in_chans, patch: c.patch_size, grid: c.grid_size(), rows_per_image: 1 + c.num_patches(), norm_pix: c.norm_pix_loss };
+        k.linear(dec.norm_out, dec.pred.w, dec.pred.b, None, dec.pred_out, dec_rows, dd, c.pred_dim(), Epilogue::None);
+        let target = match (c.target, dec.pca) {
+            (Target::Pixels, _) => MseTarget::Pixels,
+            (Target::NormPixels, _) => MseTarget::NormPixels,
+            (Target::Pca { components: k }, Some((mean, components))) => MseTarget::Pca { mean, components, k },
+            (Target::Pca { .. }, None) => bail!(Internal, "the engine plan of a PCA target lacks its basis slots"),
+        };
+        let shape = MseShape { batch: n, channels: c.in_chans, patch: c.patch_size, grid: c.grid_size(), rows_per_image: 1 + c.num_patches(), target };
         Ok(k.masked_mse(self.imgs, dec.pred_out, &self.mask, dec.dpred, shape, grad_scale))
     }
 
@@ -389,7 +407,7 @@ impl MaeEngine {
         let dec_scratch = dec.stack.scratch.expect("a training plan");
         let dec_rows = dec.stack.rows();
         let (dpred, demb, dnorm) = (dec.dpred.expect("training"), dec.demb.expect("training"), dec.dnorm.expect("training"));
-        k.linear_backward(dpred, dec.norm_out, dec.pred.w, Some(dnorm), false, Some((grad(dec.pred.w), grad(dec.pred.b))), dec_rows, dd, c.patch_dim());
+        k.linear_backward(dpred, dec.norm_out, dec.pred.w, Some(dnorm), false, Some((grad(dec.pred.w), grad(dec.pred.b))), dec_rows, dd, c.pred_dim());
         k.fill(dec_scratch.dres, 0.0);
         k.layer_norm_backward(dnorm, dec.stack.output(), dec.norm.w, dec.norm_stats, dec_scratch.dres, grad(dec.norm.w), grad(dec.norm.b), dec_rows, dd);
         dec.stack.backward(k);
@@ -426,10 +444,10 @@ impl MaeEngine {
         self.forward(imgs, plan, 1.0)
     }
 
-    /// The last forward pass's predictions `[N, L, p*p*C]` (the cls rows left out).
+    /// The last forward pass's predictions `[N, L, pred_dim]` (the cls rows left out).
     pub fn pred(&self) -> Vec<f32> {
         let dec = self.decoder.as_ref().expect("a plan with a decoder");
-        let (l, w) = (self.config.num_patches(), self.config.patch_dim());
+        let (l, w) = (self.config.num_patches(), self.config.pred_dim());
         let all = self.kernels.download(dec.pred_out);
         all.chunks((1 + l) * w).flat_map(|image| image[w..].iter().copied()).collect()
     }

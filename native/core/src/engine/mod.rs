@@ -197,9 +197,10 @@ pub trait Kernels {
     /// source row is gathered at most once), each token's rows added into `dtokens`.
     fn scatter_rows(&mut self, dout: Slot, index: &[Source], dsrc: Slot, dtokens: [Slot; 2], d: usize);
 
-    /// The published loss: per-patch MSE of `pred` against the patchified images
-    /// (normalised per patch with the unbiased variance when `norm_pix`), averaged over
-    /// the removed patches (`mask` 1; with none removed the loss is 0), and returns it.
+    /// The published loss: per-patch MSE of `pred` against the target `shape.target` makes
+    /// of the patchified images (pixels, pixels normalised per patch with the unbiased
+    /// variance, or PCA coefficients), averaged over the removed patches (`mask` 1; with
+    /// none removed the loss is 0), and returns it.
     /// With `dpred`, writes `grad_scale * dloss/dpred` there (zero on every other row).
     fn masked_mse(&mut self, imgs: Slot, pred: Slot, mask: &[f32], dpred: Option<Slot>, shape: MseShape, grad_scale: f32) -> f32;
 
@@ -222,7 +223,19 @@ pub struct MseShape {
     pub grid: usize,
     /// Rows of `pred` per image: the cls token's, then one per patch.
     pub rows_per_image: usize,
-    pub norm_pix: bool,
+    pub target: MseTarget,
+}
+
+/// What [`Kernels::masked_mse`] compares each row of `pred` with.
+#[derive(Debug, Clone, Copy)]
+pub enum MseTarget {
+    /// The patch's `p*p*c` pixels in (i, j, c) order.
+    Pixels,
+    /// The same, normalised by their mean and unbiased standard deviation.
+    NormPixels,
+    /// The patch's `k` coefficients `(x - mean) @ components^T`: `mean` `[p*p*c]`,
+    /// `components` `[k, p*p*c]`.
+    Pca { mean: Slot, components: Slot, k: usize },
 }
 
 /// AdamW's constants for update number `t` at learning rate `lr`: a range for each

@@ -8,7 +8,7 @@ use crate::common::{bits, fixtures, TempDir};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use vit_mae_core::checkpoint::CheckpointFormat;
-use vit_mae_core::{load_model, read_state_dict, save_model, ConfigPatch, Precision, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
+use vit_mae_core::{load_model, read_state_dict, save_model, ConfigPatch, Precision, ErrorCode, HostTensor, MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Target};
 
 /// A fixture's tensors and its `__metadata__`.
 fn read_fixture(name: &str) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
@@ -49,7 +49,7 @@ fn round_trip_config() -> MaeConfig {
         decoder_depth: 1,
         decoder_num_heads: 3,
         mlp_ratio: 3.0,
-        norm_pix_loss: true,
+        target: Target::NormPixels,
         layer_norm_eps: 1e-5,
         encoder_mask_token: false,
     }
@@ -864,4 +864,66 @@ fn integer_weights_are_refused_but_batch_norm_counts_are_read() {
     let state = read_state_dict(&fixtures().join("vit-linprobe.pth")).unwrap();
     assert_eq!(state.tensors["head.0.num_batches_tracked"].dims(), [0usize; 0]);
     assert!(state.converted.is_empty(), "{:?}", state.converted);
+}
+
+// ---------------------------------------------------------------- the PCA target
+
+#[test]
+fn pca_basis_round_trips_and_is_optional_but_whole() {
+    let dir = TempDir::new("pca");
+    let config = MaeConfig { target: Target::Pca { components: 5 }, ..round_trip_config() };
+    let d = config.patch_dim();
+    let mut model = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, 3).unwrap();
+
+    // Saved before a basis was fitted: loads without one.
+    let bare = dir.join("bare.safetensors");
+    save_model(&model, &bare).unwrap();
+    assert!(!read_state_dict(&bare).unwrap().tensors.contains_key("pca_mean"));
+    let (loaded, _) = load_model(&bare, None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(loaded.config, config);
+    assert!(loaded.pca_basis().is_none());
+
+    let mean = Tensor::arange(0f32, d as f32, &Device::Cpu).unwrap();
+    let axes = Tensor::eye(d, candle_core::DType::F32, &Device::Cpu).unwrap().narrow(0, 2, 5).unwrap();
+    model.set_pca_basis(&mean, &axes).unwrap();
+    let path = dir.join("pca.safetensors");
+    save_model(&model, &path).unwrap();
+    let state = read_state_dict(&path).unwrap();
+    assert_eq!(bits(&state.tensors["pca_mean"]), bits(&mean));
+    assert_eq!(bits(&state.tensors["pca_components"]), bits(&axes));
+    let json = state.config.as_ref().unwrap().known();
+    assert_eq!((json["target"].clone(), json["pcaComponents"].clone()), (serde_json::json!("pca"), serde_json::json!(5)));
+    let (loaded, _) = load_model(&path, None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(loaded.config, config);
+    let basis = loaded.pca_basis().expect("the basis is loaded");
+    assert_eq!((bits(&basis.mean), bits(&basis.components)), (bits(&mean), bits(&axes)));
+
+    // The shapes tell a PCA target without the metadata: a state dict alone (as a .pth holds).
+    let tensors: Vec<(String, vit_mae_core::checkpoint::Stored)> = state.tensors.iter().map(|(n, t)| (n.clone(), vit_mae_core::checkpoint::Stored::Tensor(t.clone()))).collect();
+    let plain = dir.join("plain.safetensors");
+    let explicit = ConfigPatch::from_json(&serde_json::json!({"numHeads": 5, "decoderNumHeads": 3, "layerNormEps": 1e-5, "mlpRatio": 3.0}), true).unwrap();
+    vit_mae_core::checkpoint::save_tensors(tensors, serde_json::json!({}), Default::default(), &plain).unwrap();
+    let (inferred, _) = load_model(&plain, Some(&explicit), &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(inferred.config, config);
+    // Explicit fields that say "not normalised pixels" or "pca" keep what the file tells.
+    for target in [serde_json::json!({"normPixLoss": false}), serde_json::json!({"target": "pca"}), serde_json::json!({"target": "pca", "normPixLoss": false})] {
+        let mut fields = explicit.known();
+        fields.extend(target.as_object().unwrap().clone());
+        let explicit = ConfigPatch::from_json(&serde_json::Value::Object(fields), true).unwrap();
+        for file in [&plain, &path] {
+            let (loaded, _) = load_model(file, Some(&explicit), &Device::Cpu, Precision::F32, 0).unwrap_or_else(|e| panic!("{target} over {}: {e}", file.display()));
+            assert_eq!(loaded.config, config, "{target} over {}", file.display());
+        }
+    }
+
+    // Half a basis, or a basis for a pixel target, is refused.
+    let half = dir.join("half.safetensors");
+    let without_axes = state.tensors.iter().filter(|(n, _)| *n != "pca_components").map(|(n, t)| (n.clone(), vit_mae_core::checkpoint::Stored::Tensor(t.clone()))).collect();
+    vit_mae_core::checkpoint::save_tensors(without_axes, config.to_published_json(), Default::default(), &half).unwrap();
+    let e = load_model(&half, None, &Device::Cpu, Precision::F32, 0).err().unwrap();
+    assert_eq!(e.code, ErrorCode::CheckpointKeys, "{}", e.message);
+    assert!(e.message.contains("pca_mean") && e.message.contains("pca_components"), "{}", e.message);
+    let pixels = ConfigPatch::from_json(&serde_json::json!({"target": "pixels"}), true).unwrap();
+    let e = load_model(&path, Some(&pixels), &Device::Cpu, Precision::F32, 0).err().unwrap();
+    assert!(matches!(e.code, ErrorCode::CheckpointKeys | ErrorCode::CheckpointShape), "{:?}: {}", e.code, e.message);
 }

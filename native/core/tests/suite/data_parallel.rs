@@ -159,6 +159,53 @@ fn two_ranks_of_16_pretrain_as_one_process_of_32_and_resume_on_another_rank_coun
     assert!(e.message.contains("batchSize 16 on 1 rank(s) (a global batch of 16): it was written with batchSize 16 on 2 rank(s) (a global batch of 32)"), "{}", e.message);
 }
 
+#[test]
+fn rank_pca_pretraining() {
+    if !acting_as("rank_pca_pretraining") {
+        return;
+    }
+    let group = join();
+    let mut model = pt::tiny_pca_model(51 + group.rank() as u64);
+    let loader = loader(pretrain_data(), GLOBAL_BATCH / group.size(), true, true, shard_of(&group));
+    let mut events = Vec::new();
+    pretrain(&mut model, &loader, &pretrain_config(None), None, &group, &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
+    print_losses(group.rank(), &losses(&events));
+    // A file, not a printed line: the ranks' long lines could interleave on the way out.
+    let bytes: Vec<u8> = basis_values(&model).iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(scenario_dir().join(format!("basis-{}.bin", group.rank())), bytes).unwrap();
+}
+
+/// A PCA model's mean patch, then its axes.
+fn basis_values(model: &vit_mae_core::MaskedAutoencoder) -> Vec<f32> {
+    let basis = model.pca_basis().expect("a fitted basis");
+    [&basis.mean, &basis.components].iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+/// The ranks fit the PCA basis on the same images as one process (the whole data's, not
+/// their shards'), agree on it to the bit, and train as one process does.
+#[test]
+fn two_ranks_fit_one_pca_basis_and_pretrain_as_one_process() {
+    let dir = TempDir::new("data-parallel-pca");
+    let job = launch("rank_pca_pretraining", dir.path(), OnDeath::EndTheJob);
+    assert!(job.succeeded(), "{}", job.describe());
+    let rank_basis = |rank: usize| -> Vec<f32> {
+        let bytes = std::fs::read(dir.path().join(format!("basis-{rank}.bin"))).unwrap();
+        bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let parallel = rank_basis(0);
+    assert_eq!(parallel.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), rank_basis(1).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "the ranks' bases");
+    let mut alone = pt::tiny_pca_model(51);
+    let mut events = Vec::new();
+    let single = loader(pretrain_data(), GLOBAL_BATCH, true, true, Shard::default());
+    pretrain(&mut alone, &single, &pretrain_config(None), None, &Group::single(), &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
+    // The same images, summed in batches of 16 there and 32 here: within f32 rounding.
+    let here = basis_values(&alone);
+    assert_eq!(parallel.len(), here.len());
+    let worst = parallel.iter().zip(&here).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-5, "the ranks' basis and one process's differ by up to {worst}");
+    assert_curves_agree(&said_losses(&job, 0), &losses(&events), "pca: 2 x 16 against 1 x 32");
+}
+
 // ---------------------------------------------------------------- fine-tuning, evaluation, embeddings
 
 fn finetune_config() -> FinetuneConfig {

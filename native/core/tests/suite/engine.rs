@@ -18,8 +18,9 @@ use vit_mae_core::distributed::Group;
 use vit_mae_core::data::{InMemoryDataset, Loader, LoaderOptions, Shard};
 use vit_mae_core::engine::mae::{MaeEngine, Mode};
 use vit_mae_core::finetune::{finetune, FinetuneConfig};
+use vit_mae_core::pca::PatchMoments;
 use vit_mae_core::train::{pretrain, PretrainConfig, TrainEvent};
-use vit_mae_core::{MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Pool, Precision};
+use vit_mae_core::{MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Pool, Precision, Target};
 
 const OUTPUTS: f64 = 1e-4;
 const GRADIENTS: f64 = 1e-3;
@@ -37,7 +38,7 @@ fn mae_config(img: usize, patch: usize, chans: usize, dim: usize, heads: usize, 
         decoder_depth: depths.1,
         decoder_num_heads: dec_heads,
         mlp_ratio,
-        norm_pix_loss: false,
+        target: Target::Pixels,
         layer_norm_eps: 1e-6,
         encoder_mask_token: false,
     }
@@ -46,10 +47,22 @@ fn mae_config(img: usize, patch: usize, chans: usize, dim: usize, heads: usize, 
 /// The engine's model and the reference model: the same seed, so the same weights and
 /// the same stream of masks.
 fn pair(config: &MaeConfig, seed: u64) -> (MaskedAutoencoder, MaskedAutoencoder) {
-    let engine = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, seed).unwrap();
+    let mut engine = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, seed).unwrap();
     let mut reference = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, seed).unwrap();
     reference.set_reference_only(true);
     assert!(engine.uses_engine() && !reference.uses_engine());
+    if let Some(k) = config.target.pca_components() {
+        // A PCA target's basis, fitted on other images than the ones the tests run.
+        let mut moments = PatchMoments::new(config.patch_dim()).unwrap();
+        let sample = host(&images(config, 4, seed + 1000)).iter().map(|&v| v as f32).collect::<Vec<_>>();
+        moments.add_images(&sample, 4, config.in_chans, config.img_size, config.patch_size).unwrap();
+        let fit = moments.fit(k).unwrap();
+        let mean = Tensor::new(fit.mean.iter().map(|&v| v as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+        let axes = Tensor::new(fit.components.iter().map(|&v| v as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap().reshape((k, config.patch_dim())).unwrap();
+        for model in [&mut engine, &mut reference] {
+            model.set_pca_basis(&mean, &axes).unwrap();
+        }
+    }
     (engine, reference)
 }
 
@@ -93,8 +106,9 @@ fn cases() -> Vec<Case> {
     let rgb = mae_config(18, 6, 3, 24, 3, 12, 3, (1, 2), 2.5);
     let fine = mae_config(21, 3, 3, 20, 5, 16, 1, (2, 1), 4.0);
     let even = mae_config(12, 3, 1, 28, 7, 8, 1, (1, 1), 3.0);
-    let normpix = |c: &MaeConfig| MaeConfig { norm_pix_loss: true, ..c.clone() };
+    let normpix = |c: &MaeConfig| MaeConfig { target: Target::NormPixels, ..c.clone() };
     let token = |c: &MaeConfig| MaeConfig { encoder_mask_token: true, ..c.clone() };
+    let pca = |c: &MaeConfig, components| MaeConfig { target: Target::Pca { components }, ..c.clone() };
     let case = |name, config, batch, mask_ratio, masking| Case { name, config, batch, mask_ratio, masking };
     vec![
         case("1 channel, patch 5, 3 and 5 heads, ratio 0.75", odd.clone(), 3, 0.75, Masking::Random),
@@ -107,6 +121,10 @@ fn cases() -> Vec<Case> {
         case("encoder mask token, ratio 0.75", token(&odd), 2, 0.75, Masking::Random),
         case("encoder mask token, block, norm-pix", token(&normpix(&rgb)), 2, 0.6, Masking::Block),
         case("encoder mask token, ratio 0", token(&fine), 1, 0.0, Masking::Random),
+        case("pca, 3 channels, 10 of 108 coefficients, ratio 0.6, block", pca(&rgb, 10), 4, 0.6, Masking::Block),
+        case("pca, 1 channel, all 25 coefficients, batch 1", pca(&odd, 25), 1, 0.75, Masking::Random),
+        case("pca, 1 coefficient, ratio 0", pca(&fine, 1), 2, 0.0, Masking::Random),
+        case("pca, encoder mask token, grid", token(&pca(&even, 3)), 2, 0.75, Masking::Grid),
     ]
 }
 
@@ -201,7 +219,7 @@ fn assert_same_curve(what: &str, got: &[f64], want: &[f64], steps: usize) {
 
 #[test]
 fn pretraining_follows_the_reference_loss_curve() {
-    let config = MaeConfig { norm_pix_loss: true, ..mae_config(15, 5, 3, 24, 3, 20, 5, (2, 1), 4.0) };
+    let config = MaeConfig { target: Target::NormPixels, ..mae_config(15, 5, 3, 24, 3, 20, 5, (2, 1), 4.0) };
     // 16 images in batches of 4, two micro-batches a step: 2 steps an epoch.
     let recipe = PretrainConfig::from_json(&json!({
         "epochs": 10.0, "accumIter": 2, "lr": 3e-3, "minLr": 1e-4, "warmupEpochs": 2.0,
@@ -216,6 +234,43 @@ fn pretraining_follows_the_reference_loss_curve() {
     };
     let (mut engine, mut reference) = pair(&config, 5);
     assert_same_curve("pre-training", &run(&mut engine), &run(&mut reference), 20);
+}
+
+#[test]
+fn pca_pretraining_fits_a_basis_and_follows_the_reference_loss_curve() {
+    // Patches of 75 values, 12 coefficients.
+    let config = MaeConfig { target: Target::Pca { components: 12 }, ..mae_config(15, 5, 3, 24, 3, 20, 5, (2, 1), 4.0) };
+    let recipe = PretrainConfig::from_json(&json!({
+        "epochs": 10.0, "lr": 3e-3, "minLr": 1e-4, "warmupEpochs": 2.0, "maskRatio": 0.6, "seed": 7,
+    }))
+    .unwrap();
+    let run = |model: &mut MaskedAutoencoder| {
+        assert!(model.pca_basis().is_none());
+        let mut events = Vec::new();
+        let summary = pretrain(model, &loader(15, 3, 16, 4, None, 11), &recipe, None, &Group::single(), &mut |e| events.push(e), &AtomicBool::new(false)).unwrap();
+        assert_eq!(summary.steps, 40);
+        // The basis first: all 16 images of the epoch (fewer than the sample's 256), 9 patches each.
+        let TrainEvent::PcaBasis { components, kept_variance, images, patches } = events[0] else { panic!("the first event is {:?}", events[0]) };
+        assert_eq!((components, images, patches), (12, 16, 144));
+        // The leading 12 of 75 axes keep more than an even share, and not everything.
+        assert!(kept_variance > 12.0 / 75.0 && kept_variance < 1.0, "kept variance {kept_variance}");
+        assert_eq!(events.iter().filter(|e| matches!(e, TrainEvent::PcaBasis { .. })).count(), 1);
+        (step_losses(&events), model.pca_basis().map(|b| (host(&b.mean), host(&b.components))).expect("pre-training leaves the basis in the model"))
+    };
+    let mut engine = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, 5).unwrap();
+    let mut reference = MaskedAutoencoder::new(config.clone(), &Device::Cpu, Precision::F32, 5).unwrap();
+    reference.set_reference_only(true);
+    let ((got, got_basis), (want, want_basis)) = (run(&mut engine), run(&mut reference));
+    assert_eq!(got_basis, want_basis, "the same images give the same basis");
+    let (mean, axes) = got_basis;
+    assert_eq!((mean.len(), axes.len()), (75, 12 * 75));
+    for (i, a) in axes.chunks(75).enumerate() {
+        for (j, b) in axes.chunks(75).enumerate() {
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            assert!((dot - if i == j { 1.0 } else { 0.0 }).abs() < 1e-5, "axes {i} and {j}: dot {dot}");
+        }
+    }
+    assert_same_curve("pca pre-training", &got, &want, 40);
 }
 
 fn cls_config(global_pool: bool, head_batch_norm: bool) -> ClassifierConfig {

@@ -70,7 +70,7 @@ pub(crate) fn mae_config(depth: usize) -> MaeConfig {
         decoder_depth: 1,
         decoder_num_heads: 2,
         mlp_ratio: 4.0,
-        norm_pix_loss: false,
+        target: vit_mae_core::Target::Pixels,
         layer_norm_eps: 1e-6,
         encoder_mask_token: false,
     }

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 use vit_mae_core::masking::{self, MaskPlan, MaskSampler};
 use vit_mae_core::pos_embed::sincos_2d_with_cls;
-use vit_mae_core::{ConfigPatch, ErrorCode, HostTensor, Precision, MaeConfig, MaskOptions, MaskedAutoencoder, Masking};
+use vit_mae_core::{ConfigPatch, ErrorCode, HostTensor, Precision, MaeConfig, MaskOptions, MaskedAutoencoder, Masking, Target};
 
 // ---------------------------------------------------------------- helpers
 
@@ -171,7 +171,7 @@ fn sincos_matches_published_formula() {
 fn model_buffers_are_the_sincos_tables() {
     let c = small_config();
     let m = model(c.clone(), 1);
-    let [(n0, pos), (n1, dec)] = m.buffers();
+    let [(n0, pos), (n1, dec)] = m.buffers()[..] else { panic!("a pixel-target model has the two position tables alone") };
     assert_eq!((n0, n1), ("pos_embed", "decoder_pos_embed"));
     assert_eq!(pos.dims(), &[1, 1 + c.num_patches(), c.embed_dim]);
     assert_eq!(dec.dims(), &[1, 1 + c.num_patches(), c.decoder_embed_dim]);
@@ -766,7 +766,7 @@ fn published_presets() {
     for c in [&base, &large, &huge] {
         assert_eq!(c.mlp_ratio, 4.0);
         assert_eq!(c.layer_norm_eps, 1e-6);
-        assert!(!c.norm_pix_loss);
+        assert_eq!(c.target, Target::Pixels);
         c.validate().unwrap();
     }
     for (name, c) in vit_mae_core::PRESETS.iter() {
@@ -838,7 +838,7 @@ fn config_patch_spellings_and_strictness() {
         decoder_depth: 2,
         decoder_num_heads: 4,
         mlp_ratio: 2.0,
-        norm_pix_loss: true,
+        target: Target::NormPixels,
         layer_norm_eps: 1e-5,
         encoder_mask_token: false,
     };
@@ -876,7 +876,7 @@ fn config_patch_spellings_and_strictness() {
         "decoderEmbedDim": 32, "decoderDepth": 2, "decoderNumHeads": 4
     });
     let c = ConfigPatch::from_json(&required, true).unwrap().complete().unwrap();
-    assert_eq!((c.mlp_ratio, c.norm_pix_loss, c.layer_norm_eps), (4.0, false, 1e-6));
+    assert_eq!((c.mlp_ratio, c.target, c.layer_norm_eps), (4.0, Target::Pixels, 1e-6));
 }
 
 #[test]
@@ -995,7 +995,7 @@ fn a_shape_whose_size_overflows_is_not_the_empty_shape() {
 
 #[test]
 fn config_published_json_round_trips() {
-    let c = MaeConfig { mlp_ratio: 3.0, norm_pix_loss: true, layer_norm_eps: 1e-5, ..small_config() };
+    let c = MaeConfig { mlp_ratio: 3.0, target: Target::NormPixels, layer_norm_eps: 1e-5, ..small_config() };
     let json = c.to_published_json();
     assert_eq!(json["embed_dim"], 16);
     assert_eq!(json["decoder_num_heads"], 2);
@@ -1063,4 +1063,166 @@ fn encoder_mask_token_mode_hides_removed_patches_and_trains_its_token() {
 
     // The default model has no such parameter.
     assert!(model(small_config(), 3).params().iter().all(|(name, _)| name != "encoder_mask_token"));
+}
+
+// ------------------------------------------------------------------ the PCA target
+
+/// `small_config` (patches of 4x4x3 = 48 values) with the fields of `json` on top.
+fn patched(json: serde_json::Value) -> vit_mae_core::Result<MaeConfig> {
+    ConfigPatch::from_json(&json, true)?.apply_to(&small_config())
+}
+
+#[test]
+fn target_and_norm_pix_loss_name_one_choice() {
+    let target = |json| patched(json).map(|c| c.target);
+    assert_eq!(target(serde_json::json!({})).unwrap(), Target::Pixels);
+    assert_eq!(target(serde_json::json!({"target": "normPixels"})).unwrap(), Target::NormPixels);
+    assert_eq!(target(serde_json::json!({"normPixLoss": true})).unwrap(), Target::NormPixels);
+    assert_eq!(target(serde_json::json!({"norm_pix_loss": true, "target": "normPixels"})).unwrap(), Target::NormPixels);
+    assert_eq!(target(serde_json::json!({"normPixLoss": false, "target": "pixels"})).unwrap(), Target::Pixels);
+    // The default is an eighth of a patch's 48 values; the paper's 96 of 768 for ViT-B.
+    assert_eq!(target(serde_json::json!({"target": "pca"})).unwrap(), Target::Pca { components: 6 });
+    assert_eq!(target(serde_json::json!({"target": "pca", "normPixLoss": false, "pcaComponents": 48})).unwrap(), Target::Pca { components: 48 });
+    assert_eq!(target(serde_json::json!({"target": "pca", "pca_components": 1})).unwrap(), Target::Pca { components: 1 });
+    let base = MaeConfig::preset("mae_vit_base_patch16").unwrap();
+    let pca = ConfigPatch::from_json(&serde_json::json!({"target": "pca"}), true).unwrap().apply_to(&base).unwrap();
+    assert_eq!((pca.target, pca.pred_dim()), (Target::Pca { components: 96 }, 96));
+    // normPixLoss false over a PCA config keeps it (it only says "not normalised pixels").
+    let over_pca = ConfigPatch::from_json(&serde_json::json!({"normPixLoss": false}), true).unwrap().apply_to(&pca).unwrap();
+    assert_eq!(over_pca.target, Target::Pca { components: 96 });
+
+    for (json, needle) in [
+        (serde_json::json!({"target": "pixels", "normPixLoss": true}), "contradicts"),
+        (serde_json::json!({"target": "normPixels", "normPixLoss": false}), "contradicts"),
+        (serde_json::json!({"target": "pca", "normPixLoss": true}), "contradicts"),
+        (serde_json::json!({"pcaComponents": 4}), "applies only to target 'pca'"),
+        (serde_json::json!({"target": "normPixels", "pcaComponents": 4}), "applies only to target 'pca'"),
+        (serde_json::json!({"target": "pca", "pcaComponents": 0}), "pcaComponents must be an integer from 1 to the 48"),
+        (serde_json::json!({"target": "pca", "pcaComponents": 49}), "pcaComponents must be an integer from 1 to the 48"),
+        (serde_json::json!({"target": "raw"}), "unknown variant"),
+    ] {
+        let e = patched(json.clone()).and_then(|c| c.validate().map(|()| c)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidConfig, "{json}");
+        assert!(e.message.contains(needle), "{json}: {}", e.message);
+    }
+}
+
+#[test]
+fn pca_config_json_names_its_target_and_pixel_configs_stay_as_they_were() {
+    let pca = MaeConfig { target: Target::Pca { components: 7 }, ..small_config() };
+    let camel = serde_json::to_value(&pca).unwrap();
+    assert_eq!((camel["target"].clone(), camel["pcaComponents"].clone(), camel["normPixLoss"].clone()), (serde_json::json!("pca"), serde_json::json!(7), serde_json::json!(false)));
+    assert_eq!(ConfigPatch::from_json(&camel, true).unwrap().complete().unwrap(), pca);
+    let published = pca.to_published_json();
+    assert_eq!((published["target"].clone(), published["pca_components"].clone()), (serde_json::json!("pca"), serde_json::json!(7)));
+    assert_eq!(ConfigPatch::from_json(&published, true).unwrap().complete().unwrap(), pca);
+    for target in [Target::Pixels, Target::NormPixels] {
+        let c = MaeConfig { target, ..small_config() };
+        let camel = serde_json::to_value(&c).unwrap();
+        assert!(camel.get("target").is_none() && camel.get("pcaComponents").is_none(), "{camel}");
+        assert_eq!(camel["normPixLoss"], target == Target::NormPixels);
+        assert!(c.to_published_json().get("target").is_none());
+    }
+    // The decoder predicts the coefficients, and the basis is a fixed tensor.
+    assert!(pca.parameter_shapes().contains(&("decoder_pred.weight".to_string(), vec![7, 8])));
+    let buffers = pca.buffer_shapes();
+    assert_eq!(&buffers[2..], &[("pca_mean".to_string(), vec![48]), ("pca_components".to_string(), vec![7, 48])]);
+}
+
+/// A model of `small_config` with a PCA target of `k` coefficients and a basis fitted on
+/// random images.
+fn pca_model(k: usize, seed: u64) -> MaskedAutoencoder {
+    let c = MaeConfig { target: Target::Pca { components: k }, ..small_config() };
+    let mut m = model(c.clone(), seed);
+    let mut moments = vit_mae_core::pca::PatchMoments::new(c.patch_dim()).unwrap();
+    moments.add_images(&random_images(&c, 6, seed + 1), 6, c.in_chans, c.img_size, c.patch_size).unwrap();
+    let fit = moments.fit(k).unwrap();
+    let mean = Tensor::new(fit.mean.iter().map(|&v| v as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap();
+    let axes = Tensor::new(fit.components.iter().map(|&v| v as f32).collect::<Vec<_>>(), &Device::Cpu).unwrap().reshape((k, c.patch_dim())).unwrap();
+    m.set_pca_basis(&mean, &axes).unwrap();
+    m
+}
+
+fn random_images(c: &MaeConfig, n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n * c.in_chans * c.img_size * c.img_size).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+#[test]
+fn pca_model_without_a_basis_says_how_to_get_one() {
+    let c = MaeConfig { target: Target::Pca { components: 6 }, ..small_config() };
+    for reference_only in [false, true] {
+        let mut m = model(c.clone(), 0);
+        m.set_reference_only(reference_only);
+        assert!(m.pca_basis().is_none());
+        let imgs = Tensor::from_vec(random_images(&c, 2, 3), (2, 3, 32, 32), &Device::Cpu).unwrap();
+        for e in [m.forward(&imgs, &MaskOptions::default()).err().unwrap(), m.loss_and_gradients(&imgs, &MaskOptions::default()).err().unwrap(), m.reconstruct(&imgs, &MaskOptions::default()).err().unwrap()] {
+            assert_eq!(e.code, ErrorCode::InvalidConfig, "reference only {reference_only}: {}", e.message);
+            assert!(e.message.contains("no PCA basis"), "{}", e.message);
+        }
+        // The encoder alone needs no basis.
+        assert_eq!(m.embed(&imgs, vit_mae_core::Pool::Mean).unwrap().dims(), &[2, 16]);
+    }
+    // A basis of the wrong shape, or for a pixel target, is refused.
+    let mut m = model(c.clone(), 0);
+    let e = m.set_pca_basis(&Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((5, 48), DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::CheckpointShape, "{}", e.message);
+    let mut pixels = model(small_config(), 0);
+    let e = pixels.set_pca_basis(&Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap(), &Tensor::zeros((6, 48), DType::F32, &Device::Cpu).unwrap()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidConfig, "{}", e.message);
+}
+
+#[test]
+fn pca_loss_is_the_mse_of_the_coefficients_on_removed_patches() {
+    let m = pca_model(6, 4);
+    let c = m.config.clone();
+    let imgs_host = random_images(&c, 2, 8);
+    let imgs = Tensor::from_vec(imgs_host.clone(), (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let out = m.forward(&imgs, &MaskOptions::default()).unwrap();
+    assert_eq!(out.pred.dims(), &[2, 64, 6]);
+    // By hand, in f64: each patch's coefficients on the basis, against pred.
+    let basis = m.pca_basis().unwrap();
+    let (mean, axes) = (values(&basis.mean), values(&basis.components));
+    let patches = vit_mae_core::pca::patchify(&imgs_host, 2, 3, 32, 4);
+    let (pred, mask) = (values(&out.pred), values(&out.mask));
+    let (mut total, mut removed) = (0f64, 0f64);
+    for (row, patch) in patches.chunks(48).enumerate() {
+        let err: f64 = (0..6)
+            .map(|j| {
+                let coef: f64 = (0..48).map(|q| (patch[q] - mean[q]) as f64 * axes[j * 48 + q] as f64).sum();
+                (pred[row * 6 + j] as f64 - coef).powi(2)
+            })
+            .sum::<f64>()
+            / 6.0;
+        total += err * mask[row] as f64;
+        removed += mask[row] as f64;
+    }
+    let want = total / removed;
+    let got = out.loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "loss {got}, want {want}");
+}
+
+#[test]
+fn pca_reconstructions_are_pixels_through_the_basis() {
+    let m = pca_model(48, 2);
+    let imgs = Tensor::from_vec(random_images(&m.config, 2, 5), (2, 3, 32, 32), &Device::Cpu).unwrap();
+    // Fixed noise: both passes remove the same patches, so they predict alike.
+    let noise = HostTensor::new(random_images(&MaeConfig { in_chans: 1, img_size: 8, ..m.config.clone() }, 2, 6), vec![2, 64]).unwrap();
+    let options = MaskOptions { noise: Some(noise), ..MaskOptions::default() };
+    let r = m.reconstruct(&imgs, &options).unwrap();
+    for t in [&r.masked, &r.reconstruction, &r.pasted] {
+        assert_eq!(t.dims(), &[2, 3, 32, 32]);
+    }
+    // coef @ components + mean, unpatchified.
+    let basis = m.pca_basis().unwrap();
+    let pred = m.forward(&imgs, &options).unwrap().pred;
+    assert_eq!(pred.dims(), &[2, 64, 48]);
+    let want = m.unpatchify(&basis.patches(&pred).unwrap()).unwrap();
+    let worst = values(&r.reconstruction).iter().zip(values(&want)).fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+    assert!(worst < 1e-5, "reconstruction against coef @ components + mean: largest difference {worst}");
+    // With all 48 components the basis is complete: pixels -> coefficients -> pixels is the identity.
+    let patches = m.patchify(&imgs).unwrap();
+    let back = basis.patches(&basis.coefficients(&patches).unwrap()).unwrap();
+    let worst = values(&back).iter().zip(values(&patches)).fold(0f32, |w, (a, b)| w.max((a - b).abs()));
+    assert!(worst < 1e-4, "round trip through a complete basis: largest difference {worst}");
 }

@@ -8,6 +8,7 @@ use crate::common::{dirs_with, test_device};
 use std::path::Path;
 use std::collections::HashMap;
 use vit_mae_core::classifier::load_classifier;
+use vit_mae_core::pca::PatchMoments;
 use vit_mae_core::{load_model, ConfigPatch, HostTensor, MaskOptions, Masking, Precision};
 
 struct Case {
@@ -202,6 +203,51 @@ fn encoder_only_checkpoint_gives_the_reference_latent() {
             assert_close("mask", &out.mask, &case.tensors["mask"], 0.0);
             F32.check_output("latent", &out.latent, &case.tensors["latent"]);
         }
+    }
+}
+
+/// The PCA target (the paper's Table 1d): the checkpoints hold the basis the reference
+/// fitted (`pca_mean`, `pca_components`), and the model predicts 10 coefficients a patch.
+#[test]
+fn mae_tiny_pca_in_both_formats() {
+    for checkpoint in ["mae-tiny-pca.weights.safetensors", "mae-tiny-pca.pth"] {
+        check_case("mae-tiny-pca", checkpoint);
+    }
+}
+
+#[test]
+fn mae_tiny_pca_bf16() {
+    check_case_within("mae-tiny-pca", "mae-tiny-pca.weights.safetensors", &BF16);
+}
+
+/// The basis fitted here on the case's `pca_sample` is the reference's (torch.linalg.eigh of
+/// the patches' covariance): the mean, and every axis up to its sign.
+#[test]
+fn pca_basis_fit_matches_the_reference() {
+    for dir in dirs_with("mae-tiny-pca") {
+        let case = read_case(&dir, "mae-tiny-pca");
+        let config = case.config.complete().unwrap();
+        let k = config.target.pca_components().expect("a PCA case");
+        let stored = candle_core::safetensors::load(dir.join("mae-tiny-pca.weights.safetensors"), &Device::Cpu).unwrap();
+        let sample = &case.tensors["pca_sample"];
+        let n = sample.dim(0).unwrap();
+        let mut moments = PatchMoments::new(config.patch_dim()).unwrap();
+        moments.add_images(&values(sample), n, config.in_chans, config.img_size, config.patch_size).unwrap();
+        let fit = moments.fit(k).unwrap();
+        assert_eq!(fit.patches, n * config.num_patches());
+        let d = config.patch_dim();
+        for (i, (got, want)) in fit.mean.iter().zip(values(&stored["pca_mean"])).enumerate() {
+            assert!((got - want as f64).abs() <= 1e-6, "pca_mean[{i}]: {got} against {want}");
+        }
+        let want = values(&stored["pca_components"]);
+        for (axis, (got, want)) in fit.components.chunks(d).zip(want.chunks(d)).enumerate() {
+            let dot: f64 = got.iter().zip(want).map(|(a, b)| a * *b as f64).sum();
+            let sign = dot.signum();
+            for (q, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!((sign * g - *w as f64).abs() <= 1e-5, "axis {axis}[{q}]: {g} against {w} (up to sign)");
+            }
+        }
+        assert!(fit.kept_variance() > 0.0 && fit.kept_variance() < 1.0);
     }
 }
 

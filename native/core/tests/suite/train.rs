@@ -7,7 +7,7 @@
 //! from a run of the code under test.
 
 use candle_core::{Device, Tensor, Var};
-use crate::common::{host, plain_augment, Fault, Faulty, SplitMix, TempDir};
+use crate::common::{bits, host, plain_augment, Fault, Faulty, SplitMix, TempDir};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,7 @@ use vit_mae_core::data::{Augment, Dataset, InMemoryDataset, Loader, LoaderOption
 use vit_mae_core::optim::{clip_grad_norm, decays, AdamW, AdamWConfig, LrSchedule};
 use vit_mae_core::recipe::Recipe;
 use vit_mae_core::train::{list_checkpoints, pretrain, PretrainConfig, TrainEvent, TrainSummary};
-use vit_mae_core::{load_model, read_state_dict, Precision, ErrorCode, MaeConfig, MaskPlan, MaskedAutoencoder, Masking};
+use vit_mae_core::{load_model, read_state_dict, Precision, ErrorCode, MaeConfig, MaskPlan, MaskedAutoencoder, Masking, Target};
 
 // ---------------------------------------------------------------- helpers
 
@@ -38,7 +38,7 @@ pub(crate) fn tiny_config() -> MaeConfig {
         decoder_depth: 1,
         decoder_num_heads: 2,
         mlp_ratio: 4.0,
-        norm_pix_loss: false,
+        target: Target::Pixels,
         layer_norm_eps: 1e-6,
         encoder_mask_token: false,
     }
@@ -1188,4 +1188,59 @@ fn a_run_cancelled_before_its_first_step_trains_and_writes_nothing() {
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(dir.entries(), written);
     assert_same_weights(&model, &first, "resumed and stopped");
+}
+
+// ---------------------------------------------------------------- the PCA target
+
+pub(crate) fn tiny_pca_model(seed: u64) -> MaskedAutoencoder {
+    // Patches of 48 values, 8 coefficients.
+    MaskedAutoencoder::new(MaeConfig { target: Target::Pca { components: 8 }, ..tiny_config() }, &Device::Cpu, Precision::F32, seed).unwrap()
+}
+
+fn basis_bits(model: &MaskedAutoencoder) -> (Vec<u32>, Vec<u32>) {
+    let basis = model.pca_basis().expect("a basis");
+    (bits(&basis.mean), bits(&basis.components))
+}
+
+#[test]
+fn pca_pretraining_lowers_the_loss_and_resumes_with_its_basis() {
+    let loader = loader(32);
+    let dir = TempDir::new("pca");
+    let config = with_recipe(&base_config(), |r| Recipe { epochs: 6.0, checkpoint_dir: Some(dir.path().into()), ..r });
+    let mut straight = tiny_pca_model(8);
+    let (s, events) = run(&mut straight, &loader, &config, None).unwrap();
+    assert_eq!(s.steps, 24);
+    let fitted: Vec<_> = events.iter().filter_map(|e| if let TrainEvent::PcaBasis { components, images, patches, .. } = e { Some((*components, *images, *patches)) } else { None }).collect();
+    assert_eq!(fitted, vec![(8, 32, 32 * 16)], "one basis, fitted on the epoch's 32 images of 16 patches");
+    let losses: Vec<f64> = step_events(&events).iter().map(|e| e.3).collect();
+    let (first, last) = (losses[..4].iter().sum::<f64>() / 4.0, losses[20..].iter().sum::<f64>() / 4.0);
+    assert!(last < 0.8 * first, "the loss falls: first steps {first}, last {last}");
+
+    // The checkpoints hold the basis; a model loaded from one predicts coefficients of it.
+    let last_checkpoint = s.last_checkpoint.unwrap();
+    let state = read_state_dict(&last_checkpoint).unwrap();
+    assert_eq!((state.tensors["pca_mean"].dims(), state.tensors["pca_components"].dims()), (&[48][..], &[8, 48][..]));
+    let (loaded, _) = load_model(&last_checkpoint, None, &Device::Cpu, Precision::F32, 0).unwrap();
+    assert_eq!(loaded.config.target, Target::Pca { components: 8 });
+    assert_eq!(basis_bits(&loaded), basis_bits(&straight));
+
+    // Resuming a fresh model takes the checkpoint's basis (no new fit) and goes on exactly.
+    let split_dir = TempDir::new("pca-split");
+    let split = with_recipe(&config, |r| Recipe { max_steps: Some(12), checkpoint_dir: Some(split_dir.path().into()), ..r });
+    let mut first = tiny_pca_model(8);
+    run(&mut first, &loader, &split, None).unwrap();
+    let mut resumed = tiny_pca_model(99);
+    let (s, resumed_events) = run(&mut resumed, &loader, &with_recipe(&split, |r| Recipe { max_steps: None, ..r }), Some(split_dir.path())).unwrap();
+    assert_eq!(s.steps, 24);
+    assert!(!resumed_events.iter().any(|e| matches!(e, TrainEvent::PcaBasis { .. })), "a resumed run keeps the checkpoint's basis");
+    assert_eq!(basis_bits(&resumed), basis_bits(&straight));
+    assert_same_weights(&resumed, &straight, "pca resume");
+
+    // A model with another basis may not resume from it.
+    let mut other = tiny_pca_model(8);
+    let (mean, components) = (Tensor::zeros(48, candle_core::DType::F32, &Device::Cpu).unwrap(), Tensor::eye(48, candle_core::DType::F32, &Device::Cpu).unwrap().narrow(0, 0, 8).unwrap());
+    other.set_pca_basis(&mean, &components).unwrap();
+    let e = run(&mut other, &loader, &with_recipe(&split, |r| Recipe { max_steps: None, ..r }), Some(split_dir.path())).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidConfig, "{}", e.message);
+    assert!(e.message.contains("another PCA basis"), "{}", e.message);
 }
