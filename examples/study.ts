@@ -16,7 +16,10 @@
 // Resumable: every finished run leaves runs/study/<id>/result.json and is skipped on a
 // rerun; training writes checkpoints to runs/study/<id>/checkpoints, and an interrupted
 // run (Ctrl-C stops after the current step and checkpoints) continues from the newest.
-// Every number on the results page is read from those result.json files.
+// runs/ is not committed, so every finished run also writes docs/results/runs/<id>.json
+// (its result.json and its training curve thinned to 400 points), which is committed.
+// Every number on the results page is read from those files (from runs/ for a run that
+// has no committed copy).
 import { execFileSync } from 'node:child_process';
 import { appendFileSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem, platform, arch } from 'node:os';
@@ -27,6 +30,7 @@ import {
   VitClassifier,
   loadImages,
   writeReconstructionGrid,
+  type AugmentOptions,
   type ClassifierConfig,
   type DatasetSource,
   type MaeConfig,
@@ -34,7 +38,9 @@ import {
   type TrainingRun,
   nativeBackend,
 } from '../ts/index.js';
-import { DECODER_DEPTHS, findings, pathSeconds, RATIOS, scratchShare, SUPERVISED_PAIRS, targets, TIE } from './study/findings.js';
+import {
+  AUGMENTATION_ROWS, DECODER_DEPTHS, EQUAL_WALL_CLOCK, findings, PARTIAL_BLOCKS, PARTIAL_FROM, partialId, pathSeconds, RATIOS, scratchShare, SECOND_SEED, SUPERVISED_PAIRS, targets, TIE,
+} from './study/findings.js';
 import { readIdxImages, readIdxLabels } from './study/idx.js';
 import { knnClassify } from './study/knn.js';
 import { linearProbe, type ProbeOptions } from './study/probe.js';
@@ -65,10 +71,14 @@ const ONLY = option('only')?.split(',');
 const DATA_DIR = option('data') ?? (existsSync('/usr/share/datasets/fashion-mnist') ? '/usr/share/datasets/fashion-mnist' : join(ROOT, 'data/fashion-mnist'));
 const PRESET = 'mae_vit_fmnist_patch4_32' as const;
 
-/** The budget: the full study, or a tiny one that tests the pipeline. */
+/**
+ * The budget: the full study, or a tiny one that tests the pipeline. Partial fine-tuning
+ * (Figure 9) lasts as long as full fine-tuning in the study; the tiny budget cuts its ten
+ * runs to a quarter epoch each, to keep the pipeline test short.
+ */
 const BUDGET = QUICK
-  ? { trainImages: 2000, testImages: 500, pretrainEpochs: 1, ablationEpochs: 1, longEpochs: 2, finetuneEpochs: 1, warmupEpochs: 0.2, batchSize: 128, finetuneBatchSize: 64 }
-  : { trainImages: 60000, testImages: 10000, pretrainEpochs: 4, ablationEpochs: 2, longEpochs: 8, finetuneEpochs: 2, warmupEpochs: 1, batchSize: 256, finetuneBatchSize: 128 };
+  ? { trainImages: 2000, testImages: 500, pretrainEpochs: 1, ablationEpochs: 1, longEpochs: 2, finetuneEpochs: 1, partialEpochs: 0.25, warmupEpochs: 0.2, batchSize: 128, finetuneBatchSize: 64, scheduleEpochs: [0.5, 1, 2] }
+  : { trainImages: 60000, testImages: 10000, pretrainEpochs: 4, ablationEpochs: 2, longEpochs: 8, finetuneEpochs: 2, partialEpochs: 2, warmupEpochs: 1, batchSize: 256, finetuneBatchSize: 128, scheduleEpochs: [1, 2, 4, 8, 16] };
 
 /** The reference recipe of the issue (AdamW, absolute lr 1.5e-3 at batch 256, betas (0.9, 0.95), wd 0.05, warm-up then cosine, flips only). */
 const PRETRAIN_RECIPE = { lr: 1.5e-3 * (BUDGET.batchSize / 256), betas: [0.9, 0.95] as [number, number], weightDecay: 0.05, minLr: 0 };
@@ -88,6 +98,24 @@ const REFERENCE = { randomInit: { probe: 0.768, knn: 0.714 }, mae: { probe: 0.81
 // ---------------------------------------------------------------------------------------
 // The runs
 
+/**
+ * Table 1e's augmentations, on top of the padding and normalisation every run has:
+ * 'flip' is the reference recipe's (flips only), 'none' the central square only,
+ * 'crop-fixed' a square of 224/256 of the side at a random place (Resize(size / fraction)
+ * + RandomCrop(size), the library's default fraction for crop 'fixed'), 'crop-rand'
+ * RandomResizedCrop with scale (0.2, 1), 'crop-jitter' that plus ColorJitter 0.4; every
+ * crop is resized back to 32x32 and flipped.
+ */
+const AUGMENTATIONS = {
+  flip: { crop: 'center', hflip: true },
+  none: { crop: 'center', hflip: false },
+  'crop-fixed': { crop: 'fixed', hflip: true },
+  'crop-rand': { crop: 'randomResized', scale: [0.2, 1], hflip: true },
+  // Brightness, contrast and saturation 0.4: on 1-channel images saturation changes nothing.
+  'crop-jitter': { crop: 'randomResized', scale: [0.2, 1], hflip: true, colorJitter: 0.4 },
+} satisfies Record<string, AugmentOptions>;
+type Augmentation = keyof typeof AUGMENTATIONS;
+
 interface MaeSettings {
   maskRatio: number;
   masking: MaskingStrategy;
@@ -95,24 +123,37 @@ interface MaeSettings {
   decoderDepth: number;
   /** Table 1c: the encoder also takes the removed patches, as a learned mask token. */
   encoderMaskToken: boolean;
+  augmentation: Augmentation;
   epochs: number;
 }
 
-type RunSpec =
-  | { id: string; kind: 'random-init'; title: string }
+type RunSpec = { id: string; title: string; /** Default 0. */ seed?: number } & (
+  | { kind: 'random-init' }
   /** PyTorch eager pre-training with the reference recipe on this machine (examples/study/reference_pretrain.py): training time only. */
-  | { id: string; kind: 'pytorch'; title: string; epochs: number }
-  | { id: string; kind: 'mae'; title: string; mae: MaeSettings }
-  | { id: string; kind: 'finetune'; title: string; from: string; epochs: number }
+  | { kind: 'pytorch'; epochs: number }
+  | { kind: 'mae'; mae: MaeSettings }
+  /**
+   * MAE pre-training for the wall-clock of `matches`: as many epochs (to two decimals) as
+   * fit in its seconds at the seconds per epoch of `pace`, a run with these settings.
+   */
+  | { kind: 'wall-clock'; mae: Omit<MaeSettings, 'epochs'>; matches: string; pace: string }
+  | { kind: 'finetune'; from: string; epochs: number }
+  /** Figure 9: the last `blocks` blocks, the final norm and the head trained; from a pre-training run or, from 'random-init', a fresh encoder. */
+  | { kind: 'partial'; from: string; blocks: number; epochs: number }
   /** Trains for as many epochs as fit in the wall-clock of `matches` (pre-training + fine-tuning). */
-  | { id: string; kind: 'scratch'; title: string; matches: string };
+  | { kind: 'scratch'; matches: string }
+);
 
-const BASE: MaeSettings = { maskRatio: 0.75, masking: 'random', normPixLoss: true, decoderDepth: 2, encoderMaskToken: false, epochs: BUDGET.pretrainEpochs };
+const seedOf = (spec: RunSpec) => spec.seed ?? 0;
+
+const BASE: MaeSettings = { maskRatio: 0.75, masking: 'random', normPixLoss: true, decoderDepth: 2, encoderMaskToken: false, augmentation: 'flip', epochs: BUDGET.pretrainEpochs };
 const mae = (id: string, title: string, over: Partial<MaeSettings>): RunSpec => ({ id, kind: 'mae', title, mae: { ...BASE, ...over } });
 /** An ablation: one setting changed from the reference recipe, pre-trained for BUDGET.ablationEpochs. */
 const ablation = (id: string, title: string, over: Partial<MaeSettings>): RunSpec => mae(id, `${title}, ${BUDGET.ablationEpochs} epochs`, { epochs: BUDGET.ablationEpochs, ...over });
 
-const RUNS: RunSpec[] = [
+if (PARTIAL_BLOCKS[PARTIAL_BLOCKS.length - 1] !== MaskedAutoencoder.presets()[PRESET].depth) throw new Error(`Figure 9's last block count must be every block of ${PRESET}`);
+
+const MAIN_RUNS: RunSpec[] = [
   { id: 'random-init', kind: 'random-init', title: 'random-init encoder (no training)' },
   mae('mae-r75', 'MAE, reference recipe (ratio 75%, decoder depth 2, norm-pix, random masking)', {}),
   { id: 'pytorch-r75', kind: 'pytorch', title: 'PyTorch eager, the reference recipe on this machine (wall-clock only)', epochs: BUDGET.pretrainEpochs },
@@ -131,6 +172,54 @@ const RUNS: RunSpec[] = [
   mae('mae-r75-long', `reference recipe, ${BUDGET.longEpochs} epochs`, { epochs: BUDGET.longEpochs }),
   { id: 'ft-mae-r75-long', kind: 'finetune', title: 'MAE (mae-r75-long) + full fine-tuning', from: 'mae-r75-long', epochs: BUDGET.finetuneEpochs },
   { id: 'scratch-long', kind: 'scratch', title: 'supervised from scratch, the wall-clock of mae-r75-long + ft-mae-r75-long', matches: 'ft-mae-r75-long' },
+  ablation('aug-none', 'no augmentation (central square, no flips)', { augmentation: 'none' }),
+  ablation('aug-crop-fixed', 'fixed-size random crop + flips', { augmentation: 'crop-fixed' }),
+  ablation('aug-crop-rand', 'RandomResizedCrop (0.2, 1) + flips', { augmentation: 'crop-rand' }),
+  ablation('aug-crop-jitter', 'RandomResizedCrop (0.2, 1) + flips + color jitter 0.4', { augmentation: 'crop-jitter' }),
+  ...PARTIAL_FROM.flatMap(({ from, name, label }) =>
+    PARTIAL_BLOCKS.map((blocks): RunSpec => ({ id: partialId(name, blocks), kind: 'partial', title: `${label} + partial fine-tuning of the last ${blocks} block(s)`, from, blocks, epochs: BUDGET.partialEpochs })),
+  ),
+  ...EQUAL_WALL_CLOCK.filter(({ id }) => id !== 'abl-r75').map(({ id, ratio }): RunSpec => ({
+    id, kind: 'wall-clock', title: `mask ratio ${ratio}% for the wall-clock of abl-r75`, mae: { ...BASE, maskRatio: ratio / 100 }, matches: 'abl-r75', pace: `abl-r${ratio}`,
+  })),
+];
+
+/**
+ * Figure 7: the reference recipe pre-trained for each of BUDGET.scheduleEpochs, each
+ * with its own schedule: a run above where one has exactly these settings, else its own
+ * `sched-e<epochs>`.
+ */
+const SCHEDULE = BUDGET.scheduleEpochs.map((epochs) => {
+  const same = MAIN_RUNS.find((r) => r.kind === 'mae' && seedOf(r) === 0 && sameSettings(r.mae, { ...BASE, epochs }));
+  return same ? { epochs, id: same.id, spec: null } : { epochs, id: `sched-e${epochs}`, spec: mae(`sched-e${epochs}`, `reference recipe, ${epochs} epoch(s) (Figure 7)`, { epochs }) };
+});
+
+function sameSettings(a: MaeSettings, b: MaeSettings): boolean {
+  return (Object.keys(b) as (keyof MaeSettings)[]).every((k) => a[k] === b[k]);
+}
+
+/**
+ * Rows run with a second seed (id + SECOND_SEED, seed 1 for pre-training, probe and
+ * fine-tuning): those whose verdict on the results page of f238e7d turned on a difference
+ * within one standard error (0.36 points): norm-pix against raw (probe 78.5% / 78.3%),
+ * the decoder depths (probe 78.3% / 78.5% / 78.8%), the mask ratio's best kNN (50% 79.8%
+ * against 75% 79.7%), and fine-tuning against from scratch at the long budget (87.2%
+ * against 86.9%), with the runs that one starts from.
+ */
+const SEEDED = ['abl-r75', 'abl-raw', 'abl-dec1', 'abl-dec4', 'abl-r50', 'mae-r75-long', 'ft-mae-r75-long', 'scratch-long'];
+
+/** A run again with seed 1; a run it starts from or matches is that run's second seed. */
+function secondSeed(spec: RunSpec): RunSpec {
+  const again = { ...spec, id: spec.id + SECOND_SEED, title: `${spec.title}, seed 1`, seed: 1 };
+  if (again.kind === 'finetune') again.from += SECOND_SEED;
+  if (again.kind === 'scratch') again.matches += SECOND_SEED;
+  return again;
+}
+
+const RUNS: RunSpec[] = [
+  ...MAIN_RUNS,
+  ...SCHEDULE.flatMap((s) => (s.spec ? [s.spec] : [])),
+  ...SEEDED.map((id) => secondSeed(MAIN_RUNS.find((r) => r.id === id)!)),
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -248,34 +337,79 @@ interface Training {
   resumed: boolean;
 }
 
+/** T with the fields K optional: those a run restored from the results page lacks, as the page did not show them. */
+type Restorable<T, K extends keyof T> = Omit<T, K> & Partial<Pick<T, K>>;
+
 interface Result {
   id: string;
+  /** Seed of the run's initialisation, data order, masks and probe. */
+  seed?: number;
   kind: RunSpec['kind'];
   title: string;
   commit: string;
   dirty: boolean;
   finishedAt: string;
   device: string;
+  /** `os.cpus()[0].model`: wall-clock compares only between runs on the same CPU. */
+  cpu?: string;
+  /** Where the images came from and their normalisation. */
+  dataDir?: string;
+  normalisation?: { mean: number; std: number };
   trainImages: number;
   testImages: number;
+  /** (restored: absent) */
   mae?: MaeSettings & { config: MaeConfig };
-  training?: Training;
-  evaluation?: Evaluation;
+  /** Batch, images/s and final loss: shown for MAE pre-training only. */
+  training?: Restorable<Training, 'imagesSeen' | 'batchSize' | 'imagesPerSec' | 'finalLoss' | 'lastEpochLoss' | 'resumed'>;
+  evaluation?: Restorable<Evaluation, 'probeTrain'>;
   /** Fine-tuning / from scratch: test accuracy after training. */
-  test?: { top1: number; top5: number; loss: number; seconds: number };
+  test?: Restorable<{ top1: number; top5: number; loss: number; seconds: number }, 'loss' | 'seconds'>;
   /** `pytorch`: the interpreter's PyTorch version and threads. */
-  pytorch?: { torch: string; threads: number };
+  pytorch?: Restorable<{ torch: string; threads: number }, 'threads'>;
   /** Fine-tuning: the pre-training run it started from and its seconds (for the total budget). */
   from?: { id: string; seconds: number; epochs: number };
+  /** Partial fine-tuning (Figure 9): the encoder it started from (a run, or 'random-init' for a fresh one) and the blocks trained. */
+  partial?: { from: string; blocks: number };
+  /** The reconstruction grid in the run's folder. (restored: absent) */
   reconstruction?: string;
+  /** A run whose result.json was lost, restored from the numbers the results page printed at this commit: it has only the fields the page showed, and no curve. */
+  restoredFromPage?: string;
 }
+
+/** A finished run as committed in docs/results/runs/<id>.json: its result and its training curve, thinned. */
+interface StoredRun extends Result {
+  curve?: CurvePoint[];
+}
+
+/** Curve points a committed run keeps. */
+const STORED_CURVE_POINTS = 400;
 
 const runDir = (id: string) => join(OUT, id);
 const resultPath = (id: string) => join(runDir(id), 'result.json');
+/** The committed copies of finished runs. */
+const STORED_DIR = join(DOCS, 'results', 'runs');
+const storedPath = (id: string) => join(STORED_DIR, `${id}.json`);
 
-function readResult(id: string): Result | null {
-  const p = resultPath(id);
-  return existsSync(p) ? (JSON.parse(readFileSync(p, 'utf8')) as Result) : null;
+/** A finished run: its committed copy, else its result.json in runs/ (a run finished before copies were written). */
+function readResult(id: string): StoredRun | null {
+  for (const p of [storedPath(id), resultPath(id)]) {
+    if (existsSync(p)) return JSON.parse(readFileSync(p, 'utf8')) as StoredRun;
+  }
+  return null;
+}
+
+/** At most `count` points of a curve, evenly spaced, the first and last among them. */
+function thin(curve: CurvePoint[], count: number): CurvePoint[] {
+  if (curve.length <= count) return curve;
+  return Array.from({ length: count }, (_, i) => curve[Math.round((i * (curve.length - 1)) / (count - 1))]);
+}
+
+/** A committed run as JSON, one curve point per line (short diffs, a readable file). */
+function storedJson(run: StoredRun): string {
+  const { curve, ...fields } = run;
+  const head = JSON.stringify(fields, null, 2);
+  if (!curve?.length) return head + '\n';
+  return `${head.slice(0, -2)},\n  "curve": [\n${curve.map((p) => `    ${JSON.stringify(p)}`).join(',\n')}\n  ]\n}\n`;
 }
 
 function readCurve(id: string): CurvePoint[] {
@@ -360,7 +494,7 @@ async function train(id: string, start: (resume: string | undefined) => Training
   };
 }
 
-async function evaluateEncoder(model: MaskedAutoencoder, data: Data): Promise<Evaluation> {
+async function evaluateEncoder(model: MaskedAutoencoder, data: Data, seed: number): Promise<Evaluation> {
   const augment = { padTo: 32, mean: [data.mean], std: [data.std] };
   const t0 = performance.now();
   const tr = await model.embedDataset(data.train, { pool: 'mean', augment, batchSize: 256, signal: controller.signal });
@@ -370,7 +504,7 @@ async function evaluateEncoder(model: MaskedAutoencoder, data: Data): Promise<Ev
   console.log(`  embedded ${tr.features.shape[0]} + ${te.features.shape[0]} images (${dim}-d) in ${embedSeconds.toFixed(1)} s`);
   const knn = knnClassify(tr.features.data, tr.labels!, te.features.data, te.labels!, dim, KNN);
   console.log(`  kNN (k=${KNN.k}, cosine): weighted ${(knn.weighted * 100).toFixed(2)}%, majority ${(knn.majority * 100).toFixed(2)}% (${knn.seconds.toFixed(1)} s)`);
-  const probe = linearProbe(tr.features.data, tr.labels!, te.features.data, te.labels!, dim, PROBE);
+  const probe = linearProbe(tr.features.data, tr.labels!, te.features.data, te.labels!, dim, { ...PROBE, seed });
   console.log(`  linear probe: test ${(probe.accuracy * 100).toFixed(2)}%, train ${(probe.trainAccuracy * 100).toFixed(2)}% (${probe.seconds.toFixed(1)} s)`);
   return {
     probe: probe.accuracy,
@@ -384,11 +518,17 @@ async function evaluateEncoder(model: MaskedAutoencoder, data: Data): Promise<Ev
 }
 
 function header(spec: RunSpec, data: Data, device: string): Omit<Result, 'finishedAt'> {
-  return { id: spec.id, kind: spec.kind, title: spec.title, commit: COMMIT, dirty: DIRTY, device, trainImages: data.trainCount, testImages: data.testCount };
+  return {
+    id: spec.id, kind: spec.kind, title: spec.title, seed: seedOf(spec), commit: COMMIT, dirty: DIRTY, device, cpu: cpus()[0]?.model ?? 'unknown CPU',
+    dataDir: DATA_DIR, normalisation: { mean: data.mean, std: data.std }, trainImages: data.trainCount, testImages: data.testCount,
+  };
 }
 
 function save(result: Omit<Result, 'finishedAt'>): void {
-  writeFileSync(resultPath(result.id), JSON.stringify({ ...result, finishedAt: new Date().toISOString() }, null, 2) + '\n');
+  const finished: Result = { ...result, finishedAt: new Date().toISOString() };
+  writeFileSync(resultPath(result.id), JSON.stringify(finished, null, 2) + '\n');
+  mkdirSync(STORED_DIR, { recursive: true });
+  writeFileSync(storedPath(result.id), storedJson({ ...finished, curve: thin(readCurve(result.id), STORED_CURVE_POINTS) }));
 }
 
 function classifierConfig(): Partial<ClassifierConfig> {
@@ -400,19 +540,36 @@ function classifierConfig(): Partial<ClassifierConfig> {
 }
 
 /** What every training run of the study shares: seed, checkpoints, resume, cancellation. */
-function runOptions(dir: string, resume: string | undefined) {
-  return { seed: 0, checkpointDir: join(dir, 'checkpoints'), checkpointEvery: CHECKPOINT_EVERY, keepLast: 2, resume, signal: controller.signal };
+function runOptions(dir: string, resume: string | undefined, seed: number) {
+  return { seed, checkpointDir: join(dir, 'checkpoints'), checkpointEvery: CHECKPOINT_EVERY, keepLast: 2, resume, signal: controller.signal };
+}
+
+/** A pre-training run's weights, for the runs that start from it; null (with the reason printed) where they are not on this machine. */
+function pretrainedModel(id: string): string | null {
+  const source = readResult(id);
+  const path = join(runDir(id), 'model.safetensors');
+  if (!source?.training) {
+    console.log(`  skipped: needs the finished pre-training run ${id}`);
+    return null;
+  }
+  if (!existsSync(path)) {
+    // A run restored from the page, or finished on another machine: its numbers are here, its weights are not.
+    console.log(`  skipped: needs ${relative(ROOT, path)}; ${id} finished elsewhere (or was restored from the page), so delete ${relative(ROOT, storedPath(id))} and run it again`);
+    return null;
+  }
+  return path;
 }
 
 async function runOne(spec: RunSpec, data: Data): Promise<void> {
   const dir = runDir(spec.id);
   mkdirSync(dir, { recursive: true });
-  const augment = { padTo: 32, randomResizedCrop: false, hflip: true, mean: [data.mean], std: [data.std] };
-  const passAugment = { padTo: 32, mean: [data.mean], std: [data.std] };
+  const seed = seedOf(spec);
+  // Padding and normalisation: all evaluation sees; training adds its augmentation.
+  const normalise = { padTo: 32, mean: [data.mean], std: [data.std] };
 
   if (spec.kind === 'random-init') {
-    const model = MaskedAutoencoder.create({ preset: PRESET, seed: 0, device: DEVICE });
-    save({ ...header(spec, data, model.device), evaluation: await evaluateEncoder(model, data) });
+    const model = MaskedAutoencoder.create({ preset: PRESET, seed, device: DEVICE });
+    save({ ...header(spec, data, model.device), evaluation: await evaluateEncoder(model, data, seed) });
     return;
   }
 
@@ -437,8 +594,20 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
     return;
   }
 
-  if (spec.kind === 'mae') {
-    const s = spec.mae;
+  if (spec.kind === 'mae' || spec.kind === 'wall-clock') {
+    let s: MaeSettings;
+    if (spec.kind === 'mae') s = spec.mae;
+    else {
+      const [matched, pace] = [readResult(spec.matches)?.training, readResult(spec.pace)?.training];
+      if (!matched || !pace) {
+        console.log(`  skipped: needs the finished runs ${spec.matches} and ${spec.pace}`);
+        return;
+      }
+      // As many epochs as fit in the matched run's seconds at this ratio's seconds per epoch, to two decimals (the last one ends early, at the nearest step).
+      const perEpoch = pace.seconds / pace.epochs;
+      s = { ...spec.mae, epochs: Math.round((matched.seconds / perEpoch) * 100) / 100 };
+      console.log(`  ${s.epochs} epochs: ${matched.seconds.toFixed(0)} s of ${spec.matches} at ${perEpoch.toFixed(0)} s per epoch of ${spec.pace}`);
+    }
     const modelPath = join(dir, 'model.safetensors');
     let model: MaskedAutoencoder;
     let training: Training;
@@ -447,20 +616,21 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
       model = await MaskedAutoencoder.load(modelPath, { device: DEVICE });
       training = JSON.parse(readFileSync(join(dir, 'training.json'), 'utf8')) as Training;
     } else {
-      model = MaskedAutoencoder.create({ preset: PRESET, config: { decoderDepth: s.decoderDepth, normPixLoss: s.normPixLoss, encoderMaskToken: s.encoderMaskToken }, seed: 0, device: DEVICE });
+      model = MaskedAutoencoder.create({ preset: PRESET, config: { decoderDepth: s.decoderDepth, normPixLoss: s.normPixLoss, encoderMaskToken: s.encoderMaskToken }, seed, device: DEVICE });
       training = await train(
         spec.id,
         (resume) =>
           model.pretrain({
             data: data.pretrain,
-            augment,
+            augment: { ...normalise, ...AUGMENTATIONS[s.augmentation] },
             epochs: s.epochs,
-            warmupEpochs: BUDGET.warmupEpochs,
+            // Short schedules (Figure 7's 1 epoch, the wall-clock runs) warm up for half of theirs at most.
+            warmupEpochs: Math.min(BUDGET.warmupEpochs, s.epochs / 2),
             batchSize: BUDGET.batchSize,
             ...PRETRAIN_RECIPE,
             maskRatio: s.maskRatio,
             masking: s.masking,
-            ...runOptions(dir, resume),
+            ...runOptions(dir, resume, seed),
           }),
         s.epochs,
         BUDGET.batchSize,
@@ -469,27 +639,32 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
       writeFileSync(join(dir, 'training.json'), JSON.stringify(training, null, 2) + '\n');
     }
     console.log(`  pre-trained ${training.epochs} epochs, ${training.steps} steps in ${training.seconds.toFixed(1)} s (${training.imagesPerSec.toFixed(0)} img/s), final loss ${training.finalLoss.toFixed(4)}`);
-    const evaluation = await evaluateEncoder(model, data);
-    const images = await loadImages(data.test, { imgSize: 32, inChans: 1, count: 8, augment: passAugment });
+    const evaluation = await evaluateEncoder(model, data, seed);
+    const images = await loadImages(data.test, { imgSize: 32, inChans: 1, count: 8, augment: normalise });
     const rec = await model.reconstruct(images, { maskRatio: s.maskRatio, masking: s.masking });
     await writeReconstructionGrid(join(dir, 'reconstruction.png'), rec, images, { mean: [data.mean], std: [data.std] });
     save({ ...header(spec, data, model.device), mae: { ...s, config: { ...model.config } }, training, evaluation, reconstruction: 'reconstruction.png' });
     return;
   }
 
-  // Fine-tuning from a pre-trained MAE, or the same classifier from scratch.
+  // Fine-tuning (full or partial) from a pre-trained or a fresh encoder, or the same classifier from scratch.
   let clf: VitClassifier;
   let from: Result['from'];
   let layerDecay: number;
   let epochs: number;
-  if (spec.kind === 'finetune') {
-    const source = readResult(spec.from);
-    if (!source?.training) {
-      console.log(`  skipped: needs the finished pre-training run ${spec.from}`);
-      return;
-    }
-    clf = await VitClassifier.fromPretrained(join(runDir(spec.from), 'model.safetensors'), { numClasses: 10, seed: 0, device: DEVICE });
-    from = { id: spec.from, seconds: source.training.seconds, epochs: source.training.epochs };
+  let partial: Result['partial'];
+  if (spec.kind === 'finetune' || (spec.kind === 'partial' && spec.from !== 'random-init')) {
+    const path = pretrainedModel(spec.from);
+    if (!path) return;
+    const source = readResult(spec.from)!.training!;
+    clf = await VitClassifier.fromPretrained(path, { numClasses: 10, seed, device: DEVICE });
+    from = { id: spec.from, seconds: source.seconds, epochs: source.epochs };
+    layerDecay = FINETUNE_LAYER_DECAY;
+    epochs = spec.epochs;
+  } else if (spec.kind === 'partial') {
+    // The encoder of `random-init`: the preset created with the same seed, never trained.
+    clf = await VitClassifier.fromPretrained(MaskedAutoencoder.create({ preset: PRESET, seed, device: DEVICE }), { numClasses: 10, seed, device: DEVICE });
+    // The same recipe as from MAE, so that the encoder's weights are the only difference.
     layerDecay = FINETUNE_LAYER_DECAY;
     epochs = spec.epochs;
   } else {
@@ -505,31 +680,33 @@ async function runOne(spec: RunSpec, data: Data): Promise<void> {
     const budget = pathSeconds(matched);
     epochs = Math.round((budget / perEpoch) * 100) / 100;
     console.log(`  ${epochs} epochs: ${budget.toFixed(0)} s of ${spec.matches} at ${perEpoch.toFixed(0)} s per supervised epoch`);
-    clf = VitClassifier.create(classifierConfig(), { seed: 0, device: DEVICE });
+    clf = VitClassifier.create(classifierConfig(), { seed, device: DEVICE });
     layerDecay = 1;
   }
+  if (spec.kind === 'partial') partial = { from: spec.from, blocks: spec.blocks };
   const training = await train(
     spec.id,
     (resume) =>
       clf.finetune({
         data: data.train,
-        augment,
-        protocol: 'finetune',
+        augment: { ...normalise, ...AUGMENTATIONS.flip },
+        protocol: partial ? 'partial' : 'finetune',
+        ...(partial ? { partialBlocks: partial.blocks } : {}),
         epochs,
         warmupEpochs: epochs * FINETUNE_WARMUP_FRACTION,
         batchSize: BUDGET.finetuneBatchSize,
         ...FINETUNE_RECIPE,
         layerDecay,
-        ...runOptions(dir, resume),
+        ...runOptions(dir, resume, seed),
       }),
     epochs,
     BUDGET.finetuneBatchSize,
   );
   const t0 = performance.now();
-  const ev = await clf.evaluate(data.test, { augment: passAugment, batchSize: 256, signal: controller.signal });
+  const ev = await clf.evaluate(data.test, { augment: normalise, batchSize: 256, signal: controller.signal });
   const test = { top1: ev.top1, top5: ev.top5, loss: ev.loss, seconds: (performance.now() - t0) / 1000 };
   console.log(`  trained ${training.epochs} epochs in ${training.seconds.toFixed(1)} s; test top-1 ${(ev.top1 * 100).toFixed(2)}%`);
-  save({ ...header(spec, data, clf.device), training, test, from });
+  save({ ...header(spec, data, clf.device), training, test, from, partial });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -543,7 +720,7 @@ function table(head: string[], rows: string[][]): string {
   return [`| ${head.join(' | ')} |`, `| ${head.map(() => '---').join(' | ')} |`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
 }
 
-function maeRows(ids: { id: string; setting: string }[], results: Map<string, Result>): string {
+function maeRows(ids: { id: string; setting: string }[], results: Map<string, StoredRun>): string {
   return table(
     ['Run', 'Setting', 'Epochs', 'Steps (batch)', 'Pre-training (s)', 'Images/s', 'Final loss', 'Linear probe', 'kNN (weighted)', 'kNN (majority)'],
     ids.map(({ id, setting }) => {
@@ -551,23 +728,58 @@ function maeRows(ids: { id: string; setting: string }[], results: Map<string, Re
       if (!r?.training || !r.evaluation) return [`\`${id}\``, setting, NOT_RUN, '', '', '', '', '', '', ''];
       const t = r.training;
       const e = r.evaluation;
-      return [`\`${id}\``, setting, String(t.epochs), `${t.steps} (${t.batchSize})`, secs(t.seconds), t.imagesPerSec.toFixed(0), t.finalLoss.toFixed(4), pct(e.probe), pct(e.knnWeighted), pct(e.knnMajority)];
+      return [`\`${id}\``, setting, String(t.epochs), `${t.steps} (${t.batchSize ?? '–'})`, secs(t.seconds), secs(t.imagesPerSec), t.finalLoss?.toFixed(4) ?? '–', pct(e.probe), pct(e.knnWeighted), pct(e.knnMajority)];
     }),
   );
 }
 
-function lossChart(title: string, ids: { id: string; setting: string }[], results: Map<string, Result>, file: string, resultsDir: string): string {
-  const series: Series[] = ids
-    .filter(({ id }) => results.get(id)?.training)
+function lossChart(title: string, ids: { id: string; setting: string }[], results: Map<string, StoredRun>, file: string, resultsDir: string): string {
+  const finished = ids.filter(({ id }) => results.get(id)?.training);
+  const series: Series[] = finished
     .map(({ id, setting }) => {
-      const curve = readCurve(id);
-      const perEpoch = curve.length / Math.max(1, results.get(id)!.training!.epochs);
-      const pts = curve.map((p) => [p.step / Math.max(1, perEpoch), p.loss] as [number, number]);
+      const r = results.get(id)!;
+      const curve = r.curve ?? thin(readCurve(id), STORED_CURVE_POINTS);
+      const stepsPerEpoch = r.training!.steps / Math.max(1e-9, r.training!.epochs);
+      const pts = curve.map((p) => [p.step / Math.max(1, stepsPerEpoch), p.loss] as [number, number]);
       return { label: setting, points: smooth(pts, Math.max(1, Math.round(curve.length / 60))) };
-    });
-  if (!series.length) return '';
+    })
+    .filter((s) => s.points.length);
+  const link = `![${title}](results/${file})\n`;
+  // Runs restored from the page have no curves: where none of the chart's runs has one,
+  // the chart drawn from their curves when they ran stays as it is.
+  if (!series.length) return finished.length && existsSync(join(resultsDir, file)) ? link : '';
   writeFileSync(join(resultsDir, file), lineChart({ title, xLabel: 'epoch', yLabel: 'training loss (moving average)', series }));
+  return link;
+}
+
+/**
+ * Linear probe and kNN (weighted) of MAE runs against a setting, a line each per group of
+ * runs (its label before theirs), as results/<file>; '' until one of the runs has finished.
+ */
+function accuracyChart(title: string, xLabel: string, groups: { label: string; rows: { id: string; x: number }[] }[], results: Map<string, StoredRun>, file: string, resultsDir: string): string {
+  const points = (rows: { id: string; x: number }[], key: 'probe' | 'knnWeighted') =>
+    rows.filter(({ id }) => results.get(id)?.evaluation).map(({ id, x }) => [x, results.get(id)!.evaluation![key] * 100] as [number, number]);
+  const series: Series[] = groups.flatMap(({ label, rows }) => [
+    { label: `${label}linear probe`, points: points(rows, 'probe'), markers: true },
+    { label: `${label}kNN (weighted)`, points: points(rows, 'knnWeighted'), markers: true },
+  ]);
+  if (!series.some((s) => s.points.length)) return '';
+  writeFileSync(join(resultsDir, file), lineChart({ title, xLabel, yLabel: 'test accuracy (%)', series }));
   return `![${title}](results/${file})\n`;
+}
+
+/** A warning where the runs a wall-clock comparison reads ran on different CPUs (or did not record theirs). */
+function cpuNote(ids: string[], results: Map<string, StoredRun>): string {
+  const found = ids.filter((id) => results.get(id)?.training);
+  const cpuOf = (id: string) => results.get(id)!.cpu ?? 'CPU not recorded';
+  if (new Set(found.map(cpuOf)).size <= 1) return '';
+  return `**These seconds come from different CPUs** (${found.map((id) => `\`${id}\` ${cpuOf(id)}`).join(', ')}): wall-clock compares only between runs on the same machine, so read this comparison with care.\n`;
+}
+
+/** The distinct values of a field over the finished runs, or the fallback where none has it. */
+function distinct<T>(results: Map<string, StoredRun>, get: (r: StoredRun) => T | undefined, fallback: T): T[] {
+  const values = [...new Map([...results.values()].map(get).filter((v): v is T => v !== undefined).map((v) => [JSON.stringify(v), v])).values()];
+  return values.length ? values : [fallback];
 }
 
 function machine(): string {
@@ -577,7 +789,7 @@ function machine(): string {
 }
 
 function writeReport(data: Data): void {
-  const results = new Map<string, Result>();
+  const results = new Map<string, StoredRun>();
   for (const spec of RUNS) {
     const r = readResult(spec.id);
     if (r) results.set(spec.id, r);
@@ -592,24 +804,32 @@ function writeReport(data: Data): void {
   w('# Fashion-MNIST study: MAE at small scale');
   w();
   w(`Generated by \`npm run study${QUICK ? ' -- --quick' : ''}\` ([\`examples/study.ts\`](${relative(DOCS, join(ROOT, 'examples/study.ts'))})); do not edit by hand. Every number below is read`);
-  w(`from the runs' \`result.json\` files (in \`${relative(ROOT, OUT) || OUT}\`).`);
+  w(`from the runs' records in \`${relative(ROOT, STORED_DIR)}\` (committed), or for a run without one its \`result.json\` in \`${relative(ROOT, OUT) || OUT}\`.`);
   w();
   w(`- Page written at commit \`${COMMIT}\`${DIRTY ? ' (**dirty** working tree)' : ''} on ${new Date().toISOString().slice(0, 10)}; runs from commit(s) ${commits.map((c) => `\`${c}\``).join(', ') || '–'}.`);
-  w(`- Machine: ${machine()}; device(s) ${devices.join(', ') || '–'}.`);
-  w(`- Data: Fashion-MNIST from \`${DATA_DIR}\`, ${data.trainCount.toLocaleString('en')} training images (pre-training ignores their labels), ${data.testCount.toLocaleString('en')} test images${QUICK ? ' (**--quick budget: a pipeline test, not results**)' : ''}.`);
-  w(`- Input: 28x28 zero-padded to 32x32 (background value 0), normalised with the training set's mean ${data.mean.toFixed(4)} and std ${data.std.toFixed(4)}; horizontal flips only, no random-resized crop.`);
+  const runCpus = distinct(results, (r) => r.cpu, cpus()[0]?.model ?? 'unknown CPU');
+  const normalisations = distinct(results, (r) => r.normalisation, { mean: data.mean, std: data.std });
+  w(`- Machine writing this page: ${machine()}; runs on CPU(s) ${runCpus.join(', ')}; device(s) ${devices.join(', ') || '–'}.`);
+  w(`- Data: Fashion-MNIST from ${distinct(results, (r) => r.dataDir, DATA_DIR).map((d) => `\`${d}\``).join(', ')}, ${distinct(results, (r) => r.trainImages, data.trainCount).map((n) => n.toLocaleString('en')).join(', ')} training images (pre-training ignores their labels), ${distinct(results, (r) => r.testImages, data.testCount).map((n) => n.toLocaleString('en')).join(', ')} test images${QUICK ? ' (**--quick budget: a pipeline test, not results**)' : ''}.`);
+  w(`- Input: 28x28 zero-padded to 32x32 (background value 0), normalised with the training set's mean ${normalisations.map((n) => n.mean.toFixed(4)).join(', ')} and std ${normalisations.map((n) => n.std.toFixed(4)).join(', ')}; horizontal flips only, no random-resized crop (except Table 1e's rows).`);
   const c = MaskedAutoencoder.presets()[PRESET];
   w(`- Model: \`${PRESET}\`: ViT ${c.embedDim}-d x ${c.depth} blocks x ${c.numHeads} heads, patch ${c.patchSize} on ${c.imgSize}x${c.imgSize}, decoder ${c.decoderEmbedDim}-d x ${c.decoderDepth} x ${c.decoderNumHeads} (ablations change one setting each).`);
-  w(`- Pre-training: batch ${BUDGET.batchSize}, AdamW lr ${PRETRAIN_RECIPE.lr} (absolute), betas (${PRETRAIN_RECIPE.betas.join(', ')}), weight decay ${PRETRAIN_RECIPE.weightDecay}, ${BUDGET.warmupEpochs} warm-up epoch(s) then half-cycle cosine to ${PRETRAIN_RECIPE.minLr}, seed 0.`);
+  w(`- Pre-training: batch ${BUDGET.batchSize}, AdamW lr ${PRETRAIN_RECIPE.lr} (absolute), betas (${PRETRAIN_RECIPE.betas.join(', ')}), weight decay ${PRETRAIN_RECIPE.weightDecay}, ${BUDGET.warmupEpochs} warm-up epoch(s) then half-cycle cosine to ${PRETRAIN_RECIPE.minLr}, seed 0 (1 for the \`${SECOND_SEED}\` runs).`);
   w(`- kNN: k = ${KNN.k}, cosine similarity on the mean-pooled patch tokens (after the encoder's final norm) of the unmasked image; *weighted* = each neighbour votes exp(similarity / ${KNN.temperature}) (the DINO / MAE-repository monitor), *majority* = one vote each (ties to the nearest neighbour's class). Training images are the neighbours, test images the queries.`);
   w(`- Linear probe: the same features standardised with the training set's per-dimension mean and std, multinomial logistic regression (weights + bias) trained with Adam (lr ${PROBE.lr}, betas 0.9/0.999, no weight decay, constant lr) for ${PROBE.epochs} epochs of batch ${PROBE.batchSize}, seed ${PROBE.seed}; test accuracy after the last epoch (no model selection on the test set).`);
   w(`- Fine-tuning and from scratch: \`VitClassifier\` (mean-pooled tokens, \`fc_norm\`, linear head), AdamW lr ${FINETUNE_RECIPE.lr} at batch ${BUDGET.finetuneBatchSize}, betas (0.9, 0.999), weight decay ${FINETUNE_RECIPE.weightDecay}, warm-up over the first ${FINETUNE_WARMUP_FRACTION * 100}% of the steps (the published recipe's 5 of 100 epochs) then cosine to ${FINETUNE_RECIPE.minLr}, drop path ${FINETUNE_RECIPE.dropPath}, label smoothing ${FINETUNE_RECIPE.labelSmoothing}, layer decay ${FINETUNE_LAYER_DECAY} (fine-tuning) or 1 (from scratch), flips only; evaluated once on the test set at the end.`);
-  w(`- Budgets: \`mae-r75\` ${BUDGET.pretrainEpochs} epochs (the reference recipe), \`mae-r75-long\` ${BUDGET.longEpochs}, every ablation (\`abl-*\`, against its own baseline \`abl-r75\`) ${BUDGET.ablationEpochs}; fine-tuning ${BUDGET.finetuneEpochs} epochs.`);
-  w('- Wall-clock: seconds of training only (loading, evaluation and checkpoints at the end excluded), summed over resumes.');
+  w(`- Budgets: \`mae-r75\` ${BUDGET.pretrainEpochs} epochs (the reference recipe), \`mae-r75-long\` ${BUDGET.longEpochs}, every ablation (\`abl-*\`, \`aug-*\`, against their own baseline \`abl-r75\`) ${BUDGET.ablationEpochs}; Figure 7's schedules ${BUDGET.scheduleEpochs.join(', ')}; fine-tuning ${BUDGET.finetuneEpochs} epochs, partial fine-tuning ${BUDGET.partialEpochs}.`);
+  w('- Wall-clock: seconds of training only (loading, evaluation and checkpoints at the end excluded), summed over resumes. Seconds compare only between runs on the same CPU; where a comparison reads runs from different CPUs, its section says so.');
+  const restored = distinct(results, (r) => r.restoredFromPage, '');
+  if (restored[0]) {
+    const ids = [...results.values()].filter((r) => r.restoredFromPage).map((r) => `\`${r.id}\``);
+    w(`- Restored runs (${ids.join(', ')}): their result.json files were lost with runs/, so their records in \`docs/results/runs\` hold the numbers the page at commit(s) ${restored.map((c) => `\`${c}\``).join(', ')} printed (accuracies to 0.1 points, seconds to 1 s), nothing more: no training curves (their loss charts are the ones drawn when they ran) and none of the fields that page did not show.`);
+  }
   for (const c of new Set([...results.values()].map((r) => r.commit))) {
     if (c === COMMIT) continue;
-    const changed = git('diff', '--name-only', c, 'HEAD', '--', '.', ':(exclude)docs').split('\n').filter(Boolean);
-    w(`- Files changed between the runs' commit \`${c}\` and this page's: ${changed.length ? changed.map((f) => `\`${f}\``).join(', ') : 'none outside docs/'}.`);
+    // The code a run's numbers depend on: the library, its native sources and the study itself.
+    const changed = git('diff', '--name-only', c, 'HEAD', '--', 'ts', 'native/core/src', 'native/node/src', 'examples/study.ts', 'examples/study').split('\n').filter(Boolean);
+    w(`- Code changed between the runs' commit \`${c}\` and this page's (\`ts/\`, \`native/*/src\`, the study): ${changed.length ? changed.map((f) => `\`${f}\``).join(', ') : 'none'}.`);
   }
   w();
 
@@ -622,10 +842,10 @@ function writeReport(data: Data): void {
   w();
   w('## The paper\'s findings at this scale');
   w();
-  const found = findings(results);
+  const found = findings(results, SCHEDULE);
   w(table(['Finding (He et al. 2021)', 'Paper', 'Here', 'Reproduces'], found.map((f) => [f.claim, f.paper, f.here, f.verdict === 'yes' ? 'yes' : `**${f.verdict}**`])));
   w();
-  w(`Differences under ${(TIE * 100).toFixed(1)} points of accuracy count as ties: each run has one seed, and one standard error of an accuracy near 85% on 10,000 test images is 0.36 points.`);
+  w(`Differences under ${(TIE * 100).toFixed(1)} points of accuracy count as ties: most runs have one seed, and one standard error of an accuracy near 85% on 10,000 test images is 0.36 points. Where a run has a second seed (\`<id>${SECOND_SEED}\`, see Seeds), the findings and targets read the mean of its two.`);
   w();
   for (const f of found.filter((f) => f.why)) w(`- **${f.claim}** (${f.verdict}): ${f.why}`);
   w();
@@ -681,6 +901,12 @@ function writeReport(data: Data): void {
     { id: pair.ft, setting: `MAE + fine-tuning (${pair.ft})` },
     { id: pair.scratch, setting: `from scratch (${pair.scratch})` },
   ]);
+  // The seconds compared: each path's pre-training and fine-tuning against from scratch.
+  const timed = SUPERVISED_PAIRS.flatMap((p) => {
+    const pretraining = results.get(p.ft)?.from?.id;
+    return pretraining ? [pretraining, p.ft, p.scratch] : [p.ft, p.scratch];
+  });
+  w(cpuNote(timed, results));
   w(lossChart('Supervised training loss (label-smoothed)', supervisedIds, results, 'loss-supervised.svg', resultsDir));
 
   // 3. Mask ratio
@@ -689,15 +915,8 @@ function writeReport(data: Data): void {
   w();
   w(maeRows(ratioIds, results));
   w();
-  const ratioPts = (key: 'probe' | 'knnWeighted') => ratioIds.filter(({ id }) => results.get(id)?.evaluation).map(({ id, ratio }) => [ratio, results.get(id)!.evaluation![key] * 100] as [number, number]);
-  if (ratioPts('probe').length) {
-    writeFileSync(
-      join(resultsDir, 'accuracy-vs-mask-ratio.svg'),
-      lineChart({ title: 'Accuracy against mask ratio', xLabel: 'mask ratio (%)', yLabel: 'test accuracy (%)', series: [{ label: 'linear probe', points: ratioPts('probe'), markers: true }, { label: 'kNN (weighted)', points: ratioPts('knnWeighted'), markers: true }] }),
-    );
-    w('![Accuracy against mask ratio](results/accuracy-vs-mask-ratio.svg)');
-    w();
-  }
+  w(cpuNote(ratioIds.map((r) => r.id), results));
+  w(accuracyChart('Accuracy against mask ratio', 'mask ratio (%)', [{ label: '', rows: ratioIds.map(({ id, ratio }) => ({ id, x: ratio })) }], results, 'accuracy-vs-mask-ratio.svg', resultsDir));
   w(lossChart('Pre-training loss by mask ratio', ratioIds, results, 'loss-mask-ratio.svg', resultsDir));
 
   // 4. Decoder depth
@@ -726,9 +945,11 @@ function writeReport(data: Data): void {
   w(lossChart('Pre-training loss by masking strategy', maskIds, results, 'loss-masking.svg', resultsDir));
   for (const { id, masking } of maskIds) {
     const r = results.get(id);
-    if (!r?.reconstruction) continue;
+    if (!r) continue;
     const file = `reconstruction-${masking}.png`;
-    copyFileSync(join(runDir(id), r.reconstruction), join(resultsDir, file));
+    // A restored run has no reconstruction of its own here: the grid drawn when it ran stays.
+    if (r.reconstruction && existsSync(join(runDir(id), r.reconstruction))) copyFileSync(join(runDir(id), r.reconstruction), join(resultsDir, file));
+    if (!existsSync(join(resultsDir, file))) continue;
     w(`**${masking}** (\`${id}\`, test images; columns: masked, reconstruction, reconstruction + visible patches, original):`);
     w();
     w(`![${masking} masking reconstruction](results/${file})`);
@@ -746,7 +967,87 @@ function writeReport(data: Data): void {
   if (skip && tokens) {
     w(`Pre-training wall-clock with mask tokens in the encoder / without: **${(tokens.seconds / skip.seconds).toFixed(2)}x** (${secs(tokens.seconds)} s against ${secs(skip.seconds)} s for the same ${skip.epochs} epochs; the encoder sees ${1 + 64} tokens per image instead of ${1 + 16}).`);
     w();
+    w(cpuNote(tokenIds.map((t) => t.id), results));
   }
+  // 8. Augmentation
+  w('## Data augmentation (Table 1e)');
+  w();
+  w(maeRows(AUGMENTATION_ROWS, results));
+  w();
+  w(`Each row adds its augmentation to the padding and normalisation above and is otherwise the reference recipe, pre-trained for ${BUDGET.ablationEpochs} epochs; \`abl-r75\` (flips only, the reference recipe) stands beside them as the baseline. *None*: the padded image as it is, no flips; *crop, fixed size*: a square of 224/256 of the side at a random place, resized back to 32x32 (Resize(32 / (224/256)) + RandomCrop(32)); *crop, random size*: RandomResizedCrop with scale (0.2, 1) and ratio (3/4, 4/3); *color jitter*: ColorJitter(0.4, 0.4, 0.4) after the flip, whose saturation does nothing on these 1-channel images, so it is brightness and contrast only. kNN and the probe see the images without augmentation, as for every other row.`);
+  w();
+  w(lossChart('Pre-training loss by augmentation', AUGMENTATION_ROWS, results, 'loss-augmentation.svg', resultsDir));
+
+  // 9. Schedule length
+  const scheduleIds = SCHEDULE.map(({ epochs, id }) => ({ id, setting: `${epochs} epoch(s)`, x: epochs }));
+  w('## Schedule length (Figure 7)');
+  w();
+  w(maeRows(scheduleIds, results));
+  w();
+  w(`The reference recipe pre-trained for ${BUDGET.scheduleEpochs.join(', ')} epochs, each run with its own warm-up and cosine schedule: ${SCHEDULE.filter((s) => !s.spec).map((s) => `\`${s.id}\``).join(', ')} are runs of other sections with exactly these settings, the \`sched-e*\` runs are this section's own. Warm-up lasts ${BUDGET.warmupEpochs} epoch(s) or half the schedule, whichever is shorter.`);
+  w();
+  w(accuracyChart('Accuracy against pre-training epochs', 'pre-training epochs', [{ label: '', rows: scheduleIds }], results, 'accuracy-vs-epochs.svg', resultsDir));
+
+  // 10. Partial fine-tuning
+  const depth = MaskedAutoencoder.presets()[PRESET].depth;
+  w('## Partial fine-tuning (Figure 9)');
+  w();
+  w(table(
+    ['Blocks tuned', ...PARTIAL_FROM.map((f) => `Test top-1, ${f.label}`)],
+    PARTIAL_BLOCKS.map((b) => [
+      b === depth ? `${b} (all)` : String(b),
+      ...PARTIAL_FROM.map((f) => {
+        const top1 = results.get(partialId(f.name, b))?.test?.top1;
+        return `${top1 === undefined ? NOT_RUN : pct(top1)} (\`${partialId(f.name, b)}\`)`;
+      }),
+    ]),
+  ));
+  w();
+  w(`The last 0 to ${depth} of the encoder's ${depth} blocks, with the final norm and the head, fine-tuned for ${BUDGET.partialEpochs} epochs with the fine-tuning recipe above (layer decay ${FINETUNE_LAYER_DECAY} in both series, so that the encoder's starting weights are the only difference); everything else stays frozen, the patch embedding, position embedding and cls token included, so ${depth} blocks is every block but not quite full fine-tuning. 0 blocks trains the final norm and the head on frozen features. The random series starts from \`random-init\`'s encoder (the preset created with seed 0, never trained). Test top-1 once, at the end.`);
+  w();
+  const partialPoints = (name: (typeof PARTIAL_FROM)[number]['name']) =>
+    PARTIAL_BLOCKS.filter((b) => results.get(partialId(name, b))?.test).map((b) => [b, results.get(partialId(name, b))!.test!.top1 * 100] as [number, number]);
+  if (PARTIAL_FROM.some((f) => partialPoints(f.name).length)) {
+    writeFileSync(
+      join(resultsDir, 'accuracy-vs-blocks.svg'),
+      lineChart({ title: 'Test top-1 against blocks fine-tuned', xLabel: 'blocks fine-tuned (the last ones)', yLabel: 'test top-1 (%)', series: PARTIAL_FROM.map((f) => ({ label: f.label, points: partialPoints(f.name), markers: true })) }),
+    );
+    w('![Test top-1 against blocks fine-tuned](results/accuracy-vs-blocks.svg)');
+    w();
+  }
+
+  // 11. Mask ratio at equal wall-clock
+  const wallClockIds = EQUAL_WALL_CLOCK.map(({ id, ratio }) => ({ id, setting: `${ratio}%`, x: ratio }));
+  w('## Mask ratio at equal wall-clock');
+  w();
+  w(maeRows(wallClockIds, results));
+  w();
+  w(`At equal epochs (the mask-ratio section) a lower ratio trains more per epoch: the encoder sees more patches. Here every ratio gets the wall-clock of \`abl-r75\` instead: \`wc-r<ratio>\` trains for as many epochs as fit in \`abl-r75\`'s seconds at the seconds per epoch of \`abl-r<ratio>\`, to two decimals (its cosine schedule ends there, at the nearest step); \`abl-r75\` is the 75% point. This holds only where every one of these runs was timed on the same machine (the CPU of each is in its record).`);
+  w();
+  w(cpuNote([...new Set([...RATIOS, ...EQUAL_WALL_CLOCK].map((r) => r.id))], results));
+  w(accuracyChart('Accuracy against mask ratio, at equal wall-clock and at equal epochs', 'mask ratio (%)', [{ label: 'equal wall-clock: ', rows: wallClockIds }, { label: 'equal epochs: ', rows: RATIOS.map(({ id, ratio }) => ({ id, x: ratio })) }], results, 'accuracy-vs-mask-ratio-wall-clock.svg', resultsDir));
+
+  // 12. Seeds
+  w('## Seeds');
+  w();
+  w(`Rows whose verdict on the page of \`f238e7d\` turned on a difference within one standard error (0.36 points) run again with seed 1 (\`<id>${SECOND_SEED}\`: initialisation, data order, masks, probe and fine-tuning), with the runs they start from. The findings and targets read the mean of the two seeds; the tables above show seed 0.`);
+  w();
+  w(table(
+    ['Run', 'Measure', 'Seed 0', 'Seed 1', 'Difference (points, absolute)', 'Mean'],
+    SEEDED.flatMap((id) => {
+      const [a, b] = [results.get(id), results.get(id + SECOND_SEED)];
+      const measures: [string, (r: StoredRun | undefined) => number | undefined][] =
+        MAIN_RUNS.find((r) => r.id === id)!.kind === 'mae'
+          ? [['linear probe', (r) => r?.evaluation?.probe], ['kNN (weighted)', (r) => r?.evaluation?.knnWeighted]]
+          : [['test top-1', (r) => r?.test?.top1]];
+      return measures.map(([name, get]) => {
+        const [x, y] = [get(a), get(b)];
+        return [`\`${id}\`, \`${id + SECOND_SEED}\``, name, x === undefined ? NOT_RUN : pct(x), y === undefined ? NOT_RUN : pct(y), x === undefined || y === undefined ? '–' : (Math.abs(x - y) * 100).toFixed(1), x === undefined || y === undefined ? '–' : pct((x + y) / 2)];
+      });
+    }),
+  ));
+  w();
+
   // Budget summary
   w('## Every run');
   w();

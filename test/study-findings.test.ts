@@ -1,14 +1,23 @@
 // The results page's verdicts on the paper's findings (examples/study/findings.ts).
 import { describe, expect, it } from 'vitest';
-import { findings, targets, TIE, type RunNumbers } from '../examples/study/findings.js';
+import { findings, PARTIAL_BLOCKS, seedMeans, targets, TIE, type RunNumbers, type ScheduleRun } from '../examples/study/findings.js';
 
-const mae = (probe: number, knn: number, seconds = 300): RunNumbers => ({ training: { seconds, epochs: 2 }, evaluation: { probe, knnWeighted: knn } });
-const verdict = (runs: Map<string, RunNumbers>, claim: RegExp) => findings(runs).find((f) => claim.test(f.claim))!;
+const mae = (probe: number, knn: number, seconds = 300, epochs = 2): RunNumbers => ({ training: { seconds, epochs }, evaluation: { probe, knnWeighted: knn } });
+/** Figure 7's runs of the full budget. */
+const SCHEDULE: ScheduleRun[] = [
+  { epochs: 1, id: 'sched-e1' },
+  { epochs: 2, id: 'abl-r75' },
+  { epochs: 4, id: 'mae-r75' },
+  { epochs: 8, id: 'mae-r75-long' },
+  { epochs: 16, id: 'sched-e16' },
+];
+const verdict = (runs: Map<string, RunNumbers>, claim: RegExp) => findings(runs, SCHEDULE).find((f) => claim.test(f.claim))!;
+const tuned = (top1: number): RunNumbers => ({ test: { top1 }, training: { seconds: 800, epochs: 2 } });
 
 describe('study findings', () => {
   it('are all "not run yet" without runs, with no explanation', () => {
-    const all = findings(new Map());
-    expect(all).toHaveLength(7);
+    const all = findings(new Map(), SCHEDULE);
+    expect(all).toHaveLength(12);
     for (const f of all) {
       expect(f.verdict).toBe('not run yet');
       expect(f.why).toBe('');
@@ -111,6 +120,101 @@ describe('study findings', () => {
     expect(behindTwice.why).toContain('from scratch 2.0 points: the gap does not narrow at these budgets.');
     const referenceOnly = new Map([...runs(0.87, 0.87)].filter(([id]) => !id.endsWith('-long')));
     expect(verdict(referenceOnly, ft).why).not.toContain('From the reference budget');
+  });
+
+  it('read Table 1e: cropping helps and color jitter does not', () => {
+    const augmentation = /Cropping helps/;
+    const runs = (none: number, fixed: number, rand: number, jitter: number) =>
+      new Map([
+        ['aug-none', mae(none, none)],
+        ['abl-r75', mae(0.8, 0.8)],
+        ['aug-crop-fixed', mae(fixed, fixed)],
+        ['aug-crop-rand', mae(rand, rand)],
+        ['aug-crop-jitter', mae(jitter, jitter)],
+      ]);
+    expect(verdict(runs(0.75, 0.78, 0.79, 0.79), augmentation)).toMatchObject({ verdict: 'yes', why: '' });
+    // Both crops help but jitter helps too.
+    const jitter = verdict(runs(0.75, 0.78, 0.79, 0.81), augmentation);
+    expect(jitter.verdict).toBe('partly');
+    expect(jitter.why).toMatch(/^On one channel, color jitter is brightness and contrast only/);
+    // One crop helps, the other ties.
+    expect(verdict(runs(0.75, 0.75 + TIE / 2, 0.79, 0.79), augmentation).verdict).toBe('partly');
+    const cropsHurt = verdict(runs(0.8, 0.78, 0.79, 0.79), augmentation);
+    expect(cropsHurt.verdict).toBe('no');
+    expect(cropsHurt.why).toMatch(/^Fashion-MNIST's items are centred/);
+    expect(cropsHurt.here).toBe('probe / kNN: none 80.0% / 80.0%, flips only 80.0% / 80.0%, crop fixed 78.0% / 78.0%, crop random 79.0% / 79.0%, crop + color jitter 79.0% / 79.0%');
+  });
+
+  it('read Figure 9 after MAE: one block closes at least half of the gap, some of it, or none', () => {
+    const nonLinear = /not linear/;
+    const runs = (top1: number[]) => new Map(PARTIAL_BLOCKS.map((b, i) => [`partial-mae-b${b}`, tuned(top1[i])]));
+    const most = verdict(runs([0.8, 0.85, 0.86, 0.87, 0.88]), nonLinear);
+    expect(most.verdict).toBe('yes');
+    expect(most.here).toBe('top-1 with 0 / 1 / 2 / 4 / 6 blocks tuned: 80.0% / 85.0% / 86.0% / 87.0% / 88.0%; one block closes 62% of the gap between none and all');
+    expect(verdict(runs([0.8, 0.82, 0.84, 0.86, 0.88]), nonLinear).verdict).toBe('partly');
+    expect(verdict(runs([0.8, 0.8, 0.84, 0.86, 0.88]), nonLinear).verdict).toBe('no');
+    // No gap between none and all: nothing for one block to close.
+    const flat = verdict(runs([0.8, 0.8, 0.8, 0.8, 0.8 + TIE / 2]), nonLinear);
+    expect(flat.verdict).toBe('no');
+    expect(flat.why).toMatch(/^Tuning every block gains nothing/);
+  });
+
+  it('compare Figure 9 after MAE with random init at every block count', () => {
+    const againstRandom = /random-init encoder at every number/;
+    const runs = (random: number[]) =>
+      new Map([
+        ...PARTIAL_BLOCKS.map((b): [string, RunNumbers] => [`partial-mae-b${b}`, tuned(0.85)]),
+        ...PARTIAL_BLOCKS.map((b, i): [string, RunNumbers] => [`partial-random-b${b}`, tuned(random[i])]),
+      ]);
+    expect(verdict(runs([0.7, 0.75, 0.8, 0.82, 0.84]), againstRandom)).toMatchObject({ verdict: 'yes', why: '' });
+    const tieAtAll = verdict(runs([0.7, 0.75, 0.8, 0.82, 0.85]), againstRandom);
+    expect(tieAtAll.verdict).toBe('partly');
+    expect(tieAtAll.why).toMatch(/^MAE is not ahead with 6 block\(s\) tuned\./);
+    expect(verdict(runs([0.7, 0.75, 0.8, 0.82, 0.87]), againstRandom).verdict).toBe('no');
+  });
+
+  it('read Figure 7: every longer schedule higher, some higher and none lower, or one lower', () => {
+    const schedule = /Longer pre-training/;
+    const runs = (acc: number[]) => new Map(SCHEDULE.map((s, i) => [s.id, mae(acc[i], acc[i], 100 * s.epochs, s.epochs)]));
+    const rising = verdict(runs([0.7, 0.75, 0.8, 0.83, 0.85]), schedule);
+    expect(rising.verdict).toBe('yes');
+    expect(rising.here).toBe('probe / kNN after 1 epoch(s) 70.0% / 70.0%, 2 epoch(s) 75.0% / 75.0%, 4 epoch(s) 80.0% / 80.0%, 8 epoch(s) 83.0% / 83.0%, 16 epoch(s) 85.0% / 85.0%');
+    expect(verdict(runs([0.7, 0.75, 0.8, 0.83, 0.83]), schedule).verdict).toBe('partly');
+    expect(verdict(runs([0.7, 0.75, 0.8, 0.83, 0.82]), schedule).verdict).toBe('no');
+  });
+
+  it('read the mask ratio at equal wall-clock: the better high ratio against the better low one', () => {
+    const wallClock = /equal wall-clock, a high mask ratio/;
+    const runs = (r25: number, r50: number, r75: number, r90: number) =>
+      new Map([
+        ['wc-r25', mae(r25, r25, 357, 0.98)],
+        ['wc-r50', mae(r50, r50, 355, 1.46)],
+        ['abl-r75', mae(r75, r75, 357, 2)],
+        ['wc-r90', mae(r90, r90, 356, 3.57)],
+      ]);
+    const high = verdict(runs(0.76, 0.77, 0.785, 0.79), wallClock);
+    expect(high.verdict).toBe('yes');
+    expect(high.here).toBe('probe / kNN in 357 s of `abl-r75`: 25% (0.98 epochs) 76.0% / 76.0%, 50% (1.46 epochs) 77.0% / 77.0%, 75% (2 epochs) 78.5% / 78.5%, 90% (3.57 epochs) 79.0% / 79.0%');
+    const mixed = runs(0.76, 0.77, 0.785, 0.79);
+    mixed.set('wc-r50', mae(0.77, 0.79, 355, 1.46));
+    expect(verdict(mixed, wallClock).verdict).toBe('partly');
+    expect(verdict(runs(0.8, 0.77, 0.785, 0.79), wallClock).verdict).toBe('no');
+  });
+
+  it('read the mean of two seeds where the second has finished', () => {
+    const target = /normalised pixels/;
+    const runs = new Map([['abl-r75', mae(0.8, 0.8)], ['abl-raw', mae(0.79, 0.79)]]);
+    expect(verdict(runs, target).verdict).toBe('yes');
+    // Seed 1 of the raw target is ahead: the means tie.
+    runs.set('abl-raw-s1', mae(0.81, 0.81));
+    const mean = verdict(runs, target);
+    expect(mean.verdict).toBe('no');
+    expect(mean.here).toBe('probe / kNN: norm-pix 80.0% / 80.0%, raw 80.0% / 80.0%');
+    expect(seedMeans(runs).get('abl-raw')!.evaluation).toEqual({ probe: 0.8, knnWeighted: 0.8 });
+    expect(seedMeans(runs).get('abl-r75')).toBe(runs.get('abl-r75'));
+    // Fine-tuning's test accuracy averages too.
+    const ft = seedMeans(new Map([['ft-mae-r75-long', tuned(0.86)], ['ft-mae-r75-long-s1', tuned(0.88)]]));
+    expect(ft.get('ft-mae-r75-long')!.test!.top1).toBeCloseTo(0.87, 12);
   });
 
   it('check the targets against the reference run and PyTorch on this machine', () => {
