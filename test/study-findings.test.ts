@@ -17,7 +17,7 @@ const tuned = (top1: number): RunNumbers => ({ test: { top1 }, training: { secon
 describe('study findings', () => {
   it('are all "not run yet" without runs, with no explanation', () => {
     const all = findings(new Map(), SCHEDULE);
-    expect(all).toHaveLength(12);
+    expect(all).toHaveLength(13);
     for (const f of all) {
       expect(f.verdict).toBe('not run yet');
       expect(f.why).toBe('');
@@ -49,6 +49,17 @@ describe('study findings', () => {
     expect(verdict(runs(0.8, 0.79), target).verdict).toBe('yes');
     expect(verdict(runs(0.8, 0.8 - TIE / 2), target).verdict).toBe('no');
     expect(verdict(runs(0.79, 0.8), target).verdict).toBe('no');
+  });
+
+  it('judge the PCA target against norm-pix pixels', () => {
+    const pca = /PCA target/;
+    const runs = (norm: [number, number], pcaRun: [number, number]) => new Map([['abl-r75', mae(...norm)], ['abl-pca', mae(...pcaRun)]]);
+    expect(verdict(runs([0.8, 0.8], [0.78, 0.79]), pca)).toMatchObject({ verdict: 'yes', why: '' });
+    const partly = verdict(runs([0.8, 0.8], [0.78, 0.8]), pca);
+    expect(partly.verdict).toBe('partly');
+    expect(partly.why).toMatch(/PCA target keeps the leading components/);
+    expect(verdict(runs([0.8, 0.8], [0.82, 0.78]), pca).verdict).toBe('no');
+    expect(verdict(new Map([['abl-r75', mae(0.8, 0.8)]]), pca).verdict).toBe('not run yet');
   });
 
   it('explain only the masking comparisons that fail', () => {

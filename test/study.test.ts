@@ -25,6 +25,7 @@ const RUNS = [
   'abl-dec1',
   'abl-dec4',
   'abl-raw',
+  'abl-pca',
   'abl-block',
   'abl-grid',
   'abl-encoder-mask-token',
@@ -81,7 +82,7 @@ describe('the study script at its --quick budget', () => {
     // Every finding has a verdict (none needs PyTorch).
     const findings = page.slice(page.indexOf('## The paper'), page.indexOf('## MAE pre-training against'));
     const verdicts = findings.split('\n').filter((line) => line.startsWith('| ') && !line.startsWith('| Finding') && !line.startsWith('| ---')).map((row) => row.split(' | ').pop());
-    expect(verdicts).toHaveLength(12);
+    expect(verdicts).toHaveLength(13);
     for (const verdict of verdicts) expect(verdict).toMatch(/^(yes|\*\*partly\*\*|\*\*no\*\*) \|$/);
     // Every image the page shows exists, among them the plots and one grid per masking strategy.
     const images = [...page.matchAll(/\]\((results\/[^)]+)\)/g)].map((m) => m[1]);
