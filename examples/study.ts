@@ -820,10 +820,11 @@ function writeReport(data: Data): void {
   w();
   w(`- Page written at commit \`${COMMIT}\`${DIRTY ? ' (**dirty** working tree)' : ''} on ${new Date().toISOString().slice(0, 10)}; runs from commit(s) ${commits.map((c) => `\`${c}\``).join(', ') || '–'}.`);
   const runCpus = distinct(results, (r) => r.cpu, cpus()[0]?.model ?? 'unknown CPU');
-  const normalisations = distinct(results, (r) => r.normalisation, { mean: data.mean, std: data.std });
+  // As printed: the restored records hold the page's 4-decimal values, new runs the full ones.
+  const normalisations = distinct(results, (r) => r.normalisation && `${r.normalisation.mean.toFixed(4)} and std ${r.normalisation.std.toFixed(4)}`, `${data.mean.toFixed(4)} and std ${data.std.toFixed(4)}`);
   w(`- Machine writing this page: ${machine()}; runs on CPU(s) ${runCpus.join(', ')}; device(s) ${devices.join(', ') || '–'}.`);
   w(`- Data: Fashion-MNIST from ${distinct(results, (r) => r.dataDir, DATA_DIR).map((d) => `\`${d}\``).join(', ')}, ${distinct(results, (r) => r.trainImages, data.trainCount).map((n) => n.toLocaleString('en')).join(', ')} training images (pre-training ignores their labels), ${distinct(results, (r) => r.testImages, data.testCount).map((n) => n.toLocaleString('en')).join(', ')} test images${QUICK ? ' (**--quick budget: a pipeline test, not results**)' : ''}.`);
-  w(`- Input: 28x28 zero-padded to 32x32 (background value 0), normalised with the training set's mean ${normalisations.map((n) => n.mean.toFixed(4)).join(', ')} and std ${normalisations.map((n) => n.std.toFixed(4)).join(', ')}; horizontal flips only, no random-resized crop (except Table 1e's rows).`);
+  w(`- Input: 28x28 zero-padded to 32x32 (background value 0), normalised with the training set's mean ${normalisations.join('; mean ')}; horizontal flips only, no random-resized crop (except Table 1e's rows).`);
   const c = MaskedAutoencoder.presets()[PRESET];
   w(`- Model: \`${PRESET}\`: ViT ${c.embedDim}-d x ${c.depth} blocks x ${c.numHeads} heads, patch ${c.patchSize} on ${c.imgSize}x${c.imgSize}, decoder ${c.decoderEmbedDim}-d x ${c.decoderDepth} x ${c.decoderNumHeads} (ablations change one setting each).`);
   w(`- Pre-training: batch ${BUDGET.batchSize}, AdamW lr ${PRETRAIN_RECIPE.lr} (absolute), betas (${PRETRAIN_RECIPE.betas.join(', ')}), weight decay ${PRETRAIN_RECIPE.weightDecay}, ${BUDGET.warmupEpochs} warm-up epoch(s) then half-cycle cosine to ${PRETRAIN_RECIPE.minLr}, seed 0 (1 for the \`${SECOND_SEED}\` runs).`);

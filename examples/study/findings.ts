@@ -357,7 +357,7 @@ const CHECKS: Check[] = [
       const jitterHelps = [order(m.probe('aug-crop-jitter'), m.probe('aug-crop-rand')), order(m.knn('aug-crop-jitter'), m.knn('aug-crop-rand'))].includes('higher');
       const why: string[] = [];
       if (crop !== 'yes') {
-        why.push('Fashion-MNIST\'s items are centred and scaled to the same frame, and the test images are too, so a random crop mostly cuts off or enlarges part of the item: variety the test set does not have. The paper\'s gain comes from 800 epochs, over which MAE without crops starts to overfit; two epochs are far from that.');
+        why.push('Fashion-MNIST\'s items are centred and scaled to one frame, in the test images too. The fixed-size crop here takes 28x28 of the padded 32x32 image (a shift of at most 4 pixels, mostly into its background) and resizes it back; the random-size crop enlarges a part of the item up to 5 times in area: variety the test set does not have. The paper\'s gain comes from 800 epochs, over which MAE without crops starts to overfit; two epochs are far from that.');
       }
       if (jitterHelps) {
         why.push('On one channel, color jitter is brightness and contrast only (saturation leaves grey images alone), and those vary between Fashion-MNIST\'s photographs of items, unlike the colour shifts that cost the paper accuracy on ImageNet.');
