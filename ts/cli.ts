@@ -160,12 +160,10 @@ type ReconstructionInput = { dataset: DatasetSource; count: number } | { files: 
 
 async function reconstructionPng(mae: MaskedAutoencoder, input: ReconstructionInput, path: string, opts: { maskRatio: number; masking: MaskingStrategy; seed: number; padTo?: number }): Promise<number> {
   const { imgSize, inChans } = mae.config;
-  const images =
+  const { images, transform, n } =
     'files' in input
-      ? input.files
-      : await loadImages(input.dataset, { imgSize, inChans, count: input.count, augment: { padTo: opts.padTo } });
-  const transform = 'files' in input ? { padTo: opts.padTo, cropFraction: input.cropFraction } : undefined;
-  const n = 'files' in input ? input.files.length : input.count;
+      ? { images: input.files, transform: { padTo: opts.padTo, cropFraction: input.cropFraction }, n: input.files.length }
+      : await loadImages(input.dataset, { imgSize, inChans, count: input.count, augment: { padTo: opts.padTo } }).then((t) => ({ images: t, transform: undefined, n: t.shape[0] }));
   const L = (imgSize / mae.config.patchSize) ** 2;
   // Noise from a fixed generator, so the same checkpoint always shows the same masks.
   let state = opts.seed + 1;
