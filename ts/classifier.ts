@@ -266,10 +266,7 @@ export class VitClassifier {
    */
   async embed(images: Tensor | Images, options: { transform?: TransformOptions } = {}): Promise<Tensor> {
     const { imgSize, inChans } = this.#config;
-    return embedInChunks(images, imgSize, inChans, options.transform, async (input) => {
-      checkImages(input);
-      return fromNative((await call(() => this.#native.embed(input.data, input.shape))).tensor!);
-    });
+    return embedInChunks(images, imgSize, inChans, options.transform, async (input) => fromNative((await call(() => this.#native.embed(input.data, input.shape))).tensor!));
   }
 
   /**
@@ -282,10 +279,8 @@ export class VitClassifier {
   }
 
   /** `images` as this model's input: a tensor as given, images preprocessed (see {@link preprocess}). */
-  async #input(images: Tensor | Images, transform: TransformOptions | undefined): Promise<Tensor> {
-    const input = await modelInput(images, this.#config.imgSize, this.#config.inChans, transform);
-    checkImages(input);
-    return input;
+  #input(images: Tensor | Images, transform: TransformOptions | undefined): Promise<Tensor> {
+    return modelInput(images, this.#config.imgSize, this.#config.inChans, transform);
   }
 
   /** Top-1/top-5 accuracy and loss on a labelled dataset, in one ordered pass (no augmentation). */

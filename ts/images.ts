@@ -4,7 +4,7 @@ import { checkInteger } from './common.js';
 import { loaderSpec, PUBLISHED_CROP_FRACTION } from './data.js';
 import { VitMaeError } from './errors.js';
 import { binding, call, type Binding } from './native.js';
-import type { Tensor } from './tensor.js';
+import { checkTensor, type Tensor } from './tensor.js';
 
 /**
  * Raw interleaved 8-bit pixels, row-major, as a canvas `ImageData` (RGBA) or `sharp`'s
@@ -143,10 +143,11 @@ export async function preprocessFor(images: Images, imgSize: number, inChans: nu
   return { data: t.data, shape: t.shape };
 }
 
-/** The model input for `images`: a tensor as given, anything else preprocessed for the model. */
+/** The model input for `images`: a tensor as given (checked, else `E_SHAPE`), anything else preprocessed for the model. */
 export async function modelInput(images: Tensor | Images, imgSize: number, inChans: number, transform: TransformOptions | undefined): Promise<Tensor> {
   if (isTensor(images)) {
     if (transform !== undefined) throw new VitMaeError('E_ARGUMENT', 'transform applies to images, not to a tensor (already a model input)');
+    checkTensor(images, 'images', 'E_SHAPE');
     return images;
   }
   return preprocessFor(images, imgSize, inChans, transform);

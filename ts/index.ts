@@ -469,10 +469,7 @@ export class MaskedAutoencoder {
   async embed(images: Tensor | Images, options: { pool?: 'mean' | 'cls'; transform?: TransformOptions } = {}): Promise<Tensor> {
     const pool = options.pool ?? 'mean';
     const { imgSize, inChans } = this.#config;
-    return embedInChunks(images, imgSize, inChans, options.transform, async (input) => {
-      checkTensor(input, 'images', 'E_SHAPE');
-      return fromNative(await call(() => this.#native.embed(input.data, input.shape, pool)));
-    });
+    return embedInChunks(images, imgSize, inChans, options.transform, async (input) => fromNative(await call(() => this.#native.embed(input.data, input.shape, pool))));
   }
 
   /**
@@ -499,10 +496,8 @@ export class MaskedAutoencoder {
   }
 
   /** `images` as this model's input: a tensor as given, images preprocessed (see {@link preprocess}). */
-  async #input(images: Tensor | Images, transform: TransformOptions | undefined): Promise<Tensor> {
-    const input = await modelInput(images, this.#config.imgSize, this.#config.inChans, transform);
-    checkTensor(input, 'images', 'E_SHAPE');
-    return input;
+  #input(images: Tensor | Images, transform: TransformOptions | undefined): Promise<Tensor> {
+    return modelInput(images, this.#config.imgSize, this.#config.inChans, transform);
   }
 
   /**
