@@ -8,7 +8,7 @@ use crate::config::{block_shapes, check_encoder, check_model_memory, largest_act
 use crate::data::interpolate_bicubic_torch;
 use crate::features;
 use crate::device::Precision;
-use crate::engine::{Gradients, VitEngine, VitMode};
+use crate::engine::{Gradients, Grid, VitEngine, VitMode};
 use crate::error::{Error, ErrorCode, Result};
 use crate::model::{MaskedAutoencoder, PatchEmbed, Pool};
 use crate::nn::{Block, DropPathScales, LayerNorm, Linear};
@@ -530,9 +530,9 @@ impl VitClassifier {
     /// of the patch size), each as a map `[N, D, H/p, W/p]`, without `norm` or `fc_norm`.
     pub fn feature_maps(&self, imgs: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
         let n = imgs.dim(0)?;
-        let engine = self.uses_engine().then(|| -> features::EngineBlocks<'_> { Box::new(|pixels| self.with_engine(n, VitMode::Eval, |e| e.block_outputs(pixels, layers))) });
+        let engine = self.uses_engine().then(|| -> features::EngineBlocks<'_> { Box::new(move |pixels, grid| self.with_engine_at(n, VitMode::Eval, grid, |e| e.block_outputs(pixels, layers))) });
         let c = &self.config;
-        let encoder = features::Encoder { patch_embed: &self.patch_embed, patch_size: c.patch_size, cls_token: &self.cls_token, pos_embed: &self.pos_embed, grid: c.grid_size(), blocks: &self.blocks };
+        let encoder = features::Encoder { patch_embed: &self.patch_embed, patch_size: c.patch_size, cls_token: &self.cls_token, pos_embed: &self.pos_embed, blocks: &self.blocks };
         encoder.feature_maps(imgs, layers, engine)
     }
 
@@ -553,10 +553,16 @@ impl VitClassifier {
     /// Runs `f` on an engine plan for `n` images in `mode`, loaded with this classifier's
     /// weights; the plan is kept for the next call of the same shape.
     fn with_engine<T>(&self, n: usize, mode: VitMode, f: impl FnOnce(&mut VitEngine) -> Result<T>) -> Result<T> {
+        self.with_engine_at(n, mode, Grid::square(self.config.grid_size()), f)
+    }
+
+    /// [`VitClassifier::with_engine`] for images of `grid` patches (`VitMode::Eval` where
+    /// it is not the model's own).
+    fn with_engine_at<T>(&self, n: usize, mode: VitMode, grid: Grid, f: impl FnOnce(&mut VitEngine) -> Result<T>) -> Result<T> {
         let mut cached = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        if !cached.as_ref().is_some_and(|e| e.batch == n && e.mode == mode) {
+        if !cached.as_ref().is_some_and(|e| e.batch == n && e.mode == mode && e.grid == grid) {
             *cached = None;
-            *cached = Some(VitEngine::new(&self.config, n, mode)?);
+            *cached = Some(VitEngine::at_grid(&self.config, n, mode, grid)?);
         }
         let engine = cached.as_mut().expect("set above");
         engine.load_from(self)?;

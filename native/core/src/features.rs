@@ -6,6 +6,7 @@
 
 use crate::bail;
 use crate::classifier::resize_pos_embed;
+use crate::engine::Grid;
 use crate::error::Result;
 use crate::model::{HostTensor, PatchEmbed};
 use crate::nn::Block;
@@ -56,26 +57,25 @@ pub(crate) struct Encoder<'a> {
     pub cls_token: &'a Tensor,
     /// `[1, 1 + grid*grid, D]`, for the model's own image size.
     pub pos_embed: &'a Tensor,
-    pub grid: usize,
     pub blocks: &'a [Block],
 }
 
-/// What runs a model's engine plan at its own image size: the pixels in, the outputs
-/// `[N, 1 + L, D]` of the requested blocks out.
-pub(crate) type EngineBlocks<'a> = Box<dyn FnOnce(&[f32]) -> Result<Vec<Vec<f32>>> + 'a>;
+/// What runs a model's engine plan: the pixels of images of a patch grid in, the
+/// outputs `[N, 1 + L, D]` of the requested blocks out.
+pub(crate) type EngineBlocks<'a> = Box<dyn FnOnce(&[f32], Grid) -> Result<Vec<Vec<f32>>> + 'a>;
 
 impl Encoder<'_> {
     /// The outputs of blocks `layers` (from [`resolve_layers`]) over every patch of
     /// `imgs` `[N, C, H, W]` (no masking), the cls token dropped, each as a map
     /// `[N, D, H/p, W/p]`. No final norm: ViTDet takes the last block's output as it is.
-    /// On `engine` when given and the images are the model's own size, else here.
+    /// On `engine` when given (which resizes the position embedding itself), else here.
     pub fn feature_maps(&self, imgs: &Tensor, layers: &[usize], engine: Option<EngineBlocks<'_>>) -> Result<Vec<Tensor>> {
         let (n, _, h, w) = imgs.dims4()?;
         let (gh, gw) = (h / self.patch_size, w / self.patch_size);
-        let (_, tokens, d) = self.pos_embed.dims3()?;
-        if let Some(run) = engine.filter(|_| (gh, gw) == (self.grid, self.grid)) {
-            let outputs = run(&imgs.flatten_all()?.to_vec1::<f32>()?)?;
-            return outputs.into_iter().map(|x| tokens_to_map(&Tensor::from_vec(x, (n, tokens, d), imgs.device())?, gh, gw)).collect();
+        let d = self.pos_embed.dim(2)?;
+        if let Some(run) = engine {
+            let outputs = run(&imgs.flatten_all()?.to_vec1::<f32>()?, Grid { h: gh, w: gw })?;
+            return outputs.into_iter().map(|x| tokens_to_map(&Tensor::from_vec(x, (n, 1 + gh * gw, d), imgs.device())?, gh, gw)).collect();
         }
         let x = self.patch_embed.forward(imgs)?;
         let pos_embed = resize_pos_embed(self.pos_embed, gh, gw)?;

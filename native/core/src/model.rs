@@ -4,7 +4,7 @@
 use crate::bail;
 use crate::config::{MaeConfig, Target, PCA_COMPONENTS, PCA_MEAN};
 use crate::device::Precision;
-use crate::engine::{Gradients, MaeEngine, Mode};
+use crate::engine::{Gradients, Grid, MaeEngine, Mode};
 use crate::features;
 use crate::error::Result;
 use crate::masking::{self, MaskPlan, MaskSampler, Masking};
@@ -582,11 +582,17 @@ impl MaskedAutoencoder {
     /// Runs `f` on an engine plan for `n` images keeping `len_keep` patches, loaded with
     /// this model's weights; the plan is kept for the next call of the same shape.
     pub(crate) fn with_engine<T>(&self, n: usize, len_keep: usize, mode: Mode, f: impl FnOnce(&mut MaeEngine) -> Result<T>) -> Result<T> {
+        self.with_engine_at(n, len_keep, mode, Grid::square(self.config.grid_size()), f)
+    }
+
+    /// [`MaskedAutoencoder::with_engine`] for images of `grid` patches (`Mode::Encode`
+    /// where it is not the model's own).
+    fn with_engine_at<T>(&self, n: usize, len_keep: usize, mode: Mode, grid: Grid, f: impl FnOnce(&mut MaeEngine) -> Result<T>) -> Result<T> {
         let mut cached = self.engine.lock().unwrap_or_else(|e| e.into_inner());
-        if !cached.as_ref().is_some_and(|e| e.batch == n && e.len_keep == len_keep && e.mode == mode) {
+        if !cached.as_ref().is_some_and(|e| e.batch == n && e.len_keep == len_keep && e.mode == mode && e.grid == grid) {
             // The old plan's buffers go before the new ones are allocated.
             *cached = None;
-            *cached = Some(MaeEngine::new(&self.config, n, len_keep, mode)?);
+            *cached = Some(MaeEngine::at_grid(&self.config, n, len_keep, mode, grid)?);
         }
         let engine = cached.as_mut().expect("set above");
         engine.load_from(self)?;
@@ -702,16 +708,17 @@ impl MaskedAutoencoder {
     /// [`features::resolve_layers`]) over every patch of `imgs` `[N, C, H, W]`, `H` and
     /// `W` multiples of the patch size, each as a map `[N, D, H/p, W/p]`: the cls token
     /// dropped, no final norm (as ViTDet), the position embedding resized bicubically at
-    /// other sizes. On the engine at the model's image size on the CPU in f32, else the
-    /// reference model.
+    /// other sizes. On the engine on the CPU in f32, else the reference model.
     pub fn feature_maps(&self, imgs: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
-        let (n, l) = (imgs.dim(0)?, self.config.num_patches());
-        let plan = MaskPlan::keep_all(n, l);
+        let n = imgs.dim(0)?;
         let engine = self.uses_engine().then(|| -> features::EngineBlocks<'_> {
-            Box::new(|pixels| self.with_engine(n, l, Mode::Encode, |e| e.block_outputs(pixels, &plan, layers)))
+            Box::new(move |pixels, grid| {
+                let plan = MaskPlan::keep_all(n, grid.patches());
+                self.with_engine_at(n, grid.patches(), Mode::Encode, grid, |e| e.block_outputs(pixels, &plan, layers))
+            })
         });
         let c = &self.config;
-        let encoder = features::Encoder { patch_embed: &self.patch_embed, patch_size: c.patch_size, cls_token: &self.cls_token, pos_embed: &self.pos_embed, grid: c.grid_size(), blocks: &self.blocks };
+        let encoder = features::Encoder { patch_embed: &self.patch_embed, patch_size: c.patch_size, cls_token: &self.cls_token, pos_embed: &self.pos_embed, blocks: &self.blocks };
         encoder.feature_maps(imgs, layers, engine)
     }
 }

@@ -4,7 +4,7 @@
 //! step gives the same bits every time (resumed runs continue exactly).
 
 use super::rows::*;
-use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Kernels, LarsRange, MseShape, MseTarget, Slot, Source};
+use super::{check_disjoint, AdamWRange, AdamWStep, Arena, Epilogue, Grid, Kernels, LarsRange, MseShape, MseTarget, Slot, Source};
 use crate::sgemm::{sgemm, Library, Threads};
 use rayon::prelude::*;
 
@@ -459,16 +459,17 @@ impl Kernels for CpuKernels {
         });
     }
 
-    fn patch_rows(&mut self, imgs: Slot, patches: &[u32], per_image: usize, out: Slot, c: usize, p: usize, g: usize) {
+    fn patch_rows(&mut self, imgs: Slot, patches: &[u32], per_image: usize, out: Slot, c: usize, p: usize, grid: Grid) {
         let ([imgs], [out]) = self.views([imgs], [out]);
-        let (side, width) = (g * p, c * p * p);
-        assert!(out.len() == patches.len() * width && patches.len() % per_image == 0);
-        out.par_chunks_mut(width).zip(patches.par_iter()).enumerate().for_each(|(r, (row, &patch))| {
-            let image = &imgs[(r / per_image) * c * side * side..][..c * side * side];
-            let (gi, gj) = (patch as usize / g, patch as usize % g);
+        let (height, width, row_len) = (grid.h * p, grid.w * p, c * p * p);
+        let plane = height * width;
+        assert!(out.len() == patches.len() * row_len && patches.len() % per_image == 0);
+        out.par_chunks_mut(row_len).zip(patches.par_iter()).enumerate().for_each(|(r, (row, &patch))| {
+            let image = &imgs[(r / per_image) * c * plane..][..c * plane];
+            let (gi, gj) = (patch as usize / grid.w, patch as usize % grid.w);
             for ch in 0..c {
                 for i in 0..p {
-                    let src = &image[ch * side * side + (gi * p + i) * side + gj * p..][..p];
+                    let src = &image[ch * plane + (gi * p + i) * width + gj * p..][..p];
                     row[(ch * p + i) * p..][..p].copy_from_slice(src);
                 }
             }

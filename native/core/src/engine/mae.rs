@@ -4,13 +4,14 @@
 
 use super::cpu::CpuKernels;
 use super::blocks::{grad, keep_outputs, stack_acts, BlockParams, Linear, Norm, Params, Stack};
-use super::{AdamWRange, AdamWStep, Arena, Epilogue, Kernels, Layout, MseShape, MseTarget, Slot, Source};
+use super::{AdamWRange, AdamWStep, Arena, Epilogue, Grid, Kernels, Layout, MseShape, MseTarget, Slot, Source};
 use super::cpu::NONE;
 use crate::bail;
 use crate::checkpoint::Stored;
 use crate::config::{MaeConfig, Target, PCA_COMPONENTS, PCA_MEAN};
 use crate::error::{Error, ErrorCode, Result};
 use crate::masking::MaskPlan;
+use crate::classifier::resize_pos_embed;
 use crate::model::{MaskedAutoencoder, Unloaded};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -56,6 +57,8 @@ pub struct MaeEngine {
     pub batch: usize,
     pub len_keep: usize,
     pub mode: Mode,
+    /// The images' patch grid: the config's, or another for the encoder alone.
+    pub grid: Grid,
     kernels: CpuKernels,
     params: Params,
 
@@ -90,9 +93,19 @@ pub struct MaeEngine {
 impl MaeEngine {
     /// The plan for `batch` images of which the encoder sees `len_keep` patches each.
     pub fn new(config: &MaeConfig, batch: usize, len_keep: usize, mode: Mode) -> Result<Self> {
+        Self::at_grid(config, batch, len_keep, mode, Grid::square(config.grid_size()))
+    }
+
+    /// The plan for images of `grid` patches, which need not be the config's
+    /// (`Mode::Encode` only, for dense features): the position embedding is then resized
+    /// as the published `interpolate_pos_embed` does.
+    pub fn at_grid(config: &MaeConfig, batch: usize, len_keep: usize, mode: Mode, grid: Grid) -> Result<Self> {
         config.validate()?;
         let c = config;
-        let l = c.num_patches();
+        if grid != Grid::square(c.grid_size()) && mode != Mode::Encode {
+            bail!(Internal, "a plan for {}x{} patches instead of the model's {g}x{g} is for the encoder alone", grid.h, grid.w, g = c.grid_size());
+        }
+        let l = grid.patches();
         if batch == 0 || len_keep == 0 || len_keep > l {
             bail!(InvalidArgument, "an engine plan needs at least one image and 1..={l} visible patches, got {batch} and {len_keep}");
         }
@@ -120,7 +133,7 @@ impl MaeEngine {
         let tokens = 1 + embedded;
         let mut a = Layout::default();
         let take = |a: &mut Layout, len: usize| a.take(Arena::Acts, len);
-        let imgs = take(&mut a, batch * c.in_chans * c.img_size * c.img_size);
+        let imgs = take(&mut a, batch * c.in_chans * l * c.patch_size * c.patch_size);
         let pos_embed = take(&mut a, (1 + l) * d);
         let patches = take(&mut a, batch * embedded * conv_in);
         let emb = take(&mut a, batch * embedded * d);
@@ -151,6 +164,7 @@ impl MaeEngine {
             batch,
             len_keep,
             mode,
+            grid,
             kernels,
             params: p,
             imgs,
@@ -221,6 +235,10 @@ impl MaeEngine {
             let values = table.flatten_all()?.to_vec1::<f32>()?;
             let pca = self.decoder.as_ref().and_then(|dec| dec.pca);
             match (name, &self.decoder, pca) {
+                ("pos_embed", _, _) if self.grid != Grid::square(self.config.grid_size()) => {
+                    let resized = resize_pos_embed(table, self.grid.h, self.grid.w)?;
+                    self.kernels.upload(self.pos_embed, &resized.flatten_all()?.to_vec1::<f32>()?);
+                }
                 ("pos_embed", _, _) => self.kernels.upload(self.pos_embed, &values),
                 ("decoder_pos_embed", Some(dec), _) => self.kernels.upload(dec.pos_embed, &values),
                 (PCA_MEAN, _, Some((mean, _))) => self.kernels.upload(mean, &values),
@@ -274,7 +292,7 @@ impl MaeEngine {
     /// The same plan for `batch` images, keeping the weights and gradients (a batch short
     /// of skipped images). Allocates the activations anew.
     pub fn reshape(&mut self, batch: usize) -> Result<()> {
-        let mut other = MaeEngine::new(&self.config, batch, self.len_keep, self.mode)?;
+        let mut other = MaeEngine::at_grid(&self.config, batch, self.len_keep, self.mode, self.grid)?;
         other.kernels.take_weights_from(&mut self.kernels);
         let decoders = self.decoder.as_ref().zip(other.decoder.as_ref());
         let pca = decoders.and_then(|(a, b)| a.pca.zip(b.pca)).map(|((am, ac), (bm, bc))| [(am, bm), (ac, bc)]);
@@ -289,7 +307,7 @@ impl MaeEngine {
 
     /// Fills the host index tables from a mask plan.
     fn set_plan(&mut self, plan: &MaskPlan) -> Result<()> {
-        let (n, l, t) = (self.batch, self.config.num_patches(), 1 + self.embedded);
+        let (n, l, t) = (self.batch, self.grid.patches(), 1 + self.embedded);
         if plan.ids_shuffle.len() != n || plan.len_keep != self.len_keep || plan.ids_shuffle.iter().any(|s| s.len() != l) {
             bail!(Internal, "mask plan of {} images keeping {} does not fit an engine plan of {n} keeping {}", plan.ids_shuffle.len(), plan.len_keep, self.len_keep);
         }
@@ -381,7 +399,7 @@ impl MaeEngine {
         let k = &mut self.kernels;
         k.upload(self.imgs, imgs);
         // PatchEmbed on the patches the encoder sees, then cls + position embeddings.
-        k.patch_rows(self.imgs, &self.patch_ids, self.embedded, self.patches, c.in_chans, c.patch_size, c.grid_size());
+        k.patch_rows(self.imgs, &self.patch_ids, self.embedded, self.patches, c.in_chans, c.patch_size, self.grid);
         let pe = self.patch_embed;
         k.linear(self.patches, pe.w, pe.b, None, self.emb, n * self.embedded, pe.k, pe.n, Epilogue::None);
         let tokens = [self.cls_token, self.encoder_mask_token.unwrap_or(NONE)];

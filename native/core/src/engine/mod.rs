@@ -22,6 +22,24 @@ pub use vit::{FlatOptimizer, VitEngine, VitMode};
 use crate::distributed::Group;
 use crate::error::Result;
 
+/// The patch grid of a plan's images, `h` x `w` patches: the model's own square grid,
+/// or another one for dense features of images of other sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Grid {
+    pub fn square(side: usize) -> Self {
+        Grid { h: side, w: side }
+    }
+
+    pub fn patches(self) -> usize {
+        self.h * self.w
+    }
+}
+
 /// Which of a plan's buffers a tensor lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arena {
@@ -186,9 +204,10 @@ pub trait Kernels {
 
     /// Rows `[count, c * p * p]` of image patches, each flattened in (c, i, j) order (the
     /// patch-embedding conv's weight layout): row `r` is patch `patches[r % per_image]`
-    /// of image `r / per_image` of `imgs` `[N, c, g * p, g * p]`.
+    /// (row-major over `grid`) of image `r / per_image` of `imgs`
+    /// `[N, c, grid.h * p, grid.w * p]`.
     #[allow(clippy::too_many_arguments)]
-    fn patch_rows(&mut self, imgs: Slot, patches: &[u32], per_image: usize, out: Slot, c: usize, p: usize, g: usize);
+    fn patch_rows(&mut self, imgs: Slot, patches: &[u32], per_image: usize, out: Slot, c: usize, p: usize, grid: Grid);
     /// Gathers rows of `d` values: `out[i]` is row `r` of `src` for `Source::Row(r)`, or
     /// learned token `tokens[t]` for `Source::Token(t)`, plus row `positions[i]` of `add`
     /// when given (position embeddings).

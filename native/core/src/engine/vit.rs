@@ -7,10 +7,10 @@
 
 use super::blocks::{grad, keep_outputs, stack_acts, Linear, Norm, Params, Stack};
 use super::cpu::{CpuKernels, NONE};
-use super::{AdamWRange, Arena, Epilogue, Kernels, LarsRange, Layout, Slot, Source};
+use super::{AdamWRange, Arena, Epilogue, Grid, Kernels, LarsRange, Layout, Slot, Source};
 use crate::bail;
 use crate::checkpoint::Stored;
-use crate::classifier::{ClassifierConfig, Trainable, VitClassifier};
+use crate::classifier::{resize_pos_embed, ClassifierConfig, Trainable, VitClassifier};
 use crate::error::Result;
 use crate::optim::{AdamWConfig, ParamGroup};
 
@@ -39,6 +39,8 @@ pub struct VitEngine {
     pub config: ClassifierConfig,
     pub batch: usize,
     pub mode: VitMode,
+    /// The images' patch grid: the config's, or another in evaluation.
+    pub grid: Grid,
     kernels: CpuKernels,
     params: Params,
     imgs: Slot,
@@ -73,12 +75,22 @@ pub struct VitEngine {
 
 impl VitEngine {
     pub fn new(config: &ClassifierConfig, batch: usize, mode: VitMode) -> Result<Self> {
+        Self::at_grid(config, batch, mode, Grid::square(config.grid_size()))
+    }
+
+    /// The plan for images of `grid` patches, which need not be the config's
+    /// (`VitMode::Eval` only, for dense features): its `pos_embed` is then the model's
+    /// resized as the published `interpolate_pos_embed` does.
+    pub fn at_grid(config: &ClassifierConfig, batch: usize, mode: VitMode, grid: Grid) -> Result<Self> {
         config.validate()?;
         if batch == 0 {
             bail!(InvalidArgument, "an engine plan needs at least one image");
         }
         let c = config;
-        let (l, d, t) = (c.num_patches(), c.embed_dim, 1 + c.num_patches());
+        if grid != Grid::square(c.grid_size()) && mode != VitMode::Eval {
+            bail!(Internal, "a plan for {}x{} patches instead of the model's {g}x{g} is for evaluation only", grid.h, grid.w, g = c.grid_size());
+        }
+        let (l, d, t) = (grid.patches(), c.embed_dim, 1 + grid.patches());
         let conv_in = c.in_chans * c.patch_size * c.patch_size;
         let mut p = Params { layout: Layout::default(), names: Vec::new() };
         let cls_token = p.take("cls_token", &[1, 1, d]);
@@ -102,7 +114,7 @@ impl VitEngine {
         let encoder_trains = grads && !matches!(mode, VitMode::Grad { trainable: Trainable::Head, .. });
         let mut a = Layout::default();
         let mut take = |len: usize| a.take(Arena::Acts, len);
-        let imgs = take(batch * c.in_chans * c.img_size * c.img_size);
+        let imgs = take(batch * c.in_chans * l * c.patch_size * c.patch_size);
         let patches = take(batch * l * conv_in);
         let emb = take(batch * l * d);
         let (pooled, features, norm_stats) = (take(batch * d), take(batch * d), take(2 * batch));
@@ -125,6 +137,7 @@ impl VitEngine {
             config: c.clone(),
             batch,
             mode,
+            grid,
             kernels: CpuKernels::new(p.layout.len, a.len),
             params: p,
             imgs,
@@ -180,11 +193,16 @@ impl VitEngine {
         if classifier.params().len() != self.params.names.len() {
             bail!(Internal, "the classifier has {} parameters, the engine plan {}", classifier.params().len(), self.params.names.len());
         }
+        let own_grid = self.grid == Grid::square(self.config.grid_size());
         for ((name, shape, slot), (model_name, var)) in self.params.names.iter().zip(classifier.params()) {
-            if name != model_name || var.dims() != shape.as_slice() {
-                bail!(Internal, "engine parameter {name} {shape:?} does not match the classifier's {model_name} {:?}", var.dims());
+            let value = match name.as_str() {
+                "pos_embed" if !own_grid => resize_pos_embed(var.as_tensor(), self.grid.h, self.grid.w)?,
+                _ => var.as_tensor().clone(),
+            };
+            if name != model_name || value.dims() != shape.as_slice() {
+                bail!(Internal, "engine parameter {name} {shape:?} does not match the classifier's {model_name} {:?}", value.dims());
             }
-            self.kernels.upload(*slot, &var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+            self.kernels.upload(*slot, &value.flatten_all()?.to_vec1::<f32>()?);
         }
         if let (Some(bn), Some((mean, var, tracked))) = (&self.batch_norm, classifier.batch_norm_stats()?) {
             self.kernels.upload(bn.running_mean, &mean);
@@ -215,7 +233,7 @@ impl VitEngine {
     fn forward(&mut self, imgs: &[f32], drop_path: Option<&mut [rand_chacha::ChaCha8Rng]>) -> Result<()> {
         self.encode(imgs, drop_path, |_, _, _| ())?;
         let c = &self.config;
-        let (n, d, t, eps) = (self.batch, c.embed_dim, 1 + c.num_patches(), c.layer_norm_eps as f32);
+        let (n, d, t, eps) = (self.batch, c.embed_dim, 1 + self.grid.patches(), c.layer_norm_eps as f32);
         let training = self.training();
         let k = &mut self.kernels;
         k.pool(self.stack.output(), self.pooled, n, t, d, c.global_pool);
@@ -258,7 +276,8 @@ impl VitEngine {
     fn encode(&mut self, imgs: &[f32], drop_path: Option<&mut [rand_chacha::ChaCha8Rng]>, observe: impl FnMut(&CpuKernels, usize, Slot)) -> Result<()> {
         let c = &self.config;
         let (n, d, eps) = (self.batch, c.embed_dim, c.layer_norm_eps as f32);
-        if imgs.len() != n * c.in_chans * c.img_size * c.img_size {
+        let l = self.grid.patches();
+        if imgs.len() != n * c.in_chans * l * c.patch_size * c.patch_size {
             bail!(Internal, "engine plan for {n} images given {} values", imgs.len());
         }
         if let (Some(dp), VitMode::Grad { drop_path: last_rate, .. }) = (&self.stack.drop_path, self.mode) {
@@ -279,9 +298,9 @@ impl VitEngine {
         }
         let k = &mut self.kernels;
         k.upload(self.imgs, imgs);
-        k.patch_rows(self.imgs, &self.patch_ids, c.num_patches(), self.patches, c.in_chans, c.patch_size, c.grid_size());
+        k.patch_rows(self.imgs, &self.patch_ids, l, self.patches, c.in_chans, c.patch_size, self.grid);
         let pe = self.patch_embed;
-        k.linear(self.patches, pe.w, pe.b, None, self.emb, n * c.num_patches(), pe.k, pe.n, Epilogue::None);
+        k.linear(self.patches, pe.w, pe.b, None, self.emb, n * l, pe.k, pe.n, Epilogue::None);
         k.gather_rows(self.emb, &self.index, [self.cls_token, NONE], Some((self.pos_embed, &self.positions)), self.stack.input(), d);
         self.stack.forward_observed(k, eps, observe);
         Ok(())

@@ -1,15 +1,17 @@
 //! Dense features (Tables 4-5, through ViTDet): which blocks `layers` names, the maps'
 //! layout (a block's output tokens, the cls token dropped), the engine against the
-//! reference model, the maps and the published position-embedding interpolation at
-//! other image sizes against PyTorch (test/fixtures/dense_features.py), and the
+//! reference model at the model's image size and at others, the maps and the published
+//! position-embedding interpolation at other image sizes against PyTorch (test/fixtures/dense_features.py), and the
 //! parameter-free simple feature pyramid.
 
 use crate::common::{bits, fixtures, host, SplitMix};
 // img 8, patch 4 (a 2x2 grid), embed 16, 2 heads.
 use crate::finetune::mae_config;
 use candle_core::{Device, Tensor};
-use vit_mae_core::classifier::{resize_pos_embed, ClassifierConfig, VitClassifier};
-use vit_mae_core::features::{check_images, resolve_layers, simple_pyramid};
+use vit_mae_core::classifier::{resize_pos_embed, ClassifierConfig, Trainable, VitClassifier};
+use vit_mae_core::engine::{Grid, MaeEngine, Mode, VitEngine, VitMode};
+use vit_mae_core::features::{check_images, resolve_layers, simple_pyramid, tokens_to_map};
+use vit_mae_core::masking::MaskPlan;
 use vit_mae_core::{load_model, ErrorCode, HostTensor, MaskOptions, MaskedAutoencoder, Masking, Precision};
 
 fn mae(depth: usize, reference_only: bool) -> MaskedAutoencoder {
@@ -118,6 +120,51 @@ fn the_engine_gives_the_reference_models_maps() {
     for (i, (g, w)) in got.iter().zip(&mae_maps).enumerate() {
         assert_close(g, w, 1e-5, &format!("classifier vs MAE map {i}"));
     }
+}
+
+#[test]
+fn the_engine_gives_the_reference_models_maps_at_other_sizes() {
+    // Wider, taller, smaller and larger than the model's 2x2 grid, then its own again
+    // (each size a plan of its own, the cached one replaced).
+    let layers = resolve_layers(&[1, 0], 2).unwrap();
+    let (engine, reference) = (mae(2, false), mae(2, true));
+    let config = ClassifierConfig::from_encoder(&mae_config(2), 5, true, false);
+    let classifier = VitClassifier::from_encoder(&engine, config.clone(), 3).unwrap();
+    let mut classifier_reference = VitClassifier::from_encoder(&engine, config, 3).unwrap();
+    classifier_reference.set_reference_only(true);
+    for (seed, (h, w)) in [(12, 16), (20, 8), (4, 4), (4, 12), (16, 16), (8, 8)].into_iter().enumerate() {
+        let imgs = images(2, h, w, 10 + seed as u64);
+        let want = reference.feature_maps(&imgs, &layers).unwrap();
+        for (who, got) in [("MAE", engine.feature_maps(&imgs, &layers).unwrap()), ("classifier", classifier.feature_maps(&imgs, &layers).unwrap())] {
+            for (i, (g, w_)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.dims(), [2, 16, h / 4, w / 4]);
+                assert_close(g, w_, 1e-5, &format!("{who} map {i} at {h}x{w}"));
+            }
+        }
+        let other = classifier_reference.feature_maps(&imgs, &layers).unwrap();
+        assert_close(&other[0], &want[0], 1e-5, &format!("reference classifier at {h}x{w}"));
+    }
+}
+
+#[test]
+fn an_engine_plan_at_another_grid_runs_the_encoder_alone() {
+    // The plan itself, without the model's dispatch: a 3x5 grid's block outputs are the
+    // reference model's, cls row included.
+    let model = mae(2, true);
+    let grid = Grid { h: 3, w: 5 };
+    let mut plan = MaeEngine::at_grid(&model.config, 2, 15, Mode::Encode, grid).unwrap();
+    plan.load_from(&model).unwrap();
+    let imgs = images(2, 12, 20, 7);
+    let outputs = plan.block_outputs(&host(&imgs).iter().map(|&v| v as f32).collect::<Vec<_>>(), &MaskPlan::keep_all(2, 15), &[1]).unwrap();
+    let map = tokens_to_map(&Tensor::from_vec(outputs[0].clone(), (2, 16, 16), &Device::Cpu).unwrap(), 3, 5).unwrap();
+    assert_close(&map, &model.feature_maps(&imgs, &[1]).unwrap()[0], 1e-5, "3x5 plan");
+    // Training and the decoder need the model's own grid.
+    for mode in [Mode::Train, Mode::Forward] {
+        assert_eq!(MaeEngine::at_grid(&model.config, 2, 15, mode, grid).err().unwrap().code, ErrorCode::Internal, "{mode:?}");
+    }
+    let config = ClassifierConfig::from_encoder(&mae_config(2), 5, true, false);
+    let trained = VitMode::Grad { trainable: Trainable::All, train: true, drop_path: 0.0 };
+    assert_eq!(VitEngine::at_grid(&config, 2, trained, grid).err().unwrap().code, ErrorCode::Internal);
 }
 
 #[test]
