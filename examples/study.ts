@@ -838,6 +838,11 @@ function writeReport(data: Data): void {
     const ids = [...results.values()].filter((r) => r.restoredFromPage).map((r) => `\`${r.id}\``);
     w(`- Restored runs (${ids.join(', ')}): their result.json files were lost with runs/, so their records in \`docs/results/runs\` hold the numbers the page at commit(s) ${restored.map((c) => `\`${c}\``).join(', ')} printed (accuracies to 0.1 points, seconds to 1 s), nothing more: no training curves (their loss charts are the ones drawn when they ran) and none of the fields that page did not show.`);
   }
+  // A run whose source was run again after it started from an earlier run of that source.
+  const earlierSource = [...results.values()].filter((r) => r.from && (results.get(r.from.id)?.finishedAt ?? '') > r.finishedAt);
+  if (earlierSource.length) {
+    w(`- Started from an earlier run of their source than the one in the tables: ${earlierSource.map((r) => `\`${r.id}\` from a \`${r.from!.id}\` run of ${r.from!.seconds.toFixed(0)} s finished by ${r.finishedAt.slice(0, 10)}`).join('; ')}. Those sources were run again later (their weights had been lost with runs/); each of these rows reads the seconds of the run it started from.`);
+  }
   for (const c of new Set([...results.values()].map((r) => r.commit))) {
     if (c === COMMIT) continue;
     // The code a run's numbers depend on: the library, its native sources and the study itself.
