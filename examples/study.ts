@@ -732,8 +732,12 @@ function table(head: string[], rows: string[][]): string {
   return [`| ${head.join(' | ')} |`, `| ${head.map(() => '---').join(' | ')} |`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
 }
 
-function maeRows(ids: { id: string; setting: string }[], results: Map<string, StoredRun>): string {
-  return table(
+/**
+ * The table of pre-training runs `ids`, followed by a warning where the seconds it shows,
+ * or those of the runs `alsoTimed` its section compares them with, come from different CPUs.
+ */
+function maeRows(ids: { id: string; setting: string }[], results: Map<string, StoredRun>, alsoTimed: string[] = []): string {
+  const rows = table(
     ['Run', 'Setting', 'Epochs', 'Steps (batch)', 'Pre-training (s)', 'Images/s', 'Final loss', 'Linear probe', 'kNN (weighted)', 'kNN (majority)'],
     ids.map(({ id, setting }) => {
       const r = results.get(id);
@@ -743,6 +747,8 @@ function maeRows(ids: { id: string; setting: string }[], results: Map<string, St
       return [`\`${id}\``, setting, String(t.epochs), `${t.steps} (${t.batchSize ?? '–'})`, secs(t.seconds), secs(t.imagesPerSec), t.finalLoss?.toFixed(4) ?? '–', pct(e.probe), pct(e.knnWeighted), pct(e.knnMajority)];
     }),
   );
+  const note = cpuNote([...new Set([...ids.map((r) => r.id), ...alsoTimed])], results);
+  return note ? `${rows}\n\n${note}` : rows;
 }
 
 function lossChart(title: string, ids: { id: string; setting: string }[], results: Map<string, StoredRun>, file: string, resultsDir: string): string {
@@ -933,7 +939,6 @@ function writeReport(data: Data): void {
   w();
   w(maeRows(ratioIds, results));
   w();
-  w(cpuNote(ratioIds.map((r) => r.id), results));
   w(accuracyChart('Accuracy against mask ratio', 'mask ratio (%)', [{ label: '', rows: ratioIds.map(({ id, ratio }) => ({ id, x: ratio })) }], results, 'accuracy-vs-mask-ratio.svg', resultsDir));
   w(lossChart('Pre-training loss by mask ratio', ratioIds, results, 'loss-mask-ratio.svg', resultsDir));
 
@@ -985,7 +990,6 @@ function writeReport(data: Data): void {
   if (skip && tokens) {
     w(`Pre-training wall-clock with mask tokens in the encoder / without: **${(tokens.seconds / skip.seconds).toFixed(2)}x** (${secs(tokens.seconds)} s against ${secs(skip.seconds)} s for the same ${skip.epochs} epochs; the encoder sees ${1 + 64} tokens per image instead of ${1 + 16}).`);
     w();
-    w(cpuNote(tokenIds.map((t) => t.id), results));
   }
   // 8. Augmentation
   w('## Data augmentation (Table 1e)');
@@ -1038,11 +1042,10 @@ function writeReport(data: Data): void {
   const wallClockIds = EQUAL_WALL_CLOCK.map(({ id, ratio }) => ({ id, setting: `${ratio}%`, x: ratio }));
   w('## Mask ratio at equal wall-clock');
   w();
-  w(maeRows(wallClockIds, results));
+  w(maeRows(wallClockIds, results, RATIOS.map((r) => r.id)));
   w();
   w(`At equal epochs (the mask-ratio section) a lower ratio trains more per epoch: the encoder sees more patches. Here every ratio gets the wall-clock of \`abl-r75\` instead: \`wc-r<ratio>\` trains for as many epochs as fit in \`abl-r75\`'s seconds at the seconds per epoch of \`abl-r<ratio>\`, to two decimals (its cosine schedule ends there, at the nearest step); \`abl-r75\` is the 75% point. This holds only where every one of these runs was timed on the same machine (the CPU of each is in its record).`);
   w();
-  w(cpuNote([...new Set([...RATIOS, ...EQUAL_WALL_CLOCK].map((r) => r.id))], results));
   w(accuracyChart('Accuracy against mask ratio, at equal wall-clock and at equal epochs', 'mask ratio (%)', [{ label: 'equal wall-clock: ', rows: wallClockIds }, { label: 'equal epochs: ', rows: RATIOS.map(({ id, ratio }) => ({ id, x: ratio })) }], results, 'accuracy-vs-mask-ratio-wall-clock.svg', resultsDir));
 
   // 12. Seeds
