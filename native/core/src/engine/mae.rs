@@ -235,11 +235,8 @@ impl MaeEngine {
             let values = table.flatten_all()?.to_vec1::<f32>()?;
             let pca = self.decoder.as_ref().and_then(|dec| dec.pca);
             match (name, &self.decoder, pca) {
-                ("pos_embed", _, _) if self.grid != Grid::square(self.config.grid_size()) => {
-                    let resized = resize_pos_embed(table, self.grid.h, self.grid.w)?;
-                    self.kernels.upload(self.pos_embed, &resized.flatten_all()?.to_vec1::<f32>()?);
-                }
-                ("pos_embed", _, _) => self.kernels.upload(self.pos_embed, &values),
+                // At the model's own grid, the table itself.
+                ("pos_embed", _, _) => self.kernels.upload(self.pos_embed, &resize_pos_embed(table, self.grid.h, self.grid.w)?.flatten_all()?.to_vec1::<f32>()?),
                 ("decoder_pos_embed", Some(dec), _) => self.kernels.upload(dec.pos_embed, &values),
                 (PCA_MEAN, _, Some((mean, _))) => self.kernels.upload(mean, &values),
                 (PCA_COMPONENTS, _, Some((_, components))) => self.kernels.upload(components, &values),

@@ -193,10 +193,10 @@ impl VitEngine {
         if classifier.params().len() != self.params.names.len() {
             bail!(Internal, "the classifier has {} parameters, the engine plan {}", classifier.params().len(), self.params.names.len());
         }
-        let own_grid = self.grid == Grid::square(self.config.grid_size());
         for ((name, shape, slot), (model_name, var)) in self.params.names.iter().zip(classifier.params()) {
+            // At the model's own grid, `resize_pos_embed` gives the table itself.
             let value = match name.as_str() {
-                "pos_embed" if !own_grid => resize_pos_embed(var.as_tensor(), self.grid.h, self.grid.w)?,
+                "pos_embed" => resize_pos_embed(var.as_tensor(), self.grid.h, self.grid.w)?,
                 _ => var.as_tensor().clone(),
             };
             if name != model_name || value.dims() != shape.as_slice() {
