@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds what bench/gpu.sh runs on a GPU machine that has no Rust toolchain, here,
 # without a GPU: the benchmark (bench/bench.rs) and the core's test binary, for its parity
-# tests (native/core/tests/suite/parity.rs), with `--features cuda`, into .gpu/ at the
-# repository root:
+# tests (native/core/tests/suite/parity.rs, and the dense features' in features.rs), with
+# `--features cuda`, into .gpu/ at the repository root (gpu.sh reads the repository's own
+# test/fixtures where it runs):
 #
 #   .gpu/bin/bench.xz, .gpu/bin/parity.xz  stripped, xz-compressed (gpu.sh unpacks them)
 #   .gpu/fixtures/                         a copy of the PyTorch fixtures (../shared/fixtures

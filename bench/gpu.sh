@@ -6,7 +6,9 @@
 #   bash bench/gpu.sh
 #
 # 1. CUDA parity: the parity tests (.gpu/bin/parity) on the GPU against the fixtures in
-#    .gpu/fixtures, f32 and bf16 (tolerances in native/core/tests/suite/parity.rs).
+#    test/fixtures and .gpu/fixtures, f32 and bf16 (tolerances in
+#    native/core/tests/suite/parity.rs), and the dense features (the maps against
+#    PyTorch, the simple pyramid; native/core/tests/suite/features.rs).
 # 2. The single-GEMM peak (8192^3 bf16, cuBLAS through candle and through PyTorch).
 # 3. MAE pre-training steps (forward, backward, AdamW; bf16 mixed precision) at 224:
 #    mae_vit_base_patch16 at batch 256 and mae_vit_large_patch16 at batch 128, vit-mae
@@ -112,7 +114,8 @@ say "1. CUDA parity against the fixtures"
 parity=FAIL
 if [[ -x $gpu/run/parity ]]; then
   t=$(limit 150)
-  VIT_MAE_TEST_DEVICE=cuda VIT_MAE_FIXTURES=$PWD/$gpu/fixtures timeout -k 10 "$t" "$gpu/run/parity" parity:: 2>&1 | tee "$logs/parity.log"
+  VIT_MAE_TEST_DEVICE=cuda VIT_MAE_REPO_FIXTURES=$PWD/test/fixtures VIT_MAE_FIXTURES=$PWD/$gpu/fixtures timeout -k 10 "$t" "$gpu/run/parity" \
+    parity:: features::the_maps_match_pytorch features::the_simple_pyramid 2>&1 | tee "$logs/parity.log"
   rc=${PIPESTATUS[0]}
   (( rc == 0 )) && parity=PASS
   (( rc == 124 || rc == 137 )) && parity="FAIL (timed out after ${t}s)"

@@ -13,9 +13,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use vit_mae_core::data::{Augment, Crop, Dataset, RawImage};
 
 /// The repository's own PyTorch reference fixtures (`test/fixtures`, written by
-/// `test/fixtures/generate.py`).
+/// `test/fixtures/generate.py`): `$VIT_MAE_REPO_FIXTURES` when set, for a test binary
+/// built on one machine and run from another clone (bench/gpu.sh), else the clone it
+/// was built from.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test/fixtures")
+    match std::env::var("VIT_MAE_REPO_FIXTURES") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test/fixtures"),
+    }
 }
 
 /// Every fixture folder the parity tests hold the model to: the repository's own, then

@@ -4,7 +4,7 @@
 //! position-embedding interpolation at other image sizes against PyTorch (test/fixtures/dense_features.py), and the
 //! parameter-free simple feature pyramid.
 
-use crate::common::{bits, fixtures, host, SplitMix};
+use crate::common::{bits, fixtures, host, test_device, SplitMix};
 // img 8, patch 4 (a 2x2 grid), embed 16, 2 heads.
 use crate::finetune::mae_config;
 use candle_core::{Device, Tensor};
@@ -184,10 +184,13 @@ fn the_position_embedding_resizes_as_pytorch_does() {
 #[test]
 fn the_maps_match_pytorch_at_the_models_size_and_at_another() {
     // mae-tiny (32x32, patch 4) over a 32x32 and a 24x40 image, every block, as
-    // test/fixtures/dense_features.py computes them with the published code.
-    let case = candle_core::safetensors::load(fixtures().join("mae-tiny.features.safetensors"), &Device::Cpu).unwrap();
+    // test/fixtures/dense_features.py computes them with the published code; on the
+    // device VIT_MAE_TEST_DEVICE names (bench/gpu.sh runs it on CUDA, where only the
+    // reference model runs).
+    let device = test_device();
+    let case = candle_core::safetensors::load(fixtures().join("mae-tiny.features.safetensors"), &device).unwrap();
     for reference_only in [false, true] {
-        let (mut model, _) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &Device::Cpu, Precision::F32, 0).unwrap();
+        let (mut model, _) = load_model(&fixtures().join("mae-tiny.weights.safetensors"), None, &device, Precision::F32, 0).unwrap();
         model.set_reference_only(reference_only);
         for (imgs, maps) in [("imgs", "maps"), ("imgs_other", "maps_other")] {
             let got = model.feature_maps(&case[imgs], &[0, 1]).unwrap();
@@ -223,8 +226,10 @@ fn other_image_sizes_use_the_resized_position_embedding() {
 
 #[test]
 fn the_simple_pyramid_resamples_the_map_without_parameters() {
+    // On the device VIT_MAE_TEST_DEVICE names (bench/gpu.sh runs it on CUDA).
+    let device = test_device();
     // One channel, 2x2: [[1, 2], [3, 4]].
-    let map = Tensor::from_vec(vec![1f32, 2.0, 3.0, 4.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
+    let map = Tensor::from_vec(vec![1f32, 2.0, 3.0, 4.0], (1, 1, 2, 2), &device).unwrap();
     let [x4, x2, x1, half] = simple_pyramid(&map).unwrap();
     assert_eq!(x4.dims(), [1, 1, 8, 8]);
     assert_eq!(x2.dims(), [1, 1, 4, 4]);
@@ -243,11 +248,11 @@ fn the_simple_pyramid_resamples_the_map_without_parameters() {
 
     // Two channels, 3x5: the max-pool floors odd sides (to 1x2), per channel.
     let values: Vec<f32> = (0..30).map(|i| if i < 15 { i as f32 } else { -(i as f32) }).collect();
-    let map = Tensor::from_vec(values, (1, 2, 3, 5), &Device::Cpu).unwrap();
+    let map = Tensor::from_vec(values, (1, 2, 3, 5), &device).unwrap();
     let [x4, _, _, half] = simple_pyramid(&map).unwrap();
     assert_eq!(x4.dims(), [1, 2, 12, 20]);
     assert_eq!(half.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [6.0, 8.0, -15.0, -17.0]);
 
-    let thin = Tensor::zeros((1, 1, 1, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let thin = Tensor::zeros((1, 1, 1, 4), candle_core::DType::F32, &device).unwrap();
     assert_eq!(simple_pyramid(&thin).unwrap_err().code, ErrorCode::InvalidShape);
 }
